@@ -1,0 +1,386 @@
+"""Samplers over arbitrary timestep lists, as one linear update per step.
+
+Every sampler here (DDIM with eta, DDPM ancestral, DPM-Solver++(2M)) is, for a
+fixed schedule and timestep list, the same affine update with per-step scalar
+constants::
+
+    x0     = x0_from_x * x + x0_from_eps * eps
+    x_prev = c_x * x + c_eps * eps + c_prev_x0 * prev_x0 + c_noise * noise
+
+``eps`` is the model's noise prediction at (x, t_i), ``prev_x0`` the x0 of the
+previous step (the state a multistep solver carries; its coefficient is 0
+otherwise) and ``noise`` a standard normal draw (coefficient 0 on deterministic
+steps). The last step goes to clean data (alpha_bar = 1 "at t = -1"), so its
+x_prev is the final sample.
+
+This is the contract the ONNX export and Triton kernels depend on: the
+coefficients of a whole schedule are computed once, in float64, by
+:func:`compute_coefficients`; :func:`step_update` is the only place the update
+arithmetic lives; :func:`sample_loop` is the only loop. A per-step engine can
+fold its row of constants into its graph.
+
+Noise rule (determinism across backends): step i draws noise iff
+``c_noise[i] != 0``, as ``torch.randn(x.shape, generator=generator,
+dtype=x.dtype, device=x.device)``, in step order, right after the model call of
+that step. :func:`draw_step_noise` replays exactly these draws.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from autodiffusion_rt.diffusion.schedules import NoiseSchedule, validate_timesteps
+from autodiffusion_rt.errors import SamplingError
+
+__all__ = [
+    "SAMPLERS",
+    "EpsFn",
+    "SamplerCoefficients",
+    "StepCoefficients",
+    "compute_coefficients",
+    "draw_step_noise",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_dpmpp_2m",
+    "sample_loop",
+    "step_update",
+]
+
+SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+
+#: eps_fn(x, t, i) -> eps: the model's noise prediction for x at timestep t,
+#: which is step i of the schedule (so a caller can pick a per-step subnetwork).
+EpsFn = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+class StepCoefficients(NamedTuple):
+    """The six constants of one step, as python floats (foldable into a graph)."""
+
+    x0_from_x: float
+    x0_from_eps: float
+    c_x: float
+    c_eps: float
+    c_prev_x0: float
+    c_noise: float
+
+
+_COEFF_NAMES = StepCoefficients._fields
+
+
+@dataclass(frozen=True, eq=False)
+class SamplerCoefficients:
+    """Per-step constants of one sampler over one timestep list (float64, length N).
+
+    ``eq=False`` because numpy arrays have no single truth value under ``==``.
+    """
+
+    sampler: str
+    timesteps: tuple[int, ...]
+    x0_from_x: np.ndarray
+    x0_from_eps: np.ndarray
+    c_x: np.ndarray
+    c_eps: np.ndarray
+    c_prev_x0: np.ndarray
+    c_noise: np.ndarray
+    eta: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+        n = len(self.timesteps)
+        for name in _COEFF_NAMES:
+            arr = np.array(getattr(self, name), dtype=np.float64)
+            if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+                raise SamplingError(
+                    f"{self.sampler} coefficients: {name} has shape {arr.shape} or non-finite "
+                    f"values; expected {n} finite numbers, one per timestep"
+                )
+            arr.setflags(write=False)
+            object.__setattr__(self, name, arr)
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def row(self, i: int) -> StepCoefficients:
+        """Step i's constants as python floats."""
+        return StepCoefficients(*(float(getattr(self, name)[i]) for name in _COEFF_NAMES))
+
+    @property
+    def stochastic_steps(self) -> np.ndarray:
+        """Bool per step: does this step draw noise (c_noise != 0)?"""
+        return self.c_noise != 0
+
+    @property
+    def uses_prev_x0(self) -> bool:
+        """Does any step read the previous step's x0 (multistep state)?"""
+        return bool(np.any(self.c_prev_x0 != 0))
+
+
+def _alphas_cumprod(schedule) -> np.ndarray:
+    if isinstance(schedule, NoiseSchedule):
+        return schedule.alphas_cumprod  # validated on construction
+    acp = np.asarray(schedule, dtype=np.float64)
+    if acp.ndim != 1 or acp.size == 0:
+        raise SamplingError(
+            f"alphas_cumprod has shape {acp.shape}; pass a NoiseSchedule or a non-empty 1-D array"
+        )
+    bad = np.flatnonzero(~(np.isfinite(acp) & (acp > 0) & (acp < 1)))
+    if bad.size:
+        i = int(bad[0])
+        raise SamplingError(
+            f"alphas_cumprod[{i}] = {float(acp[i])!r} is outside (0, 1); samplers need "
+            "0 < alpha_bar < 1 at every timestep"
+        )
+    rising = np.flatnonzero(np.diff(acp) >= 0)
+    if rising.size:
+        i = int(rising[0])
+        raise SamplingError(
+            f"alphas_cumprod is not strictly decreasing at t={i}->{i + 1} "
+            f"({float(acp[i])!r} -> {float(acp[i + 1])!r}); pass the cumulative product "
+            "of (1 - betas) of the training schedule"
+        )
+    return acp
+
+
+def _ddim(a, a_prev, x0_from_x, x0_from_eps, eta):
+    # x_prev = sqrt(a_prev)*x0 + sqrt(1 - a_prev - sigma^2)*eps + sigma*z
+    # (Song et al. 2021, eq. 12). x0 is NOT clipped to [-1, 1]: clipping would
+    # make the step nonlinear in (x, eps) and break the fixed-coefficient form
+    # the exported engines fold; the eps-parameterised update never needs it.
+    sigma = eta * np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+    # >= 0 in exact arithmetic for eta <= 1; clamp rounding noise.
+    direction = np.sqrt(np.maximum(1 - a_prev - sigma**2, 0.0))
+    sqrt_a_prev = np.sqrt(a_prev)
+    c_x = sqrt_a_prev * x0_from_x
+    c_eps = sqrt_a_prev * x0_from_eps + direction
+    return c_x, c_eps, np.zeros_like(a), sigma
+
+
+def _ddpm(a, a_prev, x0_from_x, x0_from_eps):
+    # Ancestral step from the posterior q(x_prev | x_t, x0) of the respaced
+    # chain (Ho et al. 2020, eqs. 6-7; guided-diffusion's respacing): the beta
+    # of a jump t -> t_prev is 1 - a/a_prev. Variance is "fixed small", the
+    # posterior variance itself. At the final step a_prev = 1, so beta = 1 - a,
+    # coef1 = 1, coef2 = 0, variance = 0: x_prev = x0, no noise.
+    beta = 1 - a / a_prev
+    coef1 = np.sqrt(a_prev) * beta / (1 - a)
+    coef2 = np.sqrt(1 - beta) * (1 - a_prev) / (1 - a)
+    variance = beta * (1 - a_prev) / (1 - a)
+    c_x = coef1 * x0_from_x + coef2
+    c_eps = coef1 * x0_from_eps
+    c_noise = np.sqrt(variance)
+    c_noise[-1] = 0.0  # already exactly 0; said explicitly because it is the rule
+    return c_x, c_eps, np.zeros_like(a), c_noise
+
+
+def _dpmpp_2m(a, x0_from_x, x0_from_eps):
+    # DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data prediction, in
+    # lambda = log(alpha/sigma), alpha = sqrt(a), sigma = sqrt(1 - a).
+    # Step i (s -> t, h = lambda_t - lambda_s, phi = e^{-h} - 1 < 0):
+    #   first order:  x_t = sigma_t/sigma_s x - alpha_t phi x0
+    #   second order: x_t = sigma_t/sigma_s x - alpha_t phi ((1 + 1/(2r)) x0 - 1/(2r) prev_x0),
+    #                 r = h_prev / h,
+    # with x0 = x0_from_x x + x0_from_eps eps expanded into the linear form.
+    # Step 0 is first order (no history). The final step, to sigma = 0
+    # (lambda = +inf), is first order and reduces to x_prev = x0; this is what
+    # diffusers' DPMSolverMultistepScheduler does for any number of steps with
+    # final_sigmas_type="zero" (its "< 15 steps" lower_order_final rule only
+    # affects third order and final_sigmas_type="sigma_min"). A second-order
+    # final step would divide by h = inf.
+    n = a.shape[0]
+    alpha, sigma = np.sqrt(a), np.sqrt(1 - a)
+    lam = 0.5 * (np.log(a) - np.log1p(-a))
+    c_x, c_eps, c_prev = np.zeros(n), np.zeros(n), np.zeros(n)
+    for i in range(n):
+        if i == n - 1:
+            c_x[i], c_eps[i] = x0_from_x[i], x0_from_eps[i]
+            continue
+        h = lam[i + 1] - lam[i]
+        phi = math.expm1(-h)
+        if i == 0:
+            w_x0, w_prev = -alpha[i + 1] * phi, 0.0
+        else:
+            half_inv_r = 0.5 * h / (lam[i] - lam[i - 1])
+            w_x0 = -alpha[i + 1] * phi * (1 + half_inv_r)
+            w_prev = alpha[i + 1] * phi * half_inv_r
+        c_x[i] = sigma[i + 1] / sigma[i] + w_x0 * x0_from_x[i]
+        c_eps[i] = w_x0 * x0_from_eps[i]
+        c_prev[i] = w_prev
+    return c_x, c_eps, c_prev, np.zeros(n)
+
+
+def compute_coefficients(
+    sampler: str,
+    alphas_cumprod,
+    timesteps: Sequence[int],
+    eta: float = 0.0,
+) -> SamplerCoefficients:
+    """All per-step constants of ``sampler`` over ``timesteps``, in float64.
+
+    ``alphas_cumprod`` is a :class:`NoiseSchedule` or its alphas_cumprod array;
+    ``timesteps`` must pass :func:`validate_timesteps`. ``eta`` (DDIM only, in
+    [0, 1]) scales DDIM's noise: 0 is deterministic DDIM, 1 has DDPM's variance.
+    """
+    if sampler not in SAMPLERS:
+        raise SamplingError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    acp = _alphas_cumprod(alphas_cumprod)
+    ts = validate_timesteps(timesteps, acp.shape[0])
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta):
+        raise SamplingError(f"eta={eta!r} is not a finite number; pass e.g. eta=0.0")
+    eta = float(eta)
+    if sampler == "ddim" and not 0.0 <= eta <= 1.0:
+        raise SamplingError(
+            f"eta={eta} is outside [0, 1]; DDIM's eta must lie in [0, 1] "
+            "(0 = deterministic, 1 = DDPM-like noise)"
+        )
+    if sampler != "ddim" and eta != 0.0:
+        raise SamplingError(f"eta={eta} only applies to the ddim sampler; leave eta=0 for {sampler}")
+
+    a = acp[ts]
+    a_prev = np.append(a[1:], 1.0)  # the final step goes to clean data
+    # eps-prediction: x = sqrt(a) x0 + sqrt(1 - a) eps, solved for x0.
+    x0_from_x = 1 / np.sqrt(a)
+    x0_from_eps = -np.sqrt(1 - a) / np.sqrt(a)
+    if sampler == "ddim":
+        c_x, c_eps, c_prev, c_noise = _ddim(a, a_prev, x0_from_x, x0_from_eps, eta)
+    elif sampler == "ddpm":
+        c_x, c_eps, c_prev, c_noise = _ddpm(a, a_prev, x0_from_x, x0_from_eps)
+    else:
+        c_x, c_eps, c_prev, c_noise = _dpmpp_2m(a, x0_from_x, x0_from_eps)
+    return SamplerCoefficients(
+        sampler=sampler,
+        timesteps=tuple(ts),
+        x0_from_x=x0_from_x,
+        x0_from_eps=x0_from_eps,
+        c_x=c_x,
+        c_eps=c_eps,
+        c_prev_x0=c_prev,
+        c_noise=c_noise,
+        eta=eta,
+    )
+
+
+def step_update(
+    coeffs_row: StepCoefficients,
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    prev_x0: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sampler step: returns (x_prev, x0).
+
+    Pure torch arithmetic with python-float constants, so it traces into an
+    ONNX graph with the constants folded. Terms whose coefficient is 0 are
+    left out (decided on python floats, so tracing sees a fixed graph).
+    Kept narrow on purpose: a fused kernel can replace exactly this function.
+    """
+    x0 = coeffs_row.x0_from_x * x + coeffs_row.x0_from_eps * eps
+    x_prev = coeffs_row.c_x * x + coeffs_row.c_eps * eps
+    if coeffs_row.c_prev_x0 != 0.0:
+        if prev_x0 is None:
+            raise SamplingError(
+                "this step is second order and needs prev_x0 (the x0 of the previous step); "
+                "pass the x0 returned by the previous step_update"
+            )
+        x_prev = x_prev + coeffs_row.c_prev_x0 * prev_x0
+    if coeffs_row.c_noise != 0.0:
+        if noise is None:
+            raise SamplingError(
+                "this step is stochastic (c_noise != 0) and needs noise; pass a standard "
+                "normal tensor shaped like x (see draw_step_noise)"
+            )
+        x_prev = x_prev + coeffs_row.c_noise * noise
+    return x_prev, x0
+
+
+def _step_noise(shape, generator, dtype, device) -> torch.Tensor:
+    # The one noise draw of the contract; sample_loop and draw_step_noise share it.
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+
+
+def draw_step_noise(
+    coeffs: SamplerCoefficients,
+    shape: Sequence[int],
+    generator: torch.Generator | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> list[torch.Tensor | None]:
+    """The noise :func:`sample_loop` would draw, per step (None where deterministic).
+
+    Given a generator in the same state, dtype and device as sample_loop's x,
+    the tensors are bit-identical to sample_loop's draws, so another backend
+    (onnxruntime, TensorRT) can reproduce the torch samples exactly.
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    return [
+        _step_noise(shape, generator, dtype, device) if stochastic else None
+        for stochastic in coeffs.stochastic_steps
+    ]
+
+
+@torch.no_grad()
+def sample_loop(
+    eps_fn: EpsFn,
+    x: torch.Tensor,
+    coeffs: SamplerCoefficients,
+    *,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    callback: Callable[[dict], None] | None = None,
+) -> torch.Tensor:
+    """Run every step of ``coeffs`` from x (at timesteps[0]) to a clean sample.
+
+    ``eps_fn(x, t, i)`` must return only the noise prediction, shaped like x
+    (split off learned-variance channels first). ``generator`` feeds the noise
+    draws (see the module's noise rule); it must live on x's device.
+    ``callback({"i", "t", "x", "x0", "x_prev"})`` sees each step: x is the input
+    of step i, x0 its denoised estimate, x_prev its output. Runs under no_grad.
+    """
+    if not isinstance(coeffs, SamplerCoefficients):
+        raise SamplingError(
+            f"coeffs is a {type(coeffs).__name__}; pass the result of compute_coefficients(...)"
+        )
+    prev_x0 = None
+    for i in tqdm(range(len(coeffs)), disable=not progress, desc=coeffs.sampler):
+        t = coeffs.timesteps[i]
+        row = coeffs.row(i)
+        eps = eps_fn(x, t, i)
+        if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
+            got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
+            raise SamplingError(
+                f"eps_fn returned {got} at step {i} (t={t}) but x has shape {tuple(x.shape)}; "
+                "eps_fn must return a noise prediction shaped like x (split off any "
+                "learned-variance channels)"
+            )
+        noise = _step_noise(x.shape, generator, x.dtype, x.device) if row.c_noise != 0.0 else None
+        x_prev, x0 = step_update(row, x, eps, prev_x0, noise)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x0": x0, "x_prev": x_prev})
+        x, prev_x0 = x_prev, x0
+    return x
+
+
+def sample_ddim(eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, eta: float = 0.0, **kw) -> torch.Tensor:
+    """DDIM (Song et al. 2021) over ``timesteps``; ``kw`` go to :func:`sample_loop`."""
+    return sample_loop(eps_fn, x, compute_coefficients("ddim", schedule, timesteps, eta), **kw)
+
+
+def sample_ddpm(eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, **kw) -> torch.Tensor:
+    """DDPM ancestral sampling (fixed-small variance) over the respaced ``timesteps``."""
+    return sample_loop(eps_fn, x, compute_coefficients("ddpm", schedule, timesteps), **kw)
+
+
+def sample_dpmpp_2m(eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, **kw) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022), deterministic, over ``timesteps``."""
+    return sample_loop(eps_fn, x, compute_coefficients("dpmpp_2m", schedule, timesteps), **kw)

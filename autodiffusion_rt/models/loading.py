@@ -1,0 +1,238 @@
+"""Model specs -> a :class:`DiffusionModel` (UNet + noise schedule + identity).
+
+Specs:
+
+* ``embedded:mnist``: the project's own class-conditional MNIST model, shipped as
+  package data (trained by ``autodiffusion-rt train``; see the README).
+* ``adm:PATH``: an openai/guided-diffusion checkpoint. Its architecture comes from
+  a named preset (``preset="imagenet64-cond"``, the published ADM-G 64x64 model)
+  and/or keyword overrides using guided-diffusion's own flag names
+  (``num_channels``, ``attention_resolutions="32,16,8"``, ``class_cond``,
+  ``learn_sigma``, ``noise_schedule``, ...).
+
+Nothing is downloaded: a missing file is an error that says where it was looked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..diffusion import NoiseSchedule
+from ..errors import CheckpointError, ModelSpecError
+from .unet import ADMUNet, Layer
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "assets"
+EMBEDDED_MODELS = {"mnist": EMBEDDED_DIR / "embedded_mnist.pt"}
+
+# guided-diffusion's script defaults (script_util.model_and_diffusion_defaults).
+_ADM_DEFAULTS: dict[str, Any] = dict(
+    image_size=64,
+    num_channels=128,
+    num_res_blocks=2,
+    num_heads=4,
+    num_heads_upsample=-1,
+    num_head_channels=-1,
+    attention_resolutions="16,8",
+    channel_mult="",
+    dropout=0.0,
+    class_cond=False,
+    use_checkpoint=False,
+    use_scale_shift_norm=True,
+    resblock_updown=False,
+    use_fp16=False,
+    use_new_attention_order=False,
+    learn_sigma=False,
+    diffusion_steps=1000,
+    noise_schedule="linear",
+)
+
+# The published checkpoints' flags, from guided-diffusion's README.
+ADM_PRESETS: dict[str, dict[str, Any]] = {
+    "imagenet64-cond": dict(
+        attention_resolutions="32,16,8", class_cond=True, dropout=0.1, image_size=64, learn_sigma=True,
+        noise_schedule="cosine", num_channels=192, num_head_channels=64, num_res_blocks=3, resblock_updown=True,
+        use_new_attention_order=True, use_fp16=True, use_scale_shift_norm=True,
+    ),
+    "imagenet128-cond": dict(
+        attention_resolutions="32,16,8", class_cond=True, image_size=128, learn_sigma=True, noise_schedule="linear",
+        num_channels=256, num_heads=4, num_res_blocks=2, resblock_updown=True, use_fp16=True, use_scale_shift_norm=True,
+    ),
+    "imagenet256-cond": dict(
+        attention_resolutions="32,16,8", class_cond=True, image_size=256, learn_sigma=True, noise_schedule="linear",
+        num_channels=256, num_head_channels=64, num_res_blocks=2, resblock_updown=True, use_fp16=True,
+        use_scale_shift_norm=True,
+    ),
+    "imagenet256-uncond": dict(
+        attention_resolutions="32,16,8", class_cond=False, image_size=256, learn_sigma=True, noise_schedule="linear",
+        num_channels=256, num_head_channels=64, num_res_blocks=2, resblock_updown=True, use_fp16=True,
+        use_scale_shift_norm=True,
+    ),
+}
+
+_DEFAULT_CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
+
+
+def _parse_ints(value, name: str) -> tuple:
+    if isinstance(value, str):
+        try:
+            return tuple(float(v) if "." in v else int(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise ModelSpecError(f"{name}={value!r} is not a comma-separated list of numbers") from None
+    return tuple(value)
+
+
+def adm_config(preset: Optional[str] = None, **flags) -> tuple[dict, dict]:
+    """guided-diffusion flags (preset + overrides) -> (ADMUNet kwargs, diffusion settings)."""
+    if preset is not None and preset not in ADM_PRESETS:
+        raise ModelSpecError(f"unknown ADM preset {preset!r}: choose one of {sorted(ADM_PRESETS)}")
+    unknown = set(flags) - set(_ADM_DEFAULTS)
+    if unknown:
+        raise ModelSpecError(f"unknown ADM option(s) {sorted(unknown)}: valid options are {sorted(_ADM_DEFAULTS)}")
+    f = {**_ADM_DEFAULTS, **(ADM_PRESETS[preset] if preset else {}), **flags}
+    size = int(f["image_size"])
+    mult = _parse_ints(f["channel_mult"], "channel_mult") if f["channel_mult"] else _DEFAULT_CHANNEL_MULT.get(size)
+    if mult is None:
+        raise ModelSpecError(f"no default channel_mult for image_size={size}: pass channel_mult='1,2,3,4' or similar")
+    unet = dict(
+        image_size=size,
+        in_channels=3,
+        model_channels=int(f["num_channels"]),
+        out_channels=6 if f["learn_sigma"] else 3,
+        num_res_blocks=int(f["num_res_blocks"]),
+        attention_resolutions=tuple(size // int(r) for r in _parse_ints(f["attention_resolutions"], "attention_resolutions")),
+        dropout=float(f["dropout"]),
+        channel_mult=mult,
+        num_classes=1000 if f["class_cond"] else None,
+        use_checkpoint=bool(f["use_checkpoint"]),
+        use_fp16=bool(f["use_fp16"]),
+        num_heads=int(f["num_heads"]),
+        num_head_channels=int(f["num_head_channels"]),
+        num_heads_upsample=int(f["num_heads_upsample"]),
+        use_scale_shift_norm=bool(f["use_scale_shift_norm"]),
+        resblock_updown=bool(f["resblock_updown"]),
+        use_new_attention_order=bool(f["use_new_attention_order"]),
+    )
+    diffusion = dict(
+        noise_schedule=str(f["noise_schedule"]), diffusion_steps=int(f["diffusion_steps"]), learn_sigma=bool(f["learn_sigma"])
+    )
+    return unet, diffusion
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over the weights (names, dtypes, shapes, bytes), independent of the file format."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass(eq=False)
+class DiffusionModel:
+    """A pretrained diffusion UNet with everything a sampler needs."""
+
+    name: str
+    unet: ADMUNet
+    schedule: NoiseSchedule
+    config: dict  # {"unet": ADMUNet kwargs, "diffusion": {...}}
+    fingerprint: str
+    learn_sigma: bool = False
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def layers(self) -> tuple[Layer, ...]:
+        return self.unet.layers
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return self.unet.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.unet.in_channels, self.unet.image_size, self.unet.image_size)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.schedule.num_timesteps
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, y=None, keep=None) -> torch.Tensor:
+        """The noise prediction (the first C channels of a learn_sigma model)."""
+        out = self.unet(x, t, y, keep)
+        return out[:, : x.shape[1]] if self.learn_sigma else out
+
+
+def _check_state_dict(unet: ADMUNet, state_dict: dict, source: str) -> None:
+    expected = unet.state_dict()
+    for key, value in expected.items():
+        if key not in state_dict:
+            raise CheckpointError(f"{source}: missing key {key!r} (expected shape {tuple(value.shape)}): the checkpoint does not fit this config; check the preset/options")
+        if tuple(state_dict[key].shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"{source}: key {key!r} has shape {tuple(state_dict[key].shape)} but the config expects "
+                f"{tuple(value.shape)}: the checkpoint does not fit this config; check the preset/options"
+            )
+    extra = [k for k in state_dict if k not in expected]
+    if extra:
+        raise CheckpointError(f"{source}: unexpected key {extra[0]!r} ({len(extra)} in all): the checkpoint does not fit this config; check the preset/options")
+
+
+def _read_checkpoint(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path} (looked for it at that path; put the file there or pass its path)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt files
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def _build(name: str, unet_kwargs: dict, diffusion: dict, state_dict: dict, source: str, metadata: dict) -> DiffusionModel:
+    unet = ADMUNet(**unet_kwargs)
+    _check_state_dict(unet, state_dict, source)
+    unet.load_state_dict(state_dict, strict=True)
+    unet.eval().requires_grad_(False)
+    schedule = NoiseSchedule.named(diffusion["noise_schedule"], diffusion["diffusion_steps"])
+    return DiffusionModel(
+        name=name,
+        unet=unet,
+        schedule=schedule,
+        config={"unet": dict(unet_kwargs), "diffusion": dict(diffusion)},
+        fingerprint=weights_fingerprint(state_dict),
+        learn_sigma=bool(diffusion.get("learn_sigma", False)),
+        metadata=metadata,
+    )
+
+
+def load_model(spec: str, **overrides) -> DiffusionModel:
+    """Load ``embedded:NAME`` or ``adm:PATH`` (with ``preset=`` and guided-diffusion flags)."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ModelSpecError(f"unknown model spec {spec!r}: use 'embedded:mnist' or 'adm:PATH/TO/CHECKPOINT.pt'")
+    kind, _, rest = spec.partition(":")
+    if kind == "embedded":
+        if rest not in EMBEDDED_MODELS:
+            raise ModelSpecError(f"unknown embedded model {rest!r} in {spec!r}: available: {['embedded:' + k for k in EMBEDDED_MODELS]}")
+        if overrides:
+            raise ModelSpecError(f"the embedded model takes no options, got {sorted(overrides)}")
+        path = EMBEDDED_MODELS[rest]
+        record = _read_checkpoint(path)
+        if not (isinstance(record, dict) and record.get("format") == 1 and "state_dict" in record):
+            raise CheckpointError(f"{path} is not an autodiffusion-rt checkpoint (format 1): reinstall the package")
+        config = dict(record["config"])
+        config["attention_resolutions"] = tuple(config["attention_resolutions"])
+        config["channel_mult"] = tuple(config["channel_mult"])
+        return _build(spec, config, record["diffusion"], record["state_dict"], str(path), record.get("training", {}))
+    if kind == "adm":
+        if not rest:
+            raise ModelSpecError(f"model spec {spec!r} has no path: use 'adm:PATH/TO/CHECKPOINT.pt'")
+        path = Path(rest).expanduser()
+        unet_kwargs, diffusion = adm_config(**overrides)
+        state_dict = _read_checkpoint(path)
+        if not isinstance(state_dict, dict):
+            raise CheckpointError(f"{path} does not hold a state_dict (got {type(state_dict).__name__})")
+        return _build(spec, unet_kwargs, diffusion, state_dict, str(path), {"overrides": overrides})
+    raise ModelSpecError(f"unknown model spec {spec!r}: the kind {kind!r} is not one of 'embedded', 'adm'")

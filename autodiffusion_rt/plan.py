@@ -1,0 +1,238 @@
+"""The plan: everything needed to reproduce a searched sampler, nothing else.
+
+``plan.json`` is the one contract between search, build and run::
+
+    {
+      "format": "autodiffusion-rt-plan", "version": 1,
+      "model":    {"spec", "name", "config", "fingerprint"},
+      "sampler":  {"kind": "ddim" | "ddpm" | "dpmpp_2m", "eta": float},
+      "timesteps": [int, ...],            # strictly descending, in [0, T)
+      "skip":     [[layer id, ...], ...],  # layers skipped at each step
+      "fitness":  null | {"fid", "extractor", "num_samples", "seed", "reference"},
+      "compute":  {"macs_per_sample", "full_macs_per_sample"},
+      "provenance": {...}                  # free-form: search settings, wall time, versions
+    }
+
+Loading validates every field and names the first bad one; saving is atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .diffusion import SAMPLERS, validate_timesteps
+from .errors import Error, PlanError
+from .utils import atomic_write
+
+PLAN_FORMAT = "autodiffusion-rt-plan"
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Fitness:
+    fid: float
+    extractor: str
+    num_samples: int
+    seed: int
+    reference: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    model_spec: str
+    model_name: str
+    model_config: dict
+    model_fingerprint: str
+    sampler: str
+    eta: float
+    timesteps: tuple[int, ...]
+    skip: tuple[tuple[str, ...], ...]
+    macs_per_sample: int
+    full_macs_per_sample: int
+    fitness: Optional[Fitness] = None
+    provenance: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------- construction
+    @classmethod
+    def for_model(
+        cls,
+        model,
+        timesteps: Sequence[int],
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        skip: Optional[Sequence[Sequence[str]]] = None,
+        spec: Optional[str] = None,
+        fitness: Optional[Fitness] = None,
+        provenance: Optional[dict] = None,
+    ) -> "Plan":
+        """A plan for ``model`` (a DiffusionModel); MACs come from its layer registry."""
+        ts = tuple(validate_timesteps(timesteps, model.num_timesteps))
+        skip = tuple(tuple(sorted(s)) for s in (skip if skip is not None else [()] * len(ts)))
+        if len(skip) != len(ts):
+            raise PlanError(f"skip has {len(skip)} entries for {len(ts)} timesteps: give one skip set per step")
+        all_ids = model.unet.layer_ids
+        macs = sum(model.unet.macs(all_ids - set(s)) for s in skip)
+        plan = cls(
+            model_spec=spec or model.name,
+            model_name=model.name,
+            model_config=_jsonable(model.config),
+            model_fingerprint=model.fingerprint,
+            sampler=sampler,
+            eta=float(eta),
+            timesteps=ts,
+            skip=skip,
+            macs_per_sample=int(macs),
+            full_macs_per_sample=int(model.unet.macs() * len(ts)),
+            fitness=fitness,
+            provenance=dict(provenance or {}),
+        )
+        plan.check_model(model)
+        return plan
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def nfe(self) -> int:
+        return len(self.timesteps)
+
+    def keep_sets(self, model) -> list[frozenset[str]]:
+        """The layer ids that run at each step."""
+        self.check_model(model)
+        return [frozenset(model.unet.layer_ids - set(s)) for s in self.skip]
+
+    def check_model(self, model) -> None:
+        """Refuse a model whose weights or layers differ from the ones this plan was made for."""
+        if model.fingerprint != self.model_fingerprint:
+            raise PlanError(
+                f"the plan was made for weights {self.model_fingerprint[:12]}... ({self.model_spec}) but the model "
+                f"{model.name} has {model.fingerprint[:12]}...: load the model the plan was searched on"
+            )
+        unknown = sorted({i for s in self.skip for i in s} - model.unet.layer_ids)
+        if unknown:
+            raise PlanError(f"the plan skips unknown layer id(s) {unknown[:5]} for {model.name}")
+        validate_timesteps(self.timesteps, model.num_timesteps)
+
+    # ------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "model": {
+                "spec": self.model_spec,
+                "name": self.model_name,
+                "config": self.model_config,
+                "fingerprint": self.model_fingerprint,
+            },
+            "sampler": {"kind": self.sampler, "eta": self.eta},
+            "timesteps": list(self.timesteps),
+            "skip": [list(s) for s in self.skip],
+            "fitness": asdict(self.fitness) if self.fitness else None,
+            "compute": {"macs_per_sample": self.macs_per_sample, "full_macs_per_sample": self.full_macs_per_sample},
+            "provenance": self.provenance,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "plan") -> "Plan":
+        v = _Validator(source)
+        v.check(isinstance(d, dict), "", "the plan must be a JSON object")
+        v.check(d.get("format") == PLAN_FORMAT, "format", f"must be {PLAN_FORMAT!r}, got {d.get('format')!r}")
+        v.check(d.get("version") == PLAN_VERSION, "version", f"must be {PLAN_VERSION} (this autodiffusion-rt reads version {PLAN_VERSION}), got {d.get('version')!r}")
+        model = v.obj(d, "model")
+        for key in ("spec", "name", "fingerprint"):
+            v.check(isinstance(model.get(key), str) and model.get(key), f"model.{key}", "must be a non-empty string")
+        v.check(isinstance(model.get("config"), dict), "model.config", "must be an object")
+        sampler = v.obj(d, "sampler")
+        v.check(sampler.get("kind") in SAMPLERS, "sampler.kind", f"must be one of {list(SAMPLERS)}, got {sampler.get('kind')!r}")
+        eta = sampler.get("eta", 0.0)
+        v.check(_is_real(eta) and 0.0 <= eta <= 1.0, "sampler.eta", f"must be a number in [0, 1], got {eta!r}")
+        ts = d.get("timesteps")
+        v.check(isinstance(ts, list) and all(_is_int(t) for t in ts), "timesteps", f"must be a list of integers, got {ts!r}")
+        T = model["config"].get("diffusion", {}).get("diffusion_steps", 1000) if isinstance(model["config"].get("diffusion"), dict) else 1000
+        try:
+            validate_timesteps(ts, T)
+        except Error as e:
+            raise PlanError(f"{source}: field 'timesteps': {e}") from None
+        skip = d.get("skip")
+        v.check(
+            isinstance(skip, list) and all(isinstance(s, list) and all(isinstance(i, str) for i in s) for s in skip),
+            "skip", "must be a list (one per step) of lists of layer ids",
+        )
+        v.check(len(skip) == len(ts), "skip", f"has {len(skip)} entries for {len(ts)} timesteps")
+        for i, s in enumerate(skip):
+            v.check(len(set(s)) == len(s), f"skip[{i}]", f"lists a layer twice: {s}")
+        compute = v.obj(d, "compute")
+        for key in ("macs_per_sample", "full_macs_per_sample"):
+            v.check(_is_int(compute.get(key)) and compute.get(key) > 0, f"compute.{key}", f"must be a positive integer, got {compute.get(key)!r}")
+        fitness = None
+        if d.get("fitness") is not None:
+            fd = v.obj(d, "fitness")
+            v.check(_is_real(fd.get("fid")) and math.isfinite(fd["fid"]) and fd["fid"] >= 0, "fitness.fid", f"must be a finite number >= 0, got {fd.get('fid')!r}")
+            v.check(isinstance(fd.get("extractor"), str), "fitness.extractor", "must be a string")
+            v.check(_is_int(fd.get("num_samples")) and fd["num_samples"] > 0, "fitness.num_samples", "must be a positive integer")
+            v.check(_is_int(fd.get("seed")), "fitness.seed", "must be an integer")
+            v.check(isinstance(fd.get("reference"), str), "fitness.reference", "must be a string")
+            fitness = Fitness(float(fd["fid"]), fd["extractor"], int(fd["num_samples"]), int(fd["seed"]), fd["reference"])
+        prov = d.get("provenance", {})
+        v.check(isinstance(prov, dict), "provenance", "must be an object")
+        return cls(
+            model_spec=model["spec"],
+            model_name=model["name"],
+            model_config=model["config"],
+            model_fingerprint=model["fingerprint"],
+            sampler=sampler["kind"],
+            eta=float(eta),
+            timesteps=tuple(int(t) for t in ts),
+            skip=tuple(tuple(s) for s in skip),
+            macs_per_sample=int(compute["macs_per_sample"]),
+            full_macs_per_sample=int(compute["full_macs_per_sample"]),
+            fitness=fitness,
+            provenance=prov,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"plan file not found: {path}")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlanError(f"{path} is not valid JSON ({e}): was it truncated? re-run the search or restore it") from None
+        return cls.from_dict(d, str(path))
+
+
+class _Validator:
+    def __init__(self, source: str):
+        self.source = source
+
+    def check(self, ok: bool, where: str, message: str) -> None:
+        if not ok:
+            raise PlanError(f"{self.source}: field {where!r} {message}" if where else f"{self.source}: {message}")
+
+    def obj(self, d: dict, key: str) -> dict:
+        self.check(isinstance(d.get(key), dict), key, f"must be an object, got {type(d.get(key)).__name__}")
+        return d[key]
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=list))

@@ -1,0 +1,120 @@
+"""``autodiffusion_rt.sample``: images from a model over any timestep list.
+
+Random draws, in this order, all from one ``torch.Generator`` seeded with
+``seed``: x_T (n, C, H, W); then the labels, when the model is class-conditional
+and none are given (uniform over the classes); then each stochastic step's
+noise (see :mod:`autodiffusion_rt.diffusion.samplers`). Every backend follows
+this order through :func:`initial_state`, so the same plan and seed give the
+same images everywhere.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+
+from .diffusion import SAMPLERS, compute_coefficients, sample_loop, validate_timesteps
+from .errors import SamplingError
+from .models import DiffusionModel
+
+KeepSpec = Union[None, Iterable[str], Sequence[Optional[Iterable[str]]]]
+
+
+def check_n(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
+        raise SamplingError(f"n={n!r}: the number of samples must be a positive integer")
+    return int(n)
+
+
+def check_labels(model: DiffusionModel, labels, n: int) -> Optional[torch.Tensor]:
+    """Validate user labels (None means 'draw them') against the model."""
+    if model.num_classes is None:
+        if labels is not None:
+            raise SamplingError(f"{model.name} is unconditional: it takes no labels (drop labels/--labels)")
+        return None
+    if labels is None:
+        return None
+    y = torch.as_tensor(labels)
+    if y.ndim == 0:
+        y = y.expand(n)
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise SamplingError(f"labels must be integers in [0, {model.num_classes}), got dtype {y.dtype}")
+    if y.shape != (n,):
+        raise SamplingError(f"got {y.shape[0] if y.ndim == 1 else tuple(y.shape)} labels for n={n}: pass one label per sample (or one for all)")
+    bad = y[(y < 0) | (y >= model.num_classes)]
+    if bad.numel():
+        raise SamplingError(f"label {int(bad[0])} is out of range: {model.name} has classes 0..{model.num_classes - 1}")
+    return y.long()
+
+
+def initial_state(model: DiffusionModel, n: int, seed: int, labels=None) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Generator]:
+    """x_T, the labels and the generator, drawn in the documented order."""
+    n = check_n(n)
+    y = check_labels(model, labels, n)
+    generator = torch.Generator().manual_seed(int(seed))
+    x = torch.randn((n, *model.image_shape), generator=generator)
+    if model.num_classes is not None and y is None:
+        y = torch.randint(model.num_classes, (n,), generator=generator)
+    return x, y, generator
+
+
+def per_step_keep(model: DiffusionModel, keep: KeepSpec, num_steps: int) -> list[Optional[frozenset[str]]]:
+    """None | one set of layer ids for every step | one entry per step -> a validated list per step."""
+    if keep is None:
+        return [None] * num_steps
+    if isinstance(keep, str):
+        raise SamplingError(f"keep={keep!r} is a string: pass a collection of layer ids (or one per step)")
+    items = list(keep)
+    if items and all(isinstance(k, str) for k in items):
+        return [model.unet.check_keep(items)] * num_steps
+    if len(items) != num_steps:
+        raise SamplingError(f"keep has {len(items)} entries for {num_steps} timesteps: give one keep set per step, or one set for all")
+    return [model.unet.check_keep(k) for k in items]
+
+
+def make_eps_fn(model: DiffusionModel, y: Optional[torch.Tensor], keeps: list, batch_size: int = 256) -> Callable:
+    """eps_fn(x, t, i) for :func:`sample_loop`: step i runs the layers in ``keeps[i]``, in chunks."""
+
+    def eps_fn(x: torch.Tensor, t: int, i: int) -> torch.Tensor:
+        outs = []
+        for s in range(0, x.shape[0], batch_size):
+            xb = x[s : s + batch_size]
+            tb = torch.full((xb.shape[0],), t, dtype=torch.long)
+            outs.append(model.eps(xb, tb, None if y is None else y[s : s + batch_size], keeps[i]))
+        return torch.cat(outs)
+
+    return eps_fn
+
+
+@torch.inference_mode()
+def sample(
+    model: DiffusionModel,
+    timesteps: Sequence[int],
+    sampler: str = "ddim",
+    n: int = 16,
+    seed: int = 0,
+    eta: float = 0.0,
+    keep: KeepSpec = None,
+    labels=None,
+    progress: bool = False,
+    callback: Optional[Callable[[dict], None]] = None,
+    batch_size: int = 256,
+    return_labels: bool = False,
+):
+    """Sample ``n`` images in [-1, 1] (NCHW float32) over ``timesteps`` (strictly descending).
+
+    ``keep``: the layer ids that run: None (all), one collection for every step,
+    or one collection (or None) per step. ``labels``: class labels for a
+    class-conditional model (drawn uniformly from ``seed`` when None).
+    """
+    if sampler not in SAMPLERS:
+        raise SamplingError(f"unknown sampler {sampler!r}: choose one of {list(SAMPLERS)}")
+    ts = validate_timesteps(timesteps, model.num_timesteps)
+    keeps = per_step_keep(model, keep, len(ts))
+    coeffs = compute_coefficients(sampler, model.schedule, ts, eta)
+    x, y, generator = initial_state(model, n, seed, labels)
+    out = sample_loop(make_eps_fn(model, y, keeps, batch_size), x, coeffs, generator=generator, progress=progress, callback=callback)
+    out = out.clamp(-1, 1)
+    return (out, y) if return_labels else out

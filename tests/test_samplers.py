@@ -1,0 +1,399 @@
+"""Sampler coefficients, the shared loop, determinism, and agreement with references."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from autodiffusion_rt.diffusion import (
+    SAMPLERS,
+    NoiseSchedule,
+    SamplerCoefficients,
+    StepCoefficients,
+    compute_coefficients,
+    draw_step_noise,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_loop,
+    step_update,
+    uniform_timesteps,
+)
+from autodiffusion_rt.errors import SamplingError, TimestepsError
+
+SHAPE = (2, 3, 8, 8)
+DATA_VAR = 0.5  # variance of the toy Gaussian "dataset" the eps functions denoise
+
+
+@pytest.fixture(scope="module", params=["linear", "cosine"])
+def schedule(request):
+    return NoiseSchedule.named(request.param)
+
+
+@pytest.fixture(scope="module")
+def linear():
+    return NoiseSchedule.named("linear")
+
+
+def make_eps_fn(acp, lib=torch):
+    """A smooth, deterministic stand-in for a trained model.
+
+    The first term is the exact eps-prediction for Gaussian data N(0, DATA_VAR),
+    so trajectories stay bounded like real ones; the second is a nonlinear
+    perturbation scaled by sqrt(a) so that x0 = (x - sqrt(1-a) eps)/sqrt(a)
+    stays O(1) even at the noisiest steps.
+    """
+
+    def eps_fn(x, t, i):
+        a = float(acp[t])
+        return math.sqrt(1 - a) * x / (a * DATA_VAR + 1 - a) + 0.1 * math.sqrt(a) * lib.sin(3 * x + t / 100)
+
+    return eps_fn
+
+
+def x_init(dtype=torch.float64, seed=0):
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def rng_arrays(seed, n):
+    r = np.random.default_rng(seed)
+    return [r.standard_normal(SHAPE) for _ in range(n)]
+
+
+TIMESTEP_LISTS = [
+    [999],
+    [999, 10],
+    [999, 749, 499, 249],
+    [999, 900, 700, 400, 150, 20],
+    [700, 650, 300, 299, 5, 0],
+]
+
+
+# --- coefficients vs independent float64 formulas ------------------------------
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("ts", TIMESTEP_LISTS)
+def test_ddim_step_matches_closed_form(schedule, ts, eta):
+    acp = schedule.alphas_cumprod
+    coeffs = compute_coefficients("ddim", schedule, ts, eta=eta)
+    x, eps, z = rng_arrays(1, 3)
+    for i, t in enumerate(ts):
+        a = acp[t]
+        a_prev = acp[ts[i + 1]] if i + 1 < len(ts) else 1.0
+        # Song et al. 2021, eq. 12 and 16, evaluated directly.
+        x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
+        sigma = eta * np.sqrt((1 - a_prev) / (1 - a)) * np.sqrt(1 - a / a_prev)
+        expected = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev - sigma**2) * eps + sigma * z
+        row = coeffs.row(i)
+        assert row.c_noise == pytest.approx(sigma, rel=1e-12, abs=0)
+        noise = torch.from_numpy(z) if row.c_noise else None
+        got_prev, got_x0 = step_update(row, torch.from_numpy(x), torch.from_numpy(eps), noise=noise)
+        scale = 1 + np.abs(x0).max()
+        np.testing.assert_allclose(got_x0.numpy(), x0, rtol=0, atol=1e-12 * scale)
+        np.testing.assert_allclose(got_prev.numpy(), expected, rtol=0, atol=1e-12 * scale)
+
+
+@pytest.mark.parametrize("ts", TIMESTEP_LISTS + [uniform_timesteps(1000, 50, "quadratic")])
+def test_ddpm_step_matches_respaced_posterior(schedule, ts):
+    # guided-diffusion's respacing: new betas from consecutive kept alpha_bars,
+    # then the usual DDPM posterior of that shorter chain (ascending index k).
+    acp = schedule.alphas_cumprod
+    kept, last, new_betas = set(ts), 1.0, []
+    for t, a in enumerate(acp):
+        if t in kept:
+            new_betas.append(1 - a / last)
+            last = a
+    new_betas = np.array(new_betas)
+    new_acp = np.cumprod(1 - new_betas)
+    new_acp_prev = np.append(1.0, new_acp[:-1])
+    variance = new_betas * (1 - new_acp_prev) / (1 - new_acp)
+    coef1 = new_betas * np.sqrt(new_acp_prev) / (1 - new_acp)
+    coef2 = (1 - new_acp_prev) * np.sqrt(1 - new_betas) / (1 - new_acp)
+
+    coeffs = compute_coefficients("ddpm", schedule, ts)
+    x, eps, z = rng_arrays(2, 3)
+    n = len(ts)
+    for i in range(n):
+        k = n - 1 - i
+        x0 = np.sqrt(1 / new_acp[k]) * x - np.sqrt(1 / new_acp[k] - 1) * eps
+        expected = coef1[k] * x0 + coef2[k] * x + (k != 0) * np.sqrt(variance[k]) * z
+        row = coeffs.row(i)
+        assert (row.c_noise != 0) == (k != 0)
+        noise = torch.from_numpy(z) if row.c_noise else None
+        got, _ = step_update(row, torch.from_numpy(x), torch.from_numpy(eps), noise=noise)
+        # rtol 1e-7, not 1e-9: the reference's cumprod(1 - (1 - a/last)) loses
+        # digits where alpha_bar is tiny (cosine t=999: a = 2.4e-9 -> ~4e-8).
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-7, atol=1e-9 * (1 + np.abs(x0).max()))
+
+
+def dpmpp_2m_reference(acp, ts, x, eps_np):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) on numpy float64, step by step."""
+    alpha, sigma = np.sqrt(acp), np.sqrt(1 - acp)
+    lam = np.log(alpha) - np.log(sigma)
+    x0_prev = None
+    for i, s in enumerate(ts):
+        x0 = (x - sigma[s] * eps_np(x, s, i)) / alpha[s]
+        if i == len(ts) - 1:
+            return x0  # the final step lands on sigma = 0
+        t = ts[i + 1]
+        h = lam[t] - lam[s]
+        if x0_prev is None:
+            d = x0
+        else:
+            r = (lam[s] - lam[ts[i - 1]]) / h
+            d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+        x = sigma[t] / sigma[s] * x - alpha[t] * (np.exp(-h) - 1) * d
+        x0_prev = x0
+
+
+@pytest.mark.parametrize("ts", TIMESTEP_LISTS + [uniform_timesteps(1000, 20)])
+def test_dpmpp_2m_trajectory_matches_reference(schedule, ts):
+    acp = schedule.alphas_cumprod
+    x = x_init()
+    expected = dpmpp_2m_reference(acp, ts, x.numpy(), make_eps_fn(acp, np))
+    got = sample_dpmpp_2m(make_eps_fn(acp), x, schedule, ts)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-10)
+
+
+def test_dpmpp_2m_structure_and_first_order_equals_ddim(schedule):
+    ts = [999, 900, 700, 400, 150, 20]
+    dpm = compute_coefficients("dpmpp_2m", schedule, ts)
+    ddim = compute_coefficients("ddim", schedule, ts)
+    # Step 0 (no history) and the final step are first order, i.e. DDIM(eta=0).
+    for i in (0, len(ts) - 1):
+        np.testing.assert_allclose(dpm.row(i), ddim.row(i), rtol=1e-12, atol=1e-12)
+    assert dpm.c_prev_x0[0] == 0 and dpm.c_prev_x0[-1] == 0
+    assert np.all(dpm.c_prev_x0[1:-1] != 0)
+    assert dpm.uses_prev_x0 and not dpm.stochastic_steps.any()
+    # Two steps: nothing second order is left.
+    assert not compute_coefficients("dpmpp_2m", schedule, [999, 10]).uses_prev_x0
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("dpmpp_2m", 0.0)])
+def test_final_step_is_x0(schedule, sampler, eta):
+    c = compute_coefficients(sampler, schedule, [999, 500, 3], eta=eta)
+    last = c.row(-1)
+    assert (last.c_x, last.c_eps) == (last.x0_from_x, last.x0_from_eps)
+    assert last.c_prev_x0 == 0 and last.c_noise == 0
+
+
+def test_coefficients_object(linear):
+    c = compute_coefficients("ddpm", linear, np.array([999, 500, 0]))
+    assert isinstance(c, SamplerCoefficients)
+    assert c.sampler == "ddpm" and c.timesteps == (999, 500, 0) and len(c) == c.num_steps == 3
+    assert all(getattr(c, f).dtype == np.float64 for f in StepCoefficients._fields)
+    row = c.row(1)
+    assert isinstance(row, StepCoefficients) and all(type(v) is float for v in row)
+    assert c.stochastic_steps.tolist() == [True, True, False]
+    assert not c.uses_prev_x0
+    with pytest.raises(ValueError):
+        c.c_x[0] = 1.0  # read-only: engines fold these
+    # A raw alphas_cumprod array works like the schedule.
+    c2 = compute_coefficients("ddpm", linear.alphas_cumprod, [999, 500, 0])
+    np.testing.assert_array_equal(c.c_noise, c2.c_noise)
+
+
+# --- whole trajectories ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype, ts, atol",
+    [
+        # float64: coefficients agree to ~1e-15 relative and the chain contracts.
+        (torch.float64, list(range(999, -1, -1)), 1e-9),
+        (torch.float64, uniform_timesteps(1000, 25, "quadratic"), 1e-9),
+        # float32: different (equal-in-exact-arithmetic) coefficients round
+        # differently, ~1e-7 relative per step; over 1000 steps well below 1e-4.
+        (torch.float32, list(range(999, -1, -1)), 1e-4),
+    ],
+)
+def test_ddim_eta1_equals_ddpm(schedule, dtype, ts, atol):
+    eps_fn = make_eps_fn(schedule.alphas_cumprod)
+    x = x_init(dtype)
+    ddim = sample_ddim(eps_fn, x, schedule, ts, eta=1.0, generator=torch.Generator().manual_seed(7))
+    ddpm = sample_ddpm(eps_fn, x, schedule, ts, generator=torch.Generator().manual_seed(7))
+    assert ddim.dtype == dtype and torch.isfinite(ddim).all()
+    assert (ddim - ddpm).abs().max().item() < atol
+    # Sanity: the noise matters, so the agreement is not vacuous.
+    other = sample_ddpm(eps_fn, x, schedule, ts, generator=torch.Generator().manual_seed(8))
+    assert (other - ddpm).abs().max().item() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def diffusers_dpm():
+    diffusers = pytest.importorskip("diffusers")
+    return diffusers.DPMSolverMultistepScheduler
+
+
+# Cosine lists start at <= 990: at t = 999 the cosine schedule's clipped last
+# beta leaves alpha_bar = 2.4e-9, and x0 = (x - sigma eps) / 2.5e-5 carries a
+# float32 error of ~1e-3 in ANY float32 implementation (ours in float32 vs
+# float64 differs by as much), which is not what this test is about.
+DPM_CASES = [
+    ("linear", [999, 749, 499, 249]),
+    ("linear", [999, 900, 700, 400, 150, 20]),
+    ("linear", uniform_timesteps(1000, 10, "quadratic")),
+    ("linear", uniform_timesteps(1000, 20)),  # >= 15 steps: diffusers' other branch
+    ("linear", [500, 10]),
+    ("linear", [999]),
+    ("cosine", [990, 749, 499, 249]),
+    ("cosine", [980, 900, 700, 400, 150, 20]),
+    ("cosine", [990, 850, 650, 500, 380, 260, 160, 80, 30, 5]),
+    ("cosine", uniform_timesteps(991, 20)),
+]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside diffusers
+@pytest.mark.parametrize("name, ts", DPM_CASES, ids=[f"{n}-{len(t)}" for n, t in DPM_CASES])
+def test_dpmpp_2m_matches_diffusers(diffusers_dpm, name, ts):
+    sched = NoiseSchedule.named(name)
+    eps_fn = make_eps_fn(sched.alphas_cumprod)
+    ref = diffusers_dpm(
+        num_train_timesteps=sched.num_timesteps,
+        trained_betas=sched.betas,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        lower_order_final=True,
+        final_sigmas_type="zero",
+    )
+    ref.set_timesteps(timesteps=ts)
+    assert ref.timesteps.tolist() == ts
+    x = x_init(torch.float32)
+    xr = x.clone()
+    for i, t in enumerate(ref.timesteps):
+        xr = ref.step(eps_fn(xr, int(t), i), t, xr).prev_sample
+    ours = sample_dpmpp_2m(eps_fn, x, sched, ts)
+    assert (ours - xr).abs().max().item() < 1e-4
+
+
+# --- the loop: callbacks, noise, determinism -----------------------------------------
+
+
+def test_loop_calls_eps_fn_and_callback_in_order(linear):
+    ts = [999, 600, 200, 0]
+    calls, seen = [], []
+
+    def eps_fn(x, t, i):
+        calls.append((t, i))
+        return 0.5 * x
+
+    coeffs = compute_coefficients("dpmpp_2m", linear, ts)
+    out = sample_loop(eps_fn, x_init(), coeffs, callback=seen.append, progress=True)
+    assert calls == [(t, i) for i, t in enumerate(ts)]
+    assert [(d["i"], d["t"]) for d in seen] == [(i, t) for i, t in enumerate(ts)]
+    assert set(seen[0]) == {"i", "t", "x", "x0", "x_prev"}
+    assert torch.equal(seen[1]["x"], seen[0]["x_prev"])
+    assert torch.equal(out, seen[-1]["x_prev"]) and torch.equal(out, seen[-1]["x0"])
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.5)])
+def test_same_seed_same_samples(linear, sampler, eta):
+    eps_fn = make_eps_fn(linear.alphas_cumprod)
+    coeffs = compute_coefficients(sampler, linear, uniform_timesteps(1000, 10), eta=eta)
+    x = x_init(torch.float32)
+    a = sample_loop(eps_fn, x, coeffs, generator=torch.Generator().manual_seed(3))
+    b = sample_loop(eps_fn, x, coeffs, generator=torch.Generator().manual_seed(3))
+    c = sample_loop(eps_fn, x, coeffs, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_draw_step_noise_reproduces_sample_loop(linear, dtype):
+    eps_fn = make_eps_fn(linear.alphas_cumprod)
+    coeffs = compute_coefficients("ddim", linear, [999, 800, 500, 200, 0], eta=0.7)
+    x = x_init(dtype)
+    noises = draw_step_noise(coeffs, x.shape, torch.Generator().manual_seed(11), dtype=dtype)
+    assert [n is not None for n in noises] == coeffs.stochastic_steps.tolist() == [True] * 4 + [False]
+    # Replay the loop by hand with the pre-drawn noise, as another backend would.
+    xi, prev_x0 = x, None
+    for i, t in enumerate(coeffs.timesteps):
+        xi, prev_x0 = step_update(coeffs.row(i), xi, eps_fn(xi, t, i), prev_x0, noises[i])
+    loop = sample_loop(eps_fn, x, coeffs, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(xi, loop)
+
+
+def test_deterministic_samplers_leave_generator_untouched(linear):
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state()
+    eps_fn = make_eps_fn(linear.alphas_cumprod)
+    sample_ddim(eps_fn, x_init(), linear, [999, 500, 0], generator=g)
+    sample_dpmpp_2m(eps_fn, x_init(), linear, [999, 500, 0], generator=g)
+    assert torch.equal(g.get_state(), state)
+    assert draw_step_noise(compute_coefficients("ddim", linear, [999, 0]), SHAPE, g) == [None, None]
+
+
+def test_step_update_traces_to_a_constant_graph():
+    row = StepCoefficients(1.5, -0.5, 0.9, 0.1, -0.2, 0.3)
+
+    class Step(torch.nn.Module):
+        def forward(self, x, eps, prev_x0, noise):
+            return step_update(row, x, eps, prev_x0, noise)
+
+    gm = torch.fx.symbolic_trace(Step())
+    ops = {n.op for n in gm.graph.nodes}
+    assert ops <= {"placeholder", "call_function", "output"}  # no module state, no tensors baked in
+    args = [torch.randn(2, 3) for _ in range(4)]
+    for got, want in zip(gm(*args), Step()(*args)):
+        assert torch.equal(got, want)
+    x, eps, prev_x0, noise = args
+    assert torch.allclose(gm(*args)[0], 0.9 * x + 0.1 * eps - 0.2 * prev_x0 + 0.3 * noise)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter is deprecated
+def test_step_update_exports_to_onnx():
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import io
+
+    row = StepCoefficients(1.5, -0.5, 0.9, 0.1, -0.2, 0.3)
+
+    class Step(torch.nn.Module):
+        def forward(self, x, eps, prev_x0, noise):
+            return step_update(row, x, eps, prev_x0, noise)
+
+    names = ["x", "eps", "prev_x0", "noise"]
+    args = tuple(torch.randn(2, 3, 4, 4) for _ in names)
+    buf = io.BytesIO()
+    # dynamo=False: the TorchScript exporter takes 0.2 s here, the dynamo one ~6 s.
+    torch.onnx.export(Step(), args, buf, input_names=names, output_names=["x_prev", "x0"], dynamo=False)
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {n: a.numpy() for n, a in zip(names, args)})
+    for g, want in zip(got, Step()(*args)):
+        np.testing.assert_allclose(g, want.numpy(), rtol=1e-6, atol=1e-6)
+
+
+# --- errors --------------------------------------------------------------------
+
+
+def test_sampler_errors(linear):
+    with pytest.raises(SamplingError, match=r"'euler'.*ddim, ddpm, dpmpp_2m"):
+        compute_coefficients("euler", linear, [999])
+    assert SAMPLERS == ("ddim", "ddpm", "dpmpp_2m")
+    with pytest.raises(SamplingError, match=r"eta=1.5 is outside \[0, 1\]"):
+        compute_coefficients("ddim", linear, [999], eta=1.5)
+    with pytest.raises(SamplingError, match=r"eta=0.5 only applies to the ddim"):
+        compute_coefficients("ddpm", linear, [999], eta=0.5)
+    with pytest.raises(SamplingError, match=r"eta=nan"):
+        compute_coefficients("ddim", linear, [999], eta=float("nan"))
+    with pytest.raises(TimestepsError, match=r"1000 is out of range"):
+        compute_coefficients("ddim", linear, [1000])
+    with pytest.raises(SamplingError, match=r"alphas_cumprod\[1\] = 1.0"):
+        compute_coefficients("ddim", [0.5, 1.0], [1, 0])
+    with pytest.raises(SamplingError, match=r"not strictly decreasing at t=1->2"):
+        compute_coefficients("ddpm", [0.9, 0.5, 0.6], [2, 0])
+
+
+def test_loop_errors(linear):
+    coeffs = compute_coefficients("dpmpp_2m", linear, [999, 500, 0])
+    with pytest.raises(SamplingError, match=r"eps_fn returned \(2, 6, 8, 8\) at step 0 \(t=999\)"):
+        sample_loop(lambda x, t, i: torch.cat([x, x], 1), x_init(), coeffs)
+    with pytest.raises(SamplingError, match=r"pass the result of compute_coefficients"):
+        sample_loop(lambda x, t, i: x, x_init(), coeffs.row(0))
+    x = x_init()
+    with pytest.raises(SamplingError, match=r"needs prev_x0"):
+        step_update(coeffs.row(1), x, x)
+    with pytest.raises(SamplingError, match=r"needs noise"):
+        step_update(compute_coefficients("ddpm", linear, [999, 0]).row(0), x, x)
