@@ -22,7 +22,10 @@ reduced precision is a backend choice.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -30,11 +33,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import LayerError
+from ..errors import LayerError, SamplingError
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_package():
+    try:  # optional fast paths; any failure to import just means "use torch"
+        return importlib.import_module("kernels")
+    except Exception:
+        return None
+
+
+def _kernel_hook(name: str):
+    """kernels.<name> (a function telling whether a Triton kernel applies), or None."""
+    if os.environ.get("AUTODIFFUSION_RT_KERNELS", "").strip().lower() in ("0", "false", "off", "no"):
+        return None
+    return getattr(_kernels_package(), name, None)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding [cos | sin] of (possibly fractional) timesteps, as ADM."""
+    """Sinusoidal embedding [cos | sin] of (possibly fractional) timesteps, as ADM.
+
+    CUDA input may go to a Triton kernel from ``kernels`` (CPU: always torch).
+    """
+    # Tracers (fx proxies, torch.compile/export) must see plain torch ops, not this lookup.
+    if isinstance(t, torch.Tensor) and t.is_cuda and not torch.compiler.is_compiling() \
+            and (fast := _kernel_hook("fast_timestep_embedding")):
+        impl = fast(t, dim, max_period)  # None: the kernel does not cover this call
+        if impl is not None:
+            return impl(t, dim, max_period)
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
@@ -461,9 +488,11 @@ class ADMUNet(nn.Module):
     def embed(self, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The timestep (plus class) embedding every ResBlock projects."""
         emb = self.time_embed(timestep_embedding(t, self.model_channels))
+        if self.num_classes is None and y is not None:
+            raise SamplingError("this model is unconditional: it takes no labels y")
         if self.num_classes is not None:
             if y is None:
-                raise ValueError("this model is class-conditional: pass labels y")
+                raise SamplingError(f"this model is class-conditional ({self.num_classes} classes): pass labels y")
             emb = emb + self.label_emb(y)
         return emb
 

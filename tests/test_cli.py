@@ -1,0 +1,72 @@
+"""The ``autodiffusion-rt`` command line: real processes, real files, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autodiffusion_rt.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("autodiffusion-rt")
+    if exe is None:
+        pytest.skip("package not installed with pip (console script absent)")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "sample" in out.stdout and "info" in out.stdout
+
+
+def test_sample_writes_a_png_grid_and_an_npz(tmp_path):
+    png, npz = tmp_path / "grid.png", tmp_path / "x.npz"
+    out = run_cli("sample", "--timesteps", "999,500,100", "--n", "10", "--seed", "1", "--out", str(png), "--quiet")
+    assert out.returncode == 0, out.stderr
+    img = np.asarray(Image.open(png))
+    # 10 images -> a 4x3 grid of 28x28 tiles with 2-pixel borders
+    assert img.shape == (3 * 30 + 2, 4 * 30 + 2)
+    out = run_cli("sample", "--steps", "3", "--sampler", "dpmpp_2m", "--n", "5", "--labels", "7", "--out", str(npz), "--quiet")
+    assert out.returncode == 0, out.stderr
+    data = np.load(npz)
+    assert data["arr_0"].shape == (5, 28, 28, 1) and data["arr_0"].dtype == np.uint8
+    assert data["arr_1"].tolist() == [7] * 5
+    # the npz holds exactly the grid's pixels for the same seed and settings
+    out = run_cli("sample", "--steps", "3", "--sampler", "dpmpp_2m", "--n", "5", "--labels", "7", "--out", str(tmp_path / "g.png"), "--quiet")
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert np.array_equal(grid[2:30, 2:30], data["arr_0"][0, :, :, 0])
+
+
+def test_info_prints_the_layer_table_and_total_macs():
+    out = run_cli("info")
+    assert out.returncode == 0, out.stderr
+    assert "input_blocks.1.0" in out.stdout and "total MACs per sample" in out.stdout
+    assert "trained by   autodiffusion-rt train" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sample", "--timesteps", "10,10"], "appears twice"),
+        (["sample", "--timesteps", "5,900"], "descending"),
+        (["sample", "--timesteps", "1500"], "range"),
+        (["sample", "--timesteps", "a,b"], "comma-separated"),
+        (["sample", "--n", "0"], "n=0"),
+        (["sample", "--model", "embedded:cifar"], "unknown embedded model"),
+        (["sample", "--model", "adm:/no/such/file.pt", "--preset", "imagenet64-cond"], "/no/such/file.pt"),
+        (["sample", "--labels", "12", "--steps", "2"], "out of range"),
+        (["sample", "--steps", "2", "--out", "x.jpg"], ".png"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
+    if "--out" not in args:
+        args = [*args, "--out", str(tmp_path / "o.png")]
+    out = run_cli(*args, "--quiet")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert message in lines[0]

@@ -1,0 +1,83 @@
+"""plan.json: round trip, validation of every field, atomic save, model identity."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from autodiffusion_rt.errors import PlanError
+from autodiffusion_rt.plan import Fitness, Plan
+
+
+@pytest.fixture()
+def plan(tiny_model):
+    attn = next(l.id for l in tiny_model.layers if l.kind == "attn")
+    res = next(l.id for l in tiny_model.layers if l.kind == "res")
+    return Plan.for_model(
+        tiny_model, [999, 600, 300, 50], sampler="dpmpp_2m", skip=[[attn], [], [attn, res], []],
+        fitness=Fitness(fid=12.5, extractor="mnist", num_samples=1000, seed=0, reference="mnist:all"),
+        provenance={"search": {"population": 50}},
+    )
+
+
+def test_plan_round_trips_through_json(tmp_path, plan):
+    path = plan.save(tmp_path / "p.json")
+    loaded = Plan.load(path)
+    assert loaded == plan
+    assert json.loads(path.read_text())["version"] == 1
+
+
+def test_plan_macs_come_from_the_registry(tiny_model, plan):
+    full = tiny_model.unet.macs()
+    skipped = {l.id: l.macs for l in tiny_model.layers}
+    expected = sum(full - sum(skipped[i] for i in step) for step in plan.skip)
+    assert plan.macs_per_sample == expected < plan.full_macs_per_sample == 4 * full
+    keeps = plan.keep_sets(tiny_model)
+    assert keeps[1] == tiny_model.unet.layer_ids and len(keeps[2]) == len(tiny_model.layers) - 2
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda d: d.update(format="something"), "format"),
+        (lambda d: d.update(version=2), "version"),
+        (lambda d: d["model"].pop("fingerprint"), "model.fingerprint"),
+        (lambda d: d["sampler"].update(kind="euler"), "sampler.kind"),
+        (lambda d: d["sampler"].update(eta=2.0), "sampler.eta"),
+        (lambda d: d.update(timesteps=[999, 999, 3, 1]), "timesteps"),
+        (lambda d: d.update(timesteps=[10, 20, 30, 40]), "timesteps"),
+        (lambda d: d.update(timesteps=[999.0, 600, 300, 50]), "timesteps"),
+        (lambda d: d.update(skip=[[]]), "skip"),
+        (lambda d: d["skip"].__setitem__(0, [1, 2]), "skip"),
+        (lambda d: d["compute"].update(macs_per_sample=-5), "compute.macs_per_sample"),
+        (lambda d: d["fitness"].update(fid="low"), "fitness.fid"),
+        (lambda d: d["fitness"].update(num_samples=0), "fitness.num_samples"),
+        (lambda d: d.pop("sampler"), "sampler"),
+    ],
+)
+def test_a_wrong_field_is_refused_by_name(plan, mutate, field):
+    d = copy.deepcopy(plan.to_dict())
+    mutate(d)
+    with pytest.raises(PlanError, match=f"'{field}'"):
+        Plan.from_dict(d)
+
+
+def test_truncated_plan_file_is_refused_and_save_is_atomic(tmp_path, plan, monkeypatch):
+    path = plan.save(tmp_path / "p.json")
+    good = path.read_text()
+    (tmp_path / "cut.json").write_text(good[: len(good) // 2])
+    with pytest.raises(PlanError, match="not valid JSON"):
+        Plan.load(tmp_path / "cut.json")
+    # A failure while writing leaves the old plan intact and no temporary file behind.
+    monkeypatch.setattr(json, "dump", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(RuntimeError):
+        plan.save(path)
+    assert path.read_text() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.json", "p.json"]
+
+
+def test_plan_refuses_another_model(plan, tiny_cond_model):
+    with pytest.raises(PlanError, match="weights"):
+        plan.keep_sets(tiny_cond_model)

@@ -1,0 +1,86 @@
+"""``autodiffusion_rt.sample``: the public entry point, its draw order and its errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import autodiffusion_rt as ad
+from autodiffusion_rt.diffusion import compute_coefficients, sample_loop
+from autodiffusion_rt.errors import LayerError, SamplingError, TimestepsError
+from autodiffusion_rt.sampling import initial_state
+
+TS = [999, 600, 250, 40]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp_2m"])
+def test_sample_equals_the_plain_loop_from_the_documented_initial_state(tiny_cond_model, sampler):
+    m = tiny_cond_model
+    out, y = ad.sample(m, TS, sampler=sampler, n=5, seed=7, return_labels=True)
+    x, y0, gen = initial_state(m, 5, 7)
+    assert torch.equal(y, y0)
+    coeffs = compute_coefficients(sampler, m.schedule, TS)
+    ref = sample_loop(lambda x, t, i: m.eps(x, torch.full((5,), t), y0), x, coeffs, generator=gen).clamp(-1, 1)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+def test_labels_drawn_from_the_seed_cover_the_classes_and_given_labels_are_used(tiny_cond_model):
+    _, y = ad.sample(tiny_cond_model, [500, 100], n=60, seed=0, return_labels=True)
+    assert set(y.tolist()) == {0, 1, 2}
+    a = ad.sample(tiny_cond_model, [500, 100], n=4, seed=0, labels=[0, 0, 0, 0])
+    b = ad.sample(tiny_cond_model, [500, 100], n=4, seed=0, labels=[2, 2, 2, 2])
+    assert not torch.allclose(a, b)
+    assert torch.equal(a, ad.sample(tiny_cond_model, [500, 100], n=4, seed=0, labels=0))
+
+
+def _unclamped(model, **kw) -> list[torch.Tensor]:
+    """Each step's x_prev before the final clamp (random weights saturate the clamped output)."""
+    steps = []
+    ad.sample(model, TS, n=3, seed=1, callback=lambda s: steps.append(s["x_prev"].clone()), **kw)
+    return steps
+
+
+def test_keep_per_step_changes_only_the_steps_it_names(tiny_model):
+    m = tiny_model
+    attn = next(l.id for l in m.layers if l.kind == "attn")
+    full = _unclamped(m)
+    same = _unclamped(m, keep=[None, None, None, m.unet.layer_ids])
+    skipped_second = _unclamped(m, keep=[None, m.unet.layer_ids - {attn}, None, None])
+    assert all(torch.equal(a, b) for a, b in zip(full, same))
+    assert torch.equal(full[0], skipped_second[0])
+    assert (full[1] - skipped_second[1]).abs().max() > 1e-3
+    everywhere = _unclamped(m, keep=m.unet.layer_ids - {attn})
+    assert (everywhere[0] - skipped_second[0]).abs().max() > 1e-3
+
+
+def test_chunked_model_calls_give_the_same_images(tiny_model):
+    a = ad.sample(tiny_model, TS, n=7, seed=2, batch_size=256)
+    b = ad.sample(tiny_model, TS, n=7, seed=2, batch_size=3)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "timesteps, pattern",
+    [([], "empty"), ([5, 5], "appears twice"), ([3, 9], "descending"), ([1000, 3], "range"), ([-1], "range")],
+)
+def test_bad_timesteps(tiny_model, timesteps, pattern):
+    with pytest.raises(TimestepsError, match=pattern):
+        ad.sample(tiny_model, timesteps, n=1)
+
+
+def test_bad_arguments_are_clear_errors(tiny_model, tiny_cond_model):
+    for n in (0, -3, 2.5, True):
+        with pytest.raises(SamplingError, match="n="):
+            ad.sample(tiny_model, TS, n=n)
+    with pytest.raises(SamplingError, match="unknown sampler"):
+        ad.sample(tiny_model, TS, sampler="euler")
+    with pytest.raises(SamplingError, match="unconditional"):
+        ad.sample(tiny_model, TS, n=2, labels=[0, 1])
+    with pytest.raises(SamplingError, match="out of range"):
+        ad.sample(tiny_cond_model, TS, n=2, labels=[0, 3])
+    with pytest.raises(SamplingError, match="3 labels for n=2"):
+        ad.sample(tiny_cond_model, TS, n=2, labels=[0, 1, 2])
+    with pytest.raises(LayerError, match="no.such.layer"):
+        ad.sample(tiny_model, TS, n=1, keep={"no.such.layer"})
+    with pytest.raises(SamplingError, match="2 entries for 4 timesteps"):
+        ad.sample(tiny_model, TS, n=1, keep=[None, None])
