@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib
 import os
 import tempfile
 from pathlib import Path
@@ -36,3 +38,23 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_package():
+    try:  # optional fast paths; any failure to import just means "use torch"
+        return importlib.import_module("kernels")
+    except Exception:
+        return None
+
+
+def kernel_hook(name: str):
+    """``kernels.<name>``: the one narrow door from the core to the optional Triton kernels.
+
+    The hook, given a call's arguments, returns the kernel when it applies to them
+    (else None). None here when the kernels package is missing or disabled with
+    AUTODIFFUSION_RT_KERNELS=0.
+    """
+    if os.environ.get("AUTODIFFUSION_RT_KERNELS", "").strip().lower() in ("0", "false", "off", "no"):
+        return None
+    return getattr(_kernels_package(), name, None)

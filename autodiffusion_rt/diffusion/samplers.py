@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from autodiffusion_rt.diffusion.schedules import NoiseSchedule, validate_timesteps
 from autodiffusion_rt.errors import SamplingError
+from autodiffusion_rt.utils import kernel_hook
 
 __all__ = [
     "SAMPLERS",
@@ -282,8 +283,15 @@ def step_update(
     Pure torch arithmetic with python-float constants, so it traces into an
     ONNX graph with the constants folded. Terms whose coefficient is 0 are
     left out (decided on python floats, so tracing sees a fixed graph).
-    Kept narrow on purpose: a fused kernel can replace exactly this function.
+    Kept narrow on purpose: a fused kernel can replace exactly this function,
+    and does for CUDA tensors when ``kernels`` offers one (CPU: always torch).
     """
+    # Tracers (fx proxies, torch.compile/export) must see plain torch ops, not this lookup.
+    if isinstance(x, torch.Tensor) and x.is_cuda and not torch.compiler.is_compiling() \
+            and (fast := kernel_hook("fast_step_update")):
+        impl = fast(coeffs_row, x, eps, prev_x0, noise)  # None: the kernel does not cover this call
+        if impl is not None:
+            return impl(coeffs_row, x, eps, prev_x0, noise)
     x0 = coeffs_row.x0_from_x * x + coeffs_row.x0_from_eps * eps
     x_prev = coeffs_row.c_x * x + coeffs_row.c_eps * eps
     if coeffs_row.c_prev_x0 != 0.0:

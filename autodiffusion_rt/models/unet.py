@@ -22,10 +22,7 @@ reduced precision is a backend choice.
 
 from __future__ import annotations
 
-import functools
-import importlib
 import math
-import os
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -34,21 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LayerError, SamplingError
-
-
-@functools.lru_cache(maxsize=None)
-def _kernels_package():
-    try:  # optional fast paths; any failure to import just means "use torch"
-        return importlib.import_module("kernels")
-    except Exception:
-        return None
-
-
-def _kernel_hook(name: str):
-    """kernels.<name> (a function telling whether a Triton kernel applies), or None."""
-    if os.environ.get("AUTODIFFUSION_RT_KERNELS", "").strip().lower() in ("0", "false", "off", "no"):
-        return None
-    return getattr(_kernels_package(), name, None)
+from ..utils import kernel_hook
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -58,7 +41,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     """
     # Tracers (fx proxies, torch.compile/export) must see plain torch ops, not this lookup.
     if isinstance(t, torch.Tensor) and t.is_cuda and not torch.compiler.is_compiling() \
-            and (fast := _kernel_hook("fast_timestep_embedding")):
+            and (fast := kernel_hook("fast_timestep_embedding")):
         impl = fast(t, dim, max_period)  # None: the kernel does not cover this call
         if impl is not None:
             return impl(t, dim, max_period)
@@ -67,7 +50,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        emb = torch.cat([emb, emb.new_zeros(emb.shape[0], 1)], dim=-1)
     return emb
 
 
