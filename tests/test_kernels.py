@@ -51,10 +51,10 @@ def _rows():
     linear = NoiseSchedule.named("linear")
     ts = [999, 700, 400, 100, 0]
     return {
-        "ddim": compute_coefficients("ddim", linear, ts).row(1),  # no prev_x0, no noise
-        "ddim_eta": compute_coefficients("ddim", linear, ts, eta=0.5).row(1),  # noise
-        "ddpm_t999": compute_coefficients("ddpm", linear, ts).row(0),  # noise; |coefficients| ~ 150
-        "dpmpp_2m": compute_coefficients("dpmpp_2m", linear, ts).row(2),  # prev_x0
+        "ddim": compute_coefficients("ddim", linear, ts, clip_denoised=False).row(1),  # no prev_x0, no noise
+        "ddim_eta": compute_coefficients("ddim", linear, ts, eta=0.5, clip_denoised=False).row(1),  # noise
+        "ddpm_t999": compute_coefficients("ddpm", linear, ts, clip_denoised=False).row(0),  # noise; |coefficients| ~ 150
+        "dpmpp_2m": compute_coefficients("dpmpp_2m", linear, ts, clip_denoised=False).row(2),  # prev_x0
         "all_terms": StepCoefficients(1.5, -0.5, 0.9, 0.1, -0.2, 0.3),
     }
 

@@ -77,7 +77,7 @@ TIMESTEP_LISTS = [
 @pytest.mark.parametrize("ts", TIMESTEP_LISTS)
 def test_ddim_step_matches_closed_form(schedule, ts, eta):
     acp = schedule.alphas_cumprod
-    coeffs = compute_coefficients("ddim", schedule, ts, eta=eta)
+    coeffs = compute_coefficients("ddim", schedule, ts, eta=eta, clip_denoised=False)
     x, eps, z = rng_arrays(1, 3)
     for i, t in enumerate(ts):
         a = acp[t]
@@ -112,7 +112,7 @@ def test_ddpm_step_matches_respaced_posterior(schedule, ts):
     coef1 = new_betas * np.sqrt(new_acp_prev) / (1 - new_acp)
     coef2 = (1 - new_acp_prev) * np.sqrt(1 - new_betas) / (1 - new_acp)
 
-    coeffs = compute_coefficients("ddpm", schedule, ts)
+    coeffs = compute_coefficients("ddpm", schedule, ts, clip_denoised=False)
     x, eps, z = rng_arrays(2, 3)
     n = len(ts)
     for i in range(n):
@@ -153,14 +153,14 @@ def test_dpmpp_2m_trajectory_matches_reference(schedule, ts):
     acp = schedule.alphas_cumprod
     x = x_init()
     expected = dpmpp_2m_reference(acp, ts, x.numpy(), make_eps_fn(acp, np))
-    got = sample_dpmpp_2m(make_eps_fn(acp), x, schedule, ts)
+    got = sample_dpmpp_2m(make_eps_fn(acp), x, schedule, ts, clip_denoised=False)
     np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-10)
 
 
 def test_dpmpp_2m_structure_and_first_order_equals_ddim(schedule):
     ts = [999, 900, 700, 400, 150, 20]
-    dpm = compute_coefficients("dpmpp_2m", schedule, ts)
-    ddim = compute_coefficients("ddim", schedule, ts)
+    dpm = compute_coefficients("dpmpp_2m", schedule, ts, clip_denoised=False)
+    ddim = compute_coefficients("ddim", schedule, ts, clip_denoised=False)
     # Step 0 (no history) and the final step are first order, i.e. DDIM(eta=0).
     for i in (0, len(ts) - 1):
         np.testing.assert_allclose(dpm.row(i), ddim.row(i), rtol=1e-12, atol=1e-12)
@@ -168,19 +168,19 @@ def test_dpmpp_2m_structure_and_first_order_equals_ddim(schedule):
     assert np.all(dpm.c_prev_x0[1:-1] != 0)
     assert dpm.uses_prev_x0 and not dpm.stochastic_steps.any()
     # Two steps: nothing second order is left.
-    assert not compute_coefficients("dpmpp_2m", schedule, [999, 10]).uses_prev_x0
+    assert not compute_coefficients("dpmpp_2m", schedule, [999, 10], clip_denoised=False).uses_prev_x0
 
 
 @pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("dpmpp_2m", 0.0)])
 def test_final_step_is_x0(schedule, sampler, eta):
-    c = compute_coefficients(sampler, schedule, [999, 500, 3], eta=eta)
+    c = compute_coefficients(sampler, schedule, [999, 500, 3], eta=eta, clip_denoised=False)
     last = c.row(-1)
     assert (last.c_x, last.c_eps) == (last.x0_from_x, last.x0_from_eps)
     assert last.c_prev_x0 == 0 and last.c_noise == 0
 
 
 def test_coefficients_object(linear):
-    c = compute_coefficients("ddpm", linear, np.array([999, 500, 0]))
+    c = compute_coefficients("ddpm", linear, np.array([999, 500, 0]), clip_denoised=False)
     assert isinstance(c, SamplerCoefficients)
     assert c.sampler == "ddpm" and c.timesteps == (999, 500, 0) and len(c) == c.num_steps == 3
     assert all(getattr(c, f).dtype == np.float64 for f in StepCoefficients._fields)
@@ -191,7 +191,7 @@ def test_coefficients_object(linear):
     with pytest.raises(ValueError):
         c.c_x[0] = 1.0  # read-only: engines fold these
     # A raw alphas_cumprod array works like the schedule.
-    c2 = compute_coefficients("ddpm", linear.alphas_cumprod, [999, 500, 0])
+    c2 = compute_coefficients("ddpm", linear.alphas_cumprod, [999, 500, 0], clip_denoised=False)
     np.testing.assert_array_equal(c.c_noise, c2.c_noise)
 
 
@@ -212,12 +212,12 @@ def test_coefficients_object(linear):
 def test_ddim_eta1_equals_ddpm(schedule, dtype, ts, atol):
     eps_fn = make_eps_fn(schedule.alphas_cumprod)
     x = x_init(dtype)
-    ddim = sample_ddim(eps_fn, x, schedule, ts, eta=1.0, generator=torch.Generator().manual_seed(7))
-    ddpm = sample_ddpm(eps_fn, x, schedule, ts, generator=torch.Generator().manual_seed(7))
+    ddim = sample_ddim(eps_fn, x, schedule, ts, eta=1.0, generator=torch.Generator().manual_seed(7), clip_denoised=False)
+    ddpm = sample_ddpm(eps_fn, x, schedule, ts, generator=torch.Generator().manual_seed(7), clip_denoised=False)
     assert ddim.dtype == dtype and torch.isfinite(ddim).all()
     assert (ddim - ddpm).abs().max().item() < atol
     # Sanity: the noise matters, so the agreement is not vacuous.
-    other = sample_ddpm(eps_fn, x, schedule, ts, generator=torch.Generator().manual_seed(8))
+    other = sample_ddpm(eps_fn, x, schedule, ts, generator=torch.Generator().manual_seed(8), clip_denoised=False)
     assert (other - ddpm).abs().max().item() > 1e-2
 
 
@@ -264,7 +264,7 @@ def test_dpmpp_2m_matches_diffusers(diffusers_dpm, name, ts):
     xr = x.clone()
     for i, t in enumerate(ref.timesteps):
         xr = ref.step(eps_fn(xr, int(t), i), t, xr).prev_sample
-    ours = sample_dpmpp_2m(eps_fn, x, sched, ts)
+    ours = sample_dpmpp_2m(eps_fn, x, sched, ts, clip_denoised=False)
     assert (ours - xr).abs().max().item() < 1e-4
 
 
@@ -279,7 +279,7 @@ def test_loop_calls_eps_fn_and_callback_in_order(linear):
         calls.append((t, i))
         return 0.5 * x
 
-    coeffs = compute_coefficients("dpmpp_2m", linear, ts)
+    coeffs = compute_coefficients("dpmpp_2m", linear, ts, clip_denoised=False)
     out = sample_loop(eps_fn, x_init(), coeffs, callback=seen.append, progress=True)
     assert calls == [(t, i) for i, t in enumerate(ts)]
     assert [(d["i"], d["t"]) for d in seen] == [(i, t) for i, t in enumerate(ts)]
@@ -291,7 +291,7 @@ def test_loop_calls_eps_fn_and_callback_in_order(linear):
 @pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.5)])
 def test_same_seed_same_samples(linear, sampler, eta):
     eps_fn = make_eps_fn(linear.alphas_cumprod)
-    coeffs = compute_coefficients(sampler, linear, uniform_timesteps(1000, 10), eta=eta)
+    coeffs = compute_coefficients(sampler, linear, uniform_timesteps(1000, 10), eta=eta, clip_denoised=False)
     x = x_init(torch.float32)
     a = sample_loop(eps_fn, x, coeffs, generator=torch.Generator().manual_seed(3))
     b = sample_loop(eps_fn, x, coeffs, generator=torch.Generator().manual_seed(3))
@@ -303,7 +303,7 @@ def test_same_seed_same_samples(linear, sampler, eta):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_draw_step_noise_reproduces_sample_loop(linear, dtype):
     eps_fn = make_eps_fn(linear.alphas_cumprod)
-    coeffs = compute_coefficients("ddim", linear, [999, 800, 500, 200, 0], eta=0.7)
+    coeffs = compute_coefficients("ddim", linear, [999, 800, 500, 200, 0], eta=0.7, clip_denoised=False)
     x = x_init(dtype)
     noises = draw_step_noise(coeffs, x.shape, torch.Generator().manual_seed(11), dtype=dtype)
     assert [n is not None for n in noises] == coeffs.stochastic_steps.tolist() == [True] * 4 + [False]
@@ -319,10 +319,10 @@ def test_deterministic_samplers_leave_generator_untouched(linear):
     g = torch.Generator().manual_seed(5)
     state = g.get_state()
     eps_fn = make_eps_fn(linear.alphas_cumprod)
-    sample_ddim(eps_fn, x_init(), linear, [999, 500, 0], generator=g)
-    sample_dpmpp_2m(eps_fn, x_init(), linear, [999, 500, 0], generator=g)
+    sample_ddim(eps_fn, x_init(), linear, [999, 500, 0], generator=g, clip_denoised=False)
+    sample_dpmpp_2m(eps_fn, x_init(), linear, [999, 500, 0], generator=g, clip_denoised=False)
     assert torch.equal(g.get_state(), state)
-    assert draw_step_noise(compute_coefficients("ddim", linear, [999, 0]), SHAPE, g) == [None, None]
+    assert draw_step_noise(compute_coefficients("ddim", linear, [999, 0], clip_denoised=False), SHAPE, g) == [None, None]
 
 
 def test_step_update_traces_to_a_constant_graph():
@@ -373,21 +373,21 @@ def test_sampler_errors(linear):
         compute_coefficients("euler", linear, [999])
     assert SAMPLERS == ("ddim", "ddpm", "dpmpp_2m")
     with pytest.raises(SamplingError, match=r"eta=1.5 is outside \[0, 1\]"):
-        compute_coefficients("ddim", linear, [999], eta=1.5)
+        compute_coefficients("ddim", linear, [999], eta=1.5, clip_denoised=False)
     with pytest.raises(SamplingError, match=r"eta=0.5 only applies to the ddim"):
-        compute_coefficients("ddpm", linear, [999], eta=0.5)
+        compute_coefficients("ddpm", linear, [999], eta=0.5, clip_denoised=False)
     with pytest.raises(SamplingError, match=r"eta=nan"):
-        compute_coefficients("ddim", linear, [999], eta=float("nan"))
+        compute_coefficients("ddim", linear, [999], eta=float("nan"), clip_denoised=False)
     with pytest.raises(TimestepsError, match=r"1000 is out of range"):
-        compute_coefficients("ddim", linear, [1000])
+        compute_coefficients("ddim", linear, [1000], clip_denoised=False)
     with pytest.raises(SamplingError, match=r"alphas_cumprod\[1\] = 1.0"):
-        compute_coefficients("ddim", [0.5, 1.0], [1, 0])
+        compute_coefficients("ddim", [0.5, 1.0], [1, 0], clip_denoised=False)
     with pytest.raises(SamplingError, match=r"not strictly decreasing at t=1->2"):
-        compute_coefficients("ddpm", [0.9, 0.5, 0.6], [2, 0])
+        compute_coefficients("ddpm", [0.9, 0.5, 0.6], [2, 0], clip_denoised=False)
 
 
 def test_loop_errors(linear):
-    coeffs = compute_coefficients("dpmpp_2m", linear, [999, 500, 0])
+    coeffs = compute_coefficients("dpmpp_2m", linear, [999, 500, 0], clip_denoised=False)
     with pytest.raises(SamplingError, match=r"eps_fn returned \(2, 6, 8, 8\) at step 0 \(t=999\)"):
         sample_loop(lambda x, t, i: torch.cat([x, x], 1), x_init(), coeffs)
     with pytest.raises(SamplingError, match=r"pass the result of compute_coefficients"):
@@ -396,4 +396,31 @@ def test_loop_errors(linear):
     with pytest.raises(SamplingError, match=r"needs prev_x0"):
         step_update(coeffs.row(1), x, x)
     with pytest.raises(SamplingError, match=r"needs noise"):
-        step_update(compute_coefficients("ddpm", linear, [999, 0]).row(0), x, x)
+        step_update(compute_coefficients("ddpm", linear, [999, 0], clip_denoised=False).row(0), x, x)
+
+
+def test_clip_denoised_matches_guided_diffusions_clipped_ddim_in_float64(linear):
+    # guided-diffusion's DDIM with clip_denoised: x0 = clip(pred_xstart), eps recomputed from it,
+    # then x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z.
+    ts = [999, 700, 300, 20]
+    acp = linear.alphas_cumprod
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 6, 6, generator=gen, dtype=torch.float64) * 1.5
+    eps = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    z = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    coeffs = compute_coefficients("ddim", linear, ts, eta=0.5)
+    assert coeffs.clip_denoised and coeffs.row(0).clip_x0
+    for i, t in enumerate(ts):
+        a = acp[t]
+        a_prev = acp[ts[i + 1]] if i + 1 < len(ts) else 1.0
+        x0 = ((x - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1)
+        e = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        sigma = 0.5 * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        expected = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma**2) * e + sigma * z
+        got, got_x0 = step_update(coeffs.row(i), x, eps, None, z if sigma else None)
+        torch.testing.assert_close(got_x0, x0, rtol=0, atol=1e-12)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+        assert got_x0.abs().max() <= 1
+    # unclipped, the same inputs leave [-1, 1] at t=999: the clip did something
+    raw = step_update(compute_coefficients("ddim", linear, ts, clip_denoised=False).row(0), x, eps)[1]
+    assert raw.abs().max() > 10

@@ -62,7 +62,7 @@ EpsFn = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
 class StepCoefficients(NamedTuple):
-    """The six constants of one step, as python floats (foldable into a graph)."""
+    """The six constants of one step, as python floats (foldable into a graph), and the x0 clip."""
 
     x0_from_x: float
     x0_from_eps: float
@@ -70,9 +70,10 @@ class StepCoefficients(NamedTuple):
     c_eps: float
     c_prev_x0: float
     c_noise: float
+    clip_x0: bool = False
 
 
-_COEFF_NAMES = StepCoefficients._fields
+_COEFF_NAMES = StepCoefficients._fields[:6]
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,6 +92,7 @@ class SamplerCoefficients:
     c_prev_x0: np.ndarray
     c_noise: np.ndarray
     eta: float = 0.0
+    clip_denoised: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
@@ -114,7 +116,7 @@ class SamplerCoefficients:
 
     def row(self, i: int) -> StepCoefficients:
         """Step i's constants as python floats."""
-        return StepCoefficients(*(float(getattr(self, name)[i]) for name in _COEFF_NAMES))
+        return StepCoefficients(*(float(getattr(self, name)[i]) for name in _COEFF_NAMES), self.clip_denoised)
 
     @property
     def stochastic_steps(self) -> np.ndarray:
@@ -225,12 +227,17 @@ def compute_coefficients(
     alphas_cumprod,
     timesteps: Sequence[int],
     eta: float = 0.0,
+    clip_denoised: bool = True,
 ) -> SamplerCoefficients:
     """All per-step constants of ``sampler`` over ``timesteps``, in float64.
 
     ``alphas_cumprod`` is a :class:`NoiseSchedule` or its alphas_cumprod array;
     ``timesteps`` must pass :func:`validate_timesteps`. ``eta`` (DDIM only, in
     [0, 1]) scales DDIM's noise: 0 is deterministic DDIM, 1 has DDPM's variance.
+    ``clip_denoised`` (guided-diffusion's default) clips each step's x0 to the
+    data range [-1, 1] and uses the eps consistent with it: near t = T-1 the
+    cosine schedule's x0 = (x - sqrt(1-a) eps) / sqrt(a) multiplies eps errors
+    by ~1e4, and the clip is what keeps few-step sampling stable.
     """
     if sampler not in SAMPLERS:
         raise SamplingError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -268,6 +275,7 @@ def compute_coefficients(
         c_prev_x0=c_prev,
         c_noise=c_noise,
         eta=eta,
+        clip_denoised=bool(clip_denoised),
     )
 
 
@@ -287,12 +295,17 @@ def step_update(
     and does for CUDA tensors when ``kernels`` offers one (CPU: always torch).
     """
     # Tracers (fx proxies, torch.compile/export) must see plain torch ops, not this lookup.
-    if isinstance(x, torch.Tensor) and x.is_cuda and not torch.compiler.is_compiling() \
-            and (fast := kernel_hook("fast_step_update")):
+    if isinstance(x, torch.Tensor) and x.is_cuda and not coeffs_row.clip_x0 \
+            and not torch.compiler.is_compiling() and (fast := kernel_hook("fast_step_update")):
         impl = fast(coeffs_row, x, eps, prev_x0, noise)  # None: the kernel does not cover this call
         if impl is not None:
             return impl(coeffs_row, x, eps, prev_x0, noise)
     x0 = coeffs_row.x0_from_x * x + coeffs_row.x0_from_eps * eps
+    if coeffs_row.clip_x0:
+        # Clip x0 to the data range and continue with the eps that agrees with it
+        # (x = sqrt(a) x0 + sqrt(1 - a) eps); the affine update below is unchanged.
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = (coeffs_row.x0_from_x * x - x0) * (-1.0 / coeffs_row.x0_from_eps)
     x_prev = coeffs_row.c_x * x + coeffs_row.c_eps * eps
     if coeffs_row.c_prev_x0 != 0.0:
         if prev_x0 is None:
@@ -379,16 +392,16 @@ def sample_loop(
     return x
 
 
-def sample_ddim(eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, eta: float = 0.0, **kw) -> torch.Tensor:
+def sample_ddim(eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, eta: float = 0.0, clip_denoised: bool = True, **kw) -> torch.Tensor:
     """DDIM (Song et al. 2021) over ``timesteps``; ``kw`` go to :func:`sample_loop`."""
-    return sample_loop(eps_fn, x, compute_coefficients("ddim", schedule, timesteps, eta), **kw)
+    return sample_loop(eps_fn, x, compute_coefficients("ddim", schedule, timesteps, eta, clip_denoised), **kw)
 
 
-def sample_ddpm(eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, **kw) -> torch.Tensor:
+def sample_ddpm(eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, clip_denoised: bool = True, **kw) -> torch.Tensor:
     """DDPM ancestral sampling (fixed-small variance) over the respaced ``timesteps``."""
-    return sample_loop(eps_fn, x, compute_coefficients("ddpm", schedule, timesteps), **kw)
+    return sample_loop(eps_fn, x, compute_coefficients("ddpm", schedule, timesteps, 0.0, clip_denoised), **kw)
 
 
-def sample_dpmpp_2m(eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, **kw) -> torch.Tensor:
+def sample_dpmpp_2m(eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, clip_denoised: bool = True, **kw) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), deterministic, over ``timesteps``."""
-    return sample_loop(eps_fn, x, compute_coefficients("dpmpp_2m", schedule, timesteps), **kw)
+    return sample_loop(eps_fn, x, compute_coefficients("dpmpp_2m", schedule, timesteps, 0.0, clip_denoised), **kw)

@@ -52,6 +52,7 @@ def train_embedded(
     threads: int | None = None,
     quiet: bool = False,
     command: str = "",
+    init: Path | None = None,
 ) -> dict:
     """Train the embedded MNIST model and save its EMA weights atomically to ``out``."""
     from ..diffusion import NoiseSchedule
@@ -66,6 +67,12 @@ def train_embedded(
     sqrt_1mab = torch.tensor(1 - schedule.alphas_cumprod, dtype=torch.float64).sqrt().float()
 
     model = ADMUNet(**EMBEDDED_MNIST_CONFIG)
+    history: list[dict] = []
+    if init is not None:
+        # Continue from an earlier run's (EMA) weights; its record is kept in the history.
+        previous = torch.load(init, map_location="cpu", weights_only=True)
+        model.load_state_dict(previous["state_dict"], strict=True)
+        history = [*previous.get("training", {}).get("history", []), {k: v for k, v in previous["training"].items() if k != "history"}]
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
@@ -113,7 +120,8 @@ def train_embedded(
             "seed": seed,
             "seconds": round(seconds, 1),
             "final_loss": round(final_loss, 5),
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
+            "history": history,
         },
     }
     out = Path(out)
