@@ -73,6 +73,9 @@ class Plan:
         """A plan for ``model`` (a DiffusionModel); MACs come from its layer registry."""
         ts = tuple(validate_timesteps(timesteps, model.num_timesteps))
         skip = tuple(tuple(sorted(s)) for s in (skip if skip is not None else [()] * len(ts)))
+        for i, s in enumerate(skip):
+            if len(set(s)) != len(s):
+                raise PlanError(f"skip[{i}] lists a layer twice: {list(s)}; give each skipped layer once")
         if len(skip) != len(ts):
             raise PlanError(f"skip has {len(skip)} entries for {len(ts)} timesteps: give one skip set per step")
         all_ids = model.unet.layer_ids

@@ -62,3 +62,15 @@ def kernel_hook(name: str):
     if os.environ.get("AUTODIFFUSION_RT_KERNELS", "").strip().lower() in ("0", "false", "off", "no"):
         return None
     return getattr(_kernels_package(), name, None)
+
+
+def weights_fingerprint(state_dict) -> str:
+    """sha256 over the weights (names, dtypes, shapes, bytes), independent of the file format."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

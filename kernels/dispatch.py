@@ -71,10 +71,15 @@ def _capturing_graph(tensors) -> bool:
 
 
 def _row_floats(coeffs_row):
+    """The six constants of an unclipped row; None for a row the kernel does not cover."""
+    if getattr(coeffs_row, "clip_x0", False):  # the fused kernel has no x0 clamp
+        return None
     try:
         values = tuple(float(v) for v in coeffs_row)
     except (TypeError, ValueError):
         return None
+    if len(values) == 7 and values[6] == 0.0:  # StepCoefficients with clip_x0=False
+        values = values[:6]
     return values if len(values) == 6 else None
 
 

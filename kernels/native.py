@@ -62,6 +62,8 @@ class NativeLibrary:
     def fused_step_update(self, coeffs_row, x, eps, prev_x0=None, noise=None):
         """Same contract as ``step_update``, on contiguous same-shape, same-dtype tensors."""
         row = StepCoefficients(*(float(v) for v in coeffs_row))
+        if row.clip_x0:
+            raise SamplingError("this row clips x0 (clip_denoised), which the fused kernel does not do: use step_update")
         want = "cuda" if self.device_kind == DEVICE_CUDA else "cpu"
         operands = {"x": x, "eps": eps}
         if row.c_prev_x0 != 0.0:
@@ -85,7 +87,7 @@ class NativeLibrary:
         ptr = lambda name: operands[name].data_ptr() if name in operands else None  # noqa: E731
         status = self.raw_update(
             DTYPE_CODES[x.dtype], x.numel(), ptr("x"), ptr("eps"), ptr("prev_x0"), ptr("noise"),
-            x_prev.data_ptr(), x0.data_ptr(), tuple(row), stream,
+            x_prev.data_ptr(), x0.data_ptr(), tuple(row)[:6], stream,
         )
         if status != 0:
             what = ERRORS.get(status, f"CUDA error {status}")

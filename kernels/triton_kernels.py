@@ -118,6 +118,8 @@ def fused_step_update(coeffs_row, x, eps, prev_x0=None, noise=None):
     (no broadcasting), one device, and contiguous memory.
     """
     row = StepCoefficients(*(float(v) for v in coeffs_row))
+    if row.clip_x0:
+        raise SamplingError("this row clips x0 (clip_denoised), which the fused kernel does not do: use step_update")
     has_prev = row.c_prev_x0 != 0.0
     has_noise = row.c_noise != 0.0
     if has_prev and prev_x0 is None:

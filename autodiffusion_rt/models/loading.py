@@ -15,7 +15,6 @@ Nothing is downloaded: a missing file is an error that says where it was looked 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +23,7 @@ import torch
 
 from ..diffusion import NoiseSchedule
 from ..errors import CheckpointError, ModelSpecError
+from ..utils import weights_fingerprint
 from .unet import ADMUNet, Layer
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets"
@@ -121,16 +121,6 @@ def adm_config(preset: Optional[str] = None, **flags) -> tuple[dict, dict]:
         noise_schedule=str(f["noise_schedule"]), diffusion_steps=int(f["diffusion_steps"]), learn_sigma=bool(f["learn_sigma"])
     )
     return unet, diffusion
-
-
-def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
-    """sha256 over the weights (names, dtypes, shapes, bytes), independent of the file format."""
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 @dataclass(eq=False)

@@ -40,7 +40,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     CUDA input may go to a Triton kernel from ``kernels`` (CPU: always torch).
     """
     # Tracers (fx proxies, torch.compile/export) must see plain torch ops, not this lookup.
-    if isinstance(t, torch.Tensor) and t.is_cuda and not torch.compiler.is_compiling() \
+    if isinstance(t, torch.Tensor) and t.is_cuda and not torch.compiler.is_compiling() and not torch.jit.is_tracing() \
             and (fast := kernel_hook("fast_timestep_embedding")):
         impl = fast(t, dim, max_period)  # None: the kernel does not cover this call
         if impl is not None:

@@ -1,0 +1,185 @@
+"""The ``fid-stats``, ``fid`` and ``train-classifier`` subcommands.
+
+``autodiffusion_rt.cli`` calls :func:`register` with its subparsers object;
+each subparser sets ``func(args) -> int``. User errors are raised as
+:class:`autodiffusion_rt.errors.Error` for the main CLI to print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import warnings
+
+from ..errors import DataError, SamplingError
+
+__all__ = ["register"]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--extractor", choices=("mnist", "inception"), default=None, help="feature network (default: mnist, or the one a statistics file was computed with)")
+    p.add_argument("--cache-dir", default=None, help="statistics cache folder (default: $AUTODIFFUSION_RT_CACHE or ~/.cache/autodiffusion-rt; files go in fid-stats/)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per feature batch (default: the extractor's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def register(subparsers) -> None:
+    """Add ``fid-stats``, ``fid`` and ``train-classifier`` to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "fid-stats",
+        help="compute (and cache) FID reference statistics",
+        description="Mean and covariance of a data set's features, cached under (data set, extractor, preprocessing, weights).",
+    )
+    p.add_argument("source", help="mnist | mnist:train | mnist:heldout | an image folder | an .npz of uint8 images (arr_0 NHWC, e.g. an ADM reference batch)")
+    p.add_argument("--out", default=None, help="also write the statistics to this .npz")
+    p.add_argument("--recompute", action="store_true", help="ignore a cached result (and an ADM batch's precomputed mu/sigma)")
+    _add_common(p)
+    p.set_defaults(func=run_fid_stats)
+
+    p = subparsers.add_parser(
+        "fid",
+        help="FID of generated images against reference statistics",
+        description="FID of a folder / .npz of images, or of images sampled now from --model, against --ref.",
+    )
+    p.add_argument("images", nargs="?", default=None, help="an image folder or an .npz of uint8 images (omit with --model)")
+    p.add_argument("--ref", default="mnist", help="reference: mnist | mnist:train | mnist:heldout | a statistics .npz (fid-stats --out, or ADM mu/sigma) | an image folder or .npz (default: mnist)")
+    p.add_argument("--model", default=None, help="sample the images now from this model spec (e.g. embedded:mnist)")
+    p.add_argument("--sampler", default="ddim", help="sampler for --model (default: ddim)")
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=int, default=None, help="uniformly spaced timesteps for --model")
+    steps.add_argument("--timesteps", default=None, help="comma-separated, strictly descending timesteps for --model, e.g. 999,749,499,249")
+    p.add_argument("--n", type=int, default=2000, help="number of samples for --model (default: 2000)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed for --model (default: 0)")
+    _add_common(p)
+    p.set_defaults(func=run_fid)
+
+    from .mnist_classifier import add_arguments, run
+
+    p = subparsers.add_parser(
+        "train-classifier",
+        help="train the mnist feature classifier",
+        description="Train the small MNIST classifier whose penultimate layer is the 'mnist' FID feature (seeded).",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def _show_warnings(caught) -> None:
+    """FID warnings as one 'warning: ...' line each on stderr; anything else the usual way."""
+    import sys
+
+    from .stats import FIDWarning
+
+    for w in caught:
+        if issubclass(w.category, FIDWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def run_fid_stats(args: argparse.Namespace) -> int:
+    from .extractors import get_extractor
+    from .stats import FIDWarning, resolve_reference
+
+    ext = get_extractor(args.extractor or "mnist")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FIDWarning)
+        stats, where = resolve_reference(
+            args.source,
+            ext,
+            cache_dir=args.cache_dir,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+            recompute=args.recompute,
+            use_precomputed=not args.recompute,
+        )
+    _show_warnings(caught)
+    line = f"{stats.dataset}: {stats.num_samples} samples, extractor {stats.extractor} ({stats.feature_dim}-d, {stats.preprocessing}, weights {stats.fingerprint}); {where}"
+    if args.out:
+        path = stats.save(args.out)
+        line += f"; written to {path}"
+    print(line)
+    return 0
+
+
+def _parse_timesteps(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise SamplingError(f"--timesteps {text!r}: give comma-separated integers, e.g. 999,749,499,249") from None
+
+
+def _sample_images(args: argparse.Namespace):
+    import autodiffusion_rt as adr
+
+    if args.steps is None and args.timesteps is None:
+        raise SamplingError("--model needs --steps N or --timesteps 999,749,...")
+    model = adr.load_model(args.model)
+    if args.timesteps is not None:
+        timesteps = _parse_timesteps(args.timesteps)
+    else:
+        from ..diffusion.schedules import uniform_timesteps
+
+        timesteps = uniform_timesteps(model.num_timesteps, args.steps)
+    kwargs = dict(sampler=args.sampler, n=args.n, seed=args.seed, labels=None)
+    if "progress" in inspect.signature(adr.sample).parameters:
+        kwargs["progress"] = not args.quiet
+    images = adr.sample(model, timesteps, **kwargs)
+    what = f"{args.model}, {args.sampler}, timesteps {','.join(map(str, timesteps))}, seed {args.seed}"
+    return images, what
+
+
+def run_fid(args: argparse.Namespace) -> int:
+    from .extractors import get_extractor
+    from .imagesets import load_image_source
+    from .stats import FIDWarning, compute_stats, frechet_distance, resolve_reference
+
+    if (args.images is None) == (args.model is None):
+        raise DataError("give either the generated images (a folder or .npz) or --model SPEC to sample them, not both/neither")
+    if args.model is None and (args.steps is not None or args.timesteps is not None):
+        raise SamplingError("--steps/--timesteps only apply with --model")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FIDWarning)
+        extractor = args.extractor
+        if extractor is None:
+            # a statistics file decides; everything else defaults to mnist
+            extractor = _stats_file_extractor(args.ref) or "mnist"
+        ext = get_extractor(extractor)
+        ref, ref_where = resolve_reference(args.ref, ext, cache_dir=args.cache_dir, batch_size=args.batch_size, progress=not args.quiet)
+        if args.model is not None:
+            images, what = _sample_images(args)
+        else:
+            source = load_image_source(args.images, extractor=None, progress=not args.quiet)
+            if source.images is None:
+                raise DataError(f"{args.images} holds statistics, not images: pass it as --ref, and the generated images as IMAGES")
+            images, what = source.images, source.description
+        gen = compute_stats(images, ext, dataset="generated", batch_size=args.batch_size, progress=not args.quiet)
+        value = frechet_distance(gen, ref)
+    _show_warnings(caught)
+    ref_n = f"{ref.num_samples} samples" if ref.num_samples else "sample count not recorded"
+    print(f"FID {value:.4f}  ({gen.num_samples} samples, extractor {ext.name}; generated: {what}; reference: {ref.dataset}, {ref_n}, {ref_where})")
+    return 0
+
+
+def _stats_file_extractor(ref: str) -> str | None:
+    """The extractor a statistics .npz was computed with (ours: its key; ADM mu/sigma: inception), else None."""
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(ref)
+    if path.suffix.lower() != ".npz" or not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            files = set(z.files)
+            if "key" in files and "format" in files:
+                import json
+
+                return json.loads(str(z["key"])).get("extractor")
+            if {"mu", "sigma"} <= files:  # ADM reference batch: TF Inception statistics
+                return "inception"
+    except Exception:  # noqa: BLE001 - resolve_reference reports unreadable files properly
+        return None
+    return None

@@ -1,0 +1,171 @@
+"""Image sets and statistics files on disk: folders of images, .npz of images, .npz of statistics.
+
+Images stay uint8 NHWC numpy arrays here (the edge format); extractors
+convert them to NCHW [-1, 1] batch by batch.
+
+Accepted .npz layouts:
+
+- autodiffusion-rt statistics (written by ``fid-stats --out`` or the cache):
+  ``format``, ``key``, ``mu``, ``sigma``, ``num_samples``;
+- the ADM reference batches (openai/guided-diffusion ``evaluations``):
+  ``arr_0`` uint8 NHWC images and/or precomputed ``mu``/``sigma`` (TF
+  Inception pool-3). Their ``mu``/``sigma`` are used as ``inception``
+  statistics: they come from the same 2015-12-05 TF FID network, fed 8-bit
+  images and resized by the TF graph's own ``ResizeBilinear``, which is the
+  preprocessing our ``inception`` extractor reproduces;
+- generated samples: ``arr_0`` (as guided-diffusion's sample scripts write)
+  or ``images``, or a single array, uint8 NHWC or NHW.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from .extractors import FeatureExtractor, get_extractor
+from .stats import STATS_FORMAT, FeatureStats, StatsKey
+
+__all__ = ["EMBEDDED_DATASETS", "IMAGE_EXTENSIONS", "ImageSource", "load_image_folder", "load_image_source", "load_images_npz"]
+
+EMBEDDED_DATASETS = {"mnist": "all", "mnist:all": "all", "mnist:train": "train", "mnist:heldout": "heldout"}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+_IMAGE_KEYS = ("arr_0", "images")
+
+
+@dataclass
+class ImageSource:
+    """What a path held: images (uint8 NHWC) or statistics, with a label for dataset ids and messages."""
+
+    label: str
+    description: str
+    images: np.ndarray | None = None
+    stats: FeatureStats | None = None
+
+
+def load_image_folder(folder: str | Path, progress: bool = False) -> np.ndarray:
+    """All images under ``folder`` (recursively, sorted by path) as uint8 NHWC; they must share one size."""
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {folder}: the image set is empty")
+    arrays = []
+    iterator = files
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(files, desc=f"read {folder.name}", unit="img")
+    for p in iterator:
+        try:
+            with Image.open(p) as im:
+                arrays.append((p, im.mode, np.asarray(im.convert("L") if im.mode in ("1", "L", "I", "I;16") else im.convert("RGB"))))
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"cannot read image {p}: {e}") from None
+    gray = all(a.ndim == 2 for _, _, a in arrays)
+    out = []
+    for p, mode, a in arrays:
+        if not gray and a.ndim == 2:
+            a = np.repeat(a[..., None], 3, axis=2)
+        elif gray:
+            a = a[..., None]
+        out.append(a)
+    first = out[0].shape
+    for (p, _, _), a in zip(arrays, out):
+        if a.shape != first:
+            raise DataError(f"images in {folder} differ in size: {arrays[0][0].name} is {first[1]}x{first[0]}, {p.name} is {a.shape[1]}x{a.shape[0]}; resize them to one size first")
+    return np.stack(out)
+
+
+def _npz_member_shape(path: Path, name: str) -> tuple[int, ...] | None:
+    """Shape of array ``name`` in an .npz without reading its data (reference batches can be gigabytes)."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(f"{name}.npy") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, _ = read(f)
+            return tuple(shape)
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+
+
+def _adm_stats(z, path: Path, ext: FeatureExtractor, image_key: str | None) -> ImageSource:
+    mu, sigma = z["mu"], z["sigma"]
+    if mu.shape != (ext.feature_dim,):
+        raise DataError(f"{path}: ADM mu has shape {mu.shape}, expected ({ext.feature_dim},) Inception pool-3 features")
+    shape = _npz_member_shape(path, image_key) if image_key else None
+    n = int(shape[0]) if shape else 0
+    h = hashlib.sha256()
+    for a in (mu, sigma):
+        h.update(np.ascontiguousarray(a).tobytes())
+    key = StatsKey(f"adm:{path.stem}:{h.hexdigest()[:12]}", ext.name, ext.preprocessing, ext.fingerprint)
+    stats = FeatureStats._validated(mu, sigma, n, key, str(path))
+    count = f"{n} samples" if n else "sample count not recorded"
+    return ImageSource(f"adm:{path.stem}", f"{path} (ADM precomputed mu/sigma, {count})", stats=stats)
+
+
+def _as_uint8_images(a: np.ndarray, where: str) -> np.ndarray:
+    if a.dtype != np.uint8:
+        raise DataError(f"{where} holds images of dtype {a.dtype}; image .npz files must be uint8 NHWC (0..255), e.g. autodiffusion_rt.data.to_uint8(x)")
+    if a.ndim == 3:
+        a = a[..., None]
+    if a.ndim != 4 or a.shape[-1] not in (1, 3):
+        raise DataError(f"{where} holds an array of shape {a.shape}; images must be NHWC with 1 or 3 channels (or NHW)")
+    if a.shape[0] == 0:
+        raise DataError(f"{where} holds 0 images: the image set is empty")
+    return a
+
+
+def load_images_npz(path: str | Path) -> np.ndarray:
+    """The uint8 NHWC images in an .npz (``arr_0``, ``images``, or its only array)."""
+    src = load_image_source(path, extractor=None)
+    if src.images is None:
+        raise DataError(f"{path} holds statistics, not images")
+    return src.images
+
+
+def load_image_source(path: str | Path, extractor: str | FeatureExtractor | None = "mnist", progress: bool = False, prefer_images: bool = False) -> ImageSource:
+    """Read a folder of images or an .npz (images or statistics); see the module docstring for layouts.
+
+    An ADM batch's precomputed ``mu``/``sigma`` are used when ``extractor`` is
+    ``inception``, unless ``prefer_images`` and the file also holds images.
+    """
+    path = Path(path)
+    if not path.exists():
+        names = ", ".join(EMBEDDED_DATASETS)
+        raise DataError(f"{path} does not exist: give an image folder, an .npz of images or statistics, or an embedded data set ({names})")
+    if path.is_dir():
+        images = load_image_folder(path, progress=progress)
+        return ImageSource(f"folder:{path.name}", f"{path} ({len(images)} images)", images=images)
+    if path.suffix.lower() != ".npz":
+        raise DataError(f"{path} is neither a folder nor an .npz file: put images in a folder, or save them with np.savez(path, arr_0=uint8 NHWC array)")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot read {path} as .npz ({type(e).__name__}: {e})") from None
+    with z:
+        files = set(z.files)
+        if "format" in files:
+            if str(z["format"]) != STATS_FORMAT:
+                raise DataError(f"{path} has format {str(z['format'])!r}, expected {STATS_FORMAT!r}")
+            stats = FeatureStats.load(path)
+            return ImageSource(f"stats:{path.name}", f"{path} (statistics of {stats.dataset}, {stats.num_samples} samples)", stats=stats)
+        image_key = next((k for k in _IMAGE_KEYS if k in files), None)
+        if image_key is None and len(files) == 1 and not files & {"mu", "sigma"}:
+            image_key = next(iter(files))
+        ext = get_extractor(extractor) if extractor is not None else None
+        has_stats = {"mu", "sigma"} <= files
+        if has_stats and ext is not None and ext.name == "inception" and not (prefer_images and image_key):
+            return _adm_stats(z, path, ext, image_key)
+        if image_key is None:
+            if has_stats:
+                name = ext.name if ext is not None else "none"
+                raise DataError(f"{path} holds precomputed Inception mu/sigma (ADM format) and no images: use --extractor inception (got {name})")
+            raise DataError(f"{path} holds arrays {sorted(files)}: expected images under 'arr_0' or 'images', or statistics 'mu'/'sigma'")
+        images = _as_uint8_images(z[image_key], f"{path}[{image_key!r}]")
+        return ImageSource(f"npz:{path.stem}", f"{path} ({len(images)} images)", images=images)

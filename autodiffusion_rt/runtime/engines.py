@@ -1,0 +1,591 @@
+"""Engines: one sampler step each, named inputs in, named outputs out.
+
+Every engine runs one step of a plan, the UNet subnetwork of that step with the
+sampler update fused in::
+
+    x [, y] [, noise] [, prev_x0]  ->  x_prev [, x0]
+
+``y`` (int64 labels) only for class-conditional models, ``noise`` only on
+stochastic steps (``c_noise != 0``), ``prev_x0`` only where the step reads the
+previous step's x0 (DPM-Solver++(2M) second-order steps), ``x0`` only where the
+*next* step reads it. :func:`step_io` is the one place that decides this; the
+exporter and every backend follow it. Inputs and outputs are float32 (labels
+int64) whatever the engine's internal precision, batch-first, with a dynamic
+batch dimension up to the engine's ``max_batch``.
+
+Backends:
+
+* :class:`TorchStepEngine`: the plan on the PyTorch model (``model.eps`` with
+  the step's keep set, then :func:`step_update`): the reference.
+* :class:`OnnxRuntimeEngine`: an ONNX file in an onnxruntime session (CPU, CUDA
+  or TensorRT execution provider).
+* :class:`TensorRTEngine`: a serialized TensorRT engine run with
+  ``execute_async_v3`` on a cuda-python stream, its scratch memory shared with
+  the other steps (:class:`SharedDeviceMemory`), optionally through a CUDA graph.
+
+tensorrt, cuda-python and onnxruntime are imported inside their backend, so a
+missing one is a :class:`BackendUnavailableError` when asked for, never an
+import error of this module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, MutableMapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..diffusion import SamplerCoefficients, StepCoefficients, step_update
+from ..errors import BackendUnavailableError, EngineError
+
+__all__ = [
+    "BATCH",
+    "Engine",
+    "NOISE",
+    "OnnxRuntimeEngine",
+    "PREV_X0",
+    "SharedDeviceMemory",
+    "TensorRTEngine",
+    "TensorSpec",
+    "TorchStepEngine",
+    "X",
+    "X0",
+    "X_PREV",
+    "Y",
+    "cuda_compute_capability",
+    "import_onnxruntime",
+    "import_tensorrt",
+    "onnxruntime_providers",
+    "step_io",
+]
+
+# The names every backend uses.
+X, Y, NOISE, PREV_X0 = "x", "y", "noise", "prev_x0"
+X_PREV, X0 = "x_prev", "x0"
+BATCH = "batch"  # the symbolic batch dimension
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output: numpy dtype name and shape, ``"batch"`` for the dynamic dimension."""
+
+    name: str
+    dtype: str
+    shape: tuple
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TensorSpec":
+        return cls(str(d["name"]), str(d["dtype"]), tuple(d["shape"]))
+
+    def concrete(self, batch: int) -> tuple[int, ...]:
+        return tuple(batch if s == BATCH else int(s) for s in self.shape)
+
+
+def step_io(
+    coeffs: SamplerCoefficients, i: int, image_shape: Sequence[int], conditional: bool
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The inputs and outputs of step ``i`` of a schedule (see the module docstring)."""
+    img = (BATCH, *(int(s) for s in image_shape))
+    row = coeffs.row(i)
+    inputs = [TensorSpec(X, "float32", img)]
+    if conditional:
+        inputs.append(TensorSpec(Y, "int64", (BATCH,)))
+    if row.c_noise != 0.0:
+        inputs.append(TensorSpec(NOISE, "float32", img))
+    if row.c_prev_x0 != 0.0:
+        inputs.append(TensorSpec(PREV_X0, "float32", img))
+    outputs = [TensorSpec(X_PREV, "float32", img)]
+    if i + 1 < len(coeffs) and coeffs.row(i + 1).c_prev_x0 != 0.0:
+        outputs.append(TensorSpec(X0, "float32", img))
+    return tuple(inputs), tuple(outputs)
+
+
+# ---------------------------------------------------------------------- base
+class Engine(ABC):
+    """One step: ``run(feeds, out=None) -> {output name: array}``.
+
+    ``feeds`` maps every input name to a C-contiguous numpy array of the spec's
+    dtype and shape (the batch dimension free up to ``max_batch``). ``out``,
+    when given, maps output names to preallocated arrays the engine writes
+    into (the runtime's ping-pong buffers), so the steady state allocates
+    nothing; without it the engine returns fresh arrays.
+    """
+
+    backend = "abstract"
+
+    def __init__(self, name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch: Optional[int]):
+        self.name = name
+        self.inputs = tuple(inputs)
+        self.outputs = tuple(outputs)
+        self.max_batch = max_batch
+        self.input_names = tuple(s.name for s in self.inputs)
+        self.output_names = tuple(s.name for s in self.outputs)
+
+    def check_feeds(self, feeds: Mapping[str, np.ndarray], out: Optional[Mapping[str, np.ndarray]] = None) -> int:
+        """Validate names, dtypes, shapes and the batch size; return the batch size."""
+        missing = [n for n in self.input_names if n not in feeds]
+        extra = [n for n in feeds if n not in self.input_names]
+        if missing or extra:
+            raise EngineError(
+                f"{self.name}: inputs {sorted(feeds)} do not match the engine's {list(self.input_names)} "
+                f"(missing {missing}, unexpected {extra})"
+            )
+        batch = None
+        for spec in self.inputs:
+            arr = feeds[spec.name]
+            if not isinstance(arr, np.ndarray) or arr.ndim != len(spec.shape):
+                raise EngineError(f"{self.name}: input {spec.name!r} must be a {len(spec.shape)}-d numpy array {spec.shape}, got {_describe(arr)}")
+            if batch is None:
+                batch = arr.shape[0]
+            expected = spec.concrete(batch)
+            if arr.shape != expected or arr.dtype != np.dtype(spec.dtype) or not arr.flags.c_contiguous:
+                raise EngineError(
+                    f"{self.name}: input {spec.name!r} is {_describe(arr)}; expected a C-contiguous "
+                    f"{spec.dtype} array of shape {expected}"
+                )
+        if batch < 1:
+            raise EngineError(f"{self.name}: empty batch; pass at least one sample")
+        if self.max_batch is not None and batch > self.max_batch:
+            raise EngineError(
+                f"{self.name}: batch {batch} is above the engine's maximum {self.max_batch}; split the batch "
+                f"(Runtime.sample does) or rebuild with --max-batch {batch}"
+            )
+        if out is not None:
+            for name, arr in out.items():
+                spec = next((s for s in self.outputs if s.name == name), None)
+                if spec is None:
+                    raise EngineError(f"{self.name}: no output named {name!r}; outputs are {list(self.output_names)}")
+                if arr.shape != spec.concrete(batch) or arr.dtype != np.dtype(spec.dtype) or not arr.flags.c_contiguous:
+                    raise EngineError(f"{self.name}: output buffer {name!r} is {_describe(arr)}; expected {spec.dtype} {spec.concrete(batch)}")
+        return batch
+
+    def run(self, feeds: Mapping[str, np.ndarray], out: Optional[MutableMapping[str, np.ndarray]] = None) -> dict[str, np.ndarray]:
+        batch = self.check_feeds(feeds, out)
+        return self._run(feeds, out, batch)
+
+    @abstractmethod
+    def _run(self, feeds: Mapping[str, np.ndarray], out: Optional[MutableMapping[str, np.ndarray]], batch: int) -> dict[str, np.ndarray]:
+        ...
+
+    def close(self) -> None:
+        """Release what the engine holds (sessions, device memory)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, inputs={list(self.input_names)}, outputs={list(self.output_names)})"
+
+
+def _describe(arr: Any) -> str:
+    if isinstance(arr, np.ndarray):
+        return f"{arr.dtype} {tuple(arr.shape)}{'' if arr.flags.c_contiguous else ' (not contiguous)'}"
+    return type(arr).__name__
+
+
+def _fill(out: Optional[MutableMapping[str, np.ndarray]], name: str, value: np.ndarray) -> np.ndarray:
+    if out is not None and name in out:
+        np.copyto(out[name], value)
+        return out[name]
+    return value
+
+
+# --------------------------------------------------------------------- torch
+class TorchStepEngine(Engine):
+    """Step i of a plan on the PyTorch model: ``model.eps`` over the keep set, then ``step_update``.
+
+    This is the reference: it shares nothing with the exporter's folded graph,
+    so agreement between it and a compiled engine checks the folding too.
+    """
+
+    backend = "torch"
+
+    def __init__(self, model, row: StepCoefficients, timestep: int, keep: Optional[Iterable[str]],
+                 inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], name: str = "torch step",
+                 batch_size: int = 256):
+        super().__init__(name, inputs, outputs, max_batch=None)
+        self.model = model
+        self.row = row
+        self.timestep = int(timestep)
+        self.keep = None if keep is None else frozenset(keep)
+        self.batch_size = int(batch_size)
+
+    @torch.inference_mode()
+    def _run(self, feeds, out, batch):
+        x = torch.from_numpy(feeds[X])
+        y = torch.from_numpy(feeds[Y]) if Y in feeds else None
+        eps = []
+        # Same chunking as autodiffusion_rt.sampling.make_eps_fn, so results are bit-identical to sample().
+        for s in range(0, batch, self.batch_size):
+            xb = x[s : s + self.batch_size]
+            t = torch.full((xb.shape[0],), self.timestep, dtype=torch.long)
+            eps.append(self.model.eps(xb, t, None if y is None else y[s : s + self.batch_size], self.keep))
+        eps = torch.cat(eps)
+        noise = torch.from_numpy(feeds[NOISE]) if NOISE in feeds else None
+        prev = torch.from_numpy(feeds[PREV_X0]) if PREV_X0 in feeds else None
+        x_prev, x0 = step_update(self.row, x, eps, prev, noise)
+        result = {X_PREV: _fill(out, X_PREV, x_prev.numpy())}
+        if X0 in self.output_names:
+            result[X0] = _fill(out, X0, x0.numpy())
+        return result
+
+
+# --------------------------------------------------------------- onnxruntime
+def import_onnxruntime():
+    try:
+        return importlib.import_module("onnxruntime")
+    except ImportError:
+        raise BackendUnavailableError(
+            "the onnxruntime backend needs the onnxruntime package: pip install onnxruntime "
+            "(or onnxruntime-gpu for the CUDA and TensorRT execution providers)"
+        ) from None
+
+
+_PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+
+
+def onnxruntime_providers(
+    requested: Optional[Sequence[str]] = None,
+    *,
+    cache_dir: Optional[Path] = None,
+    fp16: bool = False,
+    profile: Optional[Mapping[str, tuple]] = None,
+) -> list:
+    """The provider list for an onnxruntime session.
+
+    ``requested``: provider names or aliases (cpu, cuda, tensorrt), best first;
+    None picks TensorRT > CUDA > CPU among those installed. The TensorRT
+    provider gets its engine and timing caches inside ``cache_dir`` and an
+    explicit shape profile (``{input: (min, opt, max) shapes}``).
+    """
+    ort = import_onnxruntime()
+    available = ort.get_available_providers()
+    if requested is None:
+        names = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    else:
+        if isinstance(requested, str):
+            requested = [requested]
+        names = [_PROVIDER_ALIASES.get(str(p).lower(), str(p)) for p in requested]
+        missing = [p for p in names if p not in available]
+        if missing:
+            hint = "pip install onnxruntime-gpu (with CUDA, and TensorRT for its provider)" if any(
+                p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in missing) else "check the provider name"
+            raise BackendUnavailableError(
+                f"onnxruntime execution provider(s) {missing} are not available (installed: {available}): {hint}"
+            )
+    if "CPUExecutionProvider" not in names:
+        names.append("CPUExecutionProvider")  # the fallback for nodes the others do not take
+    providers: list = []
+    for name in names:
+        if name == "TensorrtExecutionProvider":
+            opts: dict[str, Any] = {"trt_fp16_enable": bool(fp16)}
+            if cache_dir is not None:
+                cache_dir = Path(cache_dir)
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                opts.update(
+                    trt_engine_cache_enable=True,
+                    trt_engine_cache_path=str(cache_dir),
+                    trt_timing_cache_enable=True,
+                    trt_timing_cache_path=str(cache_dir),
+                )
+            if profile:
+                for k, idx in (("trt_profile_min_shapes", 0), ("trt_profile_opt_shapes", 1), ("trt_profile_max_shapes", 2)):
+                    opts[k] = ",".join(f"{n}:{'x'.join(str(d) for d in shapes[idx])}" for n, shapes in profile.items())
+            providers.append((name, opts))
+        else:
+            providers.append(name)
+    return providers
+
+
+class OnnxRuntimeEngine(Engine):
+    """An ONNX file in an onnxruntime session; with ``out`` buffers it runs through an IO binding."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch: Optional[int],
+                 providers: Optional[list] = None, threads: Optional[int] = None, name: Optional[str] = None,
+                 optimization: str = "all"):
+        super().__init__(name or Path(path).name, inputs, outputs, max_batch)
+        ort = import_onnxruntime()
+        self.path = Path(path)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }[optimization]
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), so, providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise EngineError(
+                f"onnxruntime cannot load {self.path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+                "rebuild the engine dir with 'autodiffusion-rt build PLAN --out DIR'"
+            ) from None
+        got_in = [i.name for i in self.session.get_inputs()]
+        got_out = [o.name for o in self.session.get_outputs()]
+        if sorted(got_in) != sorted(self.input_names) or sorted(got_out) != sorted(self.output_names):
+            raise EngineError(
+                f"{self.path} has inputs {got_in} and outputs {got_out} but the manifest says "
+                f"{list(self.input_names)} -> {list(self.output_names)}: the engine dir is inconsistent; rebuild it"
+            )
+        self.providers = self.session.get_providers()
+        self._binding = None
+        self._ort = ort
+
+    def _run(self, feeds, out, batch):
+        if out is None:
+            values = self.session.run(list(self.output_names), dict(feeds))
+            return dict(zip(self.output_names, values))
+        if self._binding is None:
+            self._binding = self.session.io_binding()
+        b = self._binding
+        for name, arr in feeds.items():
+            b.bind_cpu_input(name, arr)
+        result = {}
+        for name in self.output_names:
+            if name in out:
+                arr = out[name]
+                b.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+            else:
+                b.bind_output(name, "cpu")
+        self.session.run_with_iobinding(b)
+        fresh = None
+        for k, name in enumerate(self.output_names):
+            if name in out:
+                result[name] = out[name]
+            else:
+                fresh = fresh if fresh is not None else b.copy_outputs_to_cpu()
+                result[name] = fresh[k]
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
+        return result
+
+    def close(self) -> None:
+        self._binding = None
+        self.session = None
+
+
+# ------------------------------------------------------------------ tensorrt
+def import_tensorrt():
+    """The tensorrt module (10.x or 11.x), or a BackendUnavailableError that says what to install."""
+    try:
+        trt = importlib.import_module("tensorrt")
+    except ImportError:
+        raise BackendUnavailableError(
+            "the tensorrt backend needs NVIDIA TensorRT 10 or 11 and an NVIDIA GPU: pip install tensorrt cuda-python "
+            "(from NVIDIA's package index); or build with --backend onnxruntime"
+        ) from None
+    major = tensorrt_major(trt)
+    if major < 10:
+        raise BackendUnavailableError(
+            f"tensorrt {getattr(trt, '__version__', '?')} is too old: this backend needs TensorRT 10 or 11 "
+            "(pip install -U tensorrt)"
+        )
+    return trt
+
+
+def tensorrt_major(trt) -> int:
+    try:
+        return int(str(trt.__version__).split(".")[0])
+    except (AttributeError, ValueError):
+        raise BackendUnavailableError("cannot read tensorrt.__version__: reinstall tensorrt") from None
+
+
+def import_cudart():
+    """cuda-python's runtime module: ``cuda.bindings.runtime`` (12.6+) or the older ``cuda.cudart``."""
+    for name in ("cuda.bindings.runtime", "cuda.cudart"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise BackendUnavailableError("the tensorrt backend needs cuda-python: pip install cuda-python")
+
+
+def cuda_check(cudart, result, what: str):
+    """Unwrap a cuda-python ``(err, *values)`` tuple, raising EngineError on failure."""
+    if not isinstance(result, tuple):
+        result = (result,)
+    err = result[0]
+    if int(err) != 0:
+        name = getattr(err, "name", str(err))
+        raise EngineError(f"CUDA call {what} failed: {name}; is an NVIDIA GPU with a working driver present?")
+    rest = result[1:]
+    if not rest:
+        return None
+    return rest[0] if len(rest) == 1 else rest
+
+
+def cuda_compute_capability(device: int = 0) -> Optional[str]:
+    """``"major.minor"`` of the GPU, or None when cuda-python or a GPU is missing."""
+    try:
+        cudart = import_cudart()
+    except BackendUnavailableError:
+        return None
+    try:
+        err, count = cudart.cudaGetDeviceCount()
+        if int(err) != 0 or count < 1:
+            return None
+        attr = cudart.cudaDeviceAttr
+        major = cuda_check(cudart, cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute")
+        minor = cuda_check(cudart, cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute")
+        return f"{major}.{minor}"
+    except Exception:
+        return None
+
+
+class SharedDeviceMemory:
+    """One device scratch buffer for every step engine (they never run at once).
+
+    TensorRT contexts are created with the USER_MANAGED allocation strategy and
+    pointed at this buffer; it grows to the largest ``device_memory_size_v2``
+    of the engines attached to it.
+    """
+
+    def __init__(self, cudart):
+        self.cudart = cudart
+        self.ptr = 0
+        self.size = 0
+        self._contexts: list = []
+
+    def attach(self, context, size: int) -> None:
+        if size > self.size:
+            self._grow(size)
+        self._contexts.append(context)
+        context.set_device_memory(self.ptr, self.size)
+
+    def _grow(self, size: int) -> None:
+        if self.ptr:
+            cuda_check(self.cudart, self.cudart.cudaFree(self.ptr), "cudaFree")
+        self.ptr = int(cuda_check(self.cudart, self.cudart.cudaMalloc(size), f"cudaMalloc({size})"))
+        self.size = size
+        for ctx in self._contexts:  # re-point the contexts attached before the buffer moved
+            ctx.set_device_memory(self.ptr, self.size)
+
+    def free(self) -> None:
+        if self.ptr:
+            self.cudart.cudaFree(self.ptr)
+        self.ptr, self.size, self._contexts = 0, 0, []
+
+
+_TRT_TO_NUMPY = {"FLOAT": "float32", "HALF": "float16", "INT64": "int64", "INT32": "int32", "BOOL": "bool"}
+
+
+class TensorRTEngine(Engine):
+    """A serialized TensorRT engine (``.plan``) run with ``execute_async_v3``.
+
+    Host arrays are copied to per-batch-size device buffers (kept, so their
+    addresses are stable for CUDA graphs), the engine runs on ``stream``, and
+    outputs are copied back. ``scratch`` is shared by every step engine.
+    """
+
+    backend = "tensorrt"
+
+    def __init__(self, engine_bytes: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                 max_batch: Optional[int], *, runtime, scratch: SharedDeviceMemory, stream, cudart, trt,
+                 name: str = "tensorrt step", cuda_graph: bool = False):
+        super().__init__(name, inputs, outputs, max_batch)
+        self.trt, self.cudart, self.stream, self.scratch = trt, cudart, stream, scratch
+        self.stream_handle = int(stream)  # TensorRT takes the cudaStream_t as an integer handle
+        self.engine = runtime.deserialize_cuda_engine(engine_bytes)
+        if self.engine is None:
+            raise EngineError(f"{name}: TensorRT could not deserialize the engine (built by another TensorRT version or GPU?); rebuild it")
+        names = [self.engine.get_tensor_name(k) for k in range(self.engine.num_io_tensors)]
+        want = set(self.input_names) | set(self.output_names)
+        if set(names) != want:
+            raise EngineError(f"{name}: engine tensors {sorted(names)} do not match the manifest's {sorted(want)}; rebuild it")
+        for spec in (*self.inputs, *self.outputs):
+            mode = self.engine.get_tensor_mode(spec.name)
+            expected = trt.TensorIOMode.INPUT if spec.name in self.input_names else trt.TensorIOMode.OUTPUT
+            if mode != expected:
+                raise EngineError(f"{name}: tensor {spec.name!r} is {mode} in the engine; rebuild it")
+            dtype = _TRT_TO_NUMPY.get(getattr(self.engine.get_tensor_dtype(spec.name), "name", ""), None)
+            if dtype != spec.dtype:
+                raise EngineError(f"{name}: tensor {spec.name!r} is {dtype} in the engine, {spec.dtype} in the manifest; rebuild it")
+        self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if self.context is None:
+            raise EngineError(f"{name}: TensorRT could not create an execution context (out of GPU memory?)")
+        scratch.attach(self.context, int(self.engine.device_memory_size_v2))
+        self.cuda_graph = bool(cuda_graph)
+        self._buffers: dict[int, dict[str, int]] = {}  # batch -> name -> device pointer
+        self._graphs: dict[int, Any] = {}
+
+    def _device_buffers(self, batch: int) -> dict[str, int]:
+        bufs = self._buffers.get(batch)
+        if bufs is None:
+            bufs = {}
+            for spec in (*self.inputs, *self.outputs):
+                nbytes = math.prod(spec.concrete(batch)) * np.dtype(spec.dtype).itemsize
+                bufs[spec.name] = int(cuda_check(self.cudart, self.cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))
+            self._buffers[batch] = bufs
+        return bufs
+
+    def _bind(self, batch: int, bufs: Mapping[str, int]) -> None:
+        for spec in self.inputs:
+            if not self.context.set_input_shape(spec.name, spec.concrete(batch)):
+                raise EngineError(f"{self.name}: TensorRT rejected shape {spec.concrete(batch)} for {spec.name!r}")
+        for name, ptr in bufs.items():
+            if not self.context.set_tensor_address(name, ptr):
+                raise EngineError(f"{self.name}: TensorRT rejected the address of {name!r}")
+        # The scratch buffer may have moved (a larger engine attached later): point at it again.
+        self.context.set_device_memory(self.scratch.ptr, self.scratch.size)
+
+    def _enqueue(self, batch: int) -> None:
+        if not self.cuda_graph:
+            if not self.context.execute_async_v3(self.stream_handle):
+                raise EngineError(f"{self.name}: TensorRT execute_async_v3 failed")
+            return
+        cu = self.cudart
+        graph_exec = self._graphs.get(batch)
+        if graph_exec is None:
+            # One plain run first (TensorRT may allocate lazily), then capture.
+            if not self.context.execute_async_v3(self.stream_handle):
+                raise EngineError(f"{self.name}: TensorRT execute_async_v3 failed")
+            cuda_check(cu, cu.cudaStreamBeginCapture(self.stream, cu.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal), "cudaStreamBeginCapture")
+            self.context.execute_async_v3(self.stream_handle)
+            graph = cuda_check(cu, cu.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
+            graph_exec = cuda_check(cu, cu.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            cuda_check(cu, cu.cudaGraphDestroy(graph), "cudaGraphDestroy")
+            self._graphs[batch] = graph_exec
+            return  # the capture run did not execute; the plain run above produced the outputs
+        cuda_check(cu, cu.cudaGraphLaunch(graph_exec, self.stream), "cudaGraphLaunch")
+
+    def _run(self, feeds, out, batch):
+        cu = self.cudart
+        h2d, d2h = cu.cudaMemcpyKind.cudaMemcpyHostToDevice, cu.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        bufs = self._device_buffers(batch)
+        self._bind(batch, bufs)  # cheap: shapes and addresses for this batch size
+        for spec in self.inputs:
+            arr = feeds[spec.name]
+            cuda_check(cu, cu.cudaMemcpyAsync(bufs[spec.name], arr.ctypes.data, arr.nbytes, h2d, self.stream), "cudaMemcpyAsync")
+        self._enqueue(batch)
+        result = {}
+        for spec in self.outputs:
+            arr = out[spec.name] if out is not None and spec.name in out else np.empty(spec.concrete(batch), spec.dtype)
+            cuda_check(cu, cu.cudaMemcpyAsync(arr.ctypes.data, bufs[spec.name], arr.nbytes, d2h, self.stream), "cudaMemcpyAsync")
+            result[spec.name] = arr
+        cuda_check(cu, cu.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return result
+
+    def close(self) -> None:
+        cu = self.cudart
+        for g in self._graphs.values():
+            cu.cudaGraphExecDestroy(g)
+        for bufs in self._buffers.values():
+            for ptr in bufs.values():
+                cu.cudaFree(ptr)
+        self._graphs, self._buffers = {}, {}
+        self.context = None
+        self.engine = None

@@ -1,0 +1,340 @@
+"""Plan -> engine dir: one verified ONNX file and one engine per step, and ``manifest.json``.
+
+:func:`build_engines` is what ``autodiffusion-rt build`` runs. For each step it
+reuses what the previous build left when the cache rules allow
+(:mod:`export.cache`), otherwise exports the step module to ONNX and compiles
+the engine:
+
+* ``onnxruntime``: the engine is the ONNX graph after onnxruntime's offline
+  basic optimizations (constant folding, redundant-node removal: portable
+  across its CPU, CUDA and TensorRT providers), checked and verified against
+  the exported graph;
+* ``tensorrt``: a serialized TensorRT engine per step (:mod:`export.tensorrt_build`),
+  a shared timing cache in the dir.
+
+Every file is written atomically under a content-derived name, the manifest
+last (atomically), and only then are files the new manifest no longer names
+deleted: a build interrupted at any point leaves the previous engine dir
+usable, or a dir without a manifest that ``Runtime.load`` reports as
+unfinished, never a half-valid one. Layout::
+
+    DIR/manifest.json
+    DIR/onnx/stepNN-<key>.onnx        verified export of step NN
+    DIR/engines/stepNN-<key>.onnx     onnxruntime engine  (or .plan for TensorRT)
+    DIR/timing.cache                  TensorRT timing cache (tensorrt backend)
+    DIR/ort_trt_cache/                onnxruntime TensorRT provider caches (at run time)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from autodiffusion_rt.diffusion import compute_coefficients
+from autodiffusion_rt.errors import BackendUnavailableError, EngineError
+from autodiffusion_rt.plan import Plan
+from autodiffusion_rt.runtime.engines import cuda_compute_capability, import_onnxruntime, import_tensorrt, step_io
+from autodiffusion_rt.runtime.runtime import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    library_versions,
+    load_plan_model,
+    plan_sha256,
+)
+from autodiffusion_rt.utils import atomic_write, sha256_file
+
+from .cache import engine_record, canonical_hash, file_state, onnx_key, remove_unreferenced
+from .onnx_export import DEFAULT_OPSET, FP32_COND_TOL, FP32_TOL, _ort_session, _temp_beside, export_step_onnx, import_onnx
+from .subnet import LABEL_MODES, StepModule, half_unet, resolve_label_mode
+
+__all__ = ["BUILD_BACKENDS", "BuildReport", "build_engines", "optimize_for_onnxruntime"]
+
+BUILD_BACKENDS = ("onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass
+class BuildReport:
+    """What a build did, step by step (``onnx``/``engine``: exported/built, reused, or rebuilt after corruption)."""
+
+    engine_dir: Path
+    manifest: dict
+    steps: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def count(self, what: str, status: str) -> int:
+        return sum(1 for s in self.steps if s[what] == status)
+
+    def summary(self) -> str:
+        n = len(self.steps)
+        return (
+            f"{self.engine_dir}: {n} step engines ({self.manifest['backend']}, {self.manifest['precision']}, "
+            f"batch <= {self.manifest['batch']['max']}); ONNX {self.count('onnx', 'exported')} exported, "
+            f"{self.count('onnx', 'reused')} reused; engines {self.count('engine', 'built')} built, "
+            f"{self.count('engine', 'reused')} reused; {self.seconds:.1f} s"
+        )
+
+
+def optimize_for_onnxruntime(onnx_path, engine_path, *, check_batch: int = 2, term_scales=None) -> dict:
+    """The onnxruntime engine: ``onnx_path`` after offline basic optimization, checked and verified, written atomically.
+
+    The optimized graph must reproduce the exported one within the export's
+    bound (:func:`export.onnx_export.verify_onnx`; ``term_scales`` from the
+    export's record): fusions change float32 rounding, which the first steps
+    of a schedule amplify.
+    """
+    ort = import_onnxruntime()
+    onnx = import_onnx()
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    tmp = _temp_beside(engine_path, ".onnx.tmp")
+    try:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(tmp)
+        so.log_severity_level = 3
+        so.intra_op_num_threads = torch.get_num_threads()
+        ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        try:
+            onnx.checker.check_model(str(tmp))
+        except Exception as e:
+            raise EngineError(f"onnxruntime's optimized graph for {onnx_path.name} fails onnx.checker: {str(e).splitlines()[0]}") from None
+        src, opt = _ort_session(onnx_path, "none"), _ort_session(tmp, "none")
+        rng = np.random.default_rng(0)
+        feeds = {}
+        for i in src.get_inputs():
+            shape = [check_batch if not isinstance(d, int) else d for d in i.shape]
+            feeds[i.name] = rng.integers(0, 1, shape).astype(np.int64) if "int64" in i.type else rng.standard_normal(shape).astype(np.float32)
+        scales = list(term_scales or [])
+        for k, (a, b) in enumerate(zip(src.run(None, feeds), opt.run(None, feeds))):
+            diff = float(np.max(np.abs(a.astype(np.float64) - b)))
+            bound = FP32_TOL * max(1.0, float(np.max(np.abs(a)))) + FP32_COND_TOL * (scales[k] if k < len(scales) else 0.0)
+            if not diff <= bound:
+                raise EngineError(f"onnxruntime's optimized graph for {onnx_path.name} differs from it by {diff:.3g} (> {bound:.3g})")
+        os.replace(tmp, engine_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return {"seconds": time.perf_counter() - start}
+
+
+def _old_manifest(out_dir: Path) -> Optional[dict]:
+    path = out_dir / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        m = json.loads(path.read_text())
+        if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or m.get("version") != MANIFEST_VERSION:
+            raise ValueError("not a version-1 engine manifest")
+        if not isinstance(m.get("steps"), list):
+            raise ValueError("no steps")
+        return m
+    except (ValueError, UnicodeDecodeError) as e:
+        warnings.warn(f"{path} is unreadable ({e}); rebuilding every step")
+        return None
+
+
+def _batch_profile(max_batch: int, opt_batch: Optional[int]) -> dict:
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise EngineError(f"max_batch={max_batch!r}: pass a positive integer (--max-batch N)")
+    opt = opt_batch if opt_batch is not None else min(max_batch, 16)
+    if isinstance(opt, bool) or not isinstance(opt, int) or not 1 <= opt <= max_batch:
+        raise EngineError(f"opt_batch={opt_batch!r} must be an integer in [1, max_batch={max_batch}]")
+    return {"min": 1, "opt": opt, "max": max_batch}
+
+
+def build_engines(
+    plan: Plan,
+    out_dir,
+    *,
+    backend: str = "onnxruntime",
+    precision: str = "fp32",
+    max_batch: int = 64,
+    opt_batch: Optional[int] = None,
+    model=None,
+    label_mode: str = "auto",
+    simplify: bool = False,
+    opset: int = DEFAULT_OPSET,
+    force: bool = False,
+    workspace_bytes: Optional[int] = None,
+    progress: bool = True,
+) -> BuildReport:
+    """Build (or update) the engine dir ``out_dir`` for ``plan``; see the module docstring.
+
+    ``model``: the plan's DiffusionModel (loaded from the plan's spec when
+    None). ``force``: export and compile every step again.
+    """
+    start = time.perf_counter()
+    if not isinstance(plan, Plan):
+        raise EngineError(f"expected a Plan, got {type(plan).__name__}: load it with Plan.load(path)")
+    Plan.from_dict(plan.to_dict(), "plan")  # the manifest embeds the plan: it must load back (PlanError names the field)
+    if backend not in BUILD_BACKENDS:
+        raise EngineError(f"backend={backend!r}: choose one of {', '.join(BUILD_BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise EngineError(f"precision={precision!r}: choose fp32 or fp16")
+    if label_mode not in LABEL_MODES:
+        raise EngineError(f"label_mode={label_mode!r}: choose one of {', '.join(LABEL_MODES)}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 17:
+        raise EngineError(f"opset={opset!r}: use 17 or newer")
+    batch = _batch_profile(max_batch, opt_batch)
+    import_onnx()
+    import_onnxruntime()  # verification runs every export in onnxruntime, whatever the backend
+    trt = None
+    if backend == "tensorrt":
+        trt = import_tensorrt()
+        if cuda_compute_capability() is None:
+            raise BackendUnavailableError(
+                "TensorRT builds engines on an NVIDIA GPU and none was found (no driver, or cuda-python missing: "
+                "pip install cuda-python); build with --backend onnxruntime on this machine"
+            )
+    from .tensorrt_build import build_tensorrt_engine, onnx_dtype_for
+
+    onnx_dtype = onnx_dtype_for(precision, backend, trt)
+    onnxslim = None
+    if simplify:
+        try:
+            import onnxslim
+        except ImportError:
+            raise BackendUnavailableError("--simplify needs onnxslim: pip install onnxslim (or build without --simplify)") from None
+
+    model = load_plan_model(plan, model)
+    coeffs = compute_coefficients(plan.sampler, model.schedule, plan.timesteps, plan.eta)
+    keeps = plan.keep_sets(model)
+    conditional = model.num_classes is not None
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EngineError(f"--out {out_dir} is a file; pass a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    versions = library_versions(backend)
+    if onnxslim is not None:
+        versions["onnxslim"] = getattr(onnxslim, "__version__", None)
+    old = _old_manifest(out_dir)
+    old_onnx = {s["onnx"].get("key"): s["onnx"] for s in (old or {}).get("steps", []) if isinstance(s, dict) and isinstance(s.get("onnx"), dict)}
+    old_engines = {canonical_hash(s["engine"].get("record")): s["engine"] for s in (old or {}).get("steps", [])
+                   if isinstance(s, dict) and isinstance(s.get("engine"), dict)}
+    half = None
+    steps, report_steps = [], []
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(coeffs), desc=f"build {backend} {precision}", disable=not progress, unit="step")
+    try:
+        for i, t in enumerate(coeffs.timesteps):
+            keep = keeps[i]
+            row = coeffs.row(i)
+            ins, outs = step_io(coeffs, i, model.image_shape, conditional)
+            mode = resolve_label_mode(model, label_mode, keep)
+            key = onnx_key(
+                fingerprint=model.fingerprint, image_shape=model.image_shape, num_classes=model.num_classes,
+                learn_sigma=model.learn_sigma, timestep=t, row=row, keep=keep, inputs=ins, outputs=outs,
+                label_mode=mode, onnx_dtype=onnx_dtype, opset=opset, simplify=simplify, versions=versions,
+            )
+            status = {"index": i, "timestep": t}
+            # ---------------------------------------------------------- ONNX
+            onnx_rel = f"onnx/step{i:02d}-{key[:16]}.onnx"
+            prev = old_onnx.get(key)
+            onnx_entry = None
+            if prev is not None and not force:
+                state = file_state(out_dir / prev["file"], prev.get("sha256"))
+                if state == "ok":
+                    onnx_entry, status["onnx"] = dict(prev), "reused"
+                elif state == "corrupt":
+                    warnings.warn(f"{out_dir / prev['file']} is corrupted or truncated (sha256 mismatch); exporting step {i} again")
+            if onnx_entry is None:
+                if onnx_dtype == "float16" and half is None:
+                    half = half_unet(model)
+                module = StepModule(model, coeffs, i, keep, label_mode=mode,
+                                    dtype=torch.float16 if onnx_dtype == "float16" else torch.float32, unet=half).eval()
+                res = export_step_onnx(module, out_dir / onnx_rel, opset=opset, simplify=simplify, num_classes=model.num_classes)
+                onnx_entry = {
+                    "file": onnx_rel, "sha256": res.sha256, "bytes": res.bytes, "key": key, "nodes": res.nodes,
+                    "macs_per_sample": res.macs_per_sample, "max_abs_diff": res.max_abs_diff,
+                    "max_scaled_diff": res.max_scaled_diff, "term_scales": list(res.term_scales),
+                    "dtype": onnx_dtype, "seconds": round(res.seconds, 3),
+                }
+                status["onnx"] = "exported"
+            # -------------------------------------------------------- engine
+            record = engine_record(onnx_sha256=onnx_entry["sha256"], backend=backend, precision=precision,
+                                   onnx_dtype=onnx_dtype, batch=batch, versions=versions)
+            digest = canonical_hash(record)
+            ext = ".plan" if backend == "tensorrt" else ".onnx"
+            engine_rel = f"engines/step{i:02d}-{digest[:16]}{ext}"
+            prev = old_engines.get(digest)
+            engine_entry = None
+            if prev is not None and not force:
+                state = file_state(out_dir / prev["file"], prev.get("sha256"))
+                if state == "ok":
+                    engine_entry, status["engine"] = dict(prev), "reused"
+                elif state == "corrupt":
+                    warnings.warn(f"engine {out_dir / prev['file']} is corrupted or truncated (sha256 mismatch); rebuilding step {i}")
+            if engine_entry is None:
+                target = out_dir / engine_rel
+                if backend == "onnxruntime":
+                    info = optimize_for_onnxruntime(out_dir / onnx_entry["file"], target, term_scales=onnx_entry.get("term_scales"))
+                else:
+                    profile = {s.name: tuple(s.concrete(batch[k]) for k in ("min", "opt", "max")) for s in ins}
+                    info = build_tensorrt_engine(out_dir / onnx_entry["file"], target, precision=precision, profile=profile,
+                                                 timing_cache=out_dir / "timing.cache", workspace_bytes=workspace_bytes,
+                                                 onnx_dtype=onnx_dtype, trt=trt)
+                engine_entry = {"file": engine_rel, "sha256": sha256_file(target), "bytes": target.stat().st_size,
+                                "record": record, "seconds": round(info["seconds"], 3)}
+                status["engine"] = "built"
+            steps.append({
+                "index": i,
+                "timestep": int(t),
+                "skip": list(plan.skip[i]),
+                "coefficients": row._asdict(),
+                "macs_per_sample": int(model.unet.macs(keep)),
+                "label_mode": mode,
+                "inputs": [s.to_dict() for s in ins],
+                "outputs": [s.to_dict() for s in outs],
+                "onnx": onnx_entry,
+                "engine": engine_entry,
+            })
+            report_steps.append(status)
+            bar.set_postfix_str(f"step {i} (t={t}): onnx {status['onnx']}, engine {status['engine']}")
+            bar.update(1)
+    finally:
+        bar.close()
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "complete": True,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backend": backend,
+        "precision": precision,
+        "batch": batch,
+        "opset": opset,
+        "simplify": bool(simplify),
+        "label_mode": label_mode if conditional else None,
+        "plan": plan.to_dict(),
+        "plan_sha256": plan_sha256(plan),
+        "model": {
+            "spec": plan.model_spec,
+            "name": model.name,
+            "fingerprint": model.fingerprint,
+            "image_shape": list(model.image_shape),
+            "num_classes": model.num_classes,
+            "learn_sigma": bool(model.learn_sigma),
+        },
+        "versions": versions,
+        "steps": steps,
+    }
+    with atomic_write(out_dir / MANIFEST_NAME, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    referenced = [s["onnx"]["file"] for s in steps] + [s["engine"]["file"] for s in steps]
+    remove_unreferenced(out_dir, referenced)
+    return BuildReport(out_dir, manifest, report_steps, time.perf_counter() - start)

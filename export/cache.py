@@ -1,0 +1,115 @@
+"""What decides whether a step's ONNX file or engine can be reused.
+
+Two layers, each content-addressed:
+
+* **ONNX key** (:func:`onnx_key`): everything the exported graph depends on:
+  the weights (model fingerprint), the timestep, the six sampler constants of
+  the step, the kept layers, the step's inputs/outputs, the label mode, the
+  graph dtype, the opset, simplification, and the torch/onnx versions and
+  exporter revision that produced it. Equal key, same graph: the export is
+  skipped. A changed plan changes the key of exactly the steps it changes
+  (for multistep samplers that includes the neighbours whose constants move).
+* **Engine record** (:func:`engine_record`): the ONNX file's sha256, the
+  backend, precision, batch profile, the library versions that shape the
+  engine (onnxruntime; or tensorrt and the GPU's compute capability). An
+  engine is reused only when its whole record matches.
+
+Every file's sha256 is recorded; a file that no longer hashes to it
+(truncated, corrupted) is rebuilt with a warning, never loaded. File names
+carry a prefix of the key, so a new build never overwrites a file the previous
+manifest still names: an interrupted build leaves the old dir usable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Optional
+
+from autodiffusion_rt.utils import sha256_file
+
+__all__ = ["EXPORTER_REVISION", "canonical_hash", "engine_record", "file_state", "onnx_key", "remove_unreferenced"]
+
+#: Bump when the step module or the exporter changes what a given key produces.
+EXPORTER_REVISION = 1
+
+_STEP_FILE = re.compile(r"^step\d+-[0-9a-f]+\.(onnx|plan)$")
+
+
+def canonical_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def onnx_key(*, fingerprint: str, image_shape, num_classes: Optional[int], learn_sigma: bool, timestep: int,
+             row, keep: Optional[Iterable[str]], inputs, outputs, label_mode: Optional[str], onnx_dtype: str,
+             opset: int, simplify: bool, versions: dict) -> str:
+    """The content key of one step's ONNX graph."""
+    return canonical_hash({
+        "revision": EXPORTER_REVISION,
+        "fingerprint": fingerprint,
+        "image_shape": list(image_shape),
+        "num_classes": num_classes,
+        "learn_sigma": bool(learn_sigma),
+        "timestep": int(timestep),
+        "row": [repr(float(v)) for v in row],  # repr: exact float64
+        "keep": None if keep is None else sorted(keep),
+        "inputs": [s.to_dict() for s in inputs],
+        "outputs": [s.to_dict() for s in outputs],
+        "label_mode": label_mode,
+        "onnx_dtype": onnx_dtype,
+        "opset": int(opset),
+        "simplify": bool(simplify),
+        "torch": versions.get("torch"),
+        "onnx": versions.get("onnx"),
+        "onnxslim": versions.get("onnxslim") if simplify else None,
+    })
+
+
+def engine_record(*, onnx_sha256: str, backend: str, precision: str, onnx_dtype: str, batch: dict, versions: dict) -> dict:
+    """Everything an engine's reuse depends on (stored in the manifest; compared whole)."""
+    record = {
+        "onnx_sha256": onnx_sha256,
+        "backend": backend,
+        "precision": precision,
+        "onnx_dtype": onnx_dtype,
+        "batch": {k: int(batch[k]) for k in ("min", "opt", "max")},
+    }
+    if backend == "onnxruntime":
+        record["versions"] = {"onnxruntime": versions.get("onnxruntime")}
+        record["compute_capability"] = None
+    else:
+        record["versions"] = {"tensorrt": versions.get("tensorrt")}
+        record["compute_capability"] = versions.get("compute_capability")
+    return record
+
+
+def file_state(path: Path, sha256: Optional[str]) -> str:
+    """``ok``, ``missing`` or ``corrupt`` (hash differs from the record)."""
+    if not path.is_file():
+        return "missing"
+    if sha256 is None or sha256_file(path) != sha256:
+        return "corrupt"
+    return "ok"
+
+
+def remove_unreferenced(engine_dir: Path, referenced: Iterable[str]) -> list[Path]:
+    """Delete step files and leftover temporaries the manifest no longer names; return what was removed."""
+    keep = {str(Path(r)) for r in referenced}
+    removed = []
+    for sub in ("onnx", "engines"):
+        d = engine_dir / sub
+        if not d.is_dir():
+            continue
+        for f in d.iterdir():
+            rel = str(Path(sub) / f.name)
+            stale_tmp = f.name.startswith(".") and f.name.endswith(".tmp")
+            if f.is_file() and (stale_tmp or (_STEP_FILE.match(f.name) and rel not in keep)):
+                f.unlink()
+                removed.append(f)
+    for f in engine_dir.iterdir():
+        if f.is_file() and f.name.startswith(".manifest.json.") and f.name.endswith(".tmp"):
+            f.unlink()
+            removed.append(f)
+    return removed

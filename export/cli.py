@@ -1,0 +1,74 @@
+"""``autodiffusion-rt build PLAN --backend {onnxruntime,tensorrt} [--precision fp32|fp16] [--max-batch N] --out DIR``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from .build import BUILD_BACKENDS, PRECISIONS
+from .onnx_export import DEFAULT_OPSET
+from .subnet import LABEL_MODES
+
+__all__ = ["cmd_build", "main", "register"]
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``build`` subcommand (``func=cmd_build``)."""
+    p = subparsers.add_parser(
+        "build",
+        help="compile a plan into an engine dir: one engine per step and manifest.json",
+        description="Export each step of a plan (kept layers, folded timestep, fused sampler update) to ONNX, "
+        "verify it against PyTorch, compile it for the backend, and write DIR/manifest.json. Steps whose "
+        "ONNX graph and engine record are unchanged are reused.",
+    )
+    p.add_argument("plan", help="plan.json from the search")
+    p.add_argument("--backend", choices=BUILD_BACKENDS, default="onnxruntime", help="engine backend (default: %(default)s)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="engine precision (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=64, help="largest batch the engines take (default: %(default)s)")
+    p.add_argument("--opt-batch", type=int, default=None, help="batch size TensorRT tunes for (default: min(16, max))")
+    p.add_argument("--out", required=True, help="the engine dir to write (updated in place when it exists)")
+    p.add_argument("--label-mode", choices=LABEL_MODES, default="auto",
+                   help="class-conditional models: fold a per-class projection table, or keep label_emb in the graph")
+    p.add_argument("--simplify", action="store_true", help="simplify each ONNX graph with onnxslim (pip install onnxslim)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, 17 or newer (default: %(default)s)")
+    p.add_argument("--workspace-mb", type=int, default=None, help="TensorRT builder workspace limit in MiB")
+    p.add_argument("--force", action="store_true", help="rebuild every step, ignoring the cache")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_build)
+    return p
+
+
+def cmd_build(args) -> int:
+    from autodiffusion_rt.plan import Plan
+
+    from .build import build_engines
+
+    plan = Plan.load(args.plan)
+    report = build_engines(
+        plan, args.out, backend=args.backend, precision=args.precision, max_batch=args.max_batch,
+        opt_batch=args.opt_batch, label_mode=args.label_mode, simplify=args.simplify, opset=args.opset,
+        force=args.force, workspace_bytes=None if args.workspace_mb is None else args.workspace_mb << 20,
+        progress=not args.quiet,
+    )
+    print(f"built {report.summary()}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m export.cli build ...`` without the package's console script."""
+    import sys
+
+    from autodiffusion_rt.errors import Error
+
+    parser = argparse.ArgumentParser(prog="autodiffusion-rt")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except Error as e:
+        print(f"autodiffusion-rt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

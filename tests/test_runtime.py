@@ -1,0 +1,306 @@
+"""The runtime: torch reference vs onnxruntime engines, and every kind of bad engine dir."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from autodiffusion_rt import sample
+from autodiffusion_rt.errors import BackendUnavailableError, EngineError, Error, SamplingError
+from autodiffusion_rt.models.loading import _build
+from autodiffusion_rt.models.unet import ADMUNet
+from autodiffusion_rt.plan import Plan
+from autodiffusion_rt.runtime import Runtime, sample_from_engines
+from autodiffusion_rt.runtime.runtime import MANIFEST_NAME, plan_sha256
+from export.build import build_engines
+
+CONFIG = dict(
+    image_size=8, in_channels=1, model_channels=32, out_channels=1, num_res_blocks=1,
+    attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2, use_scale_shift_norm=True,
+    conv_resample=True, num_classes=None,
+)
+DIFFUSION = dict(noise_schedule="linear", diffusion_steps=1000, learn_sigma=False)
+# Low-noise timesteps keep random-weight samples mostly inside [-1, 1], so the clamped
+# images still say something (from t=999 nearly every pixel saturates).
+TIMESTEPS = [300, 200, 100]
+
+
+def random_model(seed=0, **overrides):
+    """A DiffusionModel with every weight random (ADM zero-inits output convs, which would hide errors)."""
+    cfg = {**CONFIG, **overrides}
+    torch.manual_seed(seed)
+    unet = ADMUNet(**cfg)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    return _build(f"runtime-test:{seed}", cfg, DIFFUSION, unet.state_dict(), "test", {})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {"uncond": random_model(0), "cond": random_model(1, num_classes=3, resblock_updown=True)}
+
+
+def make_plan(model, sampler="ddim", eta=0.0):
+    ids = sorted(model.unet.layer_ids)
+    skip = [[], ids[:4], [ids[-1]]]  # one full step, two with layers skipped
+    return Plan.for_model(model, TIMESTEPS, sampler=sampler, eta=eta, skip=skip, spec=f"test:{model.name}")
+
+
+# DDIM (stochastic, eta > 0: the engines take noise) and DPM-Solver++(2M) (carries x0), both models.
+CASES = [("uncond", "ddim", 0.7), ("uncond", "dpmpp_2m", 0.0), ("cond", "ddim", 0.0), ("cond", "dpmpp_2m", 0.0)]
+
+
+@pytest.fixture(scope="module")
+def engine_dirs(models, tmp_path_factory):
+    """One onnxruntime engine dir per case (built once for the module)."""
+    out = {}
+    for kind, sampler, eta in CASES:
+        model = models[kind]
+        plan = make_plan(model, sampler, eta)
+        d = tmp_path_factory.mktemp(f"{kind}-{sampler}-{eta}") / "engines"
+        build_engines(plan, d, model=model, max_batch=4, progress=False)
+        out[(kind, sampler, eta)] = (model, plan, d)
+    return out
+
+
+def test_torch_runtime_is_sample_exactly(models):
+    model = models["cond"]
+    plan = make_plan(model, "ddim", eta=0.7)  # stochastic steps: the noise draws must line up too
+    with Runtime.from_plan(plan, model=model) as rt:
+        images, labels = rt.sample(5, seed=3, return_labels=True)
+    want, want_labels = sample(model, plan.timesteps, "ddim", 5, 3, 0.7, keep=plan.keep_sets(model), return_labels=True)
+    assert torch.equal(images, want) and torch.equal(labels, want_labels)
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_onnxruntime_images_equal_torch(engine_dirs, case):
+    model, plan, d = engine_dirs[case]
+    labels = [0, 1, 2, 1, 0, 2, 2] if model.num_classes else None
+    with Runtime.load(d, threads=1) as rt, Runtime.from_plan(plan, model=model) as ref:
+        assert rt.backend == "onnxruntime" and rt.max_batch == 4
+        a = rt.sample(7, seed=11, labels=labels)  # 7 > max_batch 4: run in two chunks
+        b = ref.sample(7, seed=11, labels=labels)
+        assert a.shape == (7, 1, 8, 8)
+        assert (a - b).abs().max() <= 1e-3
+        inside = (b.abs() < 1).float().mean()
+        assert inside > 0.3  # the comparison is not all clamped pixels
+        raw_a, raw_b = rt.sample(7, seed=11, labels=labels, clip=False), ref.sample(7, seed=11, labels=labels, clip=False)
+        assert (raw_a - raw_b).abs().max() <= 1e-4 * max(1.0, raw_b.abs().max().item())
+        assert not torch.equal(rt.sample(7, seed=12, labels=labels), a)  # the seed matters
+
+
+def test_labels_drawn_from_the_seed_match_and_are_validated(engine_dirs):
+    model, plan, d = engine_dirs[("cond", "ddim", 0.0)]
+    with Runtime.load(d, threads=1) as rt, Runtime.from_plan(plan, model=model) as ref:
+        a, ya = rt.sample(3, seed=4, return_labels=True)
+        b, yb = ref.sample(3, seed=4, return_labels=True)
+        assert torch.equal(ya, yb) and (a - b).abs().max() <= 1e-3
+        with pytest.raises(SamplingError, match="out of range"):
+            rt.sample(2, labels=[0, 3])
+    _, _, d_uncond = engine_dirs[("uncond", "ddim", 0.7)]
+    with Runtime.load(d_uncond) as rt, pytest.raises(SamplingError, match="unconditional"):
+        rt.sample(2, labels=[0, 1])
+
+
+def test_steady_state_reuses_buffers_and_engines_write_in_place(engine_dirs):
+    _, _, d = engine_dirs[("uncond", "dpmpp_2m", 0.0)]
+    with Runtime.load(d, threads=1) as rt:
+        first = rt.sample(3, seed=0)
+        ws = rt._workspace(3)
+        ids_before = [id(a) for a in (*ws["x"], *ws["x0"])]
+        second = rt.sample(3, seed=0)
+        ws = rt._workspace(3)
+        assert [id(a) for a in (*ws["x"], *ws["x0"])] == ids_before
+        assert torch.equal(first, second)  # and the returned images do not alias the buffers
+        eng = rt.engines[0]
+        x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+        out = {"x_prev": np.empty_like(x), "x0": np.empty_like(x)}
+        res = eng.run({"x": x}, out)
+        assert res["x_prev"] is out["x_prev"] and res["x0"] is out["x0"]
+        fresh = eng.run({"x": x})
+        assert np.array_equal(fresh["x_prev"], out["x_prev"])
+
+
+def test_engine_rejects_a_batch_above_its_maximum_and_bad_feeds(engine_dirs):
+    _, _, d = engine_dirs[("uncond", "ddim", 0.7)]
+    with Runtime.load(d, threads=1) as rt:
+        eng = rt.engines[0]
+        assert eng.input_names == ("x", "noise")
+        z = lambda b, dtype=np.float32: np.zeros((b, 1, 8, 8), dtype)  # noqa: E731
+        assert eng.run({"x": z(4), "noise": z(4)})["x_prev"].shape == (4, 1, 8, 8)
+        with pytest.raises(EngineError, match="above the engine's maximum 4"):
+            eng.run({"x": z(5), "noise": z(5)})
+        with pytest.raises(EngineError, match="expected a C-contiguous float32"):
+            eng.run({"x": z(2, np.float64), "noise": z(2)})
+        with pytest.raises(EngineError, match=r"expected a C-contiguous float32 array of shape \(2, 1, 8, 8\)"):
+            eng.run({"x": z(2), "noise": z(3)})
+        with pytest.raises(EngineError, match="missing"):
+            eng.run({"x": np.zeros((2, 1, 8, 8), np.float32)})  # this stochastic step also takes noise
+
+
+def test_other_backends_on_an_engine_dir(engine_dirs):
+    model, plan, d = engine_dirs[("cond", "dpmpp_2m", 0.0)]
+    with Runtime.load(d, backend="torch", model=model) as rt:
+        assert rt.backend == "torch"
+        a = rt.sample(2, seed=1)
+    images, labels = sample_from_engines(d, 2, seed=1)
+    assert (images - a).abs().max() <= 1e-3 and labels.shape == (2,)
+    with pytest.raises(EngineError, match="not TensorRT"):
+        Runtime.load(d, backend="tensorrt")
+    with pytest.raises(EngineError, match="unknown backend"):
+        Runtime.load(d, backend="openvino")
+    with pytest.raises(EngineError, match="build an engine dir first"):
+        Runtime.from_plan(plan, backend="onnxruntime", model=model)
+    with pytest.raises(BackendUnavailableError, match="onnxruntime-gpu"):
+        Runtime.load(d, providers=["cuda"])
+
+
+# ------------------------------------------------------------- bad engine dirs
+@pytest.fixture
+def dir_copy(engine_dirs, tmp_path):
+    model, plan, src = engine_dirs[("uncond", "dpmpp_2m", 0.0)]
+    d = tmp_path / "engines"
+    shutil.copytree(src, d)
+    return model, plan, d
+
+
+def edit_manifest(d, fn):
+    path = d / MANIFEST_NAME
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(json.dumps(m))
+
+
+def test_manifest_that_does_not_match_its_plan(dir_copy):
+    model, plan, d = dir_copy
+
+    def change_plan(m):  # the plan edited, its hash not
+        m["plan"]["timesteps"] = [301, 200, 100]
+
+    edit_manifest(d, change_plan)
+    with pytest.raises(EngineError, match="does not match its plan"):
+        Runtime.load(d)
+
+    def consistent_plan_wrong_steps(m):  # a plan and hash that agree, steps built for another plan
+        p = Plan.from_dict(m["plan"])
+        m["plan_sha256"] = plan_sha256(p)
+        m["steps"][0]["skip"] = ["middle_block.1"]
+
+    edit_manifest(d, consistent_plan_wrong_steps)
+    with pytest.raises(EngineError, match=r"step 0 .*does not match the plan"):
+        Runtime.load(d)
+
+
+def test_engine_dir_from_another_plan_is_refused(dir_copy, models):
+    model, plan, d = dir_copy
+    other = make_plan(model, "ddim")
+    with pytest.raises(EngineError, match="built from a different plan"):
+        Runtime.load(d, plan=other)
+    Runtime.load(d, plan=plan).close()
+
+
+def test_missing_or_corrupted_engine_files(dir_copy):
+    model, plan, d = dir_copy
+    m = json.loads((d / MANIFEST_NAME).read_text())
+    engine = d / m["steps"][2]["engine"]["file"]
+    data = engine.read_bytes()
+    engine.write_bytes(data[: len(data) // 2])
+    with pytest.raises(EngineError, match="corrupted or truncated"):
+        Runtime.load(d)
+    engine.unlink()
+    with pytest.raises(EngineError, match="is missing"):
+        Runtime.load(d)
+
+
+def test_recorded_versions_must_match(dir_copy):
+    model, plan, d = dir_copy
+    edit_manifest(d, lambda m: m["versions"].update(onnxruntime="0.0.1"))
+    with pytest.raises(EngineError, match=r"built with onnxruntime 0\.0\.1 but .* is installed"):
+        Runtime.load(d)
+    Runtime.load(d, check_versions=False).close()
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda d: (d / MANIFEST_NAME).unlink(), "did not finish"),
+    (lambda d: (d / MANIFEST_NAME).write_text('{"format": "autodiffusion-rt-engines", "vers'), "not valid JSON"),
+    (lambda d: edit_manifest(d, lambda m: m.update(version=99)), "version"),
+    (lambda d: edit_manifest(d, lambda m: m.update(complete=False)), "did not finish"),
+    (lambda d: edit_manifest(d, lambda m: m["steps"][0]["engine"].update(file="../../etc/passwd")), "inside the engine dir"),
+    (lambda d: edit_manifest(d, lambda m: m["steps"][0]["coefficients"].update(c_x=1.5)), "coefficient c_x"),
+    (lambda d: edit_manifest(d, lambda m: m["steps"].pop()), "2 steps"),
+])
+def test_bad_manifests_are_clear_errors(dir_copy, damage, match):
+    model, plan, d = dir_copy
+    damage(d)
+    with pytest.raises(EngineError, match=match):
+        Runtime.load(d)
+
+
+def test_not_an_engine_dir(tmp_path):
+    with pytest.raises(EngineError, match="does not exist"):
+        Runtime.load(tmp_path / "nowhere")
+    with pytest.raises(Error, match="is missing"):
+        Runtime.load(tmp_path)
+
+
+def test_tensorrt_not_installed_says_what_to_install(dir_copy):
+    try:
+        importlib.import_module("tensorrt")
+    except Exception:
+        pass  # absent (or a stub that cannot load): the case under test
+    else:
+        pytest.skip("tensorrt is installed here")
+    model, plan, d = dir_copy
+    edit_manifest(d, lambda m: m.update(backend="tensorrt"))
+    with pytest.raises(BackendUnavailableError, match="pip install tensorrt"):
+        Runtime.load(d)
+
+
+def test_benchmark_smoke(engine_dirs, models, tmp_path, capsys):
+    import benchmark
+
+    model, plan, d = engine_dirs[("cond", "ddim", 0.0)]
+    plan_path = plan.save(tmp_path / "plan.json")
+    report = benchmark.run(plan_path, engines=d, model=model, batch_sizes=[1, 2], repeats=1, warmup=0,
+                           full_steps=3, e2e_batch_sizes=[2], threads=1)
+    text = benchmark.format_report(report)
+    assert "per-step latency" in text and "end-to-end" in text
+    rows = report["per_step"]
+    assert {r["batch"] for r in rows} == {1, 2} and len(rows) == 2 * plan.nfe
+    assert all(r["torch_ms"] > 0 and r["onnxruntime_ms"] > 0 and r["speedup"] > 0 for r in rows)
+    e2e = report["end_to_end"]
+    assert {r["method"] for r in e2e} >= {"full model, DDIM-3, torch eager", "plan, onnxruntime", "plan, torch eager"}
+
+
+def test_onnxruntime_tensorrt_provider_gets_caches_in_the_engine_dir_and_a_profile(monkeypatch, tmp_path):
+    import onnxruntime as ort
+
+    from autodiffusion_rt.runtime import onnxruntime_providers
+
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    profile = {"x": ((1, 1, 8, 8), (4, 1, 8, 8), (8, 1, 8, 8)), "y": ((1,), (4,), (8,))}
+    prov = onnxruntime_providers(None, cache_dir=tmp_path / "ort_trt_cache", fp16=True, profile=profile)
+    name, opts = prov[0]
+    assert name == "TensorrtExecutionProvider" and prov[1:] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert opts["trt_engine_cache_enable"] and opts["trt_timing_cache_enable"] and opts["trt_fp16_enable"]
+    assert opts["trt_engine_cache_path"] == opts["trt_timing_cache_path"] == str(tmp_path / "ort_trt_cache")
+    assert (tmp_path / "ort_trt_cache").is_dir()
+    assert opts["trt_profile_min_shapes"] == "x:1x1x8x8,y:1"
+    assert opts["trt_profile_opt_shapes"] == "x:4x1x8x8,y:4"
+    assert opts["trt_profile_max_shapes"] == "x:8x1x8x8,y:8"
+    assert onnxruntime_providers(["cpu"]) == ["CPUExecutionProvider"]

@@ -1,0 +1,272 @@
+"""The whole search: determinism, resuming, elitism, the plan and its refusals, bad input, the CLI."""
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+
+from autodiffusion_rt.errors import PlanError
+from autodiffusion_rt.plan import Plan
+from search.checkpoint import load_state
+from search.errors import SearchError
+from search.run import SearchOptions, load_plan_set, main, prepare, run_search
+
+pytestmark = pytest.mark.usefixtures("search_single_thread")
+
+
+@pytest.fixture
+def opts(tmp_path):
+    return SearchOptions(
+        model="tiny:search",
+        nfe=3,
+        num_samples=24,
+        population=6,
+        generations=2,
+        topk=2,
+        mutants=2,
+        crossovers=2,
+        budget_fraction=0.85,
+        report_samples=24,
+        batch_size=12,
+        out=str(tmp_path / "plan.json"),
+        quiet=True,
+        report_extractors=["search-tiny"],
+    )
+
+
+@pytest.fixture
+def objs(search_tiny_model, search_tiny_extractor, search_tiny_ref_stats):
+    return search_tiny_model, search_tiny_extractor, search_tiny_ref_stats
+
+
+@pytest.fixture
+def run(search_tiny_model, search_tiny_extractor, search_tiny_ref_stats):
+    def _run(options, **kw):
+        return run_search(options, model=search_tiny_model, extractor=search_tiny_extractor, ref_stats=search_tiny_ref_stats, **kw)
+
+    return _run
+
+
+def core(plan: Plan):
+    return plan.timesteps, plan.skip, plan.fitness, plan.macs_per_sample
+
+
+def test_same_seed_and_settings_give_the_same_plan(opts, run, tmp_path):
+    r1, p1, _ = run(replace(opts, report=False))
+    r2, p2, _ = run(replace(opts, report=False, out=str(tmp_path / "again.json")))
+    assert core(p1) == core(p2)
+    assert [h["best"] for h in r1.history] == [h["best"] for h in r2.history]
+    r3, p3, _ = run(replace(opts, report=False, seed=7, out=str(tmp_path / "other.json")))
+    assert [h["best"] for h in r3.history] != [h["best"] for h in r1.history]  # the seed matters
+
+
+@pytest.mark.parametrize("multi_objective,stop", [(False, 3), (True, 5)])
+def test_resuming_gives_the_same_result_as_an_uninterrupted_run(opts, run, objs, tmp_path, multi_objective, stop):
+    # stop=3: after generation 2 of stage 1; stop=5: inside the NSGA-II stage.
+    base = replace(opts, report=False, multi_objective=multi_objective)
+    full, plan_full, _ = run(replace(base, out=str(tmp_path / "full.json")))
+    cut = replace(base, out=str(tmp_path / "cut.json"))
+    assert run(cut, stop_after=stop) is None
+    state = load_state(tmp_path / "cut.search-state.json", prepare(cut, *objs).run_settings)
+    assert len(state.history) == stop  # checkpointed after every generation
+    resumed, plan_resumed, _ = run(replace(cut, resume=True))  # a new process: new evaluator, empty state cache
+    assert core(plan_resumed) == core(plan_full)
+    assert [(h["best"], h["best_fid"], h["new"]) for h in resumed.history] == [(h["best"], h["best_fid"], h["new"]) for h in full.history]
+    assert [(p.candidate, p.fid) for p in resumed.pareto] == [(p.candidate, p.fid) for p in full.pareto]
+    assert resumed.evaluated == full.evaluated
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_best_is_never_worse_than_the_uniform_schedules_of_the_run(opts, run, objs, tmp_path, seed):
+    res, plan, _ = run(replace(opts, report=False, seed=seed, budget_fraction=1.0))
+    for name, base in res.baselines.items():
+        assert res.stage1_best.fid <= base.fid, name
+        assert res.best.fid <= base.fid, name
+    assert set(res.baselines) == {"uniform-linear", "uniform-quadratic"}
+    # Under a budget the uniform schedule (repaired to it) is in stage 2 too and bounds the result.
+    res2, _, _ = run(replace(opts, report=False, seed=seed, out=str(tmp_path / "b.json")))
+    state = load_state(tmp_path / "b.search-state.json", prepare(replace(opts, seed=seed, out=str(tmp_path / "b.json")), *objs).run_settings)
+    uniform_in_stage2 = [f for c, f in state.memo.items() if c.timesteps == res.baselines["uniform-linear"].candidate.timesteps and c.num_skipped]
+    assert uniform_in_stage2 and res2.best.fid <= min(uniform_in_stage2)
+
+
+def test_plan_respects_the_budget_and_round_trips(opts, run, tmp_path):
+    res, plan, report = run(opts)
+    assert plan.macs_per_sample <= 0.85 * plan.full_macs_per_sample
+    loaded = Plan.load(opts.out)
+    assert loaded == plan
+    assert loaded.fitness.num_samples == 24 and loaded.fitness.seed == opts.seed
+    assert loaded.provenance["summary"]["evaluated"] == res.evaluated
+    # The report: the plan and the three baselines, same N and seed for every row.
+    methods = [r.method for r in report.rows]
+    assert methods[0] == "searched plan" and methods[-3:] == ["DDIM uniform (linear)", "DDIM uniform (quadratic)", "DPM-Solver++(2M) uniform (linear)"]
+    saved = json.loads((tmp_path / "plan.report.json").read_text())
+    assert saved["num_samples"] == 24 and saved["seed"] == opts.seed + 1
+    assert all(math.isfinite(r["fid"]["search-tiny"]) for r in saved["rows"])
+    assert "DDIM uniform (quadratic)" in (tmp_path / "plan.report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "path,value,field",
+    [
+        (("timesteps",), [3, 900, 10], "timesteps"),
+        (("version",), 99, "version"),
+        (("sampler", "kind"), "euler", "sampler.kind"),
+        (("fitness", "fid"), -1.0, "fitness.fid"),
+        (("skip",), [["a"]], "skip"),
+        (("compute", "macs_per_sample"), "many", "compute.macs_per_sample"),
+    ],
+)
+def test_plan_with_a_wrong_field_is_refused_naming_it(opts, run, tmp_path, path, value, field):
+    _, plan, _ = run(replace(opts, report=False))
+    d = plan.to_dict()
+    target = d
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))
+    with pytest.raises(PlanError, match=field.replace(".", r"\.")):
+        Plan.load(bad)
+
+
+def test_pareto_set_is_written_validated_and_non_dominated(opts, run, tmp_path):
+    res, plan, _ = run(replace(opts, report=False, multi_objective=True))
+    plans = load_plan_set(tmp_path / "plan.pareto.json")
+    assert len(plans) == len(res.pareto) >= 1
+    pts = [(p.fitness.fid, p.macs_per_sample) for p in plans]
+    for a in pts:
+        assert a[1] <= 0.85 * plan.full_macs_per_sample
+        assert not any(b != a and b[0] <= a[0] and b[1] <= a[1] for b in pts)
+    assert (plan.fitness.fid, plan.macs_per_sample) == min(pts)
+    bad = tmp_path / "bad.json"
+    d = json.loads((tmp_path / "plan.pareto.json").read_text())
+    d["plans"][0]["timesteps"] = [1, 2, 3]
+    bad.write_text(json.dumps(d))
+    with pytest.raises(PlanError, match=r"plans\[0\].*timesteps"):
+        load_plan_set(bad)
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"nfe": 4}, "nfe: 3 in the checkpoint, 4 in this search"),
+        ({"seed": 3}, "seed: 0 in the checkpoint, 3 in this search"),
+        ({"num_samples": 30}, "num_samples: 24 in the checkpoint, 30"),
+        ({"budget_fraction": 0.5}, "budget_macs: "),
+        ({"mutation_prob": 0.5}, "mutation_prob: 0.25 in the checkpoint"),
+    ],
+)
+def test_checkpoint_from_other_settings_is_refused(opts, run, change, needle):
+    run(opts, stop_after=1)
+    with pytest.raises(SearchError, match=f"cannot resume.*{needle}.*drop --resume"):
+        run(replace(opts, resume=True, **change))
+
+
+def test_checkpoint_from_another_model_is_refused(opts, run, search_tiny_extractor, search_tiny_ref_stats):
+    from conftest import search_build_tiny_model
+
+    run(opts, stop_after=1)
+    other = search_build_tiny_model(seed=1)
+    with pytest.raises(SearchError, match="model_fingerprint"):
+        run_search(replace(opts, resume=True), model=other, extractor=search_tiny_extractor, ref_stats=search_tiny_ref_stats)
+
+
+def test_resume_without_checkpoint_and_damaged_checkpoint(opts, run, tmp_path):
+    with pytest.raises(SearchError, match="no search checkpoint"):
+        run(replace(opts, resume=True))
+    (tmp_path / "plan.search-state.json").write_text('{"format": "autodiffusion-rt-search-state", "vers')
+    with pytest.raises(SearchError, match="damaged"):
+        run(replace(opts, resume=True))
+
+
+def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(opts, run, tmp_path, monkeypatch):
+    import search.checkpoint as ck
+
+    run(opts, stop_after=1)
+    good = (tmp_path / "plan.search-state.json").read_text()
+
+    def broken_dump(obj, f, **kw):
+        f.write('{"partial": ')
+        raise KeyboardInterrupt  # a kill mid-write
+
+    monkeypatch.setattr(ck.json, "dump", broken_dump)
+    with pytest.raises(KeyboardInterrupt):
+        run(replace(opts, resume=True), stop_after=1)
+    assert (tmp_path / "plan.search-state.json").read_text() == good
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"nfe": 0}, "--nfe 0 is out of range"),
+        ({"nfe": 1001}, r"1 <= NFE <= 1000"),
+        ({"budget_fraction": 0.01}, "no candidate can meet the budget"),
+        ({"budget_fraction": 1.5}, "--budget-fraction"),
+        ({"budget_macs": -5, "budget_fraction": None}, "--budget-macs"),
+        ({"sampler": "euler"}, "--sampler 'euler'"),
+        ({"topk": 5, "mutants": 5}, "exceeds --population"),
+        ({"num_samples": 1}, "--num-samples"),
+    ],
+)
+def test_bad_settings_are_refused_before_searching(opts, search_tiny_model, search_tiny_extractor, search_tiny_ref_stats, change, needle):
+    with pytest.raises(SearchError, match=needle):
+        prepare(replace(opts, **change), search_tiny_model, search_tiny_extractor, search_tiny_ref_stats)
+
+
+def test_unknown_extractor_and_missing_reference(opts, search_tiny_model):
+    with pytest.raises(SearchError, match="--extractor 'nope' is unknown"):
+        prepare(replace(opts, extractor="nope"), search_tiny_model)
+    # A model other than the embedded one has no default reference: say how to make one.
+    with pytest.raises(SearchError, match="no reference statistics.*--reference.*fid-stats"):
+        prepare(replace(opts, extractor="mnist", report_extractors=None), _Big28(search_tiny_model))
+
+
+class _Big28:
+    """Stands in for a 28x28 model without reference data (only what prepare() reads before the reference)."""
+
+    def __init__(self, m):
+        self._m = m
+        self.image_shape = (1, 28, 28)
+
+    def __getattr__(self, k):
+        return getattr(self._m, k)
+
+
+def test_unwritable_output_is_refused_before_any_evaluation(opts, run, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(SearchError, match="cannot write the plan file"):
+        run(replace(opts, out=str(blocker / "plan.json")))
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(SearchError, match="is a directory"):
+        run(replace(opts, out=str(tmp_path / "dir.json")))
+    assert not (tmp_path / "a-file.search-state.json").exists()
+
+
+def test_cli_prints_one_line_and_exits_2_on_bad_input(tmp_path, capsys):
+    assert main(["--nfe", "0", "--out", str(tmp_path / "p.json"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("search.run: error:") and "--nfe 0" in err
+    assert main(["--extractor", "nope", "--out", str(tmp_path / "p.json"), "--quiet"]) == 2
+    assert "nope" in capsys.readouterr().err
+    (tmp_path / "f").write_text("")
+    assert main(["--out", str(tmp_path / "f" / "p.json"), "--quiet"]) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_cli_defaults_and_fast_preset():
+    from search.run import DEFAULTS, FAST, build_parser, options_from_args
+
+    o = options_from_args(build_parser().parse_args([])).resolved()
+    assert o.out == "plans/embedded-mnist-nfe4.json" and o.nfe == 4 and o.extractor == "mnist" and o.reference == "mnist"
+    assert o.num_samples == DEFAULTS["num_samples"] and o.budget_fraction == DEFAULTS["budget_fraction"]
+    assert o.report_seed == o.seed + 1 and o.checkpoint == "plans/embedded-mnist-nfe4.search-state.json"
+    p = options_from_args(build_parser().parse_args(["--paper-settings", "--topk", "8"]))
+    assert (p.population, p.generations, p.topk, p.mutants, p.crossovers, p.mutation_prob) == (50, 10, 8, 25, 15, 0.25)
+    f = options_from_args(build_parser().parse_args(["--fast", "--nfe", "6", "--budget-macs", "1e8"])).resolved()
+    assert f.population == FAST["population"] and f.out == "plans/embedded-mnist-nfe6.json"
+    assert f.budget_macs == 100_000_000 and f.budget_fraction is None
