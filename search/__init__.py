@@ -1,0 +1,17 @@
+"""The search: ``python -m search.run``.
+
+A training-free, two-stage evolutionary search (AutoDiffusion) over timestep
+schedules and per-step layer skipping, judged by FID and MACs, that writes a
+``plan.json`` (:class:`autodiffusion_rt.plan.Plan`).
+
+Modules: :mod:`~search.space` (candidates, repair, mutation, crossover),
+:mod:`~search.fitness` (FID with common random numbers, memo, prefix sharing),
+:mod:`~search.executors` (where candidates are evaluated),
+:mod:`~search.evolution` (the two stages, NSGA-II), :mod:`~search.checkpoint`
+(resumable state), :mod:`~search.report`, :mod:`~search.run` (the CLI).
+"""
+
+from .errors import SearchError
+from .space import Candidate, SearchSpace
+
+__all__ = ["Candidate", "SearchError", "SearchSpace"]

@@ -1,0 +1,319 @@
+"""Fitness: the FID of N samples of a candidate, computed as cheaply as it can be exactly.
+
+Common random numbers. Every candidate starts from the same x_T (and labels),
+drawn by :func:`autodiffusion_rt.sampling.initial_state` from ``seed``, and
+its k-th stochastic step uses the k-th noise draw of the same generator. That
+is exactly what :func:`autodiffusion_rt.sample` draws for that seed, so a
+candidate's images here are ``sample(model, timesteps, sampler, N, seed, eta,
+keep, batch_size=...)``, bit for bit, and FID differences between candidates
+are differences of schedule, not of noise.
+
+Prefix sharing. Sampler step i maps (x_i, prev_x0_i) to (x_{i+1}, x0_i) with
+the model's eps at (x_i, t_i, keep_i), the constants ``row_i`` of
+:func:`compute_coefficients` and, on a stochastic step, the next noise draw.
+So the state after k steps is a function of x_T and the k triples (t_i,
+skip_i, row_i), i < k, and nothing else. The rows carry every dependence on
+the rest of the list: DDIM's row i depends on t_i and t_{i+1} (it jumps to
+t_{i+1}); DPM-Solver++(2M)'s also on t_{i-1} (through h_{i-1}); the last
+row of any sampler goes to clean data. Two candidates therefore share the
+computation of their first k steps exactly when those k triples are equal, and
+we key states by them, not by timesteps alone. The eps of a state at (t,
+keep) is shared further, by every child that only differs in its row (e.g.
+two DDIM candidates with equal t_0 but different t_1).
+
+The work is a trie walked breadth first: at depth d, one model call per
+distinct (state, t, skip set), one update per distinct row. Each model call
+runs on one state's N samples in the same fixed chunks as ``sample()``, so a
+sample's result never depends on what else is in the batch; that is what
+makes sharing bit-exact (and a resumed search identical to an uninterrupted
+one). States of earlier calls are kept in an LRU cache (``cache_bytes``) so
+a mutant of an elite starts where the elite's shared prefix ended.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from autodiffusion_rt.diffusion import compute_coefficients, step_update
+from autodiffusion_rt.errors import DataError
+from autodiffusion_rt.sampling import initial_state, make_eps_fn
+
+from .space import Candidate
+
+StepKey = tuple  # (t, skip tuple, StepCoefficients)
+
+
+@dataclass
+class _State:
+    x: torch.Tensor
+    prev_x0: Optional[torch.Tensor]
+    noise_used: int  # how many noise draws the path to here consumed
+
+    @property
+    def nbytes(self) -> int:
+        n = self.x.numel() * self.x.element_size()
+        if self.prev_x0 is not None:
+            n += self.prev_x0.numel() * self.prev_x0.element_size()
+        return n
+
+
+@dataclass
+class EvalCounters:
+    """What the evaluator did, for the search report."""
+
+    candidates: int = 0  # candidates evaluated (each: N samples + one FID)
+    naive_unet_calls: int = 0  # model calls without any sharing: sum of NFE
+    unet_calls: int = 0  # model calls actually run (each on N samples)
+    cache_hits: int = 0  # candidates that started from a cached intermediate state
+    failed: int = 0  # candidates whose samples diverged (FID = inf)
+    unet_seconds: float = 0.0
+    update_seconds: float = 0.0
+    fid_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def add(self, other: "EvalCounters") -> None:
+        for k, v in other.__dict__.items():
+            setattr(self, k, getattr(self, k) + v)
+
+
+class FitnessEvaluator:
+    """FID of candidates' samples against reference statistics, with common random numbers.
+
+    ``model``: a DiffusionModel; ``extractor``: a FeatureExtractor (or name);
+    ``ref_stats``: FeatureStats from the same extractor; ``batch_size``: the
+    model's chunk size (as ``sample(batch_size=...)``); ``cache_bytes``: the
+    memory for intermediate states kept between calls (0 disables it);
+    ``share=False`` computes every candidate on its own (for measuring).
+    """
+
+    def __init__(
+        self,
+        model,
+        sampler: str,
+        eta: float,
+        num_samples: int,
+        seed: int,
+        extractor,
+        ref_stats,
+        batch_size: int = 256,
+        cache_bytes: int = 1 << 30,
+        share: bool = True,
+        device: str = "cpu",
+    ):
+        from autodiffusion_rt.metrics import get_extractor
+
+        self.model = model
+        self.sampler = sampler
+        self.eta = float(eta)
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.extractor = get_extractor(extractor)
+        self.ref_stats = ref_stats
+        self.batch_size = int(batch_size)
+        self.cache_bytes = int(cache_bytes) if share else 0
+        self.share = bool(share)
+        self.counters = EvalCounters()
+        # Drawn on the CPU in the documented order (as sample() does), then moved: the same
+        # numbers on every device.
+        self.device = torch.device(device)
+        x_T, y, self._gen = initial_state(model, self.num_samples, self.seed)
+        self._x_T = x_T.to(self.device)
+        self._y = None if y is None else y.to(self.device)
+        if self.device.type != "cpu":
+            model.unet.to(self.device)
+        self._noise: list[torch.Tensor] = []
+        self._cache: OrderedDict[tuple, _State] = OrderedDict()
+        self._cache_used = 0
+        # DPM-Solver++(2M) carries the previous x0; the one-step samplers do not.
+        self._carry_x0 = sampler == "dpmpp_2m"
+        self._all_ids = model.unet.layer_ids
+        self._macs_cache: dict = {}
+
+    # ----------------------------------------------------------------- samples
+    def _noise_draw(self, k: int) -> torch.Tensor:
+        # Draw in order from the shared generator, as sample_loop would: draw k is the same for everyone.
+        while len(self._noise) <= k:
+            x = self._x_T
+            self._noise.append(torch.randn(x.shape, generator=self._gen, dtype=x.dtype).to(self.device))
+        return self._noise[k]
+
+    def _step_keys(self, cand: Candidate) -> list[StepKey]:
+        coeffs = compute_coefficients(self.sampler, self.model.schedule, cand.timesteps, self.eta)
+        return [(t, s, coeffs.row(i)) for i, (t, s) in enumerate(cand.genes)]
+
+    def _keep(self, skip: tuple[str, ...]):
+        return None if not skip else frozenset(self._all_ids - set(skip))
+
+    def _cache_put(self, key: tuple, state: _State) -> None:
+        if self.cache_bytes <= 0 or key in self._cache:
+            return
+        self._cache[key] = state
+        self._cache_used += state.nbytes
+        while self._cache_used > self.cache_bytes and self._cache:
+            _, old = self._cache.popitem(last=False)
+            self._cache_used -= old.nbytes
+
+    def _cache_get(self, key: tuple) -> Optional[_State]:
+        state = self._cache.get(key)
+        if state is not None:
+            self._cache.move_to_end(key)
+        return state
+
+    def plan_calls(self, candidates: Sequence[Candidate]) -> int:
+        """How many model calls :meth:`samples` will run for these candidates (for progress bars)."""
+        keys = [self._step_keys(c) for c in candidates]
+        return len(self._plan(keys)[1])
+
+    def _plan(self, keys: list[list[StepKey]]):
+        starts = []
+        for ks in keys:
+            start = 0
+            if self.share:
+                for d in range(len(ks) - 1, 0, -1):
+                    if tuple(ks[:d]) in self._cache:
+                        start = d
+                        break
+            starts.append(start)
+        calls = set()
+        for ks, start in zip(keys, starts):
+            for d in range(start, len(ks)):
+                calls.add((tuple(ks[:d]), ks[d][0], ks[d][1]) if self.share else (id(ks), d))
+        return starts, calls
+
+    @torch.inference_mode()
+    def samples(self, candidates: Sequence[Candidate], on_call: Optional[Callable[[], None]] = None) -> list[torch.Tensor]:
+        """Each candidate's N final samples (clamped to [-1, 1]), sharing every common prefix."""
+        if not self.share:
+            out = []
+            for c in candidates:
+                out.extend(self._samples_shared([c], on_call, use_cache=False))
+            return out
+        return self._samples_shared(candidates, on_call, use_cache=True)
+
+    def _samples_shared(self, candidates, on_call, use_cache: bool) -> list[torch.Tensor]:
+        keys = [self._step_keys(c) for c in candidates]
+        starts, _ = self._plan(keys) if use_cache else ([0] * len(keys), None)
+        root = _State(self._x_T, None, 0)
+        # Where each candidate starts: the root, or a cached state (fetched now: later puts may evict it).
+        entry: dict[tuple, _State] = {}
+        for ks, start in zip(keys, starts):
+            prefix = tuple(ks[:start])
+            entry[prefix] = root if start == 0 else self._cache_get(prefix)
+            if start:
+                self.counters.cache_hits += 1
+        states: dict[tuple, _State] = {}
+        finals: list[Optional[torch.Tensor]] = [None] * len(candidates)
+        self.counters.naive_unet_calls += sum(len(ks) for ks in keys)
+        for d in range(max(len(ks) for ks in keys)):
+            # node -> (t, skip) -> row -> candidate indices
+            groups: dict[tuple, dict[tuple, dict]] = {}
+            for j, (ks, start) in enumerate(zip(keys, starts)):
+                if start <= d < len(ks):
+                    t, skip, row = ks[d]
+                    groups.setdefault(tuple(ks[:d]), {}).setdefault((t, skip), {}).setdefault(row, []).append(j)
+            next_states: dict[tuple, _State] = {}
+            for node, by_call in groups.items():
+                st = states[node] if node in states else entry[node]
+                for (t, skip), by_row in by_call.items():
+                    t0 = time.perf_counter()
+                    eps = self._eps(st.x, t, self._keep(skip))
+                    t1 = time.perf_counter()
+                    self.counters.unet_calls += 1
+                    self.counters.unet_seconds += t1 - t0
+                    for row, js in by_row.items():
+                        noise = self._noise_draw(st.noise_used) if row.c_noise != 0.0 else None
+                        x_prev, x0 = step_update(row, st.x, eps, st.prev_x0, noise)
+                        child = _State(x_prev, x0 if self._carry_x0 else None, st.noise_used + (noise is not None))
+                        child_key = node + ((t, skip, row),)
+                        for j in js:
+                            if d == len(keys[j]) - 1:
+                                finals[j] = x_prev.clamp(-1, 1)
+                        if any(d < len(keys[j]) - 1 for j in js):
+                            next_states[child_key] = child
+                            if use_cache:
+                                self._cache_put(child_key, child)
+                    self.counters.update_seconds += time.perf_counter() - t1
+                    if on_call is not None:
+                        on_call()
+            states = next_states
+        return finals  # type: ignore[return-value]
+
+    def _eps(self, x: torch.Tensor, t: int, keep) -> torch.Tensor:
+        if self.device.type == "cpu":
+            # sample()'s own eps function and chunking: what makes shared results bit-identical to it.
+            return make_eps_fn(self.model, self._y, [keep], self.batch_size)(x, t, 0)
+        outs = []
+        for s in range(0, x.shape[0], self.batch_size):
+            xb = x[s : s + self.batch_size]
+            tb = torch.full((xb.shape[0],), t, dtype=torch.long, device=self.device)
+            outs.append(self.model.eps(xb, tb, None if self._y is None else self._y[s : s + self.batch_size], keep))
+        return torch.cat(outs)
+
+    # ---------------------------------------------------------------------- FID
+    def fid_of(self, images: torch.Tensor) -> float:
+        """FID of one candidate's images; inf when the samples diverged (NaN/inf)."""
+        from autodiffusion_rt.metrics import FIDWarning, fid
+
+        t0 = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                # Warned once for the whole search (see run.py), not once per candidate.
+                warnings.simplefilter("ignore", FIDWarning)
+                value = fid(images.cpu(), self.ref_stats, self.extractor)
+        except DataError:
+            self.counters.failed += 1
+            value = math.inf
+        self.counters.fid_seconds += time.perf_counter() - t0
+        return value if math.isfinite(value) else math.inf
+
+    def evaluate(self, candidates: Sequence[Candidate], progress=None) -> list[float]:
+        """FID of each candidate. ``progress``: a tqdm-like bar; its total is set to the work planned."""
+        if not candidates:
+            return []
+        if progress is not None:
+            progress.reset(total=self.plan_calls(candidates) + len(candidates))
+        images = self.samples(candidates, on_call=(lambda: progress.update(1)) if progress is not None else None)
+        out = []
+        for img in images:
+            out.append(self.fid_of(img))
+            if progress is not None:
+                progress.update(1)
+        self.counters.candidates += len(candidates)
+        return out
+
+
+@dataclass(frozen=True)
+class FitnessSpec:
+    """Everything a worker needs to build the same :class:`FitnessEvaluator` (picklable; for remote executors)."""
+
+    model: str  # a load_model spec
+    sampler: str
+    eta: float
+    num_samples: int
+    seed: int
+    extractor: str
+    reference: str
+    batch_size: int = 256
+    cache_bytes: int = 1 << 30
+    model_options: dict = field(default_factory=dict)
+
+    def build(self, model=None, ref_stats=None) -> FitnessEvaluator:
+        from autodiffusion_rt.metrics import resolve_reference
+        from autodiffusion_rt.models import load_model
+
+        model = model if model is not None else load_model(self.model, **self.model_options)
+        if ref_stats is None:
+            ref_stats, _ = resolve_reference(self.reference, self.extractor)
+        return FitnessEvaluator(
+            model, self.sampler, self.eta, self.num_samples, self.seed, self.extractor, ref_stats,
+            batch_size=self.batch_size, cache_bytes=self.cache_bytes,
+        )

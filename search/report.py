@@ -1,0 +1,259 @@
+"""The report: a searched plan against the usual samplers at the same NFE.
+
+Rows: the plan; stage 1's plan (full model) when stage 2 changed it; DDIM with
+uniform timesteps, linear and quadratic spacing; DPM-Solver++(2M) with uniform
+(linear) timesteps. Every row is sampled from the same seed (the same x_T,
+labels and noise draws) and the same number of samples, and judged by the
+same extractor(s) against the same reference statistics. The default report
+seed differs from the search's, so the plan is judged on noise it was not
+selected on.
+
+``python -m search.report PLAN.json --extractor inception --num-samples 2000``
+reports an existing plan (e.g. with another extractor) without searching again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from autodiffusion_rt.diffusion import uniform_timesteps
+from autodiffusion_rt.errors import Error
+from autodiffusion_rt.utils import atomic_write
+
+from .space import Candidate
+
+REPORT_FORMAT = "autodiffusion-rt-search-report"
+
+
+@dataclass
+class Row:
+    method: str
+    sampler: str
+    candidate: Candidate
+    macs: int
+    fid: dict = field(default_factory=dict)  # extractor name -> FID
+
+    def to_json(self) -> dict:
+        return {
+            "method": self.method,
+            "sampler": self.sampler,
+            "nfe": self.candidate.nfe,
+            "timesteps": list(self.candidate.timesteps),
+            "skip": [list(s) for s in self.candidate.skip],
+            "skipped_layer_steps": self.candidate.num_skipped,
+            "macs_per_sample": self.macs,
+            "fid": self.fid,
+        }
+
+
+@dataclass
+class Report:
+    model: str
+    nfe: int
+    num_samples: int
+    seed: int
+    eta: float
+    references: dict  # extractor -> reference dataset id
+    full_macs: int
+    rows: list
+    seconds: float = 0.0
+    search: dict = field(default_factory=dict)  # wall time, evaluations, savings (filled by run.py)
+
+    def to_json(self) -> dict:
+        return {
+            "format": REPORT_FORMAT,
+            "model": self.model,
+            "nfe": self.nfe,
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "eta": self.eta,
+            "references": self.references,
+            "full_macs_per_sample": self.full_macs,
+            "rows": [r.to_json() for r in self.rows],
+            "seconds": round(self.seconds, 1),
+            "search": self.search,
+        }
+
+    def table(self) -> str:
+        exts = list(self.references)
+        head = ["method", "sampler", "NFE", "timesteps", "skipped layer-steps", "MMACs/sample", "vs full"] + [f"FID ({e})" for e in exts]
+        lines = [
+            f"{self.model}, NFE {self.nfe}: {self.num_samples} samples per row, seed {self.seed}; "
+            + "; ".join(f"{e} reference {r}" for e, r in self.references.items()),
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "|".join("---" for _ in head) + "|",
+        ]
+        for r in self.rows:
+            cells = [
+                r.method,
+                r.sampler,
+                str(r.candidate.nfe),
+                ",".join(map(str, r.candidate.timesteps)),
+                str(r.candidate.num_skipped),
+                f"{r.macs / 1e6:.1f}",
+                f"{r.macs / self.full_macs:.3f}",
+            ] + [f"{r.fid[e]:.3f}" if e in r.fid else "-" for e in exts]
+            lines.append("| " + " | ".join(cells) + " |")
+        if self.search:
+            s = self.search
+            lines += ["", _search_summary(s)]
+        return "\n".join(lines) + "\n"
+
+    def save(self, stem: Path) -> tuple[Path, Path]:
+        """Write ``stem.report.md`` and ``stem.report.json`` atomically."""
+        md, js = Path(f"{stem}.report.md"), Path(f"{stem}.report.json")
+        md.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(md, "w") as f:
+            f.write(self.table())
+        with atomic_write(js, "w") as f:
+            json.dump(self.to_json(), f, indent=2)
+            f.write("\n")
+        return md, js
+
+
+def _search_summary(s: dict) -> str:
+    parts = [f"search: {s.get('wall_seconds', 0):.0f} s wall"]
+    if "evaluated" in s:
+        parts.append(f"{s['evaluated']} candidates evaluated ({s.get('requested', 0)} requested, {s.get('memo_hits', 0)} memo hits)")
+    if "unet_calls" in s:
+        parts.append(
+            f"{s['unet_calls']} model calls of N samples instead of {s['naive_unet_calls']} without prefix sharing "
+            f"({s.get('sharing_saved_fraction', 0):.1%} saved)"
+        )
+    return "; ".join(parts)
+
+
+def baseline_rows(num_timesteps: int, nfe: int) -> list[tuple[str, str, Candidate]]:
+    lin = Candidate.full(uniform_timesteps(num_timesteps, nfe, "linear"))
+    quad = Candidate.full(uniform_timesteps(num_timesteps, nfe, "quadratic"))
+    return [
+        ("DDIM uniform (linear)", "ddim", lin),
+        ("DDIM uniform (quadratic)", "ddim", quad),
+        ("DPM-Solver++(2M) uniform (linear)", "dpmpp_2m", lin),
+    ]
+
+
+def make_report(
+    model,
+    rows: Sequence[tuple[str, str, Candidate]],
+    extractors: Sequence[str],
+    references: dict,
+    num_samples: int,
+    seed: int,
+    eta: float = 0.0,
+    batch_size: int = 256,
+    quiet: bool = False,
+    device: str = "cpu",
+) -> Report:
+    """Sample every row once (same seed, same N) and judge it with every extractor.
+
+    ``rows``: (method, sampler, candidate); ``extractors``: names or FeatureExtractor
+    objects; ``references``: extractor name -> FeatureStats. ``eta`` applies to ddim rows only.
+    """
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    from autodiffusion_rt.metrics import FIDWarning, fid, get_extractor
+
+    from .fitness import FitnessEvaluator
+
+    t0 = time.perf_counter()
+    exts = [get_extractor(e) for e in extractors]
+    layer_macs = {layer.id: layer.macs for layer in model.unet.layers}
+    full_step = model.unet.macs()
+    nfe = rows[0][2].nfe
+    out_rows = []
+    evaluators: dict = {}
+    bar = tqdm(total=len(rows) * len(extractors), desc=f"report NFE {nfe}", disable=quiet, unit="fid")
+    try:
+        for method, sampler, cand in rows:
+            key = (sampler, eta if sampler == "ddim" else 0.0)
+            if key not in evaluators:
+                # The evaluator gives exactly sample()'s images for (N, seed); its extractor is unused here.
+                evaluators[key] = FitnessEvaluator(model, sampler, key[1], num_samples, seed, exts[0], references[exts[0].name], batch_size=batch_size, cache_bytes=0, device=device)
+            images = evaluators[key].samples([cand])[0]
+            macs = sum(full_step - sum(layer_macs[i] for i in s) for s in cand.skip)
+            row = Row(method, sampler, cand, macs)
+            for ext in exts:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FIDWarning)
+                    try:
+                        row.fid[ext.name] = float(fid(images.cpu(), references[ext.name], ext))
+                    except Error:
+                        row.fid[ext.name] = float("inf")
+                bar.update(1)
+            out_rows.append(row)
+    finally:
+        bar.close()
+    return Report(
+        model=model.name,
+        nfe=nfe,
+        num_samples=num_samples,
+        seed=seed,
+        eta=eta,
+        references={ext.name: references[ext.name].dataset for ext in exts},
+        full_macs=full_step * nfe,
+        rows=out_rows,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def plan_rows(plan, model) -> list[tuple[str, str, Candidate]]:
+    """The plan's row, its stage-1 row (from provenance) when different, then the baselines."""
+    cand = Candidate(plan.timesteps, plan.skip)
+    rows = [("searched plan", plan.sampler, cand)]
+    s1 = (plan.provenance or {}).get("stage1_best")
+    if s1:
+        c1 = Candidate.from_json(s1)
+        if c1 != cand:
+            rows.append(("searched, stage 1 (full model)", plan.sampler, c1))
+    return rows + baseline_rows(model.num_timesteps, plan.nfe)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m search.report", description="Report a plan against uniform DDIM and DPM-Solver++(2M) at its NFE.")
+    p.add_argument("plan", help="a plan.json written by python -m search.run")
+    p.add_argument("--extractor", action="append", default=None, help="mnist | inception, repeatable (default: the plan's)")
+    p.add_argument("--reference", default=None, help="reference data or statistics (default: the search's reference, 'mnist' for the embedded model)")
+    p.add_argument("--num-samples", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=None, help="default: the search seed + 1 (noise the plan was not selected on)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda[:N]")
+    p.add_argument("--out", default=None, help="report stem (writes STEM.report.md/.json; default: next to the plan, named after the extractors)")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        from autodiffusion_rt.metrics import resolve_reference
+        from autodiffusion_rt.plan import Plan
+
+        from .run import load_model_for_plan
+
+        plan = Plan.load(args.plan)
+        model = load_model_for_plan(plan)
+        extractors = args.extractor or [plan.fitness.extractor if plan.fitness else "mnist"]
+        reference = args.reference or (plan.provenance or {}).get("reference") or "mnist"
+        refs = {e: resolve_reference(reference, e, progress=not args.quiet)[0] for e in extractors}
+        seed = args.seed if args.seed is not None else (plan.fitness.seed + 1 if plan.fitness else 1)
+        if args.num_samples < 2:
+            raise Error(f"--num-samples {args.num_samples}: FID needs at least 2 samples (and more than the feature size)")
+        rep = make_report(model, plan_rows(plan, model), extractors, refs, args.num_samples, seed, plan.eta, args.batch_size, args.quiet, device=args.device)
+        stem = Path(args.out) if args.out else Path(args.plan).parent / (Path(args.plan).stem + "." + "-".join(extractors))
+        md, _ = rep.save(stem)
+        print(rep.table())
+        print(f"report written to {md}")
+        return 0
+    except Error as e:
+        print(f"search.report: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

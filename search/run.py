@@ -1,0 +1,513 @@
+"""``python -m search.run``: search a timestep schedule and per-step layer skipping; write a plan.
+
+With no arguments: the embedded MNIST model at NFE 4, the mnist extractor,
+the defaults below; writes ``plans/embedded-mnist-nfe4.json``, its report
+(``.report.md`` / ``.report.json``) and its checkpoint (``.search-state.json``).
+
+Default cost on the project's 2-core CPU (embedded model, NFE 4), measured:
+see DEFAULTS_ARITHMETIC below and search/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+from autodiffusion_rt.errors import Error
+
+from .errors import SearchError
+
+DEFAULT_MODEL = "embedded:mnist"
+
+# Defaults sized for the embedded model at NFE 4 on the project's 2-core CPU (measured;
+# search/README.md "Defaults" has the numbers): one model call costs about 6.8 ms per
+# sample, FID with the mnist extractor is negligible (0.04 s per candidate), so the cost is
+#   candidates x NFE x (1 - prefix sharing) x N x 6.8 ms
+# = 2 stages x (24 + 6 x 18) x 4 x ~0.75 x 128 x 6.8 ms  ~ 690 s of search, plus the report
+# (5 rows x 4 calls x 1000 samples x 6.8 ms ~ 140 s): under 15 minutes. AutoDiffusion's own
+# settings (population 50, 10 generations, top-k 10, 25 mutants, 15 crossovers) are
+# --paper-settings: about 3.4x the search cost, for GPUs.
+DEFAULTS = dict(
+    nfe=4,
+    sampler="ddim",
+    eta=0.0,
+    num_samples=128,
+    population=24,
+    generations=6,
+    topk=6,
+    mutants=12,
+    crossovers=6,
+    mutation_prob=0.25,
+    budget_fraction=0.9,
+    report_samples=1000,
+    batch_size=128,
+    seed=0,
+)
+# --fast: a smoke-test preset (about a minute on the embedded model).
+FAST = dict(num_samples=96, population=8, generations=2, topk=3, mutants=3, crossovers=2, report_samples=256)
+# --paper-settings: AutoDiffusion's evolution parameters.
+PAPER = dict(population=50, generations=10, topk=10, mutants=25, crossovers=15, mutation_prob=0.25)
+
+
+@dataclass
+class SearchOptions:
+    model: str = DEFAULT_MODEL
+    model_options: dict = field(default_factory=dict)
+    nfe: int = DEFAULTS["nfe"]
+    sampler: str = DEFAULTS["sampler"]
+    eta: float = DEFAULTS["eta"]
+    extractor: Optional[str] = None  # mnist for the embedded model, inception otherwise
+    reference: Optional[str] = None  # mnist for the embedded model; required otherwise
+    num_samples: int = DEFAULTS["num_samples"]
+    population: int = DEFAULTS["population"]
+    generations: int = DEFAULTS["generations"]
+    topk: int = DEFAULTS["topk"]
+    mutants: int = DEFAULTS["mutants"]
+    crossovers: int = DEFAULTS["crossovers"]
+    mutation_prob: float = DEFAULTS["mutation_prob"]
+    budget_fraction: Optional[float] = DEFAULTS["budget_fraction"]
+    budget_macs: Optional[int] = None
+    multi_objective: bool = False
+    seed: int = DEFAULTS["seed"]
+    out: Optional[str] = None
+    checkpoint: Optional[str] = None
+    resume: bool = False
+    report: bool = True
+    report_samples: int = DEFAULTS["report_samples"]
+    report_seed: Optional[int] = None  # default: seed + 1
+    report_extractors: Optional[list] = None  # default: [extractor]
+    batch_size: int = DEFAULTS["batch_size"]
+    cache_mb: int = 1024
+    share: bool = True  # prefix sharing (off only to measure what it saves)
+    device: str = "cpu"  # where the model runs (cuda on GPU machines)
+    quiet: bool = False
+
+    def resolved(self) -> "SearchOptions":
+        o = replace(self)
+        embedded = o.model.startswith("embedded:")
+        if o.extractor is None:
+            o.extractor = "mnist" if embedded else "inception"
+        if o.reference is None and o.model == DEFAULT_MODEL:
+            o.reference = "mnist"
+        if o.out is None:
+            name = o.model.split(":", 1)[1] if embedded else Path(o.model.split(":", 1)[-1]).stem
+            o.out = f"plans/{o.model.split(':')[0]}-{name}-nfe{o.nfe}{'' if o.sampler == 'ddim' else '-' + o.sampler}.json"
+        if o.checkpoint is None:
+            o.checkpoint = str(_stem(o.out)) + ".search-state.json"
+        if o.report_seed is None:
+            o.report_seed = o.seed + 1
+        if o.report_extractors is None:
+            o.report_extractors = [o.extractor]
+        return o
+
+
+def _stem(out: str | Path) -> Path:
+    p = Path(out)
+    return p.with_name(p.name[: -len(".json")]) if p.name.endswith(".json") else p
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """Fail now, not after an hour of search, when ``path`` cannot be written."""
+    if path.is_dir():
+        raise SearchError(f"{what} {path} is a directory: pass a file path (e.g. {path / 'plan.json'})")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise SearchError(f"cannot write the {what} {path}: {e.strerror or e}; pass --out with a path in a writable folder") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise SearchError(f"cannot write the {what} {path}: the file is read-only; pass --out with another path")
+
+
+def load_model_for_plan(plan):
+    """The model a plan was searched on (by its spec); check_model refuses other weights."""
+    from autodiffusion_rt.models import load_model
+
+    opts = dict((plan.provenance or {}).get("model_options") or {})
+    model = load_model(plan.model_spec, **opts)
+    plan.check_model(model)
+    return model
+
+
+@dataclass
+class Prepared:
+    """Everything resolved and checked before the search starts."""
+
+    options: SearchOptions
+    model: object
+    extractor: object
+    ref_stats: object
+    ref_description: str
+    space1: object
+    space2: object
+    settings: object
+    run_settings: dict
+
+
+def prepare(options: SearchOptions, model=None, extractor=None, ref_stats=None) -> Prepared:
+    """Resolve and validate every input; raise SearchError (or another Error) naming the bad one.
+
+    ``model``, ``extractor``, ``ref_stats``: objects to use instead of loading
+    them from the options (tests, notebooks).
+    """
+    from autodiffusion_rt.diffusion import SAMPLERS
+    from autodiffusion_rt.metrics import EXTRACTOR_NAMES, get_extractor
+
+    from .evolution import EvolutionSettings
+    from .space import SearchSpace
+
+    o = options.resolved()
+    if o.sampler not in SAMPLERS:
+        raise SearchError(f"--sampler {o.sampler!r} is unknown: choose one of {', '.join(SAMPLERS)}")
+    if not (0.0 <= o.eta <= 1.0) or (o.sampler != "ddim" and o.eta != 0.0):
+        raise SearchError(f"--eta {o.eta}: DDIM's eta lies in [0, 1], and other samplers take none (leave it 0)")
+    if isinstance(o.nfe, bool) or not isinstance(o.nfe, int) or o.nfe < 1:
+        raise SearchError(f"--nfe {o.nfe!r} is out of range: choose 1 <= NFE <= the model's number of training timesteps (e.g. 4)")
+    if isinstance(o.num_samples, bool) or not isinstance(o.num_samples, int) or o.num_samples < 2:
+        raise SearchError(f"--num-samples {o.num_samples!r}: FID needs at least 2 samples (and more than the feature size for a stable one)")
+    if o.report and o.report_samples < 2:
+        raise SearchError(f"--report-samples {o.report_samples!r}: FID needs at least 2 samples")
+    if o.budget_macs is not None and o.budget_macs <= 0:
+        raise SearchError(f"--budget-macs {o.budget_macs}: must be a positive number of MACs per sample")
+    if o.budget_fraction is not None and not 0.0 < o.budget_fraction <= 1.0:
+        raise SearchError(f"--budget-fraction {o.budget_fraction}: must lie in (0, 1] (1 = the full model's MACs at this NFE)")
+    if o.device != "cpu":
+        import torch
+
+        try:
+            dev = torch.device(o.device)
+        except RuntimeError:
+            raise SearchError(f"--device {o.device!r} is not a torch device: use cpu or cuda (cuda:N)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise SearchError(f"--device {o.device}: no CUDA device is visible here; use --device cpu")
+    settings = EvolutionSettings(
+        population=o.population, generations=o.generations, topk=o.topk, mutants=o.mutants,
+        crossovers=o.crossovers, mutation_prob=o.mutation_prob, multi_objective=o.multi_objective,
+    ).check()
+
+    # Outputs first: a search must not run for an hour and then fail to save.
+    out = Path(o.out)
+    _check_writable(out, "plan file")
+    _check_writable(Path(o.checkpoint), "checkpoint file")
+
+    if extractor is None:
+        if o.extractor not in EXTRACTOR_NAMES:
+            raise SearchError(f"--extractor {o.extractor!r} is unknown: choose one of {', '.join(EXTRACTOR_NAMES)}")
+        extractor = get_extractor(o.extractor)
+    for name in o.report_extractors or []:
+        if name not in EXTRACTOR_NAMES and name != getattr(extractor, "name", None):
+            raise SearchError(f"--report-extractor {name!r} is unknown: choose one of {', '.join(EXTRACTOR_NAMES)}")
+
+    if model is None:
+        from autodiffusion_rt.models import load_model
+
+        model = load_model(o.model, **o.model_options)
+    T = model.num_timesteps
+    if isinstance(o.nfe, bool) or not isinstance(o.nfe, int) or not 1 <= o.nfe <= T:
+        raise SearchError(f"--nfe {o.nfe!r} is out of range: choose 1 <= NFE <= {T} (the number of training timesteps of {model.name})")
+    extractor.check_shape(model.image_shape)  # e.g. the mnist extractor on 64x64 colour images
+
+    if ref_stats is None:
+        if o.reference is None:
+            raise SearchError(
+                f"{model.name} has no reference statistics: pass --reference with real images of its data "
+                "(an image folder, an .npz of uint8 images such as an ADM reference batch) or statistics made by "
+                f"`autodiffusion-rt fid-stats SOURCE --extractor {extractor.name} --out stats.npz`"
+            )
+        from autodiffusion_rt.metrics import resolve_reference
+
+        ref_stats, ref_description = resolve_reference(o.reference, extractor, progress=not o.quiet)
+    else:
+        ref_description = ref_stats.dataset
+    if o.num_samples <= extractor.feature_dim and not o.quiet:
+        warnings.warn(
+            f"--num-samples {o.num_samples} <= the {extractor.feature_dim}-d features of the {extractor.name!r} extractor: "
+            "the FID covariance is rank-deficient, so the fitness is biased (the ranking is still comparable within this run)",
+            stacklevel=2,
+        )
+
+    layer_macs = {layer.id: layer.macs for layer in model.unet.layers}
+    full_step = model.unet.macs()
+    full = full_step * o.nfe
+    if o.budget_macs is not None:
+        budget = int(o.budget_macs)
+    elif o.budget_fraction is not None:
+        budget = int(math.floor(o.budget_fraction * full))
+    else:
+        budget = None
+    space1 = SearchSpace(T, o.nfe, layer_macs, full_step, budget_macs=None, allow_skip=False)
+    space2 = SearchSpace(T, o.nfe, layer_macs, full_step, budget_macs=budget, allow_skip=True)
+
+    run_settings = {
+        "model": model.name,
+        "model_fingerprint": model.fingerprint,
+        "nfe": o.nfe,
+        "sampler": o.sampler,
+        "eta": o.eta,
+        "extractor": extractor.name,
+        "extractor_fingerprint": extractor.fingerprint,
+        "reference": ref_stats.dataset,
+        "num_samples": o.num_samples,
+        "seed": o.seed,
+        "budget_macs": budget,
+        **settings.as_dict(),
+    }
+    return Prepared(o, model, extractor, ref_stats, ref_description, space1, space2, settings, run_settings)
+
+
+def run_search(options: SearchOptions, model=None, extractor=None, ref_stats=None, executor=None, stop_after: Optional[int] = None):
+    """Run (or resume) a search and write its outputs. Returns (SearchResult, Plan, Report | None).
+
+    ``stop_after``: stop after that many generations (tests of resuming); returns None then.
+    """
+    from autodiffusion_rt.plan import Fitness, Plan
+
+    from .checkpoint import load_state, save_state
+    from .evolution import Search
+    from .executors import LocalExecutor
+    from .fitness import FitnessEvaluator
+
+    p = prepare(options, model, extractor, ref_stats)
+    o = p.options
+    state = None
+    ckpt = Path(o.checkpoint)
+    if o.resume:
+        state = load_state(ckpt, p.run_settings)
+        if not o.quiet:
+            print(f"resuming {ckpt}: stage {state.stage}, {state.generation + 1} generation(s) done", file=sys.stderr)
+    elif ckpt.exists() and not o.quiet:
+        print(f"starting a new search; it replaces the checkpoint {ckpt} (pass --resume to continue that one instead)", file=sys.stderr)
+    if executor is None:
+        evaluator = FitnessEvaluator(
+            p.model, o.sampler, o.eta, o.num_samples, o.seed, p.extractor, p.ref_stats,
+            batch_size=o.batch_size, cache_bytes=o.cache_mb << 20, share=o.share, device=o.device,
+        )
+        executor = LocalExecutor(evaluator)
+    search = Search(
+        p.space1, p.space2, p.settings, executor, o.seed, run_settings=p.run_settings, state=state,
+        on_generation=lambda st: save_state(st, ckpt), quiet=o.quiet,
+    )
+    result = search.run(stop_after=stop_after)
+    if result is None:
+        return None
+
+    c = result.counters
+    naive, calls = c.get("naive_unet_calls", 0), c.get("unet_calls", 0)
+    search_summary = {
+        "wall_seconds": round(result.wall_seconds, 1),
+        "requested": result.requested,
+        "evaluated": result.evaluated,
+        "memo_hits": result.requested - result.evaluated,
+        "unet_calls": calls,
+        "naive_unet_calls": naive,
+        "sharing_saved_fraction": (1 - calls / naive) if naive else 0.0,
+        "unet_seconds": round(c.get("unet_seconds", 0.0), 1),
+        "fid_seconds": round(c.get("fid_seconds", 0.0), 1),
+        "seconds_per_unet_call": (c.get("unet_seconds", 0.0) / calls) if calls else None,
+    }
+    plan = _make_plan(p, result.best, result, search_summary, Fitness, Plan)
+    plan.save(o.out)
+    if not o.quiet:
+        print(f"plan written to {o.out}: timesteps {list(plan.timesteps)}, {result.best.candidate.num_skipped} skipped layer-steps, "
+              f"FID {result.best.fid:.3f} ({p.extractor.name}, {o.num_samples} samples), "
+              f"{plan.macs_per_sample / plan.full_macs_per_sample:.3f} of the full model's MACs", file=sys.stderr)
+    if o.multi_objective:
+        save_plan_set([_make_plan(p, s, result, search_summary, Fitness, Plan) for s in result.pareto], _stem(o.out).with_name(_stem(o.out).name + ".pareto.json"))
+
+    report = None
+    if o.report:
+        from .report import baseline_rows, make_report
+
+        rows = [("searched plan", o.sampler, result.best.candidate)]
+        if result.stage1_best.candidate != result.best.candidate:
+            rows.append(("searched, stage 1 (full model)", o.sampler, result.stage1_best.candidate))
+        rows += baseline_rows(p.model.num_timesteps, o.nfe)
+        refs, exts = {}, []
+        for name in o.report_extractors:
+            if name == p.extractor.name:
+                refs[name] = p.ref_stats
+                exts.append(p.extractor)
+            else:
+                from autodiffusion_rt.metrics import resolve_reference
+
+                refs[name] = resolve_reference(o.reference, name, progress=not o.quiet)[0]
+                exts.append(name)
+        report = make_report(p.model, rows, exts, refs, o.report_samples, o.report_seed, o.eta, o.batch_size, o.quiet, device=o.device)
+        report.search = search_summary
+        md, _ = report.save(_stem(o.out))
+        if not o.quiet:
+            print(report.table())
+            print(f"report written to {md}", file=sys.stderr)
+    return result, plan, report
+
+
+def _make_plan(p: Prepared, scored, result, summary: dict, Fitness, Plan):
+    import torch
+
+    import autodiffusion_rt
+
+    o = p.options
+    fitness = Fitness(float(scored.fid), p.extractor.name, o.num_samples, o.seed, p.ref_stats.dataset)
+    provenance = {
+        "tool": "python -m search.run",
+        "search": {k: v for k, v in p.run_settings.items() if k not in ("model", "model_fingerprint")},
+        "reference": o.reference,
+        "model_options": o.model_options,
+        "stage1_best": result.stage1_best.candidate.to_json(),
+        "stage1_fid": result.stage1_best.fid,
+        "baselines_in_run": {k: {"timesteps": list(v.candidate.timesteps), "fid": v.fid} for k, v in result.baselines.items()},
+        "summary": summary,
+        "versions": {"autodiffusion-rt": autodiffusion_rt.__version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+    return Plan.for_model(p.model, scored.candidate.timesteps, o.sampler, o.eta, scored.candidate.skip, spec=o.model, fitness=fitness, provenance=provenance)
+
+
+PLAN_SET_FORMAT = "autodiffusion-rt-plan-set"
+
+
+def save_plan_set(plans, path: Path) -> Path:
+    """The Pareto set: {"format", "version", "plans": [plan, ...]} (each a full plan), written atomically."""
+    import json
+
+    from autodiffusion_rt.utils import atomic_write
+
+    path = Path(path)
+    with atomic_write(path, "w") as f:
+        json.dump({"format": PLAN_SET_FORMAT, "version": 1, "plans": [pl.to_dict() for pl in plans]}, f, indent=2)
+        f.write("\n")
+    return path
+
+
+def load_plan_set(path: str | Path) -> list:
+    """Read a Pareto set; every plan is validated like a plan.json (the bad field is named)."""
+    import json
+
+    from autodiffusion_rt.errors import PlanError
+    from autodiffusion_rt.plan import Plan
+
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PlanError(f"cannot read the plan set {path}: {e}") from None
+    if not isinstance(d, dict) or d.get("format") != PLAN_SET_FORMAT or d.get("version") != 1:
+        raise PlanError(f"{path}: field 'format'/'version' must be {PLAN_SET_FORMAT!r} version 1")
+    if not isinstance(d.get("plans"), list) or not d["plans"]:
+        raise PlanError(f"{path}: field 'plans' must be a non-empty list of plans")
+    return [Plan.from_dict(pd, f"{path} plans[{i}]") for i, pd in enumerate(d["plans"])]
+
+
+# ---------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m search.run",
+        description="Two-stage evolutionary search of timesteps and per-step layer skipping (AutoDiffusion), judged by FID and MACs.",
+    )
+    d = DEFAULTS
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model spec: embedded:mnist or adm:PATH (default: %(default)s)")
+    p.add_argument("--preset", default=None, help="ADM preset for adm: specs (e.g. imagenet64-cond)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="guided-diffusion flag for adm: specs, repeatable")
+    p.add_argument("--nfe", type=int, default=None, help=f"number of sampling steps (default {d['nfe']})")
+    p.add_argument("--sampler", default=None, help=f"ddim, ddpm or dpmpp_2m (default {d['sampler']})")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0: deterministic)")
+    p.add_argument("--extractor", default=None, help="FID features: mnist or inception (default: mnist for the embedded model, inception otherwise)")
+    p.add_argument("--reference", default=None, help="real data for FID: mnist, an image folder, an .npz of images, or a statistics .npz (default: mnist for the embedded model)")
+    p.add_argument("--num-samples", type=int, default=None, help=f"samples per candidate (default {d['num_samples']}; --fast {FAST['num_samples']})")
+    p.add_argument("--population", type=int, default=None, help=f"population size (default {d['population']})")
+    p.add_argument("--generations", type=int, default=None, help=f"generations per stage after the initial population (default {d['generations']})")
+    p.add_argument("--topk", type=int, default=None, help=f"elites kept each generation (default {d['topk']})")
+    p.add_argument("--mutants", type=int, default=None, help=f"mutants per generation (default {d['mutants']})")
+    p.add_argument("--crossovers", type=int, default=None, help=f"crossover children per generation (default {d['crossovers']})")
+    p.add_argument("--mutation-prob", type=float, default=None, help=f"per-step mutation probability (default {d['mutation_prob']})")
+    b = p.add_mutually_exclusive_group()
+    b.add_argument("--budget-fraction", type=float, default=None, help=f"stage 2 MACs budget as a fraction of the full model at this NFE (default {d['budget_fraction']})")
+    b.add_argument("--budget-macs", type=float, default=None, help="stage 2 MACs budget per sample, absolute (all steps)")
+    p.add_argument("--multi-objective", action="store_true", help="stage 2 with pymoo's NSGA-II on (FID, MACs); also writes the Pareto set")
+    p.add_argument("--seed", type=int, default=None, help="seed of the search and of the samples' noise (default 0)")
+    p.add_argument("--out", default=None, help="plan path (default plans/embedded-mnist-nfe4.json for the default model)")
+    p.add_argument("--checkpoint", default=None, help="search state path (default: next to --out, .search-state.json)")
+    p.add_argument("--resume", action="store_true", help="continue the search saved in the checkpoint (same settings)")
+    pre = p.add_mutually_exclusive_group()
+    pre.add_argument("--fast", action="store_true", help="a small preset for smoke tests: " + ", ".join(f"{k}={v}" for k, v in FAST.items()))
+    pre.add_argument("--paper-settings", action="store_true", help="AutoDiffusion's evolution settings: " + ", ".join(f"{k}={v}" for k, v in PAPER.items()))
+    p.add_argument("--no-report", action="store_true", help="skip the comparison report")
+    p.add_argument("--report-samples", type=int, default=None, help=f"samples per report row (default {d['report_samples']})")
+    p.add_argument("--report-seed", type=int, default=None, help="seed of the report rows (default: --seed + 1, noise the plan was not selected on)")
+    p.add_argument("--report-extractor", action="append", default=None, help="extractor(s) for the report, repeatable (default: --extractor)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"model batch size (default {d['batch_size']})")
+    p.add_argument("--cache-mb", type=int, default=1024, help="memory for shared intermediate states (default %(default)s MB)")
+    p.add_argument("--no-prefix-sharing", action="store_true", help="evaluate every candidate on its own (to measure what sharing saves)")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda[:N] (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    return p
+
+
+def options_from_args(args) -> SearchOptions:
+    values = dict(DEFAULTS)
+    if args.fast:
+        values.update(FAST)
+    if args.paper_settings:
+        values.update(PAPER)
+    for key in ("nfe", "sampler", "eta", "num_samples", "population", "generations", "topk", "mutants", "crossovers",
+                "mutation_prob", "report_samples", "batch_size", "seed"):
+        v = getattr(args, key)
+        if v is not None:
+            values[key] = v
+    budget_fraction = values["budget_fraction"]
+    budget_macs = None
+    if args.budget_macs is not None:
+        budget_macs, budget_fraction = int(args.budget_macs), None
+    elif args.budget_fraction is not None:
+        budget_fraction = args.budget_fraction
+    model_options = {}
+    if args.option or args.preset:
+        from autodiffusion_rt.cli import parse_options
+
+        model_options = parse_options(args.option)
+        if args.preset:
+            model_options["preset"] = args.preset
+    return SearchOptions(
+        model=args.model, model_options=model_options, nfe=values["nfe"], sampler=values["sampler"], eta=values["eta"],
+        extractor=args.extractor, reference=args.reference, num_samples=values["num_samples"],
+        population=values["population"], generations=values["generations"], topk=values["topk"],
+        mutants=values["mutants"], crossovers=values["crossovers"], mutation_prob=values["mutation_prob"],
+        budget_fraction=budget_fraction, budget_macs=budget_macs, multi_objective=args.multi_objective,
+        seed=values["seed"], out=args.out, checkpoint=args.checkpoint, resume=args.resume, report=not args.no_report,
+        report_samples=values["report_samples"], report_seed=args.report_seed, report_extractors=args.report_extractor,
+        batch_size=values["batch_size"], cache_mb=args.cache_mb, share=not args.no_prefix_sharing, quiet=args.quiet,
+        device=args.device,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        run_search(options_from_args(args))
+        return 0
+    except Error as e:
+        print(f"search.run: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("search.run: interrupted; continue with --resume (the last finished generation is saved)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
