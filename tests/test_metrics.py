@@ -104,7 +104,7 @@ def test_mnist_extractor_interface(digits, ext):
     assert get_extractor("mnist") is ext  # loaded once, shared
     assert (ext.name, ext.feature_dim) == ("mnist", 64)
     assert isinstance(ext.preprocessing, str) and ext.preprocessing
-    assert len(ext.fingerprint) == 16 and int(ext.fingerprint, 16) >= 0
+    assert len(ext.fingerprint) == 64 and int(ext.fingerprint, 16) >= 0
     x = digits[:300]
     f = ext.features(x, batch_size=128)
     assert f.shape == (300, 64) and f.dtype == np.float64 and np.isfinite(f).all()
