@@ -82,7 +82,7 @@ def test_tf_input_range_and_grayscale():
 def test_inception_extractor_on_digits_matches_torchscript(ext, torchscript):
     digit = load_mnist("heldout")[0][:1]
     assert (ext.name, ext.feature_dim) == ("inception", 2048)
-    assert len(ext.fingerprint) == 16 and "tf1-bilinear-299" in ext.preprocessing
+    assert len(ext.fingerprint) == 64 and "tf1-bilinear-299" in ext.preprocessing
     gray = ext.features(digit)
     assert gray.shape == (1, 2048) and gray.dtype == np.float64 and (gray >= 0).all()  # average of ReLU outputs
     rgb = ext.features(digit.expand(-1, 3, -1, -1))  # grayscale = the same digit on three channels
