@@ -101,6 +101,11 @@ class SearchResult:
     def requested(self) -> int:
         return sum(h["requested"] for h in self.history)
 
+    @property
+    def memo_saved(self) -> int:
+        """Evaluations the memo saved: repeated candidates plus elites re-ranked every generation."""
+        return sum(h["memo_hits"] + h.get("elites_kept", 0) for h in self.history)
+
 
 def _unique(cands: Sequence[Candidate]) -> list[Candidate]:
     return list(dict.fromkeys(cands))
@@ -133,6 +138,7 @@ class Search:
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = state.rng_state
         self._algo = None  # the live NSGA-II object (unpickled from the state on resume)
+        self._redrawn = 0  # children redrawn this generation because they had been evaluated already
         self._session_start = time.perf_counter()
         self._prior_elapsed = float(state.elapsed)
         self._prior_counters = dict(state.counters)
@@ -154,11 +160,13 @@ class Search:
         st = self.state
         space = self.spaces[st.stage]
         t0 = time.perf_counter()
+        self._redrawn = 0
         if st.stage == 2 and self.settings.multi_objective:
             record = self._generation_nsga2(space)
         else:
             record = self._generation_single(space)
         record["seconds"] = round(time.perf_counter() - t0, 3)
+        record["redrawn"] = self._redrawn
         st.history.append(record)
         if st.generation >= self.settings.generations:
             if st.stage == 1:
@@ -211,6 +219,7 @@ class Search:
             child = make()
             if child not in seen:
                 break
+            self._redrawn += 1
         seen.add(child)
         return child
 
@@ -263,6 +272,7 @@ class Search:
             elites = self._rank(space, st.population)[: self.settings.topk]
             children = self._offspring(space, elites)
         record = self._evaluate(children, self._desc(g))
+        record["elites_kept"] = len(elites)  # ranked again from the memo, not re-evaluated
         st.population = self._rank(space, elites + children)
         st.generation = g
         return self._record(record, space, st.population)

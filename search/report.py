@@ -121,7 +121,10 @@ class Report:
 def _search_summary(s: dict) -> str:
     parts = [f"search: {s.get('wall_seconds', 0):.0f} s wall"]
     if "evaluated" in s:
-        parts.append(f"{s['evaluated']} candidates evaluated ({s.get('requested', 0)} requested, {s.get('memo_hits', 0)} memo hits)")
+        parts.append(
+            f"{s['evaluated']} candidates evaluated ({s.get('requested', 0)} requested, {s.get('memo_hits', 0)} memo hits; "
+            f"the memo saved {s.get('memo_saved_evaluations', s.get('memo_hits', 0))} evaluations counting elites re-ranked)"
+        )
     if "unet_calls" in s:
         parts.append(
             f"{s['unet_calls']} model calls of N samples instead of {s['naive_unet_calls']} without prefix sharing "

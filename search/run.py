@@ -30,24 +30,29 @@ DEFAULT_MODEL = "embedded:mnist"
 
 # Defaults sized for the embedded model at NFE 4 on the project's 2-core CPU (measured;
 # search/README.md "Defaults" has the numbers): one model call costs about 6.8 ms per
-# sample, FID with the mnist extractor is negligible (0.04 s per candidate), so the cost is
+# sample on a quiet machine (12 ms with other jobs running), FID with the mnist extractor
+# is negligible (0.05 s per candidate), so the cost is
 #   candidates x NFE x (1 - prefix sharing) x N x 6.8 ms
-# = 2 stages x (24 + 6 x 18) x 4 x ~0.75 x 128 x 6.8 ms  ~ 690 s of search, plus the report
-# (5 rows x 4 calls x 1000 samples x 6.8 ms ~ 140 s): under 15 minutes. AutoDiffusion's own
+# = 2 stages x (24 + 5 x 18) x 4 x 0.75 x 128 x 6.8 ms  ~ 600 s of search, plus the report
+# (5 rows x 4 calls x 1000 samples x 6.8 ms ~ 140 s): about 12 minutes. AutoDiffusion's own
 # settings (population 50, 10 generations, top-k 10, 25 mutants, 15 crossovers) are
-# --paper-settings: about 3.4x the search cost, for GPUs.
+# --paper-settings: about 4x the search cost, for GPUs.
+# The budget defaults to the full model's MACs: stage 2 may skip layers only where that
+# does not cost FID. On the embedded model a 0.9 budget cost 5 FID at NFE 4, more than the
+# timestep search gained over uniform DDIM (see the README), so compute savings are opt-in
+# (--budget-fraction, --multi-objective).
 DEFAULTS = dict(
     nfe=4,
     sampler="ddim",
     eta=0.0,
     num_samples=128,
     population=24,
-    generations=6,
+    generations=5,
     topk=6,
     mutants=12,
     crossovers=6,
     mutation_prob=0.25,
-    budget_fraction=0.9,
+    budget_fraction=1.0,
     report_samples=1000,
     batch_size=128,
     seed=0,
@@ -310,6 +315,8 @@ def run_search(options: SearchOptions, model=None, extractor=None, ref_stats=Non
         "requested": result.requested,
         "evaluated": result.evaluated,
         "memo_hits": result.requested - result.evaluated,
+        "memo_saved_evaluations": result.memo_saved,
+        "redrawn_duplicates": sum(h.get("redrawn", 0) for h in result.history),
         "unet_calls": calls,
         "naive_unet_calls": naive,
         "sharing_saved_fraction": (1 - calls / naive) if naive else 0.0,

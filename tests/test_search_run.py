@@ -98,6 +98,8 @@ def test_plan_respects_the_budget_and_round_trips(opts, run, tmp_path):
     assert loaded == plan
     assert loaded.fitness.num_samples == 24 and loaded.fitness.seed == opts.seed
     assert loaded.provenance["summary"]["evaluated"] == res.evaluated
+    # Elites are re-ranked from the memo every generation of both stages, never re-evaluated.
+    assert loaded.provenance["summary"]["memo_saved_evaluations"] >= 2 * opts.generations * opts.topk
     # The report: the plan and the three baselines, same N and seed for every row.
     methods = [r.method for r in report.rows]
     assert methods[0] == "searched plan" and methods[-3:] == ["DDIM uniform (linear)", "DDIM uniform (quadratic)", "DPM-Solver++(2M) uniform (linear)"]
