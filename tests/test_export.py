@@ -13,14 +13,14 @@ import torch
 
 from autodiffusion_rt.diffusion import compute_coefficients, step_update
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError, Error
-from autodiffusion_rt.models.loading import _build
-from autodiffusion_rt.models.unet import ADMUNet, ResBlock
+from autodiffusion_rt.models.unet import ResBlock
 from autodiffusion_rt.plan import Plan
 from autodiffusion_rt.runtime import Runtime, read_manifest
 from export import build as build_mod
 from export.build import build_engines
 from export.onnx_export import export_step_onnx
 from export.subnet import StepModule, step_modules
+from conftest import core_random_model
 
 # Small enough to export in well under a second, big enough to have every kind
 # of layer: channel-changing ResBlocks (1x1 skip), resampling, attention.
@@ -39,12 +39,7 @@ def random_model(seed=0, **overrides):
     diffusion = {**DIFFUSION, "learn_sigma": overrides.get("learn_sigma", False)}
     if diffusion["learn_sigma"]:
         cfg["out_channels"] = 2 * cfg["in_channels"]
-    torch.manual_seed(seed)
-    unet = ADMUNet(**cfg)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
-    return _build(f"export-test:{seed}", cfg, diffusion, unet.state_dict(), "test", {})
+    return core_random_model(cfg, diffusion, seed=seed, scale=0.05)
 
 
 @pytest.fixture(autouse=True, scope="module")

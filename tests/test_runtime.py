@@ -12,12 +12,11 @@ import torch
 
 from autodiffusion_rt import sample
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError, Error, SamplingError
-from autodiffusion_rt.models.loading import _build
-from autodiffusion_rt.models.unet import ADMUNet
 from autodiffusion_rt.plan import Plan
 from autodiffusion_rt.runtime import Runtime, sample_from_engines
 from autodiffusion_rt.runtime.runtime import MANIFEST_NAME, plan_sha256
 from export.build import build_engines
+from conftest import core_random_model
 
 CONFIG = dict(
     image_size=8, in_channels=1, model_channels=32, out_channels=1, num_res_blocks=1,
@@ -33,12 +32,7 @@ TIMESTEPS = [300, 200, 100]
 def random_model(seed=0, **overrides):
     """A DiffusionModel with every weight random (ADM zero-inits output convs, which would hide errors)."""
     cfg = {**CONFIG, **overrides}
-    torch.manual_seed(seed)
-    unet = ADMUNet(**cfg)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
-    return _build(f"runtime-test:{seed}", cfg, DIFFUSION, unet.state_dict(), "test", {})
+    return core_random_model(cfg, DIFFUSION, seed=seed, scale=0.05)
 
 
 @pytest.fixture(autouse=True, scope="module")

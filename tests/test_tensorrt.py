@@ -26,11 +26,10 @@ import pytest
 import torch
 
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError
-from autodiffusion_rt.models.loading import _build
-from autodiffusion_rt.models.unet import ADMUNet
 from autodiffusion_rt.plan import Plan
 from autodiffusion_rt.runtime import Runtime, read_manifest
 from export.build import build_engines
+from conftest import core_random_model
 
 CONFIG = dict(
     image_size=8, in_channels=1, model_channels=32, out_channels=1, num_res_blocks=1,
@@ -40,13 +39,7 @@ CONFIG = dict(
 
 
 def random_model(seed=0):
-    torch.manual_seed(seed)
-    unet = ADMUNet(**CONFIG)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
-    return _build(f"trt-test:{seed}", CONFIG, dict(noise_schedule="linear", diffusion_steps=1000, learn_sigma=False),
-                  unet.state_dict(), "test", {})
+    return core_random_model(CONFIG, dict(noise_schedule="linear", diffusion_steps=1000, learn_sigma=False), seed=seed, scale=0.05)
 
 
 @pytest.fixture(autouse=True, scope="module")
