@@ -136,7 +136,6 @@ class FitnessEvaluator:
         # DPM-Solver++(2M) carries the previous x0; the one-step samplers do not.
         self._carry_x0 = sampler == "dpmpp_2m"
         self._all_ids = model.unet.layer_ids
-        self._macs_cache: dict = {}
 
     # ----------------------------------------------------------------- samples
     def _noise_draw(self, k: int) -> torch.Tensor:

@@ -16,9 +16,8 @@ import os
 import platform
 import sys
 import tempfile
-import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
