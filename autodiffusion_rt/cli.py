@@ -163,13 +163,21 @@ def cmd_sample(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .models.train import train_embedded
+    from .models.train import TrainSettings, train_embedded
 
     command = "autodiffusion-rt train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "autodiffusion-rt train"
-    record = train_embedded(
-        Path(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        threads=args.threads, quiet=args.quiet, command=command, init=args.init,
+    settings = TrainSettings(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
+        min_snr_gamma=args.min_snr_gamma or None, seed=args.seed,
     )
+    record = train_embedded(
+        Path(args.out), settings, state=args.state, resume=args.resume, checkpoint_every=args.checkpoint_every,
+        time_limit=args.time_limit, threads=args.threads, compile=args.compile, quiet=args.quiet, command=command, init=args.init,
+    )
+    if not record["finished"]:
+        print(f"stopped at step {record['step']} of {record['steps']} after {record['seconds']} s; state saved: "
+              f"run the same command with --resume to continue")
+        return 0
     print(f"trained {record['steps']} steps in {record['seconds']} s, final loss {record['final_loss']}: {args.out}")
     return 0
 
@@ -232,14 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("train", help="train the embedded MNIST model")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p = sub.add_parser("train", help="train the embedded MNIST model (resumable)")
+    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--ema-decay", type=float, default=0.9995)
+    p.add_argument("--min-snr-gamma", type=float, default=5.0, help="min-SNR-gamma loss weighting; 0 for plain MSE (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--init", default=None, help="continue from this checkpoint's weights (a fresh optimizer)")
-    p.add_argument("--out", default="embedded_mnist.pt")
+    p.add_argument("--init", default=None, help="start from this checkpoint's weights (a fresh optimizer)")
+    p.add_argument("--out", default="embedded_mnist.pt", help="the finished checkpoint (EMA weights)")
+    p.add_argument("--state", default=None, help="the resumable training state (default: OUT.state)")
+    p.add_argument("--resume", action="store_true", help="continue from --state exactly where it stopped")
+    p.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between state saves (default: %(default)s)")
+    p.add_argument("--time-limit", type=float, default=None, help="save the state and stop after this many seconds")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward (faster after a short compile)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 

@@ -3,9 +3,11 @@
 ``plan.json`` is the one contract between search, build and run::
 
     {
-      "format": "autodiffusion-rt-plan", "version": 1,
+      "format": "autodiffusion-rt-plan", "version": 2,
       "model":    {"spec", "name", "config", "fingerprint"},
-      "sampler":  {"kind": "ddim" | "ddpm" | "dpmpp_2m", "eta": float},
+      "sampler":  {"kind": "ddim" | "ddpm" | "dpmpp_2m", "eta": float,
+                   "clip_denoised": bool,       # x0 clipped to [-1, 1] at every step
+                   "noise": "per-sample-v1"},   # the draw order (diffusion/noise.py)
       "timesteps": [int, ...],            # strictly descending, in [0, T)
       "skip":     [[layer id, ...], ...],  # layers skipped at each step
       "fitness":  null | {"fid", "extractor", "num_samples", "seed", "reference"},
@@ -14,6 +16,9 @@
     }
 
 Loading validates every field and names the first bad one; saving is atomic.
+Version 1 plans (before ``clip_denoised`` and ``noise`` were recorded) still
+load: they were made with x0 clipping on, and their stochastic steps now draw
+in the per-sample order (deterministic samplers give the same images).
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .diffusion import SAMPLERS, validate_timesteps
+from .diffusion import DRAW_ORDER, SAMPLERS, compute_coefficients, validate_timesteps
 from .errors import Error, PlanError
 from .utils import atomic_write
 
 PLAN_FORMAT = "autodiffusion-rt-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,8 @@ class Plan:
     full_macs_per_sample: int
     fitness: Optional[Fitness] = None
     provenance: dict = field(default_factory=dict)
+    clip_denoised: bool = True
+    noise: str = DRAW_ORDER
 
     # ------------------------------------------------------------- construction
     @classmethod
@@ -69,6 +77,7 @@ class Plan:
         spec: Optional[str] = None,
         fitness: Optional[Fitness] = None,
         provenance: Optional[dict] = None,
+        clip_denoised: bool = True,
     ) -> "Plan":
         """A plan for ``model`` (a DiffusionModel); MACs come from its layer registry."""
         ts = tuple(validate_timesteps(timesteps, model.num_timesteps))
@@ -93,6 +102,7 @@ class Plan:
             full_macs_per_sample=int(model.unet.macs() * len(ts)),
             fitness=fitness,
             provenance=dict(provenance or {}),
+            clip_denoised=bool(clip_denoised),
         )
         plan.check_model(model)
         return plan
@@ -101,6 +111,10 @@ class Plan:
     @property
     def nfe(self) -> int:
         return len(self.timesteps)
+
+    def coefficients(self, schedule):
+        """The sampler's per-step constants over this plan's timesteps, for ``schedule``."""
+        return compute_coefficients(self.sampler, schedule, self.timesteps, self.eta, self.clip_denoised)
 
     def keep_sets(self, model) -> list[frozenset[str]]:
         """The layer ids that run at each step."""
@@ -130,7 +144,7 @@ class Plan:
                 "config": self.model_config,
                 "fingerprint": self.model_fingerprint,
             },
-            "sampler": {"kind": self.sampler, "eta": self.eta},
+            "sampler": {"kind": self.sampler, "eta": self.eta, "clip_denoised": self.clip_denoised, "noise": self.noise},
             "timesteps": list(self.timesteps),
             "skip": [list(s) for s in self.skip],
             "fitness": asdict(self.fitness) if self.fitness else None,
@@ -151,7 +165,7 @@ class Plan:
         v = _Validator(source)
         v.check(isinstance(d, dict), "", "the plan must be a JSON object")
         v.check(d.get("format") == PLAN_FORMAT, "format", f"must be {PLAN_FORMAT!r}, got {d.get('format')!r}")
-        v.check(d.get("version") == PLAN_VERSION, "version", f"must be {PLAN_VERSION} (this autodiffusion-rt reads version {PLAN_VERSION}), got {d.get('version')!r}")
+        v.check(d.get("version") in READABLE_VERSIONS, "version", f"must be one of {list(READABLE_VERSIONS)} (what this autodiffusion-rt reads), got {d.get('version')!r}")
         model = v.obj(d, "model")
         for key in ("spec", "name", "fingerprint"):
             v.check(isinstance(model.get(key), str) and model.get(key), f"model.{key}", "must be a non-empty string")
@@ -160,6 +174,11 @@ class Plan:
         v.check(sampler.get("kind") in SAMPLERS, "sampler.kind", f"must be one of {list(SAMPLERS)}, got {sampler.get('kind')!r}")
         eta = sampler.get("eta", 0.0)
         v.check(_is_real(eta) and 0.0 <= eta <= 1.0, "sampler.eta", f"must be a number in [0, 1], got {eta!r}")
+        old = d.get("version") == 1
+        clip = sampler.get("clip_denoised", True if old else None)
+        v.check(isinstance(clip, bool), "sampler.clip_denoised", f"must be true or false, got {clip!r}")
+        noise = sampler.get("noise", DRAW_ORDER if old else None)
+        v.check(noise == DRAW_ORDER, "sampler.noise", f"must be {DRAW_ORDER!r} (the draw order this autodiffusion-rt implements), got {noise!r}")
         ts = d.get("timesteps")
         v.check(isinstance(ts, list) and all(_is_int(t) for t in ts), "timesteps", f"must be a list of integers, got {ts!r}")
         T = model["config"].get("diffusion", {}).get("diffusion_steps", 1000) if isinstance(model["config"].get("diffusion"), dict) else 1000
@@ -202,6 +221,8 @@ class Plan:
             full_macs_per_sample=int(compute["full_macs_per_sample"]),
             fitness=fitness,
             provenance=prov,
+            clip_denoised=clip,
+            noise=noise,
         )
 
     @classmethod

@@ -1,11 +1,11 @@
 """``autodiffusion_rt.sample``: images from a model over any timestep list.
 
-Random draws, in this order, all from one ``torch.Generator`` seeded with
-``seed``: x_T (n, C, H, W); then the labels, when the model is class-conditional
-and none are given (uniform over the classes); then each stochastic step's
-noise (see :mod:`autodiffusion_rt.diffusion.samplers`). Every backend follows
-this order through :func:`initial_state`, so the same plan and seed give the
-same images everywhere.
+Every random draw is per sample (:mod:`autodiffusion_rt.diffusion.noise`):
+sample i of seed s has its own generator seeded from (s, i), which draws its
+x_T, then its label (when the model is class-conditional and none is given),
+then each stochastic step's noise. Every backend draws through
+:func:`initial_state`, so the same plan and seed give the same images
+everywhere, whatever the chunk size.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
-from .diffusion import SAMPLERS, compute_coefficients, sample_loop, validate_timesteps
+from .diffusion import SAMPLERS, SampleNoise, check_seed, compute_coefficients, sample_loop, validate_timesteps
 from .errors import SamplingError
 from .models import DiffusionModel
 
@@ -49,15 +49,24 @@ def check_labels(model: DiffusionModel, labels, n: int) -> Optional[torch.Tensor
     return y.long()
 
 
-def initial_state(model: DiffusionModel, n: int, seed: int, labels=None) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Generator]:
-    """x_T, the labels and the generator, drawn in the documented order."""
+def initial_state(model, n: int, seed: int, labels=None, *, noise: Optional[SampleNoise] = None,
+                  device=None) -> tuple[torch.Tensor, Optional[torch.Tensor], SampleNoise]:
+    """x_T, the labels and the per-sample noise source, drawn in the documented order.
+
+    ``model``: anything with ``image_shape`` and ``num_classes``. ``noise``: the
+    rows to draw for (default: samples 0..n-1 of ``seed``; the service passes
+    several requests' rows stacked).
+    """
     n = check_n(n)
     y = check_labels(model, labels, n)
-    generator = torch.Generator().manual_seed(int(seed))
-    x = torch.randn((n, *model.image_shape), generator=generator)
+    if noise is None:
+        noise = SampleNoise(check_seed(seed), n, device=device)
+    elif len(noise) != n:
+        raise SamplingError(f"noise has {len(noise)} rows for n={n}: pass one row per sample")
+    x = noise.randn(model.image_shape)
     if model.num_classes is not None and y is None:
-        y = torch.randint(model.num_classes, (n,), generator=generator)
-    return x, y, generator
+        y = noise.randint(model.num_classes)
+    return x, y, noise
 
 
 def per_step_keep(model: DiffusionModel, keep: KeepSpec, num_steps: int) -> list[Optional[frozenset[str]]]:
@@ -114,7 +123,7 @@ def sample(
     ts = validate_timesteps(timesteps, model.num_timesteps)
     keeps = per_step_keep(model, keep, len(ts))
     coeffs = compute_coefficients(sampler, model.schedule, ts, eta)
-    x, y, generator = initial_state(model, n, seed, labels)
-    out = sample_loop(make_eps_fn(model, y, keeps, batch_size), x, coeffs, generator=generator, progress=progress, callback=callback)
+    x, y, noise = initial_state(model, n, seed, labels)
+    out = sample_loop(make_eps_fn(model, y, keeps, batch_size), x, coeffs, noise=noise, progress=progress, callback=callback)
     out = out.clamp(-1, 1)
     return (out, y) if return_labels else out

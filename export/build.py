@@ -40,7 +40,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from autodiffusion_rt.diffusion import compute_coefficients
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError
 from autodiffusion_rt.plan import Plan
 from autodiffusion_rt.runtime.engines import cuda_compute_capability, import_onnxruntime, import_tensorrt, step_io
@@ -211,7 +210,7 @@ def build_engines(
             raise BackendUnavailableError("--simplify needs onnxslim: pip install onnxslim (or build without --simplify)") from None
 
     model = load_plan_model(plan, model)
-    coeffs = compute_coefficients(plan.sampler, model.schedule, plan.timesteps, plan.eta)
+    coeffs = plan.coefficients(model.schedule)
     keeps = plan.keep_sets(model)
     conditional = model.num_classes is not None
     out_dir = Path(out_dir)

@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from autodiffusion_rt.diffusion import SamplerCoefficients, compute_coefficients, step_update
+from autodiffusion_rt.diffusion import SamplerCoefficients, step_update
 from autodiffusion_rt.errors import EngineError
 from autodiffusion_rt.models.unet import ResBlock
 from autodiffusion_rt.runtime.engines import NOISE, PREV_X0, X, X0, Y, step_io
@@ -177,7 +177,7 @@ def step_modules(model, plan, label_mode: str = "auto", dtype: torch.dtype = tor
                  steps: Optional[Sequence[int]] = None) -> list[StepModule]:
     """The step modules of ``plan`` (all steps, or those in ``steps``)."""
     plan.check_model(model)
-    coeffs = compute_coefficients(plan.sampler, model.schedule, plan.timesteps, plan.eta)
+    coeffs = plan.coefficients(model.schedule)
     keeps = plan.keep_sets(model)
     unet = half_unet(model) if dtype == torch.float16 else None
     idx = range(len(coeffs)) if steps is None else steps

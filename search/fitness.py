@@ -125,7 +125,7 @@ class FitnessEvaluator:
         # Drawn on the CPU in the documented order (as sample() does), then moved: the same
         # numbers on every device.
         self.device = torch.device(device)
-        x_T, y, self._gen = initial_state(model, self.num_samples, self.seed)
+        x_T, y, self._sample_noise = initial_state(model, self.num_samples, self.seed)
         self._x_T = x_T.to(self.device)
         self._y = None if y is None else y.to(self.device)
         if self.device.type != "cpu":
@@ -139,10 +139,10 @@ class FitnessEvaluator:
 
     # ----------------------------------------------------------------- samples
     def _noise_draw(self, k: int) -> torch.Tensor:
-        # Draw in order from the shared generator, as sample_loop would: draw k is the same for everyone.
+        # The k-th stochastic draw of every sample's generator, as sample_loop makes it: the same for everyone.
         while len(self._noise) <= k:
             x = self._x_T
-            self._noise.append(torch.randn(x.shape, generator=self._gen, dtype=x.dtype).to(self.device))
+            self._noise.append(self._sample_noise.randn(x.shape[1:], dtype=x.dtype).to(self.device))
         return self._noise[k]
 
     def _step_keys(self, cand: Candidate) -> list[StepKey]:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from autodiffusion_rt.diffusion import NoiseSchedule
 from autodiffusion_rt.errors import PlanError
 from autodiffusion_rt.plan import Fitness, Plan
 
@@ -26,7 +27,24 @@ def test_plan_round_trips_through_json(tmp_path, plan):
     path = plan.save(tmp_path / "p.json")
     loaded = Plan.load(path)
     assert loaded == plan
-    assert json.loads(path.read_text())["version"] == 1
+    d = json.loads(path.read_text())
+    assert d["version"] == 2
+    assert d["sampler"]["clip_denoised"] is True and d["sampler"]["noise"] == "per-sample-v1"
+
+
+def test_version_1_plans_load_with_clipping_on(tmp_path, plan):
+    """Plans written before clip_denoised/noise were recorded keep their meaning (clipping was on)."""
+    d = plan.to_dict()
+    d["version"] = 1
+    del d["sampler"]["clip_denoised"], d["sampler"]["noise"]
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(d))
+    old = Plan.load(path)
+    assert old.clip_denoised is True and old.timesteps == plan.timesteps
+    unclipped = Plan.from_dict({**plan.to_dict(), "sampler": {**plan.to_dict()["sampler"], "clip_denoised": False}})
+    schedule = NoiseSchedule.named("linear")
+    assert unclipped.coefficients(schedule).clip_denoised is False
+    assert old.coefficients(schedule).clip_denoised is True
 
 
 def test_plan_macs_come_from_the_registry(tiny_model, plan):
@@ -42,7 +60,9 @@ def test_plan_macs_come_from_the_registry(tiny_model, plan):
     "mutate, field",
     [
         (lambda d: d.update(format="something"), "format"),
-        (lambda d: d.update(version=2), "version"),
+        (lambda d: d.update(version=3), "version"),
+        (lambda d: d["sampler"].update(clip_denoised="yes"), "sampler.clip_denoised"),
+        (lambda d: d["sampler"].update(noise="one-generator"), "sampler.noise"),
         (lambda d: d["model"].pop("fingerprint"), "model.fingerprint"),
         (lambda d: d["sampler"].update(kind="euler"), "sampler.kind"),
         (lambda d: d["sampler"].update(eta=2.0), "sampler.eta"),

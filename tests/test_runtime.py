@@ -97,6 +97,27 @@ def test_onnxruntime_images_equal_torch(engine_dirs, case):
         assert not torch.equal(rt.sample(7, seed=12, labels=labels), a)  # the seed matters
 
 
+def test_merged_requests_get_exactly_their_own_images(engine_dirs):
+    """What a dynamic batcher relies on: requests run as one batch equal each run alone.
+
+    The stochastic case (ddim eta 0.7) draws step noise: a shared generator would fail this.
+    """
+    cases = [
+        (("uncond", "ddim", 0.7), [(3, 5, None), (2, 9, None), (1, 5, None), (2, 2**63 - 1, None)]),
+        (("cond", "ddim", 0.0), [(3, 5, None), (2, 9, [1, 1]), (1, 5, 2), (2, 7, None)]),  # drawn and given labels mixed
+    ]
+    for case, requests in cases:
+        _, _, d = engine_dirs[case]
+        with Runtime.load(d, threads=1) as rt:
+            merged = rt.sample_requests(requests)  # 8 rows > max_batch 4: chunks cut across requests
+            for (n, seed, labels), (images, y) in zip(requests, merged):
+                alone, y_alone = rt.sample(n, seed=seed, labels=labels, return_labels=True)
+                assert torch.equal(images, alone)
+                assert (y is None and y_alone is None) or torch.equal(y, y_alone)
+            # one image of a request is the same whatever n it was asked with
+            assert torch.equal(rt.sample(1, seed=5), merged[0][0][:1])
+
+
 def test_labels_drawn_from_the_seed_match_and_are_validated(engine_dirs):
     model, plan, d = engine_dirs[("cond", "ddim", 0.0)]
     with Runtime.load(d, threads=1) as rt, Runtime.from_plan(plan, model=model) as ref:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from autodiffusion_rt.diffusion import (
+    SampleNoise,
     SAMPLERS,
     NoiseSchedule,
     SamplerCoefficients,
@@ -212,12 +213,12 @@ def test_coefficients_object(linear):
 def test_ddim_eta1_equals_ddpm(schedule, dtype, ts, atol):
     eps_fn = make_eps_fn(schedule.alphas_cumprod)
     x = x_init(dtype)
-    ddim = sample_ddim(eps_fn, x, schedule, ts, eta=1.0, generator=torch.Generator().manual_seed(7), clip_denoised=False)
-    ddpm = sample_ddpm(eps_fn, x, schedule, ts, generator=torch.Generator().manual_seed(7), clip_denoised=False)
+    ddim = sample_ddim(eps_fn, x, schedule, ts, eta=1.0, noise=SampleNoise(7, SHAPE[0]), clip_denoised=False)
+    ddpm = sample_ddpm(eps_fn, x, schedule, ts, noise=SampleNoise(7, SHAPE[0]), clip_denoised=False)
     assert ddim.dtype == dtype and torch.isfinite(ddim).all()
     assert (ddim - ddpm).abs().max().item() < atol
     # Sanity: the noise matters, so the agreement is not vacuous.
-    other = sample_ddpm(eps_fn, x, schedule, ts, generator=torch.Generator().manual_seed(8), clip_denoised=False)
+    other = sample_ddpm(eps_fn, x, schedule, ts, noise=SampleNoise(8, SHAPE[0]), clip_denoised=False)
     assert (other - ddpm).abs().max().item() > 1e-2
 
 
@@ -293,9 +294,9 @@ def test_same_seed_same_samples(linear, sampler, eta):
     eps_fn = make_eps_fn(linear.alphas_cumprod)
     coeffs = compute_coefficients(sampler, linear, uniform_timesteps(1000, 10), eta=eta, clip_denoised=False)
     x = x_init(torch.float32)
-    a = sample_loop(eps_fn, x, coeffs, generator=torch.Generator().manual_seed(3))
-    b = sample_loop(eps_fn, x, coeffs, generator=torch.Generator().manual_seed(3))
-    c = sample_loop(eps_fn, x, coeffs, generator=torch.Generator().manual_seed(4))
+    a = sample_loop(eps_fn, x, coeffs, noise=SampleNoise(3, SHAPE[0]))
+    b = sample_loop(eps_fn, x, coeffs, noise=SampleNoise(3, SHAPE[0]))
+    c = sample_loop(eps_fn, x, coeffs, noise=SampleNoise(4, SHAPE[0]))
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
 
@@ -305,24 +306,30 @@ def test_draw_step_noise_reproduces_sample_loop(linear, dtype):
     eps_fn = make_eps_fn(linear.alphas_cumprod)
     coeffs = compute_coefficients("ddim", linear, [999, 800, 500, 200, 0], eta=0.7, clip_denoised=False)
     x = x_init(dtype)
-    noises = draw_step_noise(coeffs, x.shape, torch.Generator().manual_seed(11), dtype=dtype)
+    noises = draw_step_noise(coeffs, SampleNoise(11, SHAPE[0]), SHAPE[1:], dtype=dtype)
     assert [n is not None for n in noises] == coeffs.stochastic_steps.tolist() == [True] * 4 + [False]
     # Replay the loop by hand with the pre-drawn noise, as another backend would.
     xi, prev_x0 = x, None
     for i, t in enumerate(coeffs.timesteps):
         xi, prev_x0 = step_update(coeffs.row(i), xi, eps_fn(xi, t, i), prev_x0, noises[i])
-    loop = sample_loop(eps_fn, x, coeffs, generator=torch.Generator().manual_seed(11))
+    loop = sample_loop(eps_fn, x, coeffs, noise=SampleNoise(11, SHAPE[0]))
     assert torch.equal(xi, loop)
 
 
-def test_deterministic_samplers_leave_generator_untouched(linear):
-    g = torch.Generator().manual_seed(5)
-    state = g.get_state()
+def test_deterministic_samplers_leave_the_noise_untouched(linear):
+    noise = SampleNoise(5, SHAPE[0])
+    states = [g.get_state() for g in noise.generators]
     eps_fn = make_eps_fn(linear.alphas_cumprod)
-    sample_ddim(eps_fn, x_init(), linear, [999, 500, 0], generator=g, clip_denoised=False)
-    sample_dpmpp_2m(eps_fn, x_init(), linear, [999, 500, 0], generator=g, clip_denoised=False)
-    assert torch.equal(g.get_state(), state)
-    assert draw_step_noise(compute_coefficients("ddim", linear, [999, 0], clip_denoised=False), SHAPE, g) == [None, None]
+    sample_ddim(eps_fn, x_init(), linear, [999, 500, 0], noise=noise, clip_denoised=False)
+    sample_dpmpp_2m(eps_fn, x_init(), linear, [999, 500, 0], noise=noise, clip_denoised=False)
+    assert all(torch.equal(g.get_state(), s) for g, s in zip(noise.generators, states))
+    assert draw_step_noise(compute_coefficients("ddim", linear, [999, 0], clip_denoised=False), noise, SHAPE[1:]) == [None, None]
+
+
+def test_a_stochastic_step_without_per_sample_noise_is_refused(linear):
+    eps_fn = make_eps_fn(linear.alphas_cumprod)
+    with pytest.raises(SamplingError, match="SampleNoise with one generator per sample"):
+        sample_ddpm(eps_fn, x_init(), linear, [999, 500, 0], noise=SampleNoise(0, SHAPE[0] - 1))
 
 
 def test_step_update_traces_to_a_constant_graph():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import autodiffusion_rt as ad
-from autodiffusion_rt.diffusion import compute_coefficients, sample_loop
+from autodiffusion_rt.diffusion import SampleNoise, compute_coefficients, sample_loop
 from autodiffusion_rt.errors import LayerError, SamplingError, TimestepsError
 from autodiffusion_rt.sampling import initial_state
 
@@ -17,10 +17,10 @@ TS = [999, 600, 250, 40]
 def test_sample_equals_the_plain_loop_from_the_documented_initial_state(tiny_cond_model, sampler):
     m = tiny_cond_model
     out, y = ad.sample(m, TS, sampler=sampler, n=5, seed=7, return_labels=True)
-    x, y0, gen = initial_state(m, 5, 7)
+    x, y0, noise = initial_state(m, 5, 7)
     assert torch.equal(y, y0)
     coeffs = compute_coefficients(sampler, m.schedule, TS)
-    ref = sample_loop(lambda x, t, i: m.eps(x, torch.full((5,), t), y0), x, coeffs, generator=gen).clamp(-1, 1)
+    ref = sample_loop(lambda x, t, i: m.eps(x, torch.full((5,), t), y0), x, coeffs, noise=noise).clamp(-1, 1)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
 
 
@@ -51,6 +51,39 @@ def test_keep_per_step_changes_only_the_steps_it_names(tiny_model):
     assert (full[1] - skipped_second[1]).abs().max() > 1e-3
     everywhere = _unclamped(m, keep=m.unet.layer_ids - {attn})
     assert (everywhere[0] - skipped_second[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.6)])
+def test_a_samples_images_do_not_depend_on_n_or_chunking(tiny_cond_model, sampler, eta):
+    """Per-sample draws: sample i of seed s is the same in any n, any chunk size.
+
+    What would catch this: one generator shared by the batch (the old draw order)
+    makes the first 3 of n=7 differ from n=3 on every stochastic step.
+    """
+    m = tiny_cond_model
+    seven, y7 = ad.sample(m, TS, sampler, n=7, seed=11, eta=eta, return_labels=True)
+    three, y3 = ad.sample(m, TS, sampler, n=3, seed=11, eta=eta, return_labels=True, batch_size=2)
+    torch.testing.assert_close(seven[:3], three, rtol=0, atol=1e-5)
+    assert torch.equal(y7[:3], y3)
+    other = ad.sample(m, TS, sampler, n=3, seed=12, eta=eta)
+    assert (other - three).abs().max() > 1e-2
+
+
+def test_per_sample_generators_are_unrelated_across_seeds_and_indices():
+    from autodiffusion_rt.diffusion.noise import sample_generator_seed
+
+    seeds = {sample_generator_seed(s, i) for s in range(30) for i in range(30)}
+    assert len(seeds) == 900 and all(0 <= v < 2**63 for v in seeds)
+    # (seed 0, index 1) and (seed 1, index 0) must not share a stream.
+    a = SampleNoise(0, [1]).randn((16,))
+    b = SampleNoise(1, [0]).randn((16,))
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 1.5, "3", True])
+def test_seeds_outside_the_one_range_are_refused(tiny_model, seed):
+    with pytest.raises(SamplingError, match=r"\[0, 2\^63\)"):
+        ad.sample(tiny_model, TS, n=1, seed=seed)
 
 
 def test_chunked_model_calls_give_the_same_images(tiny_model):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from autodiffusion_rt.errors import LayerError, SamplingError
@@ -100,7 +101,9 @@ def _measured_macs(m: ADMUNet, keep, batch: int = 2) -> float:
     x = torch.randn(batch, m.in_channels, m.image_size, m.image_size)
     t = torch.randint(0, 1000, (batch,))
     y = torch.randint(0, m.num_classes, (batch,)) if m.num_classes else None
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    # The math backend: FlopCounterMode has no formula for PyTorch's fused CPU attention kernel
+    # (it would count 0), while the math path's two batched products are what the registry counts.
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         m(x, t, y, keep=keep)
     return counter.get_total_flops() / 2 / batch
 

@@ -1,5 +1,6 @@
 """Noise schedules and samplers over arbitrary timestep lists."""
 
+from autodiffusion_rt.diffusion.noise import DRAW_ORDER, MAX_SEED, SampleNoise, check_seed
 from autodiffusion_rt.diffusion.samplers import (
     SAMPLERS,
     EpsFn,
@@ -22,6 +23,10 @@ from autodiffusion_rt.diffusion.schedules import (
 )
 
 __all__ = [
+    "DRAW_ORDER",
+    "MAX_SEED",
+    "SampleNoise",
+    "check_seed",
     "SAMPLERS",
     "SCHEDULE_NAMES",
     "SPACINGS",

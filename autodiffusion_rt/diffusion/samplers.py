@@ -20,9 +20,10 @@ arithmetic lives; :func:`sample_loop` is the only loop. A per-step engine can
 fold its row of constants into its graph.
 
 Noise rule (determinism across backends): step i draws noise iff
-``c_noise[i] != 0``, as ``torch.randn(x.shape, generator=generator,
-dtype=x.dtype, device=x.device)``, in step order, right after the model call of
-that step. :func:`draw_step_noise` replays exactly these draws.
+``c_noise[i] != 0``, one standard normal per sample from that sample's own
+generator (:class:`~autodiffusion_rt.diffusion.noise.SampleNoise`), in step
+order, right after the model call of that step. :func:`draw_step_noise`
+replays exactly these draws.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from autodiffusion_rt.diffusion.noise import SampleNoise
 from autodiffusion_rt.diffusion.schedules import NoiseSchedule, validate_timesteps
 from autodiffusion_rt.errors import SamplingError
 from autodiffusion_rt.utils import kernel_hook
@@ -325,30 +327,16 @@ def step_update(
     return x_prev, x0
 
 
-def _step_noise(shape, generator, dtype, device) -> torch.Tensor:
-    # The one noise draw of the contract; sample_loop and draw_step_noise share it.
-    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
-
-
-def draw_step_noise(
-    coeffs: SamplerCoefficients,
-    shape: Sequence[int],
-    generator: torch.Generator | None = None,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> list[torch.Tensor | None]:
+def draw_step_noise(coeffs: SamplerCoefficients, noise: SampleNoise, shape: Sequence[int],
+                    *, dtype: torch.dtype = torch.float32) -> list[torch.Tensor | None]:
     """The noise :func:`sample_loop` would draw, per step (None where deterministic).
 
-    Given a generator in the same state, dtype and device as sample_loop's x,
-    the tensors are bit-identical to sample_loop's draws, so another backend
-    (onnxruntime, TensorRT) can reproduce the torch samples exactly.
+    ``shape`` is one sample's (C, H, W). Given ``noise`` in the same state as
+    sample_loop's, the tensors are bit-identical to its draws. Holds all steps
+    at once: for a fixed set of common random numbers (the search), not for
+    streaming (the runtime draws step by step).
     """
-    device = torch.device("cpu") if device is None else torch.device(device)
-    return [
-        _step_noise(shape, generator, dtype, device) if stochastic else None
-        for stochastic in coeffs.stochastic_steps
-    ]
+    return [noise.randn(shape, dtype=dtype) if stochastic else None for stochastic in coeffs.stochastic_steps]
 
 
 @torch.no_grad()
@@ -357,7 +345,7 @@ def sample_loop(
     x: torch.Tensor,
     coeffs: SamplerCoefficients,
     *,
-    generator: torch.Generator | None = None,
+    noise: SampleNoise | None = None,
     progress: bool = False,
     callback: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
@@ -385,8 +373,15 @@ def sample_loop(
                 "eps_fn must return a noise prediction shaped like x (split off any "
                 "learned-variance channels)"
             )
-        noise = _step_noise(x.shape, generator, x.dtype, x.device) if row.c_noise != 0.0 else None
-        x_prev, x0 = step_update(row, x, eps, prev_x0, noise)
+        z = None
+        if row.c_noise != 0.0:
+            if noise is None or len(noise) != x.shape[0]:
+                raise SamplingError(
+                    f"step {i} (t={t}) is stochastic and needs a SampleNoise with one generator per sample "
+                    f"({x.shape[0]}), got {'none' if noise is None else len(noise)}"
+                )
+            z = noise.randn(x.shape[1:], dtype=x.dtype)
+        x_prev, x0 = step_update(row, x, eps, prev_x0, z)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0, "x_prev": x_prev})
         x, prev_x0 = x_prev, x0

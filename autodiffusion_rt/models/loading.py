@@ -4,6 +4,8 @@ Specs:
 
 * ``embedded:mnist``: the project's own class-conditional MNIST model, shipped as
   package data (trained by ``autodiffusion-rt train``; see the README).
+* ``ckpt:PATH``: a checkpoint written by ``autodiffusion-rt train`` (its config
+  and noise schedule travel with the weights).
 * ``adm:PATH``: an openai/guided-diffusion checkpoint. Its architecture comes from
   a named preset (``preset="imagenet64-cond"``, the published ADM-G 64x64 model)
   and/or keyword overrides using guided-diffusion's own flag names
@@ -198,24 +200,34 @@ def _build(name: str, unet_kwargs: dict, diffusion: dict, state_dict: dict, sour
     )
 
 
+def _load_trained(spec: str, path: Path, fix: str) -> DiffusionModel:
+    """A checkpoint written by ``autodiffusion-rt train``: config, schedule and weights in one file."""
+    record = _read_checkpoint(path)
+    if not (isinstance(record, dict) and record.get("format") == 1 and "state_dict" in record):
+        raise CheckpointError(f"{path} is not an autodiffusion-rt checkpoint (format 1): {fix}")
+    config = dict(record["config"])
+    config["attention_resolutions"] = tuple(config["attention_resolutions"])
+    config["channel_mult"] = tuple(config["channel_mult"])
+    return _build(spec, config, record["diffusion"], record["state_dict"], str(path), record.get("training", {}))
+
+
 def load_model(spec: str, **overrides) -> DiffusionModel:
     """Load ``embedded:NAME`` or ``adm:PATH`` (with ``preset=`` and guided-diffusion flags)."""
     if not isinstance(spec, str) or ":" not in spec:
-        raise ModelSpecError(f"unknown model spec {spec!r}: use 'embedded:mnist' or 'adm:PATH/TO/CHECKPOINT.pt'")
+        raise ModelSpecError(f"unknown model spec {spec!r}: use 'embedded:mnist', 'adm:PATH/TO/CHECKPOINT.pt' or 'ckpt:PATH'")
     kind, _, rest = spec.partition(":")
     if kind == "embedded":
         if rest not in EMBEDDED_MODELS:
             raise ModelSpecError(f"unknown embedded model {rest!r} in {spec!r}: available: {['embedded:' + k for k in EMBEDDED_MODELS]}")
         if overrides:
             raise ModelSpecError(f"the embedded model takes no options, got {sorted(overrides)}")
-        path = EMBEDDED_MODELS[rest]
-        record = _read_checkpoint(path)
-        if not (isinstance(record, dict) and record.get("format") == 1 and "state_dict" in record):
-            raise CheckpointError(f"{path} is not an autodiffusion-rt checkpoint (format 1): reinstall the package")
-        config = dict(record["config"])
-        config["attention_resolutions"] = tuple(config["attention_resolutions"])
-        config["channel_mult"] = tuple(config["channel_mult"])
-        return _build(spec, config, record["diffusion"], record["state_dict"], str(path), record.get("training", {}))
+        return _load_trained(spec, EMBEDDED_MODELS[rest], "reinstall the package")
+    if kind == "ckpt":
+        if not rest:
+            raise ModelSpecError(f"model spec {spec!r} has no path: use 'ckpt:PATH' for a checkpoint written by 'autodiffusion-rt train'")
+        if overrides:
+            raise ModelSpecError(f"a ckpt: model carries its own config and takes no options, got {sorted(overrides)}")
+        return _load_trained(spec, Path(rest).expanduser(), "pass a file written by 'autodiffusion-rt train --out'")
     if kind == "adm":
         if not rest:
             raise ModelSpecError(f"model spec {spec!r} has no path: use 'adm:PATH/TO/CHECKPOINT.pt'")
@@ -225,4 +237,4 @@ def load_model(spec: str, **overrides) -> DiffusionModel:
         if not isinstance(state_dict, dict):
             raise CheckpointError(f"{path} does not hold a state_dict (got {type(state_dict).__name__})")
         return _build(spec, unet_kwargs, diffusion, state_dict, str(path), {"overrides": overrides})
-    raise ModelSpecError(f"unknown model spec {spec!r}: the kind {kind!r} is not one of 'embedded', 'adm'")
+    raise ModelSpecError(f"unknown model spec {spec!r}: the kind {kind!r} is not one of 'embedded', 'adm', 'ckpt'")

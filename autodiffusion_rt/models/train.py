@@ -1,8 +1,16 @@
 """Train the embedded default model: a small class-conditional ADM UNet on MNIST.
 
-Run as ``autodiffusion-rt train`` (see the README for the exact command that made
-the committed checkpoint). Standard DDPM training: uniform timesteps, epsilon
-prediction, MSE loss, AdamW, an EMA of the weights; the EMA weights are saved.
+Run as ``autodiffusion-rt train`` (the README has the exact commands that made the
+committed checkpoint). DDPM training: uniform timesteps, epsilon prediction, MSE
+loss weighted by min-SNR-gamma (Hang et al., ICCV 2023: down-weights the easy
+low-noise steps, which converges several times faster), AdamW, an EMA of the
+weights; the EMA weights are what is saved.
+
+Training runs in pieces. Every ``checkpoint_every`` seconds (and when it ends or
+hits ``time_limit``) the whole training state (model, EMA, optimizer, LR
+schedule, the data generator's and torch's RNG states, the step, recent losses)
+is written atomically to ``state``; ``resume=True`` continues from it exactly as
+if never stopped (same threads, same machine: bit for bit).
 """
 
 from __future__ import annotations
@@ -10,20 +18,22 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data import load_mnist
+from ..errors import Error
 from ..utils import atomic_write
 from .unet import ADMUNet
 
 # The embedded model's architecture. Sized so that a forward pass at batch 256
-# stays under half a second on a 2-core CPU and training fits in under an hour:
-# the 28x28 level dominates the cost, so it keeps 32 channels and resamples
-# without convolutions.
+# stays under half a second on a 2-core CPU: the 28x28 level dominates the cost,
+# so it keeps 32 channels and resamples without convolutions.
 EMBEDDED_MNIST_CONFIG = dict(
     image_size=28,
     in_channels=1,
@@ -39,93 +49,234 @@ EMBEDDED_MNIST_CONFIG = dict(
     use_scale_shift_norm=True,
     resblock_updown=False,
 )
-EMBEDDED_MNIST_DIFFUSION = dict(noise_schedule="cosine", diffusion_steps=1000, learn_sigma=False)
+# Linear (Ho et al.) rather than cosine: at t = 999 the cosine schedule's
+# sqrt(alpha_bar) is ~5e-5, so solving for x0 multiplies eps errors by ~2e4 and the
+# first steps of a short schedule amplified the model's errors into gray blobs;
+# the linear schedule's t = 999 has sqrt(alpha_bar) ~ 6e-3.
+EMBEDDED_MNIST_DIFFUSION = dict(noise_schedule="linear", diffusion_steps=1000, learn_sigma=False)
+
+STATE_FORMAT = 1
+
+
+class TrainingError(Error):
+    """Bad training arguments or an unusable training state file."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that decides the result of a training run (a resume must match it)."""
+
+    steps: int = 20000
+    batch_size: int = 128
+    lr: float = 2e-3
+    ema_decay: float = 0.9995
+    min_snr_gamma: Optional[float] = 5.0  # None: plain MSE
+    seed: int = 0
+    noise_schedule: str = EMBEDDED_MNIST_DIFFUSION["noise_schedule"]
+    config: dict = field(default_factory=lambda: dict(EMBEDDED_MNIST_CONFIG))
+
+    def check(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise TrainingError(f"steps={self.steps!r}: pass a positive integer number of optimizer steps, e.g. --steps 20000")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise TrainingError(f"batch_size={self.batch_size!r}: pass a positive integer, e.g. --batch-size 128")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise TrainingError(f"lr={self.lr!r}: pass a positive learning rate, e.g. --lr 2e-3")
+        if not (0 <= self.ema_decay < 1):
+            raise TrainingError(f"ema_decay={self.ema_decay!r}: pass a value in [0, 1), e.g. 0.9995")
+        if self.min_snr_gamma is not None and not (math.isfinite(self.min_snr_gamma) and self.min_snr_gamma > 0):
+            raise TrainingError(f"min_snr_gamma={self.min_snr_gamma!r}: pass a positive number (5 is the paper's) or none")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (0 <= self.seed < 2**63):
+            raise TrainingError(f"seed={self.seed!r}: pass an integer in [0, 2^63)")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.config.items()}
+        return d
+
+
+def _lr_factor(step: int, steps: int) -> float:
+    # Linear warmup over 5% of the run, then cosine decay to 10% of lr.
+    warmup = max(1, steps // 20)
+    return min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+
+
+def _probe_writable(path: Path, what: str) -> None:
+    """Fail now, not after hours of training, when ``path`` cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path.parent / f".{path.name}.probe", "wb") as f:
+            f.write(b"")
+        (path.parent / f".{path.name}.probe").unlink()
+    except OSError as e:
+        raise TrainingError(f"cannot write the {what} {path}: {e.strerror or e}; pass a writable path") from None
+    if path.is_dir():
+        raise TrainingError(f"the {what} {path} is a directory: pass a file path")
+
+
+def _read_state(path: Path) -> dict:
+    if not path.is_file():
+        raise TrainingError(f"no training state to resume at {path}: drop --resume to start fresh, or pass --state PATH")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TrainingError(f"cannot read the training state {path} ({type(e).__name__}): delete it to start fresh") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise TrainingError(f"{path} is not an autodiffusion-rt training state (format {STATE_FORMAT}): delete it to start fresh")
+    return state
 
 
 def train_embedded(
     out: Path,
-    steps: int = 2000,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    ema_decay: float = 0.999,
-    seed: int = 0,
-    threads: int | None = None,
+    settings: TrainSettings = TrainSettings(),
+    *,
+    state: Optional[Path] = None,
+    resume: bool = False,
+    checkpoint_every: float = 300.0,
+    time_limit: Optional[float] = None,
+    stop_at_step: Optional[int] = None,
+    threads: Optional[int] = None,
+    compile: bool = False,
     quiet: bool = False,
     command: str = "",
-    init: Path | None = None,
+    init: Optional[Path] = None,
 ) -> dict:
-    """Train the embedded MNIST model and save its EMA weights atomically to ``out``."""
+    """Train the embedded MNIST model; save its EMA weights atomically to ``out`` when done.
+
+    ``state`` (default ``OUT.state``) holds the resumable training state.
+    ``time_limit`` (seconds) / ``stop_at_step``: save the state and return early
+    (``record["finished"]`` is False); run again with ``resume=True`` to go on.
+    ``compile``: run the training forward through ``torch.compile`` (about 1.3x
+    faster on a CPU after a two-minute compile; the same function up to float rounding).
+    """
     from ..diffusion import NoiseSchedule
 
+    settings.check()
+    out = Path(out)
+    state = Path(state) if state is not None else out.with_name(out.name + ".state")
+    _probe_writable(out, "output checkpoint")
+    _probe_writable(state, "training state file")
+    if init is not None and not Path(init).is_file():
+        raise TrainingError(f"--init {init}: no such checkpoint file; pass the path of a checkpoint from 'autodiffusion-rt train'")
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    images, labels = load_mnist("all")
-    schedule = NoiseSchedule.named(EMBEDDED_MNIST_DIFFUSION["noise_schedule"], EMBEDDED_MNIST_DIFFUSION["diffusion_steps"])
-    sqrt_ab = torch.tensor(schedule.alphas_cumprod, dtype=torch.float64).sqrt().float()
-    sqrt_1mab = torch.tensor(1 - schedule.alphas_cumprod, dtype=torch.float64).sqrt().float()
 
-    model = ADMUNet(**EMBEDDED_MNIST_CONFIG)
+    images, labels = load_mnist("all")
+    schedule = NoiseSchedule.named(settings.noise_schedule, EMBEDDED_MNIST_DIFFUSION["diffusion_steps"])
+    acp = torch.tensor(schedule.alphas_cumprod, dtype=torch.float64)
+    sqrt_ab, sqrt_1mab = acp.sqrt().float(), (1 - acp).sqrt().float()
+    snr = acp / (1 - acp)
+    # min-SNR-gamma for epsilon prediction: weight min(SNR, gamma) / SNR.
+    loss_weight = (snr.clamp(max=settings.min_snr_gamma) / snr).float() if settings.min_snr_gamma else torch.ones_like(snr).float()
+
+    config = dict(settings.config)
+    config["attention_resolutions"] = tuple(config["attention_resolutions"])
+    config["channel_mult"] = tuple(config["channel_mult"])
+    torch.manual_seed(settings.seed)
+    model = ADMUNet(**config)
     history: list[dict] = []
-    if init is not None:
-        # Continue from an earlier run's (EMA) weights; its record is kept in the history.
+    if init is not None and not resume:
         previous = torch.load(init, map_location="cpu", weights_only=True)
         model.load_state_dict(previous["state_dict"], strict=True)
         history = [*previous.get("training", {}).get("history", []), {k: v for k, v in previous["training"].items() if k != "history"}]
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    # Linear warmup, then cosine decay to 10% of lr: fast early progress, a calm finish.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    )
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, settings.steps))
+    gen = torch.Generator().manual_seed(settings.seed)
+    start, seconds_before, losses = 0, 0.0, []
+
+    if resume:
+        saved = _read_state(state)
+        if saved["settings"] != settings.to_json():
+            was = saved["settings"]
+            diff = ", ".join(f"{k}={was.get(k)!r}" for k in sorted(settings.to_json()) if was.get(k) != settings.to_json()[k])
+            raise TrainingError(
+                f"{state} was made with other settings ({diff}): "
+                "resume with the same settings, or delete the state file to start fresh"
+            )
+        model.load_state_dict(saved["model"])
+        ema.load_state_dict(saved["ema"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["lr_schedule"])
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        start, seconds_before, losses, history = saved["step"], saved["seconds"], list(saved["losses"]), saved["history"]
+
+    def save_state(step: int, elapsed: float) -> None:
+        payload = {
+            "format": STATE_FORMAT,
+            "settings": settings.to_json(),
+            "step": step,
+            "seconds": elapsed,
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(),
+            "lr_schedule": sched.state_dict(),
+            "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "losses": losses[-200:],
+            "history": history,
+        }
+        with atomic_write(state, "wb") as f:
+            torch.save(payload, f)
+
+    forward = torch.compile(model) if compile else model
     t0 = time.time()
-    losses: list[float] = []
-    bar = tqdm(range(steps), disable=quiet, desc="train")
+    last_save = t0
+    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, disable=quiet, desc="train")
+    step = start
+    finished = True
     for step in bar:
-        idx = torch.randint(len(images), (batch_size,), generator=gen)
+        if (stop_at_step is not None and step >= stop_at_step) or (time_limit is not None and time.time() - t0 >= time_limit):
+            finished = False
+            break
+        idx = torch.randint(len(images), (settings.batch_size,), generator=gen)
         x0, y = images[idx], labels[idx]
-        t = torch.randint(schedule.num_timesteps, (batch_size,), generator=gen)
+        t = torch.randint(schedule.num_timesteps, (settings.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         xt = sqrt_ab[t].view(-1, 1, 1, 1) * x0 + sqrt_1mab[t].view(-1, 1, 1, 1) * noise
-        loss = F.mse_loss(model(xt, t, y), noise)
+        per_sample = F.mse_loss(forward(xt, t, y), noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (loss_weight[t] * per_sample).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         # EMA with a warmup so the average is not dominated by the random init.
-        decay = min(ema_decay, (1 + step) / (10 + step))
+        decay = min(settings.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
-        losses.append(loss.item())
+        losses.append(per_sample.mean().item())  # the unweighted MSE: comparable across weightings
+        losses = losses[-200:]
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
-    seconds = time.time() - t0
-    final_loss = sum(losses[-200:]) / len(losses[-200:])
-    record = {
+            bar.set_postfix(mse=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
+        if time.time() - last_save >= checkpoint_every:
+            save_state(step + 1, seconds_before + time.time() - t0)
+            last_save = time.time()
+    else:
+        step = settings.steps
+    elapsed = seconds_before + time.time() - t0
+    save_state(step, elapsed)
+    final_loss = sum(losses) / max(1, len(losses))
+    record = {"steps": settings.steps, "step": step, "finished": finished, "seconds": round(elapsed, 1), "final_loss": round(final_loss, 5)}
+    if not finished:
+        return record
+    checkpoint = {
         "format": 1,
         "name": "embedded:mnist",
-        "config": dict(EMBEDDED_MNIST_CONFIG),
-        "diffusion": dict(EMBEDDED_MNIST_DIFFUSION),
+        "config": dict(settings.config),
+        "diffusion": {**EMBEDDED_MNIST_DIFFUSION, "noise_schedule": settings.noise_schedule},
         "state_dict": ema.state_dict(),
         "training": {
             "command": command,
-            "steps": steps,
-            "batch_size": batch_size,
-            "lr": lr,
-            "ema_decay": ema_decay,
-            "seed": seed,
-            "seconds": round(seconds, 1),
+            **settings.to_json(),
+            "seconds": round(elapsed, 1),
             "final_loss": round(final_loss, 5),
             "torch": str(torch.__version__),
             "history": history,
         },
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out, "wb") as f:
-        torch.save(record, f)
-    return record["training"]
+        torch.save(checkpoint, f)
+    return record

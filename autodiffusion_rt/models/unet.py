@@ -249,11 +249,17 @@ class QKVAttention(nn.Module):
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ch: int) -> torch.Tensor:
-    # Scale q and k separately (as ADM does) to keep fp16 products in range.
-    scale = 1 / math.sqrt(math.sqrt(ch))
-    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
-    weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
-    return torch.einsum("bts,bcs->bct", weight, v)
+    """softmax(q^T k / sqrt(ch)) applied to v, for (batch*heads, ch, length) tensors.
+
+    ADM's einsum-softmax-einsum, computed by PyTorch's fused attention: the same
+    function (ADM's split scaling only guards fp16 ranges), without materialising
+    the (length x length) weights for the backward pass, which made attention over
+    half of a CPU training step.
+    """
+    # 4-D (1, batch*heads, length, ch), the layout PyTorch's fused CPU kernel takes.
+    # Contiguous channels: the fused kernels need stride 1 in the last dimension.
+    q, k, v = (a.transpose(1, 2).contiguous().unsqueeze(0) for a in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v)[0].transpose(1, 2)
 
 
 class AttentionBlock(nn.Module):

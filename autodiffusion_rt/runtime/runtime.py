@@ -5,9 +5,10 @@
 exporter); ``Runtime.from_plan(plan)`` runs a plan on the PyTorch model, the
 reference every backend is compared with. Both sample exactly like
 :func:`autodiffusion_rt.sample`: x_T, labels and every step's noise come from
-:func:`~autodiffusion_rt.sampling.initial_state` and
-:func:`~autodiffusion_rt.diffusion.draw_step_noise`, so the same plan and seed
-give the same images on every backend, within float tolerance.
+each sample's own generator (:class:`~autodiffusion_rt.diffusion.SampleNoise`,
+through :func:`~autodiffusion_rt.sampling.initial_state`), drawn as each chunk
+runs, so the same plan and seed give the same images on every backend, within
+float tolerance, whatever the chunk size or the requests batched together.
 
 Engines are loaded once. Sampling runs through per-batch-size ping-pong
 buffers kept between calls, so switching engines along the schedule allocates
@@ -51,10 +52,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..diffusion import NoiseSchedule, SamplerCoefficients, compute_coefficients, draw_step_noise
+from ..diffusion import NoiseSchedule, SampleNoise, SamplerCoefficients, check_seed
 from ..errors import EngineError, PlanError
 from ..plan import Plan
-from ..sampling import initial_state
+from ..sampling import check_labels, check_n, initial_state
 from ..utils import sha256_file
 from .engines import (
     NOISE,
@@ -141,7 +142,7 @@ def coefficients_for_plan(plan: Plan) -> SamplerCoefficients:
             "re-create the plan with Plan.for_model"
         )
     schedule = NoiseSchedule.named(diffusion["noise_schedule"], int(diffusion.get("diffusion_steps", 1000)))
-    return compute_coefficients(plan.sampler, schedule, plan.timesteps, plan.eta)
+    return plan.coefficients(schedule)
 
 
 def load_plan_model(plan: Plan, model=None):
@@ -327,7 +328,7 @@ class Runtime:
         if not isinstance(plan, Plan):
             raise PlanError(f"expected a Plan, got {type(plan).__name__}: load it with Plan.load(path)")
         model = load_plan_model(plan, model)
-        coeffs = compute_coefficients(plan.sampler, model.schedule, plan.timesteps, plan.eta)
+        coeffs = plan.coefficients(model.schedule)
         keeps = plan.keep_sets(model)
         conditional = model.num_classes is not None
         engines = []
@@ -436,25 +437,66 @@ class Runtime:
 
     def sample(self, n: int, seed: int = 0, labels=None, *, return_labels: bool = False, progress: bool = False,
                clip: bool = True):
-        """``n`` images in [-1, 1] (NCHW float32), drawn as :func:`autodiffusion_rt.sample` draws them.
+        """``n`` images in [-1, 1] (NCHW float32), equal to :func:`autodiffusion_rt.sample`'s for the same seed.
 
-        Batches above the engines' maximum are run in chunks (the draws are made
-        for all ``n`` first, so chunking does not change the images).
+        Runs in chunks of at most the engines' maximum batch; every sample's
+        draws come from its own generator, so chunking does not change the images.
         ``clip=False`` returns the final step's output before the clamp to [-1, 1].
         """
-        x, y, generator = initial_state(self.info, n, seed, labels)
-        noises = draw_step_noise(self.coeffs, x.shape, generator)
-        chunk = self.max_batch or n
-        out = torch.empty_like(x)
-        with self._lock:
-            if not self.engines:
-                raise EngineError("this Runtime is closed")
-            for s in range(0, x.shape[0], chunk):
-                e = min(x.shape[0], s + chunk)
-                out[s:e] = self._run_chunk(x[s:e], None if y is None else y[s:e], [None if z is None else z[s:e] for z in noises], progress)
+        n = check_n(n)
+        out, y = self._sample_rows(SampleNoise(check_seed(seed), n), check_labels(self.info, labels, n), progress)
         if clip:
             out.clamp_(-1, 1)
         return (out, y) if return_labels else out
+
+    def sample_requests(self, requests: Sequence[tuple[int, int, Any]]) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """Several requests ``(n, seed, labels)`` run as one batch; per request ``(images, labels)``.
+
+        Each request's images equal ``sample(n, seed, labels)`` called alone:
+        what a dynamic batcher needs to merge concurrent requests.
+        """
+        ns = [check_n(n) for n, _, _ in requests]
+        noise = SampleNoise.for_requests([(seed, n) for n, (_, seed, _) in zip(ns, requests)])
+        given = [check_labels(self.info, labels, n) for n, (_, _, labels) in zip(ns, requests)]
+        labels = None
+        if self.info.num_classes is not None:
+            # Rows with no label given draw theirs (marked -1 here) from their own generators.
+            labels = torch.cat([torch.full((n,), -1, dtype=torch.long) if g is None else g for n, g in zip(ns, given)])
+        out, y = self._sample_rows(noise, labels, False)
+        out.clamp_(-1, 1)
+        results, s = [], 0
+        for n in ns:
+            results.append((out[s:s + n], None if y is None else y[s:s + n]))
+            s += n
+        return results
+
+    def _sample_rows(self, noise: SampleNoise, labels, progress: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        n = len(noise)
+        chunk = self.max_batch or n
+        out = torch.empty((n, *self.info.image_shape))
+        ys = []
+        with self._lock:
+            if not self.engines:
+                raise EngineError("this Runtime is closed")
+            for s in range(0, n, chunk):
+                e = min(n, s + chunk)
+                rows = noise[s:e]
+                x, y = self._initial_rows(rows, None if labels is None else labels[s:e])
+                out[s:e] = self._run_chunk(x, y, rows, progress)
+                ys.append(y)
+        y = None if self.info.num_classes is None else torch.cat(ys)
+        return out, y
+
+    def _initial_rows(self, rows: SampleNoise, labels: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x_T and labels for these rows, in the draw order; a label of -1 is drawn (after x_T)."""
+        if labels is None or bool((labels >= 0).all()):
+            x, y, _ = initial_state(self.info, len(rows), 0, labels, noise=rows)
+            return x, y
+        x = rows.randn(self.info.image_shape)
+        y = labels.clone()
+        drawn = y < 0
+        y[drawn] = rows.randint(self.info.num_classes, where=drawn)
+        return x, y
 
     def _workspace(self, batch: int) -> dict:
         ws = self._workspaces.get(batch)
@@ -464,6 +506,7 @@ class Runtime:
                 X: [np.empty(shape, np.float32), np.empty(shape, np.float32)],
                 X0: [np.empty(shape, np.float32), np.empty(shape, np.float32)],
                 Y: np.empty((batch,), np.int64),
+                NOISE: np.empty(shape, np.float32),
             }
             self._workspaces[batch] = ws
             while len(self._workspaces) > 4:  # keep a few batch sizes, not every one ever seen
@@ -472,7 +515,7 @@ class Runtime:
             self._workspaces.move_to_end(batch)
         return ws
 
-    def _run_chunk(self, x: torch.Tensor, y: Optional[torch.Tensor], noises: list, progress: bool = False) -> torch.Tensor:
+    def _run_chunk(self, x: torch.Tensor, y: Optional[torch.Tensor], rows: SampleNoise, progress: bool = False) -> torch.Tensor:
         batch = x.shape[0]
         ws = self._workspace(batch)
         xs, x0s = ws[X], ws[X0]
@@ -491,8 +534,9 @@ class Runtime:
             if Y in eng.input_names:
                 feeds[Y] = ws[Y]
             if NOISE in eng.input_names:
-                z = noises[i]
-                feeds[NOISE] = z.numpy() if z.is_contiguous() else z.contiguous().numpy()
+                # Drawn per step, per sample, straight into the workspace: O(chunk) memory.
+                rows.randn(self.info.image_shape, out=torch.from_numpy(ws[NOISE]))
+                feeds[NOISE] = ws[NOISE]
             if PREV_X0 in eng.input_names:
                 feeds[PREV_X0] = x0s[x0_cur]
             out = {X_PREV: xs[1 - cur]}
