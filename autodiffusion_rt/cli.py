@@ -172,11 +172,11 @@ def cmd_train(args) -> int:
     )
     record = train_embedded(
         Path(args.out), settings, state=args.state, resume=args.resume, checkpoint_every=args.checkpoint_every,
-        time_limit=args.time_limit, threads=args.threads, compile=args.compile, quiet=args.quiet, command=command, init=args.init,
+        time_limit=args.time_limit, stop_at_step=args.stop_at_step, threads=args.threads, compile=args.compile, quiet=args.quiet, command=command, init=args.init,
     )
     if not record["finished"]:
-        print(f"stopped at step {record['step']} of {record['steps']} after {record['seconds']} s; state saved: "
-              f"run the same command with --resume to continue")
+        print(f"stopped at step {record['step']} of {record['steps']} after {record['seconds']} s; the EMA weights so far "
+              f"are in {args.out}; run the same command with --resume to continue")
         return 0
     print(f"trained {record['steps']} steps in {record['seconds']} s, final loss {record['final_loss']}: {args.out}")
     return 0
@@ -254,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from --state exactly where it stopped")
     p.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between state saves (default: %(default)s)")
     p.add_argument("--time-limit", type=float, default=None, help="save the state and stop after this many seconds")
+    p.add_argument("--stop-at-step", type=int, default=None, help="save the state (and the EMA weights so far) and stop at this step")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward (faster after a short compile)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)

@@ -26,26 +26,13 @@ import torch
 import autodiffusion_rt as ad
 from autodiffusion_rt.diffusion import uniform_timesteps
 from autodiffusion_rt.metrics import compute_stats, frechet_distance, get_extractor, reference_stats
-from autodiffusion_rt.metrics.mnist_classifier import accuracy, load_classifier
+from autodiffusion_rt.metrics.mnist_classifier import accuracy, gray_border_fraction, load_classifier
 
 CHECKS = {"ddim50": ("ddim", 50), "ddim10": ("ddim", 10), "ddpm1000": ("ddpm", 1000)}
-BORDER = 3
-FAILED_BORDER_MEAN = 0.15
-
-
-def failed_fraction(images: torch.Tensor) -> float:
-    """Share of images whose 3-pixel border is gray (mean above 0.15 on a [0, 1] scale)."""
-    x = (images.clamp(-1, 1) + 1) / 2
-    inner = torch.zeros_like(x, dtype=torch.bool)
-    inner[..., BORDER:-BORDER, BORDER:-BORDER] = True
-    border_mean = x.masked_fill(inner, 0).sum(dim=(1, 2, 3)) / (~inner[0]).sum()
-    return float((border_mean > FAILED_BORDER_MEAN).float().mean())
-
-
 def quality(images: torch.Tensor, labels: torch.Tensor, classifier, extractor, ref) -> dict:
     return {
         "accuracy": round(accuracy(classifier, images, labels), 4),
-        "failed": round(failed_fraction(images), 4),
+        "failed": round(gray_border_fraction(images), 4),
         "fid_mnist": round(float(frechet_distance(compute_stats(images, extractor), ref)), 3),
     }
 

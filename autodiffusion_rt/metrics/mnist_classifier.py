@@ -102,6 +102,18 @@ def accuracy(model: MnistClassifier, images: torch.Tensor, labels: torch.Tensor,
     return correct / len(images)
 
 
+def gray_border_fraction(images: torch.Tensor, border: int = 3, threshold: float = 0.15) -> float:
+    """Share of images whose ``border``-pixel frame is not black: mean above ``threshold`` on a [0, 1] scale.
+
+    MNIST digits sit on a black background (none of the 5,000 real digits is
+    above 0.15); a diffusion model's failed samples are gray blobs.
+    """
+    x = (images.detach().float().clamp(-1, 1) + 1) / 2
+    frame = torch.ones(x.shape[-2:], dtype=torch.bool)
+    frame[border:-border, border:-border] = False
+    return float((x[..., frame].mean(dim=(1, 2)) > threshold).float().mean())
+
+
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random small affine jitter (rotate +-12 deg, scale 0.9-1.1, shift +-2 px), background stays -1."""
     n = x.shape[0]
