@@ -28,6 +28,19 @@ def check_n(n) -> int:
     return int(n)
 
 
+def check_finite(x, step: int, t: int, what: str = "the model") -> None:
+    """Refuse a step output with NaN or inf: never let it reach a file as a black or saturated image."""
+    x = torch.from_numpy(x) if not isinstance(x, torch.Tensor) else x
+    ok = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    if not bool(ok.all()):
+        bad = (~ok).nonzero().flatten()
+        raise SamplingError(
+            f"step {step} (t={t}) of {what} produced NaN/inf in {bad.numel()} of {x.shape[0]} samples (first: sample "
+            f"{int(bad[0])} of the batch): the weights or engine are broken or the sampler diverged; no images were "
+            "written. Check the model, rebuild the engines with --force, or try other timesteps"
+        )
+
+
 def check_labels(model: DiffusionModel, labels, n: int) -> Optional[torch.Tensor]:
     """Validate user labels (None means 'draw them') against the model."""
     if model.num_classes is None:
@@ -124,6 +137,12 @@ def sample(
     keeps = per_step_keep(model, keep, len(ts))
     coeffs = compute_coefficients(sampler, model.schedule, ts, eta)
     x, y, noise = initial_state(model, n, seed, labels)
-    out = sample_loop(make_eps_fn(model, y, keeps, batch_size), x, coeffs, noise=noise, progress=progress, callback=callback)
+
+    def checked(info: dict) -> None:
+        check_finite(info["x_prev"], info["i"], info["t"], model.name)
+        if callback is not None:
+            callback(info)
+
+    out = sample_loop(make_eps_fn(model, y, keeps, batch_size), x, coeffs, noise=noise, progress=progress, callback=checked)
     out = out.clamp(-1, 1)
     return (out, y) if return_labels else out

@@ -55,7 +55,7 @@ import torch
 from ..diffusion import NoiseSchedule, SampleNoise, SamplerCoefficients, check_seed
 from ..errors import EngineError, PlanError
 from ..plan import Plan
-from ..sampling import check_labels, check_n, initial_state
+from ..sampling import check_finite, check_labels, check_n, initial_state
 from ..utils import sha256_file
 from .engines import (
     NOISE,
@@ -325,8 +325,7 @@ class Runtime:
                 "or tensorrt build an engine dir first ('autodiffusion-rt build PLAN --backend "
                 f"{backend} --out DIR') and use Runtime.load(DIR)"
             )
-        if not isinstance(plan, Plan):
-            raise PlanError(f"expected a Plan, got {type(plan).__name__}: load it with Plan.load(path)")
+        plan = Plan.load(plan)  # a Plan or a path
         model = load_plan_model(plan, model)
         coeffs = plan.coefficients(model.schedule)
         keeps = plan.keep_sets(model)
@@ -353,6 +352,7 @@ class Runtime:
         ``check_versions=False``, the libraries against the recorded versions.
         """
         engine_dir = Path(engine_dir)
+        plan = None if plan is None else Plan.load(plan)  # a Plan or a path
         m = read_manifest(engine_dir)
         path = engine_dir / MANIFEST_NAME
         the_plan, coeffs = _check_manifest_plan(m, path, plan)
@@ -543,6 +543,7 @@ class Runtime:
             if X0 in eng.output_names:
                 out[X0] = x0s[1 - x0_cur]
             eng.run(feeds, out)
+            check_finite(xs[1 - cur], i, int(self.coeffs.timesteps[i]), eng.name)
             cur = 1 - cur
             if X0 in eng.output_names:
                 x0_cur = 1 - x0_cur
