@@ -62,6 +62,14 @@ def check_labels(model: DiffusionModel, labels, n: int) -> Optional[torch.Tensor
     return y.long()
 
 
+def sample_rows(seed, n, first: int = 0) -> SampleNoise:
+    """The noise of samples ``first .. first + n - 1`` of ``seed`` (one chunk of a larger request)."""
+    n = check_n(n)
+    if isinstance(first, bool) or not isinstance(first, numbers.Integral) or first < 0:
+        raise SamplingError(f"first={first!r}: the index of the first sample must be an integer >= 0")
+    return SampleNoise(check_seed(seed), range(int(first), int(first) + n))
+
+
 def initial_state(model, n: int, seed: int, labels=None, *, noise: Optional[SampleNoise] = None,
                   device=None) -> tuple[torch.Tensor, Optional[torch.Tensor], SampleNoise]:
     """x_T, the labels and the per-sample noise source, drawn in the documented order.
@@ -124,19 +132,22 @@ def sample(
     callback: Optional[Callable[[dict], None]] = None,
     batch_size: int = 256,
     return_labels: bool = False,
+    first: int = 0,
 ):
     """Sample ``n`` images in [-1, 1] (NCHW float32) over ``timesteps`` (strictly descending).
 
     ``keep``: the layer ids that run: None (all), one collection for every step,
     or one collection (or None) per step. ``labels``: class labels for a
     class-conditional model (drawn uniformly from ``seed`` when None).
+    ``first``: return samples ``first .. first + n - 1`` of ``seed`` (the same
+    images a larger call gives at those indices: how a large n is streamed in chunks).
     """
     if sampler not in SAMPLERS:
         raise SamplingError(f"unknown sampler {sampler!r}: choose one of {list(SAMPLERS)}")
     ts = validate_timesteps(timesteps, model.num_timesteps)
     keeps = per_step_keep(model, keep, len(ts))
     coeffs = compute_coefficients(sampler, model.schedule, ts, eta)
-    x, y, noise = initial_state(model, n, seed, labels)
+    x, y, noise = initial_state(model, n, seed, labels, noise=sample_rows(seed, n, first))
 
     def checked(info: dict) -> None:
         check_finite(info["x_prev"], info["i"], info["t"], model.name)

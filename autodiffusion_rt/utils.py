@@ -99,7 +99,7 @@ def file_lock(path: str | os.PathLike, wait: bool = False, on_wait=None, remove:
         os.close(fd)  # releases the lock
 
 
-def path_error(e: OSError, path, fix: str, action: str = "write") -> str:
+def path_error(e: OSError, path, fix: str, action: str = "write", where=None) -> str:
     """One line for an OS error on ``path``: what happened and ``fix`` (what to do)."""
     import errno
 
@@ -114,7 +114,7 @@ def path_error(e: OSError, path, fix: str, action: str = "write") -> str:
         errno.ENOENT: "no such file or directory",
         errno.ENAMETOOLONG: "the name is too long",
     }.get(e.errno, e.strerror or str(e))
-    where = e.filename if e.filename else path
+    where = where or e.filename or path
     return f"cannot {action} {path}: {why} ({where}); {fix}"
 
 
@@ -144,7 +144,7 @@ def check_writable(path: str | os.PathLike, what: str, fix: str, error=None, dir
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise error(path_error(e, path, fix).replace("cannot write", f"cannot write {what}", 1)) from None
+        raise error(path_error(e, path, fix, where=existing).replace("cannot write", f"cannot write {what}", 1)) from None
     if path.is_file() and not os.access(path, os.W_OK):
         raise error(f"cannot write {what} {path}: the file is read-only; {fix}")
     return path

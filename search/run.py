@@ -486,7 +486,9 @@ def load_plan_set(path: str | Path) -> list:
 
 # ---------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from autodiffusion_rt.cli import OneLineParser
+
+    p = OneLineParser(
         prog="python -m search.run",
         description="Two-stage evolutionary search of timesteps and per-step layer skipping (AutoDiffusion), judged by FID and MACs.",
     )
@@ -585,7 +587,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_search(options_from_args(args))
         return 0
     except Error as e:
-        print(f"search.run: error: {e}", file=sys.stderr)
+        print(f"search.run: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except OSError as e:
         from autodiffusion_rt.utils import os_error_line

@@ -52,10 +52,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..diffusion import NoiseSchedule, SampleNoise, SamplerCoefficients, check_seed
+from ..diffusion import NoiseSchedule, SampleNoise, SamplerCoefficients
 from ..errors import EngineError, PlanError
 from ..plan import Plan
-from ..sampling import check_finite, check_labels, check_n, initial_state
+from ..sampling import check_finite, check_labels, check_n, initial_state, sample_rows
 from ..utils import sha256_file
 from .engines import (
     NOISE,
@@ -436,15 +436,16 @@ class Runtime:
         return self.info.num_classes
 
     def sample(self, n: int, seed: int = 0, labels=None, *, return_labels: bool = False, progress: bool = False,
-               clip: bool = True):
+               clip: bool = True, first: int = 0):
         """``n`` images in [-1, 1] (NCHW float32), equal to :func:`autodiffusion_rt.sample`'s for the same seed.
 
         Runs in chunks of at most the engines' maximum batch; every sample's
         draws come from its own generator, so chunking does not change the images.
         ``clip=False`` returns the final step's output before the clamp to [-1, 1].
+        ``first``: samples ``first .. first + n - 1`` of ``seed`` (a chunk of a larger request).
         """
         n = check_n(n)
-        out, y = self._sample_rows(SampleNoise(check_seed(seed), n), check_labels(self.info, labels, n), progress)
+        out, y = self._sample_rows(sample_rows(seed, n, first), check_labels(self.info, labels, n), progress)
         if clip:
             out.clamp_(-1, 1)
         return (out, y) if return_labels else out
