@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import DataError, Error, SamplingError
+from .sampling import MAX_SAMPLES  # the most samples per command (an .npz is written in chunks: memory stays O(chunk))
 
 # Modules that add subcommands; a missing optional one is skipped.
 _PLUGINS = ("autodiffusion_rt.metrics.cli", "export.cli")
@@ -66,8 +67,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 DEFAULT_MODEL = "embedded:mnist"
-#: The most samples one ``sample`` command makes (an .npz is written in chunks, so memory stays O(chunk)).
-MAX_SAMPLES = 1_000_000
 #: The most images a PNG grid holds (beyond it the grid is unreadable: write an .npz).
 MAX_GRID = 1024
 #: Samples made and written per chunk when streaming an .npz.

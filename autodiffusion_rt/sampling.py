@@ -22,9 +22,17 @@ from .models import DiffusionModel
 KeepSpec = Union[None, Iterable[str], Sequence[Optional[Iterable[str]]]]
 
 
+#: The most samples one call makes (about 3 GB of 64x64 RGB float32); more: call again with ``first=``
+#: (the CLI streams an .npz that way), since a sample's images do not depend on the chunk it is made in.
+MAX_SAMPLES = 1_000_000
+
+
 def check_n(n) -> int:
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
         raise SamplingError(f"n={n!r}: the number of samples must be a positive integer")
+    if n > MAX_SAMPLES:
+        raise SamplingError(f"n={n} is above the limit of {MAX_SAMPLES:,} samples per call: sample in chunks "
+                            "(first=0, first=chunk, ...: the images are the same as one large call's)")
     return int(n)
 
 
