@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -233,19 +234,23 @@ def build_engines(
         except OSError as e:
             raise EngineError(path_error(e, out_dir, "pass --out with a writable directory", "create")) from None
     try:
-        with file_lock(out_dir / LOCK_NAME, wait=wait_lock, remove=True,
-                       on_wait=lambda: print(f"waiting for the other build of {out_dir} to finish", file=sys.stderr)):
-            return _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch, label_mode, simplify,
-                                 opset, force, workspace_bytes, progress, writable, trt, onnx_dtype, onnxslim, start)
-    except LockBusy:
-        raise EngineError(
-            f"another build is writing {out_dir} (it holds {out_dir / LOCK_NAME}): wait for it, pass --wait-lock to "
-            "wait automatically, or build into another --out"
-        ) from None
-    except OSError as e:
-        raise EngineError(path_error(e, out_dir, "free some space or pass --out with a writable directory")) from None
+        try:
+            with file_lock(out_dir / LOCK_NAME, wait=wait_lock, remove=True,
+                           on_wait=lambda: print(f"waiting for the other build of {out_dir} to finish", file=sys.stderr)):
+                return _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch, label_mode, simplify,
+                                     opset, force, workspace_bytes, progress, writable, trt, onnx_dtype, onnxslim, start)
+        except LockBusy:
+            raise EngineError(
+                f"another build is writing {out_dir} (it holds {out_dir / LOCK_NAME}): wait for it, pass --wait-lock to "
+                "wait automatically, or build into another --out"
+            ) from None
+        except OSError as e:
+            raise EngineError(path_error(e, out_dir, "free some space or pass --out with a writable directory")) from None
     except BaseException:
-        for d in reversed(made):  # a failed first build leaves no empty folders behind
+        # A failed first build leaves nothing behind: the dir it created holds only its own files.
+        if out_dir in made:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        for d in reversed(made):
             with contextlib.suppress(OSError):
                 d.rmdir()
         raise
