@@ -26,13 +26,14 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .diffusion import DRAW_ORDER, SAMPLERS, compute_coefficients, validate_timesteps
 from .errors import Error, PlanError
-from .utils import atomic_write
+from .utils import atomic_write, path_error
 
 PLAN_FORMAT = "autodiffusion-rt-plan"
 PLAN_VERSION = 2
@@ -128,6 +129,14 @@ class Plan:
                 f"the plan was made for weights {self.model_fingerprint[:12]}... ({self.model_spec}) but the model "
                 f"{model.name} has {model.fingerprint[:12]}...: load the model the plan was searched on"
             )
+        where = _first_difference(self.model_config, _jsonable(model.config), "model.config")
+        if where is not None:
+            field_name, ours, theirs = where
+            raise PlanError(
+                f"the plan's {field_name} is {ours!r} but {model.name} has {theirs!r}: the plan was edited or made for "
+                "another model; restore the plan or search again for this model (its timesteps were chosen for "
+                f"{ours!r}, so it cannot simply be rebuilt)"
+            )
         unknown = sorted({i for s in self.skip for i in s} - model.unet.layer_ids)
         if unknown:
             raise PlanError(f"the plan skips unknown layer id(s) {unknown[:5]} for {model.name}")
@@ -154,10 +163,13 @@ class Plan:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path, "w") as f:
+                json.dump(self.to_dict(), f, indent=2)
+                f.write("\n")
+        except OSError as e:
+            raise PlanError(path_error(e, path, "save the plan to a writable path with free space")) from None
         return path
 
     @classmethod
@@ -226,14 +238,24 @@ class Plan:
         )
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: "str | Path | Plan") -> "Plan":
+        """Read and validate a plan.json (data only); a Plan passes through, so every API takes either."""
+        if isinstance(path, Plan):
+            return path
+        if not isinstance(path, (str, os.PathLike)):
+            raise PlanError(f"expected a Plan or the path of a plan.json, got {type(path).__name__}: load it with Plan.load(path)")
         path = Path(path)
+        if path.is_dir():
+            hint = " (an engine dir: its plan is in manifest.json; pass the dir as --engines)" if (path / "manifest.json").is_file() else ""
+            raise PlanError(f"plan {path} is a directory, not a plan file{hint}: pass the plan.json the search wrote")
         if not path.is_file():
-            raise PlanError(f"plan file not found: {path}")
+            raise PlanError(f"plan file not found: {path}: pass the plan.json the search wrote (python -m search.run --out PATH)")
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text())  # data only: a plan file can never run code
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PlanError(f"{path} is not valid JSON ({e}): was it truncated? re-run the search or restore it") from None
+        except OSError as e:
+            raise PlanError(path_error(e, path, "check the file's permissions", action="read")) from None
         return cls.from_dict(d, str(path))
 
 
@@ -256,6 +278,26 @@ def _is_int(x) -> bool:
 
 def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _first_difference(a, b, where: str):
+    """(field, a's value, b's value) of the first place two JSON values differ; None if equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if key not in a or key not in b:
+                return f"{where}.{key}", a.get(key, "<missing>"), b.get(key, "<missing>")
+            d = _first_difference(a[key], b[key], f"{where}.{key}")
+            if d is not None:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = _first_difference(x, y, f"{where}[{i}]")
+            if d is not None:
+                return d
+        return None
+    same = a == b and type(a) is type(b) or (_is_real(a) and _is_real(b) and a == b)
+    return None if same else (where, a, b)
 
 
 def _jsonable(x):

@@ -22,10 +22,31 @@ from .models import DiffusionModel
 KeepSpec = Union[None, Iterable[str], Sequence[Optional[Iterable[str]]]]
 
 
+#: The most samples one call makes (about 3 GB of 64x64 RGB float32); more: call again with ``first=``
+#: (the CLI streams an .npz that way), since a sample's images do not depend on the chunk it is made in.
+MAX_SAMPLES = 1_000_000
+
+
 def check_n(n) -> int:
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
         raise SamplingError(f"n={n!r}: the number of samples must be a positive integer")
+    if n > MAX_SAMPLES:
+        raise SamplingError(f"n={n} is above the limit of {MAX_SAMPLES:,} samples per call: sample in chunks "
+                            "(first=0, first=chunk, ...: the images are the same as one large call's)")
     return int(n)
+
+
+def check_finite(x, step: int, t: int, what: str = "the model") -> None:
+    """Refuse a step output with NaN or inf: never let it reach a file as a black or saturated image."""
+    x = torch.from_numpy(x) if not isinstance(x, torch.Tensor) else x
+    ok = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    if not bool(ok.all()):
+        bad = (~ok).nonzero().flatten()
+        raise SamplingError(
+            f"step {step} (t={t}) of {what} produced NaN/inf in {bad.numel()} of {x.shape[0]} samples (first: sample "
+            f"{int(bad[0])} of the batch): the weights or engine are broken or the sampler diverged; no images were "
+            "written. Check the model, rebuild the engines with --force, or try other timesteps"
+        )
 
 
 def check_labels(model: DiffusionModel, labels, n: int) -> Optional[torch.Tensor]:
@@ -47,6 +68,14 @@ def check_labels(model: DiffusionModel, labels, n: int) -> Optional[torch.Tensor
     if bad.numel():
         raise SamplingError(f"label {int(bad[0])} is out of range: {model.name} has classes 0..{model.num_classes - 1}")
     return y.long()
+
+
+def sample_rows(seed, n, first: int = 0) -> SampleNoise:
+    """The noise of samples ``first .. first + n - 1`` of ``seed`` (one chunk of a larger request)."""
+    n = check_n(n)
+    if isinstance(first, bool) or not isinstance(first, numbers.Integral) or first < 0:
+        raise SamplingError(f"first={first!r}: the index of the first sample must be an integer >= 0")
+    return SampleNoise(check_seed(seed), range(int(first), int(first) + n))
 
 
 def initial_state(model, n: int, seed: int, labels=None, *, noise: Optional[SampleNoise] = None,
@@ -111,19 +140,28 @@ def sample(
     callback: Optional[Callable[[dict], None]] = None,
     batch_size: int = 256,
     return_labels: bool = False,
+    first: int = 0,
 ):
     """Sample ``n`` images in [-1, 1] (NCHW float32) over ``timesteps`` (strictly descending).
 
     ``keep``: the layer ids that run: None (all), one collection for every step,
     or one collection (or None) per step. ``labels``: class labels for a
     class-conditional model (drawn uniformly from ``seed`` when None).
+    ``first``: return samples ``first .. first + n - 1`` of ``seed`` (the same
+    images a larger call gives at those indices: how a large n is streamed in chunks).
     """
     if sampler not in SAMPLERS:
         raise SamplingError(f"unknown sampler {sampler!r}: choose one of {list(SAMPLERS)}")
     ts = validate_timesteps(timesteps, model.num_timesteps)
     keeps = per_step_keep(model, keep, len(ts))
     coeffs = compute_coefficients(sampler, model.schedule, ts, eta)
-    x, y, noise = initial_state(model, n, seed, labels)
-    out = sample_loop(make_eps_fn(model, y, keeps, batch_size), x, coeffs, noise=noise, progress=progress, callback=callback)
+    x, y, noise = initial_state(model, n, seed, labels, noise=sample_rows(seed, n, first))
+
+    def checked(info: dict) -> None:
+        check_finite(info["x_prev"], info["i"], info["t"], model.name)
+        if callback is not None:
+            callback(info)
+
+    out = sample_loop(make_eps_fn(model, y, keeps, batch_size), x, coeffs, noise=noise, progress=progress, callback=checked)
     out = out.clamp(-1, 1)
     return (out, y) if return_labels else out

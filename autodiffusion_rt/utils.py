@@ -21,10 +21,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        set_default_mode(tmp)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -34,6 +31,123 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def set_default_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode a plain open() would (0644 under the usual umask).
+
+    mkstemp makes files private (0600); files other accounts load (engines, plans,
+    manifests: e.g. a service user) must not stay so.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+class LockBusy(Exception):
+    """Raised by :func:`file_lock` when another process holds the lock and ``wait`` is False."""
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, wait: bool = False, on_wait=None, remove: bool = False) -> Iterator[bool]:
+    """Hold an exclusive fcntl lock on the file ``path`` (created if needed) for the ``with`` block.
+
+    Another holder: block until it is done when ``wait`` (calling ``on_wait()``
+    first, e.g. to say so), else raise :class:`LockBusy`. The lock dies with
+    its process, so a ``kill -9`` never leaves a stale lock. Yields True, or
+    False when ``path`` cannot be created (a read-only dir, in which no other
+    process can write either): the caller proceeds unlocked. ``remove``: unlink
+    the lock file on release (a process that locked the unlinked file checks
+    the inode and retries on the new one, so two holders never coexist).
+    """
+    import fcntl
+
+    path = Path(path)
+    waited = False
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            try:
+                fd = os.open(path, os.O_RDONLY)  # flock works on a read-only descriptor too
+            except OSError:
+                yield False
+                return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                os.close(fd)
+                raise LockBusy(str(path)) from None
+            if on_wait is not None and not waited:
+                on_wait()
+            waited = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed this file: lock the current one
+    try:
+        yield True
+    finally:
+        if remove:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        os.close(fd)  # releases the lock
+
+
+def path_error(e: OSError, path, fix: str, action: str = "write", where=None) -> str:
+    """One line for an OS error on ``path``: what happened and ``fix`` (what to do)."""
+    import errno
+
+    why = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exceeded",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.ENOTDIR: "a part of the path is a file, not a directory",
+        errno.EISDIR: "it is a directory",
+        errno.ENOENT: "no such file or directory",
+        errno.ENAMETOOLONG: "the name is too long",
+    }.get(e.errno, e.strerror or str(e))
+    where = where or e.filename or path
+    return f"cannot {action} {path}: {why} ({where}); {fix}"
+
+
+def check_writable(path: str | os.PathLike, what: str, fix: str, error=None, directory: bool = False) -> Path:
+    """Probe, before any long work, that ``path`` (a file, or a dir when ``directory``) can be written.
+
+    Creates nothing that stays: missing parent dirs are not made here (a failed
+    command must not leave empty folders); the nearest existing one is probed
+    with a temp file, which is what counts when running as root or on a
+    read-only mount. Raises ``error`` (an :class:`~autodiffusion_rt.errors.Error`
+    subclass) with a one-line message naming the path and ``fix``.
+    """
+    from .errors import Error
+
+    error = error or Error
+    path = Path(path)
+    if not directory and path.is_dir():
+        raise error(f"{what} {path} is a directory: pass a file path; {fix}")
+    if directory and path.exists() and not path.is_dir():
+        raise error(f"{what} {path} is a file, not a directory; {fix}")
+    probe_dir = path if directory and path.is_dir() else path.parent
+    existing = next((p for p in [probe_dir, *probe_dir.parents] if p.exists() or p.is_symlink()), Path("."))
+    if not existing.is_dir():
+        raise error(f"cannot write {what} {path}: {existing} is a file, not a directory; {fix}")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=existing, prefix=".probe-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise error(path_error(e, path, fix, where=existing).replace("cannot write", f"cannot write {what}", 1)) from None
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise error(f"cannot write {what} {path}: the file is read-only; {fix}")
+    return path
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -74,3 +188,19 @@ def weights_fingerprint(state_dict) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def plain_warnings() -> None:
+    """Command-line warnings as one line ("warning: ..."), without the library's source line."""
+    import warnings
+
+    def fmt(message, category, filename, lineno, line=None):
+        return f"warning: {message}\n"
+
+    warnings.formatwarning = fmt
+
+
+def os_error_line(e: OSError) -> str:
+    """The CLIs' last resort for an OS error no command turned into its own message."""
+    where = f" {e.filename}" if e.filename else ""
+    return f"cannot access{where}: {e.strerror or e}; check the path (and free space / permissions) and run again"

@@ -30,6 +30,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -51,7 +53,7 @@ from autodiffusion_rt.runtime.runtime import (
     load_plan_model,
     plan_sha256,
 )
-from autodiffusion_rt.utils import atomic_write, sha256_file
+from autodiffusion_rt.utils import LockBusy, atomic_write, file_lock, path_error, set_default_mode, sha256_file
 
 from .cache import engine_record, canonical_hash, file_state, onnx_key, remove_unreferenced
 from .onnx_export import DEFAULT_OPSET, FP32_COND_TOL, FP32_TOL, _ort_session, _temp_beside, export_step_onnx, import_onnx
@@ -170,13 +172,19 @@ def build_engines(
     force: bool = False,
     workspace_bytes: Optional[int] = None,
     progress: bool = True,
+    wait_lock: bool = False,
 ) -> BuildReport:
-    """Build (or update) the engine dir ``out_dir`` for ``plan``; see the module docstring.
+    """Build (or update) the engine dir ``out_dir`` for ``plan`` (a Plan or a plan.json path); see the module docstring.
 
     ``model``: the plan's DiffusionModel (loaded from the plan's spec when
-    None). ``force``: export and compile every step again.
+    None). ``force``: export and compile every step again. One build at a
+    time per dir (an fcntl lock on ``DIR/.build.lock``): another build of the
+    same dir waits when ``wait_lock``, else this is an EngineError. A dir that
+    is already up to date is left untouched (it may be read-only).
     """
     start = time.perf_counter()
+    if isinstance(plan, (str, os.PathLike)):
+        plan = Plan.load(plan)
     if not isinstance(plan, Plan):
         raise EngineError(f"expected a Plan, got {type(plan).__name__}: load it with Plan.load(path)")
     Plan.from_dict(plan.to_dict(), "plan")  # the manifest embeds the plan: it must load back (PlanError names the field)
@@ -189,6 +197,12 @@ def build_engines(
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 17:
         raise EngineError(f"opset={opset!r}: use 17 or newer")
     batch = _batch_profile(max_batch, opt_batch)
+    if workspace_bytes is not None and (isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes < 1):
+        raise EngineError(f"workspace_bytes={workspace_bytes!r}: pass a positive integer (--workspace-mb N)")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EngineError(f"--out {out_dir} is a file; pass a directory")
+    writable = _probe_dir(out_dir)
     import_onnx()
     import_onnxruntime()  # verification runs every export in onnxruntime, whatever the backend
     trt = None
@@ -199,7 +213,7 @@ def build_engines(
                 "TensorRT builds engines on an NVIDIA GPU and none was found (no driver, or cuda-python missing: "
                 "pip install cuda-python); build with --backend onnxruntime on this machine"
             )
-    from .tensorrt_build import build_tensorrt_engine, onnx_dtype_for
+    from .tensorrt_build import onnx_dtype_for
 
     onnx_dtype = onnx_dtype_for(precision, backend, trt)
     onnxslim = None
@@ -212,11 +226,65 @@ def build_engines(
     model = load_plan_model(plan, model)
     coeffs = plan.coefficients(model.schedule)
     keeps = plan.keep_sets(model)
+    made = []
+    if writable:
+        made = [d for d in [out_dir, *out_dir.parents] if not d.exists()][::-1]
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise EngineError(path_error(e, out_dir, "pass --out with a writable directory", "create")) from None
+    try:
+        try:
+            with file_lock(out_dir / LOCK_NAME, wait=wait_lock, remove=True,
+                           on_wait=lambda: print(f"waiting for the other build of {out_dir} to finish", file=sys.stderr)):
+                return _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch, label_mode, simplify,
+                                     opset, force, workspace_bytes, progress, writable, trt, onnx_dtype, onnxslim, start)
+        except LockBusy:
+            raise EngineError(
+                f"another build is writing {out_dir} (it holds {out_dir / LOCK_NAME}): wait for it, pass --wait-lock to "
+                "wait automatically, or build into another --out"
+            ) from None
+        except OSError as e:
+            raise EngineError(path_error(e, out_dir, "free some space or pass --out with a writable directory")) from None
+    except BaseException:
+        # A failed first build leaves nothing behind: the dir it created holds only its own files.
+        if out_dir in made:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+
+
+LOCK_NAME = ".build.lock"
+
+
+def _probe_dir(out_dir: Path) -> bool:
+    """Whether ``out_dir`` (or the folder that would hold it) takes new files; a path under a file is an error."""
+    from autodiffusion_rt.utils import check_writable
+
+    try:
+        check_writable(out_dir, "the engine dir", "pass --out with a writable directory", EngineError, directory=True)
+    except EngineError:
+        if out_dir.is_dir() and (out_dir / MANIFEST_NAME).is_file():
+            return False  # maybe already up to date: refused later only if something must be written
+        raise
+    return True
+
+
+def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch, label_mode, simplify, opset, force,
+                  workspace_bytes, progress, writable, trt, onnx_dtype, onnxslim, start) -> BuildReport:
+    from .tensorrt_build import build_tensorrt_engine
+
     conditional = model.num_classes is not None
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise EngineError(f"--out {out_dir} is a file; pass a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def need_write(what: str):
+        if not writable:
+            raise EngineError(
+                f"cannot write the engine dir {out_dir}: it is read-only, and {what} must be (re)built; "
+                "make it writable or pass --out with a writable directory"
+            )
+
     versions = library_versions(backend)
     if onnxslim is not None:
         versions["onnxslim"] = getattr(onnxslim, "__version__", None)
@@ -252,11 +320,13 @@ def build_engines(
                 elif state == "corrupt":
                     warnings.warn(f"{out_dir / prev['file']} is corrupted or truncated (sha256 mismatch); exporting step {i} again")
             if onnx_entry is None:
+                need_write(f"step {i}'s ONNX file")
                 if onnx_dtype == "float16" and half is None:
                     half = half_unet(model)
                 module = StepModule(model, coeffs, i, keep, label_mode=mode,
                                     dtype=torch.float16 if onnx_dtype == "float16" else torch.float32, unet=half).eval()
                 res = export_step_onnx(module, out_dir / onnx_rel, opset=opset, simplify=simplify, num_classes=model.num_classes)
+                set_default_mode(out_dir / onnx_rel)  # 0644 like the manifest: a service account loads it
                 onnx_entry = {
                     "file": onnx_rel, "sha256": res.sha256, "bytes": res.bytes, "key": key, "nodes": res.nodes,
                     "macs_per_sample": res.macs_per_sample, "max_abs_diff": res.max_abs_diff,
@@ -279,6 +349,7 @@ def build_engines(
                 elif state == "corrupt":
                     warnings.warn(f"engine {out_dir / prev['file']} is corrupted or truncated (sha256 mismatch); rebuilding step {i}")
             if engine_entry is None:
+                need_write(f"step {i}'s engine")
                 target = out_dir / engine_rel
                 if backend == "onnxruntime":
                     info = optimize_for_onnxruntime(out_dir / onnx_entry["file"], target, term_scales=onnx_entry.get("term_scales"))
@@ -287,6 +358,7 @@ def build_engines(
                     info = build_tensorrt_engine(out_dir / onnx_entry["file"], target, precision=precision, profile=profile,
                                                  timing_cache=out_dir / "timing.cache", workspace_bytes=workspace_bytes,
                                                  onnx_dtype=onnx_dtype, trt=trt)
+                set_default_mode(target)
                 engine_entry = {"file": engine_rel, "sha256": sha256_file(target), "bytes": target.stat().st_size,
                                 "record": record, "seconds": round(info["seconds"], 3)}
                 status["engine"] = "built"
@@ -331,9 +403,16 @@ def build_engines(
         "versions": versions,
         "steps": steps,
     }
-    with atomic_write(out_dir / MANIFEST_NAME, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-    referenced = [s["onnx"]["file"] for s in steps] + [s["engine"]["file"] for s in steps]
-    remove_unreferenced(out_dir, referenced)
+    as_json = json.loads(json.dumps(manifest))
+    unchanged = old is not None and {k: v for k, v in old.items() if k != "created"} == {k: v for k, v in as_json.items() if k != "created"}
+    if unchanged:
+        manifest = old  # up to date: not rewritten (the dir may be read-only, and its date stays the build's)
+    else:
+        need_write("its manifest")
+        with atomic_write(out_dir / MANIFEST_NAME, "w") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+    if writable:
+        referenced = [s["onnx"]["file"] for s in steps] + [s["engine"]["file"] for s in steps]
+        remove_unreferenced(out_dir, referenced)  # under the build lock: any other temp file is a dead build's
     return BuildReport(out_dir, manifest, report_steps, time.perf_counter() - start)

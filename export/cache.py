@@ -95,7 +95,11 @@ def file_state(path: Path, sha256: Optional[str]) -> str:
 
 
 def remove_unreferenced(engine_dir: Path, referenced: Iterable[str]) -> list[Path]:
-    """Delete step files and leftover temporaries the manifest no longer names; return what was removed."""
+    """Delete step files and leftover temporaries the manifest no longer names; return what was removed.
+
+    Call it holding the dir's build lock (``build_engines`` does): then no other
+    build is writing here, and every temp file left is a dead (killed) build's.
+    """
     keep = {str(Path(r)) for r in referenced}
     removed = []
     for sub in ("onnx", "engines"):

@@ -33,6 +33,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, 17 or newer (default: %(default)s)")
     p.add_argument("--workspace-mb", type=int, default=None, help="TensorRT builder workspace limit in MiB")
     p.add_argument("--force", action="store_true", help="rebuild every step, ignoring the cache")
+    p.add_argument("--wait-lock", action="store_true", help="if another build is writing the same --out, wait for it (default: fail)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_build)
     return p
@@ -43,12 +44,21 @@ def cmd_build(args) -> int:
 
     from .build import build_engines
 
+    from autodiffusion_rt.errors import EngineError
+
+    # Arguments first, before the plan's model is loaded.
+    for name in ("max_batch", "opt_batch", "workspace_mb"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise EngineError(f"--{name.replace('_', '-')} {v}: must be a positive integer")
+    if args.opset < 17:
+        raise EngineError(f"--opset {args.opset}: use 17 or newer")
     plan = Plan.load(args.plan)
     report = build_engines(
         plan, args.out, backend=args.backend, precision=args.precision, max_batch=args.max_batch,
         opt_batch=args.opt_batch, label_mode=args.label_mode, simplify=args.simplify, opset=args.opset,
         force=args.force, workspace_bytes=None if args.workspace_mb is None else args.workspace_mb << 20,
-        progress=not args.quiet,
+        progress=not args.quiet, wait_lock=args.wait_lock,
     )
     print(f"built {report.summary()}")
     return 0

@@ -3,9 +3,13 @@
 The file is JSON: the settings the search was started with, where it is
 (stage, generation), the random generator's state, the current population,
 every FID measured so far (the memo), the history and the counters. A
-multi-objective stage also stores pymoo's NSGA-II object (pickled, base64):
-its own random state and population are part of where the search is. A
-resumed search is therefore the same computation as an uninterrupted one.
+multi-objective stage also stores where pymoo's NSGA-II is (its population,
+counters and random state, as JSON data: see ``search/_pymoo.py``). A resumed
+search is therefore the same computation as an uninterrupted one.
+
+Loading is data only (no pickle: a checkpoint from someone else cannot run
+code), and every field is checked: a damaged checkpoint is a SearchError that
+names the field and says to start a new search.
 
 Only the settings that change the result are compared on resume (not, for
 instance, the batch size or the output path); any difference is refused,
@@ -14,10 +18,9 @@ naming the field and both values.
 
 from __future__ import annotations
 
-import base64
 import json
 import math
-import pickle
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -28,7 +31,8 @@ from .errors import SearchError
 from .space import Candidate
 
 STATE_FORMAT = "autodiffusion-rt-search-state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the NSGA-II state is JSON data (version 1 pickled it)
+READABLE_VERSIONS = (1, 2)  # a version-1 checkpoint loads unless it holds a pickled NSGA-II
 
 
 @dataclass
@@ -44,7 +48,7 @@ class SearchState:
     history: list = field(default_factory=list)
     counters: dict = field(default_factory=dict)  # evaluation counters of earlier sessions (summed)
     elapsed: float = 0.0  # seconds spent in earlier sessions
-    nsga2: Optional[bytes] = None  # pickled pymoo algorithm (multi-objective stage 2)
+    nsga2: Optional[dict] = None  # where NSGA-II is (multi-objective stage 2): _pymoo.nsga2_state
 
     def to_json(self) -> dict:
         return {
@@ -62,32 +66,136 @@ class SearchState:
             "history": self.history,
             "counters": self.counters,
             "elapsed": self.elapsed,
-            "nsga2": None if self.nsga2 is None else base64.b64encode(self.nsga2).decode("ascii"),
+            "nsga2": self.nsga2,
         }
 
     @classmethod
     def from_json(cls, d: Any, source: str) -> "SearchState":
         if not isinstance(d, dict) or d.get("format") != STATE_FORMAT:
             raise SearchError(f"{source} is not a search checkpoint (format {STATE_FORMAT!r}): pass the file the search wrote, or drop --resume")
-        if d.get("version") != STATE_VERSION:
-            raise SearchError(f"{source} has checkpoint version {d.get('version')!r}; this version reads {STATE_VERSION}: start a new search (drop --resume)")
-        try:
-            return cls(
-                settings=d["settings"],
-                rng_state=d["rng_state"],
-                stage=int(d["stage"]),
-                generation=int(d["generation"]),
-                done=bool(d["done"]),
-                memo={Candidate.from_json(c): float(f) for c, f in d["memo"]},
-                population=[Candidate.from_json(c) for c in d["population"]],
-                stage1_ranked=[Candidate.from_json(c) for c in d["stage1_ranked"]],
-                history=list(d["history"]),
-                counters=dict(d["counters"]),
-                elapsed=float(d["elapsed"]),
-                nsga2=None if d.get("nsga2") is None else base64.b64decode(d["nsga2"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise SearchError(f"{source} is a damaged search checkpoint ({type(e).__name__}: {e}): drop --resume to start a new search") from None
+        if d.get("version") not in READABLE_VERSIONS:
+            raise SearchError(f"{source} has checkpoint version {d.get('version')!r}; this version reads {list(READABLE_VERSIONS)}: start a new search (drop --resume)")
+        if d.get("version") == 1 and d.get("nsga2") is not None:
+            raise SearchError(f"{source}: field 'nsga2' holds a pickled NSGA-II state (checkpoint version 1), which is never "
+                              "loaded (a pickle can run code): start a new search (drop --resume)")
+
+        def bad(where: str, what: str):
+            return SearchError(f"{source} is a damaged search checkpoint: field {where!r} {what}; drop --resume to start a new search")
+
+        def get(key, ok, what):
+            if key not in d:
+                raise bad(key, "is missing")
+            if not ok(d[key]):
+                raise bad(key, f"{what}, got {_short(d[key])}")
+            return d[key]
+
+        def cands(key, items):
+            out = []
+            for i, c in enumerate(items):
+                try:
+                    out.append(_candidate(c))
+                except (KeyError, TypeError, ValueError, SearchError) as e:
+                    raise bad(f"{key}[{i}]", f"is not a candidate ({e})") from None
+            return out
+
+        settings = get("settings", lambda v: isinstance(v, dict), "must be an object")
+        rng_state = get("rng_state", _valid_rng_state, "must be a numpy PCG64 generator state")
+        stage = get("stage", lambda v: v in (1, 2) and not isinstance(v, bool), "must be 1 or 2")
+        generation = get("generation", lambda v: _is_int(v) and v >= -1, "must be an integer >= -1")
+        done = get("done", lambda v: isinstance(v, bool), "must be true or false")
+        memo_items = get("memo", lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 for p in v),
+                         "must be a list of [candidate, FID] pairs")
+        memo = {}
+        for i, (c, f) in enumerate(memo_items):
+            (cand,) = cands(f"memo[{i}]", [c])
+            try:
+                fid = float(f)
+            except (TypeError, ValueError):
+                raise bad(f"memo[{i}]", f"has FID {_short(f)}, not a number") from None
+            if math.isnan(fid) or fid < 0:
+                raise bad(f"memo[{i}]", f"has FID {fid}, not a number >= 0")
+            memo[cand] = fid
+        population = cands("population", get("population", lambda v: isinstance(v, list), "must be a list"))
+        stage1_ranked = cands("stage1_ranked", get("stage1_ranked", lambda v: isinstance(v, list), "must be a list"))
+        for key, items in (("population", population), ("stage1_ranked", stage1_ranked)):
+            missing = [i for i, c in enumerate(items) if c not in memo]
+            if missing:
+                raise bad(f"{key}[{missing[0]}]", "has no FID in the memo")
+        if stage == 2 and not stage1_ranked:
+            raise bad("stage1_ranked", "is empty in stage 2")
+        if generation >= 0 and not population and not (stage == 2 and d.get("nsga2") is not None):
+            raise bad("population", f"is empty after generation {generation}")
+        history = get("history", lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v), "must be a list of objects")
+        counters = get("counters", lambda v: isinstance(v, dict) and all(_is_real(x) for x in v.values()), "must be an object of numbers")
+        elapsed = get("elapsed", lambda v: _is_real(v) and math.isfinite(v) and v >= 0, "must be a number of seconds >= 0")
+        nsga2 = d.get("nsga2")
+        if nsga2 is not None:
+            if not (isinstance(nsga2, dict) and isinstance(nsga2.get("pop"), list) and nsga2["pop"]
+                    and _valid_rng_state(nsga2.get("random_state")) and _is_int(nsga2.get("n_iter"))
+                    and _is_int(nsga2.get("n_eval"))):
+                raise bad("nsga2", "must be an NSGA-II state (pop, n_iter, n_eval, random_state)")
+            for i, ind in enumerate(nsga2["pop"]):
+                if not isinstance(ind, dict) or not {"X", "F", "G", "H", "CV", "evaluated", "data"} <= set(ind):
+                    raise bad(f"nsga2.pop[{i}]", "must be an individual (X, F, G, H, CV, evaluated, data)")
+                cands(f"nsga2.pop[{i}].X", [ind["X"]])
+        return cls(
+            settings=settings, rng_state=rng_state, stage=int(stage), generation=int(generation), done=done,
+            memo=memo, population=population, stage1_ranked=stage1_ranked, history=list(history),
+            counters=dict(counters), elapsed=float(elapsed), nsga2=nsga2,
+        )
+
+    def check_candidates(self, num_timesteps: int, nfe: int, layer_ids, source: str) -> None:
+        """Refuse candidates that cannot belong to this search (wrong NFE, timesteps out of range, unknown layers)."""
+        named = [(f"memo[{i}]", c) for i, c in enumerate(self.memo)]
+        named += [(f"population[{i}]", c) for i, c in enumerate(self.population)]
+        named += [(f"stage1_ranked[{i}]", c) for i, c in enumerate(self.stage1_ranked)]
+        known = set(layer_ids)
+        for where, c in named:
+            ts = c.timesteps
+            problem = None
+            if len(ts) != nfe:
+                problem = f"has {len(ts)} steps, expected NFE {nfe}"
+            elif any(not 0 <= t < num_timesteps for t in ts):
+                problem = f"has a timestep outside [0, {num_timesteps})"
+            elif any(a <= b for a, b in zip(ts, ts[1:])):
+                problem = "is not strictly descending"
+            elif any(set(s) - known for s in c.skip):
+                problem = f"skips unknown layer(s) {sorted(set().union(*c.skip) - known)[:3]}"
+            if problem:
+                raise SearchError(f"{source} is a damaged search checkpoint: field {where!r} candidate {list(ts)} {problem}; "
+                                  "drop --resume to start a new search")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _candidate(c) -> Candidate:
+    if not (isinstance(c, dict) and isinstance(c.get("timesteps"), list) and all(_is_int(t) for t in c["timesteps"])
+            and isinstance(c.get("skip"), list) and all(isinstance(s, list) and all(isinstance(i, str) for i in s) for s in c["skip"])):
+        raise ValueError("needs integer 'timesteps' and a list of layer-id lists 'skip'")
+    return Candidate.from_json(c)
+
+
+def _valid_rng_state(state) -> bool:
+    import numpy as np
+
+    if not isinstance(state, dict) or not state.get("bit_generator"):
+        return False
+    try:
+        np.random.default_rng().bit_generator.state = state
+    except (TypeError, ValueError, KeyError, OverflowError):
+        return False
+    return True
 
 
 def save_state(state: SearchState, path: str | Path) -> Path:
@@ -107,7 +215,9 @@ def load_state(path: str | Path, settings: dict) -> SearchState:
     try:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SearchError(f"{path} is not valid JSON ({e}): the checkpoint is damaged; drop --resume to start a new search") from None
+        raise SearchError(f"{path} is not valid JSON ({e}): the checkpoint is damaged or truncated; drop --resume to start a new search") from None
+    except OSError as e:
+        raise SearchError(f"cannot read the checkpoint {path}: {e.strerror or e}; fix its permissions or drop --resume") from None
     state = SearchState.from_json(d, str(path))
     diff = settings_diff(state.settings, settings)
     if diff:
@@ -133,12 +243,3 @@ def _norm(x):
     if isinstance(x, float) and math.isnan(x):
         return "nan"
     return json.loads(json.dumps(x))
-
-
-def dumps_pickle(obj) -> bytes:
-    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def loads_pickle(data: bytes):
-    # The pickle is the search's own checkpoint (written above), not foreign input.
-    return pickle.loads(data)

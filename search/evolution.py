@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .checkpoint import SearchState, dumps_pickle, loads_pickle
+from .checkpoint import SearchState
 from .errors import SearchError
 from .executors import Executor
 from .space import MAX_TRIES, Candidate, SearchSpace
@@ -137,7 +137,7 @@ class Search:
         self.state = state
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = state.rng_state
-        self._algo = None  # the live NSGA-II object (unpickled from the state on resume)
+        self._algo = None  # the live NSGA-II object (restored from the state's data on resume)
         self._redrawn = 0  # children redrawn this generation because they had been evaluated already
         self._session_start = time.perf_counter()
         self._prior_elapsed = float(state.elapsed)
@@ -301,7 +301,7 @@ class Search:
 
         st = self.state
         if self._algo is None:
-            self._algo = loads_pickle(st.nsga2) if st.nsga2 is not None else self._make_nsga2(space)
+            self._algo = self._resume_nsga2(space, st.nsga2) if st.nsga2 is not None else self._make_nsga2(space)
         algo = self._algo
         pop = algo.ask()
         cands = [x[0] for x in pop.get("X")]
@@ -315,16 +315,18 @@ class Search:
         algo.tell(infills=pop)
         st.population = self._rank(space, [x[0] for x in algo.pop.get("X")])
         st.generation = g
-        st.nsga2 = dumps_pickle(algo)
+        from ._pymoo import nsga2_state
+
+        st.nsga2 = nsga2_state(algo)
         return self._record(record, space, st.population)
 
-    def _make_nsga2(self, space: SearchSpace):
+    def _make_nsga2(self, space: SearchSpace, initial=None, seed=None):
         from pymoo.algorithms.moo.nsga2 import NSGA2
 
         from ._pymoo import CandidateCrossover, CandidateMutation, CandidateProblem, FixedSampling, SameCandidate
 
         s = self.settings
-        initial = self._initial(space)
+        initial = self._initial(space) if initial is None else initial
         n_off = s.mutants + s.crossovers
         algo = NSGA2(
             pop_size=s.population,
@@ -333,10 +335,16 @@ class Search:
             crossover=CandidateCrossover(space, prob=s.crossovers / n_off),
             mutation=CandidateMutation(space, s.mutation_prob),
             eliminate_duplicates=SameCandidate(),
-            seed=int(self.rng.integers(2**31 - 1)),
+            seed=int(self.rng.integers(2**31 - 1)) if seed is None else seed,
         )
         algo.setup(CandidateProblem(), termination=("n_gen", s.generations + 1))
         return algo
+
+    def _resume_nsga2(self, space: SearchSpace, saved: dict):
+        # Rebuilt from data (no draws from self.rng: the saved random state replaces the seed).
+        from ._pymoo import restore_nsga2
+
+        return restore_nsga2(self._make_nsga2(space, initial=[], seed=0), saved, Candidate.from_json)
 
     # ----------------------------------------------------------------- result
     def result(self) -> SearchResult:

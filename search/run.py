@@ -94,6 +94,7 @@ class SearchOptions:
     share: bool = True  # prefix sharing (off only to measure what it saves)
     device: str = "cpu"  # where the model runs (cuda on GPU machines)
     quiet: bool = False
+    wait_lock: bool = False  # another search writing the same --out: wait for it (else an error)
 
     def resolved(self) -> "SearchOptions":
         o = replace(self)
@@ -120,19 +121,10 @@ def _stem(out: str | Path) -> Path:
 
 
 def _check_writable(path: Path, what: str) -> None:
-    """Fail now, not after an hour of search, when ``path`` cannot be written."""
-    if path.is_dir():
-        raise SearchError(f"{what} {path} is a directory: pass a file path (e.g. {path / 'plan.json'})")
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".probe")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise SearchError(f"cannot write the {what} {path}: {e.strerror or e}; pass --out with a path in a writable folder") from None
-    if path.exists() and not os.access(path, os.W_OK):
-        raise SearchError(f"cannot write the {what} {path}: the file is read-only; pass --out with another path")
+    """Fail now, not after an hour of search, when ``path`` cannot be written (creates no folder)."""
+    from autodiffusion_rt.utils import check_writable
+
+    check_writable(path, f"the {what}", "pass --out (or --checkpoint) with a path in a writable folder", SearchError)
 
 
 def load_model_for_plan(plan):
@@ -172,7 +164,26 @@ def prepare(options: SearchOptions, model=None, extractor=None, ref_stats=None) 
     from .evolution import EvolutionSettings
     from .space import SearchSpace
 
+    from autodiffusion_rt.diffusion import check_seed
+
     o = options.resolved()
+    try:
+        o.seed = check_seed(o.seed, "--seed")
+        o.report_seed = check_seed(o.report_seed, "--report-seed")
+    except Error as e:
+        raise SearchError(str(e)) from None
+    for name in ("batch_size", "cache_mb", "report_samples"):
+        v = getattr(o, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "cache_mb" else 1):
+            raise SearchError(f"--{name.replace('_', '-')} {v!r}: must be an integer >= {0 if name == 'cache_mb' else 1}")
+    for name in ("eta", "mutation_prob"):
+        v = getattr(o, name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise SearchError(f"--{name.replace('_', '-')} {v!r}: must be a finite number")
+    if o.budget_fraction is not None and not math.isfinite(o.budget_fraction):
+        raise SearchError(f"--budget-fraction {o.budget_fraction}: must lie in (0, 1]")
+    if Path(o.out).resolve() == Path(o.checkpoint).resolve():
+        raise SearchError(f"--checkpoint {o.checkpoint} is the plan path --out: pass another path (or leave --checkpoint out)")
     if o.sampler not in SAMPLERS:
         raise SearchError(f"--sampler {o.sampler!r} is unknown: choose one of {', '.join(SAMPLERS)}")
     if not (0.0 <= o.eta <= 1.0) or (o.sampler != "ddim" and o.eta != 0.0):
@@ -285,10 +296,68 @@ def run_search(options: SearchOptions, model=None, extractor=None, ref_stats=Non
 
     p = prepare(options, model, extractor, ref_stats)
     o = p.options
+    out = Path(o.out)
+    made = _make_parents([out, Path(o.checkpoint)])
+    try:
+        with _out_lock(out, o.wait_lock, o.quiet):
+            return _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, Search, LocalExecutor, FitnessEvaluator)
+    except BaseException:
+        for d in reversed(made):  # a failed search leaves no empty folders behind
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _make_parents(paths) -> list[Path]:
+    """Create the missing parent dirs of ``paths``; return the ones made (outermost first)."""
+    made = []
+    for path in paths:
+        missing = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:
+                continue
+            except OSError as e:
+                from autodiffusion_rt.utils import path_error
+
+                raise SearchError(path_error(e, d, "pass --out with a path in a writable folder", "create")) from None
+            made.append(d)
+    return made
+
+
+def _out_lock(out: Path, wait: bool, quiet: bool):
+    """One search per --out: a second one waits (--wait-lock) or fails naming the path."""
+    import contextlib
+
+    from autodiffusion_rt.utils import LockBusy, file_lock
+
+    lock = out.with_name(f".{out.name}.lock")
+
+    @contextlib.contextmanager
+    def held():
+        try:
+            with file_lock(lock, wait=wait, remove=True,
+                           on_wait=None if quiet else lambda: print(f"waiting for the other search writing {out} to finish", file=sys.stderr)):
+                yield
+        except LockBusy:
+            raise SearchError(
+                f"another search is writing --out {out} (it holds {lock}): wait for it, pass --wait-lock to wait "
+                "automatically, or pass another --out"
+            ) from None
+
+    return held()
+
+
+def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, Search, LocalExecutor, FitnessEvaluator):
+    o = p.options
     state = None
     ckpt = Path(o.checkpoint)
     if o.resume:
         state = load_state(ckpt, p.run_settings)
+        state.check_candidates(p.model.num_timesteps, o.nfe, p.model.unet.layer_ids, str(ckpt))
         if not o.quiet:
             print(f"resuming {ckpt}: stage {state.stage}, {state.generation + 1} generation(s) done", file=sys.stderr)
     elif ckpt.exists() and not o.quiet:
@@ -417,7 +486,9 @@ def load_plan_set(path: str | Path) -> list:
 
 # ---------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from autodiffusion_rt.cli import OneLineParser
+
+    p = OneLineParser(
         prog="python -m search.run",
         description="Two-stage evolutionary search of timesteps and per-step layer skipping (AutoDiffusion), judged by FID and MACs.",
     )
@@ -445,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="plan path (default plans/embedded-mnist-nfe4.json for the default model)")
     p.add_argument("--checkpoint", default=None, help="search state path (default: next to --out, .search-state.json)")
     p.add_argument("--resume", action="store_true", help="continue the search saved in the checkpoint (same settings)")
+    p.add_argument("--wait-lock", action="store_true", help="if another search is writing the same --out, wait for it (default: fail)")
     pre = p.add_mutually_exclusive_group()
     pre.add_argument("--fast", action="store_true", help="a small preset for smoke tests: " + ", ".join(f"{k}={v}" for k, v in FAST.items()))
     pre.add_argument("--paper-settings", action="store_true", help="AutoDiffusion's evolution settings: " + ", ".join(f"{k}={v}" for k, v in PAPER.items()))
@@ -475,6 +547,8 @@ def options_from_args(args) -> SearchOptions:
     budget_fraction = values["budget_fraction"]
     budget_macs = None
     if args.budget_macs is not None:
+        if not math.isfinite(args.budget_macs) or args.budget_macs <= 0:
+            raise SearchError(f"--budget-macs {args.budget_macs}: must be a positive number of MACs per sample")
         budget_macs, budget_fraction = int(args.budget_macs), None
     elif args.budget_fraction is not None:
         budget_fraction = args.budget_fraction
@@ -494,21 +568,31 @@ def options_from_args(args) -> SearchOptions:
         seed=values["seed"], out=args.out, checkpoint=args.checkpoint, resume=args.resume, report=not args.no_report,
         report_samples=values["report_samples"], report_seed=args.report_seed, report_extractors=args.report_extractor,
         batch_size=values["batch_size"], cache_mb=args.cache_mb, share=not args.no_prefix_sharing, quiet=args.quiet,
-        device=args.device,
+        device=args.device, wait_lock=args.wait_lock,
     )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from autodiffusion_rt.utils import plain_warnings
+
     args = build_parser().parse_args(argv)
+    plain_warnings()
     try:
-        if args.threads:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise SearchError(f"--threads {args.threads}: must be a positive integer")
             import torch
 
             torch.set_num_threads(args.threads)
         run_search(options_from_args(args))
         return 0
     except Error as e:
-        print(f"search.run: error: {e}", file=sys.stderr)
+        print(f"search.run: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        from autodiffusion_rt.utils import os_error_line
+
+        print(f"search.run: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("search.run: interrupted; continue with --resume (the last finished generation is saved)", file=sys.stderr)

@@ -55,7 +55,7 @@ def test_info_prints_the_layer_table_and_total_macs():
         (["sample", "--timesteps", "5,900"], "descending"),
         (["sample", "--timesteps", "1500"], "range"),
         (["sample", "--timesteps", "a,b"], "comma-separated"),
-        (["sample", "--n", "0"], "n=0"),
+        (["sample", "--n", "0"], "--n 0"),
         (["sample", "--model", "embedded:cifar"], "unknown embedded model"),
         (["sample", "--model", "adm:/no/such/file.pt", "--preset", "imagenet64-cond"], "/no/such/file.pt"),
         (["sample", "--labels", "12", "--steps", "2"], "out of range"),

@@ -77,10 +77,31 @@ def _show_warnings(caught) -> None:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
+def _check_batch_size(args) -> None:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise DataError(f"--batch-size {args.batch_size}: must be a positive integer")
+
+
+def _check_stats_out(out):
+    """``--out`` of fid-stats: an .npz in a writable place, refused before any feature is computed."""
+    from pathlib import Path
+
+    from ..utils import check_writable
+
+    if out is None:
+        return None
+    path = Path(out)
+    if path.suffix.lower() != ".npz":
+        raise DataError(f"--out {out}: the statistics are written as an .npz (mu, sigma, key); pass a path ending in .npz")
+    return check_writable(path, "the statistics file", "pass --out with a path in a writable folder", DataError)
+
+
 def run_fid_stats(args: argparse.Namespace) -> int:
     from .extractors import get_extractor
     from .stats import FIDWarning, resolve_reference
 
+    _check_batch_size(args)
+    out = _check_stats_out(args.out)
     ext = get_extractor(args.extractor or "mnist")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FIDWarning)
@@ -95,25 +116,36 @@ def run_fid_stats(args: argparse.Namespace) -> int:
         )
     _show_warnings(caught)
     line = f"{stats.dataset}: {stats.num_samples} samples, extractor {stats.extractor} ({stats.feature_dim}-d, {stats.preprocessing}, weights {stats.fingerprint}); {where}"
-    if args.out:
-        path = stats.save(args.out)
+    if out is not None:
+        try:
+            path = stats.save(out)
+        except OSError as e:
+            from ..utils import path_error
+
+            raise DataError(path_error(e, out, "pass --out with a path in a writable folder with free space")) from None
         line += f"; written to {path}"
     print(line)
     return 0
 
 
 def _parse_timesteps(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
-    except ValueError:
-        raise SamplingError(f"--timesteps {text!r}: give comma-separated integers, e.g. 999,749,499,249") from None
+    from ..cli import parse_int_list
+
+    return parse_int_list(text, "--timesteps")
 
 
 def _sample_images(args: argparse.Namespace):
     import autodiffusion_rt as adr
 
+    from ..diffusion import check_seed
+
     if args.steps is None and args.timesteps is None:
         raise SamplingError("--model needs --steps N or --timesteps 999,749,...")
+    if args.steps is not None and args.steps < 1:
+        raise SamplingError(f"--steps {args.steps}: must be a positive integer")
+    if args.n < 2:
+        raise SamplingError(f"--n {args.n}: FID needs at least 2 samples")
+    check_seed(args.seed, "--seed")
     model = adr.load_model(args.model)
     if args.timesteps is not None:
         timesteps = _parse_timesteps(args.timesteps)
@@ -138,6 +170,13 @@ def run_fid(args: argparse.Namespace) -> int:
         raise DataError("give either the generated images (a folder or .npz) or --model SPEC to sample them, not both/neither")
     if args.model is None and (args.steps is not None or args.timesteps is not None):
         raise SamplingError("--steps/--timesteps only apply with --model")
+    _check_batch_size(args)
+    if args.model is not None:
+        from ..diffusion import check_seed
+
+        if args.n < 2:
+            raise SamplingError(f"--n {args.n}: FID needs at least 2 samples")
+        check_seed(args.seed, "--seed")
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FIDWarning)

@@ -216,6 +216,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..diffusion import check_seed
+    from ..errors import DataError
+    from ..utils import check_writable
+
+    # Arguments and the output first: not after the whole training.
+    check_seed(args.seed, "--seed")
+    for name in ("epochs", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer")
+    if not args.lr > 0 or args.lr == float("inf"):
+        raise DataError(f"--lr {args.lr}: must be a positive number")
+    check_writable(Path(args.out), "the classifier weights", "pass --out with a path in a writable folder", DataError)
     model, meta = train(seed=args.seed, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, threads=args.threads, quiet=args.quiet)
     path = save_classifier(model, meta, args.out)
     print(

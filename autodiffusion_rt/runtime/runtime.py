@@ -52,10 +52,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..diffusion import NoiseSchedule, SampleNoise, SamplerCoefficients, check_seed
+from ..diffusion import NoiseSchedule, SampleNoise, SamplerCoefficients
 from ..errors import EngineError, PlanError
 from ..plan import Plan
-from ..sampling import check_labels, check_n, initial_state
+from ..sampling import check_finite, check_labels, check_n, initial_state, sample_rows
 from ..utils import sha256_file
 from .engines import (
     NOISE,
@@ -325,8 +325,7 @@ class Runtime:
                 "or tensorrt build an engine dir first ('autodiffusion-rt build PLAN --backend "
                 f"{backend} --out DIR') and use Runtime.load(DIR)"
             )
-        if not isinstance(plan, Plan):
-            raise PlanError(f"expected a Plan, got {type(plan).__name__}: load it with Plan.load(path)")
+        plan = Plan.load(plan)  # a Plan or a path
         model = load_plan_model(plan, model)
         coeffs = plan.coefficients(model.schedule)
         keeps = plan.keep_sets(model)
@@ -353,6 +352,7 @@ class Runtime:
         ``check_versions=False``, the libraries against the recorded versions.
         """
         engine_dir = Path(engine_dir)
+        plan = None if plan is None else Plan.load(plan)  # a Plan or a path
         m = read_manifest(engine_dir)
         path = engine_dir / MANIFEST_NAME
         the_plan, coeffs = _check_manifest_plan(m, path, plan)
@@ -436,15 +436,16 @@ class Runtime:
         return self.info.num_classes
 
     def sample(self, n: int, seed: int = 0, labels=None, *, return_labels: bool = False, progress: bool = False,
-               clip: bool = True):
+               clip: bool = True, first: int = 0):
         """``n`` images in [-1, 1] (NCHW float32), equal to :func:`autodiffusion_rt.sample`'s for the same seed.
 
         Runs in chunks of at most the engines' maximum batch; every sample's
         draws come from its own generator, so chunking does not change the images.
         ``clip=False`` returns the final step's output before the clamp to [-1, 1].
+        ``first``: samples ``first .. first + n - 1`` of ``seed`` (a chunk of a larger request).
         """
         n = check_n(n)
-        out, y = self._sample_rows(SampleNoise(check_seed(seed), n), check_labels(self.info, labels, n), progress)
+        out, y = self._sample_rows(sample_rows(seed, n, first), check_labels(self.info, labels, n), progress)
         if clip:
             out.clamp_(-1, 1)
         return (out, y) if return_labels else out
@@ -543,6 +544,7 @@ class Runtime:
             if X0 in eng.output_names:
                 out[X0] = x0s[1 - x0_cur]
             eng.run(feeds, out)
+            check_finite(xs[1 - cur], i, int(self.coeffs.timesteps[i]), eng.name)
             cur = 1 - cur
             if X0 in eng.output_names:
                 x0_cur = 1 - x0_cur
