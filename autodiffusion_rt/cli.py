@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 from .errors import DataError, Error, SamplingError
 
 # Modules that add subcommands; a missing optional one is skipped.
-_PLUGINS = ("autodiffusion_rt.metrics.cli", "export.cli")
+_PLUGINS = ("autodiffusion_rt.metrics.cli", "export.cli", "autodiffusion_rt.serve.cli")
 
 
 def parse_int_list(text: str, what: str) -> list[int]:
