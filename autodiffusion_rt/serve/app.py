@@ -268,6 +268,7 @@ def create_app(state: ServeState, *, load_on_startup: bool = True, on_load_error
         try:
             images, labels = await asyncio.wait_for(asyncio.shield(waiter), state.settings.deadline_s)
         except asyncio.TimeoutError:
+            waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome is no one's now
             dropped = batcher.cancel(job)
             raise RequestError(504, None, f"no answer within the deadline of {state.settings.deadline_s:g} s "
                                f"({'dropped before it ran' if dropped else 'its batch was already running'}): retry later") from None

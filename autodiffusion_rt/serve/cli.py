@@ -74,7 +74,17 @@ def cmd_serve(args) -> int:
     app = create_app(state, on_load_error=on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=settings.deadline_s + 5))
-    server.run()
+    # uvicorn takes SIGINT/SIGTERM while it runs (stop accepting, finish the requests in flight, then our
+    # lifespan drains the batchers) and re-raises the signal to the previous handler afterwards. By then
+    # the drain is complete, so that handler does nothing and the command exits normally (0).
+    import signal
+
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if failed:
         from ..errors import EngineError
 
