@@ -186,7 +186,7 @@ class _Metered:
         finally:
             route = scope["path"] if scope["path"] in ROUTES else "other"
             self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+            self.metrics.latency.labels(route, str(status)).observe(time.perf_counter() - start)
 
 
 def create_app(state: ServeState, *, load_on_startup: bool = True, on_load_error: Optional[Callable] = None):

@@ -29,7 +29,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="images per engine batch (default: %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
-                   help="how long a request waits for others to merge with (default: %(default)s)")
+                   help="how long a request waits for others to merge with; 0: run at once, and requests arriving "
+                   "while a batch runs merge into the next (default: %(default)s)")
     p.add_argument("--queue-images", type=int, default=d.queue_images,
                    help="images that may wait per plan; beyond it requests get 429 (default: %(default)s)")
     p.add_argument("--deadline-s", type=float, default=d.deadline_s,

@@ -23,7 +23,8 @@ class ServeMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("adrt_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
-        self.latency = Histogram("adrt_request_seconds", "HTTP request latency (s) by route", ["route"],
+        # by status too: 429s answered in microseconds and 200s after a batch are different distributions
+        self.latency = Histogram("adrt_request_seconds", "HTTP request latency (s) in the server, by route and status", ["route", "status"],
                                  buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_images = Histogram("adrt_batch_images", "images per engine batch, by plan", ["plan"],
                                       buckets=_BATCH_BUCKETS, registry=r)
