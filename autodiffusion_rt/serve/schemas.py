@@ -52,7 +52,6 @@ class SampleRequest:
     labels: Optional[list[int]]
     format: str
     plan: str
-    seed_given: bool
 
 
 def _is_int(v) -> bool:
@@ -85,8 +84,7 @@ def parse_sample_request(body: bytes, plans: Mapping[str, Optional[int]], defaul
         raise RequestError(422, "n", f"n={n} is outside [1, {limits.max_n}]: ask for at most {limits.max_n} images per request")
 
     seed = data.get("seed")
-    seed_given = seed is not None
-    if seed_given:
+    if seed is not None:
         try:
             seed = check_seed(seed)
         except SamplingError as e:
@@ -117,4 +115,4 @@ def parse_sample_request(body: bytes, plans: Mapping[str, Optional[int]], defaul
         bad = [v for v in labels if not 0 <= v < num_classes]
         if bad:
             raise RequestError(422, "labels", f"label {bad[0]} is out of range: plan {plan!r} has classes 0..{num_classes - 1}")
-    return SampleRequest(n=n, seed=seed, labels=labels, format=fmt, plan=plan, seed_given=seed_given)
+    return SampleRequest(n=n, seed=seed, labels=labels, format=fmt, plan=plan)
