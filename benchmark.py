@@ -2,6 +2,8 @@
 
     python benchmark.py --plan plan.json [--engines DIR] [--batch-sizes 1,16,256]
                         [--e2e-batch-sizes 1,16] [--repeats 5] [--full-steps 50] [--json OUT]
+    python benchmark.py --serve http://127.0.0.1:8000 [...]   (load test of a running service:
+                        autodiffusion_rt/serve/loadtest.py)
 
 Two tables:
 
@@ -188,6 +190,11 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--serve" or a.startswith("--serve=") for a in argv):  # load test of a running service: its own options
+        from autodiffusion_rt.serve.loadtest import main as serve_main
+
+        return serve_main(argv)
     ap = argparse.ArgumentParser(description="autodiffusion-rt latency and throughput, side by side.")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--plan", help="plan.json to benchmark")

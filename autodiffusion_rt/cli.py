@@ -20,7 +20,7 @@ from .errors import DataError, Error, SamplingError
 from .sampling import MAX_SAMPLES  # the most samples per command (an .npz is written in chunks: memory stays O(chunk))
 
 # Modules that add subcommands; a missing optional one is skipped.
-_PLUGINS = ("autodiffusion_rt.metrics.cli", "export.cli")
+_PLUGINS = ("autodiffusion_rt.metrics.cli", "export.cli", "autodiffusion_rt.serve.cli")
 
 
 def parse_int_list(text: str, what: str) -> list[int]:

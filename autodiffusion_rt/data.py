@@ -82,3 +82,18 @@ def from_uint8(images: np.ndarray) -> torch.Tensor:
     if a.ndim != 4 or a.shape[-1] not in (1, 3):
         raise DataError(f"images must be NHWC with 1 or 3 channels (or NHW), got shape {a.shape}")
     return torch.from_numpy(a.astype(np.float32)).permute(0, 3, 1, 2).contiguous() / 127.5 - 1.0
+
+
+def image_grid(images: torch.Tensor, pad: int = 2) -> np.ndarray:
+    """[-1, 1] NCHW -> one uint8 grid (H, W) or (H, W, 3), about square, white borders: what a PNG of samples shows."""
+    import math
+
+    arr = to_uint8(images)
+    n, h, w, c = arr.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for k in range(n):
+        r, q = divmod(k, cols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = arr[k]
+    return grid[..., 0] if c == 1 else grid

@@ -1,0 +1,281 @@
+"""The FastAPI app: routes, error bodies, request metrics, engine loading and draining.
+
+Routes: ``POST /v1/samples``, ``GET /healthz`` (alive), ``GET /readyz`` (503
+until every engine dir is loaded and warmed), ``GET /metrics`` (Prometheus).
+Every refusal is ``{"error": {"field": ..., "message": ...}}`` with a 4xx (or
+503 while loading / shutting down).
+
+Engines load in a background thread once the server is up, so ``/healthz``
+answers during a long load and ``/readyz`` tells a load balancer when to send
+traffic. On shutdown (uvicorn has stopped accepting and finished the requests
+in flight) every batcher drains its queue and the runtimes are closed.
+
+(No ``from __future__ import annotations`` here: FastAPI reads the handlers'
+annotations, and ``Request`` is imported lazily inside :func:`create_app`.)
+"""
+
+
+import asyncio
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import EngineError, Error
+from .metrics import ROUTES, ServeMetrics
+from .schemas import Limits, RequestError, parse_sample_request
+
+__all__ = ["ServeSettings", "ServeSettingsError", "ServeState", "create_app", "engine_specs"]
+
+log = logging.getLogger("autodiffusion_rt.serve")
+
+
+class ServeSettingsError(Error):
+    """A server option out of range (max batch, queue bound, limits)."""
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What ``autodiffusion-rt serve`` takes beyond the engine dirs (see its --help)."""
+
+    max_batch: int = 32          # images per engine batch
+    max_wait_ms: float = 5.0     # how long the oldest queued request waits for others to merge with
+    queue_images: int = 128      # images that may wait per plan before 429
+    deadline_s: float = 30.0     # per request: 504 (and dropped if not started) past this
+    limits: Limits = field(default_factory=Limits)
+    backend: str = "auto"
+    threads: Optional[int] = 1   # onnxruntime intra-op threads per engine
+
+    def check(self) -> "ServeSettings":
+        for name in ("max_batch", "queue_images"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ServeSettingsError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if self.max_wait_ms < 0 or self.deadline_s <= 0:
+            raise ServeSettingsError(f"max_wait_ms={self.max_wait_ms} must be >= 0 and deadline_s={self.deadline_s} > 0")
+        if self.limits.max_n < 1 or self.limits.max_body_bytes < 1:
+            raise ServeSettingsError(f"max_n={self.limits.max_n} and max_body_bytes={self.limits.max_body_bytes} must be positive")
+        if self.limits.max_n > self.queue_images:
+            raise ServeSettingsError(f"max_n={self.limits.max_n} is larger than queue_images={self.queue_images}: "
+                               "such a request could never be queued; raise queue_images or lower max_n")
+        return self
+
+
+def engine_specs(items) -> dict[str, Path]:
+    """``["DIR", "NAME=DIR", ...]`` -> ``{name: dir}`` (a bare DIR is named after its folder); names must differ."""
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = str(item).partition("=")
+        if not sep:
+            name, path = Path(item).resolve().name, item
+        if not name or not path:
+            raise EngineError(f"--engines {item!r}: give DIR or NAME=DIR")
+        if name in out:
+            raise EngineError(f"--engines: the name {name!r} is given twice ({out[name]} and {path}): name them NAME=DIR")
+        out[name] = Path(path)
+    if not out:
+        raise EngineError("no engine dir given: pass --engines DIR (built by 'autodiffusion-rt build')")
+    return out
+
+
+class ServeState:
+    """The served plans: manifests read at once, runtimes loaded and warmed by :meth:`load`."""
+
+    def __init__(self, engines: dict[str, Path], settings: ServeSettings, *, runtime_loader: Optional[Callable] = None):
+        from ..runtime import read_manifest
+
+        self.settings = settings.check()
+        self.engines = dict(engines)
+        self.default_plan = next(iter(self.engines))
+        # The manifests alone say which plans are conditional, so requests can be checked while loading.
+        manifests = {name: read_manifest(d) for name, d in self.engines.items()}
+        self.num_classes = {name: m["model"].get("num_classes") for name, m in manifests.items()}
+        self.metrics = ServeMetrics()
+        self.runtimes: dict = {}
+        self.batchers: dict = {}
+        self.ready = threading.Event()
+        self.load_error: Optional[str] = None
+        self._runtime_loader = runtime_loader
+        self._closed = False
+
+    def _load_runtime(self, d: Path):
+        from ..runtime import Runtime
+
+        if self._runtime_loader is not None:
+            return self._runtime_loader(d)
+        return Runtime.load(d, backend=self.settings.backend, threads=self.settings.threads)
+
+    def load(self) -> None:
+        """Load every engine dir, warm it (the largest batch and a single image), start its batcher; then ready."""
+        from .batcher import Batcher
+
+        try:
+            for name, d in self.engines.items():
+                start = time.perf_counter()
+                rt = self._load_runtime(d)
+                self.runtimes[name] = rt
+                batch = min(self.settings.max_batch, rt.max_batch or self.settings.max_batch)
+                rt.sample_requests([(batch, 0, None)])  # first runs allocate: not on a user's clock
+                rt.sample_requests([(1, 0, None)])
+                self.batchers[name] = Batcher(name, rt, max_batch=self.settings.max_batch,
+                                              max_wait_s=self.settings.max_wait_ms / 1e3,
+                                              queue_images=self.settings.queue_images, metrics=self.metrics).start()
+                log.info("plan %s: %s loaded and warmed in %.1f s", name, rt, time.perf_counter() - start)
+        except Exception as e:
+            self.load_error = f"{type(e).__name__}: {e}" if not isinstance(e, Error) else str(e)
+            log.error("loading the engines failed: %s", self.load_error)
+            raise
+        self.ready.set()
+
+    def close(self) -> None:
+        """Drain every batcher (queued requests still run), then release the engines."""
+        if self._closed:
+            return
+        self._closed = True
+        for b in self.batchers.values():
+            b.close()
+        for rt in self.runtimes.values():
+            rt.close()
+
+
+def _error(e: RequestError):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _encode(images, labels, fmt: str) -> tuple[bytes, str]:
+    if fmt == "npy":
+        buf = io.BytesIO()
+        np.save(buf, images.numpy().astype(np.float32, copy=False))
+        return buf.getvalue(), "application/x-npy"
+    from PIL import Image
+
+    from ..data import image_grid
+
+    buf = io.BytesIO()
+    Image.fromarray(image_grid(images)).save(buf, format="PNG")
+    return buf.getvalue(), "image/png"
+
+
+class _Metered:
+    """ASGI middleware: count every HTTP response by route and status, and time it."""
+
+    def __init__(self, app, metrics: ServeMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope["path"] if scope["path"] in ROUTES else "other"
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route, str(status)).observe(time.perf_counter() - start)
+
+
+def create_app(state: ServeState, *, load_on_startup: bool = True, on_load_error: Optional[Callable] = None):
+    """The FastAPI app over ``state``. ``load_on_startup``: start :meth:`ServeState.load` in a thread at startup."""
+    import contextlib
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.exceptions import HTTPException
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if load_on_startup:
+            def load():
+                try:
+                    state.load()
+                except Exception:
+                    if on_load_error is not None:
+                        on_load_error(state.load_error)
+
+            threading.Thread(target=load, name="engine-loader", daemon=True).start()
+        yield
+        await asyncio.to_thread(state.close)
+
+    app = FastAPI(title="autodiffusion-rt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serve = state
+    limits = state.settings.limits
+
+    @app.exception_handler(RequestError)
+    async def request_error(request, e: RequestError):
+        return _error(e)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        field = "path" if e.status_code == 404 else "method" if e.status_code == 405 else None
+        allowed = ", ".join(f"{m} {p}" for m, p in (("POST", "/v1/samples"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")))
+        return JSONResponse({"error": {"field": field, "message": f"{e.detail}: this service has {allowed}"}},
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e):
+        return _error(RequestError(422, None, str(e)))
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if state.ready.is_set():
+            return {"status": "ready", "plans": {n: str(rt) for n, rt in state.runtimes.items()}}
+        message = f"loading the engines failed: {state.load_error}" if state.load_error else "the engines are loading and warming up"
+        return JSONResponse({"error": {"field": None, "message": message}}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.get("/metrics")
+    async def metrics():
+        body, content_type = state.metrics.render()
+        return PlainTextResponse(body, media_type=content_type)
+
+    @app.post("/v1/samples")
+    async def samples(request: Request):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
+            raise RequestError(413 if length.isdigit() else 400, "body",
+                               f"the body is {length} bytes; the limit is {limits.max_body_bytes} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limits.max_body_bytes:
+                raise RequestError(413, "body", f"the body is over the limit of {limits.max_body_bytes} bytes")
+        req = parse_sample_request(bytes(body), state.num_classes, state.default_plan, limits)
+        if not state.ready.is_set():
+            raise RequestError(503, None, "the engines are still loading: retry when /readyz answers 200", {"Retry-After": "1"})
+        batcher = state.batchers[req.plan]
+        deadline = time.monotonic() + state.settings.deadline_s
+        job = batcher.submit(req.n, req.seed, req.labels, deadline)
+        waiter = asyncio.wrap_future(job.future)
+        try:
+            images, labels = await asyncio.wait_for(asyncio.shield(waiter), state.settings.deadline_s)
+        except asyncio.TimeoutError:
+            waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome is no one's now
+            dropped = batcher.cancel(job)
+            raise RequestError(504, None, f"no answer within the deadline of {state.settings.deadline_s:g} s "
+                               f"({'dropped before it ran' if dropped else 'its batch was already running'}): retry later") from None
+        data, media_type = _encode(images, labels, req.format)
+        headers = {"X-Seed": str(req.seed), "X-Plan": req.plan, "X-Images": str(req.n)}
+        if labels is not None:
+            headers["X-Labels"] = ",".join(str(int(v)) for v in labels)
+        return Response(data, media_type=media_type, headers=headers)
+
+    return _Metered(app, state.metrics)

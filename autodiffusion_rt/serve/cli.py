@@ -1,0 +1,93 @@
+"""``autodiffusion-rt serve --engines DIR [--engines NAME=DIR ...] [--host 127.0.0.1] [--port 8000]``.
+
+Registered through ``autodiffusion_rt.cli._PLUGINS``; fastapi and uvicorn are
+imported only when the command runs (the ``serve`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["cmd_serve", "register"]
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    from .app import ServeSettings
+    from .schemas import Limits
+
+    d, lim = ServeSettings(), Limits()
+    p = subparsers.add_parser(
+        "serve",
+        help="serve engine dirs over HTTP (POST /v1/samples) with dynamic batching",
+        description="A sampling service: POST /v1/samples {\"n\", \"seed\"?, \"labels\"?, \"format\": \"png\"|\"npy\", \"plan\"?}; "
+        "GET /healthz, /readyz, /metrics. Concurrent requests for one plan are merged into engine batches; "
+        "each request's images equal 'autodiffusion-rt sample --engines DIR' with the same seed. SIGTERM drains and exits.",
+    )
+    p.add_argument("--engines", action="append", required=True, metavar="[NAME=]DIR",
+                   help="an engine dir from 'autodiffusion-rt build', optionally named (repeatable; the first is the default plan)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="images per engine batch (default: %(default)s)")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                   help="how long a request waits for others to merge with; 0: run at once, and requests arriving "
+                   "while a batch runs merge into the next (default: %(default)s)")
+    p.add_argument("--queue-images", type=int, default=d.queue_images,
+                   help="images that may wait per plan; beyond it requests get 429 (default: %(default)s)")
+    p.add_argument("--deadline-s", type=float, default=d.deadline_s,
+                   help="per-request deadline: 504 after it, dropped if not started (default: %(default)s)")
+    p.add_argument("--max-n", type=int, default=lim.max_n, help="most images in one request (default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=lim.max_body_bytes, help="request body limit (default: %(default)s)")
+    p.add_argument("--backend", default=d.backend, help="runtime backend: auto, onnxruntime, tensorrt, torch (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=d.threads, help="onnxruntime and torch threads (default: %(default)s)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_serve(args) -> int:
+    import importlib.util
+    import logging
+
+    from ..errors import BackendUnavailableError
+    from .app import ServeSettings, ServeState, create_app, engine_specs
+    from .schemas import Limits
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BackendUnavailableError(f"serve needs {', '.join(missing)}: pip install 'autodiffusion-rt[serve]'")
+    import torch
+    import uvicorn
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_images=args.queue_images,
+                             deadline_s=args.deadline_s, limits=Limits(max_n=args.max_n, max_body_bytes=args.max_body_bytes),
+                             backend=args.backend, threads=args.threads)
+    state = ServeState(engine_specs(args.engines), settings)  # bad dirs fail here: one line, exit 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    failed = []
+    server: "uvicorn.Server"
+
+    def on_load_error(message):
+        failed.append(message)
+        server.should_exit = True
+
+    app = create_app(state, on_load_error=on_load_error)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=settings.deadline_s + 5))
+    # uvicorn takes SIGINT/SIGTERM while it runs (stop accepting, finish the requests in flight, then our
+    # lifespan drains the batchers) and re-raises the signal to the previous handler afterwards. By then
+    # the drain is complete, so that handler does nothing and the command exits normally (0).
+    import signal
+
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if failed:
+        from ..errors import EngineError
+
+        raise EngineError(f"the engines could not be loaded: {failed[0]}")
+    return 0
