@@ -130,17 +130,32 @@ def _search_summary(s: dict) -> str:
             f"{s['unet_calls']} model calls of N samples instead of {s['naive_unet_calls']} without prefix sharing "
             f"({s.get('sharing_saved_fraction', 0):.1%} saved)"
         )
-    return "; ".join(parts)
+    out = "; ".join(parts)
+    if s.get("dp"):
+        d = s["dp"]
+        out += (f"\n\nDP schedule optimizer: {d['grid_points']}-point grid, teacher {d['teacher_seconds']} s"
+                f"{' (cached)' if d.get('teacher_cached') else ''}, cost matrix {d['matrix_seconds']} s, solve {d['solve_seconds']} s; "
+                + "; ".join(f"{p['timesteps']} cost {p['cost']:.4f}" for p in d["paths"]))
+    if s.get("holdout"):
+        out += "\n\nHeld-out selection (top-k by the search's fitness, re-ranked by FID on fresh samples; lowest wins):\n\n"
+        out += "| timesteps | skipped layer-steps | search fitness | held-out FID |\n|---|---|---|---|\n"
+        for h in s["holdout"]:
+            sf = h.get("search_fitness")
+            out += f"| {','.join(map(str, h['timesteps']))} | {h['skipped_layer_steps']} | {'-' if sf is None else f'{sf:.4g}'} | {h['holdout_fid']:.3f} |\n"
+    return out
 
 
-def baseline_rows(num_timesteps: int, nfe: int) -> list[tuple[str, str, Candidate]]:
-    lin = Candidate.full(uniform_timesteps(num_timesteps, nfe, "linear"))
-    quad = Candidate.full(uniform_timesteps(num_timesteps, nfe, "quadratic"))
-    return [
-        ("DDIM uniform (linear)", "ddim", lin),
-        ("DDIM uniform (quadratic)", "ddim", quad),
-        ("DPM-Solver++(2M) uniform (linear)", "dpmpp_2m", lin),
-    ]
+def baseline_rows(num_timesteps: int, nfe: int, schedule=None) -> list[tuple[str, str, Candidate]]:
+    """Every uniform baseline at this NFE: each sampler with linear, quadratic and (given the schedule) log-SNR spacing."""
+    spacings = ["linear", "quadratic"] + (["logsnr"] if schedule is not None else [])
+    cands = {sp: Candidate.full(uniform_timesteps(num_timesteps, nfe, sp, schedule)) for sp in spacings}
+    rows = []
+    for label, sampler in SAMPLER_LABELS:
+        rows += [(f"{label} uniform ({sp})", sampler, cands[sp]) for sp in spacings]
+    return rows
+
+
+SAMPLER_LABELS = [("DDIM", "ddim"), ("DPM-Solver++(2M)", "dpmpp_2m")]
 
 
 def make_report(
@@ -218,7 +233,7 @@ def plan_rows(plan, model) -> list[tuple[str, str, Candidate]]:
         c1 = Candidate.from_json(s1)
         if c1 != cand:
             rows.append(("searched, stage 1 (full model)", plan.sampler, c1))
-    return rows + baseline_rows(model.num_timesteps, plan.nfe)
+    return rows + baseline_rows(model.num_timesteps, plan.nfe, model.schedule)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
