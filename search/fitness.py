@@ -50,6 +50,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from autodiffusion_rt.diffusion import compute_coefficients, step_update
+from autodiffusion_rt.diffusion.samplers import EPS_HISTORY
 from autodiffusion_rt.errors import DataError
 from autodiffusion_rt.sampling import initial_state, make_eps_fn
 
@@ -64,13 +65,14 @@ class _State:
     x: torch.Tensor
     prev_x0: Optional[torch.Tensor]
     noise_used: int  # how many noise draws the path to here consumed
+    prev_eps: tuple = ()  # iPNDM's eps history, most recent first
 
     @property
     def nbytes(self) -> int:
         n = self.x.numel() * self.x.element_size()
         if self.prev_x0 is not None:
             n += self.prev_x0.numel() * self.prev_x0.element_size()
-        return n
+        return n + sum(e.numel() * e.element_size() for e in self.prev_eps)
 
 
 @dataclass
@@ -154,6 +156,8 @@ class FitnessEvaluator:
         self._cache_used = 0
         # DPM-Solver++(2M) carries the previous x0; the one-step samplers do not.
         self._carry_x0 = sampler == "dpmpp_2m"
+        # iPNDM carries earlier eps values (the state key's rows already say how many each step reads).
+        self._carry_eps = sampler == "ipndm"
         self._all_ids = model.unet.layer_ids
 
     # ----------------------------------------------------------------- samples
@@ -249,8 +253,13 @@ class FitnessEvaluator:
                     self.counters.unet_seconds += t1 - t0
                     for row, js in by_row.items():
                         noise = self._noise_draw(st.noise_used) if row.c_noise != 0.0 else None
-                        x_prev, x0 = step_update(row, st.x, eps, st.prev_x0, noise)
-                        child = _State(x_prev, x0 if self._carry_x0 else None, st.noise_used + (noise is not None))
+                        if self._carry_eps:
+                            x_prev, x0, eps_used = step_update(row, st.x, eps, st.prev_x0, noise, prev_eps=st.prev_eps, return_eps=True)
+                            history = ((eps_used,) + st.prev_eps)[:EPS_HISTORY]
+                        else:
+                            x_prev, x0 = step_update(row, st.x, eps, st.prev_x0, noise)
+                            history = ()
+                        child = _State(x_prev, x0 if self._carry_x0 else None, st.noise_used + (noise is not None), history)
                         child_key = node + ((t, skip, row),)
                         for j in js:
                             if d == len(keys[j]) - 1:
