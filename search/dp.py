@@ -203,3 +203,60 @@ def dp_schedules(model, teacher: Teacher, nfe: int, k: int = 4, clip_denoised: b
     t2 = time.perf_counter()
     out = [(c, tuple(teacher.grid[n] for n in nodes)) for c, nodes in paths]
     return DPResult(teacher.grid, C, out, teacher.seconds, teacher.cached, t2 - t1, t1 - t0)
+
+
+@torch.inference_mode()
+def skip_sensitivity(model, teacher: Teacher, points: Optional[int] = None, num_samples: Optional[int] = None,
+                     batch_size: int = 128, clip_denoised: bool = True) -> dict:
+    """Per-layer, per-step sensitivity: the trajectory cost of skipping each layer alone at each step.
+
+    For grid point g (every one, or ``points`` of them evenly picked) and layer L: one DDIM step from the
+    teacher's state at grid[g] to grid[g+1] (clean data after the last point) with L skipped, its mean
+    per-sample RMS distance to the teacher's next state. The full model's step is the teacher's own, so
+    its cost is 0 and every entry is the damage skipping L alone does there. Returns
+    {"timesteps": [...], "layers": [...], "macs": [...], "cost": [[per layer] per timestep]}.
+    """
+    from autodiffusion_rt.sampling import make_eps_fn
+
+    G = len(teacher.grid)
+    idx = list(range(G)) if points is None or points >= G else sorted({int(round(k)) for k in np.linspace(0, G - 1, points)})
+    n = teacher.states.shape[1] if num_samples is None else min(int(num_samples), teacher.states.shape[1])
+    layers = list(model.unet.layers)
+    all_ids = model.unet.layer_ids
+    _, y, _ = initial_state(model, teacher.states.shape[1], teacher.key["seed"])
+    y = None if y is None else y[:n]
+    table = []
+    for g in idx:
+        ts = [teacher.grid[g]] if g == G - 1 else [teacher.grid[g], teacher.grid[g + 1]]
+        row = compute_coefficients("ddim", model.schedule, ts, 0.0, clip_denoised).row(0)
+        x = teacher.states[g][:n]
+        target = (teacher.final if g == G - 1 else teacher.states[g + 1])[:n]
+        costs = []
+        for layer in layers:
+            eps = make_eps_fn(model, y, [all_ids - {layer.id}], batch_size)(x, teacher.grid[g], 0)
+            x_next, _ = step_update(row, x, eps)
+            costs.append(float(per_sample_rms(x_next.clamp(-1, 1) if g == G - 1 else x_next, target).mean()))
+        table.append(costs)
+    return {"timesteps": [teacher.grid[g] for g in idx], "layers": [layer.id for layer in layers],
+            "macs": [int(layer.macs) for layer in layers], "cost": table, "num_samples": n}
+
+
+def cheapest_skips(table: dict, timesteps, full_step_macs: int, budget_macs: Optional[int]) -> tuple:
+    """Skip sets for ``timesteps`` that meet ``budget_macs`` by skipping the (step, layer) pairs the
+    sensitivity table says cost least per MAC saved (each step reads the table's nearest timestep)."""
+    nfe = len(timesteps)
+    skips: list[list[str]] = [[] for _ in range(nfe)]
+    if budget_macs is None or full_step_macs * nfe <= budget_macs:
+        return tuple(tuple(s) for s in skips)
+    rows = [min(range(len(table["timesteps"])), key=lambda r: abs(table["timesteps"][r] - t)) for t in timesteps]
+    pairs = sorted(
+        ((table["cost"][rows[i]][k] / max(table["macs"][k], 1), i, lid) for i in range(nfe) for k, lid in enumerate(table["layers"])),
+    )
+    macs = {lid: m for lid, m in zip(table["layers"], table["macs"])}
+    total = full_step_macs * nfe
+    for _, i, lid in pairs:
+        if total <= budget_macs:
+            break
+        skips[i].append(lid)
+        total -= macs[lid]
+    return tuple(tuple(sorted(s)) for s in skips)

@@ -93,3 +93,28 @@ def test_dp_schedules_on_a_real_model_are_no_costlier_than_any_grid_path(search_
     G = len(grid)
     every = sorted(sum(res.cost[a, b] for a, b in zip((0, i, j), (i, j, G))) for i, j in itertools.combinations(range(1, G), 2))
     assert np.allclose([c for c, _ in res.paths], every[:3])
+
+
+def test_skip_sensitivity_is_the_one_step_damage_of_skipping_each_layer(search_tiny_model):
+    """Recomputed through sample(): one DDIM step over [t_g, t_{g+1}] from the teacher state, with keep = all but L.
+    What would catch this: the wrong layer skipped, the wrong target state, labels not those of the teacher."""
+    from autodiffusion_rt.diffusion import compute_coefficients, step_update
+    from autodiffusion_rt.sampling import initial_state
+    from search.dp import skip_sensitivity
+
+    model = search_tiny_model
+    grid = teacher_grid(model.num_timesteps, 6)
+    teacher = compute_teacher(model, 1, 8, grid, batch_size=8)
+    table = skip_sensitivity(model, teacher, points=3, batch_size=8)
+    assert table["timesteps"][0] == grid[0] and table["timesteps"][-1] == grid[-1] and len(table["timesteps"]) == 3
+    assert len(table["cost"]) == 3 and all(len(r) == len(table["layers"]) for r in table["cost"])
+    _, y, _ = initial_state(model, 8, 1)
+    g = grid.index(table["timesteps"][1])
+    lid = table["layers"][2]
+    keep = model.unet.layer_ids - {lid}
+    t = torch.full((8,), grid[g], dtype=torch.long)
+    eps = model.eps(teacher.states[g], t, y, keep)
+    x_next, _ = step_update(compute_coefficients("ddim", model.schedule, [grid[g], grid[g + 1]]).row(0), teacher.states[g], eps)
+    want = float(((x_next.double() - teacher.states[g + 1].double()).flatten(1).pow(2).mean(1).sqrt()).mean())
+    assert table["cost"][1][2] == pytest.approx(want, rel=1e-6)
+    assert all(c > 0 for r in table["cost"] for c in r)  # every layer of the random UNet matters somewhere
