@@ -110,6 +110,9 @@ class SearchOptions:
     holdout_samples: int = DEFAULTS["holdout_samples"]  # fresh samples per top-k candidate; 0: no held-out selection
     holdout_seed: Optional[int] = None  # default: seed + 2 (neither the search's nor the report's)
     holdout_topk: int = DEFAULTS["holdout_topk"]
+    holdout_samplers: tuple = ("ddim", "dpmpp_2m", "ipndm")  # the winner's schedule is tried with each (deterministic runs)
+    sensitivity_points: int = 8  # grid points of the per-layer skip sensitivity table (0: off); computed only when skipping is asked for
+    sensitivity_samples: int = 32
 
     def resolved(self) -> "SearchOptions":
         o = replace(self)
@@ -302,6 +305,7 @@ def prepare(options: SearchOptions, model=None, extractor=None, ref_stats=None) 
         "grid_points": o.grid_points,
         "grid_spacing": o.grid_spacing,
         "dp_paths": o.dp_paths if o.method == "evo" else None,
+        "sensitivity_points": o.sensitivity_points,
         **settings.as_dict(),
     }
     return Prepared(o, model, extractor, ref_stats, ref_description, space1, space2, settings, run_settings)
@@ -353,6 +357,16 @@ def run_search(options: SearchOptions, model=None, extractor=None, ref_stats=Non
     from .space import Candidate
 
     dp_seeds = [Candidate.full(ts) for _, ts in dp.paths[: o.dp_paths]] if dp is not None and o.dp_paths else []
+    sensitivity = None
+    budget = p.space2.budget_macs
+    if teacher is not None and o.sensitivity_points and (o.multi_objective or (budget is not None and budget < p.space2.full_macs)):
+        # Where skipping is asked for: which layers cost least at which noise level, and DP schedules
+        # that meet the budget by skipping exactly those (stage 2's generation 0; stage 1 drops the skips).
+        from .dp import cheapest_skips, skip_sensitivity
+
+        sensitivity = skip_sensitivity(p.model, teacher, o.sensitivity_points, o.sensitivity_samples, o.batch_size)
+        full_step = p.model.unet.macs()
+        dp_seeds += [Candidate(c.timesteps, cheapest_skips(sensitivity, c.timesteps, full_step, budget)) for c in list(dp_seeds)]
     search = Search(
         p.space1, p.space2, p.settings, executor, o.seed, run_settings=p.run_settings, state=state,
         on_generation=lambda st: save_state(st, ckpt), quiet=o.quiet, seeds=dp_seeds,
@@ -401,6 +415,8 @@ def run_search(options: SearchOptions, model=None, extractor=None, ref_stats=Non
         search_summary["teacher"] = {"grid_points": len(teacher.grid), "seconds": round(teacher.seconds, 1), "cached": teacher.cached}
     if selection is not None:
         search_summary["holdout"] = selection["table"]
+    if sensitivity is not None:
+        search_summary["skip_sensitivity"] = sensitivity
     if search_front is not None:
         search_summary["pareto_search_front"] = search_front
     plan = _make_plan(p, result.best, result, search_summary, Fitness, Plan, selection)
@@ -419,7 +435,7 @@ def run_search(options: SearchOptions, model=None, extractor=None, ref_stats=Non
     if o.report:
         from .report import baseline_rows, make_report
 
-        rows = [("searched plan", o.sampler, result.best.candidate)]
+        rows = [("searched plan", plan.sampler, result.best.candidate)]
         if dp is not None and Candidate.full(dp.paths[0][1]) != result.best.candidate:
             rows.append(("DP schedule (GITS-style)", o.sampler, Candidate.full(dp.paths[0][1])))
         if result.stage1_best.candidate != result.best.candidate:
@@ -465,17 +481,28 @@ def _holdout_select(p: Prepared, search, result, dp_seeds) -> dict:
     from .evolution import Scored
 
     result.best = Scored(cands[best], memo.get(cands[best], math.inf), s2.macs(cands[best]))
-    return {"table": table, "fid": fids[best], "samples": o.holdout_samples, "seed": o.holdout_seed}
+    for row in table:
+        row["sampler"] = o.sampler
+    chosen = {"table": table, "fid": fids[best], "samples": o.holdout_samples, "seed": o.holdout_seed, "sampler": o.sampler}
+    # The sampler is part of the plan: the winner's schedule is also tried with the other deterministic samplers.
+    others = [sm for sm in o.holdout_samplers if sm != o.sampler] if o.eta == 0.0 else []
+    for sm in others:
+        f = _holdout_fids(p, [cands[best]], sampler=sm)[0]
+        table.append({**table[best], "sampler": sm, "search_fitness": None, "holdout_fid": f})
+        if f < chosen["fid"]:
+            chosen.update(fid=f, sampler=sm)
+    return chosen
 
 
-def _holdout_fids(p: Prepared, cands) -> list[float]:
+def _holdout_fids(p: Prepared, cands, sampler: Optional[str] = None) -> list[float]:
     """FID of each candidate on --holdout-samples samples of --holdout-seed (prefixes shared)."""
     from tqdm.auto import tqdm
 
     from .fitness import FitnessEvaluator
 
     o = p.options
-    ev = FitnessEvaluator(p.model, o.sampler, o.eta, o.holdout_samples, o.holdout_seed, p.extractor, p.ref_stats,
+    sampler = sampler or o.sampler
+    ev = FitnessEvaluator(p.model, sampler, o.eta if sampler == "ddim" else 0.0, o.holdout_samples, o.holdout_seed, p.extractor, p.ref_stats,
                           batch_size=o.batch_size, cache_bytes=o.cache_mb << 20, device=o.device)
     bar = tqdm(total=0, desc=f"held-out FID ({o.holdout_samples} samples, seed {o.holdout_seed})", disable=o.quiet, unit="step")
     try:
@@ -545,7 +572,9 @@ def _make_plan(p: Prepared, scored, result, summary: dict, Fitness, Plan, select
         "summary": summary,
         "versions": {"autodiffusion-rt": autodiffusion_rt.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }
-    return Plan.for_model(p.model, scored.candidate.timesteps, o.sampler, o.eta, scored.candidate.skip, spec=o.model, fitness=fitness, provenance=provenance)
+    sampler = (selection or {}).get("sampler", o.sampler)
+    eta = o.eta if sampler == "ddim" else 0.0
+    return Plan.for_model(p.model, scored.candidate.timesteps, sampler, eta, scored.candidate.skip, spec=o.model, fitness=fitness, provenance=provenance)
 
 
 PLAN_SET_FORMAT = "autodiffusion-rt-plan-set"
@@ -634,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout-samples", type=int, default=None, help=f"fresh samples for re-ranking the top-k by FID before choosing (default {d['holdout_samples']}; 0: off)")
     p.add_argument("--holdout-seed", type=int, default=None, help="seed of the held-out samples (default: --seed + 2)")
     p.add_argument("--holdout-topk", type=int, default=None, help=f"candidates re-ranked on held-out samples (default {d['holdout_topk']})")
+    p.add_argument("--sensitivity-points", type=int, default=8, help="timesteps of the per-layer skip sensitivity table, computed when skipping is asked for (default %(default)s; 0: off)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     return p
 
@@ -675,6 +705,7 @@ def options_from_args(args) -> SearchOptions:
         device=args.device, method=values["method"], objective=values["objective"], grid_points=values["grid_points"],
         grid_spacing=args.grid_spacing, dp_paths=values["dp_paths"], teacher_cache=args.teacher_cache,
         holdout_samples=values["holdout_samples"], holdout_seed=args.holdout_seed, holdout_topk=values["holdout_topk"],
+        sensitivity_points=args.sensitivity_points,
     )
 
 

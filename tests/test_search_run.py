@@ -98,8 +98,9 @@ def test_chosen_plan_is_reranked_on_fresh_samples_and_beats_uniform_ddim_there(o
     assert len(holdout) >= 2
     chosen = min(holdout, key=lambda h: h["holdout_fid"])
     assert list(plan.timesteps) == chosen["timesteps"] and plan.fitness.fid == chosen["holdout_fid"]
+    assert plan.sampler == chosen["sampler"] and {h["sampler"] for h in holdout} == {"ddim", "dpmpp_2m", "ipndm"}
     keep = [model.unet.layer_ids - set(s) for s in plan.skip]
-    images = sample(model, plan.timesteps, "ddim", n=48, seed=seed + 2, keep=keep, batch_size=12)
+    images = sample(model, plan.timesteps, plan.sampler, n=48, seed=seed + 2, keep=keep, batch_size=12)
     assert fid(images, ref, ext) == pytest.approx(plan.fitness.fid, rel=1e-6)
     uniform = sample(model, uniform_timesteps(model.num_timesteps, 3), "ddim", n=48, seed=seed + 2, batch_size=12)
     assert plan.fitness.fid < fid(uniform, ref, ext)
