@@ -237,7 +237,10 @@ class TorchStepEngine(Engine):
         noise = torch.from_numpy(feeds[NOISE]) if NOISE in feeds else None
         prev = torch.from_numpy(feeds[PREV_X0]) if PREV_X0 in feeds else None
         history = [torch.from_numpy(feeds[n]) for n in PREV_EPS if n in feeds]
-        x_prev, x0, eps_used = step_update(self.row, x, eps, prev, noise, prev_eps=history, return_eps=True)
+        if EPS in self.output_names:  # iPNDM: the eps this step used is a later step's history
+            x_prev, x0, eps_used = step_update(self.row, x, eps, prev, noise, prev_eps=history, return_eps=True)
+        else:
+            x_prev, x0 = step_update(self.row, x, eps, prev, noise, prev_eps=history)
         result = {X_PREV: _fill(out, X_PREV, x_prev.numpy())}
         if X0 in self.output_names:
             result[X0] = _fill(out, X0, x0.numpy())
