@@ -143,8 +143,10 @@ def _term_scales(module, inputs) -> tuple[float, ...]:
     ax, ae = mx(feeds["x"]), mx(eps) + mx(feeds["x"])  # with clip_x0, eps is re-derived from x and x0
     x0 = abs(row.x0_from_x) * ax + abs(row.x0_from_eps) * ae
     x_prev = (abs(row.c_x) * ax + abs(row.c_eps) * ae + abs(row.c_prev_x0) * mx(feeds.get("prev_x0"))
-              + abs(row.c_noise) * mx(feeds.get("noise")))
-    return tuple(x0 if n == "x0" else x_prev for n in module.output_names)
+              + abs(row.c_noise) * mx(feeds.get("noise"))
+              + sum(abs(c) * mx(feeds.get(f"prev_eps{k + 1}")) for k, c in enumerate(row.prev_eps_coefficients)))
+    eps_out = ae + (abs(row.x0_from_x) * ax + x0) / abs(row.x0_from_eps)  # the clip-consistent eps is re-derived from x and x0
+    return tuple(x0 if n == "x0" else eps_out if n == "eps" else x_prev for n in module.output_names)
 
 
 def _simplify(path: Path) -> None:

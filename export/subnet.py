@@ -1,6 +1,6 @@
 """Step i of a plan as a static module: the kept layers, folded timestep, fused sampler update.
 
-:class:`StepModule` maps ``x [, y] [, noise] [, prev_x0] -> x_prev [, x0]``
+:class:`StepModule` maps ``x [, y] [, noise] [, prev_x0] [, prev_eps1..3] -> x_prev [, x0] [, eps]``
 (names and presence from :func:`autodiffusion_rt.runtime.step_io`):
 
 * the layers the plan skips at this step are not called, so tracing leaves them
@@ -40,7 +40,7 @@ from torch import nn
 from autodiffusion_rt.diffusion import SamplerCoefficients, step_update
 from autodiffusion_rt.errors import EngineError
 from autodiffusion_rt.models.unet import ResBlock
-from autodiffusion_rt.runtime.engines import NOISE, PREV_X0, X, X0, Y, step_io
+from autodiffusion_rt.runtime.engines import EPS, NOISE, PREV_EPS, PREV_X0, X, X0, Y, step_io
 
 __all__ = ["LABEL_MODES", "TABLE_MAX_BYTES", "StepModule", "resolve_label_mode", "step_modules"]
 
@@ -143,8 +143,12 @@ class StepModule(nn.Module):
         feeds = dict(zip(self.input_names, args))
         x = feeds[X]
         eps = self.eps(x, feeds.get(Y))
-        x_prev, x0 = step_update(self.row, x, eps, feeds.get(PREV_X0), feeds.get(NOISE))
-        return (x_prev, x0) if X0 in self.output_names else x_prev
+        history = [feeds[n] for n in PREV_EPS if n in feeds]
+        x_prev, x0, eps_used = step_update(self.row, x, eps, feeds.get(PREV_X0), feeds.get(NOISE), prev_eps=history, return_eps=True)
+        outs = {X0: x0, EPS: eps_used}
+        if len(self.output_names) == 1:
+            return x_prev
+        return (x_prev,) + tuple(outs[n] for n in self.output_names[1:])
 
     def example_inputs(self, batch: int, seed: int = 0, num_classes: Optional[int] = None) -> tuple[torch.Tensor, ...]:
         """Random inputs in ``input_names`` order (for tracing and verification)."""

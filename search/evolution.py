@@ -125,8 +125,11 @@ class Search:
         state: Optional[SearchState] = None,
         on_generation: Optional[Callable[[SearchState], None]] = None,
         quiet: bool = False,
+        seeds: Sequence[Candidate] = (),
     ):
         self.spaces = {1: space1, 2: space2}
+        # Extra members of generation 0 in both stages (the DP schedules): the evolution starts from them.
+        self.extra_seeds = list(seeds)
         self.settings = settings.check()
         self.executor = executor
         self.on_generation = on_generation
@@ -227,6 +230,8 @@ class Search:
     def _seeds(self, space: SearchSpace) -> list[Candidate]:
         st = self.state
         seeds = [space.uniform("linear", self.rng), space.uniform("quadratic", self.rng)]
+        if self.extra_seeds:
+            seeds = [space.repair(c.genes, self.rng) for c in self.extra_seeds] + seeds
         if st.stage == 2:
             # Stage 1's best, repaired to the budget (unchanged when the full model fits it).
             elites = [space.repair(c.genes, self.rng) for c in st.stage1_ranked[: self.settings.topk]]

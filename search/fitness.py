@@ -1,4 +1,12 @@
-"""Fitness: the FID of N samples of a candidate, computed as cheaply as it can be exactly.
+"""Fitness: the FID of N samples of a candidate, or their distance to a teacher's, computed as cheaply as it can be exactly.
+
+Objectives (``objective``): ``fid`` is the FID of the N samples against the
+reference statistics; ``trajectory`` is trajectory fidelity, the mean
+per-sample RMS distance (pixels) between the candidate's final images and a
+high-NFE teacher's final images from the same x_T (:mod:`search.dp`);
+``trajectory-features`` the same distance in the extractor's feature space.
+The trajectory objectives compare each sample with its own target, so they
+do not suffer FID's small-N bias and variance.
 
 Common random numbers. Every candidate starts from the same x_T (and labels),
 drawn by :func:`autodiffusion_rt.sampling.initial_state` from ``seed``, and
@@ -42,12 +50,14 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from autodiffusion_rt.diffusion import compute_coefficients, step_update
+from autodiffusion_rt.diffusion.samplers import EPS_HISTORY
 from autodiffusion_rt.errors import DataError
 from autodiffusion_rt.sampling import initial_state, make_eps_fn
 
 from .space import Candidate
 
 StepKey = tuple  # (t, skip tuple, StepCoefficients)
+OBJECTIVES = ("fid", "trajectory", "trajectory-features")
 
 
 @dataclass
@@ -55,13 +65,14 @@ class _State:
     x: torch.Tensor
     prev_x0: Optional[torch.Tensor]
     noise_used: int  # how many noise draws the path to here consumed
+    prev_eps: tuple = ()  # iPNDM's eps history, most recent first
 
     @property
     def nbytes(self) -> int:
         n = self.x.numel() * self.x.element_size()
         if self.prev_x0 is not None:
             n += self.prev_x0.numel() * self.prev_x0.element_size()
-        return n
+        return n + sum(e.numel() * e.element_size() for e in self.prev_eps)
 
 
 @dataclass
@@ -108,8 +119,18 @@ class FitnessEvaluator:
         cache_bytes: int = 1 << 30,
         share: bool = True,
         device: str = "cpu",
+        objective: str = "fid",
+        target: Optional[torch.Tensor] = None,
     ):
         from autodiffusion_rt.metrics import get_extractor
+
+        if objective not in OBJECTIVES:
+            raise DataError(f"objective {objective!r} is unknown: choose one of {', '.join(OBJECTIVES)}")
+        if objective != "fid" and (target is None or target.shape[0] != int(num_samples)):
+            raise DataError(f"the {objective} objective needs the teacher's {num_samples} final images as target")
+        self.objective = objective
+        self.target = None if target is None else target.cpu()
+        self._target_features = None
 
         self.model = model
         self.sampler = sampler
@@ -135,6 +156,8 @@ class FitnessEvaluator:
         self._cache_used = 0
         # DPM-Solver++(2M) carries the previous x0; the one-step samplers do not.
         self._carry_x0 = sampler == "dpmpp_2m"
+        # iPNDM carries earlier eps values (the state key's rows already say how many each step reads).
+        self._carry_eps = sampler == "ipndm"
         self._all_ids = model.unet.layer_ids
 
     # ----------------------------------------------------------------- samples
@@ -230,8 +253,13 @@ class FitnessEvaluator:
                     self.counters.unet_seconds += t1 - t0
                     for row, js in by_row.items():
                         noise = self._noise_draw(st.noise_used) if row.c_noise != 0.0 else None
-                        x_prev, x0 = step_update(row, st.x, eps, st.prev_x0, noise)
-                        child = _State(x_prev, x0 if self._carry_x0 else None, st.noise_used + (noise is not None))
+                        if self._carry_eps:
+                            x_prev, x0, eps_used = step_update(row, st.x, eps, st.prev_x0, noise, prev_eps=st.prev_eps, return_eps=True)
+                            history = ((eps_used,) + st.prev_eps)[:EPS_HISTORY]
+                        else:
+                            x_prev, x0 = step_update(row, st.x, eps, st.prev_x0, noise)
+                            history = ()
+                        child = _State(x_prev, x0 if self._carry_x0 else None, st.noise_used + (noise is not None), history)
                         child_key = node + ((t, skip, row),)
                         for j in js:
                             if d == len(keys[j]) - 1:
@@ -274,6 +302,24 @@ class FitnessEvaluator:
         self.counters.fid_seconds += time.perf_counter() - t0
         return value if math.isfinite(value) else math.inf
 
+    def distance_of(self, images: torch.Tensor) -> float:
+        """Mean per-sample RMS distance to the teacher's images (pixels, or extractor features); inf if diverged."""
+        t0 = time.perf_counter()
+        images = images.cpu()
+        if not torch.isfinite(images).all():
+            self.counters.failed += 1
+            return math.inf
+        if self.objective == "trajectory":
+            a, b = images, self.target
+        else:
+            if self._target_features is None:
+                self._target_features = torch.as_tensor(self.extractor.features(self.target))
+            a, b = torch.as_tensor(self.extractor.features(images)), self._target_features
+        d = (a.double() - b.double()).flatten(1)
+        value = float(d.pow(2).mean(1).sqrt().mean())
+        self.counters.fid_seconds += time.perf_counter() - t0
+        return value if math.isfinite(value) else math.inf
+
     def evaluate(self, candidates: Sequence[Candidate], progress=None) -> list[float]:
         """FID of each candidate. ``progress``: a tqdm-like bar; its total is set to the work planned."""
         if not candidates:
@@ -283,7 +329,7 @@ class FitnessEvaluator:
         images = self.samples(candidates, on_call=(lambda: progress.update(1)) if progress is not None else None)
         out = []
         for img in images:
-            out.append(self.fid_of(img))
+            out.append(self.fid_of(img) if self.objective == "fid" else self.distance_of(img))
             if progress is not None:
                 progress.update(1)
         self.counters.candidates += len(candidates)

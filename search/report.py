@@ -130,17 +130,41 @@ def _search_summary(s: dict) -> str:
             f"{s['unet_calls']} model calls of N samples instead of {s['naive_unet_calls']} without prefix sharing "
             f"({s.get('sharing_saved_fraction', 0):.1%} saved)"
         )
-    return "; ".join(parts)
+    out = "; ".join(parts)
+    if s.get("dp"):
+        d = s["dp"]
+        out += (f"\n\nDP schedule optimizer: {d['grid_points']}-point grid, teacher {d['teacher_seconds']} s"
+                f"{' (cached)' if d.get('teacher_cached') else ''}, cost matrix {d['matrix_seconds']} s, solve {d['solve_seconds']} s; "
+                + "; ".join(f"{p['timesteps']} cost {p['cost']:.4f}" for p in d["paths"]))
+    if s.get("skip_sensitivity"):
+        t = s["skip_sensitivity"]
+        out += (f"\n\nSkip sensitivity (trajectory cost of one step with one layer skipped, {t['num_samples']} samples; "
+                "teacher's own step = 0): the three cheapest and the costliest layer per timestep:\n\n| t | cheapest | costliest |\n|---|---|---|\n")
+        for ts, costs in zip(t["timesteps"], t["cost"]):
+            order = sorted(range(len(costs)), key=lambda k: costs[k])
+            cheap = ", ".join(f"{t['layers'][k]} {costs[k]:.3g}" for k in order[:3])
+            out += f"| {ts} | {cheap} | {t['layers'][order[-1]]} {costs[order[-1]]:.3g} |\n"
+    if s.get("holdout"):
+        out += "\n\nHeld-out selection (top-k by the search's fitness, re-ranked by FID on fresh samples; lowest wins):\n\n"
+        out += "| timesteps | sampler | skipped layer-steps | search fitness | held-out FID |\n|---|---|---|---|---|\n"
+        for h in s["holdout"]:
+            sf = h.get("search_fitness")
+            out += (f"| {','.join(map(str, h['timesteps']))} | {h.get('sampler', '-')} | {h['skipped_layer_steps']} | "
+                    f"{'-' if sf is None else f'{sf:.4g}'} | {h['holdout_fid']:.3f} |\n")
+    return out
 
 
-def baseline_rows(num_timesteps: int, nfe: int) -> list[tuple[str, str, Candidate]]:
-    lin = Candidate.full(uniform_timesteps(num_timesteps, nfe, "linear"))
-    quad = Candidate.full(uniform_timesteps(num_timesteps, nfe, "quadratic"))
-    return [
-        ("DDIM uniform (linear)", "ddim", lin),
-        ("DDIM uniform (quadratic)", "ddim", quad),
-        ("DPM-Solver++(2M) uniform (linear)", "dpmpp_2m", lin),
-    ]
+def baseline_rows(num_timesteps: int, nfe: int, schedule=None) -> list[tuple[str, str, Candidate]]:
+    """Every uniform baseline at this NFE: each sampler with linear, quadratic and (given the schedule) log-SNR spacing."""
+    spacings = ["linear", "quadratic"] + (["logsnr"] if schedule is not None else [])
+    cands = {sp: Candidate.full(uniform_timesteps(num_timesteps, nfe, sp, schedule)) for sp in spacings}
+    rows = []
+    for label, sampler in SAMPLER_LABELS:
+        rows += [(f"{label} uniform ({sp})", sampler, cands[sp]) for sp in spacings]
+    return rows
+
+
+SAMPLER_LABELS = [("DDIM", "ddim"), ("DPM-Solver++(2M)", "dpmpp_2m"), ("iPNDM", "ipndm")]
 
 
 def make_report(
@@ -176,13 +200,21 @@ def make_report(
     out_rows = []
     evaluators: dict = {}
     bar = tqdm(total=len(rows) * len(extractors), desc=f"report NFE {nfe}", disable=quiet, unit="fid")
+    # Rows of one sampler are sampled together, sharing their common prefixes (bit-exact, see search/fitness.py).
+    by_key: dict = {}
+    for j, (method, sampler, cand) in enumerate(rows):
+        by_key.setdefault((sampler, eta if sampler == "ddim" else 0.0), []).append(j)
+    row_images: dict = {}
     try:
-        for method, sampler, cand in rows:
-            key = (sampler, eta if sampler == "ddim" else 0.0)
-            if key not in evaluators:
-                # The evaluator gives exactly sample()'s images for (N, seed); its extractor is unused here.
-                evaluators[key] = FitnessEvaluator(model, sampler, key[1], num_samples, seed, exts[0], references[exts[0].name], batch_size=batch_size, cache_bytes=0, device=device)
-            images = evaluators[key].samples([cand])[0]
+        for key, js in by_key.items():
+            # The evaluator gives exactly sample()'s images for (N, seed); its extractor is unused here.
+            evaluators[key] = FitnessEvaluator(model, key[0], key[1], num_samples, seed, exts[0], references[exts[0].name], batch_size=batch_size, cache_bytes=0, device=device)
+            cands = list(dict.fromkeys(rows[j][2] for j in js))
+            imgs = dict(zip(cands, evaluators[key].samples(cands)))
+            for j in js:
+                row_images[j] = imgs[rows[j][2]]
+        for j, (method, sampler, cand) in enumerate(rows):
+            images = row_images[j]
             macs = sum(full_step - sum(layer_macs[i] for i in s) for s in cand.skip)
             row = Row(method, sampler, cand, macs)
             for ext in exts:
@@ -218,7 +250,7 @@ def plan_rows(plan, model) -> list[tuple[str, str, Candidate]]:
         c1 = Candidate.from_json(s1)
         if c1 != cand:
             rows.append(("searched, stage 1 (full model)", plan.sampler, c1))
-    return rows + baseline_rows(model.num_timesteps, plan.nfe)
+    return rows + baseline_rows(model.num_timesteps, plan.nfe, model.schedule)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -55,9 +55,16 @@ DEFAULTS = dict(
     report_samples=1000,
     batch_size=128,
     seed=0,
+    method="evo",
+    objective="trajectory",
+    grid_points=40,
+    dp_paths=4,
+    holdout_samples=1000,
+    holdout_topk=4,
 )
 # --fast: a smoke-test preset (about a minute on the embedded model).
-FAST = dict(num_samples=96, population=8, generations=2, topk=3, mutants=3, crossovers=2, report_samples=256)
+FAST = dict(num_samples=96, population=8, generations=2, topk=3, mutants=3, crossovers=2, report_samples=256,
+            grid_points=24, holdout_samples=256, holdout_topk=2)
 # --paper-settings: AutoDiffusion's evolution parameters.
 PAPER = dict(population=50, generations=10, topk=10, mutants=25, crossovers=15, mutation_prob=0.25)
 
@@ -95,6 +102,18 @@ class SearchOptions:
     device: str = "cpu"  # where the model runs (cuda on GPU machines)
     quiet: bool = False
     wait_lock: bool = False  # another search writing the same --out: wait for it (else an error)
+    method: str = DEFAULTS["method"]  # evo: evolution seeded with the DP schedules; dp: the DP schedule alone
+    objective: str = DEFAULTS["objective"]  # fid | trajectory | trajectory-features (search/fitness.py)
+    grid_points: int = DEFAULTS["grid_points"]  # the DP's coarse grid = the teacher's DDIM schedule
+    grid_spacing: str = "quadratic"
+    dp_paths: int = DEFAULTS["dp_paths"]  # DP schedules seeded into generation 0
+    teacher_cache: Optional[str] = None  # default: .teacher-cache next to --out
+    holdout_samples: int = DEFAULTS["holdout_samples"]  # fresh samples per top-k candidate; 0: no held-out selection
+    holdout_seed: Optional[int] = None  # default: seed + 2 (neither the search's nor the report's)
+    holdout_topk: int = DEFAULTS["holdout_topk"]
+    holdout_samplers: tuple = ("ddim", "dpmpp_2m", "ipndm")  # the winner's schedule is tried with each (deterministic runs)
+    sensitivity_points: int = 8  # grid points of the per-layer skip sensitivity table (0: off); computed only when skipping is asked for
+    sensitivity_samples: int = 32
 
     def resolved(self) -> "SearchOptions":
         o = replace(self)
@@ -112,6 +131,10 @@ class SearchOptions:
             o.report_seed = o.seed + 1
         if o.report_extractors is None:
             o.report_extractors = [o.extractor]
+        if o.holdout_seed is None:
+            o.holdout_seed = o.seed + 2
+        if o.teacher_cache is None:
+            o.teacher_cache = str(Path(o.out).parent / ".teacher-cache")
         return o
 
 
@@ -194,6 +217,18 @@ def prepare(options: SearchOptions, model=None, extractor=None, ref_stats=None) 
         raise SearchError(f"--num-samples {o.num_samples!r}: FID needs at least 2 samples (and more than the feature size for a stable one)")
     if o.report and o.report_samples < 2:
         raise SearchError(f"--report-samples {o.report_samples!r}: FID needs at least 2 samples")
+    from .fitness import OBJECTIVES
+
+    if o.method not in ("evo", "dp"):
+        raise SearchError(f"--method {o.method!r} is unknown: choose evo (evolution seeded with DP schedules) or dp (the DP schedule alone)")
+    if o.objective not in OBJECTIVES:
+        raise SearchError(f"--objective {o.objective!r} is unknown: choose one of {', '.join(OBJECTIVES)}")
+    if isinstance(o.holdout_samples, bool) or not isinstance(o.holdout_samples, int) or o.holdout_samples == 1 or o.holdout_samples < 0:
+        raise SearchError(f"--holdout-samples {o.holdout_samples!r}: 0 (no held-out selection) or at least 2 (FID needs 2; >= 1000 recommended)")
+    if o.holdout_topk < 1 or o.dp_paths < 0:
+        raise SearchError(f"--holdout-topk {o.holdout_topk} / --dp-paths {o.dp_paths}: need holdout-topk >= 1 and dp-paths >= 0")
+    if o.holdout_seed in (o.seed,) and o.holdout_samples:
+        raise SearchError(f"--holdout-seed {o.holdout_seed} equals --seed: held-out selection needs samples the search did not see")
     if o.budget_macs is not None and o.budget_macs <= 0:
         raise SearchError(f"--budget-macs {o.budget_macs}: must be a positive number of MACs per sample")
     if o.budget_fraction is not None and not 0.0 < o.budget_fraction <= 1.0:
@@ -277,6 +312,11 @@ def prepare(options: SearchOptions, model=None, extractor=None, ref_stats=None) 
         "num_samples": o.num_samples,
         "seed": o.seed,
         "budget_macs": budget,
+        "objective": o.objective,
+        "grid_points": o.grid_points,
+        "grid_spacing": o.grid_spacing,
+        "dp_paths": o.dp_paths if o.method == "evo" else None,
+        "sensitivity_points": o.sensitivity_points,
         **settings.as_dict(),
     }
     return Prepared(o, model, extractor, ref_stats, ref_description, space1, space2, settings, run_settings)
@@ -362,19 +402,65 @@ def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, 
             print(f"resuming {ckpt}: stage {state.stage}, {state.generation + 1} generation(s) done", file=sys.stderr)
     elif ckpt.exists() and not o.quiet:
         print(f"starting a new search; it replaces the checkpoint {ckpt} (pass --resume to continue that one instead)", file=sys.stderr)
+    teacher = dp = None
+    if o.method == "dp" or o.objective != "fid" or o.dp_paths:
+        from .dp import compute_teacher, dp_schedules, teacher_grid
+
+        grid = teacher_grid(p.model.num_timesteps, o.grid_points, o.grid_spacing, p.model.schedule)
+        teacher = compute_teacher(p.model, o.seed, o.num_samples, grid, batch_size=o.batch_size,
+                                  cache_dir=Path(o.teacher_cache), progress=not o.quiet)
+        if o.method == "dp" or o.dp_paths:
+            dp = dp_schedules(p.model, teacher, o.nfe, k=max(1, o.dp_paths))
+            if not o.quiet:
+                print(f"DP over {len(grid)} grid points ({'cached teacher' if teacher.cached else f'teacher {teacher.seconds:.0f} s'}, "
+                      f"solve {dp.solve_seconds:.2f} s): {list(dp.paths[0][1])}", file=sys.stderr)
+    if o.method == "dp":
+        return _run_dp(p, dp)
     if executor is None:
         evaluator = FitnessEvaluator(
             p.model, o.sampler, o.eta, o.num_samples, o.seed, p.extractor, p.ref_stats,
             batch_size=o.batch_size, cache_bytes=o.cache_mb << 20, share=o.share, device=o.device,
+            objective=o.objective, target=None if teacher is None else teacher.final,
         )
         executor = LocalExecutor(evaluator)
+    from .space import Candidate
+
+    dp_seeds = [Candidate.full(ts) for _, ts in dp.paths[: o.dp_paths]] if dp is not None and o.dp_paths else []
+    sensitivity = None
+    budget = p.space2.budget_macs
+    if teacher is not None and o.sensitivity_points and (o.multi_objective or (budget is not None and budget < p.space2.full_macs)):
+        # Where skipping is asked for: which layers cost least at which noise level, and DP schedules
+        # that meet the budget by skipping exactly those (stage 2's generation 0; stage 1 drops the skips).
+        from .dp import cheapest_skips, skip_sensitivity
+
+        sensitivity = skip_sensitivity(p.model, teacher, o.sensitivity_points, o.sensitivity_samples, o.batch_size)
+        full_step = p.model.unet.macs()
+        dp_seeds += [Candidate(c.timesteps, cheapest_skips(sensitivity, c.timesteps, full_step, budget)) for c in list(dp_seeds)]
     search = Search(
         p.space1, p.space2, p.settings, executor, o.seed, run_settings=p.run_settings, state=state,
-        on_generation=lambda st: save_state(st, ckpt), quiet=o.quiet,
+        on_generation=lambda st: save_state(st, ckpt), quiet=o.quiet, seeds=dp_seeds,
     )
     result = search.run(stop_after=stop_after)
     if result is None:
         return None
+    selection = pareto_fids = search_front = None
+    if o.holdout_samples and not o.multi_objective:
+        selection = _holdout_select(p, search, result, dp_seeds)
+    elif o.holdout_samples:
+        # The whole front, re-ranked on fresh samples: every plan of the set carries its held-out FID.
+        fids = _holdout_fids(p, [s.candidate for s in result.pareto])
+        # The front on fresh samples: members another member beats on held-out FID and MACs are dropped.
+        keep = [i for i, s in enumerate(result.pareto)
+                if not any((fids[j], t.macs) != (fids[i], s.macs) and fids[j] <= fids[i] and t.macs <= s.macs for j, t in enumerate(result.pareto))]
+        search_front = [{"timesteps": list(s.candidate.timesteps), "skipped_layer_steps": s.candidate.num_skipped,
+                                                  "search_fitness": s.fid, "holdout_fid": f, "macs_per_sample": s.macs} for s, f in zip(result.pareto, fids)]
+        result.pareto = [result.pareto[i] for i in keep]
+        pareto_fids = [fids[i] for i in keep]
+        table = [{"timesteps": list(s.candidate.timesteps), "skipped_layer_steps": s.candidate.num_skipped, "search_fitness": s.fid,
+                  "holdout_fid": f, "macs_per_sample": s.macs} for s, f in zip(result.pareto, pareto_fids)]
+        i = min(range(len(table)), key=lambda i: (pareto_fids[i], result.pareto[i].macs))
+        result.best = result.pareto[i]
+        selection = {"table": table, "fid": pareto_fids[i], "samples": o.holdout_samples, "seed": o.holdout_seed}
 
     c = result.counters
     naive, calls = c.get("naive_unet_calls", 0), c.get("unet_calls", 0)
@@ -392,23 +478,38 @@ def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, 
         "fid_seconds": round(c.get("fid_seconds", 0.0), 1),
         "seconds_per_unet_call": (c.get("unet_seconds", 0.0) / calls) if calls else None,
     }
-    plan = _make_plan(p, result.best, result, search_summary, Fitness, Plan)
+    if dp is not None:
+        search_summary["dp"] = dp.summary()
+    if teacher is not None:
+        search_summary["teacher"] = {"grid_points": len(teacher.grid), "seconds": round(teacher.seconds, 1), "cached": teacher.cached}
+    if selection is not None:
+        search_summary["holdout"] = selection["table"]
+    if sensitivity is not None:
+        search_summary["skip_sensitivity"] = sensitivity
+    if search_front is not None:
+        search_summary["pareto_search_front"] = search_front
+    plan = _make_plan(p, result.best, result, search_summary, Fitness, Plan, selection)
     plan.save(o.out)
     if not o.quiet:
         print(f"plan written to {o.out}: timesteps {list(plan.timesteps)}, {result.best.candidate.num_skipped} skipped layer-steps, "
-              f"FID {result.best.fid:.3f} ({p.extractor.name}, {o.num_samples} samples), "
+              f"{o.objective} {result.best.fid:.4g} ({p.extractor.name}, {o.num_samples} samples)"
+              + (f", held-out FID {plan.fitness.fid:.3f} ({plan.fitness.num_samples} samples, seed {plan.fitness.seed})" if selection else "") + ", "
               f"{plan.macs_per_sample / plan.full_macs_per_sample:.3f} of the full model's MACs", file=sys.stderr)
     if o.multi_objective:
-        save_plan_set([_make_plan(p, s, result, search_summary, Fitness, Plan) for s in result.pareto], _stem(o.out).with_name(_stem(o.out).name + ".pareto.json"))
+        plans = [_make_plan(p, s, result, search_summary, Fitness, Plan,
+                            None if pareto_fids is None else dict(selection, fid=pareto_fids[i])) for i, s in enumerate(result.pareto)]
+        save_plan_set(plans, _stem(o.out).with_name(_stem(o.out).name + ".pareto.json"))
 
     report = None
     if o.report:
         from .report import baseline_rows, make_report
 
-        rows = [("searched plan", o.sampler, result.best.candidate)]
+        rows = [("searched plan", plan.sampler, result.best.candidate)]
+        if dp is not None and Candidate.full(dp.paths[0][1]) != result.best.candidate:
+            rows.append(("DP schedule (GITS-style)", o.sampler, Candidate.full(dp.paths[0][1])))
         if result.stage1_best.candidate != result.best.candidate:
             rows.append(("searched, stage 1 (full model)", o.sampler, result.stage1_best.candidate))
-        rows += baseline_rows(p.model.num_timesteps, o.nfe)
+        rows += baseline_rows(p.model.num_timesteps, o.nfe, p.model.schedule)
         refs, exts = {}, []
         for name in o.report_extractors:
             if name == p.extractor.name:
@@ -428,13 +529,107 @@ def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, 
     return result, plan, report
 
 
-def _make_plan(p: Prepared, scored, result, summary: dict, Fitness, Plan):
+def _holdout_select(p: Prepared, search, result, dp_seeds) -> dict:
+    """Re-rank the search's top-k (and stage 1's best and the DP schedule) by FID on fresh samples; the best wins.
+
+    The candidates were ranked on the search's samples (seed ``--seed``); they are judged here on
+    ``--holdout-samples`` samples of ``--holdout-seed``, so the chosen plan is never chosen on the samples that selected it.
+    """
+    from .fitness import FitnessEvaluator
+
+    o = p.options
+    memo = search.state.memo
+    s2 = search.spaces[2]
+    ranked = [c for c in search.state.population if math.isfinite(memo.get(c, math.inf))][: o.holdout_topk]
+    extra = [result.stage1_best.candidate] + [c for c in dp_seeds[:1] if s2.is_valid(c)]
+    cands = list(dict.fromkeys(ranked + extra))
+    fids = _holdout_fids(p, cands)
+    table = [{"timesteps": list(c.timesteps), "skipped_layer_steps": c.num_skipped, "search_fitness": memo.get(c),
+              "holdout_fid": f, "macs_per_sample": s2.macs(c)} for c, f in zip(cands, fids)]
+    best = min(range(len(cands)), key=lambda i: (fids[i], s2.macs(cands[i]), cands[i]))
+    from .evolution import Scored
+
+    result.best = Scored(cands[best], memo.get(cands[best], math.inf), s2.macs(cands[best]))
+    for row in table:
+        row["sampler"] = o.sampler
+    chosen = {"table": table, "fid": fids[best], "samples": o.holdout_samples, "seed": o.holdout_seed, "sampler": o.sampler}
+    # The sampler is part of the plan: the winner's schedule is also tried with the other deterministic samplers.
+    others = [sm for sm in o.holdout_samplers if sm != o.sampler] if o.eta == 0.0 else []
+    for sm in others:
+        f = _holdout_fids(p, [cands[best]], sampler=sm)[0]
+        table.append({**table[best], "sampler": sm, "search_fitness": None, "holdout_fid": f})
+        if f < chosen["fid"]:
+            chosen.update(fid=f, sampler=sm)
+    return chosen
+
+
+def _holdout_fids(p: Prepared, cands, sampler: Optional[str] = None) -> list[float]:
+    """FID of each candidate on --holdout-samples samples of --holdout-seed (prefixes shared)."""
+    from tqdm.auto import tqdm
+
+    from .fitness import FitnessEvaluator
+
+    o = p.options
+    sampler = sampler or o.sampler
+    ev = FitnessEvaluator(p.model, sampler, o.eta if sampler == "ddim" else 0.0, o.holdout_samples, o.holdout_seed, p.extractor, p.ref_stats,
+                          batch_size=o.batch_size, cache_bytes=o.cache_mb << 20, device=o.device)
+    bar = tqdm(total=0, desc=f"held-out FID ({o.holdout_samples} samples, seed {o.holdout_seed})", disable=o.quiet, unit="step")
+    try:
+        return ev.evaluate(list(cands), progress=bar)
+    finally:
+        bar.close()
+
+
+def _run_dp(p: Prepared, dp):
+    """--method dp: the cheapest DP schedule is the plan (no FID was used to choose it); report it."""
+    from autodiffusion_rt.plan import Plan
+
+    import autodiffusion_rt
+    import torch
+
+    from .report import baseline_rows, make_report
+    from .space import Candidate
+
+    o = p.options
+    cand = Candidate.full(dp.paths[0][1])
+    summary = {"method": "dp", "dp": dp.summary()}
+    provenance = {
+        "tool": "python -m search.run --method dp",
+        "search": {k: v for k, v in p.run_settings.items() if k not in ("model", "model_fingerprint")},
+        "reference": o.reference,
+        "model_options": o.model_options,
+        "summary": summary,
+        "versions": {"autodiffusion-rt": autodiffusion_rt.__version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+    plan = Plan.for_model(p.model, cand.timesteps, o.sampler, o.eta, cand.skip, spec=o.model, provenance=provenance)
+    plan.save(o.out)
+    if not o.quiet:
+        print(f"plan written to {o.out}: DP timesteps {list(plan.timesteps)} (trajectory cost {dp.paths[0][0]:.4f})", file=sys.stderr)
+    report = None
+    if o.report:
+        rows = [("DP schedule (GITS-style)", o.sampler, cand)] + baseline_rows(p.model.num_timesteps, o.nfe, p.model.schedule)
+        report = make_report(p.model, rows, [p.extractor], {p.extractor.name: p.ref_stats}, o.report_samples, o.report_seed, o.eta, o.batch_size, o.quiet, device=o.device)
+        report.search = summary
+        md, _ = report.save(_stem(o.out))
+        if not o.quiet:
+            print(report.table())
+            print(f"report written to {md}", file=sys.stderr)
+    return dp, plan, report
+
+
+def _make_plan(p: Prepared, scored, result, summary: dict, Fitness, Plan, selection: Optional[dict] = None):
     import torch
 
     import autodiffusion_rt
 
     o = p.options
-    fitness = Fitness(float(scored.fid), p.extractor.name, o.num_samples, o.seed, p.ref_stats.dataset)
+    if selection is not None:
+        # The plan's FID is the held-out one it was chosen on (fresh samples), not the search's fitness.
+        fitness = Fitness(float(selection["fid"]), p.extractor.name, selection["samples"], o.holdout_seed, p.ref_stats.dataset)
+    elif o.objective == "fid":
+        fitness = Fitness(float(scored.fid), p.extractor.name, o.num_samples, o.seed, p.ref_stats.dataset)
+    else:
+        fitness = None  # a trajectory distance is not an FID
     provenance = {
         "tool": "python -m search.run",
         "search": {k: v for k, v in p.run_settings.items() if k not in ("model", "model_fingerprint")},
@@ -446,7 +641,9 @@ def _make_plan(p: Prepared, scored, result, summary: dict, Fitness, Plan):
         "summary": summary,
         "versions": {"autodiffusion-rt": autodiffusion_rt.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }
-    return Plan.for_model(p.model, scored.candidate.timesteps, o.sampler, o.eta, scored.candidate.skip, spec=o.model, fitness=fitness, provenance=provenance)
+    sampler = (selection or {}).get("sampler", o.sampler)
+    eta = o.eta if sampler == "ddim" else 0.0
+    return Plan.for_model(p.model, scored.candidate.timesteps, sampler, eta, scored.candidate.skip, spec=o.model, fitness=fitness, provenance=provenance)
 
 
 PLAN_SET_FORMAT = "autodiffusion-rt-plan-set"
@@ -529,6 +726,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-sharing", action="store_true", help="evaluate every candidate on its own (to measure what sharing saves)")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda[:N] (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--method", choices=("evo", "dp"), default=None, help="evo: evolution whose generation 0 holds the DP schedules (default); dp: the DP schedule alone, in seconds")
+    p.add_argument("--objective", default=None, help="search fitness: trajectory (distance to a high-NFE teacher's images from the same x_T; default), trajectory-features, or fid")
+    p.add_argument("--grid-points", type=int, default=None, help=f"DP grid = the teacher's DDIM schedule (default {d['grid_points']}; --fast {FAST['grid_points']})")
+    p.add_argument("--grid-spacing", default="quadratic", help="DP grid spacing: quadratic, linear or logsnr (default %(default)s)")
+    p.add_argument("--dp-paths", type=int, default=None, help=f"DP schedules seeded into generation 0 (default {d['dp_paths']}; 0: none)")
+    p.add_argument("--teacher-cache", default=None, help="folder for cached teacher trajectories (default: .teacher-cache next to --out)")
+    p.add_argument("--holdout-samples", type=int, default=None, help=f"fresh samples for re-ranking the top-k by FID before choosing (default {d['holdout_samples']}; 0: off)")
+    p.add_argument("--holdout-seed", type=int, default=None, help="seed of the held-out samples (default: --seed + 2)")
+    p.add_argument("--holdout-topk", type=int, default=None, help=f"candidates re-ranked on held-out samples (default {d['holdout_topk']})")
+    p.add_argument("--sensitivity-points", type=int, default=8, help="timesteps of the per-layer skip sensitivity table, computed when skipping is asked for (default %(default)s; 0: off)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     return p
 
@@ -540,7 +747,8 @@ def options_from_args(args) -> SearchOptions:
     if args.paper_settings:
         values.update(PAPER)
     for key in ("nfe", "sampler", "eta", "num_samples", "population", "generations", "topk", "mutants", "crossovers",
-                "mutation_prob", "report_samples", "batch_size", "seed"):
+                "mutation_prob", "report_samples", "batch_size", "seed", "method", "objective", "grid_points", "dp_paths",
+                "holdout_samples", "holdout_topk"):
         v = getattr(args, key)
         if v is not None:
             values[key] = v
@@ -568,7 +776,10 @@ def options_from_args(args) -> SearchOptions:
         seed=values["seed"], out=args.out, checkpoint=args.checkpoint, resume=args.resume, report=not args.no_report,
         report_samples=values["report_samples"], report_seed=args.report_seed, report_extractors=args.report_extractor,
         batch_size=values["batch_size"], cache_mb=args.cache_mb, share=not args.no_prefix_sharing, quiet=args.quiet,
-        device=args.device, wait_lock=args.wait_lock,
+        device=args.device, wait_lock=args.wait_lock, method=values["method"], objective=values["objective"], grid_points=values["grid_points"],
+        grid_spacing=args.grid_spacing, dp_paths=values["dp_paths"], teacher_cache=args.teacher_cache,
+        holdout_samples=values["holdout_samples"], holdout_seed=args.holdout_seed, holdout_topk=values["holdout_topk"],
+        sensitivity_points=args.sensitivity_points,
     )
 
 

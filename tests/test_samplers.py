@@ -17,6 +17,7 @@ from autodiffusion_rt.diffusion import (
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sample_ipndm,
     sample_loop,
     step_update,
     uniform_timesteps,
@@ -172,6 +173,62 @@ def test_dpmpp_2m_structure_and_first_order_equals_ddim(schedule):
     assert not compute_coefficients("dpmpp_2m", schedule, [999, 10], clip_denoised=False).uses_prev_x0
 
 
+def ipndm_reference(acp, ts, x, eps_np, clip=False):
+    """iPNDM as zju-pi/diff-sampler's ipndm_sampler writes it, in EDM's variables, numpy float64:
+    y = x / sqrt(a), sigma = sqrt((1 - a) / a); d = (y - denoised) / sigma; order min(4, i + 1);
+    y_next = y + (sigma_next - sigma) * AB-combination of d's; the last step goes to sigma = 0."""
+    sig = lambda a: math.sqrt((1 - a) / a)  # noqa: E731
+    y = x / math.sqrt(acp[ts[0]])
+    buf = []
+    for i, t in enumerate(ts):
+        a = acp[t]
+        s_cur = sig(a)
+        s_next = sig(acp[ts[i + 1]]) if i + 1 < len(ts) else 0.0
+        eps = eps_np(y * math.sqrt(a), t, i)
+        denoised = y - s_cur * eps
+        if clip:
+            denoised = np.clip(denoised, -1, 1)
+        d = (y - denoised) / s_cur
+        order = min(4, i + 1)
+        if order == 1:
+            comb = d
+        elif order == 2:
+            comb = (3 * d - buf[-1]) / 2
+        elif order == 3:
+            comb = (23 * d - 16 * buf[-1] + 5 * buf[-2]) / 12
+        else:
+            comb = (55 * d - 59 * buf[-1] + 37 * buf[-2] - 9 * buf[-3]) / 24
+        y = y + (s_next - s_cur) * comb
+        buf = (buf + [d])[-3:]
+    return y  # sigma = 0: y is x
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("ts", TIMESTEP_LISTS + [uniform_timesteps(1000, 10)])
+def test_ipndm_trajectory_matches_float64_reference(schedule, ts, clip):
+    """What would catch this: a wrong AB weight or warm-start order, history in the wrong order or not shifted,
+    the history holding the raw instead of the clip-consistent eps, a final step not landing on sigma = 0."""
+    acp = schedule.alphas_cumprod
+    x = x_init() * (2.0 if clip else 1.0)
+    eps_np = make_eps_fn(acp, np)
+    expected = ipndm_reference(acp, ts, x.numpy(), lambda xx, t, i: eps_np(xx, t, i) * (1.5 if clip else 1.0), clip)
+    eps_t = make_eps_fn(acp)
+    got = sample_ipndm(lambda xx, t, i: eps_t(xx, t, i) * (1.5 if clip else 1.0), x, schedule, ts, clip_denoised=clip)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-9)
+
+
+def test_ipndm_structure(schedule):
+    ts = [999, 900, 700, 400, 150, 20]
+    ip = compute_coefficients("ipndm", schedule, ts, clip_denoised=False)
+    ddim = compute_coefficients("ddim", schedule, ts, clip_denoised=False)
+    np.testing.assert_allclose(ip.row(0), ddim.row(0), rtol=1e-12, atol=1e-12)  # order 1 = DDIM
+    assert [ip.row(i).eps_history for i in range(len(ts))] == [0, 1, 2, 3, 3, 3]
+    assert ip.uses_eps_history and not ip.uses_prev_x0 and not ip.stochastic_steps.any()
+    with pytest.raises(SamplingError, match=r"reads the eps of the 2 previous step"):
+        step_update(ip.row(2), x_init(), x_init(), prev_eps=[x_init()])
+
+
+# (iPNDM's final step is multistep too: it lands on sigma = 0 through its history, checked against its reference.)
 @pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("dpmpp_2m", 0.0)])
 def test_final_step_is_x0(schedule, sampler, eta):
     c = compute_coefficients(sampler, schedule, [999, 500, 3], eta=eta, clip_denoised=False)
@@ -376,9 +433,9 @@ def test_step_update_exports_to_onnx():
 
 
 def test_sampler_errors(linear):
-    with pytest.raises(SamplingError, match=r"'euler'.*ddim, ddpm, dpmpp_2m"):
+    with pytest.raises(SamplingError, match=r"'euler'.*ddim, ddpm, dpmpp_2m, ipndm"):
         compute_coefficients("euler", linear, [999])
-    assert SAMPLERS == ("ddim", "ddpm", "dpmpp_2m")
+    assert SAMPLERS == ("ddim", "ddpm", "dpmpp_2m", "ipndm")
     with pytest.raises(SamplingError, match=r"eta=1.5 is outside \[0, 1\]"):
         compute_coefficients("ddim", linear, [999], eta=1.5, clip_denoised=False)
     with pytest.raises(SamplingError, match=r"eta=0.5 only applies to the ddim"):

@@ -180,7 +180,7 @@ def test_uniform_errors():
         uniform_timesteps(1000, 0)
     with pytest.raises(TimestepsError, match=r"n=1001 .*1 <= n <= 1000"):
         uniform_timesteps(1000, 1001)
-    with pytest.raises(TimestepsError, match=r"'cubic'.*linear, quadratic"):
+    with pytest.raises(TimestepsError, match=r"'cubic'.*linear, quadratic, logsnr"):
         uniform_timesteps(1000, 4, "cubic")
     with pytest.raises(TimestepsError, match=r"n=4.0 is not an integer"):
         uniform_timesteps(1000, 4.0)
@@ -223,3 +223,26 @@ def test_uniform_properties(T_n):
         if q != r:
             # moved: pushed below a colliding predecessor, or lifted off the floor
             assert (i > 0 and r >= quad[i - 1]) or q == n - 1 - i
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("n", [4, 6, 10])
+def test_uniform_logsnr_is_nearest_to_evenly_spaced_log_snr(name, n):
+    """Independent float64 reference: lambda = log(sqrt(a)/sqrt(1-a)) computed with math per timestep;
+    each chosen t is the integer timestep nearest to its target (no neighbour is closer).
+    What would catch this: spacing in t instead of lambda, a reversed lambda axis, an off-by-one target."""
+    sched = NoiseSchedule.named(name, 1000)
+    ts = uniform_timesteps(1000, n, "logsnr", sched)
+    lam = [math.log(math.sqrt(a) / math.sqrt(1 - a)) for a in sched.alphas_cumprod]
+    targets = [lam[999] + i * (lam[0] - lam[999]) / n for i in range(n)]
+    assert ts[0] == 999 and ts == sorted(set(ts), reverse=True) and len(ts) == n
+    for prev, t, target in zip(ts, ts[1:], targets[1:]):
+        nearest = min(range(1000), key=lambda u: abs(lam[u] - target))
+        # the nearest timestep, or, when that one is taken (the cosine schedule's lambda plunges in its last
+        # few timesteps), the one just below its predecessor
+        assert t == nearest or (nearest >= prev and t == prev - 1)
+
+
+def test_uniform_logsnr_needs_the_schedule():
+    with pytest.raises(TimestepsError, match="logsnr spacing needs the model's schedule"):
+        uniform_timesteps(1000, 4, "logsnr")

@@ -39,7 +39,7 @@ def reference_images(model, cand, sampler, eta):
     return sample(model, cand.timesteps, sampler, N, SEED, eta, keep, batch_size=BATCH)
 
 
-@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("dpmpp_2m", 0.0), ("ddpm", 0.0), ("ddim", 0.7)])
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("dpmpp_2m", 0.0), ("ddpm", 0.0), ("ddim", 0.7), ("ipndm", 0.0)])
 def test_shared_samples_are_exactly_sample(search_tiny_model, search_tiny_extractor, search_tiny_ref_stats, sampler, eta):
     ev = evaluator(search_tiny_model, search_tiny_extractor, search_tiny_ref_stats, sampler, eta)
     cands = family(search_tiny_model)
@@ -142,3 +142,31 @@ def test_split_by_prefix_keeps_shared_first_steps_together():
     assert sorted(i for g in groups for i in g) == list(range(7))
     assert any(set(range(5)) <= set(g) for g in groups)
     assert len(groups) == 3
+
+
+@pytest.mark.parametrize("objective", ["trajectory", "trajectory-features"])
+def test_trajectory_objective_is_the_mean_per_sample_distance_to_the_teacher(search_tiny_model, search_tiny_extractor, search_tiny_ref_stats, objective):
+    """Recomputed independently: sample() images vs the teacher's DDIM-over-grid images of the same seed, in
+    float64 numpy (pixels, or the extractor's features). What would catch this: comparing to another x_T, a
+    distance over the whole batch instead of per sample, features of the wrong images."""
+    import numpy as np
+
+    from search.dp import compute_teacher, teacher_grid
+
+    model = search_tiny_model
+    grid = teacher_grid(model.num_timesteps, 10)
+    teacher = compute_teacher(model, SEED, N, grid, batch_size=BATCH)
+    ev = evaluator(model, search_tiny_extractor, search_tiny_ref_stats, objective=objective, target=teacher.final)
+    cands = [Candidate.full((999, 700, 400)), Candidate.full((999, 500, 100))]
+    got = ev.evaluate(cands)
+    for c, value in zip(cands, got):
+        img = reference_images(model, c, "ddim", 0.0)
+        t_img = sample(model, grid, "ddim", N, SEED, batch_size=BATCH)
+        if objective == "trajectory":
+            a, b = img.numpy().astype(np.float64), t_img.numpy().astype(np.float64)
+        else:
+            a, b = (np.asarray(search_tiny_extractor.features(v), dtype=np.float64) for v in (img, t_img))
+        want = np.sqrt(((a - b).reshape(N, -1) ** 2).mean(1)).mean()
+        assert value == pytest.approx(want, rel=1e-9)
+    # The teacher's own schedule is at distance 0.
+    assert ev.evaluate([Candidate.full(tuple(grid))])[0] == pytest.approx(0.0, abs=1e-12)

@@ -11,6 +11,7 @@ from autodiffusion_rt.diffusion.samplers import (
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sample_ipndm,
     sample_loop,
     step_update,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "sample_ddim",
     "sample_ddpm",
     "sample_dpmpp_2m",
+    "sample_ipndm",
     "sample_loop",
     "step_update",
     "uniform_timesteps",

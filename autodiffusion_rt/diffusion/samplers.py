@@ -1,16 +1,18 @@
 """Samplers over arbitrary timestep lists, as one linear update per step.
 
-Every sampler here (DDIM with eta, DDPM ancestral, DPM-Solver++(2M)) is, for a
-fixed schedule and timestep list, the same affine update with per-step scalar
-constants::
+Every sampler here (DDIM with eta, DDPM ancestral, DPM-Solver++(2M), iPNDM) is,
+for a fixed schedule and timestep list, the same affine update with per-step
+scalar constants::
 
     x0     = x0_from_x * x + x0_from_eps * eps
     x_prev = c_x * x + c_eps * eps + c_prev_x0 * prev_x0 + c_noise * noise
+             + c_prev_eps1 * eps_{i-1} + c_prev_eps2 * eps_{i-2} + c_prev_eps3 * eps_{i-3}
 
 ``eps`` is the model's noise prediction at (x, t_i), ``prev_x0`` the x0 of the
-previous step (the state a multistep solver carries; its coefficient is 0
-otherwise) and ``noise`` a standard normal draw (coefficient 0 on deterministic
-steps). The last step goes to clean data (alpha_bar = 1 "at t = -1"), so its
+previous step (the state DPM-Solver++(2M) carries; its coefficient is 0
+otherwise), ``eps_{i-k}`` the eps of earlier steps (the state iPNDM carries;
+with x0 clipping, the eps consistent with the clipped x0) and ``noise`` a
+standard normal draw (coefficient 0 on deterministic steps). The last step goes to clean data (alpha_bar = 1 "at t = -1"), so its
 x_prev is the final sample.
 
 This is the contract the ONNX export and Triton kernels depend on: the
@@ -52,11 +54,14 @@ __all__ = [
     "sample_ddim",
     "sample_ddpm",
     "sample_dpmpp_2m",
+    "sample_ipndm",
     "sample_loop",
     "step_update",
 ]
 
-SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "ipndm")
+#: How many earlier eps values iPNDM (4th-order Adams-Bashforth) reads at most.
+EPS_HISTORY = 3
 
 #: eps_fn(x, t, i) -> eps: the model's noise prediction for x at timestep t,
 #: which is step i of the schedule (so a caller can pick a per-step subnetwork).
@@ -73,9 +78,23 @@ class StepCoefficients(NamedTuple):
     c_prev_x0: float
     c_noise: float
     clip_x0: bool = False
+    c_prev_eps1: float = 0.0  # eps of step i-1 (iPNDM)
+    c_prev_eps2: float = 0.0
+    c_prev_eps3: float = 0.0
+
+    @property
+    def prev_eps_coefficients(self) -> tuple[float, float, float]:
+        return (self.c_prev_eps1, self.c_prev_eps2, self.c_prev_eps3)
+
+    @property
+    def eps_history(self) -> int:
+        """How many earlier eps values this step reads (0 for every sampler but iPNDM)."""
+        c = self.prev_eps_coefficients
+        return max((k + 1 for k in range(EPS_HISTORY) if c[k] != 0.0), default=0)
 
 
 _COEFF_NAMES = StepCoefficients._fields[:6]
+_PREV_EPS_NAMES = StepCoefficients._fields[7:10]
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,10 +114,16 @@ class SamplerCoefficients:
     c_noise: np.ndarray
     eta: float = 0.0
     clip_denoised: bool = True
+    c_prev_eps: np.ndarray | None = None  # (N, 3): weights of eps_{i-1}, eps_{i-2}, eps_{i-3}; None = zeros
 
     def __post_init__(self):
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
         n = len(self.timesteps)
+        hist = np.zeros((n, EPS_HISTORY)) if self.c_prev_eps is None else np.array(self.c_prev_eps, dtype=np.float64)
+        if hist.shape != (n, EPS_HISTORY) or not np.all(np.isfinite(hist)):
+            raise SamplingError(f"{self.sampler} coefficients: c_prev_eps has shape {hist.shape}; expected ({n}, {EPS_HISTORY}) finite numbers")
+        hist.setflags(write=False)
+        object.__setattr__(self, "c_prev_eps", hist)
         for name in _COEFF_NAMES:
             arr = np.array(getattr(self, name), dtype=np.float64)
             if arr.shape != (n,) or not np.all(np.isfinite(arr)):
@@ -118,7 +143,8 @@ class SamplerCoefficients:
 
     def row(self, i: int) -> StepCoefficients:
         """Step i's constants as python floats."""
-        return StepCoefficients(*(float(getattr(self, name)[i]) for name in _COEFF_NAMES), self.clip_denoised)
+        return StepCoefficients(*(float(getattr(self, name)[i]) for name in _COEFF_NAMES), self.clip_denoised,
+                                *(float(v) for v in self.c_prev_eps[i]))
 
     @property
     def stochastic_steps(self) -> np.ndarray:
@@ -129,6 +155,11 @@ class SamplerCoefficients:
     def uses_prev_x0(self) -> bool:
         """Does any step read the previous step's x0 (multistep state)?"""
         return bool(np.any(self.c_prev_x0 != 0))
+
+    @property
+    def uses_eps_history(self) -> bool:
+        """Does any step read earlier steps' eps (iPNDM)?"""
+        return bool(np.any(self.c_prev_eps != 0))
 
 
 def _alphas_cumprod(schedule) -> np.ndarray:
@@ -224,6 +255,35 @@ def _dpmpp_2m(a, x0_from_x, x0_from_eps):
     return c_x, c_eps, c_prev, np.zeros(n)
 
 
+# Adams-Bashforth weights of iPNDM (Zhang & Chen 2023, "improved PNDM"; as in zju-pi/diff-sampler):
+# order k uses eps_i, eps_{i-1}, ..., eps_{i-k+1}; step i has order min(4, i + 1) (lower-order warm start).
+_IPNDM_WEIGHTS = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+def _ipndm(a, a_prev):
+    # In EDM's variables y = x / sqrt(a), s = sqrt((1 - a) / a), the probability-flow ODE is
+    # dy/ds = eps; iPNDM steps it with fixed Adams-Bashforth weights:
+    #   y_next = y + (s_next - s) * sum_k w_k eps_{i-k}.
+    # Back in x = sqrt(a) y: x_prev = sqrt(a_prev / a) x + sqrt(a_prev) (s_prev - s) sum_k w_k eps_{i-k}.
+    # The final step goes to s = 0, a = 1. Order 1 is exactly DDIM (eta = 0).
+    n = a.shape[0]
+    s, s_prev = np.sqrt((1 - a) / a), np.sqrt((1 - a_prev) / a_prev)
+    scale = np.sqrt(a_prev) * (s_prev - s)
+    c_x = np.sqrt(a_prev / a)
+    c_eps, hist = np.zeros(n), np.zeros((n, EPS_HISTORY))
+    for i in range(n):
+        w = _IPNDM_WEIGHTS[min(4, i + 1)]
+        c_eps[i] = scale[i] * w[0]
+        for k, wk in enumerate(w[1:]):
+            hist[i, k] = scale[i] * wk
+    return c_x, c_eps, hist
+
+
 def compute_coefficients(
     sampler: str,
     alphas_cumprod,
@@ -265,8 +325,11 @@ def compute_coefficients(
         c_x, c_eps, c_prev, c_noise = _ddim(a, a_prev, x0_from_x, x0_from_eps, eta)
     elif sampler == "ddpm":
         c_x, c_eps, c_prev, c_noise = _ddpm(a, a_prev, x0_from_x, x0_from_eps)
-    else:
+    elif sampler == "dpmpp_2m":
         c_x, c_eps, c_prev, c_noise = _dpmpp_2m(a, x0_from_x, x0_from_eps)
+    else:
+        c_x, c_eps, hist = _ipndm(a, a_prev)
+        c_prev, c_noise = np.zeros_like(a), np.zeros_like(a)
     return SamplerCoefficients(
         sampler=sampler,
         timesteps=tuple(ts),
@@ -278,6 +341,7 @@ def compute_coefficients(
         c_noise=c_noise,
         eta=eta,
         clip_denoised=bool(clip_denoised),
+        c_prev_eps=hist if sampler == "ipndm" else None,
     )
 
 
@@ -287,8 +351,15 @@ def step_update(
     eps: torch.Tensor,
     prev_x0: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sampler step: returns (x_prev, x0).
+    prev_eps: Sequence[torch.Tensor] | None = None,
+    return_eps: bool = False,
+):
+    """One sampler step: returns (x_prev, x0), or (x_prev, x0, eps) with ``return_eps``.
+
+    ``prev_eps``: the eps of earlier steps, most recent first (iPNDM's state;
+    as many as the row reads). The eps returned is the one the update used:
+    with x0 clipping, the eps consistent with the clipped x0; it is what the
+    next steps' ``prev_eps`` must hold.
 
     Pure torch arithmetic with python-float constants, so it traces into an
     ONNX graph with the constants folded. Terms whose coefficient is 0 are
@@ -297,7 +368,8 @@ def step_update(
     and does for CUDA tensors when ``kernels`` offers one (CPU: always torch).
     """
     # Tracers (fx proxies, torch.compile/export) must see plain torch ops, not this lookup.
-    if isinstance(x, torch.Tensor) and x.is_cuda and not coeffs_row.clip_x0 \
+    if isinstance(x, torch.Tensor) and x.is_cuda and not coeffs_row.clip_x0 and not return_eps \
+            and coeffs_row.eps_history == 0 \
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing() \
             and (fast := kernel_hook("fast_step_update")):
         impl = fast(coeffs_row, x, eps, prev_x0, noise)  # None: the kernel does not cover this call
@@ -324,7 +396,17 @@ def step_update(
                 "normal tensor shaped like x (see draw_step_noise)"
             )
         x_prev = x_prev + coeffs_row.c_noise * noise
-    return x_prev, x0
+    history = coeffs_row.eps_history
+    if history:
+        if prev_eps is None or len(prev_eps) < history:
+            raise SamplingError(
+                f"this step is multistep (iPNDM) and reads the eps of the {history} previous step(s); "
+                f"pass prev_eps (most recent first), got {0 if prev_eps is None else len(prev_eps)}"
+            )
+        for c, e in zip(coeffs_row.prev_eps_coefficients, prev_eps):
+            if c != 0.0:
+                x_prev = x_prev + c * e
+    return (x_prev, x0, eps) if return_eps else (x_prev, x0)
 
 
 def draw_step_noise(coeffs: SamplerCoefficients, noise: SampleNoise, shape: Sequence[int],
@@ -362,6 +444,8 @@ def sample_loop(
             f"coeffs is a {type(coeffs).__name__}; pass the result of compute_coefficients(...)"
         )
     prev_x0 = None
+    carry_eps = coeffs.uses_eps_history
+    history: list[torch.Tensor] = []  # most recent first
     for i in tqdm(range(len(coeffs)), disable=not progress, desc=coeffs.sampler):
         t = coeffs.timesteps[i]
         row = coeffs.row(i)
@@ -381,7 +465,11 @@ def sample_loop(
                     f"({x.shape[0]}), got {'none' if noise is None else len(noise)}"
                 )
             z = noise.randn(x.shape[1:], dtype=x.dtype)
-        x_prev, x0 = step_update(row, x, eps, prev_x0, z)
+        if carry_eps:
+            x_prev, x0, eps_used = step_update(row, x, eps, prev_x0, z, prev_eps=history, return_eps=True)
+            history = [eps_used] + history[: EPS_HISTORY - 1]
+        else:
+            x_prev, x0 = step_update(row, x, eps, prev_x0, z)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0, "x_prev": x_prev})
         x, prev_x0 = x_prev, x0
@@ -396,6 +484,11 @@ def sample_ddim(eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, eta: float 
 def sample_ddpm(eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, clip_denoised: bool = True, **kw) -> torch.Tensor:
     """DDPM ancestral sampling (fixed-small variance) over the respaced ``timesteps``."""
     return sample_loop(eps_fn, x, compute_coefficients("ddpm", schedule, timesteps, 0.0, clip_denoised), **kw)
+
+
+def sample_ipndm(eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, clip_denoised: bool = True, **kw) -> torch.Tensor:
+    """iPNDM (Zhang & Chen 2023), 4th-order Adams-Bashforth on the probability-flow ODE, over ``timesteps``."""
+    return sample_loop(eps_fn, x, compute_coefficients("ipndm", schedule, timesteps, 0.0, clip_denoised), **kw)
 
 
 def sample_dpmpp_2m(eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, clip_denoised: bool = True, **kw) -> torch.Tensor:

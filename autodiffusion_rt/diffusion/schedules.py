@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 SCHEDULE_NAMES = ("linear", "cosine")
-SPACINGS = ("linear", "quadratic")
+SPACINGS = ("linear", "quadratic", "logsnr")
 
 
 def _check_num_timesteps(num_timesteps, error=SamplingError) -> int:
@@ -228,7 +228,7 @@ def validate_timesteps(timesteps: Iterable[int], num_timesteps: int) -> list[int
     return ts
 
 
-def uniform_timesteps(num_timesteps: int, n: int, spacing: str = "linear") -> list[int]:
+def uniform_timesteps(num_timesteps: int, n: int, spacing: str = "linear", alphas_cumprod=None) -> list[int]:
     """The baseline n-step timestep lists, strictly descending from T-1.
 
     ``linear`` is "trailing" spacing (Lin et al. 2023, Table 2; diffusers'
@@ -246,6 +246,12 @@ def uniform_timesteps(num_timesteps: int, n: int, spacing: str = "linear") -> li
     These are the comparison baselines, so they are computed exactly: the
     fractions are rational (no float accumulation), and round() is Python's,
     i.e. half to even, like numpy's (562.5 -> 562). Do not change them.
+
+    ``logsnr`` (needs ``alphas_cumprod``, a :class:`NoiseSchedule` or its array)
+    is uniform in lambda = log(alpha/sigma) (DPM-Solver's "logSNR" time): n + 1
+    targets evenly spaced from lambda(T-1) to lambda(0), the first n of them each
+    mapped to the timestep whose lambda is nearest, then repaired to strictly
+    descending like ``quadratic`` (a collision moves below its predecessor).
     """
     num_timesteps = _check_num_timesteps(num_timesteps, TimestepsError)
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
@@ -264,6 +270,21 @@ def uniform_timesteps(num_timesteps: int, n: int, spacing: str = "linear") -> li
         out: list[int] = []
         for i in range(n):
             t = round(Fraction(T * (n - i) ** 2, n * n)) - 1
+            if out:
+                t = min(t, out[-1] - 1)
+            out.append(max(t, n - 1 - i))
+        return out
+    if spacing == "logsnr":
+        if alphas_cumprod is None:
+            raise TimestepsError("logsnr spacing needs the model's schedule: pass alphas_cumprod (a NoiseSchedule or its array)")
+        acp = alphas_cumprod.alphas_cumprod if isinstance(alphas_cumprod, NoiseSchedule) else np.asarray(alphas_cumprod, dtype=np.float64)
+        if acp.shape != (T,):
+            raise TimestepsError(f"alphas_cumprod has shape {acp.shape}; logsnr spacing needs one value per timestep ({T})")
+        lam = 0.5 * (np.log(acp) - np.log1p(-acp))  # increasing as t decreases
+        targets = np.linspace(lam[T - 1], lam[0], n + 1)[:n]
+        out = []
+        for i, target in enumerate(targets):
+            t = T - 1 if i == 0 else int(np.argmin(np.abs(lam - target)))
             if out:
                 t = min(t, out[-1] - 1)
             out.append(max(t, n - 1 - i))

@@ -3,12 +3,14 @@
 Every engine runs one step of a plan, the UNet subnetwork of that step with the
 sampler update fused in::
 
-    x [, y] [, noise] [, prev_x0]  ->  x_prev [, x0]
+    x [, y] [, noise] [, prev_x0] [, prev_eps1 .. prev_eps3]  ->  x_prev [, x0] [, eps]
 
 ``y`` (int64 labels) only for class-conditional models, ``noise`` only on
 stochastic steps (``c_noise != 0``), ``prev_x0`` only where the step reads the
 previous step's x0 (DPM-Solver++(2M) second-order steps), ``x0`` only where the
-*next* step reads it. :func:`step_io` is the one place that decides this; the
+*next* step reads it; ``prev_epsK`` (the eps of step i-K) only where the step
+reads iPNDM's eps history, ``eps`` (the eps the update used) only where one of
+the next three steps reads it. :func:`step_io` is the one place that decides this; the
 exporter and every backend follow it. Inputs and outputs are float32 (labels
 int64) whatever the engine's internal precision, batch-first, with a dynamic
 batch dimension up to the engine's ``max_batch``.
@@ -49,6 +51,8 @@ __all__ = [
     "NOISE",
     "OnnxRuntimeEngine",
     "PREV_X0",
+    "PREV_EPS",
+    "EPS",
     "SharedDeviceMemory",
     "TensorRTEngine",
     "TensorSpec",
@@ -66,7 +70,8 @@ __all__ = [
 
 # The names every backend uses.
 X, Y, NOISE, PREV_X0 = "x", "y", "noise", "prev_x0"
-X_PREV, X0 = "x_prev", "x0"
+X_PREV, X0, EPS = "x_prev", "x0", "eps"
+PREV_EPS = ("prev_eps1", "prev_eps2", "prev_eps3")  # eps of steps i-1, i-2, i-3 (iPNDM)
 BATCH = "batch"  # the symbolic batch dimension
 
 
@@ -102,9 +107,12 @@ def step_io(
         inputs.append(TensorSpec(NOISE, "float32", img))
     if row.c_prev_x0 != 0.0:
         inputs.append(TensorSpec(PREV_X0, "float32", img))
+    inputs += [TensorSpec(name, "float32", img) for name in PREV_EPS[: row.eps_history]]
     outputs = [TensorSpec(X_PREV, "float32", img)]
     if i + 1 < len(coeffs) and coeffs.row(i + 1).c_prev_x0 != 0.0:
         outputs.append(TensorSpec(X0, "float32", img))
+    if any(coeffs.row(j).eps_history >= j - i for j in range(i + 1, min(i + 1 + len(PREV_EPS), len(coeffs)))):
+        outputs.append(TensorSpec(EPS, "float32", img))
     return tuple(inputs), tuple(outputs)
 
 
@@ -228,10 +236,16 @@ class TorchStepEngine(Engine):
         eps = torch.cat(eps)
         noise = torch.from_numpy(feeds[NOISE]) if NOISE in feeds else None
         prev = torch.from_numpy(feeds[PREV_X0]) if PREV_X0 in feeds else None
-        x_prev, x0 = step_update(self.row, x, eps, prev, noise)
+        history = [torch.from_numpy(feeds[n]) for n in PREV_EPS if n in feeds]
+        if EPS in self.output_names:  # iPNDM: the eps this step used is a later step's history
+            x_prev, x0, eps_used = step_update(self.row, x, eps, prev, noise, prev_eps=history, return_eps=True)
+        else:
+            x_prev, x0 = step_update(self.row, x, eps, prev, noise, prev_eps=history)
         result = {X_PREV: _fill(out, X_PREV, x_prev.numpy())}
         if X0 in self.output_names:
             result[X0] = _fill(out, X0, x0.numpy())
+        if EPS in self.output_names:
+            result[EPS] = _fill(out, EPS, eps_used.numpy())
         return result
 
 

@@ -60,6 +60,8 @@ from ..utils import sha256_file
 from .engines import (
     NOISE,
     PREV_X0,
+    PREV_EPS,
+    EPS,
     X,
     X0,
     X_PREV,
@@ -263,6 +265,10 @@ def _check_manifest_plan(m: dict, path: Path, expected: Optional[Plan]) -> tuple
             want = getattr(row, name)
             if not isinstance(got, (int, float)) or not math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12):
                 raise EngineError(f"{path}: step {i} coefficient {name}={got!r} does not match the plan's sampler ({want!r}); {rebuild}")
+        for name in ("c_prev_eps1", "c_prev_eps2", "c_prev_eps3"):  # iPNDM's history weights; 0 in manifests without them
+            got = step["coefficients"].get(name, 0.0)
+            if not isinstance(got, (int, float)) or not math.isclose(got, getattr(row, name), rel_tol=1e-9, abs_tol=1e-12):
+                raise EngineError(f"{path}: step {i} coefficient {name}={got!r} does not match the plan's sampler ({getattr(row, name)!r}); {rebuild}")
         for name, want in row._asdict().items():  # flags beside the six constants (clip_x0)
             if name not in _COEFF_NAMES and isinstance(want, bool) and step["coefficients"].get(name, False) != want:
                 raise EngineError(
@@ -506,6 +512,7 @@ class Runtime:
             ws = {
                 X: [np.empty(shape, np.float32), np.empty(shape, np.float32)],
                 X0: [np.empty(shape, np.float32), np.empty(shape, np.float32)],
+                EPS: [np.empty(shape, np.float32) for _ in range(len(PREV_EPS) + 1)],  # iPNDM's eps history ring
                 Y: np.empty((batch,), np.int64),
                 NOISE: np.empty(shape, np.float32),
             }
@@ -524,6 +531,7 @@ class Runtime:
         if y is not None:
             np.copyto(ws[Y], y.numpy())
         cur, x0_cur = 0, 0  # which ping-pong buffer holds x, and the last x0
+        history: list[np.ndarray] = []  # eps of the previous steps, most recent first
         steps = range(len(self.engines))
         if progress:
             from tqdm import tqdm
@@ -540,11 +548,18 @@ class Runtime:
                 feeds[NOISE] = ws[NOISE]
             if PREV_X0 in eng.input_names:
                 feeds[PREV_X0] = x0s[x0_cur]
+            for name, buf in zip(PREV_EPS, history):
+                if name in eng.input_names:
+                    feeds[name] = buf
             out = {X_PREV: xs[1 - cur]}
             if X0 in eng.output_names:
                 out[X0] = x0s[1 - x0_cur]
+            if EPS in eng.output_names:
+                out[EPS] = next(b for b in ws[EPS] if not any(b is h for h in history))
             eng.run(feeds, out)
             check_finite(xs[1 - cur], i, int(self.coeffs.timesteps[i]), eng.name)
+            if EPS in eng.output_names:
+                history = [out[EPS]] + history[: len(PREV_EPS) - 1]
             cur = 1 - cur
             if X0 in eng.output_names:
                 x0_cur = 1 - x0_cur
