@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import platform
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -535,8 +533,6 @@ def _holdout_select(p: Prepared, search, result, dp_seeds) -> dict:
     The candidates were ranked on the search's samples (seed ``--seed``); they are judged here on
     ``--holdout-samples`` samples of ``--holdout-seed``, so the chosen plan is never chosen on the samples that selected it.
     """
-    from .fitness import FitnessEvaluator
-
     o = p.options
     memo = search.state.memo
     s2 = search.spaces[2]
