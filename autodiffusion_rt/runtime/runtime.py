@@ -499,54 +499,64 @@ class Runtime:
         return x, y
 
     def _workspace(self, batch: int) -> dict:
+        """Per-batch-size buffers and every step bound to them (validated here, once).
+
+        x and x0 ping-pong between two buffers each; which buffer a step reads
+        and writes depends only on its index, so step ``i`` is bound once to
+        fixed arrays (an onnxruntime IO binding by address) and a request only
+        refills x_T, the labels and each step's noise in place.
+        """
         ws = self._workspaces.get(batch)
-        if ws is None:
-            shape = (batch, *self.info.image_shape)
-            ws = {
-                X: [np.empty(shape, np.float32), np.empty(shape, np.float32)],
-                X0: [np.empty(shape, np.float32), np.empty(shape, np.float32)],
-                Y: np.empty((batch,), np.int64),
-                NOISE: np.empty(shape, np.float32),
-            }
-            self._workspaces[batch] = ws
-            while len(self._workspaces) > 4:  # keep a few batch sizes, not every one ever seen
-                self._workspaces.popitem(last=False)
-        else:
+        if ws is not None:
             self._workspaces.move_to_end(batch)
-        return ws
-
-    def _run_chunk(self, x: torch.Tensor, y: Optional[torch.Tensor], rows: SampleNoise, progress: bool = False) -> torch.Tensor:
-        batch = x.shape[0]
-        ws = self._workspace(batch)
+            return ws
+        shape = (batch, *self.info.image_shape)
+        ws = {
+            X: [np.empty(shape, np.float32), np.empty(shape, np.float32)],
+            X0: [np.empty(shape, np.float32), np.empty(shape, np.float32)],
+            Y: np.empty((batch,), np.int64),
+            NOISE: np.empty(shape, np.float32),
+        }
         xs, x0s = ws[X], ws[X0]
-        np.copyto(xs[0], x.numpy())
-        if y is not None:
-            np.copyto(ws[Y], y.numpy())
+        steps = []
         cur, x0_cur = 0, 0  # which ping-pong buffer holds x, and the last x0
-        steps = range(len(self.engines))
-        if progress:
-            from tqdm import tqdm
-
-            steps = tqdm(steps, desc=f"sample ({self.backend_name})")
-        for i in steps:
-            eng = self.engines[i]
+        for eng in self.engines:
             feeds = {X: xs[cur]}
             if Y in eng.input_names:
                 feeds[Y] = ws[Y]
             if NOISE in eng.input_names:
-                # Drawn per step, per sample, straight into the workspace: O(chunk) memory.
-                rows.randn(self.info.image_shape, out=torch.from_numpy(ws[NOISE]))
                 feeds[NOISE] = ws[NOISE]
             if PREV_X0 in eng.input_names:
                 feeds[PREV_X0] = x0s[x0_cur]
             out = {X_PREV: xs[1 - cur]}
             if X0 in eng.output_names:
                 out[X0] = x0s[1 - x0_cur]
-            eng.run(feeds, out)
-            cur = 1 - cur
-            if X0 in eng.output_names:
                 x0_cur = 1 - x0_cur
-        return torch.from_numpy(xs[cur].copy())
+            steps.append((eng.bind(feeds, out), NOISE in eng.input_names))
+            cur = 1 - cur
+        ws["steps"], ws["result"] = steps, xs[cur]
+        self._workspaces[batch] = ws
+        while len(self._workspaces) > 4:  # keep a few batch sizes, not every one ever seen
+            self._workspaces.popitem(last=False)
+        return ws
+
+    def _run_chunk(self, x: torch.Tensor, y: Optional[torch.Tensor], rows: SampleNoise, progress: bool = False) -> torch.Tensor:
+        ws = self._workspace(x.shape[0])
+        np.copyto(ws[X][0], x.numpy())
+        if y is not None:
+            np.copyto(ws[Y], y.numpy())
+        noise = torch.from_numpy(ws[NOISE])
+        steps = ws["steps"]
+        if progress:
+            from tqdm import tqdm
+
+            steps = tqdm(steps, desc=f"sample ({self.backend_name})")
+        for run, stochastic in steps:
+            if stochastic:
+                # Drawn per step, per sample, straight into the workspace: O(chunk) memory.
+                rows.randn(self.info.image_shape, out=noise)
+            run()
+        return torch.from_numpy(ws["result"].copy())
 
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:
