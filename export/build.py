@@ -42,7 +42,14 @@ import torch
 
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError
 from autodiffusion_rt.plan import Plan
-from autodiffusion_rt.runtime.engines import cuda_compute_capability, import_onnxruntime, import_tensorrt, step_io
+from autodiffusion_rt.runtime.engines import (
+    cpu_isa,
+    cuda_compute_capability,
+    import_onnxruntime,
+    import_tensorrt,
+    ort_session_options,
+    step_io,
+)
 from autodiffusion_rt.runtime.runtime import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -61,6 +68,8 @@ __all__ = ["BUILD_BACKENDS", "BuildReport", "build_engines", "optimize_for_onnxr
 
 BUILD_BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
+#: The level onnxruntime engines are saved at: the one the CPU provider runs at, so loading optimizes nothing.
+ORT_ENGINE_LEVEL = "all"
 
 
 @dataclass
@@ -85,8 +94,14 @@ class BuildReport:
         )
 
 
-def optimize_for_onnxruntime(onnx_path, engine_path, *, check_batch: int = 2, term_scales=None) -> dict:
-    """The onnxruntime engine: ``onnx_path`` after offline basic optimization, checked and verified, written atomically.
+def optimize_for_onnxruntime(onnx_path, engine_path, *, check_batch: int = 2, term_scales=None, level: str = "all") -> dict:
+    """The onnxruntime engine: ``onnx_path`` optimized offline at ``level``, checked and verified, written atomically.
+
+    ``all`` (the level onnxruntime's CPU provider runs at) includes the
+    layout transformation to NCHWc blocks sized for this CPU's vector
+    instructions: the file then runs only on that instruction set
+    (:func:`~autodiffusion_rt.runtime.engines.cpu_isa`, in the engine record)
+    and the runtime loads it without optimizing again.
 
     The optimized graph must reproduce the exported one within the export's
     bound (:func:`export.onnx_export.verify_onnx`; ``term_scales`` from the
@@ -100,16 +115,13 @@ def optimize_for_onnxruntime(onnx_path, engine_path, *, check_batch: int = 2, te
     start = time.perf_counter()
     tmp = _temp_beside(engine_path, ".onnx.tmp")
     try:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        so.optimized_model_filepath = str(tmp)
-        so.log_severity_level = 3
-        so.intra_op_num_threads = torch.get_num_threads()
+        so = ort_session_options(threads=torch.get_num_threads(), optimization=level, optimized_model_path=tmp)
         ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-        try:
-            onnx.checker.check_model(str(tmp))
-        except Exception as e:
-            raise EngineError(f"onnxruntime's optimized graph for {onnx_path.name} fails onnx.checker: {str(e).splitlines()[0]}") from None
+        if level == "basic":  # higher levels add onnxruntime's own operator domains, unknown to the checker
+            try:
+                onnx.checker.check_model(str(tmp))
+            except Exception as e:
+                raise EngineError(f"onnxruntime's optimized graph for {onnx_path.name} fails onnx.checker: {str(e).splitlines()[0]}") from None
         src, opt = _ort_session(onnx_path, "none"), _ort_session(tmp, "none")
         rng = np.random.default_rng(0)
         feeds = {}
@@ -218,6 +230,7 @@ def build_engines(
         raise EngineError(f"--out {out_dir} is a file; pass a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     versions = library_versions(backend)
+    isa = cpu_isa()
     if onnxslim is not None:
         versions["onnxslim"] = getattr(onnxslim, "__version__", None)
     old = _old_manifest(out_dir)
@@ -266,7 +279,8 @@ def build_engines(
                 status["onnx"] = "exported"
             # -------------------------------------------------------- engine
             record = engine_record(onnx_sha256=onnx_entry["sha256"], backend=backend, precision=precision,
-                                   onnx_dtype=onnx_dtype, batch=batch, versions=versions)
+                                   onnx_dtype=onnx_dtype, batch=batch, versions=versions,
+                                   **({"isa": isa, "optimization": ORT_ENGINE_LEVEL} if backend == "onnxruntime" else {}))
             digest = canonical_hash(record)
             ext = ".plan" if backend == "tensorrt" else ".onnx"
             engine_rel = f"engines/step{i:02d}-{digest[:16]}{ext}"
@@ -281,7 +295,8 @@ def build_engines(
             if engine_entry is None:
                 target = out_dir / engine_rel
                 if backend == "onnxruntime":
-                    info = optimize_for_onnxruntime(out_dir / onnx_entry["file"], target, term_scales=onnx_entry.get("term_scales"))
+                    info = optimize_for_onnxruntime(out_dir / onnx_entry["file"], target, term_scales=onnx_entry.get("term_scales"),
+                                                    level=ORT_ENGINE_LEVEL)
                 else:
                     profile = {s.name: tuple(s.concrete(batch[k]) for k in ("min", "opt", "max")) for s in ins}
                     info = build_tensorrt_engine(out_dir / onnx_entry["file"], target, precision=precision, profile=profile,

@@ -352,6 +352,25 @@ def ort_session_options(*, threads: Optional[int] = None, optimization: str = "a
     return so
 
 
+_ENV_ARENA = []
+
+
+def use_shared_cpu_arena(so) -> None:
+    """Make a session allocate its CPU tensors from one arena registered once in onnxruntime's environment.
+
+    Each session otherwise keeps its own arena grown to its largest batch's
+    activations: K steps held K arenas (a loaded NFE-10 runtime of the
+    embedded model took ~390 MB instead of ~95 MB). The steps of a runtime
+    never run at once, so one arena serves them all.
+    """
+    if not _ENV_ARENA:
+        ort = import_onnxruntime()
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, None)
+        _ENV_ARENA.append(info)
+    so.add_session_config_entry("session.use_env_allocators", "1")
+
+
 def cpu_isa() -> str:
     """The CPU's architecture and the vector extensions onnxruntime's kernels and layouts depend on.
 
@@ -428,6 +447,7 @@ class OnnxRuntimeEngine(Engine):
         ort = import_onnxruntime()
         self.path = Path(path)
         so = ort_session_options(threads=threads, optimization=optimization, spinning=spinning)
+        use_shared_cpu_arena(so)
         self._initializers = dict(initializers or {})  # kept alive as long as the session
         if self._initializers:
             # Prepacked copies of shared weights would be one per session again.

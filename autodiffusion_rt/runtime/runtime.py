@@ -70,12 +70,14 @@ from .engines import (
     TensorRTEngine,
     TensorSpec,
     TorchStepEngine,
+    cpu_isa,
     cuda_check,
     cuda_compute_capability,
     import_cudart,
     import_onnxruntime,
     import_tensorrt,
     onnxruntime_providers,
+    shared_initializers,
     step_io,
 )
 
@@ -341,7 +343,8 @@ class Runtime:
     @classmethod
     def load(cls, engine_dir, backend: str = "auto", *, plan: Optional[Plan] = None, model=None,
              providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
-             check_versions: bool = True, cuda_graph: bool = False) -> "Runtime":
+             check_versions: bool = True, cuda_graph: bool = False, share_weights: bool = True,
+             spinning: bool = True) -> "Runtime":
         """Load an engine dir built by ``autodiffusion-rt build``.
 
         ``backend``: ``auto`` (what the dir was built for), ``onnxruntime``,
@@ -351,6 +354,9 @@ class Runtime:
         tensorrt), best first; default: the best installed. Every engine file
         is checked against its recorded sha256 and, unless
         ``check_versions=False``, the libraries against the recorded versions.
+        ``share_weights``: the onnxruntime step sessions read one copy of the
+        tensors their files have in common. ``spinning=False``: onnxruntime's
+        workers sleep instead of spinning while they wait for work.
         """
         engine_dir = Path(engine_dir)
         m = read_manifest(engine_dir)
@@ -374,20 +380,35 @@ class Runtime:
         max_batch = int(m["batch"]["max"])
         if chosen == "onnxruntime":
             ort = import_onnxruntime()
-            # A tensorrt dir also keeps its verified ONNX files: onnxruntime runs those.
-            key = "engine" if m["backend"] == "onnxruntime" else "onnx"
+            # One provider list per step: the TensorRT provider's shape profile names this step's inputs.
+            provs = [onnxruntime_providers(providers, cache_dir=engine_dir / "ort_trt_cache", fp16=m["precision"] == "fp16",
+                                           profile=_profile(step, m["batch"])) for step in m["steps"]]
+            on_cpu = _provider_name(provs[0][0]) == "CPUExecutionProvider"
+            # The engines are graphs optimized for onnxruntime's CPU provider (laid out for this CPU's
+            # vector width); a GPU provider, or a tensorrt dir, runs the verified portable ONNX exports.
+            key = "engine" if m["backend"] == "onnxruntime" and on_cpu else "onnx"
             if check_versions and key == "engine":
                 _check_version(m, "onnxruntime", ort.__version__, engine_dir)
+            levels = []
+            for i, s in enumerate(m["steps"]):
+                record = s["engine"].get("record") or {}
+                level = record.get("optimization") if key == "engine" else None
+                if level in ("extended", "all") and record.get("isa") != cpu_isa():
+                    raise EngineError(
+                        f"{engine_dir}: step {i}'s engine was optimized for CPU {record.get('isa')!r} and this one is "
+                        f"{cpu_isa()!r} (onnxruntime's layouts follow the vector width); rebuild with "
+                        f"'autodiffusion-rt build PLAN --out {engine_dir}' on this machine"
+                    )
+                levels.append("none" if level in ("basic", "extended", "all") else "all")
             files = [_verified_file(engine_dir, s[key], f"step {i} {'engine' if key == 'engine' else 'ONNX'}") for i, s in enumerate(m["steps"])]
+            shared = shared_initializers(files) if share_weights else [{} for _ in files]
             engines = []
             for i, (step, f) in enumerate(zip(m["steps"], files)):
                 ins = [TensorSpec.from_dict(d) for d in step["inputs"]]
                 outs = [TensorSpec.from_dict(d) for d in step["outputs"]]
-                # per step: the TensorRT provider's shape profile names this step's inputs
-                prov = onnxruntime_providers(providers, cache_dir=engine_dir / "ort_trt_cache",
-                                             fp16=m["precision"] == "fp16", profile=_profile(step, m["batch"]))
-                engines.append(OnnxRuntimeEngine(f, ins, outs, max_batch, providers=prov, threads=threads,
-                                                 name=f"step {i} (t={step['timestep']}, onnxruntime)"))
+                engines.append(OnnxRuntimeEngine(f, ins, outs, max_batch, providers=provs[i], threads=threads,
+                                                 name=f"step {i} (t={step['timestep']}, onnxruntime)", optimization=levels[i],
+                                                 initializers=shared[i], spinning=spinning))
             used = engines[0].providers[0] if engines else "?"
             return cls(engines, the_plan, coeffs, info, "onnxruntime", max_batch,
                        backend_name=f"onnxruntime/{used}", engine_dir=engine_dir, manifest=m)
@@ -589,6 +610,10 @@ class _Closer:
         fn, self.fn = self.fn, None
         if fn is not None:
             fn()
+
+
+def _provider_name(provider) -> str:
+    return provider[0] if isinstance(provider, tuple) else str(provider)
 
 
 def _profile(step: dict, batch: dict) -> dict:
