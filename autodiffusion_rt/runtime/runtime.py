@@ -19,13 +19,15 @@ The engine dir (``manifest.json``, format ``autodiffusion-rt-engines`` v1)::
     {
       "format": "autodiffusion-rt-engines", "version": 1, "complete": true,
       "created": ISO time, "backend": "onnxruntime" | "tensorrt",
-      "precision": "fp32" | "fp16", "batch": {"min": 1, "opt": int, "max": int},
+      "precision": "fp32" | "fp16" | "int8", "batch": {"min": 1, "opt": int, "max": int},
       "opset": int, "label_mode": null | "table" | "graph",
       "plan": {plan.json}, "plan_sha256": sha256 of the canonical plan JSON,
       "model": {"spec", "name", "fingerprint", "image_shape", "num_classes", "learn_sigma"},
       "versions": {"autodiffusion_rt", "torch", "onnx", "onnxruntime", "tensorrt", "compute_capability"},
+      "int8": {"fid_fp32", "limit", "steps": [{"int8", "fid"}], "samples", ...},   # int8 builds only
       "steps": [{
         "index", "timestep", "skip": [layer ids], "coefficients": {six floats},
+        "precision",                           # int8 builds: "int8" for the steps that passed the FID check
         "macs_per_sample",                     # the registry's MACs of the kept subnetwork
         "inputs": [{"name", "dtype", "shape"}], "outputs": [...],   # "batch" = dynamic dim
         "onnx":   {"file", "sha256", "bytes", "key", "nodes", "macs_per_sample", "max_abs_diff", "seconds"},
@@ -200,8 +202,8 @@ def read_manifest(engine_dir) -> dict:
         bad("complete", "is not true: the build did not finish")
     if m.get("backend") not in ("onnxruntime", "tensorrt"):
         bad("backend", f"must be 'onnxruntime' or 'tensorrt', got {m.get('backend')!r}")
-    if m.get("precision") not in ("fp32", "fp16"):
-        bad("precision", f"must be 'fp32' or 'fp16', got {m.get('precision')!r}")
+    if m.get("precision") not in ("fp32", "fp16", "int8"):
+        bad("precision", f"must be 'fp32', 'fp16' or 'int8', got {m.get('precision')!r}")
     batch = m.get("batch")
     if not (isinstance(batch, dict) and all(isinstance(batch.get(k), int) and batch.get(k) >= 1 for k in ("min", "opt", "max"))
             and batch["min"] <= batch["opt"] <= batch["max"]):
