@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib
 import math
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, MutableMapping, Optional, Sequence
@@ -530,9 +531,14 @@ def import_tensorrt():
             "(from NVIDIA's package index); or build with --backend onnxruntime"
         ) from None
     major = tensorrt_major(trt)
-    if major < 10:
+    try:
+        minor = int(str(trt.__version__).split(".")[1])
+    except (IndexError, ValueError):
+        minor = 0
+    if (major, minor) < (10, 1):
+        # device_memory_size_v2 and set_device_memory (the shared scratch buffer) arrived in 10.1.
         raise BackendUnavailableError(
-            f"tensorrt {getattr(trt, '__version__', '?')} is too old: this backend needs TensorRT 10 or 11 "
+            f"tensorrt {getattr(trt, '__version__', '?')} is too old: this backend needs TensorRT 10.1 or newer "
             "(pip install -U tensorrt)"
         )
     return trt
@@ -570,21 +576,27 @@ def cuda_check(cudart, result, what: str):
 
 
 def cuda_compute_capability(device: int = 0) -> Optional[str]:
-    """``"major.minor"`` of the GPU, or None when cuda-python or a GPU is missing."""
+    """``"major.minor"`` of the GPU, or None when cuda-python, a driver or a GPU is missing.
+
+    Only "there is no GPU" answers None; any other CUDA error (a broken
+    driver, a device in a bad state) is raised, not mistaken for no GPU.
+    """
     try:
         cudart = import_cudart()
     except BackendUnavailableError:
         return None
-    try:
-        err, count = cudart.cudaGetDeviceCount()
-        if int(err) != 0 or count < 1:
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0:
+        # cudaErrorNoDevice (100), cudaErrorInsufficientDriver (35): no usable GPU here
+        if int(err) in (100, 35) or getattr(err, "name", "") in ("cudaErrorNoDevice", "cudaErrorInsufficientDriver"):
             return None
-        attr = cudart.cudaDeviceAttr
-        major = cuda_check(cudart, cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute")
-        minor = cuda_check(cudart, cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute")
-        return f"{major}.{minor}"
-    except Exception:
+        cuda_check(cudart, (err,), "cudaGetDeviceCount")
+    if count < 1:
         return None
+    attr = cudart.cudaDeviceAttr
+    major = cuda_check(cudart, cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute")
+    minor = cuda_check(cudart, cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute")
+    return f"{major}.{minor}"
 
 
 class SharedDeviceMemory:
@@ -660,17 +672,29 @@ class TensorRTEngine(Engine):
             raise EngineError(f"{name}: TensorRT could not create an execution context (out of GPU memory?)")
         scratch.attach(self.context, int(self.engine.device_memory_size_v2))
         self.cuda_graph = bool(cuda_graph)
-        self._buffers: dict[int, dict[str, int]] = {}  # batch -> name -> device pointer
-        self._graphs: dict[int, Any] = {}
+        # Bounded LRUs: a server sees many batch sizes; keep the last few, free the rest.
+        self._buffers: "OrderedDict[int, dict[str, int]]" = OrderedDict()  # batch -> name -> device pointer
+        self._graphs: "OrderedDict[tuple, Any]" = OrderedDict()  # (shapes, addresses, scratch) -> graph exec
+
+    MAX_CACHED_BATCHES = 4
 
     def _device_buffers(self, batch: int) -> dict[str, int]:
         bufs = self._buffers.get(batch)
-        if bufs is None:
-            bufs = {}
-            for spec in (*self.inputs, *self.outputs):
-                nbytes = math.prod(spec.concrete(batch)) * np.dtype(spec.dtype).itemsize
-                bufs[spec.name] = int(cuda_check(self.cudart, self.cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))
-            self._buffers[batch] = bufs
+        if bufs is not None:
+            self._buffers.move_to_end(batch)
+            return bufs
+        bufs = {}
+        for spec in (*self.inputs, *self.outputs):
+            nbytes = math.prod(spec.concrete(batch)) * np.dtype(spec.dtype).itemsize
+            bufs[spec.name] = int(cuda_check(self.cudart, self.cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))
+        self._buffers[batch] = bufs
+        while len(self._buffers) > self.MAX_CACHED_BATCHES:
+            old_batch, old = self._buffers.popitem(last=False)
+            for key in [k for k in self._graphs if k[0] == old_batch]:  # graphs that use the freed buffers
+                self.cudart.cudaGraphExecDestroy(self._graphs.pop(key))
+            cuda_check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+            for ptr in old.values():
+                self.cudart.cudaFree(ptr)
         return bufs
 
     def _bind(self, batch: int, bufs: Mapping[str, int]) -> None:
@@ -689,18 +713,34 @@ class TensorRTEngine(Engine):
                 raise EngineError(f"{self.name}: TensorRT execute_async_v3 failed")
             return
         cu = self.cudart
-        graph_exec = self._graphs.get(batch)
+        # A graph replays the shapes and addresses it was captured with: key it by all of them.
+        bufs = self._buffers[batch]
+        key = (batch, tuple(s.concrete(batch) for s in self.inputs), tuple(sorted(bufs.items())), self.scratch.ptr)
+        graph_exec = self._graphs.get(key)
         if graph_exec is None:
             # One plain run first (TensorRT may allocate lazily), then capture.
             if not self.context.execute_async_v3(self.stream_handle):
                 raise EngineError(f"{self.name}: TensorRT execute_async_v3 failed")
             cuda_check(cu, cu.cudaStreamBeginCapture(self.stream, cu.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal), "cudaStreamBeginCapture")
-            self.context.execute_async_v3(self.stream_handle)
-            graph = cuda_check(cu, cu.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
+            ok = False
+            try:
+                ok = bool(self.context.execute_async_v3(self.stream_handle))
+            finally:
+                # Always end the capture, or the stream stays capturing and every later call fails.
+                err, graph = cu.cudaStreamEndCapture(self.stream)
+            if not ok or int(err) != 0:
+                if int(err) == 0 and graph is not None:
+                    cu.cudaGraphDestroy(graph)
+                self.cuda_graph = False  # run this engine without graphs from now on
+                raise EngineError(f"{self.name}: TensorRT execute_async_v3 failed inside CUDA graph capture "
+                                  f"({'enqueue failed' if not ok else getattr(err, 'name', err)}); load without cuda_graph")
             graph_exec = cuda_check(cu, cu.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
             cuda_check(cu, cu.cudaGraphDestroy(graph), "cudaGraphDestroy")
-            self._graphs[batch] = graph_exec
+            self._graphs[key] = graph_exec
+            while len(self._graphs) > self.MAX_CACHED_BATCHES:
+                cu.cudaGraphExecDestroy(self._graphs.popitem(last=False)[1])
             return  # the capture run did not execute; the plain run above produced the outputs
+        self._graphs.move_to_end(key)
         cuda_check(cu, cu.cudaGraphLaunch(graph_exec, self.stream), "cudaGraphLaunch")
 
     def _run(self, feeds, out, batch):
