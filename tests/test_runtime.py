@@ -290,15 +290,19 @@ def test_benchmark_smoke(engine_dirs, models, tmp_path, capsys):
 
     model, plan, d = engine_dirs[("cond", "ddim", 0.0)]
     plan_path = plan.save(tmp_path / "plan.json")
-    report = benchmark.run(plan_path, engines=d, model=model, batch_sizes=[1, 2], repeats=1, warmup=0,
-                           full_steps=3, e2e_batch_sizes=[2], threads=1)
+    report = benchmark.run(plan_path, engines=d, int8_engines=d, model=model, batch_sizes=[1, 2], repeats=1, warmup=0,
+                           full_steps=3, e2e_batch_sizes=[1, 2], latency_runs=3, threads=1)
     text = benchmark.format_report(report)
-    assert "per-step latency" in text and "end-to-end" in text
+    assert "per-step latency" in text and "end-to-end" in text and "resident memory" in text
     rows = report["per_step"]
-    assert {r["batch"] for r in rows} == {1, 2} and len(rows) == 2 * plan.nfe
-    assert all(r["torch_ms"] > 0 and r["onnxruntime_ms"] > 0 and r["speedup"] > 0 for r in rows)
+    assert {r["batch"] for r in rows} == {1, 2} and len(rows) == 2 * 2 * plan.nfe  # fp32 and the "int8" dir
+    assert all(r["torch_ms"] > 0 and r["onnxruntime_ms"] > 0 and r["speedup"] > 0 and r["gflops"] > 0 for r in rows)
     e2e = report["end_to_end"]
-    assert {r["method"] for r in e2e} >= {"full model, DDIM-3, torch eager", "plan, onnxruntime", "plan, torch eager"}
+    assert {r["method"] for r in e2e} >= {"full model, DDIM-3, torch eager", "plan, onnxruntime fp32", "plan, torch eager"}
+    one = [r for r in e2e if r["batch"] == 1 and r["method"] == "plan, onnxruntime fp32"][0]
+    assert one["runs"] == 3 and one["p50"] <= one["p90"] <= one["p99"] and one["overhead_ratio"] > 0
+    assert report["matmul_peak_gflops"] > 0 and all(m["resident_mb"] > 0 for m in report["memory"])
+    json.dumps(report)  # the report is JSON
 
 
 def test_onnxruntime_tensorrt_provider_gets_caches_in_the_engine_dir_and_a_profile(monkeypatch, tmp_path):
