@@ -38,8 +38,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30"],
-        "gpu": ["tensorrt>=10", "cuda-python>=12", "onnxruntime-gpu>=1.18"],
+        "gpu": ["tensorrt>=10.1", "cuda-python>=12", "onnxruntime-gpu>=1.18"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
+        "plot": ["matplotlib>=3.5"],  # benchmark.py --plot
     },
     entry_points={"console_scripts": ["autodiffusion-rt = autodiffusion_rt.cli:main"]},
 )
