@@ -5,6 +5,14 @@
     python benchmark.py --serve http://127.0.0.1:8000 [...]   (load test of a running service:
                         autodiffusion_rt/serve/loadtest.py)
 
+Torch is timed first, before any onnxruntime session exists, so the engines'
+worker threads never disturb the baselines. Batch-1 requests are timed
+``--latency-runs`` times (p50/p90/p99); each row also gives the achieved
+GFLOP/s (2 x MACs) beside a float32 matmul peak measured in the same run, the
+end-to-end / sum-of-steps ratio (the runtime's overhead), and each engine
+dir's resident memory (a fresh process per configuration). ``--int8-engines``
+adds the rows of an int8 build; ``--json`` and ``--plot PNG`` save the report.
+
 Two tables:
 
 * **per-step latency**: every step of the plan at each batch size, the plan's
@@ -38,11 +46,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["format_report", "main", "run"]
+__all__ = ["format_report", "main", "matmul_peak_gflops", "plot_report", "resident_mb", "run"]
 
 
-def _time(fn, repeats: int, warmup: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
+def _times(fn, repeats: int, warmup: int) -> list[float]:
+    """Wall times of ``fn()`` in milliseconds, ``repeats`` of them after ``warmup`` untimed runs."""
     for _ in range(warmup):
         fn()
     times = []
@@ -50,7 +58,41 @@ def _time(fn, repeats: int, warmup: int) -> float:
         t = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return times
+
+
+def _time(fn, repeats: int, warmup: int) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    return statistics.median(_times(fn, repeats, warmup))
+
+
+def _percentiles(times: Sequence[float]) -> dict:
+    q = np.percentile(np.asarray(times), [50, 90, 99])
+    return {"p50": round(float(q[0]), 3), "p90": round(float(q[1]), 3), "p99": round(float(q[2]), 3), "runs": len(times)}
+
+
+def matmul_peak_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """float32 GFLOP/s of an n x n matrix product on torch's threads: the machine's practical peak, now."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    ms = _time(lambda: a @ b, repeats, 1)
+    return 2 * n**3 / (ms / 1e3) / 1e9
+
+
+def resident_mb(engines, threads: Optional[int], batch: int) -> float:
+    """Resident memory (MB) a loaded onnxruntime runtime adds, after sampling ``batch`` images: in a fresh process."""
+    import subprocess
+
+    code = ("import sys, torch, onnxruntime, numpy\n"
+            "rss = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) / 1024\n"
+            "from autodiffusion_rt.runtime import Runtime\n"
+            "r0 = rss()\n"
+            f"rt = Runtime.load({str(engines)!r}, threads={threads!r})\n"
+            f"rt.sample(1, seed=0); rt.sample({int(batch)}, seed=0)\n"
+            "print(rss() - r0)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        return float("nan")
+    return round(float(out.stdout.strip().splitlines()[-1]), 1)
 
 
 def _feeds(engine, batch: int, num_classes: Optional[int], seed: int = 0) -> dict:
@@ -87,14 +129,20 @@ def _tiny_plan():
     return model, Plan.for_model(model, [999, 700, 400, 120], sampler="dpmpp_2m", skip=skip, spec="tiny:benchmark")
 
 
-def run(plan_path=None, *, engines=None, model=None, plan=None, batch_sizes: Sequence[int] = (1, 16, 256),
+def run(plan_path=None, *, engines=None, int8_engines=None, model=None, plan=None, batch_sizes: Sequence[int] = (1, 16, 256),
         e2e_batch_sizes: Sequence[int] = (1, 16), repeats: int = 5, warmup: int = 1, full_steps: int = 50,
-        threads: Optional[int] = None, progress: bool = False) -> dict:
-    """Measure everything; return a JSON-able report (see :func:`format_report`)."""
+        latency_runs: int = 30, threads: Optional[int] = None, memory: bool = True, progress: bool = False) -> dict:
+    """Measure everything; return a JSON-able report (see :func:`format_report`).
+
+    Every torch measurement runs before any onnxruntime session exists, so no
+    engine's worker threads disturb the baselines; the engines are then
+    timed with torch idle.
+    """
     from autodiffusion_rt import sample
     from autodiffusion_rt.diffusion import uniform_timesteps
     from autodiffusion_rt.plan import Plan
     from autodiffusion_rt.runtime import Runtime, library_versions, load_plan_model
+    from autodiffusion_rt.runtime.engines import cpu_isa
 
     if threads:
         torch.set_num_threads(int(threads))
@@ -109,51 +157,109 @@ def run(plan_path=None, *, engines=None, model=None, plan=None, batch_sizes: Seq
             tmp = tempfile.TemporaryDirectory(prefix="adrt-bench-")
             engines = Path(tmp.name) / "engines"
             build_engines(plan, engines, model=model, max_batch=max([*batch_sizes, *e2e_batch_sizes]), progress=progress)
-        ort_rt = Runtime.load(engines, plan=plan, threads=threads)
-        torch_rt = Runtime.from_plan(plan, model=model)
+        macs = float(plan.macs_per_sample)
         report = {
             "plan": {"timesteps": list(plan.timesteps), "sampler": plan.sampler, "skip": [list(s) for s in plan.skip],
                      "macs_per_sample": plan.macs_per_sample, "model": model.name},
-            "engines": {"dir": str(engines), "backend": ort_rt.backend_name, "max_batch": ort_rt.max_batch},
-            "machine": {"python": platform.python_version(), "threads": torch.get_num_threads(),
+            "engines": {"dir": str(engines), "int8_dir": None if int8_engines is None else str(int8_engines)},
+            "machine": {"python": platform.python_version(), "threads": torch.get_num_threads(), "isa": cpu_isa(),
                         "processor": platform.processor() or platform.machine(), **library_versions("onnxruntime")},
-            "settings": {"repeats": repeats, "warmup": warmup, "full_steps": full_steps},
+            "settings": {"repeats": repeats, "warmup": warmup, "full_steps": full_steps, "latency_runs": latency_runs},
+            "matmul_peak_gflops": round(matmul_peak_gflops(), 2),
             "per_step": [],
             "end_to_end": [],
+            "memory": [],
             "notes": [],
         }
-        # ---------------------------------------------------------- per step
-        for b in batch_sizes:
-            if ort_rt.max_batch is not None and b > ort_rt.max_batch:
-                report["notes"].append(f"batch {b} skipped in the per-step table: the engines take at most {ort_rt.max_batch}")
-                continue
-            for i, (te, oe) in enumerate(zip(torch_rt.engines, ort_rt.engines)):
-                feeds = _feeds(oe, b, model.num_classes, seed=i)
-                out = {s.name: np.empty(s.concrete(b), s.dtype) for s in oe.outputs}
-                t_ms = _time(lambda: te.run(feeds), repeats, warmup)
-                o_ms = _time(lambda: oe.run(feeds, out), repeats, warmup)
-                report["per_step"].append({
-                    "step": i, "timestep": plan.timesteps[i], "batch": b, "skipped_layers": len(plan.skip[i]),
-                    "torch_ms": round(t_ms, 3), "onnxruntime_ms": round(o_ms, 3), "speedup": round(t_ms / o_ms, 3),
-                })
-        # -------------------------------------------------------- end to end
         full_ts = uniform_timesteps(model.num_timesteps, full_steps)
+        feeds_for = {}
+        # ------------------------------------------------ torch first, alone
+        torch_rt = Runtime.from_plan(plan, model=model)
+        torch_step = {}
+        for b in batch_sizes:
+            for i, te in enumerate(torch_rt.engines):
+                feeds_for[i, b] = _feeds(te, b, model.num_classes, seed=i)
+                torch_step[i, b] = _time(lambda: te.run(feeds_for[i, b]), repeats, warmup)
+        e2e: dict = {}
         for n in e2e_batch_sizes:
-            base = _time(lambda: sample(model, full_ts, "ddim", n, 0), max(1, repeats // 2), 0)
-            rows = [("full model, DDIM-%d, torch eager" % full_steps, base, full_steps)]
-            rows.append(("plan, torch eager", _time(lambda: torch_rt.sample(n, seed=0), repeats, warmup), plan.nfe))
-            rows.append(("plan, onnxruntime", _time(lambda: ort_rt.sample(n, seed=0), repeats, warmup), plan.nfe))
-            for method, ms, nfe in rows:
-                report["end_to_end"].append({
-                    "method": method, "batch": n, "nfe": nfe, "ms": round(ms, 3),
-                    "images_per_s": round(n / (ms / 1e3), 2), "speedup_vs_full": round(base / ms, 2),
-                })
-        ort_rt.close()
+            runs = latency_runs if n == 1 else repeats
+            e2e["full", n] = _times(lambda: sample(model, full_ts, "ddim", n, 0), max(1, min(runs, 10) if n == 1 else repeats // 2), 0)
+            e2e["plan torch", n] = _times(lambda: torch_rt.sample(n, seed=0), runs, warmup)
         torch_rt.close()
+        # ------------------------------------------------ then the engines
+        configs = [("onnxruntime fp32", engines)] + ([("onnxruntime int8", int8_engines)] if int8_engines is not None else [])
+        for label, d in configs:
+            rt = Runtime.load(d, plan=plan, threads=threads)
+            if d == engines:
+                report["engines"].update(backend=rt.backend_name, max_batch=rt.max_batch)
+            precisions = [s.get("precision", rt.manifest["precision"]) for s in rt.manifest["steps"]]
+            for b in batch_sizes:
+                if rt.max_batch is not None and b > rt.max_batch:
+                    report["notes"].append(f"batch {b} skipped for {label}: the engines take at most {rt.max_batch}")
+                    continue
+                for i, oe in enumerate(rt.engines):
+                    out = {s.name: np.empty(s.concrete(b), s.dtype) for s in oe.outputs}
+                    step = oe.bind(feeds_for[i, b], out)
+                    o_ms = _time(step, repeats, warmup)
+                    t_ms = torch_step[i, b]
+                    report["per_step"].append({
+                        "engines": label, "step": i, "timestep": plan.timesteps[i], "batch": b, "precision": precisions[i],
+                        "skipped_layers": len(plan.skip[i]), "torch_ms": round(t_ms, 3), "onnxruntime_ms": round(o_ms, 3),
+                        "speedup": round(t_ms / o_ms, 3), "gflops": round(2 * macs / plan.nfe * b / (o_ms / 1e3) / 1e9, 2),
+                    })
+            for n in e2e_batch_sizes:
+                runs = latency_runs if n == 1 else repeats
+                e2e[label, n] = _times(lambda: rt.sample(n, seed=0), runs, warmup)
+            rt.close()
+            if memory:
+                report["memory"].append({"engines": label, "nfe": plan.nfe, "batch": max(e2e_batch_sizes),
+                                         "resident_mb": resident_mb(d, threads, max(e2e_batch_sizes))})
+        for n in e2e_batch_sizes:
+            base = statistics.median(e2e["full", n])
+            methods = [("full model, DDIM-%d, torch eager" % full_steps, "full", full_steps), ("plan, torch eager", "plan torch", plan.nfe)]
+            methods += [(f"plan, {label}", label, plan.nfe) for label, _ in configs]
+            for method, key, nfe in methods:
+                times = e2e[key, n]
+                ms = statistics.median(times)
+                row = {"method": method, "batch": n, "nfe": nfe, "ms": round(ms, 3), **_percentiles(times),
+                       "images_per_s": round(n / (ms / 1e3), 2), "speedup_vs_full": round(base / ms, 2),
+                       "gflops": round(2 * (macs if key != "full" else float(model.unet.macs(None)) * full_steps) * n / (ms / 1e3) / 1e9, 2)}
+                if key in dict(configs):
+                    steps_sum = sum(r["onnxruntime_ms"] for r in report["per_step"] if r["engines"] == key and r["batch"] == n)
+                    if steps_sum:
+                        row["sum_of_steps_ms"] = round(steps_sum, 3)
+                        row["overhead_ratio"] = round(ms / steps_sum, 3)
+                report["end_to_end"].append(row)
         return report
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def plot_report(report: dict, path) -> None:
+    """A PNG: end-to-end latency per method and batch, log scale (needs matplotlib: pip install autodiffusion-rt[plot])."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from autodiffusion_rt.errors import BackendUnavailableError
+
+        raise BackendUnavailableError("--plot needs matplotlib: pip install matplotlib") from None
+    rows = report["end_to_end"]
+    batches = sorted({r["batch"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        ms = [next((r["ms"] for r in rows if r["batch"] == b and r["method"] == m), 0) for m in methods]
+        ax.barh(methods, ms)
+        ax.set_xscale("log")
+        ax.set_xlabel("ms per request (median)")
+        ax.set_title(f"batch {b}")
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=100)
+    plt.close(fig)
 
 
 def format_report(report: dict) -> str:
@@ -161,19 +267,27 @@ def format_report(report: dict) -> str:
     p = report["plan"]
     lines = [
         f"plan: {p['sampler']} over {p['timesteps']} on {p['model']}, {p['macs_per_sample'] / 1e6:.1f} MMACs per sample in all",
-        f"engines: {report['engines']['backend']} (max batch {report['engines']['max_batch']}), "
-        f"torch {report['machine']['torch']} with {report['machine']['threads']} threads",
+        f"engines: {report['engines'].get('backend')} (max batch {report['engines'].get('max_batch')}), "
+        f"torch {report['machine']['torch']} with {report['machine']['threads']} threads, CPU {report['machine']['isa']}",
+        f"matmul peak (float32, this run): {report['matmul_peak_gflops']:.1f} GFLOP/s",
         "",
         "per-step latency (ms, median)",
-        f"{'step':>4} {'t':>5} {'skip':>4} {'batch':>6} {'torch eager':>12} {'onnxruntime':>12} {'ratio':>7}",
+        f"{'engines':<17} {'step':>4} {'t':>5} {'prec':>5} {'batch':>6} {'torch eager':>12} {'onnxruntime':>12} {'ratio':>7} {'GFLOP/s':>8}",
     ]
     for r in report["per_step"]:
-        lines.append(f"{r['step']:>4} {r['timestep']:>5} {r['skipped_layers']:>4} {r['batch']:>6} "
-                     f"{r['torch_ms']:>12.2f} {r['onnxruntime_ms']:>12.2f} {r['speedup']:>6.2f}x")
-    lines += ["", "end-to-end sampling (ms, median)",
-              f"{'method':<34} {'nfe':>4} {'batch':>6} {'ms':>10} {'img/s':>9} {'vs full':>8}"]
+        lines.append(f"{r['engines']:<17} {r['step']:>4} {r['timestep']:>5} {r['precision']:>5} {r['batch']:>6} "
+                     f"{r['torch_ms']:>12.2f} {r['onnxruntime_ms']:>12.2f} {r['speedup']:>6.2f}x {r['gflops']:>8.1f}")
+    lines += ["", "end-to-end sampling (ms)",
+              f"{'method':<34} {'nfe':>4} {'batch':>6} {'p50':>9} {'p90':>9} {'p99':>9} {'runs':>4} {'img/s':>8} {'vs full':>8} "
+              f"{'GFLOP/s':>8} {'/sum of steps':>13}"]
     for r in report["end_to_end"]:
-        lines.append(f"{r['method']:<34} {r['nfe']:>4} {r['batch']:>6} {r['ms']:>10.1f} {r['images_per_s']:>9.1f} {r['speedup_vs_full']:>7.2f}x")
+        lines.append(f"{r['method']:<34} {r['nfe']:>4} {r['batch']:>6} {r['p50']:>9.1f} {r['p90']:>9.1f} {r['p99']:>9.1f} {r['runs']:>4} "
+                     f"{r['images_per_s']:>8.1f} {r['speedup_vs_full']:>7.2f}x {r['gflops']:>8.1f} "
+                     f"{(format(r['overhead_ratio'], '.3f') + 'x') if 'overhead_ratio' in r else '':>13}")
+    if report.get("memory"):
+        lines += ["", "resident memory of a loaded runtime (MB added to the process, fresh process each)"]
+        for r in report["memory"]:
+            lines.append(f"{r['engines']:<17} nfe {r['nfe']:>3} after sampling batch {r['batch']:>4}: {r['resident_mb']:>8.1f} MB")
     for note in report["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -206,18 +320,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     ap.add_argument("--full-steps", type=int, default=50, help="steps of the full-model DDIM baseline (default 50)")
     ap.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: torch's choice)")
+    ap.add_argument("--int8-engines", default=None, help="an engine dir built with --precision int8: adds its rows")
+    ap.add_argument("--latency-runs", type=int, default=30, help="timed batch-1 requests for p50/p90/p99 (default 30)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the resident-memory measurement (one process per config)")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON ('-' for stdout)")
+    ap.add_argument("--plot", default=None, metavar="PNG", help="also plot end-to-end latency to a PNG (needs matplotlib)")
     args = ap.parse_args(argv)
     from autodiffusion_rt.errors import Error
 
     try:
         if args.tiny:
             model, plan = _tiny_plan()
-            report = run(plan=plan, model=model, engines=args.engines, batch_sizes=args.batch_sizes,
+            report = run(plan=plan, model=model, engines=args.engines, int8_engines=args.int8_engines, batch_sizes=args.batch_sizes,
+                         latency_runs=args.latency_runs, memory=not args.no_memory,
                          e2e_batch_sizes=args.e2e_batch_sizes, repeats=args.repeats, warmup=args.warmup,
                          full_steps=args.full_steps, threads=args.threads, progress=True)
         else:
-            report = run(args.plan, engines=args.engines, batch_sizes=args.batch_sizes,
+            report = run(args.plan, engines=args.engines, int8_engines=args.int8_engines, batch_sizes=args.batch_sizes,
+                         latency_runs=args.latency_runs, memory=not args.no_memory,
                          e2e_batch_sizes=args.e2e_batch_sizes, repeats=args.repeats, warmup=args.warmup,
                          full_steps=args.full_steps, threads=args.threads, progress=True)
     except Error as e:
@@ -229,6 +349,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(format_report(report))
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        try:
+            plot_report(report, args.plot)
+        except Error as e:
+            print(f"benchmark: error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -38,11 +38,11 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30"],
-        "gpu": ["tensorrt>=10", "cuda-python>=12", "onnxruntime-gpu>=1.18"],
+        "gpu": ["tensorrt>=10.1", "cuda-python>=12", "onnxruntime-gpu>=1.18"],
         # httptools and uvloop: uvicorn uses them when installed (its 'standard' set: C HTTP parser, libuv loop)
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httptools>=0.6", "uvloop>=0.19; sys_platform != 'win32'",
                   "prometheus-client>=0.20", "httpx>=0.27"],
-        "plot": ["matplotlib>=3.5"],  # benchmark.py --serve --plot
+        "plot": ["matplotlib>=3.5"],  # benchmark.py --plot and --serve --plot
     },
     entry_points={"console_scripts": ["autodiffusion-rt = autodiffusion_rt.cli:main"]},
 )

@@ -44,7 +44,14 @@ import torch
 
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError
 from autodiffusion_rt.plan import Plan
-from autodiffusion_rt.runtime.engines import cuda_compute_capability, import_onnxruntime, import_tensorrt, step_io
+from autodiffusion_rt.runtime.engines import (
+    cpu_isa,
+    cuda_compute_capability,
+    import_onnxruntime,
+    import_tensorrt,
+    ort_session_options,
+    step_io,
+)
 from autodiffusion_rt.runtime.runtime import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -62,7 +69,9 @@ from .subnet import LABEL_MODES, StepModule, half_unet, resolve_label_mode
 __all__ = ["BUILD_BACKENDS", "BuildReport", "build_engines", "optimize_for_onnxruntime"]
 
 BUILD_BACKENDS = ("onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
+#: The level onnxruntime engines are saved at: the one the CPU provider runs at, so loading optimizes nothing.
+ORT_ENGINE_LEVEL = "all"
 
 
 @dataclass
@@ -87,8 +96,15 @@ class BuildReport:
         )
 
 
-def optimize_for_onnxruntime(onnx_path, engine_path, *, check_batch: int = 2, term_scales=None) -> dict:
-    """The onnxruntime engine: ``onnx_path`` after offline basic optimization, checked and verified, written atomically.
+def optimize_for_onnxruntime(onnx_path, engine_path, *, check_batch: int = 2, term_scales=None, level: str = "all",
+                             verify: bool = True) -> dict:
+    """The onnxruntime engine: ``onnx_path`` optimized offline at ``level``, checked and verified, written atomically.
+
+    ``all`` (the level onnxruntime's CPU provider runs at) includes the
+    layout transformation to NCHWc blocks sized for this CPU's vector
+    instructions: the file then runs only on that instruction set
+    (:func:`~autodiffusion_rt.runtime.engines.cpu_isa`, in the engine record)
+    and the runtime loads it without optimizing again.
 
     The optimized graph must reproduce the exported one within the export's
     bound (:func:`export.onnx_export.verify_onnx`; ``term_scales`` from the
@@ -102,16 +118,17 @@ def optimize_for_onnxruntime(onnx_path, engine_path, *, check_batch: int = 2, te
     start = time.perf_counter()
     tmp = _temp_beside(engine_path, ".onnx.tmp")
     try:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        so.optimized_model_filepath = str(tmp)
-        so.log_severity_level = 3
-        so.intra_op_num_threads = torch.get_num_threads()
+        so = ort_session_options(threads=torch.get_num_threads(), optimization=level, optimized_model_path=tmp)
         ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-        try:
-            onnx.checker.check_model(str(tmp))
-        except Exception as e:
-            raise EngineError(f"onnxruntime's optimized graph for {onnx_path.name} fails onnx.checker: {str(e).splitlines()[0]}") from None
+        if level == "basic":  # higher levels add onnxruntime's own operator domains, unknown to the checker
+            try:
+                onnx.checker.check_model(str(tmp))
+            except Exception as e:
+                raise EngineError(f"onnxruntime's optimized graph for {onnx_path.name} fails onnx.checker: {str(e).splitlines()[0]}") from None
+        if not verify:  # int8: onnxruntime's QDQ fusions round differently by design; the FID check judges it
+            _ort_session(tmp, "none")
+            os.replace(tmp, engine_path)
+            return {"seconds": time.perf_counter() - start}
         src, opt = _ort_session(onnx_path, "none"), _ort_session(tmp, "none")
         rng = np.random.default_rng(0)
         feeds = {}
@@ -173,6 +190,11 @@ def build_engines(
     workspace_bytes: Optional[int] = None,
     progress: bool = True,
     wait_lock: bool = False,
+    int8_fid_samples: int = 2000,
+    int8_max_fid_rise: float = 0.05,
+    int8_calibration_samples: int = 64,
+    fid_extractor="mnist",
+    fid_reference="mnist",
 ) -> BuildReport:
     """Build (or update) the engine dir ``out_dir`` for ``plan`` (a Plan or a plan.json path); see the module docstring.
 
@@ -181,6 +203,14 @@ def build_engines(
     time per dir (an fcntl lock on ``DIR/.build.lock``): another build of the
     same dir waits when ``wait_lock``, else this is an EngineError. A dir that
     is already up to date is left untouched (it may be read-only).
+
+    ``precision="int8"`` (onnxruntime): every step is also quantized
+    (:mod:`export.quantize`, calibrated on ``int8_calibration_samples`` of the
+    plan's own trajectory) and kept in int8 only if the plan's FID on
+    ``int8_fid_samples`` samples (``fid_extractor`` against ``fid_reference``:
+    a dataset name or FeatureStats) rises by at most ``int8_max_fid_rise``
+    over fp32; the manifest's ``int8`` entry and each step's ``precision`` say
+    which steps passed.
     """
     start = time.perf_counter()
     if isinstance(plan, (str, os.PathLike)):
@@ -191,7 +221,13 @@ def build_engines(
     if backend not in BUILD_BACKENDS:
         raise EngineError(f"backend={backend!r}: choose one of {', '.join(BUILD_BACKENDS)}")
     if precision not in PRECISIONS:
-        raise EngineError(f"precision={precision!r}: choose fp32 or fp16")
+        raise EngineError(f"precision={precision!r}: choose fp32, fp16 or int8")
+    if precision == "int8" and backend != "onnxruntime":
+        raise EngineError("precision='int8' is built for onnxruntime (static QDQ quantization): use --backend onnxruntime")
+    if precision == "int8":
+        for name, value in (("int8_fid_samples", int8_fid_samples), ("int8_calibration_samples", int8_calibration_samples)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+                raise EngineError(f"{name}={value!r}: pass an integer >= 2")
     if label_mode not in LABEL_MODES:
         raise EngineError(f"label_mode={label_mode!r}: choose one of {', '.join(LABEL_MODES)}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 17:
@@ -215,7 +251,7 @@ def build_engines(
             )
     from .tensorrt_build import onnx_dtype_for
 
-    onnx_dtype = onnx_dtype_for(precision, backend, trt)
+    onnx_dtype = onnx_dtype_for("fp32" if precision == "int8" else precision, backend, trt)
     onnxslim = None
     if simplify:
         try:
@@ -224,6 +260,10 @@ def build_engines(
             raise BackendUnavailableError("--simplify needs onnxslim: pip install onnxslim (or build without --simplify)") from None
 
     model = load_plan_model(plan, model)
+    if precision == "int8":  # the FID check's extractor must read these images: say so before any work
+        from autodiffusion_rt.metrics import get_extractor
+
+        get_extractor(fid_extractor).check_shape(tuple(model.image_shape))
     coeffs = plan.coefficients(model.schedule)
     keeps = plan.keep_sets(model)
     made = []
@@ -237,8 +277,10 @@ def build_engines(
         try:
             with file_lock(out_dir / LOCK_NAME, wait=wait_lock, remove=True,
                            on_wait=lambda: print(f"waiting for the other build of {out_dir} to finish", file=sys.stderr)):
+                int8 = dict(int8_fid_samples=int8_fid_samples, int8_max_fid_rise=int8_max_fid_rise, fid_extractor=fid_extractor,
+                            fid_reference=fid_reference, int8_calibration_samples=int8_calibration_samples, max_batch=max_batch)
                 return _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch, label_mode, simplify,
-                                     opset, force, workspace_bytes, progress, writable, trt, onnx_dtype, onnxslim, start)
+                                     opset, force, workspace_bytes, progress, writable, trt, onnx_dtype, onnxslim, start, **int8)
         except LockBusy:
             raise EngineError(
                 f"another build is writing {out_dir} (it holds {out_dir / LOCK_NAME}): wait for it, pass --wait-lock to "
@@ -273,7 +315,8 @@ def _probe_dir(out_dir: Path) -> bool:
 
 
 def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch, label_mode, simplify, opset, force,
-                  workspace_bytes, progress, writable, trt, onnx_dtype, onnxslim, start) -> BuildReport:
+                  workspace_bytes, progress, writable, trt, onnx_dtype, onnxslim, start, *, int8_fid_samples, int8_max_fid_rise,
+                  fid_extractor, fid_reference, int8_calibration_samples, max_batch) -> BuildReport:
     from .tensorrt_build import build_tensorrt_engine
 
     conditional = model.num_classes is not None
@@ -286,6 +329,7 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
             )
 
     versions = library_versions(backend)
+    isa = cpu_isa()
     if onnxslim is not None:
         versions["onnxslim"] = getattr(onnxslim, "__version__", None)
     old = _old_manifest(out_dir)
@@ -293,7 +337,13 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
     old_engines = {canonical_hash(s["engine"].get("record")): s["engine"] for s in (old or {}).get("steps", [])
                    if isinstance(s, dict) and isinstance(s.get("engine"), dict)}
     half = None
-    steps, report_steps = [], []
+    steps, report_steps, int8_entries = [], [], []
+    calibration = None
+    if precision == "int8":
+        from .quantize import trajectory_feeds
+
+        int8_settings = {"calibration_samples": int8_calibration_samples, "calibration_seed": 1, "method": "minmax-qdq-u8s8-per-channel"}
+        calibration = trajectory_feeds(plan, model, int8_calibration_samples, seed=1, batch=min(max_batch, 16))
     from tqdm import tqdm
 
     bar = tqdm(total=len(coeffs), desc=f"build {backend} {precision}", disable=not progress, unit="step")
@@ -335,8 +385,10 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
                 }
                 status["onnx"] = "exported"
             # -------------------------------------------------------- engine
-            record = engine_record(onnx_sha256=onnx_entry["sha256"], backend=backend, precision=precision,
-                                   onnx_dtype=onnx_dtype, batch=batch, versions=versions)
+            record = engine_record(onnx_sha256=onnx_entry["sha256"], backend=backend,
+                                   precision="fp32" if precision == "int8" else precision,
+                                   onnx_dtype=onnx_dtype, batch=batch, versions=versions,
+                                   **({"isa": isa, "optimization": ORT_ENGINE_LEVEL} if backend == "onnxruntime" else {}))
             digest = canonical_hash(record)
             ext = ".plan" if backend == "tensorrt" else ".onnx"
             engine_rel = f"engines/step{i:02d}-{digest[:16]}{ext}"
@@ -352,7 +404,8 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
                 need_write(f"step {i}'s engine")
                 target = out_dir / engine_rel
                 if backend == "onnxruntime":
-                    info = optimize_for_onnxruntime(out_dir / onnx_entry["file"], target, term_scales=onnx_entry.get("term_scales"))
+                    info = optimize_for_onnxruntime(out_dir / onnx_entry["file"], target, term_scales=onnx_entry.get("term_scales"),
+                                                    level=ORT_ENGINE_LEVEL)
                 else:
                     profile = {s.name: tuple(s.concrete(batch[k]) for k in ("min", "opt", "max")) for s in ins}
                     info = build_tensorrt_engine(out_dir / onnx_entry["file"], target, precision=precision, profile=profile,
@@ -362,6 +415,9 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
                 engine_entry = {"file": engine_rel, "sha256": sha256_file(target), "bytes": target.stat().st_size,
                                 "record": record, "seconds": round(info["seconds"], 3)}
                 status["engine"] = "built"
+            if calibration is not None:
+                int8_entries.append(_int8_engine(out_dir, i, onnx_entry, calibration[i], versions, isa, batch,
+                                                 int8_settings, old_engines, force))
             steps.append({
                 "index": i,
                 "timestep": int(t),
@@ -379,6 +435,13 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
             bar.update(1)
     finally:
         bar.close()
+    int8_report = None
+    if calibration is not None:
+        int8_report = _select_int8(plan, model, coeffs, out_dir, steps, int8_entries, batch["max"], int8_fid_samples,
+                                   int8_max_fid_rise, fid_extractor, fid_reference, progress)
+    for step in steps:
+        step["precision"] = "int8" if int8_report is not None and int8_report["steps"][step["index"]]["int8"] else (
+            "fp32" if precision == "int8" else precision)
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
@@ -403,6 +466,8 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
         "versions": versions,
         "steps": steps,
     }
+    if int8_report is not None:
+        manifest["int8"] = int8_report
     as_json = json.loads(json.dumps(manifest))
     unchanged = old is not None and {k: v for k, v in old.items() if k != "created"} == {k: v for k, v in as_json.items() if k != "created"}
     if unchanged:
@@ -416,3 +481,71 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
         referenced = [s["onnx"]["file"] for s in steps] + [s["engine"]["file"] for s in steps]
         remove_unreferenced(out_dir, referenced)  # under the build lock: any other temp file is a dead build's
     return BuildReport(out_dir, manifest, report_steps, time.perf_counter() - start)
+
+
+def _int8_engine(out_dir: Path, i: int, onnx_entry: dict, feeds, versions: dict, isa: str, batch: dict,
+                 settings: dict, old_engines: dict, force: bool) -> dict:
+    """Step i's int8 engine entry (quantized and optimized now, or reused by its record)."""
+    from .quantize import quantize_step
+
+    record = engine_record(onnx_sha256=onnx_entry["sha256"], backend="onnxruntime", precision="int8", onnx_dtype="float32",
+                           batch=batch, versions=versions, isa=isa, optimization=ORT_ENGINE_LEVEL, int8=settings)
+    digest = canonical_hash(record)
+    rel = f"engines/step{i:02d}-{digest[:16]}.onnx"
+    prev = old_engines.get(digest)
+    if prev is not None and not force and file_state(out_dir / prev["file"], prev.get("sha256")) == "ok":
+        return dict(prev)
+    start = time.perf_counter()
+    target = out_dir / rel
+    qdq = target.with_name(f".{target.name}.qdq")
+    try:
+        quantize_step(out_dir / onnx_entry["file"], qdq, feeds)
+        optimize_for_onnxruntime(qdq, target, level=ORT_ENGINE_LEVEL, verify=False)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            qdq.unlink()
+    return {"file": rel, "sha256": sha256_file(target), "bytes": target.stat().st_size, "record": record,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _select_int8(plan, model, coeffs, out_dir: Path, steps: list, int8_entries: list, max_batch: int, n: int,
+                 max_fid_rise: float, extractor, reference, progress: bool) -> dict:
+    """Run the FID check (:func:`export.quantize.select_int8_steps`); swap the kept steps' engines to int8."""
+    from autodiffusion_rt.metrics import fid, get_extractor, reference_stats
+    from autodiffusion_rt.runtime import Runtime
+    from autodiffusion_rt.runtime.engines import OnnxRuntimeEngine, TensorSpec
+    from autodiffusion_rt.runtime.runtime import ModelInfo
+
+    from .quantize import select_int8_steps
+
+    ext = get_extractor(extractor)
+    ref = reference if not isinstance(reference, str) else reference_stats(reference, ext)
+    info = ModelInfo(model.name, tuple(model.image_shape), model.num_classes)
+    loaded: dict = {}
+
+    def engine(i: int, int8: bool):
+        if (i, int8) not in loaded:
+            entry = int8_entries[i] if int8 else steps[i]["engine"]
+            ins = [TensorSpec.from_dict(d) for d in steps[i]["inputs"]]
+            outs = [TensorSpec.from_dict(d) for d in steps[i]["outputs"]]
+            loaded[i, int8] = OnnxRuntimeEngine(out_dir / entry["file"], ins, outs, max_batch, threads=torch.get_num_threads(),
+                                                optimization="none", name=f"step {i} ({'int8' if int8 else 'fp32'})")
+        return loaded[i, int8]
+
+    def fid_of_steps(mask) -> float:
+        rt = Runtime([engine(i, bool(q)) for i, q in enumerate(mask)], plan, coeffs, info, "onnxruntime", max_batch)
+        return fid(rt.sample(n, seed=0), ref, ext)
+
+    say = None
+    if progress:
+        from tqdm import tqdm
+
+        say = tqdm.write
+    report = select_int8_steps(fid_of_steps, len(steps), max_fid_rise, progress=say)
+    report.update(samples=n, seed=0, extractor=ext.name, max_fid_rise=float(max_fid_rise))
+    for i, decision in enumerate(report["steps"]):
+        if decision["int8"]:
+            steps[i]["engine"] = int8_entries[i]
+    for e in loaded.values():
+        e.close()
+    return report

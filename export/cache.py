@@ -67,8 +67,15 @@ def onnx_key(*, fingerprint: str, image_shape, num_classes: Optional[int], learn
     })
 
 
-def engine_record(*, onnx_sha256: str, backend: str, precision: str, onnx_dtype: str, batch: dict, versions: dict) -> dict:
-    """Everything an engine's reuse depends on (stored in the manifest; compared whole)."""
+def engine_record(*, onnx_sha256: str, backend: str, precision: str, onnx_dtype: str, batch: dict, versions: dict,
+                  isa: Optional[str] = None, optimization: Optional[str] = None, int8: Optional[dict] = None) -> dict:
+    """Everything an engine's reuse depends on (stored in the manifest; compared whole).
+
+    onnxruntime engines also record the graph optimization level they were
+    saved at and, since the ``all`` level lays tensors out for the CPU's
+    vector width, the instruction set (``isa``). ``int8``: the quantization
+    settings of a step built in int8 (calibration, its data).
+    """
     record = {
         "onnx_sha256": onnx_sha256,
         "backend": backend,
@@ -79,9 +86,13 @@ def engine_record(*, onnx_sha256: str, backend: str, precision: str, onnx_dtype:
     if backend == "onnxruntime":
         record["versions"] = {"onnxruntime": versions.get("onnxruntime")}
         record["compute_capability"] = None
+        record["optimization"] = optimization
+        record["isa"] = isa
     else:
         record["versions"] = {"tensorrt": versions.get("tensorrt")}
         record["compute_capability"] = versions.get("compute_capability")
+    if int8 is not None:
+        record["int8"] = int8
     return record
 
 

@@ -1,4 +1,4 @@
-"""``autodiffusion-rt build PLAN --backend {onnxruntime,tensorrt} [--precision fp32|fp16] [--max-batch N] --out DIR``."""
+"""``autodiffusion-rt build PLAN --backend {onnxruntime,tensorrt} [--precision fp32|fp16|int8] [--max-batch N] --out DIR``."""
 
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--workspace-mb", type=int, default=None, help="TensorRT builder workspace limit in MiB")
     p.add_argument("--force", action="store_true", help="rebuild every step, ignoring the cache")
     p.add_argument("--wait-lock", action="store_true", help="if another build is writing the same --out, wait for it (default: fail)")
+    p.add_argument("--int8-fid-samples", type=int, default=2000,
+                   help="--precision int8: samples of the FID check that decides which steps stay int8 (default: %(default)s)")
+    p.add_argument("--int8-max-fid-rise", type=float, default=0.05,
+                   help="--precision int8: largest relative FID rise over fp32 a step may cause (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_build)
     return p
@@ -58,9 +62,14 @@ def cmd_build(args) -> int:
         plan, args.out, backend=args.backend, precision=args.precision, max_batch=args.max_batch,
         opt_batch=args.opt_batch, label_mode=args.label_mode, simplify=args.simplify, opset=args.opset,
         force=args.force, workspace_bytes=None if args.workspace_mb is None else args.workspace_mb << 20,
-        progress=not args.quiet, wait_lock=args.wait_lock,
+        progress=not args.quiet, wait_lock=args.wait_lock, int8_fid_samples=args.int8_fid_samples, int8_max_fid_rise=args.int8_max_fid_rise,
     )
     print(f"built {report.summary()}")
+    int8 = report.manifest.get("int8")
+    if int8 is not None:
+        kept = [i for i, s in enumerate(int8["steps"]) if s["int8"]]
+        print(f"int8: steps {kept} kept in int8 (FID {[s['fid'] for s in int8['steps']]} vs fp32 {int8['fid_fp32']}, "
+              f"limit {int8['limit']}, {int8['samples']} samples); the others stay fp32")
     return 0
 
 

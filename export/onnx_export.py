@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError
-from autodiffusion_rt.runtime.engines import BATCH, TensorSpec, import_onnxruntime
+from autodiffusion_rt.runtime.engines import BATCH, TensorSpec, import_onnxruntime, ort_session_options
 from autodiffusion_rt.utils import sha256_file
 
 __all__ = ["DEFAULT_OPSET", "OnnxExport", "export_step_onnx", "graph_stats", "onnx_macs", "verify_onnx"]
@@ -77,14 +77,8 @@ def _temp_beside(path: Path, suffix: str) -> Path:
 
 def _ort_session(path_or_bytes, optimization: str = "basic"):
     ort = import_onnxruntime()
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[optimization]
-    so.log_severity_level = 3
-    so.intra_op_num_threads = torch.get_num_threads()  # as torch: no oversubscription of a busy machine
+    # as many threads as torch: no oversubscription of a busy machine
+    so = ort_session_options(threads=torch.get_num_threads(), optimization=optimization)
     src = str(path_or_bytes) if isinstance(path_or_bytes, (str, Path)) else path_or_bytes
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 

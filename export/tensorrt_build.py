@@ -122,6 +122,9 @@ def build_tensorrt_engine(
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     if precision == "fp16" and not typed:
         config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        # TF32 is on by default: "fp32" engines would round matmul/conv inputs to a 10-bit mantissa.
+        config.clear_flag(trt.BuilderFlag.TF32)
     opt_profile = builder.create_optimization_profile()
     names = {network.get_input(k).name for k in range(network.num_inputs)}
     if set(profile) != names:

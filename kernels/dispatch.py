@@ -71,14 +71,14 @@ def _capturing_graph(tensors) -> bool:
 
 
 def _row_floats(coeffs_row):
-    """The six constants of an unclipped row; None for a row the kernel does not cover."""
-    if getattr(coeffs_row, "clip_x0", False):  # the fused kernel has no x0 clamp
-        return None
+    """The six constants of a row (clipped or not); None for a row the kernel does not cover."""
     try:
         values = tuple(float(v) for v in coeffs_row)
     except (TypeError, ValueError):
         return None
-    if len(values) == 7 and values[6] == 0.0:  # StepCoefficients with clip_x0=False
+    if len(values) == 7:  # StepCoefficients: the 7th field is clip_x0
+        if values[6] != 0.0 and values[1] == 0.0:  # a clip needs x0_from_eps to re-derive eps
+            return None
         values = values[:6]
     return values if len(values) == 6 else None
 

@@ -36,8 +36,8 @@ _UPDATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def _fused_step_update_kernel(
     x_ptr, eps_ptr, prev_x0_ptr, noise_ptr, x_prev_ptr, x0_ptr, n,
-    x0_from_x, x0_from_eps, c_x, c_eps, c_prev_x0, c_noise,
-    HAS_PREV_X0: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
+    x0_from_x, x0_from_eps, c_x, c_eps, c_prev_x0, c_noise, neg_inv_x0_from_eps,
+    HAS_PREV_X0: tl.constexpr, HAS_NOISE: tl.constexpr, CLIP_X0: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # int64 offsets: a batch of large latents can pass 2**31 elements.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -46,6 +46,10 @@ def _fused_step_update_kernel(
     eps = tl.load(eps_ptr + offs, mask=mask).to(tl.float32)
     # Same association order as step_update, so float32 results match it closely.
     x0 = x0_from_x * x + x0_from_eps * eps
+    if CLIP_X0:
+        # step_update's clip: x0 into [-1, 1], then the eps that agrees with it.
+        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+        eps = (x0_from_x * x - x0) * neg_inv_x0_from_eps
     x_prev = c_x * x + c_eps * eps
     if HAS_PREV_X0:
         x_prev += c_prev_x0 * tl.load(prev_x0_ptr + offs, mask=mask).to(tl.float32)
@@ -111,15 +115,16 @@ def _check_operands(names_tensors) -> None:
 def fused_step_update(coeffs_row, x, eps, prev_x0=None, noise=None):
     """:func:`autodiffusion_rt.diffusion.step_update` as one Triton kernel: returns (x_prev, x0).
 
-    Same contract: a term whose coefficient is 0 is left out (its tensor is not
+    Same contract, the x0 clip included (``clip_x0``): a term whose coefficient is 0 is left out (its tensor is not
     read and may be None); a missing prev_x0 / noise that the step needs raises
     :class:`SamplingError`. Output dtypes follow torch promotion of the inputs
     that enter each output. Unlike step_update, operands must have x's shape
     (no broadcasting), one device, and contiguous memory.
     """
-    row = StepCoefficients(*(float(v) for v in coeffs_row))
-    if row.clip_x0:
-        raise SamplingError("this row clips x0 (clip_denoised), which the fused kernel does not do: use step_update")
+    row = StepCoefficients(*(float(v) for v in coeffs_row[:6]), *(bool(v) for v in coeffs_row[6:]))
+    clip = bool(row.clip_x0)
+    if clip and row.x0_from_eps == 0.0:
+        raise SamplingError("this row clips x0 but its x0_from_eps is 0, so eps cannot be re-derived: use step_update")
     has_prev = row.c_prev_x0 != 0.0
     has_noise = row.c_noise != 0.0
     if has_prev and prev_x0 is None:
@@ -151,7 +156,8 @@ def fused_step_update(coeffs_row, x, eps, prev_x0=None, noise=None):
             noise if has_noise else x,
             x_prev, x0, n,
             row.x0_from_x, row.x0_from_eps, row.c_x, row.c_eps, row.c_prev_x0, row.c_noise,
-            HAS_PREV_X0=has_prev, HAS_NOISE=has_noise, BLOCK=UPDATE_BLOCK,
+            (-1.0 / row.x0_from_eps) if clip else 0.0,
+            HAS_PREV_X0=has_prev, HAS_NOISE=has_noise, CLIP_X0=clip, BLOCK=UPDATE_BLOCK,
             num_warps=4,
         )
     return x_prev, x0

@@ -330,7 +330,8 @@ def test_build_rejects_bad_arguments(uncond, tmp_path):
     plan = plan_for(uncond)
     for kw, match in [
         (dict(backend="openvino"), "onnxruntime, tensorrt"),
-        (dict(precision="int8"), "fp32 or fp16"),
+        (dict(precision="int4"), "fp32, fp16 or int8"),
+        (dict(precision="int8"), "mnist.*extractor reads 1x28x28"),  # the FID check's extractor, checked before any work
         (dict(max_batch=0), "max_batch"),
         (dict(max_batch=4, opt_batch=8), "opt_batch"),
         (dict(opset=13), "opset"),
@@ -376,3 +377,36 @@ def test_cli_build_from_a_checkpoint_plan(uncond, tmp_path, capsys):
         assert (rt.sample(2, seed=0) - ort_rt.sample(2, seed=0)).abs().max() <= 1e-3
     assert main(["build", str(tmp_path / "missing.json"), "--out", str(out)]) == 2
     assert "plan file not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------- int8
+def test_int8_steps_are_kept_or_rejected_by_the_fid_check(uncond, tmp_path, search_tiny_extractor, search_tiny_ref_stats):
+    """Real QDQ quantization, real onnxruntime int8 runs, real FID (tiny extractor) decide each step.
+
+    A limit that tolerates any rise keeps every step in int8 (and those engines are QDQ graphs
+    whose images differ from fp32); a limit no int8 step can meet (the FID must fall by 99%) is
+    the case made to fail: every step is rejected and the runtime runs the fp32 engines, bit
+    for bit the fp32 build's. What would catch this: a rejected step still pointing at its int8 file.
+    """
+    plan = Plan.for_model(uncond, [999, 600, 300], spec="test:int8")
+    common = dict(model=uncond, max_batch=8, progress=False, precision="int8", int8_fid_samples=24,
+                  int8_calibration_samples=8, fid_extractor=search_tiny_extractor, fid_reference=search_tiny_ref_stats)
+    fp32_dir = tmp_path / "fp32"
+    build_engines(plan, fp32_dir, model=uncond, max_batch=8, progress=False)
+    kept = build_engines(plan, tmp_path / "kept", int8_max_fid_rise=1e9, **common).manifest
+    assert kept["precision"] == "int8" and [s["precision"] for s in kept["steps"]] == ["int8"] * 3
+    assert all(s["int8"] for s in kept["int8"]["steps"]) and kept["int8"]["fid_fp32"] > 0
+    qdq_ops = {n.op_type for n in onnx.load(str(tmp_path / "kept" / kept["steps"][0]["engine"]["file"])).graph.node}
+    assert qdq_ops & {"QLinearConv", "QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "MatMulInteger", "ConvInteger"}
+    rejected = build_engines(plan, tmp_path / "rejected", int8_max_fid_rise=-0.99, **common).manifest
+    assert [s["precision"] for s in rejected["steps"]] == ["fp32"] * 3
+    assert not any(s["int8"] for s in rejected["int8"]["steps"])
+    assert all(s["fid"] > rejected["int8"]["limit"] for s in rejected["int8"]["steps"])
+    with Runtime.load(fp32_dir, threads=1) as a, Runtime.load(tmp_path / "rejected", threads=1) as b, \
+            Runtime.load(tmp_path / "kept", threads=1) as c:
+        ref = a.sample(4, seed=3, clip=False)
+        assert torch.equal(b.sample(4, seed=3, clip=False), ref)
+        q = c.sample(4, seed=3, clip=False)
+        assert not torch.equal(q, ref) and (q - ref).abs().mean() < 0.5  # int8: close, not equal
+    with pytest.raises(EngineError, match="int8.*onnxruntime"):
+        build_engines(plan, tmp_path / "x", model=uncond, precision="int8", backend="tensorrt", progress=False)

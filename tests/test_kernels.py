@@ -94,6 +94,33 @@ def _check_update(got, row, x, eps, prev, noise, ulps=1):
 
 # --- Triton kernels, under the interpreter (child process) -------------------
 
+@interp_only
+@pytest.mark.parametrize("sampler, i", [("ddim", 0), ("ddim", 3), ("ddpm", 0), ("dpmpp_2m", 2)])
+def test_interp_fused_step_update_with_x0_clip_equals_step_update(ops, sampler, i):
+    """The clip (clip_denoised, on by default) inside the kernel equals step_update's.
+
+    Reference: step_update itself evaluated in float64 (pure torch arithmetic). Inputs are
+    scaled so that many x0 fall outside [-1, 1]. What would catch this: a kernel without the
+    clamp (x0 outside [-1, 1]), or one that clamps x0 but keeps the model's eps for x_prev.
+    """
+    row = compute_coefficients(sampler, NoiseSchedule.named("linear"), [999, 700, 400, 100, 0]).row(i)
+    assert row.clip_x0
+    x, eps, prev, noise = _operands(row, (3, 1, 28, 28), torch.float32, seed=i)
+    eps = eps * 3
+    got_prev, got_x0 = ops.fused_step_update(row, x, eps, prev, noise)
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    want_prev, want_x0 = step_update(row, x.double(), eps.double(), d(prev), d(noise))
+    assert bool((got_x0.abs() <= 1).all()) and float((want_x0.abs() == 1).double().mean()) > 0.05
+    mag = (abs(row.c_x) * x.abs().double() + abs(row.c_eps) * (abs(row.x0_from_x) * x.abs().double() + 1) / abs(row.x0_from_eps)
+           + (abs(row.c_prev_x0) * prev.abs().double() if prev is not None else 0) + (abs(row.c_noise) * noise.abs().double() if noise is not None else 0))
+    assert bool(((got_x0.double() - want_x0).abs() <= 1e-6 * (1 + abs(row.x0_from_x) * x.abs().double())).all())
+    assert bool(((got_prev.double() - want_prev).abs() <= 4 * F32_REL * mag + 1e-7).all())
+    # and the dispatch hook now offers the kernel for clipped rows (the default sampler setting)
+    from kernels.dispatch import fast_step_update
+
+    assert fast_step_update(row, x, eps, prev, noise) is ops.fused_step_update
+
+
 
 @pytest.fixture(scope="module")
 def ops():

@@ -290,15 +290,19 @@ def test_benchmark_smoke(engine_dirs, models, tmp_path, capsys):
 
     model, plan, d = engine_dirs[("cond", "ddim", 0.0)]
     plan_path = plan.save(tmp_path / "plan.json")
-    report = benchmark.run(plan_path, engines=d, model=model, batch_sizes=[1, 2], repeats=1, warmup=0,
-                           full_steps=3, e2e_batch_sizes=[2], threads=1)
+    report = benchmark.run(plan_path, engines=d, int8_engines=d, model=model, batch_sizes=[1, 2], repeats=1, warmup=0,
+                           full_steps=3, e2e_batch_sizes=[1, 2], latency_runs=3, threads=1)
     text = benchmark.format_report(report)
-    assert "per-step latency" in text and "end-to-end" in text
+    assert "per-step latency" in text and "end-to-end" in text and "resident memory" in text
     rows = report["per_step"]
-    assert {r["batch"] for r in rows} == {1, 2} and len(rows) == 2 * plan.nfe
-    assert all(r["torch_ms"] > 0 and r["onnxruntime_ms"] > 0 and r["speedup"] > 0 for r in rows)
+    assert {r["batch"] for r in rows} == {1, 2} and len(rows) == 2 * 2 * plan.nfe  # fp32 and the "int8" dir
+    assert all(r["torch_ms"] > 0 and r["onnxruntime_ms"] > 0 and r["speedup"] > 0 and r["gflops"] > 0 for r in rows)
     e2e = report["end_to_end"]
-    assert {r["method"] for r in e2e} >= {"full model, DDIM-3, torch eager", "plan, onnxruntime", "plan, torch eager"}
+    assert {r["method"] for r in e2e} >= {"full model, DDIM-3, torch eager", "plan, onnxruntime fp32", "plan, torch eager"}
+    one = [r for r in e2e if r["batch"] == 1 and r["method"] == "plan, onnxruntime fp32"][0]
+    assert one["runs"] == 3 and one["p50"] <= one["p90"] <= one["p99"] and one["overhead_ratio"] > 0
+    assert report["matmul_peak_gflops"] > 0 and all(m["resident_mb"] > 0 for m in report["memory"])
+    json.dumps(report)  # the report is JSON
 
 
 def test_onnxruntime_tensorrt_provider_gets_caches_in_the_engine_dir_and_a_profile(monkeypatch, tmp_path):
@@ -319,3 +323,64 @@ def test_onnxruntime_tensorrt_provider_gets_caches_in_the_engine_dir_and_a_profi
     assert opts["trt_profile_opt_shapes"] == "x:4x1x8x8,y:4"
     assert opts["trt_profile_max_shapes"] == "x:8x1x8x8,y:8"
     assert onnxruntime_providers(["cpu"]) == ["CPUExecutionProvider"]
+
+
+# ------------------------------------------------- speed and memory machinery
+def test_shared_weights_runtime_equals_unshared(engine_dirs):
+    """One copy of the weights (add_initializer with shared OrtValues) must not change a single bit.
+
+    What would catch this: a tensor shared by content with the wrong step (a hash or name mix-up)
+    changes that step's output; no sharing at all leaves the shared maps empty.
+    """
+    from autodiffusion_rt.runtime.engines import shared_initializers
+
+    model, plan, d = engine_dirs[("cond", "dpmpp_2m", 0.0)]
+    with Runtime.load(d, threads=1, share_weights=True) as shared, Runtime.load(d, threads=1, share_weights=False) as copies:
+        assert all(e._initializers for e in shared.engines) and not any(e._initializers for e in copies.engines)
+        assert torch.equal(shared.sample(5, seed=2, clip=False), copies.sample(5, seed=2, clip=False))
+    files = [d / s["engine"]["file"] for s in json.loads((d / MANIFEST_NAME).read_text())["steps"]]
+    maps = shared_initializers(files)
+    values = [v for m in maps for v in m.values()]
+    assert len({id(v) for v in values}) < len(values)  # several steps read the same OrtValue
+
+
+def test_images_do_not_depend_on_the_chunk_size(engine_dirs):
+    """Image i of sample(n, seed) is the same whether the runtime runs chunks of 4, 3, 2 or 1."""
+    _, _, d = engine_dirs[("uncond", "ddim", 0.7)]  # stochastic: per-step noise must follow the sample
+    with Runtime.load(d, threads=1) as rt:
+        want = rt.sample(7, seed=21, clip=False)
+        for chunk in (3, 2, 1):
+            rt.max_batch = chunk
+            assert torch.equal(rt.sample(7, seed=21, clip=False), want)
+
+
+def test_engines_record_and_check_the_cpu_instruction_set(dir_copy):
+    from autodiffusion_rt.runtime.engines import cpu_isa
+
+    model, plan, d = dir_copy
+    record = json.loads((d / MANIFEST_NAME).read_text())["steps"][0]["engine"]["record"]
+    assert record["isa"] == cpu_isa() and record["optimization"] == "all"
+    edit_manifest(d, lambda m: m["steps"][1]["engine"]["record"].update(isa="x86_64:avx2,fma"))
+    with pytest.raises(EngineError, match=r"step 1's engine was optimized for CPU 'x86_64:avx2,fma'.*rebuild"):
+        Runtime.load(d)
+
+
+def test_plan_from_t999_onnxruntime_equals_torch_at_fp32_tolerance(models, tmp_path):
+    """The conditions users run: a plan starting at t = 999 with x0 clipping on.
+
+    At t = 999 x0 = (x - sqrt(1 - a) eps) / sqrt(a) multiplies float32 rounding of eps by
+    sqrt(1/a - 1) ~ 156 (linear schedule); the clip bounds it again. What would catch this:
+    a graph that drops the clip, or folds the step constants in float32 where the update
+    needs them exact, moves the raw outputs far beyond 1e-4 relative.
+    """
+    model = models["cond"]
+    ids = sorted(model.unet.layer_ids)
+    plan = Plan.for_model(model, [999, 749, 499, 249], skip=[[], ids[:3], [], [ids[-1]]], spec="test:t999")
+    assert plan.sampler == "ddim" and plan.to_dict()["sampler"]["clip_denoised"]
+    d = tmp_path / "engines"
+    build_engines(plan, d, model=model, max_batch=4, progress=False)
+    with Runtime.load(d, threads=1) as rt, Runtime.from_plan(plan, model=model) as ref:
+        a, b = rt.sample(6, seed=5, clip=False), ref.sample(6, seed=5, clip=False)
+    scale = max(1.0, b.abs().max().item())
+    assert (a - b).abs().max().item() <= 1e-4 * scale
+    assert (b.abs() < 1).float().mean() > 0.05  # not every pixel saturated

@@ -302,6 +302,10 @@ def make_fake_tensorrt(version: str, device: FakeDevice, log: dict):
             _need(isinstance(flag, _Member) and flag.owner == "BuilderFlag", "set_flag takes a BuilderFlag")
             self.flags.append(flag.name)
 
+        def clear_flag(self, flag):
+            _need(isinstance(flag, _Member) and flag.owner == "BuilderFlag", "clear_flag takes a BuilderFlag")
+            self.flags.append(f"-{flag.name}")
+
         def add_optimization_profile(self, profile):
             _need(isinstance(profile, Profile), "add_optimization_profile takes a profile")
             self.profiles.append(profile)
@@ -472,10 +476,12 @@ def test_tensorrt_api_usage_against_stand_in_module_not_a_real_run(fake_trt, mod
     for b in log["builds"]:
         assert b["pool"] == 1 << 20 and b["network_flags"] == 0
         assert all(p[0][0] == 1 and p[1][0] == 4 and p[2][0] == 4 for p in b["profile"].values())
+        # fp32 clears TF32 (on by default: it would round matmul inputs to 10 mantissa bits)
+        no_tf32 = ["-TF32"] if precision == "fp32" else []
         if version.startswith("10"):  # weakly typed: the builder flag sets the precision, the ONNX stays float32
-            assert b["flags"] == (["FP16"] if precision == "fp16" else []) and not b["float16"]
+            assert b["flags"] == (["FP16"] if precision == "fp16" else no_tf32) and not b["float16"]
         else:  # strongly typed: no precision flags, the ONNX types carry it
-            assert b["flags"] == [] and b["float16"] == (precision == "fp16")
+            assert b["flags"] == no_tf32 and b["float16"] == (precision == "fp16")
 
     with Runtime.load(d, cuda_graph=False) as rt, Runtime.from_plan(plan, model=model) as ref:
         assert rt.backend == "tensorrt"
@@ -528,11 +534,15 @@ def test_tensorrt_cache_and_versions_against_stand_in_module_not_a_real_run(fake
 
 def test_tensorrt_too_old_or_without_gpu_against_stand_in_module_not_a_real_run(fake_trt, model, tmp_path, monkeypatch):
     plan = make_plan(model, "ddim")
-    fake_trt("8.6.1")
-    with pytest.raises(BackendUnavailableError, match="TensorRT 10 or 11"):
-        build_engines(plan, tmp_path / "e", backend="tensorrt", model=model, progress=False)
+    for old in ("8.6.1", "10.0.1"):  # 10.0 lacks device_memory_size_v2 / set_device_memory
+        fake_trt(old)
+        with pytest.raises(BackendUnavailableError, match=r"TensorRT 10\.1 or newer"):
+            build_engines(plan, tmp_path / "e", backend="tensorrt", model=model, progress=False)
     device, _ = fake_trt("10.8.0")
     device.module.cudaGetDeviceCount = lambda: (100, 0)  # cudaErrorNoDevice
     with pytest.raises(BackendUnavailableError, match="NVIDIA GPU"):
+        build_engines(plan, tmp_path / "e", backend="tensorrt", model=model, progress=False)
+    device.module.cudaGetDeviceCount = lambda: (999, 0)  # cudaErrorUnknown: a broken driver is not "no GPU"
+    with pytest.raises(EngineError, match="cudaGetDeviceCount failed"):
         build_engines(plan, tmp_path / "e", backend="tensorrt", model=model, progress=False)
     assert not (tmp_path / "e").exists()

@@ -368,8 +368,7 @@ def step_update(
     and does for CUDA tensors when ``kernels`` offers one (CPU: always torch).
     """
     # Tracers (fx proxies, torch.compile/export) must see plain torch ops, not this lookup.
-    if isinstance(x, torch.Tensor) and x.is_cuda and not coeffs_row.clip_x0 and not return_eps \
-            and coeffs_row.eps_history == 0 \
+    if isinstance(x, torch.Tensor) and x.is_cuda and not return_eps and coeffs_row.eps_history == 0 \
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing() \
             and (fast := kernel_hook("fast_step_update")):
         impl = fast(coeffs_row, x, eps, prev_x0, noise)  # None: the kernel does not cover this call

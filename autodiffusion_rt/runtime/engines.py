@@ -35,6 +35,7 @@ from __future__ import annotations
 import importlib
 import math
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, MutableMapping, Optional, Sequence
@@ -61,10 +62,13 @@ __all__ = [
     "X0",
     "X_PREV",
     "Y",
+    "cpu_isa",
     "cuda_compute_capability",
     "import_onnxruntime",
     "import_tensorrt",
     "onnxruntime_providers",
+    "ort_session_options",
+    "shared_initializers",
     "step_io",
 ]
 
@@ -178,6 +182,18 @@ class Engine(ABC):
     def run(self, feeds: Mapping[str, np.ndarray], out: Optional[MutableMapping[str, np.ndarray]] = None) -> dict[str, np.ndarray]:
         batch = self.check_feeds(feeds, out)
         return self._run(feeds, out, batch)
+
+    def bind(self, feeds: Mapping[str, np.ndarray], out: MutableMapping[str, np.ndarray]):
+        """Validate ``feeds`` and ``out`` once; return a no-argument callable that runs the step on them.
+
+        The runtime binds each step to its workspace buffers once per batch
+        size and then only refills the buffers: no validation, lookup or
+        allocation between steps. The callable reads the arrays' current
+        contents at every call.
+        """
+        batch = self.check_feeds(feeds, out)
+        feeds, out = dict(feeds), dict(out)
+        return lambda: self._run(feeds, out, batch)
 
     @abstractmethod
     def _run(self, feeds: Mapping[str, np.ndarray], out: Optional[MutableMapping[str, np.ndarray]], batch: int) -> dict[str, np.ndarray]:
@@ -321,26 +337,138 @@ def onnxruntime_providers(
     return providers
 
 
+_ORT_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC", "none": "ORT_DISABLE_ALL"}
+
+
+def ort_session_options(*, threads: Optional[int] = None, optimization: str = "all", spinning: bool = True,
+                        optimized_model_path=None):
+    """The one place onnxruntime SessionOptions are made (engines, build, export checks).
+
+    Each session keeps its own intra-op pool: onnxruntime's global pools are a
+    process-wide switch in its Python API (``set_global_thread_pool_sizes``
+    makes every later per-session-threads session fail, including the ones
+    ``onnxruntime.quantization`` creates), so a library cannot turn them on.
+    What the shared pool would buy, no pool spinning while another step runs,
+    comes from ``session.force_spinning_stop``: a step's workers stop spinning
+    when its run ends. ``spinning=False`` also turns spinning off during runs
+    (for timing another library beside the engines).
+    """
+    ort = import_onnxruntime()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[optimization])
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.force_spinning_stop", "1")
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if optimized_model_path is not None:
+        so.optimized_model_filepath = str(optimized_model_path)
+    return so
+
+
+_ENV_ARENA = []
+
+
+def use_shared_cpu_arena(so) -> None:
+    """Make a session allocate its CPU tensors from one arena registered once in onnxruntime's environment.
+
+    Each session otherwise keeps its own arena grown to its largest batch's
+    activations: K steps held K arenas (a loaded NFE-10 runtime of the
+    embedded model took ~390 MB instead of ~95 MB). The steps of a runtime
+    never run at once, so one arena serves them all.
+    """
+    if not _ENV_ARENA:
+        ort = import_onnxruntime()
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, None)
+        _ENV_ARENA.append(info)
+    so.add_session_config_entry("session.use_env_allocators", "1")
+
+
+def cpu_isa() -> str:
+    """The CPU's architecture and the vector extensions onnxruntime's kernels and layouts depend on.
+
+    A graph saved after onnxruntime's layout optimization (NCHWc blocks of 8
+    for AVX2, 16 for AVX-512) runs only on the instruction set it was saved
+    on, so this goes into every onnxruntime engine's cache record.
+    """
+    import platform
+
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    wanted = ("sse4_1", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "sve", "i8mm")
+    return f"{platform.machine()}:" + ",".join(f for f in wanted if f in flags)
+
+
+def shared_initializers(paths: Sequence) -> list[dict]:
+    """For each ONNX file, ``{initializer name: OrtValue}`` of the tensors it has in common with another file.
+
+    Tensors are matched by content (dtype, shape, bytes), not by name, so the
+    generated names of an optimized graph (``reorder_token_N``) do not matter:
+    every file's initializer is replaced by one OrtValue that all the step
+    sessions read (``SessionOptions.add_initializer``): one copy of the weights.
+    """
+    import hashlib
+
+    onnx = importlib.import_module("onnx")
+    from onnx import numpy_helper
+
+    ort = import_onnxruntime()
+    by_content: dict[tuple, list] = {}
+    for k, path in enumerate(paths):
+        model = onnx.load(str(path))
+        for init in model.graph.initializer:
+            arr = numpy_helper.to_array(init)
+            if arr.size < 16:  # scalars and tiny shape tensors: not worth a shared value
+                continue
+            key = (arr.dtype.str, arr.shape, hashlib.sha256(np.ascontiguousarray(arr).tobytes()).digest())
+            by_content.setdefault(key, [None, []])
+            if by_content[key][0] is None:
+                by_content[key][0] = np.ascontiguousarray(arr)
+            by_content[key][1].append((k, init.name))
+    out: list[dict] = [{} for _ in paths]
+    for arr, users in by_content.values():
+        if len({k for k, _ in users}) < 2:
+            continue
+        value = ort.OrtValue.ortvalue_from_numpy(arr)  # holds arr; the sessions read its memory
+        for k, name in users:
+            out[k][name] = value
+    return out
+
+
 class OnnxRuntimeEngine(Engine):
-    """An ONNX file in an onnxruntime session; with ``out`` buffers it runs through an IO binding."""
+    """An ONNX file in an onnxruntime session; with ``out`` buffers it runs through an IO binding.
+
+    ``optimization``: the graph optimization level at load ("none" for an
+    engine the build already optimized). ``initializers``: ``{name: OrtValue}``
+    replacing the file's own tensors (:func:`shared_initializers`).
+    """
 
     backend = "onnxruntime"
 
     def __init__(self, path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch: Optional[int],
                  providers: Optional[list] = None, threads: Optional[int] = None, name: Optional[str] = None,
-                 optimization: str = "all"):
+                 optimization: str = "all", initializers: Optional[Mapping[str, Any]] = None, spinning: bool = True):
         super().__init__(name or Path(path).name, inputs, outputs, max_batch)
         ort = import_onnxruntime()
         self.path = Path(path)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = {
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        }[optimization]
-        if threads:
-            so.intra_op_num_threads = int(threads)
-        so.log_severity_level = 3
+        so = ort_session_options(threads=threads, optimization=optimization, spinning=spinning)
+        use_shared_cpu_arena(so)
+        self._initializers = dict(initializers or {})  # kept alive as long as the session
+        if self._initializers:
+            # Prepacked copies of shared weights would be one per session again.
+            so.add_session_config_entry("session.disable_prepacking", "1")
+            for init_name, value in self._initializers.items():
+                so.add_initializer(init_name, value)
         try:
             self.session = ort.InferenceSession(str(self.path), so, providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
@@ -356,40 +484,54 @@ class OnnxRuntimeEngine(Engine):
                 f"{list(self.input_names)} -> {list(self.output_names)}: the engine dir is inconsistent; rebuild it"
             )
         self.providers = self.session.get_providers()
-        self._binding = None
         self._ort = ort
 
-    def _run(self, feeds, out, batch):
-        if out is None:
-            values = self.session.run(list(self.output_names), dict(feeds))
-            return dict(zip(self.output_names, values))
-        if self._binding is None:
-            self._binding = self.session.io_binding()
-        b = self._binding
+    def bind(self, feeds, out):
+        """An IO binding of host arrays by address: each call is ``run_with_iobinding`` and nothing else."""
+        batch = self.check_feeds(feeds, out)
+        if any(n not in out for n in self.output_names):
+            return super().bind(feeds, out)
+        b = self.session.io_binding()
         for name, arr in feeds.items():
-            b.bind_cpu_input(name, arr)
-        result = {}
+            b.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
         for name in self.output_names:
-            if name in out:
-                arr = out[name]
-                b.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
-            else:
-                b.bind_output(name, "cpu")
-        self.session.run_with_iobinding(b)
-        fresh = None
-        for k, name in enumerate(self.output_names):
-            if name in out:
-                result[name] = out[name]
-            else:
-                fresh = fresh if fresh is not None else b.copy_outputs_to_cpu()
-                result[name] = fresh[k]
-        b.clear_binding_inputs()
-        b.clear_binding_outputs()
-        return result
+            arr = out[name]
+            b.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+        arrays = (dict(feeds), dict(out))  # the binding holds raw addresses: keep the arrays alive with it
+        run = self.session.run_with_iobinding
+
+        def step():
+            run(b)
+            return arrays[1]
+
+        del batch
+        return step
+
+    def bind_ortvalues(self, feeds: Mapping[str, Any], out: Mapping[str, Any]):
+        """Bind OrtValues (on any device: the runtime's device-resident state) to this step; return its runner."""
+        b = self.session.io_binding()
+        for name in self.input_names:
+            b.bind_ortvalue_input(name, feeds[name])
+        for name in self.output_names:
+            b.bind_ortvalue_output(name, out[name])
+        values = (dict(feeds), dict(out))
+        run = self.session.run_with_iobinding
+
+        def step():
+            run(b)
+            return values[1]
+
+        return step
+
+    def _run(self, feeds, out, batch):
+        if out is None or any(n not in out for n in self.output_names):
+            values = self.session.run(list(self.output_names), dict(feeds))
+            return {n: _fill(out, n, v) for n, v in zip(self.output_names, values)}
+        return self.bind(feeds, out)()
 
     def close(self) -> None:
-        self._binding = None
         self.session = None
+        self._initializers = {}
 
 
 # ------------------------------------------------------------------ tensorrt
@@ -403,9 +545,14 @@ def import_tensorrt():
             "(from NVIDIA's package index); or build with --backend onnxruntime"
         ) from None
     major = tensorrt_major(trt)
-    if major < 10:
+    try:
+        minor = int(str(trt.__version__).split(".")[1])
+    except (IndexError, ValueError):
+        minor = 0
+    if (major, minor) < (10, 1):
+        # device_memory_size_v2 and set_device_memory (the shared scratch buffer) arrived in 10.1.
         raise BackendUnavailableError(
-            f"tensorrt {getattr(trt, '__version__', '?')} is too old: this backend needs TensorRT 10 or 11 "
+            f"tensorrt {getattr(trt, '__version__', '?')} is too old: this backend needs TensorRT 10.1 or newer "
             "(pip install -U tensorrt)"
         )
     return trt
@@ -443,21 +590,27 @@ def cuda_check(cudart, result, what: str):
 
 
 def cuda_compute_capability(device: int = 0) -> Optional[str]:
-    """``"major.minor"`` of the GPU, or None when cuda-python or a GPU is missing."""
+    """``"major.minor"`` of the GPU, or None when cuda-python, a driver or a GPU is missing.
+
+    Only "there is no GPU" answers None; any other CUDA error (a broken
+    driver, a device in a bad state) is raised, not mistaken for no GPU.
+    """
     try:
         cudart = import_cudart()
     except BackendUnavailableError:
         return None
-    try:
-        err, count = cudart.cudaGetDeviceCount()
-        if int(err) != 0 or count < 1:
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0:
+        # cudaErrorNoDevice (100), cudaErrorInsufficientDriver (35): no usable GPU here
+        if int(err) in (100, 35) or getattr(err, "name", "") in ("cudaErrorNoDevice", "cudaErrorInsufficientDriver"):
             return None
-        attr = cudart.cudaDeviceAttr
-        major = cuda_check(cudart, cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute")
-        minor = cuda_check(cudart, cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute")
-        return f"{major}.{minor}"
-    except Exception:
+        cuda_check(cudart, (err,), "cudaGetDeviceCount")
+    if count < 1:
         return None
+    attr = cudart.cudaDeviceAttr
+    major = cuda_check(cudart, cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute")
+    minor = cuda_check(cudart, cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute")
+    return f"{major}.{minor}"
 
 
 class SharedDeviceMemory:
@@ -533,17 +686,29 @@ class TensorRTEngine(Engine):
             raise EngineError(f"{name}: TensorRT could not create an execution context (out of GPU memory?)")
         scratch.attach(self.context, int(self.engine.device_memory_size_v2))
         self.cuda_graph = bool(cuda_graph)
-        self._buffers: dict[int, dict[str, int]] = {}  # batch -> name -> device pointer
-        self._graphs: dict[int, Any] = {}
+        # Bounded LRUs: a server sees many batch sizes; keep the last few, free the rest.
+        self._buffers: "OrderedDict[int, dict[str, int]]" = OrderedDict()  # batch -> name -> device pointer
+        self._graphs: "OrderedDict[tuple, Any]" = OrderedDict()  # (shapes, addresses, scratch) -> graph exec
+
+    MAX_CACHED_BATCHES = 4
 
     def _device_buffers(self, batch: int) -> dict[str, int]:
         bufs = self._buffers.get(batch)
-        if bufs is None:
-            bufs = {}
-            for spec in (*self.inputs, *self.outputs):
-                nbytes = math.prod(spec.concrete(batch)) * np.dtype(spec.dtype).itemsize
-                bufs[spec.name] = int(cuda_check(self.cudart, self.cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))
-            self._buffers[batch] = bufs
+        if bufs is not None:
+            self._buffers.move_to_end(batch)
+            return bufs
+        bufs = {}
+        for spec in (*self.inputs, *self.outputs):
+            nbytes = math.prod(spec.concrete(batch)) * np.dtype(spec.dtype).itemsize
+            bufs[spec.name] = int(cuda_check(self.cudart, self.cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))
+        self._buffers[batch] = bufs
+        while len(self._buffers) > self.MAX_CACHED_BATCHES:
+            old_batch, old = self._buffers.popitem(last=False)
+            for key in [k for k in self._graphs if k[0] == old_batch]:  # graphs that use the freed buffers
+                self.cudart.cudaGraphExecDestroy(self._graphs.pop(key))
+            cuda_check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+            for ptr in old.values():
+                self.cudart.cudaFree(ptr)
         return bufs
 
     def _bind(self, batch: int, bufs: Mapping[str, int]) -> None:
@@ -562,18 +727,34 @@ class TensorRTEngine(Engine):
                 raise EngineError(f"{self.name}: TensorRT execute_async_v3 failed")
             return
         cu = self.cudart
-        graph_exec = self._graphs.get(batch)
+        # A graph replays the shapes and addresses it was captured with: key it by all of them.
+        bufs = self._buffers[batch]
+        key = (batch, tuple(s.concrete(batch) for s in self.inputs), tuple(sorted(bufs.items())), self.scratch.ptr)
+        graph_exec = self._graphs.get(key)
         if graph_exec is None:
             # One plain run first (TensorRT may allocate lazily), then capture.
             if not self.context.execute_async_v3(self.stream_handle):
                 raise EngineError(f"{self.name}: TensorRT execute_async_v3 failed")
             cuda_check(cu, cu.cudaStreamBeginCapture(self.stream, cu.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal), "cudaStreamBeginCapture")
-            self.context.execute_async_v3(self.stream_handle)
-            graph = cuda_check(cu, cu.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
+            ok = False
+            try:
+                ok = bool(self.context.execute_async_v3(self.stream_handle))
+            finally:
+                # Always end the capture, or the stream stays capturing and every later call fails.
+                err, graph = cu.cudaStreamEndCapture(self.stream)
+            if not ok or int(err) != 0:
+                if int(err) == 0 and graph is not None:
+                    cu.cudaGraphDestroy(graph)
+                self.cuda_graph = False  # run this engine without graphs from now on
+                raise EngineError(f"{self.name}: TensorRT execute_async_v3 failed inside CUDA graph capture "
+                                  f"({'enqueue failed' if not ok else getattr(err, 'name', err)}); load without cuda_graph")
             graph_exec = cuda_check(cu, cu.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
             cuda_check(cu, cu.cudaGraphDestroy(graph), "cudaGraphDestroy")
-            self._graphs[batch] = graph_exec
+            self._graphs[key] = graph_exec
+            while len(self._graphs) > self.MAX_CACHED_BATCHES:
+                cu.cudaGraphExecDestroy(self._graphs.popitem(last=False)[1])
             return  # the capture run did not execute; the plain run above produced the outputs
+        self._graphs.move_to_end(key)
         cuda_check(cu, cu.cudaGraphLaunch(graph_exec, self.stream), "cudaGraphLaunch")
 
     def _run(self, feeds, out, batch):

@@ -19,13 +19,15 @@ The engine dir (``manifest.json``, format ``autodiffusion-rt-engines`` v1)::
     {
       "format": "autodiffusion-rt-engines", "version": 1, "complete": true,
       "created": ISO time, "backend": "onnxruntime" | "tensorrt",
-      "precision": "fp32" | "fp16", "batch": {"min": 1, "opt": int, "max": int},
+      "precision": "fp32" | "fp16" | "int8", "batch": {"min": 1, "opt": int, "max": int},
       "opset": int, "label_mode": null | "table" | "graph",
       "plan": {plan.json}, "plan_sha256": sha256 of the canonical plan JSON,
       "model": {"spec", "name", "fingerprint", "image_shape", "num_classes", "learn_sigma"},
       "versions": {"autodiffusion_rt", "torch", "onnx", "onnxruntime", "tensorrt", "compute_capability"},
+      "int8": {"fid_fp32", "limit", "steps": [{"int8", "fid"}], "samples", ...},   # int8 builds only
       "steps": [{
         "index", "timestep", "skip": [layer ids], "coefficients": {six floats},
+        "precision",                           # int8 builds: "int8" for the steps that passed the FID check
         "macs_per_sample",                     # the registry's MACs of the kept subnetwork
         "inputs": [{"name", "dtype", "shape"}], "outputs": [...],   # "batch" = dynamic dim
         "onnx":   {"file", "sha256", "bytes", "key", "nodes", "macs_per_sample", "max_abs_diff", "seconds"},
@@ -72,12 +74,14 @@ from .engines import (
     TensorRTEngine,
     TensorSpec,
     TorchStepEngine,
+    cpu_isa,
     cuda_check,
     cuda_compute_capability,
     import_cudart,
     import_onnxruntime,
     import_tensorrt,
     onnxruntime_providers,
+    shared_initializers,
     step_io,
 )
 
@@ -200,8 +204,8 @@ def read_manifest(engine_dir) -> dict:
         bad("complete", "is not true: the build did not finish")
     if m.get("backend") not in ("onnxruntime", "tensorrt"):
         bad("backend", f"must be 'onnxruntime' or 'tensorrt', got {m.get('backend')!r}")
-    if m.get("precision") not in ("fp32", "fp16"):
-        bad("precision", f"must be 'fp32' or 'fp16', got {m.get('precision')!r}")
+    if m.get("precision") not in ("fp32", "fp16", "int8"):
+        bad("precision", f"must be 'fp32', 'fp16' or 'int8', got {m.get('precision')!r}")
     batch = m.get("batch")
     if not (isinstance(batch, dict) and all(isinstance(batch.get(k), int) and batch.get(k) >= 1 for k in ("min", "opt", "max"))
             and batch["min"] <= batch["opt"] <= batch["max"]):
@@ -346,7 +350,8 @@ class Runtime:
     @classmethod
     def load(cls, engine_dir, backend: str = "auto", *, plan: Optional[Plan] = None, model=None,
              providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
-             check_versions: bool = True, cuda_graph: bool = False) -> "Runtime":
+             check_versions: bool = True, cuda_graph: bool = False, share_weights: bool = True,
+             spinning: bool = True) -> "Runtime":
         """Load an engine dir built by ``autodiffusion-rt build``.
 
         ``backend``: ``auto`` (what the dir was built for), ``onnxruntime``,
@@ -356,6 +361,9 @@ class Runtime:
         tensorrt), best first; default: the best installed. Every engine file
         is checked against its recorded sha256 and, unless
         ``check_versions=False``, the libraries against the recorded versions.
+        ``share_weights``: the onnxruntime step sessions read one copy of the
+        tensors their files have in common. ``spinning=False``: onnxruntime's
+        workers sleep instead of spinning while they wait for work.
         """
         engine_dir = Path(engine_dir)
         plan = None if plan is None else Plan.load(plan)  # a Plan or a path
@@ -380,20 +388,35 @@ class Runtime:
         max_batch = int(m["batch"]["max"])
         if chosen == "onnxruntime":
             ort = import_onnxruntime()
-            # A tensorrt dir also keeps its verified ONNX files: onnxruntime runs those.
-            key = "engine" if m["backend"] == "onnxruntime" else "onnx"
+            # One provider list per step: the TensorRT provider's shape profile names this step's inputs.
+            provs = [onnxruntime_providers(providers, cache_dir=engine_dir / "ort_trt_cache", fp16=m["precision"] == "fp16",
+                                           profile=_profile(step, m["batch"])) for step in m["steps"]]
+            on_cpu = _provider_name(provs[0][0]) == "CPUExecutionProvider"
+            # The engines are graphs optimized for onnxruntime's CPU provider (laid out for this CPU's
+            # vector width); a GPU provider, or a tensorrt dir, runs the verified portable ONNX exports.
+            key = "engine" if m["backend"] == "onnxruntime" and on_cpu else "onnx"
             if check_versions and key == "engine":
                 _check_version(m, "onnxruntime", ort.__version__, engine_dir)
+            levels = []
+            for i, s in enumerate(m["steps"]):
+                record = s["engine"].get("record") or {}
+                level = record.get("optimization") if key == "engine" else None
+                if level in ("extended", "all") and record.get("isa") != cpu_isa():
+                    raise EngineError(
+                        f"{engine_dir}: step {i}'s engine was optimized for CPU {record.get('isa')!r} and this one is "
+                        f"{cpu_isa()!r} (onnxruntime's layouts follow the vector width); rebuild with "
+                        f"'autodiffusion-rt build PLAN --out {engine_dir}' on this machine"
+                    )
+                levels.append("none" if level in ("basic", "extended", "all") else "all")
             files = [_verified_file(engine_dir, s[key], f"step {i} {'engine' if key == 'engine' else 'ONNX'}") for i, s in enumerate(m["steps"])]
+            shared = shared_initializers(files) if share_weights else [{} for _ in files]
             engines = []
             for i, (step, f) in enumerate(zip(m["steps"], files)):
                 ins = [TensorSpec.from_dict(d) for d in step["inputs"]]
                 outs = [TensorSpec.from_dict(d) for d in step["outputs"]]
-                # per step: the TensorRT provider's shape profile names this step's inputs
-                prov = onnxruntime_providers(providers, cache_dir=engine_dir / "ort_trt_cache",
-                                             fp16=m["precision"] == "fp16", profile=_profile(step, m["batch"]))
-                engines.append(OnnxRuntimeEngine(f, ins, outs, max_batch, providers=prov, threads=threads,
-                                                 name=f"step {i} (t={step['timestep']}, onnxruntime)"))
+                engines.append(OnnxRuntimeEngine(f, ins, outs, max_batch, providers=provs[i], threads=threads,
+                                                 name=f"step {i} (t={step['timestep']}, onnxruntime)", optimization=levels[i],
+                                                 initializers=shared[i], spinning=spinning))
             used = engines[0].providers[0] if engines else "?"
             return cls(engines, the_plan, coeffs, info, "onnxruntime", max_batch,
                        backend_name=f"onnxruntime/{used}", engine_dir=engine_dir, manifest=m)
@@ -506,45 +529,35 @@ class Runtime:
         return x, y
 
     def _workspace(self, batch: int) -> dict:
-        ws = self._workspaces.get(batch)
-        if ws is None:
-            shape = (batch, *self.info.image_shape)
-            ws = {
-                X: [np.empty(shape, np.float32), np.empty(shape, np.float32)],
-                X0: [np.empty(shape, np.float32), np.empty(shape, np.float32)],
-                EPS: [np.empty(shape, np.float32) for _ in range(len(PREV_EPS) + 1)],  # iPNDM's eps history ring
-                Y: np.empty((batch,), np.int64),
-                NOISE: np.empty(shape, np.float32),
-            }
-            self._workspaces[batch] = ws
-            while len(self._workspaces) > 4:  # keep a few batch sizes, not every one ever seen
-                self._workspaces.popitem(last=False)
-        else:
-            self._workspaces.move_to_end(batch)
-        return ws
+        """Per-batch-size buffers and every step bound to them (validated here, once).
 
-    def _run_chunk(self, x: torch.Tensor, y: Optional[torch.Tensor], rows: SampleNoise, progress: bool = False) -> torch.Tensor:
-        batch = x.shape[0]
-        ws = self._workspace(batch)
+        x and x0 ping-pong between two buffers each, and iPNDM's eps history
+        rotates through a ring; which buffer a step reads and writes depends
+        only on its index, so step ``i`` is bound once to fixed arrays (an
+        onnxruntime IO binding by address) and a request only refills x_T, the
+        labels and each step's noise in place.
+        """
+        ws = self._workspaces.get(batch)
+        if ws is not None:
+            self._workspaces.move_to_end(batch)
+            return ws
+        shape = (batch, *self.info.image_shape)
+        ws = {
+            X: [np.empty(shape, np.float32), np.empty(shape, np.float32)],
+            X0: [np.empty(shape, np.float32), np.empty(shape, np.float32)],
+            EPS: [np.empty(shape, np.float32) for _ in range(len(PREV_EPS) + 1)],  # iPNDM's eps history ring
+            Y: np.empty((batch,), np.int64),
+            NOISE: np.empty(shape, np.float32),
+        }
         xs, x0s = ws[X], ws[X0]
-        np.copyto(xs[0], x.numpy())
-        if y is not None:
-            np.copyto(ws[Y], y.numpy())
+        steps = []
         cur, x0_cur = 0, 0  # which ping-pong buffer holds x, and the last x0
         history: list[np.ndarray] = []  # eps of the previous steps, most recent first
-        steps = range(len(self.engines))
-        if progress:
-            from tqdm import tqdm
-
-            steps = tqdm(steps, desc=f"sample ({self.backend_name})")
-        for i in steps:
-            eng = self.engines[i]
+        for i, eng in enumerate(self.engines):
             feeds = {X: xs[cur]}
             if Y in eng.input_names:
                 feeds[Y] = ws[Y]
             if NOISE in eng.input_names:
-                # Drawn per step, per sample, straight into the workspace: O(chunk) memory.
-                rows.randn(self.info.image_shape, out=torch.from_numpy(ws[NOISE]))
                 feeds[NOISE] = ws[NOISE]
             if PREV_X0 in eng.input_names:
                 feeds[PREV_X0] = x0s[x0_cur]
@@ -554,16 +567,36 @@ class Runtime:
             out = {X_PREV: xs[1 - cur]}
             if X0 in eng.output_names:
                 out[X0] = x0s[1 - x0_cur]
+                x0_cur = 1 - x0_cur
             if EPS in eng.output_names:
                 out[EPS] = next(b for b in ws[EPS] if not any(b is h for h in history))
-            eng.run(feeds, out)
-            check_finite(xs[1 - cur], i, int(self.coeffs.timesteps[i]), eng.name)
-            if EPS in eng.output_names:
                 history = [out[EPS]] + history[: len(PREV_EPS) - 1]
+            steps.append((eng.bind(feeds, out), NOISE in eng.input_names, xs[1 - cur], i, eng.name))
             cur = 1 - cur
-            if X0 in eng.output_names:
-                x0_cur = 1 - x0_cur
-        return torch.from_numpy(xs[cur].copy())
+        ws["steps"], ws["result"] = steps, xs[cur]
+        self._workspaces[batch] = ws
+        while len(self._workspaces) > 4:  # keep a few batch sizes, not every one ever seen
+            self._workspaces.popitem(last=False)
+        return ws
+
+    def _run_chunk(self, x: torch.Tensor, y: Optional[torch.Tensor], rows: SampleNoise, progress: bool = False) -> torch.Tensor:
+        ws = self._workspace(x.shape[0])
+        np.copyto(ws[X][0], x.numpy())
+        if y is not None:
+            np.copyto(ws[Y], y.numpy())
+        noise = torch.from_numpy(ws[NOISE])
+        steps = ws["steps"]
+        if progress:
+            from tqdm import tqdm
+
+            steps = tqdm(steps, desc=f"sample ({self.backend_name})")
+        for run, stochastic, output, i, name in steps:
+            if stochastic:
+                # Drawn per step, per sample, straight into the workspace: O(chunk) memory.
+                rows.randn(self.info.image_shape, out=noise)
+            run()
+            check_finite(output, i, int(self.coeffs.timesteps[i]), name)
+        return torch.from_numpy(ws["result"].copy())
 
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -596,6 +629,10 @@ class _Closer:
         fn, self.fn = self.fn, None
         if fn is not None:
             fn()
+
+
+def _provider_name(provider) -> str:
+    return provider[0] if isinstance(provider, tuple) else str(provider)
 
 
 def _profile(step: dict, batch: dict) -> dict:
