@@ -39,7 +39,6 @@ from torch import nn
 
 from autodiffusion_rt.diffusion import SamplerCoefficients, step_update
 from autodiffusion_rt.errors import EngineError
-from autodiffusion_rt.models.unet import ResBlock
 from autodiffusion_rt.runtime.engines import NOISE, PREV_X0, X, X0, Y, step_io
 
 __all__ = ["LABEL_MODES", "TABLE_MAX_BYTES", "StepModule", "resolve_label_mode", "step_modules"]
@@ -49,15 +48,11 @@ LABEL_MODES = ("auto", "table", "graph")
 TABLE_MAX_BYTES = 16 << 20
 
 
-def _kept_resblocks(unet, keep: Optional[frozenset]) -> list[ResBlock]:
-    return [m for m in unet.modules() if isinstance(m, ResBlock) and (keep is None or m.layer_id in keep)]
-
-
 def projection_table_bytes(model, keep: Optional[frozenset] = None) -> int:
     """Size of the per-class projection table of ``keep`` (float32 bytes)."""
     if model.num_classes is None:
         return 0
-    width = sum(m.emb_layers[1].out_features for m in _kept_resblocks(model.unet, keep))
+    width = sum(b.projection_width for b in model.unet.projected_blocks(keep))
     return model.num_classes * width * 4
 
 
@@ -97,22 +92,20 @@ class StepModule(nn.Module):
         # copy for fp16). Tracing exports only the weights the kept layers use.
         self.unet = unet if unet is not None else model.unet
         src = model.unet  # projections are always computed from the float32 weights
-        blocks = _kept_resblocks(src, self.keep)
+        blocks = src.projected_blocks(self.keep)
         self.block_ids = [b.layer_id for b in blocks]
         with torch.no_grad():
             t = torch.tensor([self.timestep])
-            from autodiffusion_rt.models.unet import timestep_embedding
-
-            emb_t = src.time_embed(timestep_embedding(t, src.model_channels))  # [1, D]
+            emb_t = src.time_embedding(t)  # [1, D]
             if not self.conditional:
                 projections = [b.project(emb_t) for b in blocks]  # [1, C, 1, 1] each
                 for k, p in enumerate(projections):
                     self.register_buffer(f"proj_{k}", p, persistent=False)
             elif self.label_mode == "table":
                 emb_all = emb_t + src.label_emb.weight  # [K, D]: every class's embedding
-                table = torch.cat([b.emb_layers(emb_all) for b in blocks], dim=1) if blocks else torch.zeros(src.num_classes, 0)
+                table = torch.cat([b.project(emb_all)[:, :, 0, 0] for b in blocks], dim=1) if blocks else torch.zeros(src.num_classes, 0)
                 self.register_buffer("proj_table", table, persistent=False)
-                self.widths = [b.emb_layers[1].out_features for b in blocks]
+                self.widths = [b.projection_width for b in blocks]
             else:
                 self.register_buffer("emb_t", emb_t, persistent=False)
 
@@ -127,7 +120,7 @@ class StepModule(nn.Module):
                 start += w
             return out
         emb = self.emb_t + self.unet.label_emb(y)
-        return {bid: b.project(emb) for bid, b in zip(self.block_ids, _kept_resblocks(self.unet, self.keep))}
+        return {bid: b.project(emb) for bid, b in zip(self.block_ids, self.unet.projected_blocks(self.keep))}
 
     def eps(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = x.to(self.dtype)
