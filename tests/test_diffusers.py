@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -232,6 +233,58 @@ def test_export_diffusers_settings_reproduce_the_plan_in_diffusers_pipeline_loop
     ours = sample_loop(make_eps_fn(model, None, [None] * len(ts)), x.clone(), plan.coefficients(model.schedule))
     assert torch.allclose(ours, xd, atol=1e-4)
     assert "DPMSolverMultistepScheduler" in capsys.readouterr().out
+
+
+def _rgb_tiny_extractor(dim=8):
+    """A fixed random projection of 3-channel images (FID in microseconds, no assets)."""
+    from autodiffusion_rt.metrics.extractors import FeatureExtractor, weights_fingerprint
+
+    class _RGBTiny(FeatureExtractor):
+        name = "rgb-tiny"
+        preprocessing = "pool4_linear_tanh_v1"
+        default_batch_size = 1000
+
+        def __init__(self):
+            super().__init__()
+            self.feature_dim = dim
+
+        def _load(self):
+            net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, dim), torch.nn.Tanh())
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                net[2].weight.copy_(torch.randn(dim, 48, generator=g) / 7)
+                net[2].bias.zero_()
+            return net.eval(), weights_fingerprint(net.state_dict())
+
+        def check_shape(self, chw):
+            pass
+
+        def preprocess(self, images):
+            return images.clamp(-1, 1)
+
+        def _forward(self, net, x):
+            return net(x)
+
+    return _RGBTiny()
+
+
+def test_fast_search_runs_on_the_diffusers_model_and_its_plan_samples(saved, tmp_path):
+    from autodiffusion_rt.metrics import compute_stats
+    from search.run import build_parser, options_from_args, run_search
+
+    _, _, model = saved
+    extractor = _rgb_tiny_extractor()
+    real = torch.rand(200, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ref = compute_stats(real, extractor, dataset="uniform-noise")
+    args = build_parser().parse_args(["--fast", "--model", model.name, "--nfe", "3", "--num-samples", "16",
+                                      "--report-samples", "16", "--out", str(tmp_path / "plan.json"), "--quiet"])
+    options = replace(options_from_args(args), report_extractors=[extractor.name])
+    _, plan, _ = run_search(options, model=model, extractor=extractor, ref_stats=ref)
+    loaded = Plan.load(tmp_path / "plan.json")
+    assert loaded.model_spec == model.name and len(loaded.timesteps) == 3 and loaded.timesteps[0] <= 999
+    loaded.check_model(load_model(model.name))  # the plan refers to this diffusers directory's weights
+    images = sample(model, loaded.timesteps, loaded.sampler, n=2, seed=0, keep=loaded.keep_sets(model))
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
 
 
 # ------------------------------------------------------------------ bad input
