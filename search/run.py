@@ -94,6 +94,9 @@ class SearchOptions:
     share: bool = True  # prefix sharing (off only to measure what it saves)
     device: str = "cpu"  # where the model runs (cuda on GPU machines)
     quiet: bool = False
+    executor: str = "local"  # or "ray": one evaluator replica per Ray worker
+    ray_address: Optional[str] = None  # None: start Ray in this process
+    workers: Optional[int] = None  # Ray workers (default: one per CPU of the cluster)
 
     def resolved(self) -> "SearchOptions":
         o = replace(self)
@@ -196,6 +199,14 @@ def prepare(options: SearchOptions, model=None, extractor=None, ref_stats=None) 
             raise SearchError(f"--device {o.device!r} is not a torch device: use cpu or cuda (cuda:N)") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise SearchError(f"--device {o.device}: no CUDA device is visible here; use --device cpu")
+    if o.executor not in ("local", "ray"):
+        raise SearchError(f"--executor {o.executor!r} is unknown: choose local or ray")
+    if o.workers is not None and (isinstance(o.workers, bool) or not isinstance(o.workers, int) or o.workers < 1):
+        raise SearchError(f"--workers {o.workers!r}: need a positive number of Ray workers")
+    if o.executor == "ray":
+        from .executors import _ray
+
+        _ray()  # missing Ray: say what to install now, not after loading everything
     settings = EvolutionSettings(
         population=o.population, generations=o.generations, topk=o.topk, mutants=o.mutants,
         crossovers=o.crossovers, mutation_prob=o.mutation_prob, multi_objective=o.multi_objective,
@@ -293,17 +304,28 @@ def run_search(options: SearchOptions, model=None, extractor=None, ref_stats=Non
             print(f"resuming {ckpt}: stage {state.stage}, {state.generation + 1} generation(s) done", file=sys.stderr)
     elif ckpt.exists() and not o.quiet:
         print(f"starting a new search; it replaces the checkpoint {ckpt} (pass --resume to continue that one instead)", file=sys.stderr)
+    own_executor = executor is None
     if executor is None:
         evaluator = FitnessEvaluator(
             p.model, o.sampler, o.eta, o.num_samples, o.seed, p.extractor, p.ref_stats,
             batch_size=o.batch_size, cache_bytes=o.cache_mb << 20, share=o.share, device=o.device,
         )
-        executor = LocalExecutor(evaluator)
+        if o.executor == "ray":
+            from .executors import RayExecutor
+
+            executor = RayExecutor(evaluator, workers=o.workers, address=o.ray_address)
+        else:
+            executor = LocalExecutor(evaluator)
     search = Search(
         p.space1, p.space2, p.settings, executor, o.seed, run_settings=p.run_settings, state=state,
         on_generation=lambda st: save_state(st, ckpt), quiet=o.quiet,
     )
-    result = search.run(stop_after=stop_after)
+    try:
+        result = search.run(stop_after=stop_after)
+    finally:
+        executor_summary = executor.summary()
+        if own_executor:
+            executor.close()
     if result is None:
         return None
 
@@ -322,6 +344,7 @@ def run_search(options: SearchOptions, model=None, extractor=None, ref_stats=Non
         "unet_seconds": round(c.get("unet_seconds", 0.0), 1),
         "fid_seconds": round(c.get("fid_seconds", 0.0), 1),
         "seconds_per_unet_call": (c.get("unet_seconds", 0.0) / calls) if calls else None,
+        **executor_summary,
     }
     plan = _make_plan(p, result.best, result, search_summary, Fitness, Plan)
     plan.save(o.out)
@@ -457,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-sharing", action="store_true", help="evaluate every candidate on its own (to measure what sharing saves)")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda[:N] (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local", help="where candidates are evaluated: here, or on Ray workers (pip install ray)")
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster for --executor ray (e.g. auto, ray://HOST:10001; default: start Ray here)")
+    p.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per CPU of the cluster)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     return p
 
@@ -494,7 +520,7 @@ def options_from_args(args) -> SearchOptions:
         seed=values["seed"], out=args.out, checkpoint=args.checkpoint, resume=args.resume, report=not args.no_report,
         report_samples=values["report_samples"], report_seed=args.report_seed, report_extractors=args.report_extractor,
         batch_size=values["batch_size"], cache_mb=args.cache_mb, share=not args.no_prefix_sharing, quiet=args.quiet,
-        device=args.device,
+        device=args.device, executor=args.executor, ray_address=args.ray_address, workers=args.workers,
     )
 
 
