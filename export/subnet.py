@@ -83,6 +83,7 @@ class StepModule(nn.Module):
         self.label_mode = resolve_label_mode(model, label_mode, self.keep)
         self.channels = model.image_shape[0]
         self.learn_sigma = bool(model.learn_sigma)
+        self._to_eps = model.eps_from_output  # learn_sigma split, v-prediction (constants for this timestep)
         self.dtype = dtype
         inputs, outputs = step_io(coeffs, i, model.image_shape, self.conditional)
         self.input_names = tuple(s.name for s in inputs)
@@ -123,11 +124,10 @@ class StepModule(nn.Module):
         return {bid: b.project(emb) for bid, b in zip(self.block_ids, self.unet.projected_blocks(self.keep))}
 
     def eps(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """eps (the first C channels of a learn_sigma model), or [eps, v] on a learned-variance step."""
         h = x.to(self.dtype)
-        out = self.unet.forward_projected(h, self.projections(y), self.keep)
-        if self.learn_sigma:
-            out = out[:, : self.channels]
-        return out.float()
+        out = self.unet.forward_projected(h, self.projections(y), self.keep).float()
+        return self._to_eps(out, x, self.timestep, self.row.learned_variance)
 
     def forward(self, *args: torch.Tensor):
         """Positional inputs in ``input_names`` order; returns outputs in ``output_names`` order."""
@@ -136,7 +136,10 @@ class StepModule(nn.Module):
         feeds = dict(zip(self.input_names, args))
         x = feeds[X]
         eps = self.eps(x, feeds.get(Y))
-        x_prev, x0 = step_update(self.row, x, eps, feeds.get(PREV_X0), feeds.get(NOISE))
+        var_v = None
+        if self.row.learned_variance:  # the model's variance channels set this step's noise scale
+            eps, var_v = eps[:, : self.channels], eps[:, self.channels :]
+        x_prev, x0 = step_update(self.row, x, eps, feeds.get(PREV_X0), feeds.get(NOISE), var_v)
         return (x_prev, x0) if X0 in self.output_names else x_prev
 
     def example_inputs(self, batch: int, seed: int = 0, num_classes: Optional[int] = None) -> tuple[torch.Tensor, ...]:

@@ -19,6 +19,15 @@ coefficients of a whole schedule are computed once, in float64, by
 arithmetic lives; :func:`sample_loop` is the only loop. A per-step engine can
 fold its row of constants into its graph.
 
+Learned variance (guided-diffusion's ``learn_sigma`` models, DDPM only): the
+model also outputs v in [-1, 1] and the noise scale of a step is
+``exp(0.5 * (frac * max_log + (1 - frac) * min_log))``, frac = (v + 1) / 2,
+with max_log = log(beta) of the respaced chain and min_log the clipped log
+posterior variance (guided-diffusion's ``p_mean_variance``, LEARNED_RANGE).
+Such a row carries the two constants and ``learned_variance=True``; its
+``c_noise`` is the fixed-small scale, kept only as the "this step draws noise"
+flag. The mean is the same affine update.
+
 Noise rule (determinism across backends): step i draws noise iff
 ``c_noise[i] != 0``, one standard normal per sample from that sample's own
 generator (:class:`~autodiffusion_rt.diffusion.noise.SampleNoise`), in step
@@ -73,6 +82,10 @@ class StepCoefficients(NamedTuple):
     c_prev_x0: float
     c_noise: float
     clip_x0: bool = False
+    # guided-diffusion's learned range (DDPM on learn_sigma models): the noise scale comes from the model's v.
+    learned_variance: bool = False
+    min_log: float = 0.0
+    max_log: float = 0.0
 
 
 _COEFF_NAMES = StepCoefficients._fields[:6]
@@ -95,6 +108,8 @@ class SamplerCoefficients:
     c_noise: np.ndarray
     eta: float = 0.0
     clip_denoised: bool = True
+    min_log: np.ndarray | None = None  # learned variance only (see the module docstring)
+    max_log: np.ndarray | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
@@ -108,6 +123,15 @@ class SamplerCoefficients:
                 )
             arr.setflags(write=False)
             object.__setattr__(self, name, arr)
+        if (self.min_log is None) != (self.max_log is None):
+            raise SamplingError("learned variance needs both min_log and max_log (or neither)")
+        for name in ("min_log", "max_log"):
+            if getattr(self, name) is not None:
+                arr = np.array(getattr(self, name), dtype=np.float64)
+                if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+                    raise SamplingError(f"{self.sampler} coefficients: {name} must hold {n} finite numbers")
+                arr.setflags(write=False)
+                object.__setattr__(self, name, arr)
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -116,9 +140,17 @@ class SamplerCoefficients:
     def num_steps(self) -> int:
         return len(self.timesteps)
 
+    @property
+    def learned_variance(self) -> bool:
+        """Does the model's variance output set the noise scale (eps_fn then returns [eps, v])?"""
+        return self.min_log is not None
+
     def row(self, i: int) -> StepCoefficients:
         """Step i's constants as python floats."""
-        return StepCoefficients(*(float(getattr(self, name)[i]) for name in _COEFF_NAMES), self.clip_denoised)
+        base = (float(getattr(self, name)[i]) for name in _COEFF_NAMES)
+        if self.min_log is None:
+            return StepCoefficients(*base, self.clip_denoised)
+        return StepCoefficients(*base, self.clip_denoised, True, float(self.min_log[i]), float(self.max_log[i]))
 
     @property
     def stochastic_steps(self) -> np.ndarray:
@@ -188,6 +220,20 @@ def _ddpm(a, a_prev, x0_from_x, x0_from_eps):
     return c_x, c_eps, np.zeros_like(a), c_noise
 
 
+def _ddpm_learned_range(a, a_prev):
+    # guided-diffusion's GaussianDiffusion on the respaced chain (respaced index k = N-1-i):
+    # max_log = log(beta_k); min_log = posterior_log_variance_clipped, whose entry at k = 0
+    # (our last step, variance 0) is replaced by the entry at k = 1. That step draws no noise.
+    beta = 1 - a / a_prev
+    variance = beta * (1 - a_prev) / (1 - a)
+    min_var = variance.copy()
+    if len(a) > 1:
+        min_var[-1] = variance[-2]
+    else:
+        min_var[-1] = beta[-1]  # a one-step chain has no k = 1; its step draws no noise anyway
+    return np.log(min_var), np.log(beta)
+
+
 def _dpmpp_2m(a, x0_from_x, x0_from_eps):
     # DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data prediction, in
     # lambda = log(alpha/sigma), alpha = sqrt(a), sigma = sqrt(1 - a).
@@ -230,8 +276,13 @@ def compute_coefficients(
     timesteps: Sequence[int],
     eta: float = 0.0,
     clip_denoised: bool = True,
+    learned_variance: bool = False,
 ) -> SamplerCoefficients:
     """All per-step constants of ``sampler`` over ``timesteps``, in float64.
+
+    ``learned_variance`` (a learn_sigma model): DDPM then takes its noise scale
+    from the model's v output (see the module docstring); the deterministic
+    samplers ignore the variance, as guided-diffusion's DDIM does.
 
     ``alphas_cumprod`` is a :class:`NoiseSchedule` or its alphas_cumprod array;
     ``timesteps`` must pass :func:`validate_timesteps`. ``eta`` (DDIM only, in
@@ -267,6 +318,9 @@ def compute_coefficients(
         c_x, c_eps, c_prev, c_noise = _ddpm(a, a_prev, x0_from_x, x0_from_eps)
     else:
         c_x, c_eps, c_prev, c_noise = _dpmpp_2m(a, x0_from_x, x0_from_eps)
+    min_log = max_log = None
+    if learned_variance and sampler == "ddpm":
+        min_log, max_log = _ddpm_learned_range(a, a_prev)
     return SamplerCoefficients(
         sampler=sampler,
         timesteps=tuple(ts),
@@ -278,6 +332,8 @@ def compute_coefficients(
         c_noise=c_noise,
         eta=eta,
         clip_denoised=bool(clip_denoised),
+        min_log=min_log,
+        max_log=max_log,
     )
 
 
@@ -287,8 +343,11 @@ def step_update(
     eps: torch.Tensor,
     prev_x0: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    var_v: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sampler step: returns (x_prev, x0).
+
+    ``var_v``: the model's variance output v (learned-variance rows only).
 
     Pure torch arithmetic with python-float constants, so it traces into an
     ONNX graph with the constants folded. Terms whose coefficient is 0 are
@@ -297,7 +356,7 @@ def step_update(
     and does for CUDA tensors when ``kernels`` offers one (CPU: always torch).
     """
     # Tracers (fx proxies, torch.compile/export) must see plain torch ops, not this lookup.
-    if isinstance(x, torch.Tensor) and x.is_cuda and not coeffs_row.clip_x0 \
+    if isinstance(x, torch.Tensor) and x.is_cuda and not coeffs_row.clip_x0 and not coeffs_row.learned_variance \
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing() \
             and (fast := kernel_hook("fast_step_update")):
         impl = fast(coeffs_row, x, eps, prev_x0, noise)  # None: the kernel does not cover this call
@@ -323,7 +382,14 @@ def step_update(
                 "this step is stochastic (c_noise != 0) and needs noise; pass a standard "
                 "normal tensor shaped like x (see draw_step_noise)"
             )
-        x_prev = x_prev + coeffs_row.c_noise * noise
+        if coeffs_row.learned_variance:
+            if var_v is None:
+                raise SamplingError("this step uses the model's learned variance and needs var_v (its second C channels)")
+            frac = (var_v + 1) * 0.5
+            scale = torch.exp(0.5 * (frac * coeffs_row.max_log + (1 - frac) * coeffs_row.min_log))
+            x_prev = x_prev + scale * noise
+        else:
+            x_prev = x_prev + coeffs_row.c_noise * noise
     return x_prev, x0
 
 
@@ -351,8 +417,8 @@ def sample_loop(
 ) -> torch.Tensor:
     """Run every step of ``coeffs`` from x (at timesteps[0]) to a clean sample.
 
-    ``eps_fn(x, t, i)`` must return only the noise prediction, shaped like x
-    (split off learned-variance channels first). ``generator`` feeds the noise
+    ``eps_fn(x, t, i)`` must return the noise prediction, shaped like x, or,
+    when ``coeffs.learned_variance``, [eps, v] stacked along channels. ``generator`` feeds the noise
     draws (see the module's noise rule); it must live on x's device.
     ``callback({"i", "t", "x", "x0", "x_prev"})`` sees each step: x is the input
     of step i, x0 its denoised estimate, x_prev its output. Runs under no_grad.
@@ -366,6 +432,9 @@ def sample_loop(
         t = coeffs.timesteps[i]
         row = coeffs.row(i)
         eps = eps_fn(x, t, i)
+        var_v = None
+        if coeffs.learned_variance and isinstance(eps, torch.Tensor) and eps.shape[1] == 2 * x.shape[1]:
+            eps, var_v = eps[:, : x.shape[1]], eps[:, x.shape[1] :]
         if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
             got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
             raise SamplingError(
@@ -381,7 +450,7 @@ def sample_loop(
                     f"({x.shape[0]}), got {'none' if noise is None else len(noise)}"
                 )
             z = noise.randn(x.shape[1:], dtype=x.dtype)
-        x_prev, x0 = step_update(row, x, eps, prev_x0, z)
+        x_prev, x0 = step_update(row, x, eps, prev_x0, z, var_v)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0, "x_prev": x_prev})
         x, prev_x0 = x_prev, x0

@@ -62,6 +62,9 @@ def check_unet_config(config: Mapping, source: str) -> None:
     if config.get("class_embed_type") is not None or config.get("num_class_embeds") is not None:
         raise ModelSpecError(f"{source}: class-conditional UNet2DModel (class_embed_type/num_class_embeds) is not supported: "
                              "the diffusers adapter runs unconditional models")
+    if config.get("out_channels", 3) != config.get("in_channels", 3):
+        raise ModelSpecError(f"{source}: out_channels={config.get('out_channels')} differs from in_channels={config.get('in_channels')}: "
+                             "learned-variance diffusers models are not supported (the output must be eps or v)")
     size = config.get("sample_size")
     if isinstance(size, (list, tuple)) and len(set(size)) != 1:
         raise ModelSpecError(f"{source}: sample_size={size} is not square: the adapter supports square images")

@@ -164,17 +164,24 @@ class DiffusionModel:
     def num_timesteps(self) -> int:
         return self.schedule.num_timesteps
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor, y=None, keep=None) -> torch.Tensor:
-        """The noise prediction (the first C channels of a learn_sigma model; converted from v)."""
-        return self.eps_from_output(self.unet(x, t, y, keep), x, t)
+    def eps(self, x: torch.Tensor, t: torch.Tensor, y=None, keep=None, variance: bool = False) -> torch.Tensor:
+        """The noise prediction (the first C channels of a learn_sigma model; converted from v).
 
-    def eps_from_output(self, out: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
-        """The network's raw output at (x, t) -> eps. ``t``: a python int (folded as constants) or a tensor.
+        ``variance=True`` on a learn_sigma model: [eps, v] stacked along channels, v the
+        variance interpolation a learned-variance DDPM step reads.
+        """
+        return self.eps_from_output(self.unet(x, t, y, keep), x, t, variance)
 
-        v-prediction (v = sqrt(a) eps - sqrt(1-a) x0, x = sqrt(a) x0 + sqrt(1-a) eps)
-        gives eps = sqrt(a) v + sqrt(1-a) x.
+    def eps_from_output(self, out: torch.Tensor, x: torch.Tensor, t, variance: bool = False) -> torch.Tensor:
+        """The network's raw output at (x, t) -> eps (or [eps, v], see :meth:`eps`).
+
+        ``t``: a python int (folded as constants) or a tensor. v-prediction
+        (v = sqrt(a) eps - sqrt(1-a) x0, x = sqrt(a) x0 + sqrt(1-a) eps) gives
+        eps = sqrt(a) v + sqrt(1-a) x.
         """
         if self.learn_sigma:
+            if variance:
+                return out
             out = out[:, : x.shape[1]]
         if self.prediction_type == "epsilon":
             return out
