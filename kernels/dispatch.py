@@ -74,11 +74,13 @@ def _row_floats(coeffs_row):
     """The six constants of an unclipped row; None for a row the kernel does not cover."""
     if getattr(coeffs_row, "clip_x0", False):  # the fused kernel has no x0 clamp
         return None
+    if getattr(coeffs_row, "learned_variance", False):  # nor a noise scale read from the model's v
+        return None
     try:
         values = tuple(float(v) for v in coeffs_row)
     except (TypeError, ValueError):
         return None
-    if len(values) == 7 and values[6] == 0.0:  # StepCoefficients with clip_x0=False
+    if len(values) in (7, 10) and not any(values[6:]):  # StepCoefficients without clip or learned variance
         values = values[:6]
     return values if len(values) == 6 else None
 
