@@ -37,7 +37,9 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30"],
+        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30", "ray>=2.9"],
+        "diffusers": ["diffusers>=0.30"],  # diffusers:DIR models, export-diffusers
+        "ray": ["ray>=2.9"],  # python -m search.run --executor ray
         "gpu": ["tensorrt>=10.1", "cuda-python>=12", "onnxruntime-gpu>=1.18"],
         # httptools and uvloop: uvicorn uses them when installed (its 'standard' set: C HTTP parser, libuv loop)
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httptools>=0.6", "uvloop>=0.19; sys_platform != 'win32'",

@@ -404,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("export-diffusers", help="the diffusers scheduler settings reproducing a plan's schedule (no skipping)")
+    p.add_argument("plan", help="a plan.json")
+    p.add_argument("--out", default=None, help="also save the scheduler here (save_pretrained directory)")
+    p.set_defaults(func=lambda args: importlib.import_module("autodiffusion_rt.models.diffusers_adapter").export_diffusers_command(args))
+
     for name in _PLUGINS:
         try:
             module = importlib.import_module(name)

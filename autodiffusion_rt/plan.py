@@ -115,7 +115,9 @@ class Plan:
 
     def coefficients(self, schedule):
         """The sampler's per-step constants over this plan's timesteps, for ``schedule``."""
-        return compute_coefficients(self.sampler, schedule, self.timesteps, self.eta, self.clip_denoised)
+        diffusion = self.model_config.get("diffusion") if isinstance(self.model_config, dict) else None
+        learned = bool(isinstance(diffusion, dict) and diffusion.get("learn_sigma", False))
+        return compute_coefficients(self.sampler, schedule, self.timesteps, self.eta, self.clip_denoised, learned)
 
     def keep_sets(self, model) -> list[frozenset[str]]:
         """The layer ids that run at each step."""

@@ -112,15 +112,20 @@ def per_step_keep(model: DiffusionModel, keep: KeepSpec, num_steps: int) -> list
     return [model.unet.check_keep(k) for k in items]
 
 
-def make_eps_fn(model: DiffusionModel, y: Optional[torch.Tensor], keeps: list, batch_size: int = 256) -> Callable:
-    """eps_fn(x, t, i) for :func:`sample_loop`: step i runs the layers in ``keeps[i]``, in chunks."""
+def make_eps_fn(model: DiffusionModel, y: Optional[torch.Tensor], keeps: list, batch_size: int = 256,
+                variance: bool = False) -> Callable:
+    """eps_fn(x, t, i) for :func:`sample_loop`: step i runs the layers in ``keeps[i]``, in chunks.
+
+    ``variance``: return [eps, v] (a learned-variance DDPM; see ``DiffusionModel.eps``).
+    """
+    kw = {"variance": True} if variance else {}
 
     def eps_fn(x: torch.Tensor, t: int, i: int) -> torch.Tensor:
         outs = []
         for s in range(0, x.shape[0], batch_size):
             xb = x[s : s + batch_size]
             tb = torch.full((xb.shape[0],), t, dtype=torch.long)
-            outs.append(model.eps(xb, tb, None if y is None else y[s : s + batch_size], keeps[i]))
+            outs.append(model.eps(xb, tb, None if y is None else y[s : s + batch_size], keeps[i], **kw))
         return torch.cat(outs)
 
     return eps_fn
@@ -154,7 +159,7 @@ def sample(
         raise SamplingError(f"unknown sampler {sampler!r}: choose one of {list(SAMPLERS)}")
     ts = validate_timesteps(timesteps, model.num_timesteps)
     keeps = per_step_keep(model, keep, len(ts))
-    coeffs = compute_coefficients(sampler, model.schedule, ts, eta)
+    coeffs = compute_coefficients(sampler, model.schedule, ts, eta, learned_variance=model.learn_sigma)
     x, y, noise = initial_state(model, n, seed, labels, noise=sample_rows(seed, n, first))
 
     def checked(info: dict) -> None:
@@ -162,6 +167,7 @@ def sample(
         if callback is not None:
             callback(info)
 
-    out = sample_loop(make_eps_fn(model, y, keeps, batch_size), x, coeffs, noise=noise, progress=progress, callback=checked)
+    out = sample_loop(make_eps_fn(model, y, keeps, batch_size, coeffs.learned_variance), x, coeffs, noise=noise,
+                      progress=progress, callback=checked)
     out = out.clamp(-1, 1)
     return (out, y) if return_labels else out

@@ -39,7 +39,6 @@ from torch import nn
 
 from autodiffusion_rt.diffusion import SamplerCoefficients, step_update
 from autodiffusion_rt.errors import EngineError
-from autodiffusion_rt.models.unet import ResBlock
 from autodiffusion_rt.runtime.engines import EPS, NOISE, PREV_EPS, PREV_X0, X, X0, Y, step_io
 
 __all__ = ["LABEL_MODES", "TABLE_MAX_BYTES", "StepModule", "resolve_label_mode", "step_modules"]
@@ -49,15 +48,11 @@ LABEL_MODES = ("auto", "table", "graph")
 TABLE_MAX_BYTES = 16 << 20
 
 
-def _kept_resblocks(unet, keep: Optional[frozenset]) -> list[ResBlock]:
-    return [m for m in unet.modules() if isinstance(m, ResBlock) and (keep is None or m.layer_id in keep)]
-
-
 def projection_table_bytes(model, keep: Optional[frozenset] = None) -> int:
     """Size of the per-class projection table of ``keep`` (float32 bytes)."""
     if model.num_classes is None:
         return 0
-    width = sum(m.emb_layers[1].out_features for m in _kept_resblocks(model.unet, keep))
+    width = sum(b.projection_width for b in model.unet.projected_blocks(keep))
     return model.num_classes * width * 4
 
 
@@ -88,6 +83,7 @@ class StepModule(nn.Module):
         self.label_mode = resolve_label_mode(model, label_mode, self.keep)
         self.channels = model.image_shape[0]
         self.learn_sigma = bool(model.learn_sigma)
+        self._to_eps = model.eps_from_output  # learn_sigma split, v-prediction (constants for this timestep)
         self.dtype = dtype
         inputs, outputs = step_io(coeffs, i, model.image_shape, self.conditional)
         self.input_names = tuple(s.name for s in inputs)
@@ -97,22 +93,20 @@ class StepModule(nn.Module):
         # copy for fp16). Tracing exports only the weights the kept layers use.
         self.unet = unet if unet is not None else model.unet
         src = model.unet  # projections are always computed from the float32 weights
-        blocks = _kept_resblocks(src, self.keep)
+        blocks = src.projected_blocks(self.keep)
         self.block_ids = [b.layer_id for b in blocks]
         with torch.no_grad():
             t = torch.tensor([self.timestep])
-            from autodiffusion_rt.models.unet import timestep_embedding
-
-            emb_t = src.time_embed(timestep_embedding(t, src.model_channels))  # [1, D]
+            emb_t = src.time_embedding(t)  # [1, D]
             if not self.conditional:
                 projections = [b.project(emb_t) for b in blocks]  # [1, C, 1, 1] each
                 for k, p in enumerate(projections):
                     self.register_buffer(f"proj_{k}", p, persistent=False)
             elif self.label_mode == "table":
                 emb_all = emb_t + src.label_emb.weight  # [K, D]: every class's embedding
-                table = torch.cat([b.emb_layers(emb_all) for b in blocks], dim=1) if blocks else torch.zeros(src.num_classes, 0)
+                table = torch.cat([b.project(emb_all)[:, :, 0, 0] for b in blocks], dim=1) if blocks else torch.zeros(src.num_classes, 0)
                 self.register_buffer("proj_table", table, persistent=False)
-                self.widths = [b.emb_layers[1].out_features for b in blocks]
+                self.widths = [b.projection_width for b in blocks]
             else:
                 self.register_buffer("emb_t", emb_t, persistent=False)
 
@@ -127,14 +121,13 @@ class StepModule(nn.Module):
                 start += w
             return out
         emb = self.emb_t + self.unet.label_emb(y)
-        return {bid: b.project(emb) for bid, b in zip(self.block_ids, _kept_resblocks(self.unet, self.keep))}
+        return {bid: b.project(emb) for bid, b in zip(self.block_ids, self.unet.projected_blocks(self.keep))}
 
     def eps(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """eps (the first C channels of a learn_sigma model), or [eps, v] on a learned-variance step."""
         h = x.to(self.dtype)
-        out = self.unet.forward_projected(h, self.projections(y), self.keep)
-        if self.learn_sigma:
-            out = out[:, : self.channels]
-        return out.float()
+        out = self.unet.forward_projected(h, self.projections(y), self.keep).float()
+        return self._to_eps(out, x, self.timestep, self.row.learned_variance)
 
     def forward(self, *args: torch.Tensor):
         """Positional inputs in ``input_names`` order; returns outputs in ``output_names`` order."""
@@ -143,8 +136,12 @@ class StepModule(nn.Module):
         feeds = dict(zip(self.input_names, args))
         x = feeds[X]
         eps = self.eps(x, feeds.get(Y))
+        var_v = None
+        if self.row.learned_variance:  # the model's variance channels set this step's noise scale
+            eps, var_v = eps[:, : self.channels], eps[:, self.channels :]
         history = [feeds[n] for n in PREV_EPS if n in feeds]
-        x_prev, x0, eps_used = step_update(self.row, x, eps, feeds.get(PREV_X0), feeds.get(NOISE), prev_eps=history, return_eps=True)
+        x_prev, x0, eps_used = step_update(self.row, x, eps, feeds.get(PREV_X0), feeds.get(NOISE), prev_eps=history,
+                                           return_eps=True, var_v=var_v)
         outs = {X0: x0, EPS: eps_used}
         if len(self.output_names) == 1:
             return x_prev

@@ -76,8 +76,10 @@ def _row_floats(coeffs_row):
         values = tuple(float(v) for v in coeffs_row)
     except (TypeError, ValueError):
         return None
-    if len(values) == 7:  # StepCoefficients: the 7th field is clip_x0
+    if len(values) > 6:  # StepCoefficients: clip_x0, then iPNDM's eps history and the learned variance
         if values[6] != 0.0 and values[1] == 0.0:  # a clip needs x0_from_eps to re-derive eps
+            return None
+        if any(values[7:]):  # an eps history or a noise scale read from the model's v: not in the kernel
             return None
         values = values[:6]
     return values if len(values) == 6 else None

@@ -121,7 +121,8 @@ def fused_step_update(coeffs_row, x, eps, prev_x0=None, noise=None):
     that enter each output. Unlike step_update, operands must have x's shape
     (no broadcasting), one device, and contiguous memory.
     """
-    row = StepCoefficients(*(float(v) for v in coeffs_row[:6]), *(bool(v) for v in coeffs_row[6:]))
+    # The six constants and the clip; the kernel dispatcher never hands over rows with an eps history or learned variance.
+    row = StepCoefficients(*(float(v) for v in coeffs_row[:6]), *(bool(v) for v in coeffs_row[6:7]))
     clip = bool(row.clip_x0)
     if clip and row.x0_from_eps == 0.0:
         raise SamplingError("this row clips x0 but its x0_from_eps is 0, so eps cannot be re-derived: use step_update")

@@ -169,7 +169,8 @@ class FitnessEvaluator:
         return self._noise[k]
 
     def _step_keys(self, cand: Candidate) -> list[StepKey]:
-        coeffs = compute_coefficients(self.sampler, self.model.schedule, cand.timesteps, self.eta)
+        coeffs = compute_coefficients(self.sampler, self.model.schedule, cand.timesteps, self.eta,
+                                      learned_variance=self.model.learn_sigma)
         return [(t, s, coeffs.row(i)) for i, (t, s) in enumerate(cand.genes)]
 
     def _keep(self, skip: tuple[str, ...]):
@@ -253,11 +254,12 @@ class FitnessEvaluator:
                     self.counters.unet_seconds += t1 - t0
                     for row, js in by_row.items():
                         noise = self._noise_draw(st.noise_used) if row.c_noise != 0.0 else None
+                        e, v = (eps[:, : st.x.shape[1]], eps[:, st.x.shape[1] :]) if row.learned_variance else (eps, None)
                         if self._carry_eps:
-                            x_prev, x0, eps_used = step_update(row, st.x, eps, st.prev_x0, noise, prev_eps=st.prev_eps, return_eps=True)
+                            x_prev, x0, eps_used = step_update(row, st.x, e, st.prev_x0, noise, prev_eps=st.prev_eps, return_eps=True, var_v=v)
                             history = ((eps_used,) + st.prev_eps)[:EPS_HISTORY]
                         else:
-                            x_prev, x0 = step_update(row, st.x, eps, st.prev_x0, noise)
+                            x_prev, x0 = step_update(row, st.x, e, st.prev_x0, noise, var_v=v)
                             history = ()
                         child = _State(x_prev, x0 if self._carry_x0 else None, st.noise_used + (noise is not None), history)
                         child_key = node + ((t, skip, row),)
@@ -275,14 +277,17 @@ class FitnessEvaluator:
         return finals  # type: ignore[return-value]
 
     def _eps(self, x: torch.Tensor, t: int, keep) -> torch.Tensor:
+        """eps, or [eps, v] for a learned-variance DDPM (one model call serves every row)."""
+        variance = self.sampler == "ddpm" and bool(self.model.learn_sigma)
+        kw = {"variance": True} if variance else {}
         if self.device.type == "cpu":
             # sample()'s own eps function and chunking: what makes shared results bit-identical to it.
-            return make_eps_fn(self.model, self._y, [keep], self.batch_size)(x, t, 0)
+            return make_eps_fn(self.model, self._y, [keep], self.batch_size, variance)(x, t, 0)
         outs = []
         for s in range(0, x.shape[0], self.batch_size):
             xb = x[s : s + self.batch_size]
             tb = torch.full((xb.shape[0],), t, dtype=torch.long, device=self.device)
-            outs.append(self.model.eps(xb, tb, None if self._y is None else self._y[s : s + self.batch_size], keep))
+            outs.append(self.model.eps(xb, tb, None if self._y is None else self._y[s : s + self.batch_size], keep, **kw))
         return torch.cat(outs)
 
     # ---------------------------------------------------------------------- FID

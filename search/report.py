@@ -130,6 +130,15 @@ def _search_summary(s: dict) -> str:
             f"{s['unet_calls']} model calls of N samples instead of {s['naive_unet_calls']} without prefix sharing "
             f"({s.get('sharing_saved_fraction', 0):.1%} saved)"
         )
+    if s.get("executor") == "ray":
+        speedup = s.get("speedup_vs_one_worker")
+        parts.append(
+            f"Ray: {s['workers']} workers ({s.get('workers_replaced', 0)} replaced), "
+            f"speedup against one worker {speedup if speedup is not None else 'n/a'}x "
+            f"({s.get('worker_busy_seconds', 0)} s of worker time in {s.get('evaluate_wall_seconds', 0)} s)"
+        )
+    elif "workers" in s:
+        parts.append(f"executor: {s['executor']}, {s['workers']} worker")
     out = "; ".join(parts)
     if s.get("dp"):
         d = s["dp"]

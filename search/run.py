@@ -112,6 +112,9 @@ class SearchOptions:
     holdout_samplers: tuple = ("ddim", "dpmpp_2m", "ipndm")  # the winner's schedule is tried with each (deterministic runs)
     sensitivity_points: int = 8  # grid points of the per-layer skip sensitivity table (0: off); computed only when skipping is asked for
     sensitivity_samples: int = 32
+    executor: str = "local"  # or "ray": one evaluator replica per Ray worker
+    ray_address: Optional[str] = None  # None: start Ray in this process
+    workers: Optional[int] = None  # Ray workers (default: one per CPU of the cluster)
 
     def resolved(self) -> "SearchOptions":
         o = replace(self)
@@ -240,6 +243,14 @@ def prepare(options: SearchOptions, model=None, extractor=None, ref_stats=None) 
             raise SearchError(f"--device {o.device!r} is not a torch device: use cpu or cuda (cuda:N)") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise SearchError(f"--device {o.device}: no CUDA device is visible here; use --device cpu")
+    if o.executor not in ("local", "ray"):
+        raise SearchError(f"--executor {o.executor!r} is unknown: choose local or ray")
+    if o.workers is not None and (isinstance(o.workers, bool) or not isinstance(o.workers, int) or o.workers < 1):
+        raise SearchError(f"--workers {o.workers!r}: need a positive number of Ray workers")
+    if o.executor == "ray":
+        from .executors import _ray
+
+        _ray()  # missing Ray: say what to install now, not after loading everything
     settings = EvolutionSettings(
         population=o.population, generations=o.generations, topk=o.topk, mutants=o.mutants,
         crossovers=o.crossovers, mutation_prob=o.mutation_prob, multi_objective=o.multi_objective,
@@ -414,13 +425,19 @@ def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, 
                       f"solve {dp.solve_seconds:.2f} s): {list(dp.paths[0][1])}", file=sys.stderr)
     if o.method == "dp":
         return _run_dp(p, dp)
+    own_executor = executor is None
     if executor is None:
         evaluator = FitnessEvaluator(
             p.model, o.sampler, o.eta, o.num_samples, o.seed, p.extractor, p.ref_stats,
             batch_size=o.batch_size, cache_bytes=o.cache_mb << 20, share=o.share, device=o.device,
             objective=o.objective, target=None if teacher is None else teacher.final,
         )
-        executor = LocalExecutor(evaluator)
+        if o.executor == "ray":
+            from .executors import RayExecutor
+
+            executor = RayExecutor(evaluator, workers=o.workers, address=o.ray_address)
+        else:
+            executor = LocalExecutor(evaluator)
     from .space import Candidate
 
     dp_seeds = [Candidate.full(ts) for _, ts in dp.paths[: o.dp_paths]] if dp is not None and o.dp_paths else []
@@ -438,7 +455,12 @@ def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, 
         p.space1, p.space2, p.settings, executor, o.seed, run_settings=p.run_settings, state=state,
         on_generation=lambda st: save_state(st, ckpt), quiet=o.quiet, seeds=dp_seeds,
     )
-    result = search.run(stop_after=stop_after)
+    try:
+        result = search.run(stop_after=stop_after)
+    finally:
+        executor_summary = executor.summary()
+        if own_executor:
+            executor.close()
     if result is None:
         return None
     selection = pareto_fids = search_front = None
@@ -475,6 +497,7 @@ def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, 
         "unet_seconds": round(c.get("unet_seconds", 0.0), 1),
         "fid_seconds": round(c.get("fid_seconds", 0.0), 1),
         "seconds_per_unet_call": (c.get("unet_seconds", 0.0) / calls) if calls else None,
+        **executor_summary,
     }
     if dp is not None:
         search_summary["dp"] = dp.summary()
@@ -732,6 +755,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout-seed", type=int, default=None, help="seed of the held-out samples (default: --seed + 2)")
     p.add_argument("--holdout-topk", type=int, default=None, help=f"candidates re-ranked on held-out samples (default {d['holdout_topk']})")
     p.add_argument("--sensitivity-points", type=int, default=8, help="timesteps of the per-layer skip sensitivity table, computed when skipping is asked for (default %(default)s; 0: off)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local", help="where candidates are evaluated: here, or on Ray workers (pip install ray)")
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster for --executor ray (e.g. auto, ray://HOST:10001; default: start Ray here)")
+    p.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per CPU of the cluster)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     return p
 
@@ -776,6 +802,7 @@ def options_from_args(args) -> SearchOptions:
         grid_spacing=args.grid_spacing, dp_paths=values["dp_paths"], teacher_cache=args.teacher_cache,
         holdout_samples=values["holdout_samples"], holdout_seed=args.holdout_seed, holdout_topk=values["holdout_topk"],
         sensitivity_points=args.sensitivity_points,
+        device=args.device, executor=args.executor, ray_address=args.ray_address, workers=args.workers,
     )
 
 

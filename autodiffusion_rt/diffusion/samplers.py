@@ -21,6 +21,15 @@ coefficients of a whole schedule are computed once, in float64, by
 arithmetic lives; :func:`sample_loop` is the only loop. A per-step engine can
 fold its row of constants into its graph.
 
+Learned variance (guided-diffusion's ``learn_sigma`` models, DDPM only): the
+model also outputs v in [-1, 1] and the noise scale of a step is
+``exp(0.5 * (frac * max_log + (1 - frac) * min_log))``, frac = (v + 1) / 2,
+with max_log = log(beta) of the respaced chain and min_log the clipped log
+posterior variance (guided-diffusion's ``p_mean_variance``, LEARNED_RANGE).
+Such a row carries the two constants and ``learned_variance=True``; its
+``c_noise`` is the fixed-small scale, kept only as the "this step draws noise"
+flag. The mean is the same affine update.
+
 Noise rule (determinism across backends): step i draws noise iff
 ``c_noise[i] != 0``, one standard normal per sample from that sample's own
 generator (:class:`~autodiffusion_rt.diffusion.noise.SampleNoise`), in step
@@ -81,6 +90,10 @@ class StepCoefficients(NamedTuple):
     c_prev_eps1: float = 0.0  # eps of step i-1 (iPNDM)
     c_prev_eps2: float = 0.0
     c_prev_eps3: float = 0.0
+    # guided-diffusion's learned range (DDPM on learn_sigma models): the noise scale comes from the model's v.
+    learned_variance: bool = False
+    min_log: float = 0.0
+    max_log: float = 0.0
 
     @property
     def prev_eps_coefficients(self) -> tuple[float, float, float]:
@@ -115,6 +128,8 @@ class SamplerCoefficients:
     eta: float = 0.0
     clip_denoised: bool = True
     c_prev_eps: np.ndarray | None = None  # (N, 3): weights of eps_{i-1}, eps_{i-2}, eps_{i-3}; None = zeros
+    min_log: np.ndarray | None = None  # learned variance only (see the module docstring)
+    max_log: np.ndarray | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
@@ -133,6 +148,15 @@ class SamplerCoefficients:
                 )
             arr.setflags(write=False)
             object.__setattr__(self, name, arr)
+        if (self.min_log is None) != (self.max_log is None):
+            raise SamplingError("learned variance needs both min_log and max_log (or neither)")
+        for name in ("min_log", "max_log"):
+            if getattr(self, name) is not None:
+                arr = np.array(getattr(self, name), dtype=np.float64)
+                if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+                    raise SamplingError(f"{self.sampler} coefficients: {name} must hold {n} finite numbers")
+                arr.setflags(write=False)
+                object.__setattr__(self, name, arr)
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -141,10 +165,19 @@ class SamplerCoefficients:
     def num_steps(self) -> int:
         return len(self.timesteps)
 
+    @property
+    def learned_variance(self) -> bool:
+        """Does the model's variance output set the noise scale (eps_fn then returns [eps, v])?"""
+        return self.min_log is not None
+
     def row(self, i: int) -> StepCoefficients:
         """Step i's constants as python floats."""
-        return StepCoefficients(*(float(getattr(self, name)[i]) for name in _COEFF_NAMES), self.clip_denoised,
-                                *(float(v) for v in self.c_prev_eps[i]))
+        base = [float(getattr(self, name)[i]) for name in _COEFF_NAMES]
+        hist = [float(v) for v in self.c_prev_eps[i]]
+        if self.min_log is None:
+            return StepCoefficients(*base, self.clip_denoised, *hist)
+        return StepCoefficients(*base, self.clip_denoised, *hist, learned_variance=True,
+                                min_log=float(self.min_log[i]), max_log=float(self.max_log[i]))
 
     @property
     def stochastic_steps(self) -> np.ndarray:
@@ -219,6 +252,20 @@ def _ddpm(a, a_prev, x0_from_x, x0_from_eps):
     return c_x, c_eps, np.zeros_like(a), c_noise
 
 
+def _ddpm_learned_range(a, a_prev):
+    # guided-diffusion's GaussianDiffusion on the respaced chain (respaced index k = N-1-i):
+    # max_log = log(beta_k); min_log = posterior_log_variance_clipped, whose entry at k = 0
+    # (our last step, variance 0) is replaced by the entry at k = 1. That step draws no noise.
+    beta = 1 - a / a_prev
+    variance = beta * (1 - a_prev) / (1 - a)
+    min_var = variance.copy()
+    if len(a) > 1:
+        min_var[-1] = variance[-2]
+    else:
+        min_var[-1] = beta[-1]  # a one-step chain has no k = 1; its step draws no noise anyway
+    return np.log(min_var), np.log(beta)
+
+
 def _dpmpp_2m(a, x0_from_x, x0_from_eps):
     # DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data prediction, in
     # lambda = log(alpha/sigma), alpha = sqrt(a), sigma = sqrt(1 - a).
@@ -290,8 +337,13 @@ def compute_coefficients(
     timesteps: Sequence[int],
     eta: float = 0.0,
     clip_denoised: bool = True,
+    learned_variance: bool = False,
 ) -> SamplerCoefficients:
     """All per-step constants of ``sampler`` over ``timesteps``, in float64.
+
+    ``learned_variance`` (a learn_sigma model): DDPM then takes its noise scale
+    from the model's v output (see the module docstring); the deterministic
+    samplers ignore the variance, as guided-diffusion's DDIM does.
 
     ``alphas_cumprod`` is a :class:`NoiseSchedule` or its alphas_cumprod array;
     ``timesteps`` must pass :func:`validate_timesteps`. ``eta`` (DDIM only, in
@@ -330,6 +382,9 @@ def compute_coefficients(
     else:
         c_x, c_eps, hist = _ipndm(a, a_prev)
         c_prev, c_noise = np.zeros_like(a), np.zeros_like(a)
+    min_log = max_log = None
+    if learned_variance and sampler == "ddpm":
+        min_log, max_log = _ddpm_learned_range(a, a_prev)
     return SamplerCoefficients(
         sampler=sampler,
         timesteps=tuple(ts),
@@ -342,6 +397,8 @@ def compute_coefficients(
         eta=eta,
         clip_denoised=bool(clip_denoised),
         c_prev_eps=hist if sampler == "ipndm" else None,
+        min_log=min_log,
+        max_log=max_log,
     )
 
 
@@ -353,13 +410,15 @@ def step_update(
     noise: torch.Tensor | None = None,
     prev_eps: Sequence[torch.Tensor] | None = None,
     return_eps: bool = False,
+    var_v: torch.Tensor | None = None,
 ):
     """One sampler step: returns (x_prev, x0), or (x_prev, x0, eps) with ``return_eps``.
 
     ``prev_eps``: the eps of earlier steps, most recent first (iPNDM's state;
     as many as the row reads). The eps returned is the one the update used:
     with x0 clipping, the eps consistent with the clipped x0; it is what the
-    next steps' ``prev_eps`` must hold.
+    next steps' ``prev_eps`` must hold. ``var_v``: the model's variance
+    channels, for a learned-variance (guided-diffusion ``learn_sigma``) DDPM step.
 
     Pure torch arithmetic with python-float constants, so it traces into an
     ONNX graph with the constants folded. Terms whose coefficient is 0 are
@@ -369,6 +428,7 @@ def step_update(
     """
     # Tracers (fx proxies, torch.compile/export) must see plain torch ops, not this lookup.
     if isinstance(x, torch.Tensor) and x.is_cuda and not return_eps and coeffs_row.eps_history == 0 \
+            and not coeffs_row.learned_variance \
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing() \
             and (fast := kernel_hook("fast_step_update")):
         impl = fast(coeffs_row, x, eps, prev_x0, noise)  # None: the kernel does not cover this call
@@ -394,7 +454,14 @@ def step_update(
                 "this step is stochastic (c_noise != 0) and needs noise; pass a standard "
                 "normal tensor shaped like x (see draw_step_noise)"
             )
-        x_prev = x_prev + coeffs_row.c_noise * noise
+        if coeffs_row.learned_variance:
+            if var_v is None:
+                raise SamplingError("this step uses the model's learned variance and needs var_v (its second C channels)")
+            frac = (var_v + 1) * 0.5
+            scale = torch.exp(0.5 * (frac * coeffs_row.max_log + (1 - frac) * coeffs_row.min_log))
+            x_prev = x_prev + scale * noise
+        else:
+            x_prev = x_prev + coeffs_row.c_noise * noise
     history = coeffs_row.eps_history
     if history:
         if prev_eps is None or len(prev_eps) < history:
@@ -432,8 +499,8 @@ def sample_loop(
 ) -> torch.Tensor:
     """Run every step of ``coeffs`` from x (at timesteps[0]) to a clean sample.
 
-    ``eps_fn(x, t, i)`` must return only the noise prediction, shaped like x
-    (split off learned-variance channels first). ``generator`` feeds the noise
+    ``eps_fn(x, t, i)`` must return the noise prediction, shaped like x, or,
+    when ``coeffs.learned_variance``, [eps, v] stacked along channels. ``generator`` feeds the noise
     draws (see the module's noise rule); it must live on x's device.
     ``callback({"i", "t", "x", "x0", "x_prev"})`` sees each step: x is the input
     of step i, x0 its denoised estimate, x_prev its output. Runs under no_grad.
@@ -449,6 +516,9 @@ def sample_loop(
         t = coeffs.timesteps[i]
         row = coeffs.row(i)
         eps = eps_fn(x, t, i)
+        var_v = None
+        if coeffs.learned_variance and isinstance(eps, torch.Tensor) and eps.shape[1] == 2 * x.shape[1]:
+            eps, var_v = eps[:, : x.shape[1]], eps[:, x.shape[1] :]
         if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
             got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
             raise SamplingError(
@@ -465,10 +535,10 @@ def sample_loop(
                 )
             z = noise.randn(x.shape[1:], dtype=x.dtype)
         if carry_eps:
-            x_prev, x0, eps_used = step_update(row, x, eps, prev_x0, z, prev_eps=history, return_eps=True)
+            x_prev, x0, eps_used = step_update(row, x, eps, prev_x0, z, prev_eps=history, return_eps=True, var_v=var_v)
             history = [eps_used] + history[: EPS_HISTORY - 1]
         else:
-            x_prev, x0 = step_update(row, x, eps, prev_x0, z)
+            x_prev, x0 = step_update(row, x, eps, prev_x0, z, var_v=var_v)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0, "x_prev": x_prev})
         x, prev_x0 = x_prev, x0

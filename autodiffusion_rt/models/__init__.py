@@ -1,6 +1,7 @@
-"""Models: the ADM UNet with layer skipping, checkpoint loading, the embedded default."""
+"""Models: the skippable-UNet interface, the ADM UNet, the diffusers adapter, loading, the embedded default."""
 
+from .adapter import Layer, SkippableUNet
 from .loading import ADM_PRESETS, DiffusionModel, load_model, weights_fingerprint
-from .unet import ADMUNet, Layer
+from .unet import ADMUNet
 
-__all__ = ["ADMUNet", "ADM_PRESETS", "DiffusionModel", "Layer", "load_model", "weights_fingerprint"]
+__all__ = ["ADMUNet", "ADM_PRESETS", "DiffusionModel", "Layer", "SkippableUNet", "load_model", "weights_fingerprint"]

@@ -11,6 +11,13 @@ Specs:
   and/or keyword overrides using guided-diffusion's own flag names
   (``num_channels``, ``attention_resolutions="32,16,8"``, ``class_cond``,
   ``learn_sigma``, ``noise_schedule``, ...).
+* ``diffusers:DIR``: a diffusers ``UNet2DModel`` saved with ``save_pretrained``,
+  laid out as on the hub (``DIR/unet/`` + ``DIR/scheduler/``) or with the model
+  at the top level (``DIR/config.json`` + weights, and ``scheduler_config.json``
+  beside it or in ``DIR/scheduler/``). diffusers loads the model; the scheduler
+  config gives the betas (diffusers computes them), ``num_train_timesteps`` and
+  ``prediction_type`` (``epsilon`` or ``v_prediction``, converted to eps by
+  :meth:`DiffusionModel.eps`). See :mod:`.diffusers_adapter`.
 
 Nothing is downloaded: a missing file is an error that says where it was looked for.
 """
@@ -21,12 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import math
+
 import torch
 
 from ..diffusion import NoiseSchedule
 from ..errors import CheckpointError, ModelSpecError
 from ..utils import weights_fingerprint
-from .unet import ADMUNet, Layer
+from .adapter import Layer, SkippableUNet
+from .unet import ADMUNet
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets"
 EMBEDDED_MODELS = {"mnist": EMBEDDED_DIR / "embedded_mnist.pt"}
@@ -130,12 +140,13 @@ class DiffusionModel:
     """A pretrained diffusion UNet with everything a sampler needs."""
 
     name: str
-    unet: ADMUNet
+    unet: SkippableUNet
     schedule: NoiseSchedule
     config: dict  # {"unet": ADMUNet kwargs, "diffusion": {...}}
     fingerprint: str
     learn_sigma: bool = False
     metadata: dict = field(default_factory=dict)
+    prediction_type: str = "epsilon"  # or "v_prediction" (diffusers models)
 
     @property
     def layers(self) -> tuple[Layer, ...]:
@@ -153,10 +164,33 @@ class DiffusionModel:
     def num_timesteps(self) -> int:
         return self.schedule.num_timesteps
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor, y=None, keep=None) -> torch.Tensor:
-        """The noise prediction (the first C channels of a learn_sigma model)."""
-        out = self.unet(x, t, y, keep)
-        return out[:, : x.shape[1]] if self.learn_sigma else out
+    def eps(self, x: torch.Tensor, t: torch.Tensor, y=None, keep=None, variance: bool = False) -> torch.Tensor:
+        """The noise prediction (the first C channels of a learn_sigma model; converted from v).
+
+        ``variance=True`` on a learn_sigma model: [eps, v] stacked along channels, v the
+        variance interpolation a learned-variance DDPM step reads.
+        """
+        return self.eps_from_output(self.unet(x, t, y, keep), x, t, variance)
+
+    def eps_from_output(self, out: torch.Tensor, x: torch.Tensor, t, variance: bool = False) -> torch.Tensor:
+        """The network's raw output at (x, t) -> eps (or [eps, v], see :meth:`eps`).
+
+        ``t``: a python int (folded as constants) or a tensor. v-prediction
+        (v = sqrt(a) eps - sqrt(1-a) x0, x = sqrt(a) x0 + sqrt(1-a) eps) gives
+        eps = sqrt(a) v + sqrt(1-a) x.
+        """
+        if self.learn_sigma:
+            if variance:
+                return out
+            out = out[:, : x.shape[1]]
+        if self.prediction_type == "epsilon":
+            return out
+        acp = self.schedule.alphas_cumprod
+        if isinstance(t, int):
+            a = float(acp[t])
+            return math.sqrt(a) * out + math.sqrt(1 - a) * x
+        a = torch.as_tensor(acp, dtype=torch.float64, device=x.device)[t.long()].view(-1, 1, 1, 1)
+        return (a.sqrt() * out + (1 - a).sqrt() * x).to(out.dtype)
 
 
 def _check_state_dict(unet: ADMUNet, state_dict: dict, source: str) -> None:
@@ -188,7 +222,7 @@ def _build(name: str, unet_kwargs: dict, diffusion: dict, state_dict: dict, sour
     _check_state_dict(unet, state_dict, source)
     unet.load_state_dict(state_dict, strict=True)
     unet.eval().requires_grad_(False)
-    schedule = NoiseSchedule.named(diffusion["noise_schedule"], diffusion["diffusion_steps"])
+    schedule = diffusion_schedule(diffusion)
     return DiffusionModel(
         name=name,
         unet=unet,
@@ -198,6 +232,15 @@ def _build(name: str, unet_kwargs: dict, diffusion: dict, state_dict: dict, sour
         learn_sigma=bool(diffusion.get("learn_sigma", False)),
         metadata=metadata,
     )
+
+
+def diffusion_schedule(diffusion: dict) -> NoiseSchedule:
+    """The noise schedule a model config's ``diffusion`` settings describe (named, or a diffusers scheduler config)."""
+    if "scheduler" in diffusion:
+        from .diffusers_adapter import scheduler_noise_schedule
+
+        return scheduler_noise_schedule(diffusion["scheduler"])
+    return NoiseSchedule.named(diffusion["noise_schedule"], int(diffusion.get("diffusion_steps", 1000)))
 
 
 def _load_trained(spec: str, path: Path, fix: str) -> DiffusionModel:
@@ -212,9 +255,9 @@ def _load_trained(spec: str, path: Path, fix: str) -> DiffusionModel:
 
 
 def load_model(spec: str, **overrides) -> DiffusionModel:
-    """Load ``embedded:NAME`` or ``adm:PATH`` (with ``preset=`` and guided-diffusion flags)."""
+    """Load ``embedded:NAME``, ``ckpt:PATH``, ``adm:PATH`` (with ``preset=`` and guided-diffusion flags) or ``diffusers:DIR``."""
     if not isinstance(spec, str) or ":" not in spec:
-        raise ModelSpecError(f"unknown model spec {spec!r}: use 'embedded:mnist', 'adm:PATH/TO/CHECKPOINT.pt' or 'ckpt:PATH'")
+        raise ModelSpecError(f"unknown model spec {spec!r}: use 'embedded:mnist', 'adm:PATH/TO/CHECKPOINT.pt', 'ckpt:PATH' or 'diffusers:DIR'")
     kind, _, rest = spec.partition(":")
     if kind == "embedded":
         if rest not in EMBEDDED_MODELS:
@@ -237,4 +280,12 @@ def load_model(spec: str, **overrides) -> DiffusionModel:
         if not isinstance(state_dict, dict):
             raise CheckpointError(f"{path} does not hold a state_dict (got {type(state_dict).__name__})")
         return _build(spec, unet_kwargs, diffusion, state_dict, str(path), {"overrides": overrides})
-    raise ModelSpecError(f"unknown model spec {spec!r}: the kind {kind!r} is not one of 'embedded', 'adm', 'ckpt'")
+    if kind == "diffusers":
+        if not rest:
+            raise ModelSpecError(f"model spec {spec!r} has no path: use 'diffusers:DIR' (a save_pretrained directory)")
+        if overrides:
+            raise ModelSpecError(f"a diffusers: model carries its own config and takes no options, got {sorted(overrides)}")
+        from .diffusers_adapter import load_diffusers
+
+        return load_diffusers(spec, Path(rest).expanduser())
+    raise ModelSpecError(f"unknown model spec {spec!r}: the kind {kind!r} is not one of 'embedded', 'adm', 'ckpt', 'diffusers'")

@@ -23,15 +23,14 @@ reduced precision is a backend choice.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import LayerError, SamplingError
 from ..utils import kernel_hook
+from .adapter import Layer, SkippableUNet
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -178,6 +177,10 @@ class ResBlock(nn.Module):
         """This block's projection of the embedding, shaped to broadcast over NCHW."""
         return self.emb_layers(emb)[..., None, None]
 
+    @property
+    def projection_width(self) -> int:
+        return self.emb_layers[1].out_features
+
     def forward(self, x: torch.Tensor, emb_out: Optional[torch.Tensor], skip: bool = False) -> torch.Tensor:
         """``emb_out`` is ``self.project(emb)``; ``skip=True`` runs only the skip path."""
         x_res = self.x_upd(x)
@@ -310,18 +313,7 @@ class TimestepEmbedSequential(nn.Sequential):
     """A UNet stage: modules run in order; ResBlocks take their embedding projection."""
 
 
-@dataclass(frozen=True)
-class Layer:
-    """One skippable layer of the registry."""
-
-    id: str
-    kind: str  # "res" or "attn"
-    resolution: int  # spatial size (height) of the layer's input
-    channels: int  # output channels
-    macs: int  # MACs per sample saved by skipping it (its cost minus its skip path)
-
-
-class ADMUNet(nn.Module):
+class ADMUNet(SkippableUNet):
     """guided-diffusion's ``UNetModel`` (same arguments, same keys) with layer skipping."""
 
     def __init__(
@@ -413,8 +405,7 @@ class ADMUNet(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), _zero(nn.Conv2d(input_ch, out_channels, 3, padding=1)))
-        self._layers, self._fixed_macs = self._build_registry()
-        self.layer_ids = frozenset(layer.id for layer in self._layers)
+        self._set_registry(*self._build_registry())
 
     # ----------------------------------------------------------------- registry
     def _stages(self):
@@ -450,48 +441,14 @@ class ADMUNet(nn.Module):
         fixed += _conv_macs(self.out[-1], hw[0] * hw[1])
         return tuple(layers), fixed
 
-    @property
-    def layers(self) -> tuple[Layer, ...]:
-        """The skippable layers in execution order."""
-        return self._layers
-
-    def macs(self, keep: Optional[Iterable[str]] = None) -> int:
-        """MACs per sample of the subnetwork running ``keep`` (all layers when None)."""
-        keep = self.check_keep(keep)
-        return self._fixed_macs + sum(layer.macs for layer in self._layers if keep is None or layer.id in keep)
-
-    def check_keep(self, keep: Optional[Iterable[str]]) -> Optional[frozenset[str]]:
-        """Validate a keep set; None means every layer runs."""
-        if keep is None:
-            return None
-        keep = frozenset(keep)
-        unknown = keep - self.layer_ids
-        if unknown:
-            raise LayerError(
-                f"unknown layer id(s) {sorted(unknown)}: valid ids are listed by 'autodiffusion-rt info' "
-                f"(e.g. {sorted(self.layer_ids)[:3]})"
-            )
-        return keep
-
     # ------------------------------------------------------------------ forward
-    def embed(self, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The timestep (plus class) embedding every ResBlock projects."""
-        emb = self.time_embed(timestep_embedding(t, self.model_channels))
-        if self.num_classes is None and y is not None:
-            raise SamplingError("this model is unconditional: it takes no labels y")
-        if self.num_classes is not None:
-            if y is None:
-                raise SamplingError(f"this model is class-conditional ({self.num_classes} classes): pass labels y")
-            emb = emb + self.label_emb(y)
-        return emb
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep embedding (without labels)."""
+        return self.time_embed(timestep_embedding(t, self.model_channels))
 
-    def block_projections(self, emb: torch.Tensor, keep: Optional[frozenset[str]] = None) -> dict[str, torch.Tensor]:
-        """Each running ResBlock's projection of ``emb``, by layer id."""
-        return {
-            m.layer_id: m.project(emb)
-            for m in self.modules()
-            if isinstance(m, ResBlock) and (keep is None or m.layer_id in keep)
-        }
+    def projected_blocks(self, keep: Optional[frozenset[str]] = None) -> list[ResBlock]:
+        """The running ResBlocks (the blocks that read the embedding), in module order."""
+        return [m for m in self.modules() if isinstance(m, ResBlock) and (keep is None or m.layer_id in keep)]
 
     def forward_projected(
         self, x: torch.Tensor, projections: Mapping[str, torch.Tensor], keep: Optional[frozenset[str]] = None
@@ -516,17 +473,3 @@ class ADMUNet(nn.Module):
         for block in self.output_blocks:
             h = run(block, torch.cat([h, hs.pop()], dim=1))
         return self.out(h)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: Optional[torch.Tensor] = None,
-        keep: Optional[Iterable[str]] = None,
-    ) -> torch.Tensor:
-        """Predict from noisy ``x`` at timesteps ``t`` (labels ``y``), running the layers in ``keep``."""
-        keep = self.check_keep(keep)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        emb = self.embed(t, y)
-        return self.forward_projected(x, self.block_projections(emb, keep), keep)

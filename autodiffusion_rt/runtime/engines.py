@@ -244,19 +244,23 @@ class TorchStepEngine(Engine):
         x = torch.from_numpy(feeds[X])
         y = torch.from_numpy(feeds[Y]) if Y in feeds else None
         eps = []
+        kw = {"variance": True} if self.row.learned_variance else {}
         # Same chunking as autodiffusion_rt.sampling.make_eps_fn, so results are bit-identical to sample().
         for s in range(0, batch, self.batch_size):
             xb = x[s : s + self.batch_size]
             t = torch.full((xb.shape[0],), self.timestep, dtype=torch.long)
-            eps.append(self.model.eps(xb, t, None if y is None else y[s : s + self.batch_size], self.keep))
+            eps.append(self.model.eps(xb, t, None if y is None else y[s : s + self.batch_size], self.keep, **kw))
         eps = torch.cat(eps)
+        var_v = None
+        if self.row.learned_variance:
+            eps, var_v = eps[:, : x.shape[1]], eps[:, x.shape[1] :]
         noise = torch.from_numpy(feeds[NOISE]) if NOISE in feeds else None
         prev = torch.from_numpy(feeds[PREV_X0]) if PREV_X0 in feeds else None
         history = [torch.from_numpy(feeds[n]) for n in PREV_EPS if n in feeds]
         if EPS in self.output_names:  # iPNDM: the eps this step used is a later step's history
-            x_prev, x0, eps_used = step_update(self.row, x, eps, prev, noise, prev_eps=history, return_eps=True)
+            x_prev, x0, eps_used = step_update(self.row, x, eps, prev, noise, prev_eps=history, return_eps=True, var_v=var_v)
         else:
-            x_prev, x0 = step_update(self.row, x, eps, prev, noise, prev_eps=history)
+            x_prev, x0 = step_update(self.row, x, eps, prev, noise, prev_eps=history, var_v=var_v)
         result = {X_PREV: _fill(out, X_PREV, x_prev.numpy())}
         if X0 in self.output_names:
             result[X0] = _fill(out, X0, x0.numpy())

@@ -54,7 +54,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..diffusion import NoiseSchedule, SampleNoise, SamplerCoefficients
+from ..diffusion import SampleNoise, SamplerCoefficients
 from ..errors import EngineError, PlanError
 from ..plan import Plan
 from ..sampling import check_finite, check_labels, check_n, initial_state, sample_rows
@@ -147,8 +147,9 @@ def coefficients_for_plan(plan: Plan) -> SamplerCoefficients:
             "the plan's model.config has no 'diffusion' settings (noise_schedule, diffusion_steps): "
             "re-create the plan with Plan.for_model"
         )
-    schedule = NoiseSchedule.named(diffusion["noise_schedule"], int(diffusion.get("diffusion_steps", 1000)))
-    return plan.coefficients(schedule)
+    from ..models.loading import diffusion_schedule
+
+    return plan.coefficients(diffusion_schedule(diffusion))
 
 
 def load_plan_model(plan: Plan, model=None):
