@@ -802,7 +802,7 @@ def options_from_args(args) -> SearchOptions:
         grid_spacing=args.grid_spacing, dp_paths=values["dp_paths"], teacher_cache=args.teacher_cache,
         holdout_samples=values["holdout_samples"], holdout_seed=args.holdout_seed, holdout_topk=values["holdout_topk"],
         sensitivity_points=args.sensitivity_points,
-        device=args.device, executor=args.executor, ray_address=args.ray_address, workers=args.workers,
+        executor=args.executor, ray_address=args.ray_address, workers=args.workers,
     )
 
 
