@@ -315,14 +315,16 @@ def test_interrupted_build_leaves_the_old_dir_usable(built, uncond, tmp_path, mo
         assert torch.equal(rt.sample(3, seed=1), before)
 
 
-def test_fresh_interrupted_build_is_reported_unfinished(uncond, tmp_path, monkeypatch):
+def test_a_failed_fresh_build_leaves_nothing_behind(uncond, tmp_path, monkeypatch):
+    """A first build that fails removes the dir it created (a kill -9 leaves a manifest marked unfinished instead)."""
     def failing(*a, **kw):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(build_mod, "optimize_for_onnxruntime", failing)
     with pytest.raises(RuntimeError):
         build_engines(plan_for(uncond), tmp_path / "e", model=uncond, max_batch=2, progress=False)
-    with pytest.raises(EngineError, match="did not finish"):
+    assert not (tmp_path / "e").exists()
+    with pytest.raises(EngineError, match="does not exist"):
         Runtime.load(tmp_path / "e")
 
 
