@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from autodiffusion_rt.diffusion import NoiseSchedule, compute_coefficients, step_update
 from autodiffusion_rt.plan import Plan
 from autodiffusion_rt.sampling import initial_state, sample
 from conftest import CORE_TINY_CONFIG, core_random_model
@@ -67,7 +68,7 @@ def test_learned_variance_step_matches_guided_diffusion_in_float64(timesteps, cl
         want = ref.p_sample(n - 1 - i, x, out, noise, clip)
         row = coeffs.row(i)
         T = torch.from_numpy
-        got, _ = step_update(row, T(x), T(out[:, :3]), None, T(noise) if row.c_noise != 0 else None, T(out[:, 3:]))
+        got, _ = step_update(row, T(x), T(out[:, :3]), None, T(noise) if row.c_noise != 0 else None, var_v=T(out[:, 3:]))
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-8, atol=1e-10)  # unclipped x0 at t=999 reaches 1e4
     # without learned variance the same rows are fixed-small: the variance output changes the images
     fixed = compute_coefficients("ddpm", schedule, timesteps, clip_denoised=clip)
