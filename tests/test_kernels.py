@@ -174,8 +174,8 @@ def test_interp_fused_step_update_masks_the_tail(ops):
     x_prev = torch.full((2 * block,), 7.0)
     x0 = torch.full((2 * block,), 7.0)
     ops._fused_step_update_kernel[(2,)](
-        x, eps, x, x, x_prev, x0, n, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0,
-        HAS_PREV_X0=False, HAS_NOISE=False, BLOCK=block,
+        x, eps, x, x, x_prev, x0, n, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0, 0.0,
+        HAS_PREV_X0=False, HAS_NOISE=False, CLIP_X0=False, BLOCK=block,
     )
     assert torch.equal(x0[:n], 2.0 * x + 3.0 * eps) and torch.equal(x_prev[:n], 4.0 * x + 5.0 * eps)
     assert bool((x0[n:] == 7.0).all()) and bool((x_prev[n:] == 7.0).all())
