@@ -42,13 +42,7 @@ def random_model(seed=0, **overrides):
     return core_random_model(cfg, diffusion, seed=seed, scale=0.05)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine is shared with long jobs: one thread avoids oversubscription (5x faster exports).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ DIFFUSION = dict(noise_schedule="linear", diffusion_steps=1000, learn_sigma=Fals
 TIMESTEPS = [400, 300, 220, 150, 80]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
