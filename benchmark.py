@@ -238,15 +238,9 @@ def run(plan_path=None, *, engines=None, int8_engines=None, model=None, plan=Non
 
 def plot_report(report: dict, path) -> None:
     """A PNG: end-to-end latency per method and batch, log scale (needs matplotlib: pip install autodiffusion-rt[plot])."""
-    try:
-        import matplotlib
+    from autodiffusion_rt.utils import import_pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        from autodiffusion_rt.errors import BackendUnavailableError
-
-        raise BackendUnavailableError("--plot needs matplotlib: pip install matplotlib") from None
+    plt = import_pyplot()
     rows = report["end_to_end"]
     batches = sorted({r["batch"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))

@@ -204,3 +204,17 @@ def os_error_line(e: OSError) -> str:
     """The CLIs' last resort for an OS error no command turned into its own message."""
     where = f" {e.filename}" if e.filename else ""
     return f"cannot access{where}: {e.strerror or e}; check the path (and free space / permissions) and run again"
+
+
+def import_pyplot(flag: str = "--plot"):
+    """matplotlib.pyplot on the Agg backend, or a clear error naming ``flag`` and the ``plot`` extra."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from .errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"{flag} needs matplotlib: pip install 'autodiffusion-rt[plot]'") from None
+    return plt

@@ -318,14 +318,9 @@ def format_report(report: dict) -> str:
 
 def plot(report: dict, path) -> Path:
     """Latency percentiles and throughput against concurrency, one PNG (matplotlib, the ``plot`` extra)."""
-    try:
-        import matplotlib
+    from ..utils import atomic_write, import_pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise LoadTestError("--plot needs matplotlib: pip install 'autodiffusion-rt[plot]'") from None
-    from ..utils import atomic_write
+    plt = import_pyplot()
 
     rows = report["closed_loop"]
     cs = [r["concurrency"] for r in rows]
