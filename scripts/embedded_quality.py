@@ -13,6 +13,13 @@ Labels cycle 0-9. For each check it reports, on fresh samples of ``--seed``:
 
 Checks: ``ddim50``, ``ddim10`` (FID <= 6 target), ``ddpm1000`` (accuracy target;
 ``--ddpm-n`` samples, 1,000 by default, since it costs 1,000 model calls).
+
+DDPM-1000 on 1,000 samples is about an hour of CPU, so ``--cache-dir DIR`` keeps
+every chunk of ``--chunk`` samples there (written to a temporary file and
+renamed): a run that is stopped resumes at the chunk it was on. Chunks are the
+same images one call would give (per-sample noise), so the result does not
+depend on where it stopped. ``--compile`` runs the UNet through torch.compile
+(the same function up to float rounding; ~20% faster here).
 """
 
 from __future__ import annotations
@@ -20,15 +27,41 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
 import autodiffusion_rt as ad
 from autodiffusion_rt.diffusion import uniform_timesteps
+from autodiffusion_rt.utils import atomic_write
 from autodiffusion_rt.metrics import compute_stats, frechet_distance, get_extractor, reference_stats
 from autodiffusion_rt.metrics.mnist_classifier import accuracy, gray_border_fraction, load_classifier
 
 CHECKS = {"ddim50": ("ddim", 50), "ddim10": ("ddim", 10), "ddpm1000": ("ddpm", 1000)}
+
+
+def sample_in_chunks(model, sampler: str, steps: int, n: int, seed: int, labels: torch.Tensor,
+                     cache_dir: Path | None, chunk: int) -> torch.Tensor:
+    """``ad.sample`` of ``n`` images, ``chunk`` at a time, each chunk kept in ``cache_dir`` when given."""
+    ts = uniform_timesteps(model.num_timesteps, steps)
+    parts = []
+    for first in range(0, n, chunk):
+        k = min(chunk, n - first)
+        path = None if cache_dir is None else cache_dir / f"{model.fingerprint[:16]}-{sampler}{steps}-seed{seed}-{first}+{k}.pt"
+        if path is not None and path.exists():
+            saved = torch.load(path, weights_only=True)
+            if torch.equal(saved["labels"], labels[first:first + k]):
+                parts.append(saved["images"])
+                continue
+        images = ad.sample(model, ts, sampler, n=k, seed=seed, labels=labels[first:first + k], first=first, batch_size=chunk)
+        if path is not None:
+            with atomic_write(path, "wb") as f:
+                torch.save({"images": images, "labels": labels[first:first + k]}, f)
+        print(f"  {sampler}-{steps}: samples {first}..{first + k - 1} done", flush=True)
+        parts.append(images)
+    return torch.cat(parts)
+
+
 def quality(images: torch.Tensor, labels: torch.Tensor, classifier, extractor, ref) -> dict:
     return {
         "accuracy": round(accuracy(classifier, images, labels), 4),
@@ -45,9 +78,18 @@ def main() -> None:
     p.add_argument("--ddpm-n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--cache-dir", type=Path, default=None, help="keep finished chunks here; a rerun resumes from them")
+    p.add_argument("--chunk", type=int, default=100, help="samples per chunk (default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="run the UNet through torch.compile")
     args = p.parse_args()
+    if args.chunk < 1:
+        p.error(f"--chunk must be >= 1, got {args.chunk}")
+    if args.cache_dir is not None:
+        args.cache_dir.mkdir(parents=True, exist_ok=True)
 
     model = ad.load_model(args.model)
+    if args.compile:
+        model.unet.forward = torch.compile(model.unet.forward)
     classifier, _ = load_classifier()
     extractor = get_extractor("mnist")
     ref = reference_stats("mnist", extractor)
@@ -57,7 +99,7 @@ def main() -> None:
         n = args.ddpm_n if sampler == "ddpm" else args.n
         labels = torch.arange(n) % 10
         t0 = time.time()
-        images = ad.sample(model, uniform_timesteps(model.num_timesteps, steps), sampler, n=n, seed=args.seed, labels=labels)
+        images = sample_in_chunks(model, sampler, steps, n, args.seed, labels, args.cache_dir, args.chunk)
         results[name] = {"n": n, **quality(images, labels, classifier, extractor, ref), "seconds": round(time.time() - t0, 1)}
         print(json.dumps({name: results[name]}), flush=True)
     if args.json:
