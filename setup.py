@@ -19,7 +19,6 @@ setup(
     package_data={
         "autodiffusion_rt.models": ["assets/*.pt"],
         "autodiffusion_rt.metrics": ["assets/*.pt"],
-        "kernels": ["csrc/*"],
     },
     py_modules=["benchmark"],
     install_requires=[

@@ -1,11 +1,9 @@
-"""Fused kernels for the sampler hot path: Triton, their torch references, and csrc/.
+"""Fused kernels for the sampler hot path: Triton and their torch references.
 
 * :func:`fused_step_update` -- the whole sampler step (see
   ``autodiffusion_rt.diffusion.samplers``) in one pass over memory.
 * :func:`timestep_embedding` -- ADM's sinusoidal timestep embedding.
 * :mod:`kernels.reference` -- the plain-torch computations they must match.
-* :mod:`kernels.native` -- ctypes access to the CMake-built C ABI library
-  (``csrc/``; CUDA when nvcc is found, always a CPU twin).
 
 The core reaches this package only through :func:`fast_step_update` and
 :func:`fast_timestep_embedding`, which return the Triton implementation when it

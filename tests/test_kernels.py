@@ -1,4 +1,4 @@
-"""kernels/: Triton kernels (under the interpreter), the core's dispatch hooks, and csrc/ via CMake.
+"""kernels/: Triton kernels (under the interpreter) and the core's dispatch hooks.
 
 No GPU runs anywhere in this file. The Triton tests (``test_interp_*``) need
 ``TRITON_INTERPRET=1`` before ``kernels.triton_kernels`` is imported, so
@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -410,105 +409,3 @@ def test_real_hooks_decline_plain_cpu_tensors():
     assert dispatch.fast_timestep_embedding(torch.tensor([1.0]), 8) is None
     # Tensor subclasses (fakes, tracers) are never handed to a kernel either.
     assert dispatch.fast_step_update(row, x.as_subclass(_FakeCudaTensor), eps, prev, noise) is None
-
-
-# --- csrc/: CMake build, CPU library through ctypes, CUDA library compiled only -----
-
-
-def _cxx_compiler():
-    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-
-
-@pytest.fixture(scope="module")
-def native_build(tmp_path_factory):
-    cmake = shutil.which("cmake")
-    if cmake is None or _cxx_compiler() is None:
-        pytest.skip("cmake or a C++ compiler is missing")
-    nvcc = shutil.which("nvcc")
-    build = tmp_path_factory.mktemp("cmake-build")
-    configure = [cmake, "-S", str(REPO), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"]
-    # One architecture keeps the CUDA compile to seconds; the default list is for real builds.
-    configure += [f"-DCMAKE_CUDA_COMPILER={nvcc}", "-DCMAKE_CUDA_ARCHITECTURES=80"] if nvcc else ["-DADRT_WITH_CUDA=OFF"]
-    for cmd in (configure, [cmake, "--build", str(build), "--parallel", "2"]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"dir": build, "nvcc": nvcc}
-
-
-def _library(build, name):
-    found = sorted(build["dir"].glob(f"*{name}.*"))
-    found = [p for p in found if p.suffix in (".so", ".dylib", ".dll")]
-    assert found, f"{name} was not built in {build['dir']}"
-    return found[0]
-
-
-@pytest.fixture(scope="module")
-def cpu_lib(native_build):
-    from kernels.native import DEVICE_CPU, NativeLibrary
-
-    lib = NativeLibrary(_library(native_build, "adrt_kernels_cpu"))
-    assert lib.device_kind == DEVICE_CPU
-    return lib
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("shape", [(7,), (5, 3, 28, 28)], ids=["7", "5x3x28x28"])
-@pytest.mark.parametrize("name", list(ROWS))
-def test_native_cpu_library_matches_step_update(cpu_lib, name, shape, dtype):
-    row = ROWS[name]
-    x, eps, prev, noise = _operands(row, shape, dtype, seed=1)
-    got = cpu_lib.fused_step_update(row, x, eps, prev, noise)
-    assert all(t.dtype == dtype for t in got)
-    errs = _check_update(got, row, x, eps, prev, noise)
-    if dtype == torch.float32:  # same operation order as torch: agrees with step_update to rounding
-        mag = step_update_magnitude(row, x, eps, prev, noise)
-        for out, want, s in zip(got, step_update(row, x, eps, prev, noise), mag):
-            assert bool(((out.double() - want.double()).abs() <= 2 * F32_REL * s).all())
-    print(f"native cpu {dtype} {name} {shape}: max abs err {errs}")
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_native_cpu_library_rounds_like_torch_on_every_16bit_pattern(cpu_lib, dtype):
-    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
-    neg_zero = torch.full_like(x, -0.0)  # b * eps = -0.0 leaves a * x unchanged, signed zeros too
-    for a in (1.0, 0.1, 3.0, 1e-3, 0.5):
-        x_prev, x0 = cpu_lib.fused_step_update(StepCoefficients(a, 0.0, a, 0.0, 0.0, 0.0), x, neg_zero)
-        want = (x.float() * torch.tensor(a, dtype=torch.float32)).to(dtype)
-        ok = ~want.isnan()
-        for got in (x_prev, x0):
-            assert torch.equal(got.view(torch.int16)[ok], want.view(torch.int16)[ok]), f"a={a}"
-            assert torch.equal(got.isnan(), want.isnan())
-
-
-def test_native_cpu_library_status_codes(cpu_lib):
-    x, out = torch.ones(4), torch.empty(4)
-    p = x.data_ptr()
-    coeffs = (1.0, 0.0, 1.0, 0.0, 0.0, 0.0)
-    call = lambda dtype=0, n=4, x=p, prev=None, noise=None, c=coeffs: cpu_lib.raw_update(  # noqa: E731
-        dtype, n, x, p, prev, noise, out.data_ptr(), out.data_ptr(), c)
-    assert call() == 0 and call(n=0, x=None) == 0
-    assert call(dtype=7) == -1
-    assert call(n=-1) == -2
-    assert call(x=None) == -3
-    assert call(c=(1.0, 0.0, 1.0, 0.0, 0.5, 0.0)) == -4
-    assert call(c=(1.0, 0.0, 1.0, 0.0, 0.0, 0.5)) == -5
-    row = ROWS["dpmpp_2m"]
-    with pytest.raises(SamplingError, match="prev_x0"):
-        cpu_lib.fused_step_update(row, x, x)
-
-
-def test_native_cuda_library_compiles_and_exports_the_abi(native_build):
-    if native_build["nvcc"] is None:
-        pytest.skip("nvcc is not installed: the CUDA library is not built")
-    from kernels.native import DEVICE_CUDA, NativeLibrary
-
-    lib = NativeLibrary(_library(native_build, "adrt_kernels_cuda"))  # loads without a GPU (static cudart)
-    assert lib.device_kind == DEVICE_CUDA
-    assert lib.raw_update(0, 0, None, None, None, None, None, None, (1.0,) * 6) == 0  # n = 0: no launch
-    assert lib.raw_update(0, -1, None, None, None, None, None, None, (1.0,) * 6) == -2
-    if not torch.cuda.is_available():
-        # No device: the launch must fail with a CUDA error code, not crash.
-        x = torch.ones(4)
-        status = lib.raw_update(0, 4, x.data_ptr(), x.data_ptr(), None, None, x.data_ptr(), x.data_ptr(),
-                                (1.0, 0.0, 1.0, 0.0, 0.0, 0.0))
-        assert status > 0
