@@ -78,7 +78,7 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / (ms / 1e3) / 1e9
 
 
-def resident_mb(engines, threads: Optional[int], batch: int) -> float:
+def resident_mb(engines, threads: Optional[int], batch: int, share_weights: bool = True) -> float:
     """Resident memory (MB) a loaded onnxruntime runtime adds, after sampling ``batch`` images: in a fresh process."""
     import subprocess
 
@@ -86,7 +86,7 @@ def resident_mb(engines, threads: Optional[int], batch: int) -> float:
             "rss = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) / 1024\n"
             "from autodiffusion_rt.runtime import Runtime\n"
             "r0 = rss()\n"
-            f"rt = Runtime.load({str(engines)!r}, threads={threads!r})\n"
+            f"rt = Runtime.load({str(engines)!r}, threads={threads!r}, share_weights={bool(share_weights)!r})\n"
             f"rt.sample(1, seed=0); rt.sample({int(batch)}, seed=0)\n"
             "print(rss() - r0)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
