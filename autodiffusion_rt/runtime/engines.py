@@ -390,6 +390,26 @@ def use_shared_cpu_arena(so) -> None:
     so.add_session_config_entry("session.use_env_allocators", "1")
 
 
+def release_freed_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc's ``malloc_trim``; nothing elsewhere).
+
+    onnxruntime parses every weight of an engine file into the heap before the
+    shared OrtValues replace them; glibc keeps the freed pages resident, so
+    without this each step session still cost about one copy of the weights in
+    resident memory (a 40 M-parameter ADM: +29 MB per step, +6 MB with it).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): no such call
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
 def cpu_isa() -> str:
     """The CPU's architecture and the vector extensions onnxruntime's kernels and layouts depend on.
 
@@ -489,6 +509,8 @@ class OnnxRuntimeEngine(Engine):
             )
         self.providers = self.session.get_providers()
         self._ort = ort
+        if self._initializers:
+            release_freed_heap()  # the file's own copies of the shared weights were parsed, then dropped
 
     def bind(self, feeds, out):
         """An IO binding of host arrays by address: each call is ``run_with_iobinding`` and nothing else."""
