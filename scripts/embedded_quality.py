@@ -40,23 +40,30 @@ from autodiffusion_rt.metrics.mnist_classifier import accuracy, gray_border_frac
 CHECKS = {"ddim50": ("ddim", 50), "ddim10": ("ddim", 10), "ddpm1000": ("ddpm", 1000)}
 
 
-def sample_in_chunks(model, sampler: str, steps: int, n: int, seed: int, labels: torch.Tensor,
+def sample_in_chunks(model, sampler: str, steps: int, n: int, seed: int, labels: torch.Tensor | None,
                      cache_dir: Path | None, chunk: int) -> torch.Tensor:
-    """``ad.sample`` of ``n`` images, ``chunk`` at a time, each chunk kept in ``cache_dir`` when given."""
-    ts = uniform_timesteps(model.num_timesteps, steps)
+    """``ad.sample`` of ``n`` images (uniform linear timesteps), ``chunk`` at a time, each chunk kept in ``cache_dir``.
+
+    ``labels`` None: drawn from ``seed`` per sample, as ``ad.sample`` draws them.
+    A cached chunk is used only when it was made by the same model, sampler,
+    seed, sample range and labels.
+    """
+    ts = uniform_timesteps(model.num_timesteps, steps, "linear")
     parts = []
     for first in range(0, n, chunk):
         k = min(chunk, n - first)
-        path = None if cache_dir is None else cache_dir / f"{model.fingerprint[:16]}-{sampler}{steps}-seed{seed}-{first}+{k}.pt"
+        want = None if labels is None else labels[first:first + k]
+        drawn = "-drawn" if want is None else ""
+        path = None if cache_dir is None else cache_dir / f"{model.fingerprint[:16]}-{sampler}{steps}-seed{seed}-{first}+{k}{drawn}.pt"
         if path is not None and path.exists():
             saved = torch.load(path, weights_only=True)
-            if torch.equal(saved["labels"], labels[first:first + k]):
+            if want is None or torch.equal(saved["labels"], want):
                 parts.append(saved["images"])
                 continue
-        images = ad.sample(model, ts, sampler, n=k, seed=seed, labels=labels[first:first + k], first=first, batch_size=chunk)
+        images, got = ad.sample(model, ts, sampler, n=k, seed=seed, labels=want, first=first, batch_size=chunk, return_labels=True)
         if path is not None:
             with atomic_write(path, "wb") as f:
-                torch.save({"images": images, "labels": labels[first:first + k]}, f)
+                torch.save({"images": images, "labels": got}, f)
         print(f"  {sampler}-{steps}: samples {first}..{first + k - 1} done", flush=True)
         parts.append(images)
     return torch.cat(parts)

@@ -7,7 +7,12 @@ Each row samples ``--n`` images once (seed ``--seed``, uniform linear timesteps)
 and scores them with every extractor against the statistics of all 5,000
 embedded MNIST digits (the Inception extractor only on ``--inception-rows``: it
 runs at a few images per second on a CPU). DDPM rows use ``--ddpm-n`` samples. The real-vs-real row is two disjoint halves of the
-digits (2,500 each), one scored against the other's statistics.
+digits (2,500 each), one scored against the other's statistics (with Inception
+only when ``real`` is among ``--inception-rows``: 5,000 more Inception passes).
+
+``--cache-dir DIR`` keeps every chunk of samples (see ``embedded_quality.py``) and
+``--json`` is rewritten after each row; a rerun with the same ``--json`` keeps the
+rows it already holds, so a long table survives being stopped.
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
 import autodiffusion_rt as ad
 from autodiffusion_rt.data import load_mnist
-from autodiffusion_rt.diffusion import uniform_timesteps
 from autodiffusion_rt.metrics import compute_stats, frechet_distance, get_extractor, reference_stats
+from autodiffusion_rt.utils import atomic_write
+from embedded_quality import sample_in_chunks  # scripts/: the one chunked, cached sampler
 
 DEFAULT_ROWS = "ddim:4,ddim:6,ddim:10,ddim:20,ddim:50,dpmpp_2m:4,dpmpp_2m:6,dpmpp_2m:10,ddpm:1000"
 
@@ -36,53 +43,71 @@ def main() -> None:
     p.add_argument("--inception-rows", default="ddim:4,ddim:50", help="rows scored with inception when it is an extractor")
     p.add_argument("--ddpm-n", type=int, default=1000, help="samples for ddpm rows (default: %(default)s)")
     p.add_argument("--no-real", action="store_true", help="skip the real-vs-real row")
-    p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--json", default=None, help="also write the rows here (rows already there are kept, not redone)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="keep sample chunks here; a rerun resumes from them")
+    p.add_argument("--chunk", type=int, default=250, help="samples per chunk (default: %(default)s)")
     args = p.parse_args()
+    if args.cache_dir is not None:
+        args.cache_dir.mkdir(parents=True, exist_ok=True)
+    inception_rows = args.inception_rows.split(",")
 
     model = ad.load_model(args.model)
     extractors = [get_extractor(name) for name in args.extractors.split(",")]
-    refs = {e.name: reference_stats("mnist", e) for e in extractors}
+    refs = {e.name: reference_stats("mnist", e) for e in extractors}  # cached on disk after the first run
+    done = {}
+    if args.json and Path(args.json).exists():
+        done = {r["row"]: r for r in json.loads(Path(args.json).read_text())
+                if r.get("seed", args.seed) == args.seed and r.get("model") == model.fingerprint}
     rows = []
 
-    def score(label: str, images: torch.Tensor, seconds: float, spec: str) -> None:
-        row = {"row": label, "n": len(images), "sample_s": round(seconds, 1)}
-        for e in extractors:
-            if e.name == "inception" and spec not in args.inception_rows.split(","):
-                continue
-            t0 = time.time()
-            row[f"fid_{e.name}"] = round(float(frechet_distance(compute_stats(images, e), refs[e.name])), 3)
-            row[f"fid_{e.name}_s"] = round(time.time() - t0, 1)
+    def add(row: dict) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.json:
+            with atomic_write(args.json) as f:
+                json.dump(rows, f, indent=1)
 
-    if not args.no_real:
+    def score(label: str, spec: str, images, reference) -> dict:
+        """FID columns of ``images`` against ``reference(extractor)``, the inception one only for ``inception_rows``."""
+        row = {"row": label, "model": model.fingerprint, "seed": args.seed}
+        for e in extractors:
+            if e.name == "inception" and spec not in inception_rows:
+                continue
+            t0 = time.time()
+            row[f"fid_{e.name}"] = round(float(frechet_distance(compute_stats(images, e), reference(e))), 3)
+            row[f"fid_{e.name}_s"] = round(time.time() - t0, 1)
+        return row
+
+    def wanted(label: str, spec: str) -> bool:
+        """True unless ``--json`` already holds this row with every column asked for."""
+        old = done.get(label)
+        need = [e.name for e in extractors if e.name != "inception" or spec in inception_rows]
+        if old is not None and all(f"fid_{name}" in old for name in need):
+            add(old)
+            return False
+        return True
+
+    if not args.no_real and wanted("real vs real (disjoint halves)", "real"):
         x, _ = load_mnist("all")
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))
         a, b = x[perm[: len(x) // 2]], x[perm[len(x) // 2 :]]
-        row = {"row": "real vs real (disjoint halves)", "n": len(a), "sample_s": 0.0}
-        for e in extractors:
-            t0 = time.time()
-            row[f"fid_{e.name}"] = round(float(frechet_distance(compute_stats(a, e), compute_stats(b, e))), 3)
-            row[f"fid_{e.name}_s"] = round(time.time() - t0, 1)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        add({**score("real vs real (disjoint halves)", "real", a, lambda e: compute_stats(b, e)), "n": len(a), "sample_s": 0.0})
 
     for spec in args.rows.split(","):
         sampler, steps = spec.split(":")
-        ts = uniform_timesteps(model.num_timesteps, int(steps), "linear")
+        if not wanted(f"{sampler}-{steps}", spec):
+            continue
         t0 = time.time()
         n = args.ddpm_n if sampler == "ddpm" else args.n
-        images = ad.sample(model, ts, sampler=sampler, n=n, seed=args.seed)
-        score(f"{sampler}-{steps}", images, time.time() - t0, spec)
+        images = sample_in_chunks(model, sampler, int(steps), n, args.seed, None, args.cache_dir, args.chunk)
+        seconds = time.time() - t0
+        add({**score(f"{sampler}-{steps}", spec, images, lambda e: refs[e.name]), "n": n, "sample_s": round(seconds, 1)})
 
     names = [e.name for e in extractors]
     print("\n| row | n | " + " | ".join(f"FID ({n})" for n in names) + " | sampling s |")
     print("|---|---|" + "---|" * len(names) + "---|")
     for r in rows:
         print(f"| {r['row']} | {r['n']} | " + " | ".join(f"{r['fid_' + n]:.2f}" if "fid_" + n in r else "" for n in names) + f" | {r['sample_s']} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
