@@ -541,3 +541,54 @@ def test_tensorrt_too_old_or_without_gpu_against_stand_in_module_not_a_real_run(
     with pytest.raises(EngineError, match="cudaGetDeviceCount failed"):
         build_engines(plan, tmp_path / "e", backend="tensorrt", model=model, progress=False)
     assert not (tmp_path / "e").exists()
+
+
+def _record_cuda_calls(device: FakeDevice, names=("cudaMalloc", "cudaFree", "cudaMemcpyAsync", "cudaStreamSynchronize", "cudaGraphLaunch")):
+    """Log every call of ``names`` on the fake cuda-python module, in order: [(name, args)]."""
+    calls = []
+    for name in names:
+        def logged(*args, _f=getattr(device.module, name), _name=name):
+            calls.append((_name, args))
+            return _f(*args)
+
+        setattr(device.module, name, logged)
+    return calls
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "ddpm"])
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_mock_gpu_one_synchronize_per_request_against_stand_in_module_not_a_real_run(fake_trt, model, engine_dir, sampler, cuda_graph):
+    """The device-resident walk on the fake cuda-python: call order only, and images equal to the per-step path's."""
+    device, _ = fake_trt("10.8.0")
+    plan = make_plan(model, sampler)
+    build_engines(plan, engine_dir, backend="tensorrt", model=model, max_batch=4, progress=False)
+    stochastic = sum(any(d["name"] == "noise" for d in s["inputs"]) for s in read_manifest(engine_dir)["steps"])
+    assert (stochastic > 0) == (sampler == "ddpm")
+    with Runtime.load(engine_dir, cuda_graph=cuda_graph, device_resident=False) as per_step:
+        assert per_step._device_walk is None
+        want = [per_step.sample(3, seed=5, clip=False, return_labels=True) for _ in range(2)]
+    calls = _record_cuda_calls(device)
+    with Runtime.load(engine_dir, cuda_graph=cuda_graph) as rt:
+        walk = rt._device_walk
+        destinations = []
+        for k in range(2):
+            del calls[:]
+            images, labels = rt.sample(3, seed=5, clip=False, return_labels=True)
+            names = [name for name, _ in calls]
+            # one wait per request, at its very end, after the one copy out
+            assert names.count("cudaStreamSynchronize") == 1 and names[-1] == "cudaStreamSynchronize"
+            copies = [args for name, args in calls if name == "cudaMemcpyAsync"]
+            kinds = [args[3].name for args in copies]
+            # x_T and the labels in, each stochastic step's noise in, the result out: nothing else crosses
+            assert kinds == ["cudaMemcpyHostToDevice"] * (2 + stochastic) + ["cudaMemcpyDeviceToHost"]
+            assert names[-2] == "cudaMemcpyAsync" and kinds[-1] == "cudaMemcpyDeviceToHost"
+            destinations.append([args[0] for args in copies[:-1]])
+            mallocs = names.count("cudaMalloc")
+            # buffers: one per slot of the schedule (shared by every step), made by the first request only
+            assert mallocs == (len(walk.slots) if k == 0 else 0) and "cudaFree" not in names
+            assert len(walk.slots) < sum(len(e.input_names) + len(e.output_names) for e in rt.engines)
+            if cuda_graph:
+                assert names.count("cudaGraphLaunch") == (0 if k == 0 else plan.nfe)  # captured, then replayed
+            assert torch.equal(images, want[k][0]) and torch.equal(labels, want[k][1])
+        assert destinations[0] == destinations[1]
+    assert not device.allocs  # closing the runtime frees the walk's buffers too
