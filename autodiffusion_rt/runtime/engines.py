@@ -678,13 +678,15 @@ class TensorRTEngine(Engine):
 
     def __init__(self, engine_bytes: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
                  max_batch: Optional[int], *, runtime, scratch: SharedDeviceMemory, stream, cudart, trt,
-                 name: str = "tensorrt step", cuda_graph: bool = False):
+                 name: str = "tensorrt step", cuda_graph: bool = False, refit_onnx: Optional[Path] = None, logger=None):
         super().__init__(name, inputs, outputs, max_batch)
         self.trt, self.cudart, self.stream, self.scratch = trt, cudart, stream, scratch
         self.stream_handle = int(stream)  # TensorRT takes the cudaStream_t as an integer handle
         self.engine = runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
             raise EngineError(f"{name}: TensorRT could not deserialize the engine (built by another TensorRT version or GPU?); rebuild it")
+        if refit_onnx is not None:  # a weight-stripped engine: its weights come from the step's ONNX file
+            self._refit(refit_onnx, logger if logger is not None else trt.Logger(trt.Logger.WARNING))
         names = [self.engine.get_tensor_name(k) for k in range(self.engine.num_io_tensors)]
         want = set(self.input_names) | set(self.output_names)
         if set(names) != want:
@@ -707,6 +709,22 @@ class TensorRTEngine(Engine):
         self._graphs: "OrderedDict[tuple, Any]" = OrderedDict()  # (shapes, addresses, scratch) -> graph exec
 
     MAX_CACHED_BATCHES = 4
+
+    def _refit(self, onnx_path: Path, logger) -> None:
+        """Fill a weight-stripped engine from ``onnx_path`` (before any context exists)."""
+        trt = self.trt
+        rebuild = "rebuild the engine dir with 'autodiffusion-rt build PLAN --backend tensorrt --out DIR'"
+        refitter = trt.Refitter(self.engine, logger)
+        parser = trt.OnnxParserRefitter(refitter, logger)
+        if not parser.refit_from_file(str(onnx_path)):
+            errors = [str(parser.get_error(k)) for k in range(parser.num_errors)]
+            raise EngineError(f"{self.name}: TensorRT cannot refit the weight-stripped engine from {onnx_path} "
+                              f"({'; '.join(errors) or 'no details'}); {rebuild}")
+        missing = list(refitter.get_missing_weights())
+        if missing:
+            raise EngineError(f"{self.name}: {onnx_path} lacks {len(missing)} of the engine's weights (first: {missing[0]!r}); {rebuild}")
+        if not refitter.refit_cuda_engine():
+            raise EngineError(f"{self.name}: TensorRT's refit_cuda_engine failed for {onnx_path}; {rebuild}")
 
     def _device_buffers(self, batch: int) -> dict[str, int]:
         bufs = self._buffers.get(batch)

@@ -25,6 +25,7 @@ The engine dir (``manifest.json``, format ``autodiffusion-rt-engines`` v1)::
       "model": {"spec", "name", "fingerprint", "image_shape", "num_classes", "learn_sigma"},
       "versions": {"autodiffusion_rt", "torch", "onnx", "onnxruntime", "tensorrt", "compute_capability"},
       "int8": {"fid_fp32", "limit", "steps": [{"int8", "fid"}], "samples", ...},   # int8 builds only
+      "weights": "embedded" | "stripped",       # tensorrt builds: stripped engines are refitted from onnx/ at load
       "steps": [{
         "index", "timestep", "skip": [layer ids], "coefficients": {six floats},
         "precision",                           # int8 builds: "int8" for the steps that passed the FID check
@@ -454,6 +455,9 @@ class Runtime:
             _check_version(m, "tensorrt", trt.__version__, engine_dir)
             _check_version(m, "compute_capability", cc, engine_dir, what="GPU compute capability")
         files = [_verified_file(engine_dir, s["engine"], f"step {i} engine") for i, s in enumerate(m["steps"])]
+        # Weight-stripped engines are refitted from their step's ONNX file, checked like every file.
+        refits = [_verified_file(engine_dir, s["onnx"], f"step {i} ONNX (the weights of its stripped engine)")
+                  if (s["engine"].get("record") or {}).get("weights") == "stripped" else None for i, s in enumerate(m["steps"])]
         logger = trt.Logger(trt.Logger.WARNING)
         trt_runtime = trt.Runtime(logger)
         stream = cuda_check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
@@ -465,7 +469,7 @@ class Runtime:
                 outs = [TensorSpec.from_dict(d) for d in step["outputs"]]
                 engines.append(TensorRTEngine(f.read_bytes(), ins, outs, max_batch, runtime=trt_runtime, scratch=scratch,
                                               stream=stream, cudart=cudart, trt=trt, cuda_graph=cuda_graph,
-                                              name=f"step {i} (t={step['timestep']}, tensorrt)"))
+                                              name=f"step {i} (t={step['timestep']}, tensorrt)", refit_onnx=refits[i], logger=logger))
         except BaseException:
             for e in engines:
                 e.close()
