@@ -63,9 +63,6 @@ from ..utils import sha256_file
 from .device import DeviceResidentWalk, CudaRuntimeMemory, OrtValueMemory, plan_step_buffers, slot_spec
 from .engines import (
     NOISE,
-    PREV_X0,
-    PREV_EPS,
-    EPS,
     X,
     X0,
     X_PREV,
