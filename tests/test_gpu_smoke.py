@@ -76,6 +76,7 @@ def test_tensorrt_engines_with_and_without_cuda_graphs(model_and_plan, tmp_path,
     with Runtime.load(d, cuda_graph=False) as plain, Runtime.load(d, cuda_graph=True) as graphs, \
             Runtime.load(d, cuda_graph=False, device_resident=False) as per_step, \
             Runtime.load(d, cuda_graph=True, device_resident=False) as per_step_graphs, \
+            Runtime.load(d, cuda_graph="schedule") as schedule_graphs, \
             Runtime.from_plan(plan, model=model) as ref:
         assert plain._device_walk is not None and per_step._device_walk is None  # device-resident is the default
         for n in (8, 2, 8, 2, 10):  # graphs per batch, replayed after other batch sizes
@@ -84,6 +85,8 @@ def test_tensorrt_engines_with_and_without_cuda_graphs(model_and_plan, tmp_path,
             # the device-resident walk (one synchronize per request) == a host round trip per step, same engines
             assert torch.equal(a, per_step.sample(n, seed=n, clip=False))
             assert torch.equal(a, per_step_graphs.sample(n, seed=n, clip=False))
+            # one graph for the whole schedule per batch size, replayed after other batch sizes' graphs
+            assert torch.equal(a, schedule_graphs.sample(n, seed=n, clip=False))
             want = ref.sample(n, seed=n, clip=False)
             tol = 1e-3 if precision == "fp32" else 5e-2
             assert (a - want).abs().max() <= tol * max(1.0, want.abs().max().item())

@@ -25,6 +25,7 @@ memory plug into it:
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -59,12 +60,16 @@ class StepBuffers:
         return NOISE in self.inputs
 
 
-def plan_step_buffers(steps_io: Sequence[tuple[Sequence[str], Sequence[str]]]) -> tuple[list[StepBuffers], Slot, list[Slot]]:
+def plan_step_buffers(steps_io: Sequence[tuple[Sequence[str], Sequence[str]]],
+                      noise_per_step: bool = False) -> tuple[list[StepBuffers], Slot, list[Slot]]:
     """``[(input names, output names)]`` per step -> (per-step slot maps, the result slot, every slot used).
 
     A step writes x_prev into the x slot it does not read, x0 into the x0
     slot the next reader does not hold, and eps into a ring slot no pending
     history entry uses: no step ever reads and writes one slot.
+    ``noise_per_step``: each stochastic step reads its own noise slot (all of
+    a request's noise is on the device before a whole-schedule CUDA graph
+    starts); otherwise one noise slot, refilled before each stochastic step.
     """
     cur, x0_cur = 0, 0  # which slot holds x, and the last x0
     history: list[Slot] = []  # eps slots of the previous steps, most recent first
@@ -76,7 +81,7 @@ def plan_step_buffers(steps_io: Sequence[tuple[Sequence[str], Sequence[str]]]) -
         if Y in ins:
             feeds[Y] = (Y, 0)
         if NOISE in ins:
-            feeds[NOISE] = (NOISE, 0)
+            feeds[NOISE] = (NOISE, len(out) if noise_per_step else 0)
         if PREV_X0 in ins:
             feeds[PREV_X0] = (X0, x0_cur)
         for name, slot in zip(PREV_EPS, history):
@@ -135,6 +140,33 @@ class CudaRuntimeMemory:
     def synchronize(self) -> None:
         cuda_check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
 
+    def capture(self, enqueue: Callable[[], object]):
+        """The work ``enqueue()`` puts on the stream, captured (not run) as an executable CUDA graph."""
+        cu = self.cudart
+        cuda_check(cu, cu.cudaStreamBeginCapture(self.stream, cu.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal),
+                   "cudaStreamBeginCapture")
+        try:
+            enqueue()
+        except BaseException:
+            # Always end the capture, or the stream stays capturing and every later call on it fails.
+            err, graph = cu.cudaStreamEndCapture(self.stream)
+            if int(err) == 0 and graph is not None:
+                cu.cudaGraphDestroy(graph)
+            raise
+        err, graph = cu.cudaStreamEndCapture(self.stream)
+        if int(err) != 0:
+            cuda_check(cu, (err,), "cudaStreamEndCapture")
+        try:
+            return cuda_check(cu, cu.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        finally:
+            cu.cudaGraphDestroy(graph)
+
+    def launch_graph(self, graph_exec) -> None:
+        cuda_check(self.cudart, self.cudart.cudaGraphLaunch(graph_exec, self.stream), "cudaGraphLaunch")
+
+    def destroy_graph(self, graph_exec) -> None:
+        self.cudart.cudaGraphExecDestroy(graph_exec)
+
 
 class OrtValueMemory:
     """onnxruntime OrtValues on ``device`` ("cuda" for the GPU providers, "cpu" to run the same walk anywhere).
@@ -172,14 +204,25 @@ class DeviceResidentWalk:
     copies, no synchronize). Buffers are per batch size, in an LRU of
     ``max_batches`` entries, shared by every step and every request of that
     batch size.
+
+    ``schedule_graph`` (CUDA memory only): the whole schedule is one CUDA
+    graph per batch size, captured after the first request of that size ran
+    plainly and launched by every later one. Each stochastic step then has its
+    own device noise slot, filled before the launch: a graph cannot capture
+    a copy from pageable host memory.
     """
 
-    def __init__(self, engines: Sequence, image_shape: Sequence[int], memory, max_batches: int = 4):
+    def __init__(self, engines: Sequence, image_shape: Sequence[int], memory, max_batches: int = 4,
+                 schedule_graph: bool = False):
         self.engines = list(engines)
         self.image_shape = tuple(int(s) for s in image_shape)
         self.memory = memory
         self.max_batches = int(max_batches)
-        self.steps, self.result_slot, self.slots = plan_step_buffers([(e.input_names, e.output_names) for e in self.engines])
+        if schedule_graph and not hasattr(memory, "capture"):
+            raise EngineError(f"a whole-schedule CUDA graph needs CUDA device memory, not {type(memory).__name__}")
+        self.schedule_graph = bool(schedule_graph)
+        self.steps, self.result_slot, self.slots = plan_step_buffers([(e.input_names, e.output_names) for e in self.engines],
+                                                                      noise_per_step=self.schedule_graph)
         self._workspaces: "OrderedDict[int, dict]" = OrderedDict()
 
     def _workspace(self, batch: int) -> dict:
@@ -201,13 +244,15 @@ class DeviceResidentWalk:
             raise
         shape = (batch, *self.image_shape)
         noise = np.empty(shape, np.float32)
-        ws = {"handles": handles, "runners": runners, "noise": noise, "noise_t": torch.from_numpy(noise)}
+        ws = {"handles": handles, "runners": runners, "noise": noise, "noise_t": torch.from_numpy(noise), "graph": None}
         self._workspaces[batch] = ws
         while len(self._workspaces) > self.max_batches:
             self._free(self._workspaces.popitem(last=False)[1])
         return ws
 
     def _free(self, ws: dict) -> None:
+        if ws.get("graph") is not None:
+            self.memory.destroy_graph(ws.pop("graph"))
         for h in ws["handles"].values():
             self.memory.free(h)
         ws["handles"], ws["runners"] = {}, []
@@ -223,17 +268,41 @@ class DeviceResidentWalk:
             if y is None:
                 raise EngineError("the engines take class labels but none were given")
             mem.upload(h[(Y, 0)], np.ascontiguousarray(y, np.int64))
-        runners = ws["runners"] if progress is None else progress(ws["runners"])
-        for run, stochastic in runners:
-            if stochastic:
-                # Drawn while the device runs the previous steps; O(chunk) host memory.
-                rows.randn(self.image_shape, out=ws["noise_t"])
-                mem.upload(h[(NOISE, 0)], ws["noise"])
-            run()
+        if self.schedule_graph:
+            self._run_schedule_graph(ws, rows)
+        else:
+            runners = ws["runners"] if progress is None else progress(ws["runners"])
+            for run, stochastic in runners:
+                if stochastic:
+                    # Drawn while the device runs the previous steps; O(chunk) host memory.
+                    rows.randn(self.image_shape, out=ws["noise_t"])
+                    mem.upload(h[(NOISE, 0)], ws["noise"])
+                run()
         result = np.empty((batch, *self.image_shape), np.float32)
         mem.download(result, h[self.result_slot])
         mem.synchronize()  # the one wait of the request
         return result
+
+    def _run_schedule_graph(self, ws: dict, rows) -> None:
+        h, mem = ws["handles"], self.memory
+        for i, (_, stochastic) in enumerate(ws["runners"]):
+            if stochastic:  # every step's noise in its own slot, in the draw order, before the graph runs
+                rows.randn(self.image_shape, out=ws["noise_t"])
+                mem.upload(h[(NOISE, i)], ws["noise"])
+        if ws["graph"] is not None:
+            mem.launch_graph(ws["graph"])
+            return
+        # First request of this batch size: a plain run (TensorRT may allocate lazily), then the capture,
+        # which records the steps without running them.
+        for run, _ in ws["runners"]:
+            run()
+        if ws.get("no_graph"):
+            return
+        try:
+            ws["graph"] = mem.capture(lambda: [run() for run, _ in ws["runners"]])
+        except EngineError as e:
+            ws["no_graph"] = True  # this request's images came from the plain run; later ones run step by step too
+            warnings.warn(f"the whole-schedule CUDA graph could not be captured ({e}); running the steps one by one")
 
     def close(self) -> None:
         while self._workspaces:

@@ -363,7 +363,7 @@ class Runtime:
     @classmethod
     def load(cls, engine_dir, backend: str = "auto", *, plan: Optional[Plan] = None, model=None,
              providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
-             check_versions: bool = True, cuda_graph: bool = False, share_weights: bool = True,
+             check_versions: bool = True, cuda_graph: "bool | str" = False, share_weights: bool = True,
              spinning: bool = True, device_resident: Optional[bool] = None) -> "Runtime":
         """Load an engine dir built by ``autodiffusion-rt build``.
 
@@ -377,6 +377,9 @@ class Runtime:
         ``share_weights``: the onnxruntime step sessions read one copy of the
         tensors their files have in common. ``spinning=False``: onnxruntime's
         workers sleep instead of spinning while they wait for work.
+        ``cuda_graph`` (TensorRT): ``True`` or ``"step"`` replays each step as
+        its own CUDA graph; ``"schedule"`` replays the whole schedule as one
+        graph per batch size (needs the device-resident walk).
         ``device_resident``: keep each request's state on the device from x_T
         to the result (one copy in, one out; for TensorRT one synchronize per
         request) instead of copying to and from the host at every step.
@@ -391,6 +394,10 @@ class Runtime:
         if backend not in ("auto", *BACKENDS):
             raise EngineError(f"unknown backend {backend!r}: choose auto, {', '.join(BACKENDS)}")
         chosen = m["backend"] if backend == "auto" else backend
+        if cuda_graph not in (False, True, "step", "schedule"):
+            raise EngineError(f"cuda_graph={cuda_graph!r}: pass False, True (or 'step': a graph per step) or 'schedule' (one per batch size)")
+        if cuda_graph == "schedule" and device_resident is False:
+            raise EngineError("cuda_graph='schedule' replays a whole request on the device: drop device_resident=False, or use cuda_graph='step'")
         if chosen == "torch":
             rt = cls.from_plan(the_plan, "torch", model=model)
             rt.engine_dir, rt.manifest = engine_dir, m
@@ -465,7 +472,7 @@ class Runtime:
                 ins = [TensorSpec.from_dict(d) for d in step["inputs"]]
                 outs = [TensorSpec.from_dict(d) for d in step["outputs"]]
                 engines.append(TensorRTEngine(f.read_bytes(), ins, outs, max_batch, runtime=trt_runtime, scratch=scratch,
-                                              stream=stream, cudart=cudart, trt=trt, cuda_graph=cuda_graph,
+                                              stream=stream, cudart=cudart, trt=trt, cuda_graph=cuda_graph in (True, "step"),
                                               name=f"step {i} (t={step['timestep']}, tensorrt)", refit_onnx=refits[i], logger=logger))
         except BaseException:
             for e in engines:
@@ -476,7 +483,8 @@ class Runtime:
         rt = cls(engines, the_plan, coeffs, info, "tensorrt", max_batch, backend_name=f"tensorrt {trt.__version__}",
                  engine_dir=engine_dir, manifest=m, resources=[(trt_runtime, logger), _Closer(scratch.free), _Closer(lambda: cudart.cudaStreamDestroy(stream))])
         if device_resident is None or device_resident:
-            rt._device_walk = DeviceResidentWalk(engines, info.image_shape, CudaRuntimeMemory(cudart, stream))
+            rt._device_walk = DeviceResidentWalk(engines, info.image_shape, CudaRuntimeMemory(cudart, stream),
+                                                 schedule_graph=cuda_graph == "schedule")
         return rt
 
     # ------------------------------------------------------------ sampling
