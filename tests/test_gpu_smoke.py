@@ -65,12 +65,14 @@ def test_cuda_python_copy_and_graph_round_trip():
     cu.cudaGraphExecDestroy(exec_), cu.cudaGraphDestroy(graph), cu.cudaFree(ptr), cu.cudaStreamDestroy(stream)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_tensorrt_engines_with_and_without_cuda_graphs(model_and_plan, tmp_path, precision):
+@pytest.mark.parametrize("precision, sampler", [("fp32", "ddim"), ("fp16", "ddim"), ("fp32", "ddpm")])
+def test_tensorrt_engines_with_and_without_cuda_graphs(model_and_plan, tmp_path, precision, sampler):
     _optional("tensorrt")
     from export.build import build_engines
 
     model, plan = model_and_plan
+    if sampler != plan.sampler:  # ddpm: every step but the last takes noise, copied in during the request
+        plan = Plan.for_model(model, list(plan.timesteps), sampler=sampler, spec="test:gpu")
     d = tmp_path / "trt"
     build_engines(plan, d, backend="tensorrt", precision=precision, model=model, max_batch=10, progress=False)
     with Runtime.load(d, cuda_graph=False) as plain, Runtime.load(d, cuda_graph=True) as graphs, \
