@@ -131,18 +131,21 @@ def _tiny_plan():
 
 def run(plan_path=None, *, engines=None, int8_engines=None, model=None, plan=None, batch_sizes: Sequence[int] = (1, 16, 256),
         e2e_batch_sizes: Sequence[int] = (1, 16), repeats: int = 5, warmup: int = 1, full_steps: int = 50,
-        latency_runs: int = 30, threads: Optional[int] = None, memory: bool = True, progress: bool = False) -> dict:
+        latency_runs: int = 30, threads: Optional[int] = None, memory: bool = True, progress: bool = False,
+        device: str = "cpu") -> dict:
     """Measure everything; return a JSON-able report (see :func:`format_report`).
 
     Every torch measurement runs before any onnxruntime session exists, so no
     engine's worker threads disturb the baselines; the engines are then
-    timed with torch idle.
+    timed with torch idle. ``device``: where the torch baselines run (the
+    model is moved there for them and back afterwards).
     """
     from autodiffusion_rt import sample
     from autodiffusion_rt.diffusion import uniform_timesteps
     from autodiffusion_rt.plan import Plan
     from autodiffusion_rt.runtime import Runtime, library_versions, load_plan_model
     from autodiffusion_rt.runtime.engines import cpu_isa
+    from autodiffusion_rt.sampling import check_device
 
     if threads:
         torch.set_num_threads(int(threads))
@@ -174,18 +177,29 @@ def run(plan_path=None, *, engines=None, int8_engines=None, model=None, plan=Non
         full_ts = uniform_timesteps(model.num_timesteps, full_steps)
         feeds_for = {}
         # ------------------------------------------------ torch first, alone
-        torch_rt = Runtime.from_plan(plan, model=model)
-        torch_step = {}
-        for b in batch_sizes:
-            for i, te in enumerate(torch_rt.engines):
-                feeds_for[i, b] = _feeds(te, b, model.num_classes, seed=i)
-                torch_step[i, b] = _time(lambda: te.run(feeds_for[i, b]), repeats, warmup)
-        e2e: dict = {}
-        for n in e2e_batch_sizes:
-            runs = latency_runs if n == 1 else repeats
-            e2e["full", n] = _times(lambda: sample(model, full_ts, "ddim", n, 0), max(1, min(runs, 10) if n == 1 else repeats // 2), 0)
-            e2e["plan torch", n] = _times(lambda: torch_rt.sample(n, seed=0), runs, warmup)
-        torch_rt.close()
+        dev = check_device(None, device)
+        report["settings"]["torch_device"] = str(dev)
+
+        def synced(fn):  # CUDA runs asynchronously: a timed call ends when its kernels have
+            return fn if dev.type != "cuda" else (lambda: (fn(), torch.cuda.synchronize(dev)))
+
+        model.unet.to(dev)
+        try:
+            torch_rt = Runtime.from_plan(plan, model=model, device=dev)
+            torch_step = {}
+            for b in batch_sizes:
+                for i, te in enumerate(torch_rt.engines):
+                    feeds_for[i, b] = _feeds(te, b, model.num_classes, seed=i)
+                    torch_step[i, b] = _time(synced(lambda: te.run(feeds_for[i, b])), repeats, warmup)
+            e2e: dict = {}
+            for n in e2e_batch_sizes:
+                runs = latency_runs if n == 1 else repeats
+                e2e["full", n] = _times(synced(lambda: sample(model, full_ts, "ddim", n, 0, device=dev)),
+                                        max(1, min(runs, 10) if n == 1 else repeats // 2), 0)
+                e2e["plan torch", n] = _times(synced(lambda: torch_rt.sample(n, seed=0)), runs, warmup)
+            torch_rt.close()
+        finally:
+            model.unet.to("cpu")
         # ------------------------------------------------ then the engines
         configs = [("onnxruntime fp32", engines)] + ([("onnxruntime int8", int8_engines)] if int8_engines is not None else [])
         for label, d in configs:
@@ -216,7 +230,8 @@ def run(plan_path=None, *, engines=None, int8_engines=None, model=None, plan=Non
                                          "resident_mb": resident_mb(d, threads, max(e2e_batch_sizes))})
         for n in e2e_batch_sizes:
             base = statistics.median(e2e["full", n])
-            methods = [("full model, DDIM-%d, torch eager" % full_steps, "full", full_steps), ("plan, torch eager", "plan torch", plan.nfe)]
+            on = "" if dev.type == "cpu" else f" on {dev}"
+            methods = [(f"full model, DDIM-{full_steps}, torch eager{on}", "full", full_steps), (f"plan, torch eager{on}", "plan torch", plan.nfe)]
             methods += [(f"plan, {label}", label, plan.nfe) for label, _ in configs]
             for method, key, nfe in methods:
                 times = e2e[key, n]
@@ -314,6 +329,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     ap.add_argument("--full-steps", type=int, default=50, help="steps of the full-model DDIM baseline (default 50)")
     ap.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu", help="torch device of the torch baselines: cpu (default), cuda, cuda:N")
     ap.add_argument("--int8-engines", default=None, help="an engine dir built with --precision int8: adds its rows")
     ap.add_argument("--latency-runs", type=int, default=30, help="timed batch-1 requests for p50/p90/p99 (default 30)")
     ap.add_argument("--no-memory", action="store_true", help="skip the resident-memory measurement (one process per config)")
@@ -328,12 +344,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report = run(plan=plan, model=model, engines=args.engines, int8_engines=args.int8_engines, batch_sizes=args.batch_sizes,
                          latency_runs=args.latency_runs, memory=not args.no_memory,
                          e2e_batch_sizes=args.e2e_batch_sizes, repeats=args.repeats, warmup=args.warmup,
-                         full_steps=args.full_steps, threads=args.threads, progress=True)
+                         full_steps=args.full_steps, threads=args.threads, progress=True, device=args.device)
         else:
             report = run(args.plan, engines=args.engines, int8_engines=args.int8_engines, batch_sizes=args.batch_sizes,
                          latency_runs=args.latency_runs, memory=not args.no_memory,
                          e2e_batch_sizes=args.e2e_batch_sizes, repeats=args.repeats, warmup=args.warmup,
-                         full_steps=args.full_steps, threads=args.threads, progress=True)
+                         full_steps=args.full_steps, threads=args.threads, progress=True, device=args.device)
     except Error as e:
         print(f"benchmark: error: {e}", file=sys.stderr)
         return 2

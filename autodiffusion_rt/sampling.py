@@ -70,6 +70,26 @@ def check_labels(model: DiffusionModel, labels, n: int) -> Optional[torch.Tensor
     return y.long()
 
 
+def check_device(model, device) -> torch.device:
+    """The torch device to sample on (default cpu); the model's weights must already be on it.
+
+    Every random draw stays on the CPU generators (:class:`SampleNoise`) and
+    is moved, so the images are the same on any device up to float rounding.
+    """
+    try:
+        dev = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError):
+        raise SamplingError(f"device={device!r} is not a torch device: pass 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SamplingError(f"device={device!r} but torch sees no CUDA device: pass device='cpu' (or install a CUDA build of torch)")
+    net = getattr(model, "unet", None)
+    p = next(net.parameters(), None) if isinstance(net, torch.nn.Module) else None
+    if p is not None and (p.device.type != dev.type or (dev.index is not None and p.device.index != dev.index)):
+        raise SamplingError(f"the model's weights are on {p.device} but device={str(dev)!r}: move them first "
+                            f"(model.unet.to({str(dev)!r})) or pass device={str(p.device)!r}")
+    return dev
+
+
 def sample_rows(seed, n, first: int = 0) -> SampleNoise:
     """The noise of samples ``first .. first + n - 1`` of ``seed`` (one chunk of a larger request)."""
     n = check_n(n)
@@ -124,7 +144,7 @@ def make_eps_fn(model: DiffusionModel, y: Optional[torch.Tensor], keeps: list, b
         outs = []
         for s in range(0, x.shape[0], batch_size):
             xb = x[s : s + batch_size]
-            tb = torch.full((xb.shape[0],), t, dtype=torch.long)
+            tb = torch.full((xb.shape[0],), t, dtype=torch.long, device=xb.device)
             outs.append(model.eps(xb, tb, None if y is None else y[s : s + batch_size], keeps[i], **kw))
         return torch.cat(outs)
 
@@ -146,6 +166,7 @@ def sample(
     batch_size: int = 256,
     return_labels: bool = False,
     first: int = 0,
+    device=None,
 ):
     """Sample ``n`` images in [-1, 1] (NCHW float32) over ``timesteps`` (strictly descending).
 
@@ -154,13 +175,19 @@ def sample(
     class-conditional model (drawn uniformly from ``seed`` when None).
     ``first``: return samples ``first .. first + n - 1`` of ``seed`` (the same
     images a larger call gives at those indices: how a large n is streamed in chunks).
+    ``device``: where the model runs (default cpu; the model's weights must be
+    there already); the images and labels are returned on it. The noise is
+    drawn on the CPU and moved, so every device gives the same images up to
+    float rounding.
     """
     if sampler not in SAMPLERS:
         raise SamplingError(f"unknown sampler {sampler!r}: choose one of {list(SAMPLERS)}")
     ts = validate_timesteps(timesteps, model.num_timesteps)
     keeps = per_step_keep(model, keep, len(ts))
     coeffs = compute_coefficients(sampler, model.schedule, ts, eta, learned_variance=model.learn_sigma)
+    dev = check_device(model, device)
     x, y, noise = initial_state(model, n, seed, labels, noise=sample_rows(seed, n, first))
+    x, y = x.to(dev), None if y is None else y.to(dev)
 
     def checked(info: dict) -> None:
         check_finite(info["x_prev"], info["i"], info["t"], model.name)

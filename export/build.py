@@ -195,6 +195,7 @@ def build_engines(
     int8_calibration_samples: int = 64,
     fid_extractor="mnist",
     fid_reference="mnist",
+    strip_weights: bool = False,
 ) -> BuildReport:
     """Build (or update) the engine dir ``out_dir`` for ``plan`` (a Plan or a plan.json path); see the module docstring.
 
@@ -211,6 +212,10 @@ def build_engines(
     a dataset name or FeatureStats) rises by at most ``int8_max_fid_rise``
     over fp32; the manifest's ``int8`` entry and each step's ``precision`` say
     which steps passed.
+
+    ``strip_weights`` (tensorrt): weight-stripped engines, refitted at load
+    from the step's ONNX file in the dir; recorded in each engine's record
+    (so it is part of the cache key) and in the manifest's ``weights``.
     """
     start = time.perf_counter()
     if isinstance(plan, (str, os.PathLike)):
@@ -222,6 +227,9 @@ def build_engines(
         raise EngineError(f"backend={backend!r}: choose one of {', '.join(BUILD_BACKENDS)}")
     if precision not in PRECISIONS:
         raise EngineError(f"precision={precision!r}: choose fp32, fp16 or int8")
+    if strip_weights and backend != "tensorrt":
+        raise EngineError(f"strip_weights is for TensorRT engines (refitted at load), not {backend}: drop --strip-weights "
+                          "or build with --backend tensorrt")
     if precision == "int8" and backend != "onnxruntime":
         raise EngineError("precision='int8' is built for onnxruntime (static QDQ quantization): use --backend onnxruntime")
     if precision == "int8":
@@ -280,7 +288,8 @@ def build_engines(
                 int8 = dict(int8_fid_samples=int8_fid_samples, int8_max_fid_rise=int8_max_fid_rise, fid_extractor=fid_extractor,
                             fid_reference=fid_reference, int8_calibration_samples=int8_calibration_samples, max_batch=max_batch)
                 return _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch, label_mode, simplify,
-                                     opset, force, workspace_bytes, progress, writable, trt, onnx_dtype, onnxslim, start, **int8)
+                                     opset, force, workspace_bytes, progress, writable, trt, onnx_dtype, onnxslim, start,
+                                     strip_weights=bool(strip_weights), **int8)
         except LockBusy:
             raise EngineError(
                 f"another build is writing {out_dir} (it holds {out_dir / LOCK_NAME}): wait for it, pass --wait-lock to "
@@ -316,7 +325,7 @@ def _probe_dir(out_dir: Path) -> bool:
 
 def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch, label_mode, simplify, opset, force,
                   workspace_bytes, progress, writable, trt, onnx_dtype, onnxslim, start, *, int8_fid_samples, int8_max_fid_rise,
-                  fid_extractor, fid_reference, int8_calibration_samples, max_batch) -> BuildReport:
+                  fid_extractor, fid_reference, int8_calibration_samples, max_batch, strip_weights=False) -> BuildReport:
     from .tensorrt_build import build_tensorrt_engine
 
     conditional = model.num_classes is not None
@@ -387,7 +396,7 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
             # -------------------------------------------------------- engine
             record = engine_record(onnx_sha256=onnx_entry["sha256"], backend=backend,
                                    precision="fp32" if precision == "int8" else precision,
-                                   onnx_dtype=onnx_dtype, batch=batch, versions=versions,
+                                   onnx_dtype=onnx_dtype, batch=batch, versions=versions, strip_weights=strip_weights,
                                    **({"isa": isa, "optimization": ORT_ENGINE_LEVEL} if backend == "onnxruntime" else {}))
             digest = canonical_hash(record)
             ext = ".plan" if backend == "tensorrt" else ".onnx"
@@ -410,7 +419,7 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
                     profile = {s.name: tuple(s.concrete(batch[k]) for k in ("min", "opt", "max")) for s in ins}
                     info = build_tensorrt_engine(out_dir / onnx_entry["file"], target, precision=precision, profile=profile,
                                                  timing_cache=out_dir / "timing.cache", workspace_bytes=workspace_bytes,
-                                                 onnx_dtype=onnx_dtype, trt=trt)
+                                                 onnx_dtype=onnx_dtype, trt=trt, strip_weights=strip_weights)
                 set_default_mode(target)
                 engine_entry = {"file": engine_rel, "sha256": sha256_file(target), "bytes": target.stat().st_size,
                                 "record": record, "seconds": round(info["seconds"], 3)}
@@ -466,6 +475,8 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
         "versions": versions,
         "steps": steps,
     }
+    if backend == "tensorrt":
+        manifest["weights"] = "stripped" if strip_weights else "embedded"  # stripped: refitted from onnx/ at load
     if int8_report is not None:
         manifest["int8"] = int8_report
     as_json = json.loads(json.dumps(manifest))

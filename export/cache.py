@@ -68,13 +68,17 @@ def onnx_key(*, fingerprint: str, image_shape, num_classes: Optional[int], learn
 
 
 def engine_record(*, onnx_sha256: str, backend: str, precision: str, onnx_dtype: str, batch: dict, versions: dict,
-                  isa: Optional[str] = None, optimization: Optional[str] = None, int8: Optional[dict] = None) -> dict:
+                  isa: Optional[str] = None, optimization: Optional[str] = None, int8: Optional[dict] = None,
+                  strip_weights: bool = False) -> dict:
     """Everything an engine's reuse depends on (stored in the manifest; compared whole).
 
     onnxruntime engines also record the graph optimization level they were
     saved at and, since the ``all`` level lays tensors out for the CPU's
     vector width, the instruction set (``isa``). ``int8``: the quantization
     settings of a step built in int8 (calibration, its data).
+    ``strip_weights`` (TensorRT): the engine holds no weights and is refitted
+    from its ONNX file at load; only stripped records carry the key, so the
+    records of engines built before it existed still match.
     """
     record = {
         "onnx_sha256": onnx_sha256,
@@ -93,6 +97,8 @@ def engine_record(*, onnx_sha256: str, backend: str, precision: str, onnx_dtype:
         record["compute_capability"] = versions.get("compute_capability")
     if int8 is not None:
         record["int8"] = int8
+    if strip_weights:
+        record["weights"] = "stripped"
     return record
 
 

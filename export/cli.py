@@ -33,6 +33,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, 17 or newer (default: %(default)s)")
     p.add_argument("--workspace-mb", type=int, default=None, help="TensorRT builder workspace limit in MiB")
     p.add_argument("--force", action="store_true", help="rebuild every step, ignoring the cache")
+    p.add_argument("--strip-weights", action="store_true",
+                   help="TensorRT: weight-stripped engines, refitted at load from the step's ONNX file in the dir")
     p.add_argument("--wait-lock", action="store_true", help="if another build is writing the same --out, wait for it (default: fail)")
     p.add_argument("--int8-fid-samples", type=int, default=2000,
                    help="--precision int8: samples of the FID check that decides which steps stay int8 (default: %(default)s)")
@@ -63,6 +65,7 @@ def cmd_build(args) -> int:
         opt_batch=args.opt_batch, label_mode=args.label_mode, simplify=args.simplify, opset=args.opset,
         force=args.force, workspace_bytes=None if args.workspace_mb is None else args.workspace_mb << 20,
         progress=not args.quiet, wait_lock=args.wait_lock, int8_fid_samples=args.int8_fid_samples, int8_max_fid_rise=args.int8_max_fid_rise,
+        strip_weights=args.strip_weights,
     )
     print(f"built {report.summary()}")
     int8 = report.manifest.get("int8")

@@ -12,7 +12,11 @@ Kept thin and close to NVIDIA's own samples:
   input;
 * a timing cache file that every step's build reads and extends (written
   atomically after each build), so later steps and rebuilds tune faster;
-* the serialized engine is written atomically.
+* the serialized engine is written atomically;
+* ``strip_weights``: a weight-stripped engine (``BuilderFlag.STRIP_PLAN`` with
+  ``REFIT_IDENTICAL``: optimized for exactly the ONNX file's weights), a
+  fraction of the size; the runtime refits it from that ONNX file at load
+  (:class:`~autodiffusion_rt.runtime.engines.TensorRTEngine`).
 
 ``tensorrt`` is imported here only when a build is asked for.
 """
@@ -88,14 +92,16 @@ def build_tensorrt_engine(
     onnx_dtype: str = "float32",
     verbose: bool = False,
     trt=None,
+    strip_weights: bool = False,
 ) -> dict:
     """Build ``onnx_path`` into a serialized engine at ``engine_path``.
 
     ``profile``: ``{input name: (min shape, opt shape, max shape)}``.
     ``timing_cache``: a file read before and rewritten after the build.
     ``onnx_dtype``: the compute dtype of the ONNX graph (``float16`` for a
-    strongly typed fp16 build). Returns ``{"seconds", "bytes",
-    "strongly_typed", "tensorrt"}``.
+    strongly typed fp16 build). ``strip_weights``: leave the refittable
+    weights out of the engine (they come back from ``onnx_path`` at load).
+    Returns ``{"seconds", "bytes", "strongly_typed", "tensorrt"}``.
     """
     trt = trt if trt is not None else import_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
@@ -125,6 +131,11 @@ def build_tensorrt_engine(
     if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
         # TF32 is on by default: "fp32" engines would round matmul/conv inputs to a 10-bit mantissa.
         config.clear_flag(trt.BuilderFlag.TF32)
+    if strip_weights:
+        # REFIT_IDENTICAL (not REFIT): the engine is refitted with the very weights it was built with, so
+        # TensorRT may keep its weight-dependent optimizations; STRIP_PLAN leaves those weights out of the plan.
+        config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+        config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
     opt_profile = builder.create_optimization_profile()
     names = {network.get_input(k).name for k in range(network.num_inputs)}
     if set(profile) != names:

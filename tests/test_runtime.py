@@ -75,6 +75,16 @@ def test_torch_runtime_is_sample_exactly(models):
     assert torch.equal(images, want) and torch.equal(labels, want_labels)
 
 
+def test_torch_runtime_on_device_cpu_equals_the_default(models):
+    model = models["cond"]
+    plan = make_plan(model, "ddim", eta=0.7)
+    with Runtime.from_plan(plan, model=model) as a, Runtime.from_plan(plan, model=model, device="cpu") as b:
+        assert all(e.device == torch.device("cpu") for e in b.engines)
+        assert torch.equal(a.sample(3, seed=1, clip=False), b.sample(3, seed=1, clip=False))
+    with pytest.raises(SamplingError, match="weights are on cpu but device='meta'"):
+        Runtime.from_plan(plan, model=model, device="meta")
+
+
 @pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
 def test_onnxruntime_images_equal_torch(engine_dirs, case):
     model, plan, d = engine_dirs[case]
@@ -379,3 +389,50 @@ def test_plan_from_t999_onnxruntime_equals_torch_at_fp32_tolerance(models, tmp_p
     scale = max(1.0, b.abs().max().item())
     assert (a - b).abs().max().item() <= 1e-4 * scale
     assert (b.abs() < 1).float().mean() > 0.05  # not every pixel saturated
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 0.5), ("ddpm", 0.0), ("dpmpp_2m", 0.0), ("ipndm", 0.0)])
+@pytest.mark.parametrize("nfe", [1, 2, 5])
+def test_step_buffer_plan_feeds_every_step_what_the_sampler_reads(sampler, eta, nfe):
+    """Replay the plan's slots symbolically: each input must hold the value the sampler defines for it."""
+    from autodiffusion_rt.diffusion import NoiseSchedule, compute_coefficients
+    from autodiffusion_rt.runtime.device import plan_step_buffers
+    from autodiffusion_rt.runtime.engines import step_io
+
+    ts = list(np.linspace(999, 50, nfe).round().astype(int)) if nfe > 1 else [500]
+    coeffs = compute_coefficients(sampler, NoiseSchedule.named("linear"), ts, eta)
+    io = [step_io(coeffs, i, (1, 4, 4), conditional=True) for i in range(nfe)]
+    names = [([s.name for s in ins], [s.name for s in outs]) for ins, outs in io]
+    plan, result, slots = plan_step_buffers(names)
+    held = {plan[0].inputs["x"]: ("x_T",), ("y", 0): ("y",)}  # slot -> the value it holds now
+    for i, (sb, (ins, outs)) in enumerate(zip(plan, names)):
+        assert sorted(sb.inputs) == sorted(ins) and sorted(sb.outputs) == sorted(outs)
+        assert not set(sb.inputs.values()) & set(sb.outputs.values()), f"step {i} reads and writes one slot"
+        want = {"x": ("x_T",) if i == 0 else ("x_prev", i - 1), "y": ("y",), "prev_x0": ("x0", i - 1),
+                "prev_eps1": ("eps", i - 1), "prev_eps2": ("eps", i - 2), "prev_eps3": ("eps", i - 3)}
+        for name, slot in sb.inputs.items():
+            if name == "noise":
+                held[slot] = ("noise", i)  # refilled just before the step
+            assert held.get(slot) == (want[name] if name != "noise" else ("noise", i)), (i, name)
+        for name, slot in sb.outputs.items():
+            held[slot] = (name, i)
+    assert held[result] == ("x_prev", nfe - 1)
+    assert set(slots) == {s for sb in plan for s in (*sb.inputs.values(), *sb.outputs.values())}
+
+
+@pytest.mark.parametrize("case", [("uncond", "ddim", 0.7), ("cond", "dpmpp_2m", 0.0)])
+def test_device_resident_walk_on_cpu_ortvalues_equals_the_per_step_path(engine_dirs, case):
+    """The GPU providers' walk (IOBinding with OrtValues), run with the OrtValues on the CPU: same sessions, same images."""
+    from autodiffusion_rt.runtime.device import OrtValueMemory
+
+    _, _, d = engine_dirs[case]
+    with Runtime.load(d, threads=1) as host, Runtime.load(d, threads=1, device_resident=True) as walk:
+        assert host._device_walk is None
+        assert isinstance(walk._device_walk.memory, OrtValueMemory) and walk._device_walk.memory.device == "cpu"
+        for n, seed in ((3, 1), (6, 2), (3, 1)):  # 6 > max batch 4: two chunks of two batch sizes; then reuse
+            a, ya = host.sample(n, seed=seed, clip=False, return_labels=True)
+            b, yb = walk.sample(n, seed=seed, clip=False, return_labels=True)
+            assert torch.equal(a, b) and (ya is None or torch.equal(ya, yb))
+        handles = dict(walk._device_walk._workspace(3)["handles"])
+        walk.sample(3, seed=4)
+        assert walk._device_walk._workspace(3)["handles"] == handles  # buffers kept across requests

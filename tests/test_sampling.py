@@ -117,3 +117,18 @@ def test_bad_arguments_are_clear_errors(tiny_model, tiny_cond_model):
         ad.sample(tiny_model, TS, n=1, keep={"no.such.layer"})
     with pytest.raises(SamplingError, match="2 entries for 4 timesteps"):
         ad.sample(tiny_model, TS, n=1, keep=[None, None])
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpmpp_2m"])
+def test_device_cpu_equals_the_default_and_bad_devices_are_clear_errors(tiny_cond_model, sampler):
+    m = tiny_cond_model
+    a, ya = ad.sample(m, TS, sampler, n=3, seed=2, return_labels=True)
+    b, yb = ad.sample(m, TS, sampler, n=3, seed=2, return_labels=True, device="cpu")
+    assert torch.equal(a, b) and torch.equal(ya, yb) and b.device.type == "cpu"
+    with pytest.raises(SamplingError, match=r"weights are on cpu but device='meta'.*model\.unet\.to"):
+        ad.sample(m, TS, n=1, device="meta")
+    with pytest.raises(SamplingError, match="'gpu0' is not a torch device"):
+        ad.sample(m, TS, n=1, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(SamplingError, match="no CUDA device: pass device='cpu'"):
+            ad.sample(m, TS, n=1, device="cuda")

@@ -214,6 +214,11 @@ class FakeDevice:
 
 
 HEADER = b"FAKE-TRT-ENGINE\n"
+STRIPPED = b"FAKE-TRT-STRIPPED-ENGINE\n"
+
+
+def _has_data(init) -> bool:
+    return bool(init.raw_data or init.float_data or init.int64_data or init.int32_data) or int(np.prod(init.dims)) == 0
 
 
 def make_fake_tensorrt(version: str, device: FakeDevice, log: dict):
@@ -225,7 +230,8 @@ def make_fake_tensorrt(version: str, device: FakeDevice, log: dict):
                                       "__init__": lambda self, sev="W": _need(sev in "WVEI", "Logger severity")})
     trt.NetworkDefinitionCreationFlag = _enum("NetworkDefinitionCreationFlag", *(["EXPLICIT_BATCH", "STRONGLY_TYPED"] if major == 10 else ["STRONGLY_TYPED"]))
     # 11.x removed the precision flags: asking for FP16 there is an AttributeError, as in the real module.
-    trt.BuilderFlag = _enum("BuilderFlag", *(["FP16", "BF16", "TF32", "REFIT"] if major == 10 else ["TF32", "REFIT"]))
+    refit_flags = ["REFIT", "REFIT_IDENTICAL", "STRIP_PLAN"]
+    trt.BuilderFlag = _enum("BuilderFlag", *(["FP16", "BF16", "TF32", *refit_flags] if major == 10 else ["TF32", *refit_flags]))
     trt.MemoryPoolType = _enum("MemoryPoolType", "WORKSPACE")
     trt.TensorIOMode = _enum("TensorIOMode", "NONE", "INPUT", "OUTPUT")
     trt.DataType = _enum("DataType", "FLOAT", "HALF", "INT8", "INT32", "BOOL", "INT64")
@@ -349,17 +355,32 @@ def make_fake_tensorrt(version: str, device: FakeDevice, log: dict):
             config.cache.n += 1
             log["builds"].append({"flags": list(config.flags), "network_flags": network.flags, "float16": network.float16,
                                   "profile": prof, "pool": config.pool})
+            if "STRIP_PLAN" in config.flags:
+                _need("REFIT_IDENTICAL" in config.flags or "REFIT" in config.flags, "STRIP_PLAN needs a refit flag")
+                model = onnx.load_from_string(network.onnx_bytes)
+                for init in model.graph.initializer:  # the weights leave the plan: shapes stay, data goes
+                    if int(np.prod(init.dims)) >= 16:
+                        for field in ("raw_data", "float_data", "int64_data", "int32_data"):
+                            init.ClearField(field)
+                return STRIPPED + model.SerializeToString()
             return HEADER + network.onnx_bytes
 
     class Engine:
-        def __init__(self, onnx_bytes):
-            import onnxruntime as ort
-
+        def __init__(self, onnx_bytes, stripped=False):
             model = onnx.load_from_string(onnx_bytes)
             self.inputs, self.outputs = io_of(model)
-            self.session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+            self.model, self.session = model, None
+            # stripped: the initializers without data, filled by a refit
+            self.missing = {i.name for i in model.graph.initializer if stripped and not _has_data(i)}
+            if not self.missing:
+                self._load()
             self.device_memory_size_v2 = 4096 + len(onnx_bytes) % 8192  # differs per engine
             self.num_io_tensors = len(self.inputs) + len(self.outputs)
+
+        def _load(self):
+            import onnxruntime as ort
+
+            self.session = ort.InferenceSession(self.model.SerializeToString(), providers=["CPUExecutionProvider"])
 
         def _io(self):
             return self.inputs + self.outputs
@@ -375,6 +396,7 @@ def make_fake_tensorrt(version: str, device: FakeDevice, log: dict):
 
         def create_execution_context(self, strategy=None):
             _need(strategy is trt.ExecutionContextAllocationStrategy.USER_MANAGED, "shared scratch needs USER_MANAGED contexts")
+            _need(self.session is not None, "execution context of a weight-stripped engine before its refit")
             ctx = Context(self)
             log["contexts"].append(ctx)
             return ctx
@@ -432,9 +454,52 @@ def make_fake_tensorrt(version: str, device: FakeDevice, log: dict):
         def deserialize_cuda_engine(self, data):
             _need(isinstance(data, (bytes, bytearray, memoryview)), "deserialize_cuda_engine takes bytes")
             data = bytes(data)
+            if data.startswith(STRIPPED):
+                return Engine(data[len(STRIPPED):], stripped=True)
             return Engine(data[len(HEADER):]) if data.startswith(HEADER) else None
 
+    class Refitter:
+        def __init__(self, engine, logger):
+            _need(isinstance(engine, Engine) and isinstance(logger, trt.Logger), "Refitter(engine, logger)")
+            self.engine, self.pending = engine, {}
+            log["refits"].append(self)
+
+        def get_missing_weights(self):
+            return sorted(self.engine.missing - set(self.pending))
+
+        def refit_cuda_engine(self):
+            if self.get_missing_weights():
+                return False
+            for init in self.engine.model.graph.initializer:
+                if init.name in self.pending:
+                    init.CopyFrom(self.pending[init.name])
+            self.engine.missing = set()
+            self.engine._load()
+            return True
+
+    class OnnxParserRefitter:
+        def __init__(self, refitter, logger):
+            _need(isinstance(refitter, Refitter) and isinstance(logger, trt.Logger), "OnnxParserRefitter(refitter, logger)")
+            self.refitter, self.num_errors = refitter, 0
+
+        def refit_from_file(self, path):
+            _need(isinstance(path, str), "refit_from_file takes a str path")
+            model = onnx.load(path)
+            want = self.refitter.engine.model
+            if [n.op_type for n in model.graph.node] != [n.op_type for n in want.graph.node]:
+                self.num_errors = 1
+                return False
+            dims = {i.name: tuple(i.dims) for i in want.graph.initializer}
+            for init in model.graph.initializer:
+                if init.name in self.refitter.engine.missing and dims.get(init.name) == tuple(init.dims):
+                    self.refitter.pending[init.name] = init
+            return True
+
+        def get_error(self, k):
+            return "the ONNX graph differs from the engine's network"
+
     trt.Builder, trt.OnnxParser, trt.Runtime = Builder, OnnxParser, Runtime
+    trt.Refitter, trt.OnnxParserRefitter = Refitter, OnnxParserRefitter
     return trt
 
 
@@ -444,7 +509,7 @@ def fake_trt(monkeypatch):
 
     def install(version="10.8.0", cc=(8, 9)):
         device = FakeDevice(cc)
-        log = {"builds": [], "contexts": []}
+        log = {"builds": [], "contexts": [], "refits": []}
         monkeypatch.setitem(sys.modules, "tensorrt", make_fake_tensorrt(version, device, log))
         monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", device.module)
         monkeypatch.setitem(sys.modules, "cuda.cudart", device.module)
@@ -541,3 +606,84 @@ def test_tensorrt_too_old_or_without_gpu_against_stand_in_module_not_a_real_run(
     with pytest.raises(EngineError, match="cudaGetDeviceCount failed"):
         build_engines(plan, tmp_path / "e", backend="tensorrt", model=model, progress=False)
     assert not (tmp_path / "e").exists()
+
+
+def _record_cuda_calls(device: FakeDevice, names=("cudaMalloc", "cudaFree", "cudaMemcpyAsync", "cudaStreamSynchronize", "cudaGraphLaunch")):
+    """Log every call of ``names`` on the fake cuda-python module, in order: [(name, args)]."""
+    calls = []
+    for name in names:
+        def logged(*args, _f=getattr(device.module, name), _name=name):
+            calls.append((_name, args))
+            return _f(*args)
+
+        setattr(device.module, name, logged)
+    return calls
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "ddpm"])
+@pytest.mark.parametrize("cuda_graph", [False, True, "schedule"])
+def test_mock_gpu_one_synchronize_per_request_against_stand_in_module_not_a_real_run(fake_trt, model, engine_dir, sampler, cuda_graph):
+    """The device-resident walk on the fake cuda-python: call order only, and images equal to the per-step path's."""
+    device, _ = fake_trt("10.8.0")
+    plan = make_plan(model, sampler)
+    build_engines(plan, engine_dir, backend="tensorrt", model=model, max_batch=4, progress=False)
+    stochastic = sum(any(d["name"] == "noise" for d in s["inputs"]) for s in read_manifest(engine_dir)["steps"])
+    assert (stochastic > 0) == (sampler == "ddpm")
+    with Runtime.load(engine_dir, cuda_graph=cuda_graph is True, device_resident=False) as per_step:
+        assert per_step._device_walk is None
+        want = [per_step.sample(3, seed=5, clip=False, return_labels=True) for _ in range(2)]
+    calls = _record_cuda_calls(device)
+    with Runtime.load(engine_dir, cuda_graph=cuda_graph) as rt:
+        walk = rt._device_walk
+        destinations = []
+        for k in range(2):
+            del calls[:]
+            images, labels = rt.sample(3, seed=5, clip=False, return_labels=True)
+            names = [name for name, _ in calls]
+            # one wait per request, at its very end, after the one copy out
+            assert names.count("cudaStreamSynchronize") == 1 and names[-1] == "cudaStreamSynchronize"
+            copies = [args for name, args in calls if name == "cudaMemcpyAsync"]
+            kinds = [args[3].name for args in copies]
+            # x_T and the labels in, each stochastic step's noise in, the result out: nothing else crosses
+            assert kinds == ["cudaMemcpyHostToDevice"] * (2 + stochastic) + ["cudaMemcpyDeviceToHost"]
+            assert names[-2] == "cudaMemcpyAsync" and kinds[-1] == "cudaMemcpyDeviceToHost"
+            destinations.append([args[0] for args in copies[:-1]])
+            mallocs = names.count("cudaMalloc")
+            # buffers: one per slot of the schedule (shared by every step), made by the first request only
+            assert mallocs == (len(walk.slots) if k == 0 else 0) and "cudaFree" not in names
+            assert len(walk.slots) < sum(len(e.input_names) + len(e.output_names) for e in rt.engines)
+            if cuda_graph:  # captured, then replayed: one graph per step, or one for the whole schedule
+                assert names.count("cudaGraphLaunch") == (0 if k == 0 else plan.nfe if cuda_graph is True else 1)
+            assert torch.equal(images, want[k][0]) and torch.equal(labels, want[k][1])
+        assert destinations[0] == destinations[1]
+    assert not device.allocs  # closing the runtime frees the walk's buffers too
+
+
+def test_weight_stripped_engines_are_refitted_from_their_onnx_against_stand_in_module_not_a_real_run(fake_trt, model, engine_dir, tmp_path):
+    _, log = fake_trt("10.8.0")
+    plan = make_plan(model)
+    embedded = build_engines(plan, engine_dir, backend="tensorrt", model=model, max_batch=4, progress=False)
+    assert embedded.manifest["weights"] == "embedded" and all("weights" not in s["engine"]["record"] for s in embedded.manifest["steps"])
+    with Runtime.load(engine_dir) as rt:
+        want = rt.sample(3, seed=2, clip=False)
+    assert not log["refits"]
+    stripped = build_engines(plan, engine_dir, backend="tensorrt", model=model, max_batch=4, progress=False, strip_weights=True)
+    # part of the cache key: every engine is rebuilt (the ONNX files are reused), and the next build reuses them
+    assert [(s["onnx"], s["engine"]) for s in stripped.steps] == [("reused", "built")] * plan.nfe
+    assert all({"STRIP_PLAN", "REFIT_IDENTICAL"} <= set(b["flags"]) for b in log["builds"][-plan.nfe:])
+    m = read_manifest(engine_dir)
+    assert m["weights"] == "stripped" and all(s["engine"]["record"]["weights"] == "stripped" for s in m["steps"])
+    for a, b in zip(embedded.manifest["steps"], m["steps"]):
+        assert b["engine"]["bytes"] < a["engine"]["bytes"] / 2
+    with Runtime.load(engine_dir) as rt:
+        assert len(log["refits"]) == plan.nfe
+        assert torch.equal(rt.sample(3, seed=2, clip=False), want)
+    again = build_engines(plan, engine_dir, backend="tensorrt", model=model, max_batch=4, progress=False, strip_weights=True)
+    assert [s["engine"] for s in again.steps] == ["reused"] * plan.nfe
+    # the refit's source is checked like any file of the dir
+    onnx_file = engine_dir / m["steps"][1]["onnx"]["file"]
+    onnx_file.write_bytes(onnx_file.read_bytes()[:-10])
+    with pytest.raises(EngineError, match=r"step 1 ONNX \(the weights of its stripped engine\) file .* corrupted"):
+        Runtime.load(engine_dir)
+    with pytest.raises(EngineError, match="strip_weights is for TensorRT engines"):
+        build_engines(plan, tmp_path / "ort", model=model, progress=False, strip_weights=True)

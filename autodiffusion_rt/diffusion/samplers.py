@@ -533,7 +533,7 @@ def sample_loop(
                     f"step {i} (t={t}) is stochastic and needs a SampleNoise with one generator per sample "
                     f"({x.shape[0]}), got {'none' if noise is None else len(noise)}"
                 )
-            z = noise.randn(x.shape[1:], dtype=x.dtype)
+            z = noise.randn(x.shape[1:], dtype=x.dtype).to(x.device)  # drawn where the generators are, used where x is
         if carry_eps:
             x_prev, x0, eps_used = step_update(row, x, eps, prev_x0, z, prev_eps=history, return_eps=True, var_v=var_v)
             history = [eps_used] + history[: EPS_HISTORY - 1]

@@ -225,14 +225,19 @@ class TorchStepEngine(Engine):
 
     This is the reference: it shares nothing with the exporter's folded graph,
     so agreement between it and a compiled engine checks the folding too.
+    ``device``: where the model runs (its weights must be there; default
+    cpu); feeds and outputs stay host numpy arrays.
     """
 
     backend = "torch"
 
     def __init__(self, model, row: StepCoefficients, timestep: int, keep: Optional[Iterable[str]],
                  inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], name: str = "torch step",
-                 batch_size: int = 256):
+                 batch_size: int = 256, device=None):
+        from ..sampling import check_device
+
         super().__init__(name, inputs, outputs, max_batch=None)
+        self.device = check_device(model, device)
         self.model = model
         self.row = row
         self.timestep = int(timestep)
@@ -241,31 +246,32 @@ class TorchStepEngine(Engine):
 
     @torch.inference_mode()
     def _run(self, feeds, out, batch):
-        x = torch.from_numpy(feeds[X])
-        y = torch.from_numpy(feeds[Y]) if Y in feeds else None
+        dev = self.device
+        x = torch.from_numpy(feeds[X]).to(dev)
+        y = torch.from_numpy(feeds[Y]).to(dev) if Y in feeds else None
         eps = []
         kw = {"variance": True} if self.row.learned_variance else {}
         # Same chunking as autodiffusion_rt.sampling.make_eps_fn, so results are bit-identical to sample().
         for s in range(0, batch, self.batch_size):
             xb = x[s : s + self.batch_size]
-            t = torch.full((xb.shape[0],), self.timestep, dtype=torch.long)
+            t = torch.full((xb.shape[0],), self.timestep, dtype=torch.long, device=dev)
             eps.append(self.model.eps(xb, t, None if y is None else y[s : s + self.batch_size], self.keep, **kw))
         eps = torch.cat(eps)
         var_v = None
         if self.row.learned_variance:
             eps, var_v = eps[:, : x.shape[1]], eps[:, x.shape[1] :]
-        noise = torch.from_numpy(feeds[NOISE]) if NOISE in feeds else None
-        prev = torch.from_numpy(feeds[PREV_X0]) if PREV_X0 in feeds else None
-        history = [torch.from_numpy(feeds[n]) for n in PREV_EPS if n in feeds]
+        noise = torch.from_numpy(feeds[NOISE]).to(dev) if NOISE in feeds else None
+        prev = torch.from_numpy(feeds[PREV_X0]).to(dev) if PREV_X0 in feeds else None
+        history = [torch.from_numpy(feeds[n]).to(dev) for n in PREV_EPS if n in feeds]
         if EPS in self.output_names:  # iPNDM: the eps this step used is a later step's history
             x_prev, x0, eps_used = step_update(self.row, x, eps, prev, noise, prev_eps=history, return_eps=True, var_v=var_v)
         else:
             x_prev, x0 = step_update(self.row, x, eps, prev, noise, prev_eps=history, var_v=var_v)
-        result = {X_PREV: _fill(out, X_PREV, x_prev.numpy())}
+        result = {X_PREV: _fill(out, X_PREV, x_prev.cpu().numpy())}
         if X0 in self.output_names:
-            result[X0] = _fill(out, X0, x0.numpy())
+            result[X0] = _fill(out, X0, x0.cpu().numpy())
         if EPS in self.output_names:
-            result[EPS] = _fill(out, EPS, eps_used.numpy())
+            result[EPS] = _fill(out, EPS, eps_used.cpu().numpy())
         return result
 
 
@@ -533,19 +539,23 @@ class OnnxRuntimeEngine(Engine):
         del batch
         return step
 
-    def bind_ortvalues(self, feeds: Mapping[str, Any], out: Mapping[str, Any]):
-        """Bind OrtValues (on any device: the runtime's device-resident state) to this step; return its runner."""
+    def bind_device(self, tensors: Mapping[str, Any], batch: int):
+        """Bind OrtValues (the device-resident walk's, on any device) to this step; return its runner.
+
+        ``tensors`` maps every input and output name to an OrtValue of the
+        step's shape at ``batch``; the runner is one ``run_with_iobinding``.
+        """
         b = self.session.io_binding()
         for name in self.input_names:
-            b.bind_ortvalue_input(name, feeds[name])
+            b.bind_ortvalue_input(name, tensors[name])
         for name in self.output_names:
-            b.bind_ortvalue_output(name, out[name])
-        values = (dict(feeds), dict(out))
+            b.bind_ortvalue_output(name, tensors[name])
+        values = dict(tensors)  # the binding refers to their memory: keep them alive with it
         run = self.session.run_with_iobinding
 
         def step():
             run(b)
-            return values[1]
+            return values
 
         return step
 
@@ -679,22 +689,26 @@ _TRT_TO_NUMPY = {"FLOAT": "float32", "HALF": "float16", "INT64": "int64", "INT32
 class TensorRTEngine(Engine):
     """A serialized TensorRT engine (``.plan``) run with ``execute_async_v3``.
 
-    Host arrays are copied to per-batch-size device buffers (kept, so their
-    addresses are stable for CUDA graphs), the engine runs on ``stream``, and
-    outputs are copied back. ``scratch`` is shared by every step engine.
+    ``run``: host arrays are copied to per-batch-size device buffers (kept,
+    so their addresses are stable for CUDA graphs), the engine runs on
+    ``stream``, and outputs are copied back. :meth:`bind_device`: the step
+    runs on the caller's device buffers, enqueued only (the runtime's
+    device-resident walk). ``scratch`` is shared by every step engine.
     """
 
     backend = "tensorrt"
 
     def __init__(self, engine_bytes: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
                  max_batch: Optional[int], *, runtime, scratch: SharedDeviceMemory, stream, cudart, trt,
-                 name: str = "tensorrt step", cuda_graph: bool = False):
+                 name: str = "tensorrt step", cuda_graph: bool = False, refit_onnx: Optional[Path] = None, logger=None):
         super().__init__(name, inputs, outputs, max_batch)
         self.trt, self.cudart, self.stream, self.scratch = trt, cudart, stream, scratch
         self.stream_handle = int(stream)  # TensorRT takes the cudaStream_t as an integer handle
         self.engine = runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
             raise EngineError(f"{name}: TensorRT could not deserialize the engine (built by another TensorRT version or GPU?); rebuild it")
+        if refit_onnx is not None:  # a weight-stripped engine: its weights come from the step's ONNX file
+            self._refit(refit_onnx, logger if logger is not None else trt.Logger(trt.Logger.WARNING))
         names = [self.engine.get_tensor_name(k) for k in range(self.engine.num_io_tensors)]
         want = set(self.input_names) | set(self.output_names)
         if set(names) != want:
@@ -717,6 +731,22 @@ class TensorRTEngine(Engine):
         self._graphs: "OrderedDict[tuple, Any]" = OrderedDict()  # (shapes, addresses, scratch) -> graph exec
 
     MAX_CACHED_BATCHES = 4
+
+    def _refit(self, onnx_path: Path, logger) -> None:
+        """Fill a weight-stripped engine from ``onnx_path`` (before any context exists)."""
+        trt = self.trt
+        rebuild = "rebuild the engine dir with 'autodiffusion-rt build PLAN --backend tensorrt --out DIR'"
+        refitter = trt.Refitter(self.engine, logger)
+        parser = trt.OnnxParserRefitter(refitter, logger)
+        if not parser.refit_from_file(str(onnx_path)):
+            errors = [str(parser.get_error(k)) for k in range(parser.num_errors)]
+            raise EngineError(f"{self.name}: TensorRT cannot refit the weight-stripped engine from {onnx_path} "
+                              f"({'; '.join(errors) or 'no details'}); {rebuild}")
+        missing = list(refitter.get_missing_weights())
+        if missing:
+            raise EngineError(f"{self.name}: {onnx_path} lacks {len(missing)} of the engine's weights (first: {missing[0]!r}); {rebuild}")
+        if not refitter.refit_cuda_engine():
+            raise EngineError(f"{self.name}: TensorRT's refit_cuda_engine failed for {onnx_path}; {rebuild}")
 
     def _device_buffers(self, batch: int) -> dict[str, int]:
         bufs = self._buffers.get(batch)
@@ -747,14 +777,34 @@ class TensorRTEngine(Engine):
         # The scratch buffer may have moved (a larger engine attached later): point at it again.
         self.context.set_device_memory(self.scratch.ptr, self.scratch.size)
 
-    def _enqueue(self, batch: int) -> None:
+    def bind_device(self, tensors: Mapping[str, int], batch: int):
+        """A runner that enqueues this step on the stream, reading and writing the device pointers ``tensors``.
+
+        For the runtime's device-resident walk: ``tensors`` maps every input
+        and output name to a device buffer of the step's shape at ``batch``;
+        the runner sets shapes and addresses (the context is shared by every
+        batch size) and enqueues, with no copy and no synchronize.
+        """
+        missing = [n for n in (*self.input_names, *self.output_names) if n not in tensors]
+        if missing:
+            raise EngineError(f"{self.name}: no device buffer for {missing}")
+        if self.max_batch is not None and batch > self.max_batch:
+            raise EngineError(f"{self.name}: batch {batch} is above the engine's maximum {self.max_batch}")
+        bufs = {n: int(tensors[n]) for n in (*self.input_names, *self.output_names)}
+
+        def step():
+            self._bind(batch, bufs)
+            self._enqueue(batch, bufs)
+
+        return step
+
+    def _enqueue(self, batch: int, bufs: Mapping[str, int]) -> None:
         if not self.cuda_graph:
             if not self.context.execute_async_v3(self.stream_handle):
                 raise EngineError(f"{self.name}: TensorRT execute_async_v3 failed")
             return
         cu = self.cudart
         # A graph replays the shapes and addresses it was captured with: key it by all of them.
-        bufs = self._buffers[batch]
         key = (batch, tuple(s.concrete(batch) for s in self.inputs), tuple(sorted(bufs.items())), self.scratch.ptr)
         graph_exec = self._graphs.get(key)
         if graph_exec is None:
@@ -791,7 +841,7 @@ class TensorRTEngine(Engine):
         for spec in self.inputs:
             arr = feeds[spec.name]
             cuda_check(cu, cu.cudaMemcpyAsync(bufs[spec.name], arr.ctypes.data, arr.nbytes, h2d, self.stream), "cudaMemcpyAsync")
-        self._enqueue(batch)
+        self._enqueue(batch, bufs)
         result = {}
         for spec in self.outputs:
             arr = out[spec.name] if out is not None and spec.name in out else np.empty(spec.concrete(batch), spec.dtype)

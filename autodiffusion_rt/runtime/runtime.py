@@ -25,6 +25,7 @@ The engine dir (``manifest.json``, format ``autodiffusion-rt-engines`` v1)::
       "model": {"spec", "name", "fingerprint", "image_shape", "num_classes", "learn_sigma"},
       "versions": {"autodiffusion_rt", "torch", "onnx", "onnxruntime", "tensorrt", "compute_capability"},
       "int8": {"fid_fp32", "limit", "steps": [{"int8", "fid"}], "samples", ...},   # int8 builds only
+      "weights": "embedded" | "stripped",       # tensorrt builds: stripped engines are refitted from onnx/ at load
       "steps": [{
         "index", "timestep", "skip": [layer ids], "coefficients": {six floats},
         "precision",                           # int8 builds: "int8" for the steps that passed the FID check
@@ -59,11 +60,9 @@ from ..errors import EngineError, PlanError
 from ..plan import Plan
 from ..sampling import check_finite, check_labels, check_n, initial_state, sample_rows
 from ..utils import sha256_file
+from .device import DeviceResidentWalk, CudaRuntimeMemory, OrtValueMemory, plan_step_buffers, slot_spec
 from .engines import (
     NOISE,
-    PREV_X0,
-    PREV_EPS,
-    EPS,
     X,
     X0,
     X_PREV,
@@ -325,11 +324,17 @@ class Runtime:
         self._resources = list(resources)  # closed with the runtime (scratch memory, stream)
         self._workspaces: "OrderedDict[int, dict]" = OrderedDict()
         self._lock = threading.Lock()  # one sampling call at a time: the workspaces are shared
+        self._device_walk: Optional[DeviceResidentWalk] = None  # set by load() for GPU backends
 
     # ------------------------------------------------------------ creation
     @classmethod
-    def from_plan(cls, plan: Plan, backend: str = "torch", *, model=None, batch_size: int = 256) -> "Runtime":
-        """Run ``plan`` on the PyTorch model (the reference); the model is loaded from the plan when not given."""
+    def from_plan(cls, plan: Plan, backend: str = "torch", *, model=None, batch_size: int = 256, device=None) -> "Runtime":
+        """Run ``plan`` on the PyTorch model (the reference); the model is loaded from the plan when not given.
+
+        ``device``: where the model runs (default cpu); a model loaded here is
+        moved there, a given one must already be there. Images come back on
+        the host, equal to the CPU's up to float rounding.
+        """
         if backend != "torch":
             raise EngineError(
                 f"Runtime.from_plan runs a plan on PyTorch (backend='torch'), got backend={backend!r}: for onnxruntime "
@@ -337,22 +342,29 @@ class Runtime:
                 f"{backend} --out DIR') and use Runtime.load(DIR)"
             )
         plan = Plan.load(plan)  # a Plan or a path
+        loaded = model is None
         model = load_plan_model(plan, model)
+        if loaded and device is not None:
+            from ..sampling import check_device
+
+            model.unet.to(check_device(None, device))  # a bad or absent device is a SamplingError, not torch's
         coeffs = plan.coefficients(model.schedule)
         keeps = plan.keep_sets(model)
         conditional = model.num_classes is not None
         engines = []
         for i, t in enumerate(plan.timesteps):
             ins, outs = step_io(coeffs, i, model.image_shape, conditional)
-            engines.append(TorchStepEngine(model, coeffs.row(i), t, keeps[i], ins, outs, name=f"step {i} (t={t}, torch)", batch_size=batch_size))
+            engines.append(TorchStepEngine(model, coeffs.row(i), t, keeps[i], ins, outs, name=f"step {i} (t={t}, torch)",
+                                           batch_size=batch_size, device=device))
         info = ModelInfo(model.name, tuple(model.image_shape), model.num_classes)
-        return cls(engines, plan, coeffs, info, "torch", None, backend_name="torch")
+        dev = engines[0].device if engines else None
+        return cls(engines, plan, coeffs, info, "torch", None, backend_name="torch" if dev is None or dev.type == "cpu" else f"torch/{dev}")
 
     @classmethod
     def load(cls, engine_dir, backend: str = "auto", *, plan: Optional[Plan] = None, model=None,
              providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
-             check_versions: bool = True, cuda_graph: bool = False, share_weights: bool = True,
-             spinning: bool = True) -> "Runtime":
+             check_versions: bool = True, cuda_graph: "bool | str" = False, share_weights: bool = True,
+             spinning: bool = True, device_resident: Optional[bool] = None) -> "Runtime":
         """Load an engine dir built by ``autodiffusion-rt build``.
 
         ``backend``: ``auto`` (what the dir was built for), ``onnxruntime``,
@@ -365,6 +377,14 @@ class Runtime:
         ``share_weights``: the onnxruntime step sessions read one copy of the
         tensors their files have in common. ``spinning=False``: onnxruntime's
         workers sleep instead of spinning while they wait for work.
+        ``cuda_graph`` (TensorRT): ``True`` or ``"step"`` replays each step as
+        its own CUDA graph; ``"schedule"`` replays the whole schedule as one
+        graph per batch size (needs the device-resident walk).
+        ``device_resident``: keep each request's state on the device from x_T
+        to the result (one copy in, one out; for TensorRT one synchronize per
+        request) instead of copying to and from the host at every step.
+        Default: on for TensorRT and onnxruntime's CUDA/TensorRT providers;
+        ``True`` on onnxruntime's CPU provider runs the same walk on CPU OrtValues.
         """
         engine_dir = Path(engine_dir)
         plan = None if plan is None else Plan.load(plan)  # a Plan or a path
@@ -374,6 +394,10 @@ class Runtime:
         if backend not in ("auto", *BACKENDS):
             raise EngineError(f"unknown backend {backend!r}: choose auto, {', '.join(BACKENDS)}")
         chosen = m["backend"] if backend == "auto" else backend
+        if cuda_graph not in (False, True, "step", "schedule"):
+            raise EngineError(f"cuda_graph={cuda_graph!r}: pass False, True (or 'step': a graph per step) or 'schedule' (one per batch size)")
+        if cuda_graph == "schedule" and device_resident is False:
+            raise EngineError("cuda_graph='schedule' replays a whole request on the device: drop device_resident=False, or use cuda_graph='step'")
         if chosen == "torch":
             rt = cls.from_plan(the_plan, "torch", model=model)
             rt.engine_dir, rt.manifest = engine_dir, m
@@ -419,8 +443,12 @@ class Runtime:
                                                  name=f"step {i} (t={step['timestep']}, onnxruntime)", optimization=levels[i],
                                                  initializers=shared[i], spinning=spinning))
             used = engines[0].providers[0] if engines else "?"
-            return cls(engines, the_plan, coeffs, info, "onnxruntime", max_batch,
-                       backend_name=f"onnxruntime/{used}", engine_dir=engine_dir, manifest=m)
+            rt = cls(engines, the_plan, coeffs, info, "onnxruntime", max_batch,
+                     backend_name=f"onnxruntime/{used}", engine_dir=engine_dir, manifest=m)
+            on_gpu = used in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+            if device_resident or (device_resident is None and on_gpu):
+                rt._device_walk = DeviceResidentWalk(engines, info.image_shape, OrtValueMemory(ort, "cuda" if on_gpu else "cpu"))
+            return rt
         # native TensorRT
         trt = import_tensorrt()
         cudart = import_cudart()
@@ -431,6 +459,9 @@ class Runtime:
             _check_version(m, "tensorrt", trt.__version__, engine_dir)
             _check_version(m, "compute_capability", cc, engine_dir, what="GPU compute capability")
         files = [_verified_file(engine_dir, s["engine"], f"step {i} engine") for i, s in enumerate(m["steps"])]
+        # Weight-stripped engines are refitted from their step's ONNX file, checked like every file.
+        refits = [_verified_file(engine_dir, s["onnx"], f"step {i} ONNX (the weights of its stripped engine)")
+                  if (s["engine"].get("record") or {}).get("weights") == "stripped" else None for i, s in enumerate(m["steps"])]
         logger = trt.Logger(trt.Logger.WARNING)
         trt_runtime = trt.Runtime(logger)
         stream = cuda_check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
@@ -441,16 +472,20 @@ class Runtime:
                 ins = [TensorSpec.from_dict(d) for d in step["inputs"]]
                 outs = [TensorSpec.from_dict(d) for d in step["outputs"]]
                 engines.append(TensorRTEngine(f.read_bytes(), ins, outs, max_batch, runtime=trt_runtime, scratch=scratch,
-                                              stream=stream, cudart=cudart, trt=trt, cuda_graph=cuda_graph,
-                                              name=f"step {i} (t={step['timestep']}, tensorrt)"))
+                                              stream=stream, cudart=cudart, trt=trt, cuda_graph=cuda_graph in (True, "step"),
+                                              name=f"step {i} (t={step['timestep']}, tensorrt)", refit_onnx=refits[i], logger=logger))
         except BaseException:
             for e in engines:
                 e.close()
             scratch.free()
             cudart.cudaStreamDestroy(stream)
             raise
-        return cls(engines, the_plan, coeffs, info, "tensorrt", max_batch, backend_name=f"tensorrt {trt.__version__}",
-                   engine_dir=engine_dir, manifest=m, resources=[(trt_runtime, logger), _Closer(scratch.free), _Closer(lambda: cudart.cudaStreamDestroy(stream))])
+        rt = cls(engines, the_plan, coeffs, info, "tensorrt", max_batch, backend_name=f"tensorrt {trt.__version__}",
+                 engine_dir=engine_dir, manifest=m, resources=[(trt_runtime, logger), _Closer(scratch.free), _Closer(lambda: cudart.cudaStreamDestroy(stream))])
+        if device_resident is None or device_resident:
+            rt._device_walk = DeviceResidentWalk(engines, info.image_shape, CudaRuntimeMemory(cudart, stream),
+                                                 schedule_graph=cuda_graph == "schedule")
+        return rt
 
     # ------------------------------------------------------------ sampling
     @property
@@ -532,60 +567,39 @@ class Runtime:
     def _workspace(self, batch: int) -> dict:
         """Per-batch-size buffers and every step bound to them (validated here, once).
 
-        x and x0 ping-pong between two buffers each, and iPNDM's eps history
-        rotates through a ring; which buffer a step reads and writes depends
-        only on its index, so step ``i`` is bound once to fixed arrays (an
-        onnxruntime IO binding by address) and a request only refills x_T, the
-        labels and each step's noise in place.
+        Which buffer a step reads and writes depends only on its index
+        (:func:`~autodiffusion_rt.runtime.device.plan_step_buffers`: x and x0
+        ping-pong, iPNDM's eps history rotates through a ring), so step ``i``
+        is bound once to fixed arrays (an onnxruntime IO binding by address)
+        and a request only refills x_T, the labels and each step's noise in place.
         """
         ws = self._workspaces.get(batch)
         if ws is not None:
             self._workspaces.move_to_end(batch)
             return ws
-        shape = (batch, *self.info.image_shape)
-        ws = {
-            X: [np.empty(shape, np.float32), np.empty(shape, np.float32)],
-            X0: [np.empty(shape, np.float32), np.empty(shape, np.float32)],
-            EPS: [np.empty(shape, np.float32) for _ in range(len(PREV_EPS) + 1)],  # iPNDM's eps history ring
-            Y: np.empty((batch,), np.int64),
-            NOISE: np.empty(shape, np.float32),
-        }
-        xs, x0s = ws[X], ws[X0]
+        plan, result, slots = plan_step_buffers([(e.input_names, e.output_names) for e in self.engines])
+        bufs = {slot: np.empty(*slot_spec(slot, batch, self.info.image_shape)) for slot in slots}
+        ws = {X: [bufs[(X, 0)], bufs[(X, 1)]], X0: [bufs.get((X0, 0)), bufs.get((X0, 1))],
+              Y: bufs.get((Y, 0)), NOISE: bufs.get((NOISE, 0))}
         steps = []
-        cur, x0_cur = 0, 0  # which ping-pong buffer holds x, and the last x0
-        history: list[np.ndarray] = []  # eps of the previous steps, most recent first
-        for i, eng in enumerate(self.engines):
-            feeds = {X: xs[cur]}
-            if Y in eng.input_names:
-                feeds[Y] = ws[Y]
-            if NOISE in eng.input_names:
-                feeds[NOISE] = ws[NOISE]
-            if PREV_X0 in eng.input_names:
-                feeds[PREV_X0] = x0s[x0_cur]
-            for name, buf in zip(PREV_EPS, history):
-                if name in eng.input_names:
-                    feeds[name] = buf
-            out = {X_PREV: xs[1 - cur]}
-            if X0 in eng.output_names:
-                out[X0] = x0s[1 - x0_cur]
-                x0_cur = 1 - x0_cur
-            if EPS in eng.output_names:
-                out[EPS] = next(b for b in ws[EPS] if not any(b is h for h in history))
-                history = [out[EPS]] + history[: len(PREV_EPS) - 1]
-            steps.append((eng.bind(feeds, out), NOISE in eng.input_names, xs[1 - cur], i, eng.name))
-            cur = 1 - cur
-        ws["steps"], ws["result"] = steps, xs[cur]
+        for i, (eng, sb) in enumerate(zip(self.engines, plan)):
+            feeds = {name: bufs[slot] for name, slot in sb.inputs.items()}
+            out = {name: bufs[slot] for name, slot in sb.outputs.items()}
+            steps.append((eng.bind(feeds, out), sb.stochastic, out[X_PREV], i, eng.name))
+        ws["steps"], ws["result"] = steps, bufs[result]
         self._workspaces[batch] = ws
         while len(self._workspaces) > 4:  # keep a few batch sizes, not every one ever seen
             self._workspaces.popitem(last=False)
         return ws
 
     def _run_chunk(self, x: torch.Tensor, y: Optional[torch.Tensor], rows: SampleNoise, progress: bool = False) -> torch.Tensor:
+        if self._device_walk is not None:
+            return self._run_chunk_on_device(x, y, rows, progress)
         ws = self._workspace(x.shape[0])
         np.copyto(ws[X][0], x.numpy())
         if y is not None:
             np.copyto(ws[Y], y.numpy())
-        noise = torch.from_numpy(ws[NOISE])
+        noise = None if ws[NOISE] is None else torch.from_numpy(ws[NOISE])
         steps = ws["steps"]
         if progress:
             from tqdm import tqdm
@@ -599,10 +613,30 @@ class Runtime:
             check_finite(output, i, int(self.coeffs.timesteps[i]), name)
         return torch.from_numpy(ws["result"].copy())
 
+    # ------------------------------------------------- device-resident walk
+    def _run_chunk_on_device(self, x: torch.Tensor, y: Optional[torch.Tensor], rows: SampleNoise, progress: bool) -> torch.Tensor:
+        """One chunk kept on the device from x_T to x_0 (:class:`~autodiffusion_rt.runtime.device.DeviceResidentWalk`).
+
+        Nothing comes back between steps, so only the result is checked for
+        NaN/inf (a NaN carries through the remaining steps).
+        """
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = lambda runners: tqdm(runners, desc=f"sample ({self.backend_name}, on device)")  # noqa: E731
+        out = self._device_walk.run(x.numpy(), None if y is None else y.numpy(), rows, bar)
+        last = len(self.engines) - 1
+        check_finite(out, last, int(self.coeffs.timesteps[last]), f"{self.backend_name} (device-resident: checked after the last step)")
+        return torch.from_numpy(out)
+
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:
         """Release the engines and their memory; the runtime cannot sample afterwards."""
         with self._lock:
+            if self._device_walk is not None:
+                self._device_walk.close()  # its buffers first: the stream and engines they use go next
+                self._device_walk = None
             for e in self.engines:
                 e.close()
             for r in reversed(self._resources):
