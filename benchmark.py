@@ -109,8 +109,7 @@ def _feeds(engine, batch: int, num_classes: Optional[int], seed: int = 0) -> dic
 
 def _tiny_plan():
     """A random-weight tiny ADM model and a 4-step plan with layers skipped (for --tiny)."""
-    from autodiffusion_rt.models.loading import _build
-    from autodiffusion_rt.models.unet import ADMUNet
+    from autodiffusion_rt.models import ADMUNet, model_from_weights
     from autodiffusion_rt.plan import Plan
 
     cfg = dict(image_size=28, in_channels=1, model_channels=32, out_channels=1, num_res_blocks=1,
@@ -121,8 +120,8 @@ def _tiny_plan():
     with torch.no_grad():
         for p in unet.parameters():
             p.copy_(torch.randn_like(p) * 0.05)
-    model = _build("tiny:benchmark", cfg, dict(noise_schedule="cosine", diffusion_steps=1000, learn_sigma=False),
-                   unet.state_dict(), "random", {})
+    model = model_from_weights("tiny:benchmark", cfg, dict(noise_schedule="cosine", diffusion_steps=1000, learn_sigma=False),
+                               unet.state_dict(), source="random")
     ids = sorted(model.unet.layer_ids)
     attn = [layer.id for layer in model.layers if layer.kind == "attn"]
     skip = [[], attn, sorted(set(attn + ids[:2])), sorted(set(attn + ids[-3:]))]
@@ -141,14 +140,15 @@ def run(plan_path=None, *, engines=None, int8_engines=None, model=None, plan=Non
     from autodiffusion_rt import sample
     from autodiffusion_rt.diffusion import uniform_timesteps
     from autodiffusion_rt.plan import Plan
-    from autodiffusion_rt.runtime import Runtime, library_versions, load_plan_model
+    from autodiffusion_rt.models import load_model_for_plan
+    from autodiffusion_rt.runtime import Runtime, library_versions
     from autodiffusion_rt.runtime.engines import cpu_isa
 
     if threads:
         torch.set_num_threads(int(threads))
     if plan is None:
         plan = Plan.load(plan_path)
-    model = load_plan_model(plan, model)
+    model = load_model_for_plan(plan, model)
     tmp = None
     try:
         if engines is None:

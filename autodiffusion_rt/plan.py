@@ -23,6 +23,7 @@ in the per-sample order (deterministic samplers give the same images).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
@@ -113,11 +114,29 @@ class Plan:
     def nfe(self) -> int:
         return len(self.timesteps)
 
-    def coefficients(self, schedule):
-        """The sampler's per-step constants over this plan's timesteps, for ``schedule``."""
+    def coefficients(self, schedule=None):
+        """The sampler's per-step constants over this plan's timesteps.
+
+        ``schedule``: the model's NoiseSchedule; None rebuilds it from the noise
+        schedule the plan records (no weights needed: what an engine dir is checked with).
+        """
         diffusion = self.model_config.get("diffusion") if isinstance(self.model_config, dict) else None
+        if schedule is None:
+            if not isinstance(diffusion, dict) or "noise_schedule" not in diffusion:
+                raise PlanError(
+                    "the plan's model.config has no 'diffusion' settings (noise_schedule, diffusion_steps): "
+                    "re-create the plan with Plan.for_model"
+                )
+            from .models.loading import diffusion_schedule
+
+            schedule = diffusion_schedule(diffusion)
         learned = bool(isinstance(diffusion, dict) and diffusion.get("learn_sigma", False))
         return compute_coefficients(self.sampler, schedule, self.timesteps, self.eta, self.clip_denoised, learned)
+
+    def sha256(self) -> str:
+        """sha256 of the plan's canonical JSON (sorted keys, no spaces): its identity in an engine dir."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def keep_sets(self, model) -> list[frozenset[str]]:
         """The layer ids that run at each step."""

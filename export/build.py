@@ -28,39 +28,25 @@ unfinished, never a half-valid one. Layout::
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from autodiffusion_rt.diffusion.step_io import step_io
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError
+from autodiffusion_rt.models import load_model_for_plan
 from autodiffusion_rt.plan import Plan
-from autodiffusion_rt.runtime.engines import (
-    cpu_isa,
-    cuda_compute_capability,
-    import_onnxruntime,
-    import_tensorrt,
-    ort_session_options,
-    step_io,
-)
-from autodiffusion_rt.runtime.runtime import (
-    MANIFEST_FORMAT,
-    MANIFEST_NAME,
-    MANIFEST_VERSION,
-    library_versions,
-    load_plan_model,
-    plan_sha256,
-)
-from autodiffusion_rt.utils import LockBusy, atomic_write, file_lock, path_error, set_default_mode, sha256_file
+from autodiffusion_rt.runtime.engines import cpu_isa, cuda_compute_capability, import_onnxruntime, import_tensorrt, ort_session_options
+from autodiffusion_rt.runtime.manifest import MANIFEST_NAME, Manifest, library_versions
+from autodiffusion_rt.utils import LockBusy, file_lock, path_error, set_default_mode, sha256_file
 
 from .cache import engine_record, canonical_hash, file_state, onnx_key, remove_unreferenced
 from .onnx_export import DEFAULT_OPSET, FP32_COND_TOL, FP32_TOL, _ort_session, _temp_beside, export_step_onnx, import_onnx
@@ -79,7 +65,7 @@ class BuildReport:
     """What a build did, step by step (``onnx``/``engine``: exported/built, reused, or rebuilt after corruption)."""
 
     engine_dir: Path
-    manifest: dict
+    manifest: Manifest
     steps: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -147,22 +133,6 @@ def optimize_for_onnxruntime(onnx_path, engine_path, *, check_batch: int = 2, te
             tmp.unlink()
         raise
     return {"seconds": time.perf_counter() - start}
-
-
-def _old_manifest(out_dir: Path) -> Optional[dict]:
-    path = out_dir / MANIFEST_NAME
-    if not path.exists():
-        return None
-    try:
-        m = json.loads(path.read_text())
-        if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or m.get("version") != MANIFEST_VERSION:
-            raise ValueError("not a version-1 engine manifest")
-        if not isinstance(m.get("steps"), list):
-            raise ValueError("no steps")
-        return m
-    except (ValueError, UnicodeDecodeError) as e:
-        warnings.warn(f"{path} is unreadable ({e}); rebuilding every step")
-        return None
 
 
 def _batch_profile(max_batch: int, opt_batch: Optional[int]) -> dict:
@@ -259,7 +229,7 @@ def build_engines(
         except ImportError:
             raise BackendUnavailableError("--simplify needs onnxslim: pip install onnxslim (or build without --simplify)") from None
 
-    model = load_plan_model(plan, model)
+    model = load_model_for_plan(plan, model)
     if precision == "int8":  # the FID check's extractor must read these images: say so before any work
         from autodiffusion_rt.metrics import get_extractor
 
@@ -332,7 +302,7 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
     isa = cpu_isa()
     if onnxslim is not None:
         versions["onnxslim"] = getattr(onnxslim, "__version__", None)
-    old = _old_manifest(out_dir)
+    old = Manifest.previous(out_dir)
     old_onnx = {s["onnx"].get("key"): s["onnx"] for s in (old or {}).get("steps", []) if isinstance(s, dict) and isinstance(s.get("onnx"), dict)}
     old_engines = {canonical_hash(s["engine"].get("record")): s["engine"] for s in (old or {}).get("steps", [])
                    if isinstance(s, dict) and isinstance(s.get("engine"), dict)}
@@ -354,8 +324,7 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
             ins, outs = step_io(coeffs, i, model.image_shape, conditional)
             mode = resolve_label_mode(model, label_mode, keep)
             key = onnx_key(
-                fingerprint=model.fingerprint, image_shape=model.image_shape, num_classes=model.num_classes,
-                learn_sigma=model.learn_sigma, timestep=t, row=row, keep=keep, inputs=ins, outputs=outs,
+                model=model, timestep=t, row=row, keep=keep, inputs=ins, outputs=outs,
                 label_mode=mode, onnx_dtype=onnx_dtype, opset=opset, simplify=simplify, versions=versions,
             )
             status = {"index": i, "timestep": t}
@@ -442,41 +411,14 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
     for step in steps:
         step["precision"] = "int8" if int8_report is not None and int8_report["steps"][step["index"]]["int8"] else (
             "fp32" if precision == "int8" else precision)
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "complete": True,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "backend": backend,
-        "precision": precision,
-        "batch": batch,
-        "opset": opset,
-        "simplify": bool(simplify),
-        "label_mode": label_mode if conditional else None,
-        "plan": plan.to_dict(),
-        "plan_sha256": plan_sha256(plan),
-        "model": {
-            "spec": plan.model_spec,
-            "name": model.name,
-            "fingerprint": model.fingerprint,
-            "image_shape": list(model.image_shape),
-            "num_classes": model.num_classes,
-            "learn_sigma": bool(model.learn_sigma),
-        },
-        "versions": versions,
-        "steps": steps,
-    }
-    if int8_report is not None:
-        manifest["int8"] = int8_report
-    as_json = json.loads(json.dumps(manifest))
-    unchanged = old is not None and {k: v for k, v in old.items() if k != "created"} == {k: v for k, v in as_json.items() if k != "created"}
-    if unchanged:
+    manifest = Manifest.new(out_dir, plan=plan, model=model, backend=backend, precision=precision, batch=batch, opset=opset,
+                            simplify=simplify, label_mode=label_mode if conditional else None, versions=versions, steps=steps,
+                            int8=int8_report)
+    if manifest.same_build(old):
         manifest = old  # up to date: not rewritten (the dir may be read-only, and its date stays the build's)
     else:
         need_write("its manifest")
-        with atomic_write(out_dir / MANIFEST_NAME, "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
+        manifest.write()
     if writable:
         referenced = [s["onnx"]["file"] for s in steps] + [s["engine"]["file"] for s in steps]
         remove_unreferenced(out_dir, referenced)  # under the build lock: any other temp file is a dead build's
@@ -513,7 +455,8 @@ def _select_int8(plan, model, coeffs, out_dir: Path, steps: list, int8_entries: 
     """Run the FID check (:func:`export.quantize.select_int8_steps`); swap the kept steps' engines to int8."""
     from autodiffusion_rt.metrics import fid, get_extractor, reference_stats
     from autodiffusion_rt.runtime import Runtime
-    from autodiffusion_rt.runtime.engines import OnnxRuntimeEngine, TensorSpec
+    from autodiffusion_rt.diffusion.step_io import TensorSpec
+    from autodiffusion_rt.runtime.engines import OnnxRuntimeEngine
     from autodiffusion_rt.runtime.runtime import ModelInfo
 
     from .quantize import select_int8_steps

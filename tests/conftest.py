@@ -32,9 +32,7 @@ def search_build_tiny_model(seed: int = 0, config: dict | None = None, diffusion
     in range and makes the schedule matter, the UNet term (zero-initialised
     layers re-drawn) makes every layer and skip set matter.
     """
-    from autodiffusion_rt.models import DiffusionModel
-    from autodiffusion_rt.models.loading import _build
-    from autodiffusion_rt.models.unet import ADMUNet
+    from autodiffusion_rt.models import ADMUNet, DiffusionModel, model_from_weights
 
     cfg = dict(SEARCH_TINY_CONFIG if config is None else config)
     torch.manual_seed(seed)
@@ -45,7 +43,7 @@ def search_build_tiny_model(seed: int = 0, config: dict | None = None, diffusion
         if v.is_floating_point() and v.numel() and not v.any():
             v = torch.randn(v.shape, generator=g) * 0.05
         state[k] = v.clone()
-    base = _build("tiny:search", cfg, dict(SEARCH_TINY_DIFFUSION if diffusion is None else diffusion), state, "<random>", {})
+    base = model_from_weights("tiny:search", cfg, dict(SEARCH_TINY_DIFFUSION if diffusion is None else diffusion), state, source="<random>")
     acp = torch.tensor(base.schedule.alphas_cumprod, dtype=torch.float32)
 
     class _TinyModel(DiffusionModel):
@@ -132,15 +130,14 @@ CORE_TINY_DIFFUSION = dict(noise_schedule="linear", diffusion_steps=1000, learn_
 
 def core_random_model(config: dict = CORE_TINY_CONFIG, diffusion: dict = CORE_TINY_DIFFUSION, seed: int = 0, scale: float = 0.1):
     """A DiffusionModel with every weight random (ADM zero-inits output convs, which would hide errors)."""
-    from autodiffusion_rt.models.loading import _build
-    from autodiffusion_rt.models.unet import ADMUNet
+    from autodiffusion_rt.models import ADMUNet, model_from_weights
 
     torch.manual_seed(seed)
     unet = ADMUNet(**config)
     with torch.no_grad():
         for p in unet.parameters():
             p.copy_(torch.randn_like(p) * scale)
-    return _build(f"random:{seed}", config, diffusion, unet.state_dict(), "test", {})
+    return model_from_weights(f"random:{seed}", config, diffusion, unet.state_dict(), source="test")
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from autodiffusion_rt import sample
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError, Error, SamplingError
 from autodiffusion_rt.plan import Plan
 from autodiffusion_rt.runtime import Runtime, sample_from_engines
-from autodiffusion_rt.runtime.runtime import MANIFEST_NAME, plan_sha256
+from autodiffusion_rt.runtime.manifest import MANIFEST_NAME
 from export.build import build_engines
 from conftest import core_random_model
 
@@ -207,7 +207,7 @@ def test_manifest_that_does_not_match_its_plan(dir_copy):
 
     def consistent_plan_wrong_steps(m):  # a plan and hash that agree, steps built for another plan
         p = Plan.from_dict(m["plan"])
-        m["plan_sha256"] = plan_sha256(p)
+        m["plan_sha256"] = p.sha256()
         m["steps"][0]["skip"] = ["middle_block.1"]
 
     edit_manifest(d, consistent_plan_wrong_steps)

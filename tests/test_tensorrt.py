@@ -27,7 +27,7 @@ import torch
 
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError
 from autodiffusion_rt.plan import Plan
-from autodiffusion_rt.runtime import Runtime, read_manifest
+from autodiffusion_rt.runtime import Manifest, Runtime
 from export.build import build_engines
 from conftest import core_random_model
 
@@ -464,7 +464,7 @@ def test_tensorrt_api_usage_against_stand_in_module_not_a_real_run(fake_trt, mod
     # the float32 ONNX files are shared with the onnxruntime build; strongly typed fp16 needs float16 graphs
     strongly_typed_fp16 = version.startswith("11") and precision == "fp16"
     assert [s["onnx"] for s in report.steps] == ["exported" if strongly_typed_fp16 else "reused"] * 3
-    m = read_manifest(d)
+    m = Manifest.read(d)
     assert m["backend"] == "tensorrt" and m["versions"]["tensorrt"] == version and m["versions"]["compute_capability"] == "8.9"
     assert all(s["engine"]["file"].endswith(".plan") and (d / s["engine"]["file"]).is_file() for s in m["steps"])
     assert (d / "timing.cache").read_bytes() == b"FAKE-CACHE 3"  # one cache, extended by every step's build
