@@ -448,7 +448,8 @@ class ADMUNet(SkippableUNet):
 
     def projected_blocks(self, keep: Optional[frozenset[str]] = None) -> list[ResBlock]:
         """The running ResBlocks (the blocks that read the embedding), in module order."""
-        return [m for m in self.modules() if isinstance(m, ResBlock) and (keep is None or m.layer_id in keep)]
+        return [m for _, stage in self._stages() for m in stage
+                if isinstance(m, ResBlock) and (keep is None or m.layer_id in keep)]
 
     def forward_projected(
         self, x: torch.Tensor, projections: Mapping[str, torch.Tensor], keep: Optional[frozenset[str]] = None

@@ -45,6 +45,7 @@ import torch
 from ..diffusion import StepCoefficients, step_update
 from ..diffusion.step_io import BATCH, EPS, NOISE, PREV_EPS, PREV_X0, X, X0, X_PREV, Y, TensorSpec, step_io
 from ..errors import BackendUnavailableError, EngineError
+from ..sampling import eps_in_chunks
 
 __all__ = [
     "BATCH",
@@ -195,14 +196,8 @@ class TorchStepEngine(Engine):
     def _run(self, feeds, out, batch):
         x = torch.from_numpy(feeds[X])
         y = torch.from_numpy(feeds[Y]) if Y in feeds else None
-        eps = []
-        kw = {"variance": True} if self.row.learned_variance else {}
-        # Same chunking as autodiffusion_rt.sampling.make_eps_fn, so results are bit-identical to sample().
-        for s in range(0, batch, self.batch_size):
-            xb = x[s : s + self.batch_size]
-            t = torch.full((xb.shape[0],), self.timestep, dtype=torch.long)
-            eps.append(self.model.eps(xb, t, None if y is None else y[s : s + self.batch_size], self.keep, **kw))
-        eps = torch.cat(eps)
+        # sample()'s chunking, so results are bit-identical to it.
+        eps = eps_in_chunks(self.model, x, self.timestep, y, self.keep, self.batch_size, self.row.learned_variance)
         var_v = None
         if self.row.learned_variance:
             eps, var_v = eps[:, : x.shape[1]], eps[:, x.shape[1] :]
