@@ -114,22 +114,9 @@ class Plan:
     def nfe(self) -> int:
         return len(self.timesteps)
 
-    def coefficients(self, schedule=None):
-        """The sampler's per-step constants over this plan's timesteps.
-
-        ``schedule``: the model's NoiseSchedule; None rebuilds it from the noise
-        schedule the plan records (no weights needed: what an engine dir is checked with).
-        """
+    def coefficients(self, schedule):
+        """The sampler's per-step constants over this plan's timesteps, for ``schedule``."""
         diffusion = self.model_config.get("diffusion") if isinstance(self.model_config, dict) else None
-        if schedule is None:
-            if not isinstance(diffusion, dict) or "noise_schedule" not in diffusion:
-                raise PlanError(
-                    "the plan's model.config has no 'diffusion' settings (noise_schedule, diffusion_steps): "
-                    "re-create the plan with Plan.for_model"
-                )
-            from .models.loading import diffusion_schedule
-
-            schedule = diffusion_schedule(diffusion)
         learned = bool(isinstance(diffusion, dict) and diffusion.get("learn_sigma", False))
         return compute_coefficients(self.sampler, schedule, self.timesteps, self.eta, self.clip_denoised, learned)
 

@@ -24,18 +24,15 @@ Nothing is downloaded: a missing file is an error that says where it was looked 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
-
-import math
 
 import torch
 
 from ..diffusion import NoiseSchedule
 from ..errors import CheckpointError, ModelSpecError
 from ..utils import weights_fingerprint
-from .adapter import Layer, SkippableUNet
+from .model import DiffusionModel
 from .unet import ADMUNet
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets"
@@ -133,64 +130,6 @@ def adm_config(preset: Optional[str] = None, **flags) -> tuple[dict, dict]:
         noise_schedule=str(f["noise_schedule"]), diffusion_steps=int(f["diffusion_steps"]), learn_sigma=bool(f["learn_sigma"])
     )
     return unet, diffusion
-
-
-@dataclass(eq=False)
-class DiffusionModel:
-    """A pretrained diffusion UNet with everything a sampler needs."""
-
-    name: str
-    unet: SkippableUNet
-    schedule: NoiseSchedule
-    config: dict  # {"unet": ADMUNet kwargs, "diffusion": {...}}
-    fingerprint: str
-    learn_sigma: bool = False
-    metadata: dict = field(default_factory=dict)
-    prediction_type: str = "epsilon"  # or "v_prediction" (diffusers models)
-
-    @property
-    def layers(self) -> tuple[Layer, ...]:
-        return self.unet.layers
-
-    @property
-    def num_classes(self) -> Optional[int]:
-        return self.unet.num_classes
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (self.unet.in_channels, self.unet.image_size, self.unet.image_size)
-
-    @property
-    def num_timesteps(self) -> int:
-        return self.schedule.num_timesteps
-
-    def eps(self, x: torch.Tensor, t: torch.Tensor, y=None, keep=None, variance: bool = False) -> torch.Tensor:
-        """The noise prediction (the first C channels of a learn_sigma model; converted from v).
-
-        ``variance=True`` on a learn_sigma model: [eps, v] stacked along channels, v the
-        variance interpolation a learned-variance DDPM step reads.
-        """
-        return self.eps_from_output(self.unet(x, t, y, keep), x, t, variance)
-
-    def eps_from_output(self, out: torch.Tensor, x: torch.Tensor, t, variance: bool = False) -> torch.Tensor:
-        """The network's raw output at (x, t) -> eps (or [eps, v], see :meth:`eps`).
-
-        ``t``: a python int (folded as constants) or a tensor. v-prediction
-        (v = sqrt(a) eps - sqrt(1-a) x0, x = sqrt(a) x0 + sqrt(1-a) eps) gives
-        eps = sqrt(a) v + sqrt(1-a) x.
-        """
-        if self.learn_sigma:
-            if variance:
-                return out
-            out = out[:, : x.shape[1]]
-        if self.prediction_type == "epsilon":
-            return out
-        acp = self.schedule.alphas_cumprod
-        if isinstance(t, int):
-            a = float(acp[t])
-            return math.sqrt(a) * out + math.sqrt(1 - a) * x
-        a = torch.as_tensor(acp, dtype=torch.float64, device=x.device)[t.long()].view(-1, 1, 1, 1)
-        return (a.sqrt() * out + (1 - a).sqrt() * x).to(out.dtype)
 
 
 def _check_state_dict(unet: ADMUNet, state_dict: dict, source: str) -> None:

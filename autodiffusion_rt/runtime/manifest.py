@@ -244,7 +244,7 @@ class Manifest(Mapping):
             raise EngineError(f"{path}: model fingerprint {str(model.get('fingerprint'))[:12]}... does not match the plan's; {rebuild}")
         if len(m["steps"]) != plan.nfe:
             raise EngineError(f"{path}: the manifest has {len(m['steps'])} steps but its plan has {plan.nfe} timesteps; {rebuild}")
-        coeffs = plan.coefficients()
+        coeffs = _plan_coefficients(plan)
         image_shape = tuple(model.get("image_shape") or ())
         if len(image_shape) != 3:
             raise EngineError(f"{path}: model.image_shape must be [C, H, W], got {model.get('image_shape')!r}; {rebuild}")
@@ -289,6 +289,19 @@ class Manifest(Mapping):
                 f"{self.engine_dir} was built with {what or key} {recorded} but {installed} is installed: rebuild with "
                 f"'autodiffusion-rt build PLAN --out {self.engine_dir}' (or install {what or key} {recorded})"
             )
+
+
+def _plan_coefficients(plan: Plan) -> SamplerCoefficients:
+    """The plan's sampler coefficients from the noise schedule its model config records (no weights needed)."""
+    diffusion = plan.model_config.get("diffusion") if isinstance(plan.model_config, dict) else None
+    if not isinstance(diffusion, dict) or "noise_schedule" not in diffusion:
+        raise PlanError(
+            "the plan's model.config has no 'diffusion' settings (noise_schedule, diffusion_steps): "
+            "re-create the plan with Plan.for_model"
+        )
+    from ..models.loading import diffusion_schedule
+
+    return plan.coefficients(diffusion_schedule(diffusion))
 
 
 def _check_coefficients(recorded: dict, row: StepCoefficients, where: str, rebuild: str) -> None:
