@@ -165,3 +165,30 @@ def one_thread_per_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+# ------------------------------------------------------------- engine fixtures
+def core_engine_model(seed: int = 0, learn_sigma: bool = False, **overrides):
+    """The tiny ADM model the export, runtime and TensorRT tests build engines for: every kind of layer
+    (channel-changing ResBlocks, resampling, attention), exported in well under a second; weights random at 0.05."""
+    cfg = {**CORE_TINY_CONFIG, **overrides}
+    if learn_sigma:
+        cfg["out_channels"] = 2 * cfg["in_channels"]
+    return core_random_model(cfg, {**CORE_TINY_DIFFUSION, "learn_sigma": learn_sigma}, seed=seed, scale=0.05)
+
+
+def core_plan(model, timesteps, sampler: str = "ddim", eta: float = 0.0, skip=None):
+    """A plan for a test model, its spec naming the model (test models are not loadable specs)."""
+    from autodiffusion_rt.plan import Plan
+
+    return Plan.for_model(model, timesteps, sampler=sampler, eta=eta, skip=skip, spec=f"test:{model.name}")
+
+
+@pytest.fixture(scope="session")
+def engine_uncond_model():
+    return core_engine_model(0)
+
+
+@pytest.fixture(scope="session")
+def engine_cond_model():
+    return core_engine_model(1, num_classes=3, resblock_updown=True)

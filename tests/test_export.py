@@ -20,43 +20,25 @@ from export import build as build_mod
 from export.build import build_engines
 from export.onnx_export import export_step_onnx
 from export.subnet import StepModule, step_modules
-from conftest import core_random_model
+from conftest import core_engine_model, core_plan
 
-# Small enough to export in well under a second, big enough to have every kind
-# of layer: channel-changing ResBlocks (1x1 skip), resampling, attention.
-CONFIG = dict(
-    image_size=8, in_channels=1, model_channels=32, out_channels=1, num_res_blocks=1,
-    attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2, use_scale_shift_norm=True,
-    conv_resample=True, num_classes=None,
-)
-DIFFUSION = dict(noise_schedule="linear", diffusion_steps=1000, learn_sigma=False)
 TIMESTEPS = [300, 200, 100]
-
-
-def random_model(seed=0, **overrides):
-    """A DiffusionModel with every weight random (ADM zero-inits output convs, which would hide errors)."""
-    cfg = {**CONFIG, **{k: v for k, v in overrides.items() if k != "learn_sigma"}}
-    diffusion = {**DIFFUSION, "learn_sigma": overrides.get("learn_sigma", False)}
-    if diffusion["learn_sigma"]:
-        cfg["out_channels"] = 2 * cfg["in_channels"]
-    return core_random_model(cfg, diffusion, seed=seed, scale=0.05)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
-def uncond():
-    return random_model(0)
+def uncond(engine_uncond_model):
+    return engine_uncond_model
 
 
 @pytest.fixture(scope="module")
-def cond():
-    return random_model(1, num_classes=3, resblock_updown=True)
+def cond(engine_cond_model):
+    return engine_cond_model
 
 
 def plan_for(model, sampler="ddim", skip=None, timesteps=TIMESTEPS, eta=0.0):
-    return Plan.for_model(model, timesteps, sampler=sampler, eta=eta, skip=skip, spec=f"test:{model.name}")
+    return core_plan(model, timesteps, sampler, eta, skip)
 
 
 def ids(model):
@@ -93,7 +75,7 @@ def test_step_module_equals_unfolded_model_and_update(cond, label_mode):
 
 
 def test_step_io_follows_the_sampler():
-    model = random_model(2, learn_sigma=True)
+    model = core_engine_model(2, learn_sigma=True)
     # DPM-Solver++(2M): first order at the first and the last step (to sigma = 0), second order between
     dpm = step_modules(model, plan_for(model, "dpmpp_2m", timesteps=[400, 300, 200, 100]))
     assert [m.input_names for m in dpm] == [("x",), ("x", "prev_x0"), ("x", "prev_x0"), ("x",)]
@@ -362,7 +344,7 @@ def test_build_rejects_bad_arguments(uncond, tmp_path):
         with pytest.raises(Error, match=match):
             build_engines(plan, tmp_path / "e", model=uncond, progress=False, **kw)
     assert not (tmp_path / "e").exists()
-    other = random_model(7)
+    other = core_engine_model(7)
     with pytest.raises(Error, match="weights"):
         build_engines(plan, tmp_path / "e", model=other, progress=False)
     with pytest.raises(Error, match="twice"):  # such a plan would not load back
