@@ -46,6 +46,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from autodiffusion_rt.utils import positive_ints
+
 __all__ = ["format_report", "main", "matmul_peak_gflops", "plot_report", "resident_mb", "run"]
 
 
@@ -287,16 +289,6 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, e.g. 1,16,256")
-    return values
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--serve" or a.startswith("--serve=") for a in argv):  # load test of a running service: its own options
@@ -308,8 +300,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     src.add_argument("--plan", help="plan.json to benchmark")
     src.add_argument("--tiny", action="store_true", help="a random tiny model and plan (smoke test of this tool)")
     ap.add_argument("--engines", default=None, help="engine dir built from the plan (default: build one in a temp dir)")
-    ap.add_argument("--batch-sizes", type=_ints, default=[1, 16, 256], help="per-step table batch sizes (default 1,16,256)")
-    ap.add_argument("--e2e-batch-sizes", type=_ints, default=[1, 16], help="end-to-end batch sizes (default 1,16)")
+    ap.add_argument("--batch-sizes", type=positive_ints, default=[1, 16, 256], help="per-step table batch sizes (default 1,16,256)")
+    ap.add_argument("--e2e-batch-sizes", type=positive_ints, default=[1, 16], help="end-to-end batch sizes (default 1,16)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median; default 5)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     ap.add_argument("--full-steps", type=int, default=50, help="steps of the full-model DDIM baseline (default 50)")

@@ -330,15 +330,10 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
             status = {"index": i, "timestep": t}
             # ---------------------------------------------------------- ONNX
             onnx_rel = f"onnx/step{i:02d}-{key[:16]}.onnx"
-            prev = old_onnx.get(key)
-            onnx_entry = None
-            if prev is not None and not force:
-                state = file_state(out_dir / prev["file"], prev.get("sha256"))
-                if state == "ok":
-                    onnx_entry, status["onnx"] = dict(prev), "reused"
-                elif state == "corrupt":
-                    warnings.warn(f"{out_dir / prev['file']} is corrupted or truncated (sha256 mismatch); exporting step {i} again")
-            if onnx_entry is None:
+            onnx_entry = _reusable(out_dir, old_onnx.get(key), force, f"exporting step {i} again")
+            if onnx_entry is not None:
+                status["onnx"] = "reused"
+            else:
                 need_write(f"step {i}'s ONNX file")
                 if onnx_dtype == "float16" and half is None:
                     half = half_unet(model)
@@ -361,15 +356,10 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
             digest = canonical_hash(record)
             ext = ".plan" if backend == "tensorrt" else ".onnx"
             engine_rel = f"engines/step{i:02d}-{digest[:16]}{ext}"
-            prev = old_engines.get(digest)
-            engine_entry = None
-            if prev is not None and not force:
-                state = file_state(out_dir / prev["file"], prev.get("sha256"))
-                if state == "ok":
-                    engine_entry, status["engine"] = dict(prev), "reused"
-                elif state == "corrupt":
-                    warnings.warn(f"engine {out_dir / prev['file']} is corrupted or truncated (sha256 mismatch); rebuilding step {i}")
-            if engine_entry is None:
+            engine_entry = _reusable(out_dir, old_engines.get(digest), force, f"rebuilding step {i}'s engine")
+            if engine_entry is not None:
+                status["engine"] = "reused"
+            else:
                 need_write(f"step {i}'s engine")
                 target = out_dir / engine_rel
                 if backend == "onnxruntime":
@@ -425,6 +415,19 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
     return BuildReport(out_dir, manifest, report_steps, time.perf_counter() - start)
 
 
+def _reusable(out_dir: Path, prev: Optional[dict], force: bool, then: str) -> Optional[dict]:
+    """The previous build's entry for a file when it may be reused: named by the same key and still intact.
+
+    A file that no longer hashes to its recorded sha256 is never reused: a warning says so and ``then``.
+    """
+    if prev is None or force:
+        return None
+    state = file_state(out_dir / prev["file"], prev.get("sha256"))
+    if state == "corrupt":
+        warnings.warn(f"{out_dir / prev['file']} is corrupted or truncated (sha256 mismatch); {then}")
+    return dict(prev) if state == "ok" else None
+
+
 def _int8_engine(out_dir: Path, i: int, onnx_entry: dict, feeds, versions: dict, isa: str, batch: dict,
                  settings: dict, old_engines: dict, force: bool) -> dict:
     """Step i's int8 engine entry (quantized and optimized now, or reused by its record)."""
@@ -434,9 +437,9 @@ def _int8_engine(out_dir: Path, i: int, onnx_entry: dict, feeds, versions: dict,
                            batch=batch, versions=versions, isa=isa, optimization=ORT_ENGINE_LEVEL, int8=settings)
     digest = canonical_hash(record)
     rel = f"engines/step{i:02d}-{digest[:16]}.onnx"
-    prev = old_engines.get(digest)
-    if prev is not None and not force and file_state(out_dir / prev["file"], prev.get("sha256")) == "ok":
-        return dict(prev)
+    prev = _reusable(out_dir, old_engines.get(digest), force, f"quantizing step {i} again")
+    if prev is not None:
+        return prev
     start = time.perf_counter()
     target = out_dir / rel
     qdq = target.with_name(f".{target.name}.qdq")
