@@ -144,3 +144,12 @@ def test_a_cycle_is_found(tmp_path):
 @pytest.mark.parametrize("package", PACKAGES)
 def test_every_package_is_read(package):
     assert any(m == package or m.startswith(package + ".") for m in module_names())
+
+
+def test_the_core_imports_no_tool_package():
+    """``autodiffusion_rt`` never imports ``export`` or ``search``, and reaches ``kernels`` only through
+    ``utils.kernel_hook`` (DESIGN: dependencies point one way)."""
+    graph = import_graph(module_names())
+    crossing = sorted((a, b) for a, targets in graph.items() for b in targets
+                      if a.split(".")[0] == "autodiffusion_rt" and b.split(".")[0] in ("export", "search", "kernels"))
+    assert crossing == [("autodiffusion_rt.utils", "kernels")]
