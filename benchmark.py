@@ -46,6 +46,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from autodiffusion_rt.utils import positive_ints
+
 __all__ = ["format_report", "main", "matmul_peak_gflops", "plot_report", "resident_mb", "run"]
 
 
@@ -109,8 +111,7 @@ def _feeds(engine, batch: int, num_classes: Optional[int], seed: int = 0) -> dic
 
 def _tiny_plan():
     """A random-weight tiny ADM model and a 4-step plan with layers skipped (for --tiny)."""
-    from autodiffusion_rt.models.loading import _build
-    from autodiffusion_rt.models.unet import ADMUNet
+    from autodiffusion_rt.models import ADMUNet, model_from_weights
     from autodiffusion_rt.plan import Plan
 
     cfg = dict(image_size=28, in_channels=1, model_channels=32, out_channels=1, num_res_blocks=1,
@@ -121,8 +122,8 @@ def _tiny_plan():
     with torch.no_grad():
         for p in unet.parameters():
             p.copy_(torch.randn_like(p) * 0.05)
-    model = _build("tiny:benchmark", cfg, dict(noise_schedule="cosine", diffusion_steps=1000, learn_sigma=False),
-                   unet.state_dict(), "random", {})
+    model = model_from_weights("tiny:benchmark", cfg, dict(noise_schedule="cosine", diffusion_steps=1000, learn_sigma=False),
+                               unet.state_dict(), source="random")
     ids = sorted(model.unet.layer_ids)
     attn = [layer.id for layer in model.layers if layer.kind == "attn"]
     skip = [[], attn, sorted(set(attn + ids[:2])), sorted(set(attn + ids[-3:]))]
@@ -143,7 +144,8 @@ def run(plan_path=None, *, engines=None, int8_engines=None, model=None, plan=Non
     from autodiffusion_rt import sample
     from autodiffusion_rt.diffusion import uniform_timesteps
     from autodiffusion_rt.plan import Plan
-    from autodiffusion_rt.runtime import Runtime, library_versions, load_plan_model
+    from autodiffusion_rt.models import load_model_for_plan
+    from autodiffusion_rt.runtime import Runtime, library_versions
     from autodiffusion_rt.runtime.engines import cpu_isa
     from autodiffusion_rt.sampling import check_device
 
@@ -151,7 +153,7 @@ def run(plan_path=None, *, engines=None, int8_engines=None, model=None, plan=Non
         torch.set_num_threads(int(threads))
     if plan is None:
         plan = Plan.load(plan_path)
-    model = load_plan_model(plan, model)
+    model = load_model_for_plan(plan, model)
     tmp = None
     try:
         if engines is None:
@@ -302,16 +304,6 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, e.g. 1,16,256")
-    return values
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--serve" or a.startswith("--serve=") for a in argv):  # load test of a running service: its own options
@@ -323,8 +315,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     src.add_argument("--plan", help="plan.json to benchmark")
     src.add_argument("--tiny", action="store_true", help="a random tiny model and plan (smoke test of this tool)")
     ap.add_argument("--engines", default=None, help="engine dir built from the plan (default: build one in a temp dir)")
-    ap.add_argument("--batch-sizes", type=_ints, default=[1, 16, 256], help="per-step table batch sizes (default 1,16,256)")
-    ap.add_argument("--e2e-batch-sizes", type=_ints, default=[1, 16], help="end-to-end batch sizes (default 1,16)")
+    ap.add_argument("--batch-sizes", type=positive_ints, default=[1, 16, 256], help="per-step table batch sizes (default 1,16,256)")
+    ap.add_argument("--e2e-batch-sizes", type=positive_ints, default=[1, 16], help="end-to-end batch sizes (default 1,16)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median; default 5)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     ap.add_argument("--full-steps", type=int, default=50, help="steps of the full-model DDIM baseline (default 50)")

@@ -23,6 +23,7 @@ in the per-sample order (deterministic samplers give the same images).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
@@ -118,6 +119,11 @@ class Plan:
         diffusion = self.model_config.get("diffusion") if isinstance(self.model_config, dict) else None
         learned = bool(isinstance(diffusion, dict) and diffusion.get("learn_sigma", False))
         return compute_coefficients(self.sampler, schedule, self.timesteps, self.eta, self.clip_denoised, learned)
+
+    def sha256(self) -> str:
+        """sha256 of the plan's canonical JSON (sorted keys, no spaces): its identity in an engine dir."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def keep_sets(self, model) -> list[frozenset[str]]:
         """The layer ids that run at each step."""

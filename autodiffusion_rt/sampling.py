@@ -132,21 +132,30 @@ def per_step_keep(model: DiffusionModel, keep: KeepSpec, num_steps: int) -> list
     return [model.unet.check_keep(k) for k in items]
 
 
-def make_eps_fn(model: DiffusionModel, y: Optional[torch.Tensor], keeps: list, batch_size: int = 256,
-                variance: bool = False) -> Callable:
-    """eps_fn(x, t, i) for :func:`sample_loop`: step i runs the layers in ``keeps[i]``, in chunks.
+def eps_in_chunks(model: DiffusionModel, x: torch.Tensor, t: int, y: Optional[torch.Tensor], keep,
+                  batch_size: int = 256, variance: bool = False) -> torch.Tensor:
+    """``model.eps`` of ``x`` at timestep ``t`` over the layers in ``keep``, in fixed chunks of ``batch_size``.
 
-    ``variance``: return [eps, v] (a learned-variance DDPM; see ``DiffusionModel.eps``).
+    Every caller (``sample()``, the torch engine, the search's evaluator) chunks
+    the same way, so a sample's eps never depends on the other samples of the
+    batch and their results agree bit for bit. ``variance``: [eps, v] (a
+    learned-variance DDPM; see ``DiffusionModel.eps``).
     """
     kw = {"variance": True} if variance else {}
+    outs = []
+    for s in range(0, x.shape[0], batch_size):
+        xb = x[s : s + batch_size]
+        tb = torch.full((xb.shape[0],), t, dtype=torch.long, device=xb.device)
+        outs.append(model.eps(xb, tb, None if y is None else y[s : s + batch_size], keep, **kw))
+    return torch.cat(outs)
+
+
+def make_eps_fn(model: DiffusionModel, y: Optional[torch.Tensor], keeps: list, batch_size: int = 256,
+                variance: bool = False) -> Callable:
+    """eps_fn(x, t, i) for :func:`sample_loop`: step i runs the layers in ``keeps[i]`` (:func:`eps_in_chunks`)."""
 
     def eps_fn(x: torch.Tensor, t: int, i: int) -> torch.Tensor:
-        outs = []
-        for s in range(0, x.shape[0], batch_size):
-            xb = x[s : s + batch_size]
-            tb = torch.full((xb.shape[0],), t, dtype=torch.long, device=xb.device)
-            outs.append(model.eps(xb, tb, None if y is None else y[s : s + batch_size], keeps[i], **kw))
-        return torch.cat(outs)
+        return eps_in_chunks(model, x, t, y, keeps[i], batch_size, variance)
 
     return eps_fn
 

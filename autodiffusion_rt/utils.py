@@ -150,6 +150,19 @@ def check_writable(path: str | os.PathLike, what: str, fix: str, error=None, dir
     return path
 
 
+def positive_ints(text: str) -> list[int]:
+    """argparse ``type=``: a comma-separated list of positive integers (``1,16,256``)."""
+    import argparse
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, e.g. 1,16,256")
+    return values
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -28,39 +28,25 @@ unfinished, never a half-valid one. Layout::
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from autodiffusion_rt.diffusion.step_io import step_io
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError
+from autodiffusion_rt.models import load_model_for_plan
 from autodiffusion_rt.plan import Plan
-from autodiffusion_rt.runtime.engines import (
-    cpu_isa,
-    cuda_compute_capability,
-    import_onnxruntime,
-    import_tensorrt,
-    ort_session_options,
-    step_io,
-)
-from autodiffusion_rt.runtime.runtime import (
-    MANIFEST_FORMAT,
-    MANIFEST_NAME,
-    MANIFEST_VERSION,
-    library_versions,
-    load_plan_model,
-    plan_sha256,
-)
-from autodiffusion_rt.utils import LockBusy, atomic_write, file_lock, path_error, set_default_mode, sha256_file
+from autodiffusion_rt.runtime.engines import cpu_isa, cuda_compute_capability, import_onnxruntime, import_tensorrt, ort_session_options
+from autodiffusion_rt.runtime.manifest import MANIFEST_NAME, Manifest, library_versions
+from autodiffusion_rt.utils import LockBusy, file_lock, path_error, set_default_mode, sha256_file
 
 from .cache import engine_record, canonical_hash, file_state, onnx_key, remove_unreferenced
 from .onnx_export import DEFAULT_OPSET, FP32_COND_TOL, FP32_TOL, _ort_session, _temp_beside, export_step_onnx, import_onnx
@@ -79,7 +65,7 @@ class BuildReport:
     """What a build did, step by step (``onnx``/``engine``: exported/built, reused, or rebuilt after corruption)."""
 
     engine_dir: Path
-    manifest: dict
+    manifest: Manifest
     steps: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -147,22 +133,6 @@ def optimize_for_onnxruntime(onnx_path, engine_path, *, check_batch: int = 2, te
             tmp.unlink()
         raise
     return {"seconds": time.perf_counter() - start}
-
-
-def _old_manifest(out_dir: Path) -> Optional[dict]:
-    path = out_dir / MANIFEST_NAME
-    if not path.exists():
-        return None
-    try:
-        m = json.loads(path.read_text())
-        if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or m.get("version") != MANIFEST_VERSION:
-            raise ValueError("not a version-1 engine manifest")
-        if not isinstance(m.get("steps"), list):
-            raise ValueError("no steps")
-        return m
-    except (ValueError, UnicodeDecodeError) as e:
-        warnings.warn(f"{path} is unreadable ({e}); rebuilding every step")
-        return None
 
 
 def _batch_profile(max_batch: int, opt_batch: Optional[int]) -> dict:
@@ -267,7 +237,7 @@ def build_engines(
         except ImportError:
             raise BackendUnavailableError("--simplify needs onnxslim: pip install onnxslim (or build without --simplify)") from None
 
-    model = load_plan_model(plan, model)
+    model = load_model_for_plan(plan, model)
     if precision == "int8":  # the FID check's extractor must read these images: say so before any work
         from autodiffusion_rt.metrics import get_extractor
 
@@ -341,7 +311,7 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
     isa = cpu_isa()
     if onnxslim is not None:
         versions["onnxslim"] = getattr(onnxslim, "__version__", None)
-    old = _old_manifest(out_dir)
+    old = Manifest.previous(out_dir)
     old_onnx = {s["onnx"].get("key"): s["onnx"] for s in (old or {}).get("steps", []) if isinstance(s, dict) and isinstance(s.get("onnx"), dict)}
     old_engines = {canonical_hash(s["engine"].get("record")): s["engine"] for s in (old or {}).get("steps", [])
                    if isinstance(s, dict) and isinstance(s.get("engine"), dict)}
@@ -363,22 +333,16 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
             ins, outs = step_io(coeffs, i, model.image_shape, conditional)
             mode = resolve_label_mode(model, label_mode, keep)
             key = onnx_key(
-                fingerprint=model.fingerprint, image_shape=model.image_shape, num_classes=model.num_classes,
-                learn_sigma=model.learn_sigma, timestep=t, row=row, keep=keep, inputs=ins, outputs=outs,
+                model=model, timestep=t, row=row, keep=keep, inputs=ins, outputs=outs,
                 label_mode=mode, onnx_dtype=onnx_dtype, opset=opset, simplify=simplify, versions=versions,
             )
             status = {"index": i, "timestep": t}
             # ---------------------------------------------------------- ONNX
             onnx_rel = f"onnx/step{i:02d}-{key[:16]}.onnx"
-            prev = old_onnx.get(key)
-            onnx_entry = None
-            if prev is not None and not force:
-                state = file_state(out_dir / prev["file"], prev.get("sha256"))
-                if state == "ok":
-                    onnx_entry, status["onnx"] = dict(prev), "reused"
-                elif state == "corrupt":
-                    warnings.warn(f"{out_dir / prev['file']} is corrupted or truncated (sha256 mismatch); exporting step {i} again")
-            if onnx_entry is None:
+            onnx_entry = _reusable(out_dir, old_onnx.get(key), force, f"exporting step {i} again")
+            if onnx_entry is not None:
+                status["onnx"] = "reused"
+            else:
                 need_write(f"step {i}'s ONNX file")
                 if onnx_dtype == "float16" and half is None:
                     half = half_unet(model)
@@ -401,15 +365,10 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
             digest = canonical_hash(record)
             ext = ".plan" if backend == "tensorrt" else ".onnx"
             engine_rel = f"engines/step{i:02d}-{digest[:16]}{ext}"
-            prev = old_engines.get(digest)
-            engine_entry = None
-            if prev is not None and not force:
-                state = file_state(out_dir / prev["file"], prev.get("sha256"))
-                if state == "ok":
-                    engine_entry, status["engine"] = dict(prev), "reused"
-                elif state == "corrupt":
-                    warnings.warn(f"engine {out_dir / prev['file']} is corrupted or truncated (sha256 mismatch); rebuilding step {i}")
-            if engine_entry is None:
+            engine_entry = _reusable(out_dir, old_engines.get(digest), force, f"rebuilding step {i}'s engine")
+            if engine_entry is not None:
+                status["engine"] = "reused"
+            else:
                 need_write(f"step {i}'s engine")
                 target = out_dir / engine_rel
                 if backend == "onnxruntime":
@@ -451,47 +410,32 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
     for step in steps:
         step["precision"] = "int8" if int8_report is not None and int8_report["steps"][step["index"]]["int8"] else (
             "fp32" if precision == "int8" else precision)
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "complete": True,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "backend": backend,
-        "precision": precision,
-        "batch": batch,
-        "opset": opset,
-        "simplify": bool(simplify),
-        "label_mode": label_mode if conditional else None,
-        "plan": plan.to_dict(),
-        "plan_sha256": plan_sha256(plan),
-        "model": {
-            "spec": plan.model_spec,
-            "name": model.name,
-            "fingerprint": model.fingerprint,
-            "image_shape": list(model.image_shape),
-            "num_classes": model.num_classes,
-            "learn_sigma": bool(model.learn_sigma),
-        },
-        "versions": versions,
-        "steps": steps,
-    }
-    if backend == "tensorrt":
-        manifest["weights"] = "stripped" if strip_weights else "embedded"  # stripped: refitted from onnx/ at load
-    if int8_report is not None:
-        manifest["int8"] = int8_report
-    as_json = json.loads(json.dumps(manifest))
-    unchanged = old is not None and {k: v for k, v in old.items() if k != "created"} == {k: v for k, v in as_json.items() if k != "created"}
-    if unchanged:
+    manifest = Manifest.new(out_dir, plan=plan, model=model, backend=backend, precision=precision, batch=batch, opset=opset,
+                            simplify=simplify, label_mode=label_mode if conditional else None, versions=versions, steps=steps,
+                            int8=int8_report,
+                            weights=("stripped" if strip_weights else "embedded") if backend == "tensorrt" else None)
+    if manifest.same_build(old):
         manifest = old  # up to date: not rewritten (the dir may be read-only, and its date stays the build's)
     else:
         need_write("its manifest")
-        with atomic_write(out_dir / MANIFEST_NAME, "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
+        manifest.write()
     if writable:
         referenced = [s["onnx"]["file"] for s in steps] + [s["engine"]["file"] for s in steps]
         remove_unreferenced(out_dir, referenced)  # under the build lock: any other temp file is a dead build's
     return BuildReport(out_dir, manifest, report_steps, time.perf_counter() - start)
+
+
+def _reusable(out_dir: Path, prev: Optional[dict], force: bool, then: str) -> Optional[dict]:
+    """The previous build's entry for a file when it may be reused: named by the same key and still intact.
+
+    A file that no longer hashes to its recorded sha256 is never reused: a warning says so and ``then``.
+    """
+    if prev is None or force:
+        return None
+    state = file_state(out_dir / prev["file"], prev.get("sha256"))
+    if state == "corrupt":
+        warnings.warn(f"{out_dir / prev['file']} is corrupted or truncated (sha256 mismatch); {then}")
+    return dict(prev) if state == "ok" else None
 
 
 def _int8_engine(out_dir: Path, i: int, onnx_entry: dict, feeds, versions: dict, isa: str, batch: dict,
@@ -503,9 +447,9 @@ def _int8_engine(out_dir: Path, i: int, onnx_entry: dict, feeds, versions: dict,
                            batch=batch, versions=versions, isa=isa, optimization=ORT_ENGINE_LEVEL, int8=settings)
     digest = canonical_hash(record)
     rel = f"engines/step{i:02d}-{digest[:16]}.onnx"
-    prev = old_engines.get(digest)
-    if prev is not None and not force and file_state(out_dir / prev["file"], prev.get("sha256")) == "ok":
-        return dict(prev)
+    prev = _reusable(out_dir, old_engines.get(digest), force, f"quantizing step {i} again")
+    if prev is not None:
+        return prev
     start = time.perf_counter()
     target = out_dir / rel
     qdq = target.with_name(f".{target.name}.qdq")
@@ -524,7 +468,8 @@ def _select_int8(plan, model, coeffs, out_dir: Path, steps: list, int8_entries: 
     """Run the FID check (:func:`export.quantize.select_int8_steps`); swap the kept steps' engines to int8."""
     from autodiffusion_rt.metrics import fid, get_extractor, reference_stats
     from autodiffusion_rt.runtime import Runtime
-    from autodiffusion_rt.runtime.engines import OnnxRuntimeEngine, TensorSpec
+    from autodiffusion_rt.diffusion.step_io import TensorSpec
+    from autodiffusion_rt.runtime.engines import OnnxRuntimeEngine
     from autodiffusion_rt.runtime.runtime import ModelInfo
 
     from .quantize import select_int8_steps

@@ -3,7 +3,8 @@
 Two layers, each content-addressed:
 
 * **ONNX key** (:func:`onnx_key`): everything the exported graph depends on:
-  the weights (model fingerprint), the timestep, the six sampler constants of
+  the weights (model fingerprint), the model's config and prediction type
+  (eps / v, learned variance), the timestep, the six sampler constants of
   the step, the kept layers, the step's inputs/outputs, the label mode, the
   graph dtype, the opset, simplification, and the torch/onnx versions and
   exporter revision that produced it. Equal key, same graph: the export is
@@ -39,19 +40,22 @@ _STEP_FILE = re.compile(r"^step\d+-[0-9a-f]+\.(onnx|plan)$")
 
 
 def canonical_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
-def onnx_key(*, fingerprint: str, image_shape, num_classes: Optional[int], learn_sigma: bool, timestep: int,
-             row, keep: Optional[Iterable[str]], inputs, outputs, label_mode: Optional[str], onnx_dtype: str,
-             opset: int, simplify: bool, versions: dict) -> str:
-    """The content key of one step's ONNX graph."""
+def onnx_key(*, model, timestep: int, row, keep: Optional[Iterable[str]], inputs, outputs, label_mode: Optional[str],
+             onnx_dtype: str, opset: int, simplify: bool, versions: dict) -> str:
+    """The content key of one step's ONNX graph (``model``: the plan's DiffusionModel)."""
     return canonical_hash({
         "revision": EXPORTER_REVISION,
-        "fingerprint": fingerprint,
-        "image_shape": list(image_shape),
-        "num_classes": num_classes,
-        "learn_sigma": bool(learn_sigma),
+        "fingerprint": model.fingerprint,
+        # The weights do not say everything the graph computes: the architecture (heads, attention
+        # order, ...), the noise settings, and what the network predicts (eps, v; learned variance).
+        "config": model.config,
+        "prediction_type": model.prediction_type,
+        "image_shape": list(model.image_shape),
+        "num_classes": model.num_classes,
+        "learn_sigma": bool(model.learn_sigma),
         "timestep": int(timestep),
         "row": [repr(float(v)) for v in row],  # repr: exact float64
         "keep": None if keep is None else sorted(keep),

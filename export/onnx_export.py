@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError
-from autodiffusion_rt.runtime.engines import BATCH, TensorSpec, import_onnxruntime, ort_session_options
+from autodiffusion_rt.diffusion.step_io import BATCH, TensorSpec
+from autodiffusion_rt.runtime.engines import import_onnxruntime, ort_session_options
 from autodiffusion_rt.utils import sha256_file
 
 __all__ = ["DEFAULT_OPSET", "OnnxExport", "export_step_onnx", "graph_stats", "onnx_macs", "verify_onnx"]

@@ -59,9 +59,9 @@ def _calibration_threads(threads: int):
     def create_inference_session(self):
         import onnxruntime
 
-        so = onnxruntime.SessionOptions()
-        so.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.intra_op_num_threads = threads
+        from autodiffusion_rt.runtime.engines import ort_session_options
+
+        so = ort_session_options(threads=threads, optimization="none")
         self.infer_session = onnxruntime.InferenceSession(self.augmented_model_path, sess_options=so,
                                                           providers=self.execution_providers)
 

@@ -1,7 +1,7 @@
 """Step i of a plan as a static module: the kept layers, folded timestep, fused sampler update.
 
 :class:`StepModule` maps ``x [, y] [, noise] [, prev_x0] [, prev_eps1..3] -> x_prev [, x0] [, eps]``
-(names and presence from :func:`autodiffusion_rt.runtime.step_io`):
+(names and presence from :func:`autodiffusion_rt.diffusion.step_io.step_io`):
 
 * the layers the plan skips at this step are not called, so tracing leaves them
   out of the graph (their weights are not exported);
@@ -39,7 +39,7 @@ from torch import nn
 
 from autodiffusion_rt.diffusion import SamplerCoefficients, step_update
 from autodiffusion_rt.errors import EngineError
-from autodiffusion_rt.runtime.engines import EPS, NOISE, PREV_EPS, PREV_X0, X, X0, Y, step_io
+from autodiffusion_rt.diffusion.step_io import EPS, NOISE, PREV_EPS, PREV_X0, X, X0, Y, step_io
 
 __all__ = ["LABEL_MODES", "TABLE_MAX_BYTES", "StepModule", "resolve_label_mode", "step_modules"]
 

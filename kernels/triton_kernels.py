@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from autodiffusion_rt.diffusion.samplers import StepCoefficients
 from autodiffusion_rt.errors import SamplingError
 
 __all__ = ["INTERPRETED", "UPDATE_BLOCK", "fused_step_update", "timestep_embedding"]
@@ -121,13 +120,15 @@ def fused_step_update(coeffs_row, x, eps, prev_x0=None, noise=None):
     that enter each output. Unlike step_update, operands must have x's shape
     (no broadcasting), one device, and contiguous memory.
     """
-    # The six constants and the clip; the kernel dispatcher never hands over rows with an eps history or learned variance.
-    row = StepCoefficients(*(float(v) for v in coeffs_row[:6]), *(bool(v) for v in coeffs_row[6:7]))
-    clip = bool(row.clip_x0)
-    if clip and row.x0_from_eps == 0.0:
+    # The six constants and the clip, in StepCoefficients' field order (read by position: this module
+    # must not import the samplers, which reach it through kernel_hook); the kernel dispatcher never
+    # hands over rows with an eps history or learned variance.
+    x0_from_x, x0_from_eps, c_x, c_eps, c_prev_x0, c_noise = (float(v) for v in coeffs_row[:6])
+    clip = bool(coeffs_row[6]) if len(coeffs_row) > 6 else False
+    if clip and x0_from_eps == 0.0:
         raise SamplingError("this row clips x0 but its x0_from_eps is 0, so eps cannot be re-derived: use step_update")
-    has_prev = row.c_prev_x0 != 0.0
-    has_noise = row.c_noise != 0.0
+    has_prev = c_prev_x0 != 0.0
+    has_noise = c_noise != 0.0
     if has_prev and prev_x0 is None:
         raise SamplingError(
             "this step is second order and needs prev_x0 (the x0 of the previous step); "
@@ -156,8 +157,8 @@ def fused_step_update(coeffs_row, x, eps, prev_x0=None, noise=None):
             prev_x0 if has_prev else x,  # never read when the flag is off
             noise if has_noise else x,
             x_prev, x0, n,
-            row.x0_from_x, row.x0_from_eps, row.c_x, row.c_eps, row.c_prev_x0, row.c_noise,
-            (-1.0 / row.x0_from_eps) if clip else 0.0,
+            x0_from_x, x0_from_eps, c_x, c_eps, c_prev_x0, c_noise,
+            (-1.0 / x0_from_eps) if clip else 0.0,
             HAS_PREV_X0=has_prev, HAS_NOISE=has_noise, CLIP_X0=clip, BLOCK=UPDATE_BLOCK,
             num_warps=4,
         )

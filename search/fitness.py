@@ -52,7 +52,7 @@ import torch
 from autodiffusion_rt.diffusion import compute_coefficients, step_update
 from autodiffusion_rt.diffusion.samplers import EPS_HISTORY
 from autodiffusion_rt.errors import DataError
-from autodiffusion_rt.sampling import initial_state, make_eps_fn
+from autodiffusion_rt.sampling import eps_in_chunks, initial_state
 
 from .space import Candidate
 
@@ -279,16 +279,8 @@ class FitnessEvaluator:
     def _eps(self, x: torch.Tensor, t: int, keep) -> torch.Tensor:
         """eps, or [eps, v] for a learned-variance DDPM (one model call serves every row)."""
         variance = self.sampler == "ddpm" and bool(self.model.learn_sigma)
-        kw = {"variance": True} if variance else {}
-        if self.device.type == "cpu":
-            # sample()'s own eps function and chunking: what makes shared results bit-identical to it.
-            return make_eps_fn(self.model, self._y, [keep], self.batch_size, variance)(x, t, 0)
-        outs = []
-        for s in range(0, x.shape[0], self.batch_size):
-            xb = x[s : s + self.batch_size]
-            tb = torch.full((xb.shape[0],), t, dtype=torch.long, device=self.device)
-            outs.append(self.model.eps(xb, tb, None if self._y is None else self._y[s : s + self.batch_size], keep, **kw))
-        return torch.cat(outs)
+        # sample()'s own chunking: what makes shared results bit-identical to it.
+        return eps_in_chunks(self.model, x, t, self._y, keep, self.batch_size, variance)
 
     # ---------------------------------------------------------------------- FID
     def fid_of(self, images: torch.Tensor) -> float:

@@ -276,9 +276,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         from autodiffusion_rt.metrics import resolve_reference
+        from autodiffusion_rt.models import load_model_for_plan
         from autodiffusion_rt.plan import Plan
-
-        from .run import load_model_for_plan
 
         plan = Plan.load(args.plan)
         model = load_model_for_plan(plan)

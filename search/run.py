@@ -151,16 +151,6 @@ def _check_writable(path: Path, what: str) -> None:
     check_writable(path, f"the {what}", "pass --out (or --checkpoint) with a path in a writable folder", SearchError)
 
 
-def load_model_for_plan(plan):
-    """The model a plan was searched on (by its spec); check_model refuses other weights."""
-    from autodiffusion_rt.models import load_model
-
-    opts = dict((plan.provenance or {}).get("model_options") or {})
-    model = load_model(plan.model_spec, **opts)
-    plan.check_model(model)
-    return model
-
-
 @dataclass
 class Prepared:
     """Everything resolved and checked before the search starts."""

@@ -32,9 +32,7 @@ def search_build_tiny_model(seed: int = 0, config: dict | None = None, diffusion
     in range and makes the schedule matter, the UNet term (zero-initialised
     layers re-drawn) makes every layer and skip set matter.
     """
-    from autodiffusion_rt.models import DiffusionModel
-    from autodiffusion_rt.models.loading import _build
-    from autodiffusion_rt.models.unet import ADMUNet
+    from autodiffusion_rt.models import ADMUNet, DiffusionModel, model_from_weights
 
     cfg = dict(SEARCH_TINY_CONFIG if config is None else config)
     torch.manual_seed(seed)
@@ -45,7 +43,7 @@ def search_build_tiny_model(seed: int = 0, config: dict | None = None, diffusion
         if v.is_floating_point() and v.numel() and not v.any():
             v = torch.randn(v.shape, generator=g) * 0.05
         state[k] = v.clone()
-    base = _build("tiny:search", cfg, dict(SEARCH_TINY_DIFFUSION if diffusion is None else diffusion), state, "<random>", {})
+    base = model_from_weights("tiny:search", cfg, dict(SEARCH_TINY_DIFFUSION if diffusion is None else diffusion), state, source="<random>")
     acp = torch.tensor(base.schedule.alphas_cumprod, dtype=torch.float32)
 
     class _TinyModel(DiffusionModel):
@@ -132,15 +130,14 @@ CORE_TINY_DIFFUSION = dict(noise_schedule="linear", diffusion_steps=1000, learn_
 
 def core_random_model(config: dict = CORE_TINY_CONFIG, diffusion: dict = CORE_TINY_DIFFUSION, seed: int = 0, scale: float = 0.1):
     """A DiffusionModel with every weight random (ADM zero-inits output convs, which would hide errors)."""
-    from autodiffusion_rt.models.loading import _build
-    from autodiffusion_rt.models.unet import ADMUNet
+    from autodiffusion_rt.models import ADMUNet, model_from_weights
 
     torch.manual_seed(seed)
     unet = ADMUNet(**config)
     with torch.no_grad():
         for p in unet.parameters():
             p.copy_(torch.randn_like(p) * scale)
-    return _build(f"random:{seed}", config, diffusion, unet.state_dict(), "test", {})
+    return model_from_weights(f"random:{seed}", config, diffusion, unet.state_dict(), source="test")
 
 
 @pytest.fixture(scope="session")
@@ -168,3 +165,30 @@ def one_thread_per_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+# ------------------------------------------------------------- engine fixtures
+def core_engine_model(seed: int = 0, learn_sigma: bool = False, **overrides):
+    """The tiny ADM model the export, runtime and TensorRT tests build engines for: every kind of layer
+    (channel-changing ResBlocks, resampling, attention), exported in well under a second; weights random at 0.05."""
+    cfg = {**CORE_TINY_CONFIG, **overrides}
+    if learn_sigma:
+        cfg["out_channels"] = 2 * cfg["in_channels"]
+    return core_random_model(cfg, {**CORE_TINY_DIFFUSION, "learn_sigma": learn_sigma}, seed=seed, scale=0.05)
+
+
+def core_plan(model, timesteps, sampler: str = "ddim", eta: float = 0.0, skip=None):
+    """A plan for a test model, its spec naming the model (test models are not loadable specs)."""
+    from autodiffusion_rt.plan import Plan
+
+    return Plan.for_model(model, timesteps, sampler=sampler, eta=eta, skip=skip, spec=f"test:{model.name}")
+
+
+@pytest.fixture(scope="session")
+def engine_uncond_model():
+    return core_engine_model(0)
+
+
+@pytest.fixture(scope="session")
+def engine_cond_model():
+    return core_engine_model(1, num_classes=3, resblock_updown=True)

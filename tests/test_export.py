@@ -15,48 +15,30 @@ from autodiffusion_rt.diffusion import compute_coefficients, step_update
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError, Error
 from autodiffusion_rt.models.unet import ResBlock
 from autodiffusion_rt.plan import Plan
-from autodiffusion_rt.runtime import Runtime, read_manifest
+from autodiffusion_rt.runtime import Manifest, Runtime
 from export import build as build_mod
 from export.build import build_engines
 from export.onnx_export import export_step_onnx
 from export.subnet import StepModule, step_modules
-from conftest import core_random_model
+from conftest import core_engine_model, core_plan
 
-# Small enough to export in well under a second, big enough to have every kind
-# of layer: channel-changing ResBlocks (1x1 skip), resampling, attention.
-CONFIG = dict(
-    image_size=8, in_channels=1, model_channels=32, out_channels=1, num_res_blocks=1,
-    attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2, use_scale_shift_norm=True,
-    conv_resample=True, num_classes=None,
-)
-DIFFUSION = dict(noise_schedule="linear", diffusion_steps=1000, learn_sigma=False)
 TIMESTEPS = [300, 200, 100]
-
-
-def random_model(seed=0, **overrides):
-    """A DiffusionModel with every weight random (ADM zero-inits output convs, which would hide errors)."""
-    cfg = {**CONFIG, **{k: v for k, v in overrides.items() if k != "learn_sigma"}}
-    diffusion = {**DIFFUSION, "learn_sigma": overrides.get("learn_sigma", False)}
-    if diffusion["learn_sigma"]:
-        cfg["out_channels"] = 2 * cfg["in_channels"]
-    return core_random_model(cfg, diffusion, seed=seed, scale=0.05)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
-def uncond():
-    return random_model(0)
+def uncond(engine_uncond_model):
+    return engine_uncond_model
 
 
 @pytest.fixture(scope="module")
-def cond():
-    return random_model(1, num_classes=3, resblock_updown=True)
+def cond(engine_cond_model):
+    return engine_cond_model
 
 
 def plan_for(model, sampler="ddim", skip=None, timesteps=TIMESTEPS, eta=0.0):
-    return Plan.for_model(model, timesteps, sampler=sampler, eta=eta, skip=skip, spec=f"test:{model.name}")
+    return core_plan(model, timesteps, sampler, eta, skip)
 
 
 def ids(model):
@@ -93,7 +75,7 @@ def test_step_module_equals_unfolded_model_and_update(cond, label_mode):
 
 
 def test_step_io_follows_the_sampler():
-    model = random_model(2, learn_sigma=True)
+    model = core_engine_model(2, learn_sigma=True)
     # DPM-Solver++(2M): first order at the first and the last step (to sigma = 0), second order between
     dpm = step_modules(model, plan_for(model, "dpmpp_2m", timesteps=[400, 300, 200, 100]))
     assert [m.input_names for m in dpm] == [("x",), ("x", "prev_x0"), ("x", "prev_x0"), ("x",)]
@@ -177,7 +159,7 @@ def test_fp16_export_is_float16_typed_with_float32_io(uncond, tmp_path):
 def test_simplify_with_onnxslim(uncond, built, tmp_path):
     pytest.importorskip("onnxslim")
     mod = step_modules(uncond, plan_for(uncond))[0]  # the same graph as the built dir's step 0
-    plain = read_manifest(built[1])["steps"][0]["onnx"]
+    plain = Manifest.read(built[1])["steps"][0]["onnx"]
     slim = export_step_onnx(mod, tmp_path / "b.onnx", simplify=True)
     assert slim.nodes < plain["nodes"]
     assert slim.macs_per_sample == plain["macs_per_sample"]
@@ -207,7 +189,7 @@ def copy_dir(src, tmp_path):
 def test_build_writes_manifest_and_files(built, uncond):
     plan, d, report = built
     assert steps_status(report) == [("exported", "built")] * 3
-    m = read_manifest(d)
+    m = Manifest.read(d)
     assert m["backend"] == "onnxruntime" and m["precision"] == "fp32" and m["batch"] == {"min": 1, "opt": 4, "max": 4}
     assert m["model"]["fingerprint"] == uncond.fingerprint and m["versions"]["onnxruntime"]
     for s in m["steps"]:
@@ -234,7 +216,7 @@ def test_changed_plan_rebuilds_only_the_changed_steps(built, uncond, tmp_path):
     changed = plan_for(uncond, "ddim", skip=[[], ids(uncond)[:3], [ids(uncond)[5]]])
     report = build_engines(changed, d, model=uncond, max_batch=4, progress=False)
     assert steps_status(report) == [("reused", "reused"), ("reused", "reused"), ("exported", "built")]
-    m = read_manifest(d)
+    m = Manifest.read(d)
     # the old step-2 files are gone, the new ones named by the manifest are there
     files = {p.relative_to(d).as_posix() for p in d.rglob("step*")}
     assert files == {s[k]["file"] for s in m["steps"] for k in ("onnx", "engine")}
@@ -253,7 +235,7 @@ def test_dpm_timestep_change_rebuilds_the_steps_whose_constants_move(uncond, tmp
 def test_truncated_engine_is_rebuilt_with_a_warning(built, uncond, tmp_path):
     plan, src, _ = built
     d = copy_dir(src, tmp_path)
-    engine = d / read_manifest(d)["steps"][1]["engine"]["file"]
+    engine = d / Manifest.read(d)["steps"][1]["engine"]["file"]
     engine.write_bytes(engine.read_bytes()[:100])
     with pytest.raises(EngineError, match="corrupted or truncated"):
         Runtime.load(d)  # never loaded
@@ -266,7 +248,7 @@ def test_truncated_engine_is_rebuilt_with_a_warning(built, uncond, tmp_path):
 def test_corrupted_onnx_is_exported_again(built, uncond, tmp_path):
     plan, src, _ = built
     d = copy_dir(src, tmp_path)
-    f = d / read_manifest(d)["steps"][0]["onnx"]["file"]
+    f = d / Manifest.read(d)["steps"][0]["onnx"]["file"]
     f.write_bytes(b"\0" * 64)
     with pytest.warns(UserWarning, match="corrupted or truncated"):
         report = build_engines(plan, d, model=uncond, max_batch=4, progress=False)
@@ -283,6 +265,32 @@ def test_changed_versions_or_batch_profile_rebuild_engines_not_exports(built, un
     monkeypatch.setattr(build_mod, "library_versions", lambda backend=None: {**real(backend), "onnxruntime": "0.0.1"})
     report = build_engines(plan, d, model=uncond, max_batch=8, progress=False)
     assert steps_status(report) == [("reused", "built")] * 3
+
+
+@pytest.mark.parametrize("change", ["prediction_type", "num_heads"])
+def test_what_the_network_predicts_is_part_of_the_cache_key(built, uncond, tmp_path, change):
+    """The same weights read as v-prediction (or with other attention heads) compute another step: every
+    step is exported again, and the engines give what the changed model gives, not the cached ones.
+    What would catch this: a key made of the weights' fingerprint alone reuses all three steps."""
+    import dataclasses
+
+    from autodiffusion_rt.models import model_from_weights
+
+    old_plan, src, _ = built
+    d = copy_dir(src, tmp_path)
+    plan = old_plan
+    if change == "prediction_type":
+        other = dataclasses.replace(uncond, prediction_type="v_prediction")
+    else:  # same parameter shapes, so the same fingerprint; attention splits channels into 1 head, not 2
+        other = model_from_weights(uncond.name, {**uncond.config["unet"], "num_heads": 1}, uncond.config["diffusion"],
+                                   uncond.unet.state_dict(), source="test")
+        assert other.fingerprint == uncond.fingerprint
+        plan = Plan.for_model(other, plan.timesteps, sampler=plan.sampler, skip=plan.skip, spec=plan.model_spec)
+    report = build_engines(plan, d, model=other, max_batch=4, progress=False)
+    assert steps_status(report) == [("exported", "built")] * 3
+    with Runtime.load(d) as rt, Runtime.from_plan(plan, model=other) as ref, Runtime.from_plan(old_plan, model=uncond) as old:
+        got, want, before = rt.sample(3, seed=4, clip=False), ref.sample(3, seed=4, clip=False), old.sample(3, seed=4, clip=False)
+    assert float((got - want).abs().max()) < 1e-3 < float((before - want).abs().max())
 
 
 def test_interrupted_build_leaves_the_old_dir_usable(built, uncond, tmp_path, monkeypatch):
@@ -336,7 +344,7 @@ def test_build_rejects_bad_arguments(uncond, tmp_path):
         with pytest.raises(Error, match=match):
             build_engines(plan, tmp_path / "e", model=uncond, progress=False, **kw)
     assert not (tmp_path / "e").exists()
-    other = random_model(7)
+    other = core_engine_model(7)
     with pytest.raises(Error, match="weights"):
         build_engines(plan, tmp_path / "e", model=other, progress=False)
     with pytest.raises(Error, match="twice"):  # such a plan would not load back

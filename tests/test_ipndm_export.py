@@ -6,18 +6,11 @@ import pytest
 import torch
 
 from autodiffusion_rt import sample
-from autodiffusion_rt.plan import Plan
 from autodiffusion_rt.runtime import Runtime
 from export.build import build_engines
 from export.subnet import step_modules
-from conftest import core_random_model
+from conftest import core_plan
 
-CONFIG = dict(
-    image_size=8, in_channels=1, model_channels=32, out_channels=1, num_res_blocks=1,
-    attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2, use_scale_shift_norm=True,
-    conv_resample=True, num_classes=None,
-)
-DIFFUSION = dict(noise_schedule="linear", diffusion_steps=1000, learn_sigma=False)
 # Five steps: orders 1, 2, 3, 4, 4, so every history input (1, 2 and 3 steps back) is exercised.
 TIMESTEPS = [400, 300, 220, 150, 80]
 
@@ -26,12 +19,12 @@ pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
-def model():
-    return core_random_model(CONFIG, DIFFUSION, seed=0, scale=0.05)
+def model(engine_uncond_model):
+    return engine_uncond_model
 
 
 def plan_for(model, skip=None):
-    return Plan.for_model(model, TIMESTEPS, sampler="ipndm", skip=skip, spec=f"test:{model.name}")
+    return core_plan(model, TIMESTEPS, "ipndm", skip=skip)
 
 
 def test_step_io_carries_the_eps_history(model):

@@ -110,10 +110,10 @@ def test_adm_checkpoint_loads_from_guided_diffusion_flags_and_matches_its_output
 
 def test_learn_sigma_models_give_the_sampler_the_first_c_channels():
     ref = torch.load(REFERENCE, weights_only=True)["models"]["updown_cond"]
-    from autodiffusion_rt.models.loading import _build
+    from autodiffusion_rt.models import model_from_weights
 
-    model = _build("t", ref["kwargs"], {"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True},
-                   {k: v.float() for k, v in ref["state_dict"].items()}, "test", {})
+    model = model_from_weights("t", ref["kwargs"], {"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True},
+                               {k: v.float() for k, v in ref["state_dict"].items()}, source="test")
     eps = model.eps(ref["x"], ref["t"], ref["y"])
     torch.testing.assert_close(eps, ref["out"][:, :3], rtol=1e-4, atol=1e-4)
 

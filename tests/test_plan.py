@@ -47,13 +47,30 @@ def test_version_1_plans_load_with_clipping_on(tmp_path, plan):
     assert old.coefficients(schedule).clip_denoised is True
 
 
-def test_plan_macs_come_from_the_registry(tiny_model, plan):
-    full = tiny_model.unet.macs()
-    skipped = {l.id: l.macs for l in tiny_model.layers}
-    expected = sum(full - sum(skipped[i] for i in step) for step in plan.skip)
-    assert plan.macs_per_sample == expected < plan.full_macs_per_sample == 4 * full
+def _counted_macs(model, keep) -> float:
+    """MACs per sample of one forward over ``keep``, counted by torch's FLOP counter (not the registry)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = model.unet
+    x = torch.randn(2, unet.in_channels, unet.image_size, unet.image_size)
+    # The math attention backend: the counter has no formula for the fused CPU kernel.
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        unet(x, torch.tensor([5, 900]), None, keep=keep)
+    return counter.get_total_flops() / 2 / 2
+
+
+def test_plan_macs_are_what_its_subnetworks_compute(tiny_model, plan):
+    """The plan's MACs equal torch's FLOP count of each step's subnetwork, summed over the steps.
+    What would catch this: MACs summed over the kept layers instead of the skipped ones, a step's skip set
+    applied to another step, or a registry entry that disagrees with what the layer computes."""
     keeps = plan.keep_sets(tiny_model)
     assert keeps[1] == tiny_model.unet.layer_ids and len(keeps[2]) == len(tiny_model.layers) - 2
+    per_step = [_counted_macs(tiny_model, keep) for keep in keeps]
+    assert plan.macs_per_sample == sum(per_step)
+    assert plan.full_macs_per_sample == 4 * _counted_macs(tiny_model, None) > plan.macs_per_sample
+    assert per_step[0] < per_step[1] and per_step[2] < per_step[0]  # the skipped steps cost less
 
 
 @pytest.mark.parametrize(

@@ -14,39 +14,27 @@ from autodiffusion_rt import sample
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError, Error, SamplingError
 from autodiffusion_rt.plan import Plan
 from autodiffusion_rt.runtime import Runtime, sample_from_engines
-from autodiffusion_rt.runtime.runtime import MANIFEST_NAME, plan_sha256
+from autodiffusion_rt.runtime.manifest import MANIFEST_NAME
 from export.build import build_engines
-from conftest import core_random_model
+from conftest import core_plan
 
-CONFIG = dict(
-    image_size=8, in_channels=1, model_channels=32, out_channels=1, num_res_blocks=1,
-    attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2, use_scale_shift_norm=True,
-    conv_resample=True, num_classes=None,
-)
-DIFFUSION = dict(noise_schedule="linear", diffusion_steps=1000, learn_sigma=False)
 # Low-noise timesteps keep random-weight samples mostly inside [-1, 1], so the clamped
 # images still say something (from t=999 nearly every pixel saturates).
 TIMESTEPS = [300, 200, 100]
-
-
-def random_model(seed=0, **overrides):
-    """A DiffusionModel with every weight random (ADM zero-inits output convs, which would hide errors)."""
-    cfg = {**CONFIG, **overrides}
-    return core_random_model(cfg, DIFFUSION, seed=seed, scale=0.05)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
-def models():
-    return {"uncond": random_model(0), "cond": random_model(1, num_classes=3, resblock_updown=True)}
+def models(engine_uncond_model, engine_cond_model):
+    return {"uncond": engine_uncond_model, "cond": engine_cond_model}
 
 
 def make_plan(model, sampler="ddim", eta=0.0):
     ids = sorted(model.unet.layer_ids)
     skip = [[], ids[:4], [ids[-1]]]  # one full step, two with layers skipped
-    return Plan.for_model(model, TIMESTEPS, sampler=sampler, eta=eta, skip=skip, spec=f"test:{model.name}")
+    return core_plan(model, TIMESTEPS, sampler, eta, skip)
 
 
 # DDIM (stochastic, eta > 0: the engines take noise) and DPM-Solver++(2M) (carries x0), both models.
@@ -217,7 +205,7 @@ def test_manifest_that_does_not_match_its_plan(dir_copy):
 
     def consistent_plan_wrong_steps(m):  # a plan and hash that agree, steps built for another plan
         p = Plan.from_dict(m["plan"])
-        m["plan_sha256"] = plan_sha256(p)
+        m["plan_sha256"] = p.sha256()
         m["steps"][0]["skip"] = ["middle_block.1"]
 
     edit_manifest(d, consistent_plan_wrong_steps)

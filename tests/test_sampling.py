@@ -2,26 +2,90 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import autodiffusion_rt as ad
-from autodiffusion_rt.diffusion import SampleNoise, compute_coefficients, sample_loop
+from autodiffusion_rt.diffusion import SampleNoise
 from autodiffusion_rt.errors import LayerError, SamplingError, TimestepsError
 from autodiffusion_rt.sampling import initial_state
 
 TS = [999, 600, 250, 40]
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp_2m"])
-def test_sample_equals_the_plain_loop_from_the_documented_initial_state(tiny_cond_model, sampler):
+def linear_alphas_cumprod(steps: int = 1000) -> np.ndarray:
+    """guided-diffusion's get_named_beta_schedule("linear"), in float64."""
+    scale = 1000 / steps
+    return np.cumprod(1.0 - np.linspace(scale * 0.0001, scale * 0.02, steps, dtype=np.float64))
+
+
+def guided_diffusion_loop(sampler: str, eps_of, x, noise, acp, ts, eta: float = 0.0) -> list[np.ndarray]:
+    """Each step's output, written from guided-diffusion's formulas in float64 with ``clip_denoised=True``.
+
+    ``eps_of(x, t)``: the model's eps as float64. DDIM: ``ddim_sample``; DDPM: ``p_sample`` on the respaced
+    chain (betas from consecutive kept alpha_bars, fixed-small variance = the posterior variance);
+    DPM-Solver++(2M): Lu et al. 2022, Alg. 2 on the clipped x0, first order at the first and last step.
+    The last step lands on alpha_bar = 1. Stochastic steps take the next per-sample draw (``noise``).
+    """
+    outs, x0_prev = [], None
+    for i, t in enumerate(ts):
+        a_t = acp[t]
+        a_prev = acp[ts[i + 1]] if i + 1 < len(ts) else 1.0
+        eps = eps_of(x, t)
+        x0 = np.clip((x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t), -1, 1)  # pred_xstart, clipped
+        if sampler == "ddim":
+            eps = (x / np.sqrt(a_t) - x0) / np.sqrt(1 / a_t - 1)  # _predict_eps_from_xstart
+            sigma = eta * np.sqrt((1 - a_prev) / (1 - a_t)) * np.sqrt(1 - a_t / a_prev)
+            x = x0 * np.sqrt(a_prev) + np.sqrt(1 - a_prev - sigma**2) * eps
+        elif sampler == "ddpm":
+            beta = 1 - a_t / a_prev
+            coef1 = beta * np.sqrt(a_prev) / (1 - a_t)
+            coef2 = (1 - a_prev) * np.sqrt(1 - beta) / (1 - a_t)
+            sigma = np.sqrt(beta * (1 - a_prev) / (1 - a_t))
+            x = coef1 * x0 + coef2 * x
+        else:
+            sigma = 0.0
+            if i + 1 == len(ts):
+                x = x0
+            else:
+                lam = lambda a: 0.5 * np.log(a / (1 - a))  # log(alpha / sigma)
+                h = lam(a_prev) - lam(a_t)
+                d = x0
+                if x0_prev is not None:  # second order after the first step (the last step is x0 itself)
+                    r = (lam(a_t) - lam(acp[ts[i - 1]])) / h
+                    d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+                x = np.sqrt((1 - a_prev) / (1 - a_t)) * x - np.sqrt(a_prev) * np.expm1(-h) * d
+        if sigma != 0:
+            x = x + sigma * noise.randn(x.shape[1:]).double().numpy()  # drawn in float32, as sample() draws
+        x0_prev = x0
+        outs.append(x)
+    return outs
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 0.8), ("ddpm", 0.0), ("dpmpp_2m", 0.0)])
+def test_sample_follows_guided_diffusions_clipped_samplers_in_float64(tiny_cond_model, sampler, eta):
+    """Every step of ``sample()`` (clipping on, as in production) against a float64 loop written from
+    guided-diffusion's formulas, from the documented initial state (x_T, labels, per-sample noise).
+    What would catch this: a wrong coefficient, a clip applied to x instead of x0, noise drawn on the last
+    step or in another order; each moves some step by far more than float32 rounding."""
     m = tiny_cond_model
-    out, y = ad.sample(m, TS, sampler=sampler, n=5, seed=7, return_labels=True)
+    acp = linear_alphas_cumprod()
+    steps = []
+    out, y = ad.sample(m, TS, sampler=sampler, n=5, seed=7, eta=eta, return_labels=True,
+                       callback=lambda info: steps.append(info["x_prev"].double().numpy()))
     x, y0, noise = initial_state(m, 5, 7)
     assert torch.equal(y, y0)
-    coeffs = compute_coefficients(sampler, m.schedule, TS)
-    ref = sample_loop(lambda x, t, i: m.eps(x, torch.full((5,), t), y0), x, coeffs, noise=noise).clamp(-1, 1)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+    def eps_of(x64, t):
+        with torch.no_grad():
+            return m.eps(torch.from_numpy(x64).float(), torch.full((5,), t), y0).double().numpy()
+
+    expected = guided_diffusion_loop(sampler, eps_of, x.double().numpy(), noise, acp, TS, eta)
+    assert len(steps) == len(expected)
+    for i, (got, want) in enumerate(zip(steps, expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max()), err_msg=f"step {i}")
+    np.testing.assert_allclose(out.double().numpy(), np.clip(expected[-1], -1, 1), rtol=0, atol=1e-4)
 
 
 def test_labels_drawn_from_the_seed_cover_the_classes_and_given_labels_are_used(tiny_cond_model):

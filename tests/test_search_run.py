@@ -83,9 +83,11 @@ def test_resuming_gives_the_same_result_as_an_uninterrupted_run(opts, run, objs,
 @pytest.mark.parametrize("seed", [0, 1])
 def test_chosen_plan_is_reranked_on_fresh_samples_and_beats_uniform_ddim_there(opts, run, objs, tmp_path, seed):
     """The plan is chosen by FID on the held-out seed (not the search's), among the top-k it lists; that FID is
-    what sample() + fid() give for the same N and seed; and on those fresh samples it beats uniform DDIM.
+    what sample() + fid() give for the same N and seed; and on a third seed, which neither the search nor the
+    held-out choice saw, it beats uniform DDIM (on the held-out seed itself that would hold by construction
+    whenever uniform DDIM is one of the held-out candidates).
     What would catch this: selection on the search's own samples, a held-out table that does not match an
-    independent recomputation, or a search whose winner loses to the plain schedule on new noise."""
+    independent recomputation, or a winner that only beats the plain schedule on the noise it was chosen on."""
     from autodiffusion_rt import sample
     from autodiffusion_rt.diffusion import uniform_timesteps
     from autodiffusion_rt.metrics import fid
@@ -102,8 +104,10 @@ def test_chosen_plan_is_reranked_on_fresh_samples_and_beats_uniform_ddim_there(o
     keep = [model.unet.layer_ids - set(s) for s in plan.skip]
     images = sample(model, plan.timesteps, plan.sampler, n=48, seed=seed + 2, keep=keep, batch_size=12)
     assert fid(images, ref, ext) == pytest.approx(plan.fitness.fid, rel=1e-6)
-    uniform = sample(model, uniform_timesteps(model.num_timesteps, 3), "ddim", n=48, seed=seed + 2, batch_size=12)
-    assert plan.fitness.fid < fid(uniform, ref, ext)
+    fresh = seed + 5
+    searched = sample(model, plan.timesteps, plan.sampler, n=48, seed=fresh, keep=keep, batch_size=12)
+    uniform = sample(model, uniform_timesteps(model.num_timesteps, 3), "ddim", n=48, seed=fresh, batch_size=12)
+    assert fid(searched, ref, ext) < fid(uniform, ref, ext)
 
 
 def test_dp_schedules_seed_generation_0(opts, run, objs, tmp_path):

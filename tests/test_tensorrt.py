@@ -26,28 +26,16 @@ import pytest
 import torch
 
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError
-from autodiffusion_rt.plan import Plan
-from autodiffusion_rt.runtime import Runtime, read_manifest
+from autodiffusion_rt.runtime import Manifest, Runtime
 from export.build import build_engines
-from conftest import core_random_model
-
-CONFIG = dict(
-    image_size=8, in_channels=1, model_channels=32, out_channels=1, num_res_blocks=1,
-    attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2, use_scale_shift_norm=True,
-    conv_resample=True, num_classes=3,
-)
-
-
-def random_model(seed=0):
-    return core_random_model(CONFIG, dict(noise_schedule="linear", diffusion_steps=1000, learn_sigma=False), seed=seed, scale=0.05)
-
+from conftest import core_engine_model, core_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
 def model():
-    return random_model()
+    return core_engine_model(0, num_classes=3)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +57,7 @@ def engine_dir(onnx_dir, tmp_path):
 
 def make_plan(model, sampler="dpmpp_2m"):
     ids = sorted(model.unet.layer_ids)
-    return Plan.for_model(model, [300, 200, 100], sampler=sampler, skip=[[], ids[:4], []], spec=f"test:{model.name}")
+    return core_plan(model, [300, 200, 100], sampler, skip=[[], ids[:4], []])
 
 
 # ------------------------------------------------------------------ real run
@@ -529,7 +517,7 @@ def test_tensorrt_api_usage_against_stand_in_module_not_a_real_run(fake_trt, mod
     # the float32 ONNX files are shared with the onnxruntime build; strongly typed fp16 needs float16 graphs
     strongly_typed_fp16 = version.startswith("11") and precision == "fp16"
     assert [s["onnx"] for s in report.steps] == ["exported" if strongly_typed_fp16 else "reused"] * 3
-    m = read_manifest(d)
+    m = Manifest.read(d)
     assert m["backend"] == "tensorrt" and m["versions"]["tensorrt"] == version and m["versions"]["compute_capability"] == "8.9"
     assert all(s["engine"]["file"].endswith(".plan") and (d / s["engine"]["file"]).is_file() for s in m["steps"])
     assert (d / "timing.cache").read_bytes() == b"FAKE-CACHE 3"  # one cache, extended by every step's build

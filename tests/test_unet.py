@@ -84,17 +84,43 @@ def test_a_skipped_attention_block_is_identity():
         assert not torch.allclose(skipped, running, atol=1e-4), f"skipping {layer.id} changed nothing"
 
 
-def test_a_skipped_resblock_is_its_skip_connection():
+def test_a_skipped_resblock_is_the_block_with_its_residual_branch_zeroed():
+    """Skipping a ResBlock must equal running it with its residual branch contributing nothing (its last conv
+    zeroed, as ADM initialises it): what remains is the skip connection, with the 1x1 projection or the
+    resampling where the block has them, and the rest of the network unchanged.
+    What would catch this: a skip that drops the projection or the resampling, or skips a neighbour too."""
     m = _randomised({**EMBEDDED_MNIST_CONFIG, "resblock_updown": True})
-    for layer in [l for l in m.layers if l.kind == "res"]:
+    x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([10, 700]), torch.tensor([4, 9])
+    res_layers = [l for l in m.layers if l.kind == "res"]
+    kinds = set()
+    for layer in res_layers:
+        block = m.get_submodule(layer.id)
+        kinds.add("updown" if block.updown else "projection" if block.channels != block.out_channels else "identity")
+        last = block.out_layers[-1]
+        saved = [p.detach().clone() for p in last.parameters()]
+        with torch.no_grad():
+            skipped = m(x, t, y, keep=m.layer_ids - {layer.id})
+            running = m(x, t, y)
+            for p in last.parameters():
+                p.zero_()
+            zeroed = m(x, t, y)
+            for p, s in zip(last.parameters(), saved):
+                p.copy_(s)
+        torch.testing.assert_close(skipped, zeroed, rtol=0, atol=1e-6)
+        assert not torch.allclose(skipped, running, atol=1e-4), f"skipping {layer.id} changed nothing"
+    assert kinds == {"updown", "projection", "identity"}  # every kind of skip path was exercised
+
+
+def test_a_skipped_resblock_with_equal_channels_is_the_identity():
+    m = _randomised(EMBEDDED_MNIST_CONFIG)
+    plain = [l for l in m.layers if l.kind == "res" and not m.get_submodule(l.id).updown
+             and m.get_submodule(l.id).channels == m.get_submodule(l.id).out_channels]
+    assert plain
+    for layer in plain:
         block = m.get_submodule(layer.id)
         x = torch.randn(2, block.channels, layer.resolution, layer.resolution)
         with torch.no_grad():
-            out = block(x, None, skip=True)
-            expected = block.skip_connection(block.x_upd(x))
-        assert torch.equal(out, expected)
-        if block.channels == block.out_channels and not block.updown:
-            assert torch.equal(out, x)
+            assert torch.equal(block(x, None, skip=True), x)
 
 
 def _measured_macs(m: ADMUNet, keep, batch: int = 2) -> float:

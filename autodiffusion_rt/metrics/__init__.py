@@ -14,7 +14,7 @@ network, 2048-d, any size, slow on a CPU). The Frechet distance is pytorch-fid's
 """
 
 from .extractors import EXTRACTOR_NAMES, FeatureExtractor, InceptionExtractor, MnistExtractor, check_images, get_extractor
-from .imagesets import EMBEDDED_DATASETS, load_image_folder, load_image_source, load_images_npz
+from .imagesets import EMBEDDED_DATASETS, load_image_folder, load_image_source, load_images_npz, reference_stats, resolve_reference
 from .stats import (
     FeatureStats,
     FIDWarning,
@@ -23,8 +23,6 @@ from .stats import (
     compute_stats,
     fid,
     frechet_distance,
-    reference_stats,
-    resolve_reference,
     stats_from_features,
 )
 

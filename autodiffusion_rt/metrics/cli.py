@@ -98,7 +98,8 @@ def _check_stats_out(out):
 
 def run_fid_stats(args: argparse.Namespace) -> int:
     from .extractors import get_extractor
-    from .stats import FIDWarning, resolve_reference
+    from .imagesets import resolve_reference
+    from .stats import FIDWarning
 
     _check_batch_size(args)
     out = _check_stats_out(args.out)
@@ -164,7 +165,8 @@ def _sample_images(args: argparse.Namespace):
 def run_fid(args: argparse.Namespace) -> int:
     from .extractors import get_extractor
     from .imagesets import load_image_source
-    from .stats import FIDWarning, compute_stats, frechet_distance, resolve_reference
+    from .imagesets import resolve_reference
+    from .stats import FIDWarning, compute_stats, frechet_distance
 
     if (args.images is None) == (args.model is None):
         raise DataError("give either the generated images (a folder or .npz) or --model SPEC to sample them, not both/neither")

@@ -41,7 +41,6 @@ __all__ = [
     "compute_stats",
     "fid",
     "frechet_distance",
-    "reference_stats",
     "stats_from_features",
 ]
 
@@ -289,53 +288,3 @@ def cached_stats(key: StatsKey, compute, cache_dir=None, recompute: bool = False
         raise AssertionError(f"computed stats have key {stats.key}, expected {key}")
     stats.save(path)
     return stats, path, False
-
-
-def reference_stats(
-    dataset: str | os.PathLike = "mnist",
-    extractor: str | FeatureExtractor = "mnist",
-    cache_dir: str | os.PathLike | None = None,
-    batch_size: int | None = None,
-    progress: bool = False,
-    recompute: bool = False,
-) -> FeatureStats:
-    """Reference statistics of a dataset under an extractor, computed once and cached on disk.
-
-    ``dataset``: ``mnist`` (all 5,000 embedded digits), ``mnist:train``,
-    ``mnist:heldout``; or a path to an image folder or an .npz of uint8 images
-    (``arr_0`` NHWC, as in the ADM reference batches; an ADM batch's
-    precomputed ``mu``/``sigma`` are used directly with the ``inception``
-    extractor). Call it once and keep the result; :func:`fid` does no file I/O.
-    """
-    return resolve_reference(dataset, extractor, cache_dir=cache_dir, batch_size=batch_size, progress=progress, recompute=recompute)[0]
-
-
-def resolve_reference(ref, extractor="mnist", cache_dir=None, batch_size=None, progress=False, recompute=False, use_precomputed=True) -> tuple[FeatureStats, str]:
-    """(stats, a one-line description of where they came from) for an embedded dataset, image path or stats file.
-
-    ``use_precomputed=False`` recomputes an ADM batch's statistics from its images instead of using its mu/sigma.
-    """
-    from ..data import load_mnist
-    from .imagesets import EMBEDDED_DATASETS, load_image_source
-
-    ext = get_extractor(extractor)
-    ref_str = str(ref)
-    if ref_str in EMBEDDED_DATASETS:
-        split = EMBEDDED_DATASETS[ref_str]
-        images = load_mnist(split)[0]
-        dataset_id = f"mnist:{split}:{images_digest(images)}"
-    else:
-        source = load_image_source(ref_str, extractor=ext, progress=progress, prefer_images=not use_precomputed)
-        if source.stats is not None:  # a statistics file, ours or ADM's
-            why = source.stats.comparable_with(ext)
-            if why is not None:
-                raise DataError(f"statistics file {ref_str} was computed with another extractor setting ({why}): use --extractor {source.stats.extractor}, or recompute the statistics")
-            return source.stats, source.description
-        images = source.images
-        dataset_id = f"{source.label}:{images_digest(images)}"
-    key = StatsKey.for_extractor(dataset_id, ext)
-    stats, path, hit = cached_stats(
-        key, lambda: stats_from_features(ext.features(images, batch_size=batch_size, progress=progress), key), cache_dir=cache_dir, recompute=recompute
-    )
-    return stats, f"{ref_str} ({'cached' if hit else 'computed, cached'} at {path})"
-

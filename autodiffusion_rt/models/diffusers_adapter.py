@@ -329,13 +329,13 @@ def scheduler_noise_schedule(config: Mapping):
 
 
 def load_diffusers(spec: str, directory):
-    """``diffusers:DIR`` -> :class:`~autodiffusion_rt.models.loading.DiffusionModel` (see the module docstring)."""
+    """``diffusers:DIR`` -> :class:`~autodiffusion_rt.models.model.DiffusionModel` (see the module docstring)."""
     try:
         from diffusers import UNet2DModel
     except ImportError:
         raise ModelSpecError(f"{spec}: loading a diffusers model needs the diffusers package: pip install diffusers") from None
     from ..utils import weights_fingerprint
-    from .loading import DiffusionModel
+    from .model import DiffusionModel
 
     unet_dir, scheduler_file = locate(directory)
     check_unet_config(_read_json(unet_dir / "config.json"), str(unet_dir / "config.json"))

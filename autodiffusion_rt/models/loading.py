@@ -24,18 +24,15 @@ Nothing is downloaded: a missing file is an error that says where it was looked 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
-
-import math
 
 import torch
 
 from ..diffusion import NoiseSchedule
 from ..errors import CheckpointError, ModelSpecError
 from ..utils import weights_fingerprint
-from .adapter import Layer, SkippableUNet
+from .model import DiffusionModel
 from .unet import ADMUNet
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets"
@@ -135,64 +132,6 @@ def adm_config(preset: Optional[str] = None, **flags) -> tuple[dict, dict]:
     return unet, diffusion
 
 
-@dataclass(eq=False)
-class DiffusionModel:
-    """A pretrained diffusion UNet with everything a sampler needs."""
-
-    name: str
-    unet: SkippableUNet
-    schedule: NoiseSchedule
-    config: dict  # {"unet": ADMUNet kwargs, "diffusion": {...}}
-    fingerprint: str
-    learn_sigma: bool = False
-    metadata: dict = field(default_factory=dict)
-    prediction_type: str = "epsilon"  # or "v_prediction" (diffusers models)
-
-    @property
-    def layers(self) -> tuple[Layer, ...]:
-        return self.unet.layers
-
-    @property
-    def num_classes(self) -> Optional[int]:
-        return self.unet.num_classes
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (self.unet.in_channels, self.unet.image_size, self.unet.image_size)
-
-    @property
-    def num_timesteps(self) -> int:
-        return self.schedule.num_timesteps
-
-    def eps(self, x: torch.Tensor, t: torch.Tensor, y=None, keep=None, variance: bool = False) -> torch.Tensor:
-        """The noise prediction (the first C channels of a learn_sigma model; converted from v).
-
-        ``variance=True`` on a learn_sigma model: [eps, v] stacked along channels, v the
-        variance interpolation a learned-variance DDPM step reads.
-        """
-        return self.eps_from_output(self.unet(x, t, y, keep), x, t, variance)
-
-    def eps_from_output(self, out: torch.Tensor, x: torch.Tensor, t, variance: bool = False) -> torch.Tensor:
-        """The network's raw output at (x, t) -> eps (or [eps, v], see :meth:`eps`).
-
-        ``t``: a python int (folded as constants) or a tensor. v-prediction
-        (v = sqrt(a) eps - sqrt(1-a) x0, x = sqrt(a) x0 + sqrt(1-a) eps) gives
-        eps = sqrt(a) v + sqrt(1-a) x.
-        """
-        if self.learn_sigma:
-            if variance:
-                return out
-            out = out[:, : x.shape[1]]
-        if self.prediction_type == "epsilon":
-            return out
-        acp = self.schedule.alphas_cumprod
-        if isinstance(t, int):
-            a = float(acp[t])
-            return math.sqrt(a) * out + math.sqrt(1 - a) * x
-        a = torch.as_tensor(acp, dtype=torch.float64, device=x.device)[t.long()].view(-1, 1, 1, 1)
-        return (a.sqrt() * out + (1 - a).sqrt() * x).to(out.dtype)
-
-
 def _check_state_dict(unet: ADMUNet, state_dict: dict, source: str) -> None:
     expected = unet.state_dict()
     for key, value in expected.items():
@@ -217,8 +156,17 @@ def _read_checkpoint(path: Path) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
-def _build(name: str, unet_kwargs: dict, diffusion: dict, state_dict: dict, source: str, metadata: dict) -> DiffusionModel:
-    unet = ADMUNet(**unet_kwargs)
+def model_from_weights(name: str, unet_config: dict, diffusion: dict, state_dict: dict, *, source: str = "<weights>",
+                       metadata: Optional[dict] = None) -> DiffusionModel:
+    """An ADM :class:`DiffusionModel` from its architecture, noise settings and weights.
+
+    ``unet_config``: :class:`ADMUNet` keyword arguments; ``diffusion``: ``noise_schedule``,
+    ``diffusion_steps``, ``learn_sigma``; ``source`` names the weights in errors. Every
+    spec loader ends here; it is also the way to make a model that is not a file
+    (random weights in tests and ``benchmark.py --tiny``).
+    """
+    unet_config = _unet_kwargs(unet_config)
+    unet = ADMUNet(**unet_config)
     _check_state_dict(unet, state_dict, source)
     unet.load_state_dict(state_dict, strict=True)
     unet.eval().requires_grad_(False)
@@ -227,11 +175,20 @@ def _build(name: str, unet_kwargs: dict, diffusion: dict, state_dict: dict, sour
         name=name,
         unet=unet,
         schedule=schedule,
-        config={"unet": dict(unet_kwargs), "diffusion": dict(diffusion)},
+        config={"unet": dict(unet_config), "diffusion": dict(diffusion)},
         fingerprint=weights_fingerprint(state_dict),
         learn_sigma=bool(diffusion.get("learn_sigma", False)),
-        metadata=metadata,
+        metadata=dict(metadata or {}),
     )
+
+
+def _unet_kwargs(config: dict) -> dict:
+    """ADMUNet kwargs as the constructor takes them (JSON turns its tuples into lists)."""
+    out = dict(config)
+    for key in ("attention_resolutions", "channel_mult"):
+        if isinstance(out.get(key), list):
+            out[key] = tuple(out[key])
+    return out
 
 
 def diffusion_schedule(diffusion: dict) -> NoiseSchedule:
@@ -248,10 +205,8 @@ def _load_trained(spec: str, path: Path, fix: str) -> DiffusionModel:
     record = _read_checkpoint(path)
     if not (isinstance(record, dict) and record.get("format") == 1 and "state_dict" in record):
         raise CheckpointError(f"{path} is not an autodiffusion-rt checkpoint (format 1): {fix}")
-    config = dict(record["config"])
-    config["attention_resolutions"] = tuple(config["attention_resolutions"])
-    config["channel_mult"] = tuple(config["channel_mult"])
-    return _build(spec, config, record["diffusion"], record["state_dict"], str(path), record.get("training", {}))
+    return model_from_weights(spec, record["config"], record["diffusion"], record["state_dict"], source=str(path),
+                              metadata=record.get("training", {}))
 
 
 def load_model(spec: str, **overrides) -> DiffusionModel:
@@ -279,7 +234,7 @@ def load_model(spec: str, **overrides) -> DiffusionModel:
         state_dict = _read_checkpoint(path)
         if not isinstance(state_dict, dict):
             raise CheckpointError(f"{path} does not hold a state_dict (got {type(state_dict).__name__})")
-        return _build(spec, unet_kwargs, diffusion, state_dict, str(path), {"overrides": overrides})
+        return model_from_weights(spec, unet_kwargs, diffusion, state_dict, source=str(path), metadata={"overrides": overrides})
     if kind == "diffusers":
         if not rest:
             raise ModelSpecError(f"model spec {spec!r} has no path: use 'diffusers:DIR' (a save_pretrained directory)")
@@ -289,3 +244,24 @@ def load_model(spec: str, **overrides) -> DiffusionModel:
 
         return load_diffusers(spec, Path(rest).expanduser())
     raise ModelSpecError(f"unknown model spec {spec!r}: the kind {kind!r} is not one of 'embedded', 'adm', 'ckpt', 'diffusers'")
+
+
+def load_model_for_plan(plan, model: Optional[DiffusionModel] = None) -> DiffusionModel:
+    """The DiffusionModel ``plan`` was made for, checked against it (weights fingerprint, config, layers).
+
+    ``adm:PATH`` checkpoints are rebuilt from the architecture the plan records,
+    so no preset or options are needed; the other specs carry their own config.
+    ``model``: use this one instead of loading it (checked all the same).
+    """
+    if model is None:
+        spec = plan.model_spec
+        if spec.startswith("adm:") and isinstance(plan.model_config, dict) and "unet" in plan.model_config:
+            path = Path(spec[4:]).expanduser()
+            state_dict = _read_checkpoint(path)
+            if not isinstance(state_dict, dict):
+                raise CheckpointError(f"{path} does not hold a state_dict (got {type(state_dict).__name__})")
+            model = model_from_weights(spec, plan.model_config["unet"], plan.model_config["diffusion"], state_dict, source=str(path))
+        else:
+            model = load_model(spec)
+    plan.check_model(model)
+    return model

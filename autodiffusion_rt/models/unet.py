@@ -232,23 +232,18 @@ class QKVAttentionLegacy(nn.Module):
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         bs, width, length = qkv.shape
         ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
+        q, k, v = self._split(qkv, bs * self.n_heads, ch, length)
         return _attend(q, k, v, ch).reshape(bs, -1, length)
 
+    def _split(self, qkv: torch.Tensor, heads: int, ch: int, length: int):
+        return qkv.reshape(heads, ch * 3, length).split(ch, dim=1)
 
-class QKVAttention(nn.Module):
+
+class QKVAttention(QKVAttentionLegacy):
     """Attention over a packed qkv tensor, q/k/v split before the heads (``use_new_attention_order``)."""
 
-    def __init__(self, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-
-    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
-        bs, width, length = qkv.shape
-        ch = width // (3 * self.n_heads)
-        q, k, v = qkv.chunk(3, dim=1)
-        q, k, v = (a.reshape(bs * self.n_heads, ch, length) for a in (q, k, v))
-        return _attend(q, k, v, ch).reshape(bs, -1, length)
+    def _split(self, qkv: torch.Tensor, heads: int, ch: int, length: int):
+        return tuple(a.reshape(heads, ch, length) for a in qkv.chunk(3, dim=1))
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ch: int) -> torch.Tensor:
@@ -310,7 +305,22 @@ class AttentionBlock(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """A UNet stage: modules run in order; ResBlocks take their embedding projection."""
+    """A UNet stage (guided-diffusion's class and state_dict layout): its modules run in order.
+
+    Each ResBlock reads its own projection of the embedding (``projections[layer_id]``);
+    a ResBlock or attention block not in ``keep`` runs only its skip path (``keep=None``:
+    every block runs). Convolutions and resampling layers always run.
+    """
+
+    def forward(self, h: torch.Tensor, projections: Mapping[str, torch.Tensor],
+                keep: Optional[frozenset[str]] = None) -> torch.Tensor:
+        for module in self:
+            if isinstance(module, (ResBlock, AttentionBlock)):
+                skip = keep is not None and module.layer_id not in keep
+                h = module(h, None if skip else projections.get(module.layer_id), skip=skip)
+            else:
+                h = module(h)
+        return h
 
 
 class ADMUNet(SkippableUNet):
@@ -448,28 +458,23 @@ class ADMUNet(SkippableUNet):
 
     def projected_blocks(self, keep: Optional[frozenset[str]] = None) -> list[ResBlock]:
         """The running ResBlocks (the blocks that read the embedding), in module order."""
-        return [m for m in self.modules() if isinstance(m, ResBlock) and (keep is None or m.layer_id in keep)]
+        return [m for _, stage in self._stages() for m in stage
+                if isinstance(m, ResBlock) and (keep is None or m.layer_id in keep)]
 
     def forward_projected(
         self, x: torch.Tensor, projections: Mapping[str, torch.Tensor], keep: Optional[frozenset[str]] = None
     ) -> torch.Tensor:
-        """The UNet body given the ResBlocks' embedding projections (see ``block_projections``)."""
+        """The UNet body given the ResBlocks' embedding projections (see ``block_projections``).
 
-        def run(stage: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
-            for module in stage:
-                if isinstance(module, (ResBlock, AttentionBlock)):
-                    skip = keep is not None and module.layer_id not in keep
-                    h = module(h, None if skip else projections.get(module.layer_id), skip=skip)
-                else:
-                    h = module(h)
-            return h
-
+        The long skip connections: each input stage's output is concatenated to the
+        input of its mirror output stage, whatever is skipped inside the stages.
+        """
         hs = []
         h = x
-        for block in self.input_blocks:
-            h = run(block, h)
+        for stage in self.input_blocks:
+            h = stage(h, projections, keep)
             hs.append(h)
-        h = run(self.middle_block, h)
-        for block in self.output_blocks:
-            h = run(block, torch.cat([h, hs.pop()], dim=1))
+        h = self.middle_block(h, projections, keep)
+        for stage in self.output_blocks:
+            h = stage(torch.cat([h, hs.pop()], dim=1), projections, keep)
         return self.out(h)

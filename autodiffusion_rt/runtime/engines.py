@@ -10,8 +10,8 @@ stochastic steps (``c_noise != 0``), ``prev_x0`` only where the step reads the
 previous step's x0 (DPM-Solver++(2M) second-order steps), ``x0`` only where the
 *next* step reads it; ``prev_epsK`` (the eps of step i-K) only where the step
 reads iPNDM's eps history, ``eps`` (the eps the update used) only where one of
-the next three steps reads it. :func:`step_io` is the one place that decides this; the
-exporter and every backend follow it. Inputs and outputs are float32 (labels
+the next three steps reads it. :func:`~autodiffusion_rt.diffusion.step_io.step_io` is
+the one place that decides this; the exporter and every backend follow it. Inputs and outputs are float32 (labels
 int64) whatever the engine's internal precision, batch-first, with a dynamic
 batch dimension up to the engine's ``max_batch``.
 
@@ -36,15 +36,16 @@ import importlib
 import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, MutableMapping, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..diffusion import SamplerCoefficients, StepCoefficients, step_update
+from ..diffusion import StepCoefficients, step_update
+from ..diffusion.step_io import BATCH, EPS, NOISE, PREV_EPS, PREV_X0, X, X0, X_PREV, Y, TensorSpec, step_io
 from ..errors import BackendUnavailableError, EngineError
+from ..sampling import eps_in_chunks
 
 __all__ = [
     "BATCH",
@@ -71,54 +72,6 @@ __all__ = [
     "shared_initializers",
     "step_io",
 ]
-
-# The names every backend uses.
-X, Y, NOISE, PREV_X0 = "x", "y", "noise", "prev_x0"
-X_PREV, X0, EPS = "x_prev", "x0", "eps"
-PREV_EPS = ("prev_eps1", "prev_eps2", "prev_eps3")  # eps of steps i-1, i-2, i-3 (iPNDM)
-BATCH = "batch"  # the symbolic batch dimension
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One named input or output: numpy dtype name and shape, ``"batch"`` for the dynamic dimension."""
-
-    name: str
-    dtype: str
-    shape: tuple
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "TensorSpec":
-        return cls(str(d["name"]), str(d["dtype"]), tuple(d["shape"]))
-
-    def concrete(self, batch: int) -> tuple[int, ...]:
-        return tuple(batch if s == BATCH else int(s) for s in self.shape)
-
-
-def step_io(
-    coeffs: SamplerCoefficients, i: int, image_shape: Sequence[int], conditional: bool
-) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """The inputs and outputs of step ``i`` of a schedule (see the module docstring)."""
-    img = (BATCH, *(int(s) for s in image_shape))
-    row = coeffs.row(i)
-    inputs = [TensorSpec(X, "float32", img)]
-    if conditional:
-        inputs.append(TensorSpec(Y, "int64", (BATCH,)))
-    if row.c_noise != 0.0:
-        inputs.append(TensorSpec(NOISE, "float32", img))
-    if row.c_prev_x0 != 0.0:
-        inputs.append(TensorSpec(PREV_X0, "float32", img))
-    inputs += [TensorSpec(name, "float32", img) for name in PREV_EPS[: row.eps_history]]
-    outputs = [TensorSpec(X_PREV, "float32", img)]
-    if i + 1 < len(coeffs) and coeffs.row(i + 1).c_prev_x0 != 0.0:
-        outputs.append(TensorSpec(X0, "float32", img))
-    if any(coeffs.row(j).eps_history >= j - i for j in range(i + 1, min(i + 1 + len(PREV_EPS), len(coeffs)))):
-        outputs.append(TensorSpec(EPS, "float32", img))
-    return tuple(inputs), tuple(outputs)
-
 
 # ---------------------------------------------------------------------- base
 class Engine(ABC):
@@ -249,14 +202,8 @@ class TorchStepEngine(Engine):
         dev = self.device
         x = torch.from_numpy(feeds[X]).to(dev)
         y = torch.from_numpy(feeds[Y]).to(dev) if Y in feeds else None
-        eps = []
-        kw = {"variance": True} if self.row.learned_variance else {}
-        # Same chunking as autodiffusion_rt.sampling.make_eps_fn, so results are bit-identical to sample().
-        for s in range(0, batch, self.batch_size):
-            xb = x[s : s + self.batch_size]
-            t = torch.full((xb.shape[0],), self.timestep, dtype=torch.long, device=dev)
-            eps.append(self.model.eps(xb, t, None if y is None else y[s : s + self.batch_size], self.keep, **kw))
-        eps = torch.cat(eps)
+        # sample()'s chunking, so results are bit-identical to it.
+        eps = eps_in_chunks(self.model, x, self.timestep, y, self.keep, self.batch_size, self.row.learned_variance)
         var_v = None
         if self.row.learned_variance:
             eps, var_v = eps[:, : x.shape[1]], eps[:, x.shape[1] :]

@@ -14,38 +14,11 @@ Engines are loaded once. Sampling runs through per-batch-size ping-pong
 buffers kept between calls, so switching engines along the schedule allocates
 nothing in the steady state (beyond the seeded draws themselves).
 
-The engine dir (``manifest.json``, format ``autodiffusion-rt-engines`` v1)::
-
-    {
-      "format": "autodiffusion-rt-engines", "version": 1, "complete": true,
-      "created": ISO time, "backend": "onnxruntime" | "tensorrt",
-      "precision": "fp32" | "fp16" | "int8", "batch": {"min": 1, "opt": int, "max": int},
-      "opset": int, "label_mode": null | "table" | "graph",
-      "plan": {plan.json}, "plan_sha256": sha256 of the canonical plan JSON,
-      "model": {"spec", "name", "fingerprint", "image_shape", "num_classes", "learn_sigma"},
-      "versions": {"autodiffusion_rt", "torch", "onnx", "onnxruntime", "tensorrt", "compute_capability"},
-      "int8": {"fid_fp32", "limit", "steps": [{"int8", "fid"}], "samples", ...},   # int8 builds only
-      "weights": "embedded" | "stripped",       # tensorrt builds: stripped engines are refitted from onnx/ at load
-      "steps": [{
-        "index", "timestep", "skip": [layer ids], "coefficients": {six floats},
-        "precision",                           # int8 builds: "int8" for the steps that passed the FID check
-        "macs_per_sample",                     # the registry's MACs of the kept subnetwork
-        "inputs": [{"name", "dtype", "shape"}], "outputs": [...],   # "batch" = dynamic dim
-        "onnx":   {"file", "sha256", "bytes", "key", "nodes", "macs_per_sample", "max_abs_diff", "seconds"},
-        "engine": {"file", "sha256", "bytes", "record": {...}, "seconds"}
-      }, ...]
-    }
-
-File paths are relative to the dir. ``engine.record`` holds what decides reuse
-(ONNX hash, backend, precision, batch profile, library versions, compute
-capability); the exporter rebuilds an engine whose record differs.
+The engine dir's ``manifest.json`` is read and checked by :class:`~.manifest.Manifest`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -56,22 +29,17 @@ import numpy as np
 import torch
 
 from ..diffusion import SampleNoise, SamplerCoefficients
-from ..errors import EngineError, PlanError
+from ..diffusion.step_io import NOISE, X, X0, X_PREV, Y, TensorSpec, step_io
+from ..errors import EngineError
+from ..models.loading import load_model_for_plan
 from ..plan import Plan
 from ..sampling import check_finite, check_labels, check_n, initial_state, sample_rows
-from ..utils import sha256_file
 from .device import DeviceResidentWalk, CudaRuntimeMemory, OrtValueMemory, plan_step_buffers, slot_spec
 from .engines import (
-    NOISE,
-    X,
-    X0,
-    X_PREV,
-    Y,
     Engine,
     OnnxRuntimeEngine,
     SharedDeviceMemory,
     TensorRTEngine,
-    TensorSpec,
     TorchStepEngine,
     cpu_isa,
     cuda_check,
@@ -81,29 +49,12 @@ from .engines import (
     import_tensorrt,
     onnxruntime_providers,
     shared_initializers,
-    step_io,
 )
+from .manifest import Manifest
 
-__all__ = [
-    "BACKENDS",
-    "MANIFEST_FORMAT",
-    "MANIFEST_NAME",
-    "MANIFEST_VERSION",
-    "ModelInfo",
-    "Runtime",
-    "coefficients_for_plan",
-    "library_versions",
-    "load_plan_model",
-    "plan_sha256",
-    "read_manifest",
-    "sample_from_engines",
-]
+__all__ = ["BACKENDS", "ModelInfo", "Runtime", "sample_from_engines"]
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "autodiffusion-rt-engines"
-MANIFEST_VERSION = 1
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-_COEFF_NAMES = ("x0_from_x", "x0_from_eps", "c_x", "c_eps", "c_prev_x0", "c_noise")
 
 
 @dataclass(frozen=True)
@@ -115,201 +66,13 @@ class ModelInfo:
     num_classes: Optional[int]
 
 
-# ------------------------------------------------------------------ helpers
-def plan_sha256(plan: Plan) -> str:
-    """sha256 of the plan's canonical JSON (sorted keys, no spaces)."""
-    text = json.dumps(plan.to_dict(), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def library_versions(backend: Optional[str] = None) -> dict:
-    """Versions that matter for engine reuse; the compute capability only when the backend is tensorrt."""
-    import importlib
-
-    from .. import __version__
-
-    out: dict[str, Optional[str]] = {"autodiffusion_rt": __version__, "torch": torch.__version__}
-    for name in ("onnx", "onnxruntime", "tensorrt"):
-        try:
-            out[name] = str(importlib.import_module(name).__version__)
-        except Exception:
-            out[name] = None
-    out["compute_capability"] = cuda_compute_capability() if backend == "tensorrt" else None
-    return out
-
-
-def coefficients_for_plan(plan: Plan) -> SamplerCoefficients:
-    """The plan's sampler coefficients from its recorded noise schedule (no weights needed)."""
-    diffusion = plan.model_config.get("diffusion") if isinstance(plan.model_config, dict) else None
-    if not isinstance(diffusion, dict) or "noise_schedule" not in diffusion:
-        raise PlanError(
-            "the plan's model.config has no 'diffusion' settings (noise_schedule, diffusion_steps): "
-            "re-create the plan with Plan.for_model"
-        )
-    from ..models.loading import diffusion_schedule
-
-    return plan.coefficients(diffusion_schedule(diffusion))
-
-
-def load_plan_model(plan: Plan, model=None):
-    """The DiffusionModel a plan was made for (checked against its fingerprint).
-
-    ``embedded:NAME`` specs load as usual; ``adm:PATH`` checkpoints are rebuilt
-    from the architecture the plan records, so no preset or options are needed.
-    """
-    if model is None:
-        from ..models import load_model
-        from ..models import loading
-
-        spec = plan.model_spec
-        if spec.startswith("adm:"):
-            cfg = plan.model_config
-            path = Path(spec[4:]).expanduser()
-            state_dict = loading._read_checkpoint(path)
-            unet_kwargs = dict(cfg["unet"])
-            for key in ("attention_resolutions", "channel_mult"):
-                if key in unet_kwargs:
-                    unet_kwargs[key] = tuple(unet_kwargs[key])
-            model = loading._build(spec, unet_kwargs, cfg["diffusion"], state_dict, str(path), {})
-        else:
-            model = load_model(spec)
-    plan.check_model(model)
-    return model
-
-
-def read_manifest(engine_dir) -> dict:
-    """Read and check the shape of ``DIR/manifest.json`` (not the files it names)."""
-    engine_dir = Path(engine_dir)
-    path = engine_dir / MANIFEST_NAME
-    if not engine_dir.is_dir():
-        raise EngineError(f"engine dir {engine_dir} does not exist: build it with 'autodiffusion-rt build PLAN --out {engine_dir}'")
-    if not path.is_file():
-        raise EngineError(
-            f"{path} is missing: {engine_dir} is not an engine dir, or its build did not finish; "
-            f"run 'autodiffusion-rt build PLAN --out {engine_dir}'"
-        )
-    try:
-        m = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EngineError(f"{path} is not valid JSON ({e}): it is corrupted; rebuild with 'autodiffusion-rt build PLAN --out {engine_dir}'") from None
-
-    def bad(field: str, why: str):
-        raise EngineError(f"{path}: field {field!r} {why}; rebuild with 'autodiffusion-rt build PLAN --out {engine_dir}'")
-
-    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
-        bad("format", f"must be {MANIFEST_FORMAT!r}, got {m.get('format') if isinstance(m, dict) else type(m).__name__!r}")
-    if m.get("version") != MANIFEST_VERSION:
-        bad("version", f"must be {MANIFEST_VERSION} (this autodiffusion-rt reads version {MANIFEST_VERSION}), got {m.get('version')!r}")
-    if m.get("complete") is not True:
-        bad("complete", "is not true: the build did not finish")
-    if m.get("backend") not in ("onnxruntime", "tensorrt"):
-        bad("backend", f"must be 'onnxruntime' or 'tensorrt', got {m.get('backend')!r}")
-    if m.get("precision") not in ("fp32", "fp16", "int8"):
-        bad("precision", f"must be 'fp32', 'fp16' or 'int8', got {m.get('precision')!r}")
-    batch = m.get("batch")
-    if not (isinstance(batch, dict) and all(isinstance(batch.get(k), int) and batch.get(k) >= 1 for k in ("min", "opt", "max"))
-            and batch["min"] <= batch["opt"] <= batch["max"]):
-        bad("batch", f"must be {{'min', 'opt', 'max'}} with 1 <= min <= opt <= max, got {batch!r}")
-    for key in ("plan", "model", "versions"):
-        if not isinstance(m.get(key), dict):
-            bad(key, "must be an object")
-    if not isinstance(m.get("steps"), list) or not m["steps"]:
-        bad("steps", "must be a non-empty list")
-    for i, step in enumerate(m["steps"]):
-        if not isinstance(step, dict):
-            bad(f"steps[{i}]", "must be an object")
-        for key in ("onnx", "engine", "coefficients"):
-            if not isinstance(step.get(key), dict):
-                bad(f"steps[{i}].{key}", "must be an object")
-        for key in ("inputs", "outputs", "skip"):
-            if not isinstance(step.get(key), list):
-                bad(f"steps[{i}].{key}", "must be a list")
-        for key in ("onnx", "engine"):
-            f = step[key]
-            if not (isinstance(f.get("file"), str) and isinstance(f.get("sha256"), str)):
-                bad(f"steps[{i}].{key}", "must name a file and its sha256")
-            if Path(f["file"]).is_absolute() or ".." in Path(f["file"]).parts:
-                bad(f"steps[{i}].{key}.file", f"must be a path inside the engine dir, got {f['file']!r}")
-    return m
-
-
-def _check_manifest_plan(m: dict, path: Path, expected: Optional[Plan]) -> tuple[Plan, SamplerCoefficients]:
-    """The manifest's plan, checked against its hash, its steps, and the caller's plan."""
-    try:
-        plan = Plan.from_dict(m["plan"], f"{path} (plan)")
-    except PlanError as e:
-        raise EngineError(f"{e}; rebuild the engine dir") from None
-    rebuild = f"rebuild with 'autodiffusion-rt build PLAN --out {path.parent}'"
-    if m.get("plan_sha256") != plan_sha256(plan):
-        raise EngineError(f"{path}: the manifest does not match its plan (plan_sha256 differs: edited by hand?); {rebuild}")
-    if expected is not None and plan_sha256(expected) != plan_sha256(plan):
-        raise EngineError(
-            f"{path} was built from a different plan (timesteps {list(plan.timesteps)}, sampler {plan.sampler}) than the "
-            f"one given (timesteps {list(expected.timesteps)}, sampler {expected.sampler}); {rebuild}"
-        )
-    model = m["model"]
-    if model.get("fingerprint") != plan.model_fingerprint:
-        raise EngineError(f"{path}: model fingerprint {str(model.get('fingerprint'))[:12]}... does not match the plan's; {rebuild}")
-    if len(m["steps"]) != plan.nfe:
-        raise EngineError(f"{path}: the manifest has {len(m['steps'])} steps but its plan has {plan.nfe} timesteps; {rebuild}")
-    coeffs = coefficients_for_plan(plan)
-    image_shape = tuple(model.get("image_shape") or ())
-    if len(image_shape) != 3:
-        raise EngineError(f"{path}: model.image_shape must be [C, H, W], got {model.get('image_shape')!r}; {rebuild}")
-    conditional = model.get("num_classes") is not None
-    for i, step in enumerate(m["steps"]):
-        if step.get("index") != i or step.get("timestep") != plan.timesteps[i] or sorted(step["skip"]) != sorted(plan.skip[i]):
-            raise EngineError(
-                f"{path}: step {i} (timestep {step.get('timestep')}, skip {step.get('skip')}) does not match the plan's "
-                f"(timestep {plan.timesteps[i]}, skip {list(plan.skip[i])}); {rebuild}"
-            )
-        row = coeffs.row(i)
-        for name in _COEFF_NAMES:
-            got = step["coefficients"].get(name)
-            want = getattr(row, name)
-            if not isinstance(got, (int, float)) or not math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12):
-                raise EngineError(f"{path}: step {i} coefficient {name}={got!r} does not match the plan's sampler ({want!r}); {rebuild}")
-        for name in ("c_prev_eps1", "c_prev_eps2", "c_prev_eps3"):  # iPNDM's history weights; 0 in manifests without them
-            got = step["coefficients"].get(name, 0.0)
-            if not isinstance(got, (int, float)) or not math.isclose(got, getattr(row, name), rel_tol=1e-9, abs_tol=1e-12):
-                raise EngineError(f"{path}: step {i} coefficient {name}={got!r} does not match the plan's sampler ({getattr(row, name)!r}); {rebuild}")
-        for name, want in row._asdict().items():  # flags beside the six constants (clip_x0)
-            if name not in _COEFF_NAMES and isinstance(want, bool) and step["coefficients"].get(name, False) != want:
-                raise EngineError(
-                    f"{path}: step {i} was built with {name}={step['coefficients'].get(name, False)!r} but the sampler now "
-                    f"uses {name}={want!r}; {rebuild}"
-                )
-        ins, outs = step_io(coeffs, i, image_shape, conditional)
-        try:
-            got_in = tuple(TensorSpec.from_dict(d) for d in step["inputs"])
-            got_out = tuple(TensorSpec.from_dict(d) for d in step["outputs"])
-        except (KeyError, TypeError):
-            raise EngineError(f"{path}: step {i} inputs/outputs are malformed; {rebuild}") from None
-        if got_in != ins or got_out != outs:
-            raise EngineError(f"{path}: step {i} inputs/outputs {got_in} -> {got_out} do not match the plan's sampler; {rebuild}")
-    return plan, coeffs
-
-
-def _verified_file(engine_dir: Path, entry: dict, what: str) -> Path:
-    path = engine_dir / entry["file"]
-    if not path.is_file():
-        raise EngineError(f"{what} file {path} is missing; rebuild with 'autodiffusion-rt build PLAN --out {engine_dir}'")
-    digest = sha256_file(path)
-    if digest != entry["sha256"]:
-        raise EngineError(
-            f"{what} file {path} is corrupted or truncated (sha256 {digest[:12]}... != recorded {entry['sha256'][:12]}...); "
-            f"rebuild with 'autodiffusion-rt build PLAN --out {engine_dir}' (it rebuilds only the damaged steps)"
-        )
-    return path
-
-
 # ------------------------------------------------------------------ runtime
 class Runtime:
     """A plan's steps as engines, walked in order; ``sample(n, seed, labels)`` gives images in [-1, 1]."""
 
     def __init__(self, engines: Sequence[Engine], plan: Plan, coeffs: SamplerCoefficients, info: ModelInfo,
                  backend: str, max_batch: Optional[int] = None, *, backend_name: Optional[str] = None,
-                 engine_dir: Optional[Path] = None, manifest: Optional[dict] = None, resources: Sequence = ()):
+                 engine_dir: Optional[Path] = None, manifest: Optional[Manifest] = None, resources: Sequence = ()):
         if len(engines) != len(coeffs):
             raise EngineError(f"{len(engines)} engines for {len(coeffs)} steps")
         self.engines = list(engines)
@@ -343,7 +106,7 @@ class Runtime:
             )
         plan = Plan.load(plan)  # a Plan or a path
         loaded = model is None
-        model = load_plan_model(plan, model)
+        model = load_model_for_plan(plan, model)
         if loaded and device is not None:
             from ..sampling import check_device
 
@@ -388,9 +151,8 @@ class Runtime:
         """
         engine_dir = Path(engine_dir)
         plan = None if plan is None else Plan.load(plan)  # a Plan or a path
-        m = read_manifest(engine_dir)
-        path = engine_dir / MANIFEST_NAME
-        the_plan, coeffs = _check_manifest_plan(m, path, plan)
+        m = Manifest.read(engine_dir)
+        the_plan, coeffs = m.check_plan(plan)
         if backend not in ("auto", *BACKENDS):
             raise EngineError(f"unknown backend {backend!r}: choose auto, {', '.join(BACKENDS)}")
         chosen = m["backend"] if backend == "auto" else backend
@@ -421,7 +183,7 @@ class Runtime:
             # vector width); a GPU provider, or a tensorrt dir, runs the verified portable ONNX exports.
             key = "engine" if m["backend"] == "onnxruntime" and on_cpu else "onnx"
             if check_versions and key == "engine":
-                _check_version(m, "onnxruntime", ort.__version__, engine_dir)
+                m.check_version("onnxruntime", ort.__version__)
             levels = []
             for i, s in enumerate(m["steps"]):
                 record = s["engine"].get("record") or {}
@@ -433,7 +195,7 @@ class Runtime:
                         f"'autodiffusion-rt build PLAN --out {engine_dir}' on this machine"
                     )
                 levels.append("none" if level in ("basic", "extended", "all") else "all")
-            files = [_verified_file(engine_dir, s[key], f"step {i} {'engine' if key == 'engine' else 'ONNX'}") for i, s in enumerate(m["steps"])]
+            files = [m.step_file(i, key) for i in range(len(m["steps"]))]
             shared = shared_initializers(files) if share_weights else [{} for _ in files]
             engines = []
             for i, (step, f) in enumerate(zip(m["steps"], files)):
@@ -456,12 +218,12 @@ class Runtime:
         if cc is None:
             raise EngineError("the tensorrt backend needs an NVIDIA GPU and driver, and none was found; use an onnxruntime engine dir on this machine")
         if check_versions:
-            _check_version(m, "tensorrt", trt.__version__, engine_dir)
-            _check_version(m, "compute_capability", cc, engine_dir, what="GPU compute capability")
-        files = [_verified_file(engine_dir, s["engine"], f"step {i} engine") for i, s in enumerate(m["steps"])]
+            m.check_version("tensorrt", trt.__version__)
+            m.check_version("compute_capability", cc, what="GPU compute capability")
+        files = [m.step_file(i, "engine") for i in range(len(m["steps"]))]
         # Weight-stripped engines are refitted from their step's ONNX file, checked like every file.
-        refits = [_verified_file(engine_dir, s["onnx"], f"step {i} ONNX (the weights of its stripped engine)")
-                  if (s["engine"].get("record") or {}).get("weights") == "stripped" else None for i, s in enumerate(m["steps"])]
+        refits = [m.step_file(i, "onnx") if (s["engine"].get("record") or {}).get("weights") == "stripped" else None
+                  for i, s in enumerate(m["steps"])]
         logger = trt.Logger(trt.Logger.WARNING)
         trt_runtime = trt.Runtime(logger)
         stream = cuda_check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
@@ -675,15 +437,6 @@ def _profile(step: dict, batch: dict) -> dict:
         d["name"]: tuple(TensorSpec.from_dict(d).concrete(batch[k]) for k in ("min", "opt", "max"))
         for d in step["inputs"]
     }
-
-
-def _check_version(m: dict, key: str, installed: Any, engine_dir: Path, what: Optional[str] = None) -> None:
-    recorded = m["versions"].get(key)
-    if recorded != installed:
-        raise EngineError(
-            f"{engine_dir} was built with {what or key} {recorded} but {installed} is installed: rebuild with "
-            f"'autodiffusion-rt build PLAN --out {engine_dir}' (or install {what or key} {recorded})"
-        )
 
 
 def sample_from_engines(engine_dir, n: int, seed: int = 0, labels=None, backend: str = "auto"):

@@ -86,13 +86,13 @@ class ServeState:
     """The served plans: manifests read at once, runtimes loaded and warmed by :meth:`load`."""
 
     def __init__(self, engines: dict[str, Path], settings: ServeSettings, *, runtime_loader: Optional[Callable] = None):
-        from ..runtime import read_manifest
+        from ..runtime import Manifest
 
         self.settings = settings.check()
         self.engines = dict(engines)
         self.default_plan = next(iter(self.engines))
         # The manifests alone say which plans are conditional, so requests can be checked while loading.
-        manifests = {name: read_manifest(d) for name, d in self.engines.items()}
+        manifests = {name: Manifest.read(d) for name, d in self.engines.items()}
         self.num_classes = {name: m["model"].get("num_classes") for name, m in manifests.items()}
         self.metrics = ServeMetrics()
         self.runtimes: dict = {}

@@ -35,6 +35,7 @@ from typing import Optional, Sequence
 from urllib.parse import urlsplit
 
 from ..errors import Error
+from ..utils import positive_ints
 
 __all__ = ["check_loopback", "main", "percentile", "run"]
 
@@ -342,20 +343,10 @@ def plot(report: dict, path) -> Path:
     return path
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, e.g. 1,2,4,8,16,32")
-    return values
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="benchmark.py --serve", description="Load-test a running autodiffusion-rt service (loopback only).")
     ap.add_argument("--serve", required=True, metavar="URL", help="the service, e.g. http://127.0.0.1:8000")
-    ap.add_argument("--concurrency", type=_ints, default=[1, 2, 4, 8, 16, 32], help="closed-loop levels (default 1,2,4,8,16,32)")
+    ap.add_argument("--concurrency", type=positive_ints, default=[1, 2, 4, 8, 16, 32], help="closed-loop levels (default 1,2,4,8,16,32)")
     ap.add_argument("--requests", type=int, default=96, help="measured requests per level (default 96)")
     ap.add_argument("--n", type=int, default=1, help="images per request (default 1)")
     ap.add_argument("--format", default="png", choices=("png", "npy"))

@@ -1,0 +1,66 @@
+"""The named inputs and outputs of one sampler step: the contract between the exporter and every engine.
+
+A step of a plan maps::
+
+    x [, y] [, noise] [, prev_x0] [, prev_eps1 .. prev_eps3]  ->  x_prev [, x0] [, eps]
+
+Which of them a step has follows from the sampler's coefficients alone
+(:func:`step_io`), so the exporter (``export/``), the engines and the engine
+dir's manifest (``autodiffusion_rt.runtime``) all derive them from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from autodiffusion_rt.diffusion.samplers import SamplerCoefficients
+
+__all__ = ["BATCH", "EPS", "NOISE", "PREV_EPS", "PREV_X0", "TensorSpec", "X", "X0", "X_PREV", "Y", "step_io"]
+
+# The names every backend uses.
+X, Y, NOISE, PREV_X0 = "x", "y", "noise", "prev_x0"
+X_PREV, X0, EPS = "x_prev", "x0", "eps"
+PREV_EPS = ("prev_eps1", "prev_eps2", "prev_eps3")  # eps of steps i-1, i-2, i-3 (iPNDM)
+BATCH = "batch"  # the symbolic batch dimension
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output: numpy dtype name and shape, ``"batch"`` for the dynamic dimension."""
+
+    name: str
+    dtype: str
+    shape: tuple
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TensorSpec":
+        return cls(str(d["name"]), str(d["dtype"]), tuple(d["shape"]))
+
+    def concrete(self, batch: int) -> tuple[int, ...]:
+        return tuple(batch if s == BATCH else int(s) for s in self.shape)
+
+
+def step_io(
+    coeffs: SamplerCoefficients, i: int, image_shape: Sequence[int], conditional: bool
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The inputs and outputs of step ``i`` of a schedule (see the module docstring)."""
+    img = (BATCH, *(int(s) for s in image_shape))
+    row = coeffs.row(i)
+    inputs = [TensorSpec(X, "float32", img)]
+    if conditional:
+        inputs.append(TensorSpec(Y, "int64", (BATCH,)))
+    if row.c_noise != 0.0:
+        inputs.append(TensorSpec(NOISE, "float32", img))
+    if row.c_prev_x0 != 0.0:
+        inputs.append(TensorSpec(PREV_X0, "float32", img))
+    inputs += [TensorSpec(name, "float32", img) for name in PREV_EPS[: row.eps_history]]
+    outputs = [TensorSpec(X_PREV, "float32", img)]
+    if i + 1 < len(coeffs) and coeffs.row(i + 1).c_prev_x0 != 0.0:
+        outputs.append(TensorSpec(X0, "float32", img))
+    if any(coeffs.row(j).eps_history >= j - i for j in range(i + 1, min(i + 1 + len(PREV_EPS), len(coeffs)))):
+        outputs.append(TensorSpec(EPS, "float32", img))
+    return tuple(inputs), tuple(outputs)
