@@ -545,22 +545,49 @@ def test_read_only_engine_dir_up_to_date_needs_no_write(work, tmp_path):
     assert snapshot(src) == before
 
 
+def _fill(d: Path, leave: int = 0) -> None:
+    """Fill the file system holding ``d`` until ``leave`` bytes are free (``d/filler.bin`` is then the user's file)."""
+    fd = os.open(d / "filler.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    os.truncate(d / "filler.bin", max(0, os.path.getsize(d / "filler.bin") - leave))
+
+
 def test_full_disk_is_one_line_and_leaves_no_partial_file(work, tmp_path):
-    """A 64 KiB tmpfs: sample --out x.npz, build and fid-stats --out fail with 'the disk is full', and
-    what was on the disk before is intact; no partial or temp file is left behind."""
-    with mounted("tmpfs", tmp_path / "full") as full:
+    """A full 64 KiB tmpfs (16 KiB left): sample --out x.npz, build and fid-stats --out fail with 'the disk is
+    full', what was on the disk is intact, no partial or temp file is left. A search on a second tmpfs with 4 KiB
+    left saves its first generation, then stops at the next with one line naming the checkpoint: the saved
+    checkpoint is intact (--resume can continue it), no plan, no temp file."""
+    with mounted("tmpfs", tmp_path / "full") as full, mounted("tmpfs", tmp_path / "full2") as full2:
         (full / "keep.txt").write_text("mine")
         (full / "old-engines").mkdir()
+        _fill(full, leave=16 << 10)
+        _fill(full2, leave=4 << 10)
         before = snapshot(full)
+        out = full2 / "s" / "p.json"
+        search = subprocess.Popen(_search_cmd(out), cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         r = run_batch([
             ("adr", ["sample", "--plan", str(work / "plan.json"), "--n", "2000", "--out", str(full / "x.npz"), "--quiet"]),
             ("adr", ["build", str(work / "plan.json"), "--out", str(full / "eng"), "--max-batch", "8", "--quiet"]),
+            ("adr", ["fid-stats", "mnist", "--out", str(full / "stats.npz"), "--quiet"]),
         ], tmp_path)
         after = snapshot(full)
+        _, search_err = search.communicate(timeout=600)
+        ckpt = out.with_name("p.search-state.json")
+        saved = json.loads(ckpt.read_text())
+        left = sorted(p.name for p in out.parent.iterdir())
     for res in r:
         assert res["code"] == 2 and "disk is full" in res["stderr"], res
         assert len(res["stderr"].strip().splitlines()) == 1 and "Traceback" not in res["stderr"], res
     assert after == before  # no x.npz, no temp files, no half-built eng/ left
+    assert search.returncode == 2, search_err
+    assert len(search_err.strip().splitlines()) == 1 and "disk is full" in search_err and str(ckpt) in search_err, search_err
+    assert len(saved["history"]) >= 1 and left == ["p.search-state.json"]
 
 
 def _build_cmd(work: Path, out: Path, *extra: str) -> list[str]:
@@ -677,9 +704,9 @@ def test_kill_9_of_a_build_loses_nothing(work, tmp_path):
 
 
 def _search_cmd(out: Path, *extra: str) -> list[str]:
-    """The real search CLI on the embedded model, tiny: 16 samples, 4 generations per stage, NSGA-II in stage 2,
+    """The real search CLI on the embedded model, tiny: 8 samples, 4 generations per stage, NSGA-II in stage 2,
     FID fitness (no teacher), no held-out re-ranking, no report."""
-    return [sys.executable, "-m", "search.run", "--nfe", "3", "--num-samples", "16", "--batch-size", "16", "--population", "6",
+    return [sys.executable, "-m", "search.run", "--nfe", "3", "--num-samples", "8", "--batch-size", "8", "--population", "6",
             "--generations", "3", "--topk", "2", "--mutants", "2", "--crossovers", "2", "--objective", "fid", "--dp-paths", "0",
             "--holdout-samples", "0", "--no-report", "--multi-objective", "--budget-fraction", "0.85", "--threads", "1",
             "--quiet", "--out", str(out), *extra]
