@@ -105,6 +105,7 @@ def path_error(e: OSError, path, fix: str, action: str = "write", where=None) ->
 
     why = {
         errno.ENOSPC: "the disk is full",
+        errno.EFBIG: "the file exceeds the size limit (ulimit -f) or the file system's",
         errno.EDQUOT: "the disk quota is exceeded",
         errno.EROFS: "the file system is read-only",
         errno.EACCES: "permission denied",

@@ -130,10 +130,10 @@ _DRIVER = textwrap.dedent("""
 """)
 
 
-def run_batch(cases, cwd: Path) -> list[dict]:
+def run_batch(cases, cwd: Path, preexec_fn=None) -> list[dict]:
     """Run ``[(entry, argv), ...]`` in one fresh Python process (the real mains, argv and stderr per case)."""
     proc = subprocess.run([sys.executable, "-c", _DRIVER], input=json.dumps(cases), capture_output=True, text=True,
-                          cwd=cwd, env=ENV, timeout=900)
+                          cwd=cwd, env=ENV, timeout=900, preexec_fn=preexec_fn)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -588,6 +588,31 @@ def test_full_disk_is_one_line_and_leaves_no_partial_file(work, tmp_path):
     assert search.returncode == 2, search_err
     assert len(search_err.strip().splitlines()) == 1 and "disk is full" in search_err and str(ckpt) in search_err, search_err
     assert len(saved["history"]) >= 1 and left == ["p.search-state.json"]
+
+
+def _limit_file_size():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
+
+
+def test_write_failing_midway_is_one_line_and_leaves_no_partial_file(work, tmp_path):
+    """Where mounts are not allowed too: a 16 KiB file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so a write
+    past it fails with EFBIG) makes sample --out x.npz, build and fid-stats --out fail midway: one line naming the
+    path, exit 2, and the folder as it was (no partial file, temp file or half-built dir)."""
+    d = tmp_path / "out"
+    d.mkdir()
+    (d / "keep.txt").write_text("mine")
+    before = snapshot(d)
+    r = run_batch([
+        ("adr", ["sample", "--plan", str(work / "plan.json"), "--n", "2000", "--out", str(d / "x.npz"), "--quiet"]),
+        ("adr", ["build", str(work / "plan.json"), "--out", str(d / "eng"), "--max-batch", "8", "--quiet"]),
+        ("adr", ["fid-stats", "mnist", "--out", str(d / "stats.npz"), "--quiet"]),
+    ], tmp_path, preexec_fn=_limit_file_size)
+    for res, path in zip(r, ("x.npz", "eng", "stats.npz")):
+        assert res["code"] == 2 and "size limit" in res["stderr"] and str(d / path) in res["stderr"], res
+        assert len(res["stderr"].strip().splitlines()) == 1 and "Traceback" not in res["stderr"], res
+    assert snapshot(d) == before
 
 
 def _build_cmd(work: Path, out: Path, *extra: str) -> list[str]:
