@@ -33,6 +33,22 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+def remove_stale_temps(*paths: str | os.PathLike) -> list[Path]:
+    """Delete the temp files :func:`atomic_write` leaves beside each of ``paths`` when its process is killed mid-write.
+
+    Call it only holding the lock that serialises the writers of ``paths``: then every such file is a dead process's.
+    """
+    import glob
+
+    removed = []
+    for path in map(Path, paths):
+        for f in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+                removed.append(f)
+    return removed
+
+
 def set_default_mode(path: str | os.PathLike) -> None:
     """Give ``path`` the mode a plain open() would (0644 under the usual umask).
 
