@@ -43,9 +43,11 @@ def remove_stale_temps(*paths: str | os.PathLike) -> list[Path]:
     removed = []
     for path in map(Path, paths):
         for f in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 f.unlink()
-                removed.append(f)
+            except OSError:  # gone already, or a folder made read-only since: leaving it harms nothing
+                continue
+            removed.append(f)
     return removed
 
 
