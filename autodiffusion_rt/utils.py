@@ -33,6 +33,24 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+def remove_stale_temps(*paths: str | os.PathLike) -> list[Path]:
+    """Delete the temp files :func:`atomic_write` leaves beside each of ``paths`` when its process is killed mid-write.
+
+    Call it only holding the lock that serialises the writers of ``paths``: then every such file is a dead process's.
+    """
+    import glob
+
+    removed = []
+    for path in map(Path, paths):
+        for f in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            try:
+                f.unlink()
+            except OSError:  # gone already, or a folder made read-only since: leaving it harms nothing
+                continue
+            removed.append(f)
+    return removed
+
+
 def set_default_mode(path: str | os.PathLike) -> None:
     """Give ``path`` the mode a plain open() would (0644 under the usual umask).
 
@@ -105,6 +123,7 @@ def path_error(e: OSError, path, fix: str, action: str = "write", where=None) ->
 
     why = {
         errno.ENOSPC: "the disk is full",
+        errno.EFBIG: "the file exceeds the size limit (ulimit -f) or the file system's",
         errno.EDQUOT: "the disk quota is exceeded",
         errno.EROFS: "the file system is read-only",
         errno.EACCES: "permission denied",

@@ -22,6 +22,8 @@ unfinished, never a half-valid one. Layout::
     DIR/onnx/stepNN-<key>.onnx        verified export of step NN
     DIR/engines/stepNN-<key>.onnx     onnxruntime engine  (or .plan for TensorRT)
     DIR/timing.cache                  TensorRT timing cache (tensorrt backend)
+    DIR/build-progress.json           the steps a running (or killed) build finished; gone once its manifest is
+                                      written (the next build reuses them: a kill -9 loses no finished step)
     DIR/ort_trt_cache/                onnxruntime TensorRT provider caches (at run time)
 """
 
@@ -49,6 +51,7 @@ from autodiffusion_rt.runtime.manifest import MANIFEST_NAME, Manifest, library_v
 from autodiffusion_rt.utils import LockBusy, file_lock, path_error, set_default_mode, sha256_file
 
 from .cache import engine_record, canonical_hash, file_state, onnx_key, remove_unreferenced
+from .cache import PROGRESS_NAME, read_progress, step_file, write_progress
 from .onnx_export import DEFAULT_OPSET, FP32_COND_TOL, FP32_TOL, _ort_session, _temp_beside, export_step_onnx, import_onnx
 from .subnet import LABEL_MODES, StepModule, half_unet, resolve_label_mode
 
@@ -315,6 +318,10 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
     old_onnx = {s["onnx"].get("key"): s["onnx"] for s in (old or {}).get("steps", []) if isinstance(s, dict) and isinstance(s.get("onnx"), dict)}
     old_engines = {canonical_hash(s["engine"].get("record")): s["engine"] for s in (old or {}).get("steps", [])
                    if isinstance(s, dict) and isinstance(s.get("engine"), dict)}
+    named = {s[k].get("file") for s in (old or {}).get("steps", []) if isinstance(s, dict) for k in ("onnx", "engine") if isinstance(s.get(k), dict)}
+    for s in read_progress(out_dir):  # the steps a killed build finished: reused like the manifest's, if their hashes match
+        old_onnx.setdefault(s["onnx"].get("key"), s["onnx"])
+        old_engines.setdefault(canonical_hash(s["engine"].get("record")), s["engine"])
     half = None
     steps, report_steps, int8_entries = [], [], []
     calibration = None
@@ -338,7 +345,7 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
             )
             status = {"index": i, "timestep": t}
             # ---------------------------------------------------------- ONNX
-            onnx_rel = f"onnx/step{i:02d}-{key[:16]}.onnx"
+            onnx_rel = step_file("onnx", i, key, ".onnx", named)
             onnx_entry = _reusable(out_dir, old_onnx.get(key), force, f"exporting step {i} again")
             if onnx_entry is not None:
                 status["onnx"] = "reused"
@@ -364,7 +371,7 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
                                    **({"isa": isa, "optimization": ORT_ENGINE_LEVEL} if backend == "onnxruntime" else {}))
             digest = canonical_hash(record)
             ext = ".plan" if backend == "tensorrt" else ".onnx"
-            engine_rel = f"engines/step{i:02d}-{digest[:16]}{ext}"
+            engine_rel = step_file("engines", i, digest, ext, named)
             engine_entry = _reusable(out_dir, old_engines.get(digest), force, f"rebuilding step {i}'s engine")
             if engine_entry is not None:
                 status["engine"] = "reused"
@@ -385,7 +392,7 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
                 status["engine"] = "built"
             if calibration is not None:
                 int8_entries.append(_int8_engine(out_dir, i, onnx_entry, calibration[i], versions, isa, batch,
-                                                 int8_settings, old_engines, force))
+                                                 int8_settings, old_engines, force, named))
             steps.append({
                 "index": i,
                 "timestep": int(t),
@@ -399,6 +406,8 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
                 "engine": engine_entry,
             })
             report_steps.append(status)
+            if writable and (status["onnx"] == "exported" or status["engine"] == "built"):
+                write_progress(out_dir, steps)  # a kill from here on loses no finished step
             bar.set_postfix_str(f"step {i} (t={t}): onnx {status['onnx']}, engine {status['engine']}")
             bar.update(1)
     finally:
@@ -422,6 +431,8 @@ def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch
     if writable:
         referenced = [s["onnx"]["file"] for s in steps] + [s["engine"]["file"] for s in steps]
         remove_unreferenced(out_dir, referenced)  # under the build lock: any other temp file is a dead build's
+        with contextlib.suppress(FileNotFoundError):
+            (out_dir / PROGRESS_NAME).unlink()  # the manifest now records every step
     return BuildReport(out_dir, manifest, report_steps, time.perf_counter() - start)
 
 
@@ -439,14 +450,14 @@ def _reusable(out_dir: Path, prev: Optional[dict], force: bool, then: str) -> Op
 
 
 def _int8_engine(out_dir: Path, i: int, onnx_entry: dict, feeds, versions: dict, isa: str, batch: dict,
-                 settings: dict, old_engines: dict, force: bool) -> dict:
+                 settings: dict, old_engines: dict, force: bool, named: set) -> dict:
     """Step i's int8 engine entry (quantized and optimized now, or reused by its record)."""
     from .quantize import quantize_step
 
     record = engine_record(onnx_sha256=onnx_entry["sha256"], backend="onnxruntime", precision="int8", onnx_dtype="float32",
                            batch=batch, versions=versions, isa=isa, optimization=ORT_ENGINE_LEVEL, int8=settings)
     digest = canonical_hash(record)
-    rel = f"engines/step{i:02d}-{digest[:16]}.onnx"
+    rel = step_file("engines", i, digest, ".onnx", named)
     prev = _reusable(out_dir, old_engines.get(digest), force, f"quantizing step {i} again")
     if prev is not None:
         return prev

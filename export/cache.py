@@ -17,8 +17,14 @@ Two layers, each content-addressed:
 
 Every file's sha256 is recorded; a file that no longer hashes to it
 (truncated, corrupted) is rebuilt with a warning, never loaded. File names
-carry a prefix of the key, so a new build never overwrites a file the previous
-manifest still names: an interrupted build leaves the old dir usable.
+carry a prefix of the key, and a rebuild of a step whose file the previous
+manifest names (``--force``, or a corrupted file) writes the other name of the
+pair (:func:`step_file`): engine bytes are not reproducible (onnxruntime's
+node order, TensorRT's tactics), so overwriting would leave the old manifest
+naming a file with another hash. A new build never overwrites a file the
+previous manifest still names: an interrupted build leaves the old dir usable.
+The steps a build has finished are journaled (:data:`PROGRESS_NAME`) until its
+manifest is written, so the build after a ``kill -9`` reuses them.
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ import re
 from pathlib import Path
 from typing import Iterable, Optional
 
-from autodiffusion_rt.utils import sha256_file
+from autodiffusion_rt.utils import atomic_write, sha256_file
 
-__all__ = ["EXPORTER_REVISION", "canonical_hash", "engine_record", "file_state", "onnx_key", "remove_unreferenced"]
+__all__ = ["EXPORTER_REVISION", "PROGRESS_NAME", "canonical_hash", "engine_record", "file_state", "onnx_key", "read_progress",
+           "remove_unreferenced", "step_file", "write_progress"]
 
 #: Bump when the step module or the exporter changes what a given key produces.
 EXPORTER_REVISION = 1
@@ -129,12 +136,44 @@ def remove_unreferenced(engine_dir: Path, referenced: Iterable[str]) -> list[Pat
             continue
         for f in d.iterdir():
             rel = str(Path(sub) / f.name)
-            stale_tmp = f.name.startswith(".") and f.name.endswith(".tmp")
+            stale_tmp = f.name.startswith(".") and f.name.endswith((".tmp", ".qdq"))  # .qdq: an int8 build's intermediate
             if f.is_file() and (stale_tmp or (_STEP_FILE.match(f.name) and rel not in keep)):
                 f.unlink()
                 removed.append(f)
     for f in engine_dir.iterdir():
-        if f.is_file() and f.name.startswith(".manifest.json.") and f.name.endswith(".tmp"):
+        if f.is_file() and f.name.startswith((".manifest.json.", f".{PROGRESS_NAME}.")) and f.name.endswith(".tmp"):
             f.unlink()
             removed.append(f)
     return removed
+
+
+def step_file(sub: str, index: int, digest: str, ext: str, named: set) -> str:
+    """The relative path of step ``index``'s file in ``sub``: ``stepNN-<digest[:16]><ext>``, or, when the previous
+    manifest names that path (``named``), ``stepNN-<digest[16:32]><ext>`` (see the module docstring)."""
+    rel = f"{sub}/step{index:02d}-{digest[:16]}{ext}"
+    return rel if rel not in named else f"{sub}/step{index:02d}-{digest[16:32]}{ext}"
+
+
+#: The journal of the steps a running (or killed) build has finished; removed once the manifest is written.
+PROGRESS_NAME = "build-progress.json"  # visible: it says a build did not finish
+
+
+def read_progress(engine_dir: Path) -> list[dict]:
+    """The step entries a build that did not finish journaled ([] if none; unreadable: [] too, those steps are rebuilt).
+
+    Data only (JSON); every file an entry names is still checked against its sha256 before it is reused.
+    """
+    try:
+        d = json.loads((Path(engine_dir) / PROGRESS_NAME).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return []
+    steps = d.get("steps") if isinstance(d, dict) else None
+    if not isinstance(steps, list):
+        return []
+    return [s for s in steps if isinstance(s, dict) and isinstance(s.get("onnx"), dict) and isinstance(s.get("engine"), dict)]
+
+
+def write_progress(engine_dir: Path, steps: list[dict]) -> None:
+    """Journal the finished steps (manifest step entries), atomically."""
+    with atomic_write(Path(engine_dir) / PROGRESS_NAME, "w") as f:
+        json.dump({"steps": steps}, f)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from autodiffusion_rt.utils import atomic_write
+from autodiffusion_rt.utils import atomic_write, path_error
 
 from .errors import SearchError
 from .space import Candidate
@@ -199,11 +199,17 @@ def _valid_rng_state(state) -> bool:
 
 
 def save_state(state: SearchState, path: str | Path) -> Path:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact.
+
+    An OS error (a full disk) is a SearchError naming the checkpoint: the search stops, what it saved stays."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, "w") as f:
-        json.dump(state.to_json(), f)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "w") as f:
+            json.dump(state.to_json(), f)
+    except OSError as e:
+        raise SearchError(path_error(e, path, "the checkpoint saved before (if any) is intact: fix that (e.g. free some space) "
+                                              "and run again with --resume to continue from it", where=path.parent)) from None
     return path
 
 

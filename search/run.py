@@ -391,9 +391,13 @@ def _out_lock(out: Path, wait: bool, quiet: bool):
 
 
 def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, Search, LocalExecutor, FitnessEvaluator):
+    from autodiffusion_rt.utils import remove_stale_temps
+
     o = p.options
     state = None
     ckpt = Path(o.checkpoint)
+    stem = _stem(o.out)  # under the --out lock: a temp file beside an output is a search killed while writing it
+    remove_stale_temps(o.out, ckpt, f"{stem}.pareto.json", f"{stem}.report.md", f"{stem}.report.json")
     if o.resume:
         state = load_state(ckpt, p.run_settings)
         state.check_candidates(p.model.num_timesteps, o.nfe, p.model.unet.layer_ids, str(ckpt))
