@@ -60,6 +60,9 @@ DEFAULTS = dict(
     holdout_samples=1000,
     holdout_topk=4,
 )
+# --multi-objective: generation 0 of NSGA-II also holds the best DP schedule skipping, by the sensitivity
+# table, what costs least per MAC saved until it uses these fractions of the budget.
+MO_SEED_FRACTIONS = (0.85, 0.7, 0.55)
 # --fast: a smoke-test preset (about a minute on the embedded model).
 FAST = dict(num_samples=96, population=8, generations=2, topk=3, mutants=3, crossovers=2, report_samples=256,
             grid_points=24, holdout_samples=256, holdout_topk=2)
@@ -290,7 +293,7 @@ def prepare(options: SearchOptions, model=None, extractor=None, ref_stats=None) 
         ref_stats, ref_description = resolve_reference(o.reference, extractor, progress=not o.quiet)
     else:
         ref_description = ref_stats.dataset
-    if o.num_samples <= extractor.feature_dim and not o.quiet:
+    if o.objective == "fid" and o.num_samples <= extractor.feature_dim and not o.quiet:
         warnings.warn(
             f"--num-samples {o.num_samples} <= the {extractor.feature_dim}-d features of the {extractor.name!r} extractor: "
             "the FID covariance is rank-deficient, so the fitness is biased (the ranking is still comparable within this run)",
@@ -450,7 +453,13 @@ def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, 
 
         sensitivity = skip_sensitivity(p.model, teacher, o.sensitivity_points, o.sensitivity_samples, o.batch_size)
         full_step = p.model.unet.macs()
-        dp_seeds += [Candidate(c.timesteps, cheapest_skips(sensitivity, c.timesteps, full_step, budget)) for c in list(dp_seeds)]
+        full_seeds = list(dp_seeds)
+        dp_seeds += [Candidate(c.timesteps, cheapest_skips(sensitivity, c.timesteps, full_step, budget)) for c in full_seeds]
+        if o.multi_objective and full_seeds:
+            # NSGA-II starts with the best DP schedule at several compute levels below the budget, not only at it.
+            top = min(budget, p.space2.full_macs) if budget is not None else p.space2.full_macs
+            dp_seeds += [Candidate(full_seeds[0].timesteps, cheapest_skips(sensitivity, full_seeds[0].timesteps, full_step, int(f * top)))
+                         for f in MO_SEED_FRACTIONS]
     search = Search(
         p.space1, p.space2, p.settings, executor, o.seed, run_settings=p.run_settings, state=state,
         on_generation=lambda st: save_state(st, ckpt), quiet=o.quiet, seeds=dp_seeds,
@@ -470,8 +479,9 @@ def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, 
         # The whole front, re-ranked on fresh samples: every plan of the set carries its held-out FID.
         fids = _holdout_fids(p, [s.candidate for s in result.pareto])
         # The front on fresh samples: members another member beats on held-out FID and MACs are dropped.
-        keep = [i for i, s in enumerate(result.pareto)
-                if not any((fids[j], t.macs) != (fids[i], s.macs) and fids[j] <= fids[i] and t.macs <= s.macs for j, t in enumerate(result.pareto))]
+        from .evolution import non_dominated
+
+        keep = sorted(non_dominated(range(len(result.pareto)), lambda i: (fids[i], result.pareto[i].macs)))
         search_front = [{"timesteps": list(s.candidate.timesteps), "skipped_layer_steps": s.candidate.num_skipped,
                                                   "search_fitness": s.fid, "holdout_fid": f, "macs_per_sample": s.macs} for s, f in zip(result.pareto, fids)]
         result.pareto = [result.pareto[i] for i in keep]
@@ -712,7 +722,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="model spec: embedded:mnist or adm:PATH (default: %(default)s)")
     p.add_argument("--preset", default=None, help="ADM preset for adm: specs (e.g. imagenet64-cond)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="guided-diffusion flag for adm: specs, repeatable")
-    p.add_argument("--nfe", type=int, default=None, help=f"number of sampling steps (default {d['nfe']})")
+    p.add_argument("--nfe", default=None, help=f"number of sampling steps (default {d['nfe']}); with --multi-objective a range "
+                   "(3-8) or list (3,4,6): the fronts with and without layer skipping across NFE (search/pareto.py)")
     p.add_argument("--sampler", default=None, help=f"ddim, ddpm or dpmpp_2m (default {d['sampler']})")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0: deterministic)")
     p.add_argument("--extractor", default=None, help="FID features: mnist or inception (default: mnist for the embedded model, inception otherwise)")
@@ -768,7 +779,11 @@ def options_from_args(args) -> SearchOptions:
         values.update(FAST)
     if args.paper_settings:
         values.update(PAPER)
-    for key in ("nfe", "sampler", "eta", "num_samples", "population", "generations", "topk", "mutants", "crossovers",
+    if args.nfe is not None:
+        from .pareto import parse_nfe
+
+        values["nfe"] = parse_nfe(args.nfe)[0]
+    for key in ("sampler", "eta", "num_samples", "population", "generations", "topk", "mutants", "crossovers",
                 "mutation_prob", "report_samples", "batch_size", "seed", "method", "objective", "grid_points", "dp_paths",
                 "holdout_samples", "holdout_topk"):
         v = getattr(args, key)
@@ -818,7 +833,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        run_search(options_from_args(args))
+        nfes = None
+        if args.nfe is not None:
+            from .pareto import parse_nfe, run_pareto
+
+            nfes = parse_nfe(args.nfe)
+        if nfes is not None and len(nfes) > 1:
+            if not args.multi_objective:
+                raise SearchError(f"--nfe {args.nfe}: several NFEs need --multi-objective (the fronts across NFE); or give one NFE")
+            run_pareto(options_from_args(args), nfes)
+        else:
+            run_search(options_from_args(args))
         return 0
     except Error as e:
         print(f"search.run: error: {' '.join(str(e).split())}", file=sys.stderr)
