@@ -453,6 +453,7 @@ def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, 
 
         sensitivity = skip_sensitivity(p.model, teacher, o.sensitivity_points, o.sensitivity_samples, o.batch_size)
         full_step = p.model.unet.macs()
+        p.space2.set_skip_guide(sensitivity)  # stage 2's skip mutations and budget repairs favour the cheap layer-steps
         full_seeds = list(dp_seeds)
         dp_seeds += [Candidate(c.timesteps, cheapest_skips(sensitivity, c.timesteps, full_step, budget)) for c in full_seeds]
         if o.multi_objective and full_seeds:
