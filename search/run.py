@@ -25,32 +25,34 @@ from .errors import SearchError
 
 DEFAULT_MODEL = "embedded:mnist"
 
-# Defaults sized for the embedded model at NFE 4 on the project's 2-core CPU (measured;
-# search/README.md "Defaults" has the numbers): one model call costs about 6.8 ms per
-# sample on a quiet machine (12 ms with other jobs running), FID with the mnist extractor
-# is negligible (0.05 s per candidate), so the cost is
-#   candidates x NFE x (1 - prefix sharing) x N x 6.8 ms
-# = 2 stages x (24 + 5 x 18) x 4 x 0.75 x 128 x 6.8 ms  ~ 600 s of search, plus the report
-# (5 rows x 4 calls x 1000 samples x 6.8 ms ~ 140 s): about 12 minutes. AutoDiffusion's own
-# settings (population 50, 10 generations, top-k 10, 25 mutants, 15 crossovers) are
-# --paper-settings: about 4x the search cost, for GPUs.
-# The budget defaults to the full model's MACs: stage 2 may skip layers only where that
-# does not cost FID. On the embedded model a 0.9 budget cost 5 FID at NFE 4, more than the
-# timestep search gained over uniform DDIM (see the README), so compute savings are opt-in
-# (--budget-fraction, --multi-objective).
+# Defaults sized so that the default run, its held-out selection and its report take <= 5 minutes on the
+# project's 2-core CPU when idle (embedded model, NFE 4); --fast and --method dp <= 60 s. The cost is
+# counted in sample-NFEs (one model call on one sample; about 4 ms each at 2 threads, batch ~100), per
+# phase (counted on the test model with these presets; search/README.md "Defaults" has the table):
+#   teacher     grid points x N                              40 x 64               ~  2.6 k
+#   search      2 stages x (population + generations x (population - top-k)) candidates
+#               x NFE x N x (1 - prefix sharing)            2 x (16 + 3 x 12) x 4 x 64 x ~0.67
+#   held-out    (top-k + stage 1 + DP, + 2 other samplers) x NFE x 1000 samples
+#   report      rows (plan, DP, stage 1, 9 baselines) x NFE x 400 samples
+# The trajectory objective compares each sample with its own teacher image, so it needs far fewer
+# samples than FID (no small-N bias); --objective fid wants --num-samples >= 128 (the 64-d mnist features).
+# AutoDiffusion's own settings (population 50, 10 generations, top-k 10, 25 mutants, 15 crossovers) are
+# --paper-settings, for GPUs.
+# The budget defaults to the full model's MACs: stage 2 may skip layers only where that does not cost
+# fitness (skipping at equal compute is --multi-objective --nfe 3-8, search/pareto.py).
 DEFAULTS = dict(
     nfe=4,
     sampler="ddim",
     eta=0.0,
-    num_samples=128,
-    population=24,
-    generations=5,
-    topk=6,
-    mutants=12,
-    crossovers=6,
+    num_samples=64,
+    population=16,
+    generations=3,
+    topk=4,
+    mutants=8,
+    crossovers=4,
     mutation_prob=0.25,
     budget_fraction=1.0,
-    report_samples=1000,
+    report_samples=400,
     batch_size=128,
     seed=0,
     method="evo",
@@ -58,14 +60,16 @@ DEFAULTS = dict(
     grid_points=40,
     dp_paths=4,
     holdout_samples=1000,
-    holdout_topk=4,
+    holdout_topk=2,
 )
 # --multi-objective: generation 0 of NSGA-II also holds the best DP schedule skipping, by the sensitivity
 # table, what costs least per MAC saved until it uses these fractions of the budget.
 MO_SEED_FRACTIONS = (0.85, 0.7, 0.55)
-# --fast: a smoke-test preset (about a minute on the embedded model).
-FAST = dict(num_samples=96, population=8, generations=2, topk=3, mutants=3, crossovers=2, report_samples=256,
-            grid_points=24, holdout_samples=256, holdout_topk=2)
+# --fast: a smoke-test preset (<= 60 s on the embedded model).
+FAST = dict(num_samples=32, population=8, generations=2, topk=3, mutants=3, crossovers=2, report_samples=128,
+            grid_points=20, holdout_samples=200, holdout_topk=1)
+# --method dp: no evolution; its report (10 rows) is the cost, so fewer samples per row (<= 60 s).
+DP_METHOD = dict(report_samples=250)
 # --paper-settings: AutoDiffusion's evolution parameters.
 PAPER = dict(population=50, generations=10, topk=10, mutants=25, crossovers=15, mutation_prob=0.25)
 
@@ -749,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--fast", action="store_true", help="a small preset for smoke tests: " + ", ".join(f"{k}={v}" for k, v in FAST.items()))
     pre.add_argument("--paper-settings", action="store_true", help="AutoDiffusion's evolution settings: " + ", ".join(f"{k}={v}" for k, v in PAPER.items()))
     p.add_argument("--no-report", action="store_true", help="skip the comparison report")
-    p.add_argument("--report-samples", type=int, default=None, help=f"samples per report row (default {d['report_samples']})")
+    p.add_argument("--report-samples", type=int, default=None, help=f"samples per report row (default {d['report_samples']}; --method dp {DP_METHOD['report_samples']}; --fast {FAST['report_samples']})")
     p.add_argument("--report-seed", type=int, default=None, help="seed of the report rows (default: --seed + 1, noise the plan was not selected on)")
     p.add_argument("--report-extractor", action="append", default=None, help="extractor(s) for the report, repeatable (default: --extractor)")
     p.add_argument("--batch-size", type=int, default=None, help=f"model batch size (default {d['batch_size']})")
@@ -780,6 +784,8 @@ def options_from_args(args) -> SearchOptions:
         values.update(FAST)
     if args.paper_settings:
         values.update(PAPER)
+    if (args.method or values["method"]) == "dp":
+        values.update({k: min(v, values[k]) for k, v in DP_METHOD.items()})
     if args.nfe is not None:
         from .pareto import parse_nfe
 
