@@ -455,7 +455,8 @@ def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, 
         # that meet the budget by skipping exactly those (stage 2's generation 0; stage 1 drops the skips).
         from .dp import cheapest_skips, skip_sensitivity
 
-        sensitivity = skip_sensitivity(p.model, teacher, o.sensitivity_points, o.sensitivity_samples, o.batch_size)
+        sensitivity = skip_sensitivity(p.model, teacher, o.sensitivity_points, o.sensitivity_samples, o.batch_size,
+                                       cache_dir=Path(o.teacher_cache))
         full_step = p.model.unet.macs()
         p.space2.set_skip_guide(sensitivity)  # stage 2's skip mutations and budget repairs favour the cheap layer-steps
         full_seeds = list(dp_seeds)
