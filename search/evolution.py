@@ -404,3 +404,11 @@ def non_dominated(items: Sequence, objectives: Callable, tiebreak: Optional[Call
             front.append(it)
             best_b = b
     return front
+
+
+def spread(front: Sequence, k: int) -> list:
+    """At most ``k`` members of a front ordered by its first objective, evenly spaced along it (both ends kept)."""
+    if len(front) <= k:
+        return list(front)
+    picks = sorted({int(round(x)) for x in np.linspace(0, len(front) - 1, k)})
+    return [front[i] for i in picks]

@@ -61,6 +61,7 @@ DEFAULTS = dict(
     dp_paths=4,
     holdout_samples=1000,
     holdout_topk=2,
+    holdout_front=6,
 )
 # --multi-objective: generation 0 of NSGA-II also holds the best DP schedule skipping, by the sensitivity
 # table, what costs least per MAC saved until it uses these fractions of the budget.
@@ -116,6 +117,7 @@ class SearchOptions:
     holdout_samples: int = DEFAULTS["holdout_samples"]  # fresh samples per top-k candidate; 0: no held-out selection
     holdout_seed: Optional[int] = None  # default: seed + 2 (neither the search's nor the report's)
     holdout_topk: int = DEFAULTS["holdout_topk"]
+    holdout_front: int = DEFAULTS["holdout_front"]  # --multi-objective: front members re-ranked on held-out samples, spread over MACs
     holdout_samplers: tuple = ("ddim", "dpmpp_2m", "ipndm")  # the winner's schedule is tried with each (deterministic runs)
     sensitivity_points: int = 8  # grid points of the per-layer skip sensitivity table (0: off); computed only when skipping is asked for
     sensitivity_samples: int = 32
@@ -235,6 +237,8 @@ def prepare(options: SearchOptions, model=None, extractor=None, ref_stats=None) 
         raise SearchError(f"--holdout-samples {o.holdout_samples!r}: 0 (no held-out selection) or at least 2 (FID needs 2; >= 1000 recommended)")
     if o.holdout_topk < 1 or o.dp_paths < 0:
         raise SearchError(f"--holdout-topk {o.holdout_topk} / --dp-paths {o.dp_paths}: need holdout-topk >= 1 and dp-paths >= 0")
+    if isinstance(o.holdout_front, bool) or not isinstance(o.holdout_front, int) or o.holdout_front < 2:
+        raise SearchError(f"--holdout-front {o.holdout_front!r}: need at least 2 front members (its two ends), e.g. 6")
     if o.holdout_seed in (o.seed,) and o.holdout_samples:
         raise SearchError(f"--holdout-seed {o.holdout_seed} equals --seed: held-out selection needs samples the search did not see")
     if o.budget_macs is not None and o.budget_macs <= 0:
@@ -482,7 +486,11 @@ def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, 
     if o.holdout_samples and not o.multi_objective:
         selection = _holdout_select(p, search, result, dp_seeds)
     elif o.holdout_samples:
-        # The whole front, re-ranked on fresh samples: every plan of the set carries its held-out FID.
+        # The front (at most --holdout-front members, from the best to the cheapest), re-ranked on fresh samples:
+        # every plan of the set carries its held-out FID.
+        from .evolution import spread
+
+        result.pareto = spread(result.pareto, o.holdout_front)
         fids = _holdout_fids(p, [s.candidate for s in result.pareto])
         # The front on fresh samples: members another member beats on held-out FID and MACs are dropped.
         from .evolution import non_dominated
@@ -771,6 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout-samples", type=int, default=None, help=f"fresh samples for re-ranking the top-k by FID before choosing (default {d['holdout_samples']}; 0: off)")
     p.add_argument("--holdout-seed", type=int, default=None, help="seed of the held-out samples (default: --seed + 2)")
     p.add_argument("--holdout-topk", type=int, default=None, help=f"candidates re-ranked on held-out samples (default {d['holdout_topk']})")
+    p.add_argument("--holdout-front", type=int, default=None, help=f"with --multi-objective: front members re-ranked on held-out samples, "
+                   f"evenly spread from the best to the cheapest (default {d['holdout_front']})")
     p.add_argument("--sensitivity-points", type=int, default=8, help="timesteps of the per-layer skip sensitivity table, computed when skipping is asked for (default %(default)s; 0: off)")
     p.add_argument("--executor", choices=("local", "ray"), default="local", help="where candidates are evaluated: here, or on Ray workers (pip install ray)")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster for --executor ray (e.g. auto, ray://HOST:10001; default: start Ray here)")
@@ -793,7 +803,7 @@ def options_from_args(args) -> SearchOptions:
         values["nfe"] = parse_nfe(args.nfe)[0]
     for key in ("sampler", "eta", "num_samples", "population", "generations", "topk", "mutants", "crossovers",
                 "mutation_prob", "report_samples", "batch_size", "seed", "method", "objective", "grid_points", "dp_paths",
-                "holdout_samples", "holdout_topk"):
+                "holdout_samples", "holdout_topk", "holdout_front"):
         v = getattr(args, key)
         if v is not None:
             values[key] = v
@@ -823,7 +833,7 @@ def options_from_args(args) -> SearchOptions:
         batch_size=values["batch_size"], cache_mb=args.cache_mb, share=not args.no_prefix_sharing, quiet=args.quiet,
         device=args.device, wait_lock=args.wait_lock, method=values["method"], objective=values["objective"], grid_points=values["grid_points"],
         grid_spacing=args.grid_spacing, dp_paths=values["dp_paths"], teacher_cache=args.teacher_cache,
-        holdout_samples=values["holdout_samples"], holdout_seed=args.holdout_seed, holdout_topk=values["holdout_topk"],
+        holdout_samples=values["holdout_samples"], holdout_seed=args.holdout_seed, holdout_topk=values["holdout_topk"], holdout_front=values["holdout_front"],
         sensitivity_points=args.sensitivity_points,
         executor=args.executor, ray_address=args.ray_address, workers=args.workers,
     )

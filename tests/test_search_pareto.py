@@ -117,3 +117,10 @@ def test_bad_nfe_ranges_are_refused_naming_the_value(opts, tmp_path, capsys, sea
         run_pareto(replace(opts, holdout_samples=0), [2, 3], search_tiny_model)
     with pytest.raises(SearchError, match="at least two NFEs"):
         run_pareto(opts, [3], search_tiny_model)
+
+
+def test_spread_keeps_both_ends_of_a_front_and_at_most_k():
+    from search.evolution import spread
+
+    front = list(range(11))
+    assert spread(front, 4) == [0, 3, 7, 10] and spread(front, 2) == [0, 10] and spread(front[:3], 6) == [0, 1, 2]
