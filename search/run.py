@@ -488,13 +488,11 @@ def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, 
     elif o.holdout_samples:
         # The front (at most --holdout-front members, from the best to the cheapest), re-ranked on fresh samples:
         # every plan of the set carries its held-out FID.
-        from .evolution import spread
+        from .evolution import non_dominated, spread
 
         result.pareto = spread(result.pareto, o.holdout_front)
         fids = _holdout_fids(p, [s.candidate for s in result.pareto])
         # The front on fresh samples: members another member beats on held-out FID and MACs are dropped.
-        from .evolution import non_dominated
-
         keep = sorted(non_dominated(range(len(result.pareto)), lambda i: (fids[i], result.pareto[i].macs)))
         search_front = [{"timesteps": list(s.candidate.timesteps), "skipped_layer_steps": s.candidate.num_skipped,
                                                   "search_fitness": s.fid, "holdout_fid": f, "macs_per_sample": s.macs} for s, f in zip(result.pareto, fids)]
