@@ -75,9 +75,9 @@ def teacher_key(model, seed: int, num_samples: int, grid, clip_denoised: bool = 
     }
 
 
-def _cache_path(cache_dir: Path, key: dict) -> Path:
+def _cache_path(cache_dir: Path, key: dict, kind: str = "teacher", suffix: str = ".pt") -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return Path(cache_dir) / f"teacher-{digest}.pt"
+    return Path(cache_dir) / f"{kind}-{digest}{suffix}"
 
 
 @torch.inference_mode()
@@ -205,9 +205,8 @@ def dp_schedules(model, teacher: Teacher, nfe: int, k: int = 4, clip_denoised: b
     return DPResult(teacher.grid, C, out, teacher.seconds, teacher.cached, t2 - t1, t1 - t0)
 
 
-@torch.inference_mode()
 def skip_sensitivity(model, teacher: Teacher, points: Optional[int] = None, num_samples: Optional[int] = None,
-                     batch_size: int = 128, clip_denoised: bool = True) -> dict:
+                     batch_size: int = 128, clip_denoised: bool = True, cache_dir: Optional[Path] = None) -> dict:
     """Per-layer, per-step sensitivity: the trajectory cost of skipping each layer alone at each step.
 
     For grid point g (every one, or ``points`` of them evenly picked) and layer L: one DDIM step from the
@@ -215,7 +214,29 @@ def skip_sensitivity(model, teacher: Teacher, points: Optional[int] = None, num_
     per-sample RMS distance to the teacher's next state. The full model's step is the teacher's own, so
     its cost is 0 and every entry is the damage skipping L alone does there. Returns
     {"timesteps": [...], "layers": [...], "macs": [...], "cost": [[per layer] per timestep]}.
+    ``cache_dir``: keep it there as JSON, keyed by the teacher and the arguments (a search over several
+    NFEs computes it once).
     """
+    key = {**teacher.key, "table": "skip-sensitivity-v1", "points": points, "num_samples": num_samples,
+           "clip_denoised": bool(clip_denoised), "layers": [layer.id for layer in model.unet.layers]}
+    path = _cache_path(cache_dir, key, "sensitivity", ".json") if cache_dir is not None else None
+    if path is not None and path.exists():
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, ValueError):  # unreadable: recompute and overwrite it
+            d = None
+        if isinstance(d, dict) and d.get("key") == key and isinstance(d.get("table"), dict):
+            return d["table"]
+    table = _skip_sensitivity(model, teacher, points, num_samples, batch_size, clip_denoised)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "w") as f:
+            json.dump({"key": key, "table": table}, f)
+    return table
+
+
+@torch.inference_mode()
+def _skip_sensitivity(model, teacher: Teacher, points, num_samples, batch_size: int, clip_denoised: bool) -> dict:
     from autodiffusion_rt.sampling import make_eps_fn
 
     G = len(teacher.grid)

@@ -386,10 +386,29 @@ class Search:
         """Candidates evaluated so far that fit stage 2's budget and that no other beats on both FID and MACs."""
         s2 = self.spaces[2]
         pts = [Scored(c, f, s2.macs(c)) for c, f in self.state.memo.items() if math.isfinite(f) and s2.is_valid(c)]
-        pts.sort(key=lambda p: (p.fid, p.macs, p.candidate))
-        front, best_macs = [], math.inf
-        for p in pts:  # by FID ascending: keep each that needs fewer MACs than every better one
-            if p.macs < best_macs:
-                front.append(p)
-                best_macs = p.macs
-        return front
+        return non_dominated(pts, lambda p: (p.fid, p.macs), tiebreak=lambda p: p.candidate)
+
+
+def non_dominated(items: Sequence, objectives: Callable, tiebreak: Optional[Callable] = None) -> list:
+    """The items no other item beats on both objectives (two, both minimised), ordered by the first.
+
+    ``objectives(item)`` -> (a, b). Of items with equal objectives only the first (by ``tiebreak``,
+    else input order) is kept. Non-finite objectives are dropped.
+    """
+    keyed = [(objectives(it), k, it) for k, it in enumerate(items)]
+    keyed = [(o, k, it) for o, k, it in keyed if math.isfinite(o[0]) and math.isfinite(o[1])]
+    keyed.sort(key=lambda e: (e[0], tiebreak(e[2]) if tiebreak is not None else e[1]))
+    front, best_b = [], math.inf
+    for (a, b), _, it in keyed:  # by the first objective ascending: keep each that beats every better one on the second
+        if b < best_b:
+            front.append(it)
+            best_b = b
+    return front
+
+
+def spread(front: Sequence, k: int) -> list:
+    """At most ``k`` members of a front ordered by its first objective, evenly spaced along it (both ends kept)."""
+    if len(front) <= k:
+        return list(front)
+    picks = sorted({int(round(x)) for x in np.linspace(0, len(front) - 1, k)})
+    return [front[i] for i in picks]

@@ -44,7 +44,7 @@ import math
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -331,31 +331,3 @@ class FitnessEvaluator:
                 progress.update(1)
         self.counters.candidates += len(candidates)
         return out
-
-
-@dataclass(frozen=True)
-class FitnessSpec:
-    """Everything a worker needs to build the same :class:`FitnessEvaluator` (picklable; for remote executors)."""
-
-    model: str  # a load_model spec
-    sampler: str
-    eta: float
-    num_samples: int
-    seed: int
-    extractor: str
-    reference: str
-    batch_size: int = 256
-    cache_bytes: int = 1 << 30
-    model_options: dict = field(default_factory=dict)
-
-    def build(self, model=None, ref_stats=None) -> FitnessEvaluator:
-        from autodiffusion_rt.metrics import resolve_reference
-        from autodiffusion_rt.models import load_model
-
-        model = model if model is not None else load_model(self.model, **self.model_options)
-        if ref_stats is None:
-            ref_stats, _ = resolve_reference(self.reference, self.extractor)
-        return FitnessEvaluator(
-            model, self.sampler, self.eta, self.num_samples, self.seed, self.extractor, ref_stats,
-            batch_size=self.batch_size, cache_bytes=self.cache_bytes,
-        )

@@ -25,32 +25,34 @@ from .errors import SearchError
 
 DEFAULT_MODEL = "embedded:mnist"
 
-# Defaults sized for the embedded model at NFE 4 on the project's 2-core CPU (measured;
-# search/README.md "Defaults" has the numbers): one model call costs about 6.8 ms per
-# sample on a quiet machine (12 ms with other jobs running), FID with the mnist extractor
-# is negligible (0.05 s per candidate), so the cost is
-#   candidates x NFE x (1 - prefix sharing) x N x 6.8 ms
-# = 2 stages x (24 + 5 x 18) x 4 x 0.75 x 128 x 6.8 ms  ~ 600 s of search, plus the report
-# (5 rows x 4 calls x 1000 samples x 6.8 ms ~ 140 s): about 12 minutes. AutoDiffusion's own
-# settings (population 50, 10 generations, top-k 10, 25 mutants, 15 crossovers) are
-# --paper-settings: about 4x the search cost, for GPUs.
-# The budget defaults to the full model's MACs: stage 2 may skip layers only where that
-# does not cost FID. On the embedded model a 0.9 budget cost 5 FID at NFE 4, more than the
-# timestep search gained over uniform DDIM (see the README), so compute savings are opt-in
-# (--budget-fraction, --multi-objective).
+# Defaults sized so that the default run, its held-out selection and its report take <= 5 minutes on the
+# project's 2-core CPU when idle (embedded model, NFE 4); --fast and --method dp <= 60 s. The cost is
+# counted in sample-NFEs (one model call on one sample; about 4 ms each at 2 threads, batch ~100), per
+# phase (counted on the test model with these presets; search/README.md "Defaults" has the table):
+#   teacher     grid points x N                              40 x 64               ~  2.6 k
+#   search      2 stages x (population + generations x (population - top-k)) candidates
+#               x NFE x N x (1 - prefix sharing)            2 x (16 + 3 x 12) x 4 x 64 x ~0.67
+#   held-out    (top-k + stage 1 + DP, + 2 other samplers) x NFE x 1000 samples
+#   report      rows (plan, DP, stage 1, 9 baselines) x NFE x 400 samples
+# The trajectory objective compares each sample with its own teacher image, so it needs far fewer
+# samples than FID (no small-N bias); --objective fid wants --num-samples >= 128 (the 64-d mnist features).
+# AutoDiffusion's own settings (population 50, 10 generations, top-k 10, 25 mutants, 15 crossovers) are
+# --paper-settings, for GPUs.
+# The budget defaults to the full model's MACs: stage 2 may skip layers only where that does not cost
+# fitness (skipping at equal compute is --multi-objective --nfe 3-8, search/pareto.py).
 DEFAULTS = dict(
     nfe=4,
     sampler="ddim",
     eta=0.0,
-    num_samples=128,
-    population=24,
-    generations=5,
-    topk=6,
-    mutants=12,
-    crossovers=6,
+    num_samples=64,
+    population=16,
+    generations=3,
+    topk=4,
+    mutants=8,
+    crossovers=4,
     mutation_prob=0.25,
     budget_fraction=1.0,
-    report_samples=1000,
+    report_samples=400,
     batch_size=128,
     seed=0,
     method="evo",
@@ -58,11 +60,17 @@ DEFAULTS = dict(
     grid_points=40,
     dp_paths=4,
     holdout_samples=1000,
-    holdout_topk=4,
+    holdout_topk=2,
+    holdout_front=6,
 )
-# --fast: a smoke-test preset (about a minute on the embedded model).
-FAST = dict(num_samples=96, population=8, generations=2, topk=3, mutants=3, crossovers=2, report_samples=256,
-            grid_points=24, holdout_samples=256, holdout_topk=2)
+# --multi-objective: generation 0 of NSGA-II also holds the best DP schedule skipping, by the sensitivity
+# table, what costs least per MAC saved until it uses these fractions of the budget.
+MO_SEED_FRACTIONS = (0.85, 0.7, 0.55)
+# --fast: a smoke-test preset (<= 60 s on the embedded model).
+FAST = dict(num_samples=32, population=8, generations=2, topk=3, mutants=3, crossovers=2, report_samples=128,
+            grid_points=20, holdout_samples=200, holdout_topk=1)
+# --method dp: no evolution; its report (10 rows) is the cost, so fewer samples per row (<= 60 s).
+DP_METHOD = dict(report_samples=250)
 # --paper-settings: AutoDiffusion's evolution parameters.
 PAPER = dict(population=50, generations=10, topk=10, mutants=25, crossovers=15, mutation_prob=0.25)
 
@@ -109,6 +117,7 @@ class SearchOptions:
     holdout_samples: int = DEFAULTS["holdout_samples"]  # fresh samples per top-k candidate; 0: no held-out selection
     holdout_seed: Optional[int] = None  # default: seed + 2 (neither the search's nor the report's)
     holdout_topk: int = DEFAULTS["holdout_topk"]
+    holdout_front: int = DEFAULTS["holdout_front"]  # --multi-objective: front members re-ranked on held-out samples, spread over MACs
     holdout_samplers: tuple = ("ddim", "dpmpp_2m", "ipndm")  # the winner's schedule is tried with each (deterministic runs)
     sensitivity_points: int = 8  # grid points of the per-layer skip sensitivity table (0: off); computed only when skipping is asked for
     sensitivity_samples: int = 32
@@ -218,6 +227,8 @@ def prepare(options: SearchOptions, model=None, extractor=None, ref_stats=None) 
         raise SearchError(f"--holdout-samples {o.holdout_samples!r}: 0 (no held-out selection) or at least 2 (FID needs 2; >= 1000 recommended)")
     if o.holdout_topk < 1 or o.dp_paths < 0:
         raise SearchError(f"--holdout-topk {o.holdout_topk} / --dp-paths {o.dp_paths}: need holdout-topk >= 1 and dp-paths >= 0")
+    if isinstance(o.holdout_front, bool) or not isinstance(o.holdout_front, int) or o.holdout_front < 2:
+        raise SearchError(f"--holdout-front {o.holdout_front!r}: need at least 2 front members (its two ends), e.g. 6")
     if o.holdout_seed in (o.seed,) and o.holdout_samples:
         raise SearchError(f"--holdout-seed {o.holdout_seed} equals --seed: held-out selection needs samples the search did not see")
     if o.budget_macs is not None and o.budget_macs <= 0:
@@ -280,7 +291,7 @@ def prepare(options: SearchOptions, model=None, extractor=None, ref_stats=None) 
         ref_stats, ref_description = resolve_reference(o.reference, extractor, progress=not o.quiet)
     else:
         ref_description = ref_stats.dataset
-    if o.num_samples <= extractor.feature_dim and not o.quiet:
+    if o.objective == "fid" and o.num_samples <= extractor.feature_dim and not o.quiet:
         warnings.warn(
             f"--num-samples {o.num_samples} <= the {extractor.feature_dim}-d features of the {extractor.name!r} extractor: "
             "the FID covariance is rank-deficient, so the fitness is biased (the ranking is still comparable within this run)",
@@ -442,9 +453,17 @@ def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, 
         # that meet the budget by skipping exactly those (stage 2's generation 0; stage 1 drops the skips).
         from .dp import cheapest_skips, skip_sensitivity
 
-        sensitivity = skip_sensitivity(p.model, teacher, o.sensitivity_points, o.sensitivity_samples, o.batch_size)
+        sensitivity = skip_sensitivity(p.model, teacher, o.sensitivity_points, o.sensitivity_samples, o.batch_size,
+                                       cache_dir=Path(o.teacher_cache))
         full_step = p.model.unet.macs()
-        dp_seeds += [Candidate(c.timesteps, cheapest_skips(sensitivity, c.timesteps, full_step, budget)) for c in list(dp_seeds)]
+        p.space2.set_skip_guide(sensitivity)  # stage 2's skip mutations and budget repairs favour the cheap layer-steps
+        full_seeds = list(dp_seeds)
+        dp_seeds += [Candidate(c.timesteps, cheapest_skips(sensitivity, c.timesteps, full_step, budget)) for c in full_seeds]
+        if o.multi_objective and full_seeds:
+            # NSGA-II starts with the best DP schedule at several compute levels below the budget, not only at it.
+            top = min(budget, p.space2.full_macs) if budget is not None else p.space2.full_macs
+            dp_seeds += [Candidate(full_seeds[0].timesteps, cheapest_skips(sensitivity, full_seeds[0].timesteps, full_step, int(f * top)))
+                         for f in MO_SEED_FRACTIONS]
     search = Search(
         p.space1, p.space2, p.settings, executor, o.seed, run_settings=p.run_settings, state=state,
         on_generation=lambda st: save_state(st, ckpt), quiet=o.quiet, seeds=dp_seeds,
@@ -461,11 +480,14 @@ def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, 
     if o.holdout_samples and not o.multi_objective:
         selection = _holdout_select(p, search, result, dp_seeds)
     elif o.holdout_samples:
-        # The whole front, re-ranked on fresh samples: every plan of the set carries its held-out FID.
+        # The front (at most --holdout-front members, from the best to the cheapest), re-ranked on fresh samples:
+        # every plan of the set carries its held-out FID.
+        from .evolution import non_dominated, spread
+
+        result.pareto = spread(result.pareto, o.holdout_front)
         fids = _holdout_fids(p, [s.candidate for s in result.pareto])
         # The front on fresh samples: members another member beats on held-out FID and MACs are dropped.
-        keep = [i for i, s in enumerate(result.pareto)
-                if not any((fids[j], t.macs) != (fids[i], s.macs) and fids[j] <= fids[i] and t.macs <= s.macs for j, t in enumerate(result.pareto))]
+        keep = sorted(non_dominated(range(len(result.pareto)), lambda i: (fids[i], result.pareto[i].macs)))
         search_front = [{"timesteps": list(s.candidate.timesteps), "skipped_layer_steps": s.candidate.num_skipped,
                                                   "search_fitness": s.fid, "holdout_fid": f, "macs_per_sample": s.macs} for s, f in zip(result.pareto, fids)]
         result.pareto = [result.pareto[i] for i in keep]
@@ -706,7 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="model spec: embedded:mnist or adm:PATH (default: %(default)s)")
     p.add_argument("--preset", default=None, help="ADM preset for adm: specs (e.g. imagenet64-cond)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="guided-diffusion flag for adm: specs, repeatable")
-    p.add_argument("--nfe", type=int, default=None, help=f"number of sampling steps (default {d['nfe']})")
+    p.add_argument("--nfe", default=None, help=f"number of sampling steps (default {d['nfe']}); with --multi-objective a range "
+                   "(3-8) or list (3,4,6): the fronts with and without layer skipping across NFE (search/pareto.py)")
     p.add_argument("--sampler", default=None, help=f"ddim, ddpm or dpmpp_2m (default {d['sampler']})")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0: deterministic)")
     p.add_argument("--extractor", default=None, help="FID features: mnist or inception (default: mnist for the embedded model, inception otherwise)")
@@ -731,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--fast", action="store_true", help="a small preset for smoke tests: " + ", ".join(f"{k}={v}" for k, v in FAST.items()))
     pre.add_argument("--paper-settings", action="store_true", help="AutoDiffusion's evolution settings: " + ", ".join(f"{k}={v}" for k, v in PAPER.items()))
     p.add_argument("--no-report", action="store_true", help="skip the comparison report")
-    p.add_argument("--report-samples", type=int, default=None, help=f"samples per report row (default {d['report_samples']})")
+    p.add_argument("--report-samples", type=int, default=None, help=f"samples per report row (default {d['report_samples']}; --method dp {DP_METHOD['report_samples']}; --fast {FAST['report_samples']})")
     p.add_argument("--report-seed", type=int, default=None, help="seed of the report rows (default: --seed + 1, noise the plan was not selected on)")
     p.add_argument("--report-extractor", action="append", default=None, help="extractor(s) for the report, repeatable (default: --extractor)")
     p.add_argument("--batch-size", type=int, default=None, help=f"model batch size (default {d['batch_size']})")
@@ -748,6 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout-samples", type=int, default=None, help=f"fresh samples for re-ranking the top-k by FID before choosing (default {d['holdout_samples']}; 0: off)")
     p.add_argument("--holdout-seed", type=int, default=None, help="seed of the held-out samples (default: --seed + 2)")
     p.add_argument("--holdout-topk", type=int, default=None, help=f"candidates re-ranked on held-out samples (default {d['holdout_topk']})")
+    p.add_argument("--holdout-front", type=int, default=None, help=f"with --multi-objective: front members re-ranked on held-out samples, "
+                   f"evenly spread from the best to the cheapest (default {d['holdout_front']})")
     p.add_argument("--sensitivity-points", type=int, default=8, help="timesteps of the per-layer skip sensitivity table, computed when skipping is asked for (default %(default)s; 0: off)")
     p.add_argument("--executor", choices=("local", "ray"), default="local", help="where candidates are evaluated: here, or on Ray workers (pip install ray)")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster for --executor ray (e.g. auto, ray://HOST:10001; default: start Ray here)")
@@ -762,9 +787,15 @@ def options_from_args(args) -> SearchOptions:
         values.update(FAST)
     if args.paper_settings:
         values.update(PAPER)
-    for key in ("nfe", "sampler", "eta", "num_samples", "population", "generations", "topk", "mutants", "crossovers",
+    if (args.method or values["method"]) == "dp":
+        values.update({k: min(v, values[k]) for k, v in DP_METHOD.items()})
+    if args.nfe is not None:
+        from .pareto import parse_nfe
+
+        values["nfe"] = parse_nfe(args.nfe)[0]
+    for key in ("sampler", "eta", "num_samples", "population", "generations", "topk", "mutants", "crossovers",
                 "mutation_prob", "report_samples", "batch_size", "seed", "method", "objective", "grid_points", "dp_paths",
-                "holdout_samples", "holdout_topk"):
+                "holdout_samples", "holdout_topk", "holdout_front"):
         v = getattr(args, key)
         if v is not None:
             values[key] = v
@@ -794,7 +825,7 @@ def options_from_args(args) -> SearchOptions:
         batch_size=values["batch_size"], cache_mb=args.cache_mb, share=not args.no_prefix_sharing, quiet=args.quiet,
         device=args.device, wait_lock=args.wait_lock, method=values["method"], objective=values["objective"], grid_points=values["grid_points"],
         grid_spacing=args.grid_spacing, dp_paths=values["dp_paths"], teacher_cache=args.teacher_cache,
-        holdout_samples=values["holdout_samples"], holdout_seed=args.holdout_seed, holdout_topk=values["holdout_topk"],
+        holdout_samples=values["holdout_samples"], holdout_seed=args.holdout_seed, holdout_topk=values["holdout_topk"], holdout_front=values["holdout_front"],
         sensitivity_points=args.sensitivity_points,
         executor=args.executor, ray_address=args.ray_address, workers=args.workers,
     )
@@ -812,7 +843,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        run_search(options_from_args(args))
+        nfes = None
+        if args.nfe is not None:
+            from .pareto import parse_nfe, run_pareto
+
+            nfes = parse_nfe(args.nfe)
+        if nfes is not None and len(nfes) > 1:
+            if not args.multi_objective:
+                raise SearchError(f"--nfe {args.nfe}: several NFEs need --multi-objective (the fronts across NFE); or give one NFE")
+            run_pareto(options_from_args(args), nfes)
+        else:
+            run_search(options_from_args(args))
         return 0
     except Error as e:
         print(f"search.run: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -35,6 +35,8 @@ from .errors import SearchError
 # How many times an operator redraws before accepting a child it could not make
 # new (the caller's memo then absorbs the duplicate at no cost).
 MAX_TRIES = 20
+# With a sensitivity table (SearchSpace.set_skip_guide): the share of every skip draw that stays uniform.
+GUIDE_UNIFORM_SHARE = 0.2
 
 
 @dataclass(frozen=True, order=True)
@@ -107,10 +109,12 @@ class SearchSpace:
         self.nfe = nfe
         self.layer_macs = dict(layer_macs)
         self.layer_ids = tuple(self.layer_macs)  # registry order: deterministic iteration
+        self._layer_index = {lid: k for k, lid in enumerate(self.layer_ids)}
         self.full_step_macs = int(full_step_macs)
         self.allow_skip = bool(allow_skip) and bool(self.layer_ids)
         self.local_scale = float(local_scale)
         self.budget_macs = None if budget_macs is None else int(budget_macs)
+        self._guide = None  # the sensitivity table's skip weights (set_skip_guide); None: uniform draws
         self.min_macs = nfe * (self.full_step_macs - sum(self.layer_macs.values()))
         if self.budget_macs is not None and self.budget_macs < self.full_macs:
             if not self.allow_skip or self.budget_macs < self.min_macs:
@@ -159,6 +163,43 @@ class SearchSpace:
             raise SearchError(f"candidate uses {self.macs(cand):,} MACs per sample, over the budget of {self.budget_macs:,}")
         return cand
 
+    # ---------------------------------------------------------------- guidance
+    def set_skip_guide(self, table: Optional[dict], uniform_share: float = GUIDE_UNIFORM_SHARE) -> None:
+        """Draw the layers that skip mutations and budget repair skip (or unskip) by a sensitivity table.
+
+        ``table``: :func:`search.dp.skip_sensitivity`'s {"timesteps", "layers", "macs", "cost"}. A gene reads the
+        row of the nearest timestep; a layer's score is its cost per MAC saved, s. Skipping draws a running layer
+        with probability proportional to 1 / (s + d) (cheap per MAC saved: likely), unskipping a skipped one
+        proportional to s + d, where d is 1% of the row's median score (a zero cost is not infinitely likely);
+        ``uniform_share`` of every draw stays uniform so no layer is ruled out. None: uniform draws.
+        """
+        if table is None:
+            self._guide = None
+            return
+        scores = []
+        for row in table["cost"]:
+            per_mac = {lid: float(c) / max(int(m), 1) for lid, m, c in zip(table["layers"], table["macs"], row)}
+            known = [per_mac[lid] for lid in self.layer_ids if lid in per_mac and math.isfinite(per_mac[lid])]
+            median = float(np.median(known)) if known else 1.0
+            s = np.array([per_mac.get(lid, median) if math.isfinite(per_mac.get(lid, median)) else median for lid in self.layer_ids])
+            scores.append(s + 0.01 * median + 1e-300)
+        self._guide = (np.asarray(table["timesteps"], dtype=float), scores, float(uniform_share))
+
+    def _draw_layer(self, t: int, options: Sequence[str], skip: bool, rng: np.random.Generator) -> str:
+        """One of ``options`` (layer ids) to skip (``skip``) or to run again at timestep ``t``."""
+        return options[self._draw([(t, lid) for lid in options], skip, rng)]
+
+    def _draw(self, pairs: Sequence[tuple[int, str]], skip: bool, rng: np.random.Generator) -> int:
+        """The index of one (timestep, layer id) pair: uniform, or guided by the table (see set_skip_guide)."""
+        if self._guide is None or len(pairs) == 1:
+            return int(rng.integers(len(pairs)))
+        ts, scores, share = self._guide
+        rows = {t: scores[int(np.argmin(np.abs(ts - t)))] for t in {t for t, _ in pairs}}
+        s = np.array([rows[t][self._layer_index[lid]] for t, lid in pairs])
+        w = 1.0 / s if skip else s
+        p = (1.0 - share) * w / w.sum() + share / len(pairs)
+        return int(rng.choice(len(pairs), p=p / p.sum()))
+
     # ------------------------------------------------------------------- repair
     def repair(self, genes: Sequence[tuple[int, Iterable[str]]], rng: np.random.Generator) -> Candidate:
         """Any list of (timestep, skip set) -> a valid candidate, changing as little as it can.
@@ -167,7 +208,8 @@ class SearchSpace:
         already kept moves to the nearest free value (its skip set with it);
         missing genes are drawn at random, extra ones dropped at random;
         unknown layer ids are dropped; then, while over budget, a random
-        (step, layer) pair that still runs is skipped.
+        (step, layer) pair that still runs is skipped (drawn by the
+        sensitivity table when one is set: :meth:`set_skip_guide`).
         """
         known = set(self.layer_ids)
         pending = [(min(max(int(t), 0), self.T - 1), frozenset(s) & known if self.allow_skip else frozenset()) for t, s in genes]
@@ -195,7 +237,7 @@ class SearchSpace:
         total = sum(self.full_step_macs - sum(self.layer_macs[i] for i in s) for s in skips)
         while total > self.budget_macs:
             running = [(k, lid) for k in range(len(genes)) for lid in self.layer_ids if lid not in skips[k]]
-            k, lid = running[int(rng.integers(len(running)))]
+            k, lid = running[self._draw([(genes[k][0], lid) for k, lid in running], True, rng)]
             skips[k].add(lid)
             total -= self.layer_macs[lid]
 
@@ -252,7 +294,7 @@ class SearchSpace:
                 which = [int(rng.integers(len(genes)))]
             for i in which:
                 if self.allow_skip and rng.random() < 0.5:
-                    lid = self.layer_ids[int(rng.integers(len(self.layer_ids)))]
+                    lid = self._flip_layer(genes[i][0], genes[i][1], rng)
                     genes[i][1].symmetric_difference_update({lid})
                 else:
                     genes[i] = (self._new_timestep(genes, i, rng), genes[i][1])
@@ -260,6 +302,16 @@ class SearchSpace:
             if child != parent:
                 return child
         return child  # pragma: no cover - only when the space has a single point
+
+    def _flip_layer(self, t: int, skipped: set, rng: np.random.Generator) -> str:
+        """The layer whose skip flag a mutation flips: uniform, or (guided) skip vs unskip as often as a uniform
+        draw would choose each, then which layer by the sensitivity table."""
+        if self._guide is None:
+            return self.layer_ids[int(rng.integers(len(self.layer_ids)))]
+        off = [lid for lid in self.layer_ids if lid in skipped]
+        on = [lid for lid in self.layer_ids if lid not in skipped]
+        unskip = bool(off) and (not on or rng.random() < len(off) / len(self.layer_ids))
+        return self._draw_layer(t, off if unskip else on, not unskip, rng)
 
     def _new_timestep(self, genes, i: int, rng: np.random.Generator) -> int:
         used = {t for j, (t, _) in enumerate(genes) if j != i}

@@ -94,3 +94,39 @@ def test_unreachable_ray_address_is_named(opts, run):
     s.close()  # nothing listens there now
     with pytest.raises(SearchError, match=rf"127\.0\.0\.1:{port}"):
         run(replace(opts, executor="ray", ray_address=f"127.0.0.1:{port}"))
+
+
+@pytest.mark.parametrize("objective", ["trajectory", "trajectory-features"])
+def test_ray_workers_compute_the_trajectory_fitness_of_the_local_evaluator(ray_2cpus, search_tiny_model, search_tiny_extractor,
+                                                                           search_tiny_ref_stats, objective):
+    """The workers get the evaluator with its objective and the teacher's target, so they return the local
+    distances bit for bit, and those are the distances of sample()'s images to the target (float64, recomputed
+    here). What would catch this: workers rebuilt from settings without the target (FIDs or an error instead)."""
+    import torch
+
+    from autodiffusion_rt import sample
+    from search.dp import compute_teacher, teacher_grid
+    from search.executors import LocalExecutor, RayExecutor
+    from search.fitness import FitnessEvaluator
+    from search.space import Candidate
+
+    model = search_tiny_model
+    teacher = compute_teacher(model, 0, 8, teacher_grid(model.num_timesteps, 6), batch_size=8)
+    cands = [Candidate.full((999, 500, 100)), Candidate.full((999, 400, 50)), Candidate((900, 300, 20), ((), (model.unet.layers[0].id,), ()))]
+
+    def evaluator():
+        return FitnessEvaluator(model, "ddim", 0.0, 8, 0, search_tiny_extractor, search_tiny_ref_stats, batch_size=8,
+                                objective=objective, target=teacher.final)
+
+    local = LocalExecutor(evaluator()).evaluate(cands)
+    with RayExecutor(evaluator(), workers=2) as remote:
+        distances = remote.evaluate(cands)
+    assert distances == local
+    for c, d in zip(cands, distances):
+        keep = [model.unet.layer_ids - set(s) for s in c.skip]
+        images = sample(model, c.timesteps, "ddim", n=8, seed=0, keep=keep, batch_size=8)
+        a, b = images, teacher.final
+        if objective == "trajectory-features":
+            a, b = (torch.as_tensor(search_tiny_extractor.features(x)) for x in (images, teacher.final))
+        want = float((a.double() - b.double()).flatten(1).pow(2).mean(1).sqrt().mean())
+        assert d == pytest.approx(want, rel=1e-9)

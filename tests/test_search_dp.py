@@ -118,3 +118,23 @@ def test_skip_sensitivity_is_the_one_step_damage_of_skipping_each_layer(search_t
     want = float(((x_next.double() - teacher.states[g + 1].double()).flatten(1).pow(2).mean(1).sqrt()).mean())
     assert table["cost"][1][2] == pytest.approx(want, rel=1e-6)
     assert all(c > 0 for r in table["cost"] for c in r)  # every layer of the random UNet matters somewhere
+
+
+def test_skip_sensitivity_is_cached_on_disk_by_teacher_and_arguments(search_tiny_model, tmp_path):
+    """A search over several NFEs computes the table once: the second call reads the file (not rewritten), other
+    arguments get their own entry, and a damaged file is recomputed to the same table."""
+    from search.dp import skip_sensitivity
+
+    model = search_tiny_model
+    teacher = compute_teacher(model, 1, 8, teacher_grid(model.num_timesteps, 6), batch_size=8)
+    table = skip_sensitivity(model, teacher, points=3, batch_size=8, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("sensitivity-*.json")
+    before = path.stat()
+    assert skip_sensitivity(model, teacher, points=3, batch_size=8, cache_dir=tmp_path) == table
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert table == skip_sensitivity(model, teacher, points=3, batch_size=8)  # the uncached computation
+    skip_sensitivity(model, teacher, points=2, batch_size=8, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("sensitivity-*.json"))) == 2
+    path.write_text("{not json")
+    assert skip_sensitivity(model, teacher, points=3, batch_size=8, cache_dir=tmp_path) == table

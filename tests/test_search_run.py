@@ -308,3 +308,9 @@ def test_cli_defaults_and_fast_preset():
     f = options_from_args(build_parser().parse_args(["--fast", "--nfe", "6", "--budget-macs", "1e8"])).resolved()
     assert f.population == FAST["population"] and f.out == "plans/embedded-mnist-nfe6.json"
     assert f.budget_macs == 100_000_000 and f.budget_fraction is None
+    # --method dp: fewer report samples (its report is all it costs), unless asked for
+    from search.run import DP_METHOD
+
+    assert options_from_args(build_parser().parse_args(["--method", "dp"])).report_samples == DP_METHOD["report_samples"] < DEFAULTS["report_samples"]
+    assert options_from_args(build_parser().parse_args(["--method", "dp", "--report-samples", "900"])).report_samples == 900
+    assert options_from_args(build_parser().parse_args(["--method", "dp", "--fast"])).report_samples == min(FAST["report_samples"], DP_METHOD["report_samples"])

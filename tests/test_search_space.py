@@ -180,3 +180,61 @@ def test_candidate_json_round_trip():
     assert c.skip[0] == ("a", "b")  # normalised: sorted, hashable
     assert Candidate.from_json(c.to_json()) == c
     assert hash(Candidate.from_json(c.to_json())) == hash(c)
+
+
+# A synthetic sensitivity table: cost per MAC saved ranks the layers l3 < l1 < l5 < l0 < l4 < l2 at t=40 and the
+# reverse at t=10 (costs = score x MACs, so the cheapest per MAC is not the cheapest in cost).
+GUIDE_ORDER = ["l3", "l1", "l5", "l0", "l4", "l2"]
+GUIDE_SCORE = {lid: 1e-3 * 2**k for k, lid in enumerate(GUIDE_ORDER)}
+GUIDE_TABLE = {
+    "timesteps": [40, 10],
+    "layers": list(LAYERS),
+    "macs": list(LAYERS.values()),
+    "cost": [[GUIDE_SCORE[lid] * m for lid, m in LAYERS.items()],
+             [GUIDE_SCORE[GUIDE_ORDER[5 - GUIDE_ORDER.index(lid)]] * m for lid, m in LAYERS.items()]],
+}
+
+
+def _flip_counts(space, parent, draws=3000, seed=0):
+    """How often a mutation skips (or runs again) each layer at the steps of each table row (timestep kept)."""
+    rng = np.random.default_rng(seed)
+    counts = {40: dict.fromkeys(LAYERS, 0), 10: dict.fromkeys(LAYERS, 0)}
+    for _ in range(draws):
+        child = space.mutate(parent, rng, 0.5)
+        for (t, s), (pt, ps) in zip(child.genes, parent.genes):
+            if t == pt:
+                for lid in set(s) ^ set(ps):
+                    counts[40 if t > 25 else 10][lid] += 1
+    return {row: {lid: n / max(1, sum(c.values())) for lid, n in c.items()} for row, c in counts.items()}
+
+
+def test_guided_skip_mutation_prefers_layers_cheap_per_mac_saved_at_the_genes_timestep():
+    """What would catch this: uniform draws (every share ~1/6), the cost instead of the cost per MAC (l5, the
+    largest layer, would lead), or the wrong row (the order at t=10 is the reverse)."""
+    space = make_space()
+    parent = Candidate.full((45, 30, 12, 5))
+    uniform = _flip_counts(space, parent)
+    assert all(0.1 < f < 0.25 for row in uniform.values() for f in row.values())
+    space.set_skip_guide(GUIDE_TABLE)
+    guided = _flip_counts(space, parent)
+    for row, order in ((40, GUIDE_ORDER), (10, GUIDE_ORDER[::-1])):
+        f = [guided[row][lid] for lid in order]
+        assert f[0] > 0.3 and f[0] > f[1] > f[2] > max(f[3:]) and f[5] < 0.08
+        assert min(f) > 0.02  # a uniform share remains: no layer is ruled out
+    # Running a layer again favours the costly ones: every layer skipped at every step, so each flip unskips.
+    everything = Candidate((45, 30, 12, 5), (tuple(LAYERS),) * 4)
+    back = _flip_counts(space, everything)
+    assert max(back[40], key=back[40].get) == "l2" and max(back[10], key=back[10].get) == "l3"
+
+
+def test_guided_budget_repair_skips_the_cheapest_layer_steps_first():
+    space = make_space(budget_fraction=0.99)  # one skip of any layer meets it
+    space.set_skip_guide(GUIDE_TABLE)
+    rng = np.random.default_rng(1)
+    first = {}
+    for _ in range(2000):
+        c = space.repair([(45, ()), (30, ()), (12, ()), (5, ())], rng)
+        ((step, lid),) = [(i, lid) for i, s in enumerate(c.skip) for lid in s]
+        first[(step < 2, lid)] = first.get((step < 2, lid), 0) + 1
+    top = sorted(first, key=first.get, reverse=True)[:4]
+    assert set(top) == {(True, "l3"), (False, "l2"), (True, "l1"), (False, "l4")}  # the two cheapest of each row
