@@ -293,7 +293,7 @@ def run_pareto(options, nfes, model=None, extractor=None, ref_stats=None) -> Par
     from autodiffusion_rt.plan import Fitness, Plan
 
     from .report import make_report
-    from .run import _holdout_fids, _stem, load_plan_set, prepare, run_search, save_plan_set
+    from .pipeline import _holdout_fids, _stem, load_plan_set, prepare, run_search, save_plan_set
 
     t0 = time.perf_counter()
     nfes = sorted(set(int(n) for n in nfes))
