@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from autodiffusion_rt.diffusion.noise import SampleNoise
-from autodiffusion_rt.diffusion.schedules import NoiseSchedule, validate_timesteps
+from autodiffusion_rt.diffusion.schedules import NoiseSchedule, check_alphas_cumprod, validate_timesteps
 from autodiffusion_rt.errors import SamplingError
 from autodiffusion_rt.utils import kernel_hook
 
@@ -203,21 +203,8 @@ def _alphas_cumprod(schedule) -> np.ndarray:
         raise SamplingError(
             f"alphas_cumprod has shape {acp.shape}; pass a NoiseSchedule or a non-empty 1-D array"
         )
-    bad = np.flatnonzero(~(np.isfinite(acp) & (acp > 0) & (acp < 1)))
-    if bad.size:
-        i = int(bad[0])
-        raise SamplingError(
-            f"alphas_cumprod[{i}] = {float(acp[i])!r} is outside (0, 1); samplers need "
-            "0 < alpha_bar < 1 at every timestep"
-        )
-    rising = np.flatnonzero(np.diff(acp) >= 0)
-    if rising.size:
-        i = int(rising[0])
-        raise SamplingError(
-            f"alphas_cumprod is not strictly decreasing at t={i}->{i + 1} "
-            f"({float(acp[i])!r} -> {float(acp[i + 1])!r}); pass the cumulative product "
-            "of (1 - betas) of the training schedule"
-        )
+    check_alphas_cumprod(acp, "", "pass the cumulative product of (1 - betas) of the training schedule "
+                                  "(samplers need 0 < alpha_bar < 1, strictly decreasing)")
     return acp
 
 
