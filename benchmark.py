@@ -34,7 +34,6 @@ run: the machine's load changes absolute times.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -46,7 +45,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from autodiffusion_rt.utils import positive_ints
+from autodiffusion_rt.utils import positive_ints, print_report
 
 __all__ = ["format_report", "main", "matmul_peak_gflops", "plot_report", "resident_mb", "run"]
 
@@ -331,26 +330,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from autodiffusion_rt.errors import Error
 
     try:
-        if args.tiny:
-            model, plan = _tiny_plan()
-            report = run(plan=plan, model=model, engines=args.engines, int8_engines=args.int8_engines, batch_sizes=args.batch_sizes,
-                         latency_runs=args.latency_runs, memory=not args.no_memory,
-                         e2e_batch_sizes=args.e2e_batch_sizes, repeats=args.repeats, warmup=args.warmup,
-                         full_steps=args.full_steps, threads=args.threads, progress=True, device=args.device)
-        else:
-            report = run(args.plan, engines=args.engines, int8_engines=args.int8_engines, batch_sizes=args.batch_sizes,
-                         latency_runs=args.latency_runs, memory=not args.no_memory,
-                         e2e_batch_sizes=args.e2e_batch_sizes, repeats=args.repeats, warmup=args.warmup,
-                         full_steps=args.full_steps, threads=args.threads, progress=True, device=args.device)
+        model, plan = _tiny_plan() if args.tiny else (None, None)  # --tiny and --plan exclude each other
+        report = run(args.plan, plan=plan, model=model, engines=args.engines, int8_engines=args.int8_engines,
+                     batch_sizes=args.batch_sizes, latency_runs=args.latency_runs, memory=not args.no_memory,
+                     e2e_batch_sizes=args.e2e_batch_sizes, repeats=args.repeats, warmup=args.warmup,
+                     full_steps=args.full_steps, threads=args.threads, progress=True, device=args.device)
     except Error as e:
         print(f"benchmark: error: {e}", file=sys.stderr)
         return 2
-    if args.json == "-":
-        print(json.dumps(report, indent=2))
-    else:
-        print(format_report(report))
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print_report(report, format_report, args.json)
     if args.plot:
         try:
             plot_report(report, args.plot)

@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 from urllib.parse import urlsplit
 
 from ..errors import Error
-from ..utils import positive_ints
+from ..utils import positive_ints, print_report
 
 __all__ = ["check_loopback", "main", "percentile", "run"]
 
@@ -370,13 +370,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Error as e:
         print(f"benchmark: error: {e}", file=sys.stderr)
         return 2
-    if args.json == "-":
-        print(json.dumps(report, indent=2))
-    else:
-        print(format_report(report))
-        if args.json:
-            from ..utils import atomic_write
-
-            with atomic_write(args.json) as f:
-                f.write(json.dumps(report, indent=2) + "\n")
+    print_report(report, format_report, args.json)
     return 0
