@@ -14,7 +14,6 @@ import math
 import sys
 from typing import Optional, Sequence
 
-
 from .errors import SearchError
 from .pipeline import (  # noqa: F401  (re-exported: the public names of python -m search.run)
     DEFAULT_MODEL, DEFAULTS, DP_METHOD, FAST, PAPER, SearchOptions, load_plan_set, prepare, run_search, save_plan_set,
