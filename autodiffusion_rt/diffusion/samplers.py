@@ -28,7 +28,8 @@ with max_log = log(beta) of the respaced chain and min_log the clipped log
 posterior variance (guided-diffusion's ``p_mean_variance``, LEARNED_RANGE).
 Such a row carries the two constants and ``learned_variance=True``; its
 ``c_noise`` is the fixed-small scale, kept only as the "this step draws noise"
-flag. The mean is the same affine update.
+flag. The mean is the same affine update. The model stacks [eps, v] along
+channels; :func:`split_learned_variance` is the one reader of that layout.
 
 Noise rule (determinism across backends): step i draws noise iff
 ``c_noise[i] != 0``, one standard normal per sample from that sample's own
@@ -65,6 +66,7 @@ __all__ = [
     "sample_dpmpp_2m",
     "sample_ipndm",
     "sample_loop",
+    "split_learned_variance",
     "step_update",
 ]
 
@@ -389,6 +391,16 @@ def compute_coefficients(
     )
 
 
+def split_learned_variance(out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learn_sigma output, [eps, v] stacked along channels, -> (eps, v): its first ``channels`` channels and the rest.
+
+    The one place the layout is read (guided-diffusion's ``th.split(model_output, C, dim=1)``):
+    the UNet's raw output, and the [eps, v] an eps_fn returns for a learned-variance step.
+    Slices, so it traces into an export as it does in eager torch.
+    """
+    return out[:, :channels], out[:, channels:]
+
+
 def step_update(
     coeffs_row: StepCoefficients,
     x: torch.Tensor,
@@ -505,7 +517,7 @@ def sample_loop(
         eps = eps_fn(x, t, i)
         var_v = None
         if coeffs.learned_variance and isinstance(eps, torch.Tensor) and eps.shape[1] == 2 * x.shape[1]:
-            eps, var_v = eps[:, : x.shape[1]], eps[:, x.shape[1] :]
+            eps, var_v = split_learned_variance(eps, x.shape[1])
         if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
             got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
             raise SamplingError(
