@@ -542,10 +542,7 @@ def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, 
                 exts.append(name)
         report = make_report(p.model, rows, exts, refs, o.report_samples, o.report_seed, o.eta, o.batch_size, o.quiet, device=o.device)
         report.search = search_summary
-        md, _ = report.save(_stem(o.out))
-        if not o.quiet:
-            print(report.table())
-            print(f"report written to {md}", file=sys.stderr)
+        report.save_and_show(_stem(o.out), o.quiet)
     return result, plan, report
 
 
@@ -628,10 +625,7 @@ def _run_dp(p: Prepared, dp):
         rows = [("DP schedule (GITS-style)", o.sampler, cand)] + baseline_rows(p.model.num_timesteps, o.nfe, p.model.schedule)
         report = make_report(p.model, rows, [p.extractor], {p.extractor.name: p.ref_stats}, o.report_samples, o.report_seed, o.eta, o.batch_size, o.quiet, device=o.device)
         report.search = summary
-        md, _ = report.save(_stem(o.out))
-        if not o.quiet:
-            print(report.table())
-            print(f"report written to {md}", file=sys.stderr)
+        report.save_and_show(_stem(o.out), o.quiet)
     return dp, plan, report
 
 

@@ -117,6 +117,14 @@ class Report:
             f.write("\n")
         return md, js
 
+    def save_and_show(self, stem: Path, quiet: bool = False) -> Path:
+        """:meth:`save`, then (unless ``quiet``) the table on stdout and where it was written on stderr: how a search ends."""
+        md, _ = self.save(stem)
+        if not quiet:
+            print(self.table())
+            print(f"report written to {md}", file=sys.stderr)
+        return md
+
 
 def _search_summary(s: dict) -> str:
     parts = [f"search: {s.get('wall_seconds', 0):.0f} s wall"]
