@@ -34,7 +34,6 @@ run: the machine's load changes absolute times.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -46,7 +45,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from autodiffusion_rt.utils import positive_ints
+from autodiffusion_rt.utils import positive_ints, print_report
 
 __all__ = ["format_report", "main", "matmul_peak_gflops", "plot_report", "resident_mb", "run"]
 
@@ -328,36 +327,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON ('-' for stdout)")
     ap.add_argument("--plot", default=None, metavar="PNG", help="also plot end-to-end latency to a PNG (needs matplotlib)")
     args = ap.parse_args(argv)
-    from autodiffusion_rt.errors import Error
+    from autodiffusion_rt.cli import run_command
 
-    try:
-        if args.tiny:
-            model, plan = _tiny_plan()
-            report = run(plan=plan, model=model, engines=args.engines, int8_engines=args.int8_engines, batch_sizes=args.batch_sizes,
-                         latency_runs=args.latency_runs, memory=not args.no_memory,
-                         e2e_batch_sizes=args.e2e_batch_sizes, repeats=args.repeats, warmup=args.warmup,
-                         full_steps=args.full_steps, threads=args.threads, progress=True, device=args.device)
-        else:
-            report = run(args.plan, engines=args.engines, int8_engines=args.int8_engines, batch_sizes=args.batch_sizes,
-                         latency_runs=args.latency_runs, memory=not args.no_memory,
-                         e2e_batch_sizes=args.e2e_batch_sizes, repeats=args.repeats, warmup=args.warmup,
-                         full_steps=args.full_steps, threads=args.threads, progress=True, device=args.device)
-    except Error as e:
-        print(f"benchmark: error: {e}", file=sys.stderr)
-        return 2
-    if args.json == "-":
-        print(json.dumps(report, indent=2))
-    else:
-        print(format_report(report))
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return run_command("benchmark", lambda: _benchmark_command(args))
+
+
+def _benchmark_command(args) -> None:
+    model, plan = _tiny_plan() if args.tiny else (None, None)  # --tiny and --plan exclude each other
+    report = run(args.plan, plan=plan, model=model, engines=args.engines, int8_engines=args.int8_engines,
+                 batch_sizes=args.batch_sizes, latency_runs=args.latency_runs, memory=not args.no_memory,
+                 e2e_batch_sizes=args.e2e_batch_sizes, repeats=args.repeats, warmup=args.warmup,
+                 full_steps=args.full_steps, threads=args.threads, progress=True, device=args.device)
+    print_report(report, format_report, args.json)
     if args.plot:
-        try:
-            plot_report(report, args.plot)
-        except Error as e:
-            print(f"benchmark: error: {e}", file=sys.stderr)
-            return 2
-    return 0
+        plot_report(report, args.plot)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from .errors import DataError, Error, SamplingError
 from .sampling import MAX_SAMPLES  # the most samples per command (an .npz is written in chunks: memory stays O(chunk))
@@ -431,23 +431,34 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
+def run_command(prog: str, command: Callable[[], Optional[int]], interrupted: str = "interrupted") -> int:
+    """A command line's exit status: ``command()``'s (0 for None); a user error is one line and 2, Ctrl-C 130.
+
+    An :class:`Error`, or an ``OSError`` no command turned into its own message,
+    prints ``prog: error: ...`` on one line; Ctrl-C prints ``prog: interrupted``.
+    """
+    from .utils import os_error_line
+
+    try:
+        return int(command() or 0)
+    except Error as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"{prog}: error: {one_line(os_error_line(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .utils import os_error_line, plain_warnings
+    from .utils import plain_warnings
 
     parser = build_parser()
     args = parser.parse_args(argv)
     plain_warnings()
-    try:
-        return int(args.func(args) or 0)
-    except Error as e:
-        print(f"autodiffusion-rt: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a path problem no command turned into its own message
-        print(f"autodiffusion-rt: error: {one_line(os_error_line(e))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("autodiffusion-rt: interrupted", file=sys.stderr)
-        return 130
+    return run_command("autodiffusion-rt", lambda: args.func(args))
 
 
 if __name__ == "__main__":

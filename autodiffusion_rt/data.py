@@ -72,15 +72,22 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def from_uint8(images: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC (or NHW for grayscale) -> NCHW float32 in [-1, 1]."""
+def check_uint8_images(images, what: str = "images") -> np.ndarray:
+    """uint8 NHWC with 1 or 3 channels (NHW, grayscale, gets its channel axis), or a one-line DataError naming ``what``."""
     a = np.asarray(images)
     if a.dtype != np.uint8:
-        raise DataError(f"images must be uint8, got dtype {a.dtype}: convert with (x * 255).round().astype(np.uint8)")
+        raise DataError(f"{what}: dtype {a.dtype}; images must be uint8 NHWC (0..255): convert [0, 1] floats with "
+                        "(x * 255).round().astype(np.uint8), [-1, 1] tensors with autodiffusion_rt.data.to_uint8(x)")
     if a.ndim == 3:
         a = a[..., None]
     if a.ndim != 4 or a.shape[-1] not in (1, 3):
-        raise DataError(f"images must be NHWC with 1 or 3 channels (or NHW), got shape {a.shape}")
+        raise DataError(f"{what}: shape {a.shape}; images must be NHWC with 1 or 3 channels (or NHW)")
+    return a
+
+
+def from_uint8(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC (or NHW for grayscale) -> NCHW float32 in [-1, 1]."""
+    a = check_uint8_images(images)
     return torch.from_numpy(a.astype(np.float32)).permute(0, 3, 1, 2).contiguous() / 127.5 - 1.0
 
 

@@ -182,6 +182,24 @@ def positive_ints(text: str) -> list[int]:
     return values
 
 
+def print_report(report: dict, table, json_path: str | os.PathLike | None = None) -> None:
+    """How the measuring commands (benchmark.py, its --serve load test) hand back a report.
+
+    ``json_path`` ``"-"``: the JSON alone on stdout (for pipes). Otherwise
+    ``table(report)`` (text) on stdout and, when ``json_path`` is given, the
+    JSON also written there (atomically).
+    """
+    import json
+
+    if json_path == "-":
+        print(json.dumps(report, indent=2))
+        return
+    print(table(report))
+    if json_path:
+        with atomic_write(json_path) as f:
+            f.write(json.dumps(report, indent=2) + "\n")
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

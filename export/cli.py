@@ -78,18 +78,12 @@ def cmd_build(args) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m export.cli build ...`` without the package's console script."""
-    import sys
-
-    from autodiffusion_rt.errors import Error
+    from autodiffusion_rt.cli import run_command
 
     parser = argparse.ArgumentParser(prog="autodiffusion-rt")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except Error as e:
-        print(f"autodiffusion-rt: error: {e}", file=sys.stderr)
-        return 2
+    return run_command("autodiffusion-rt", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from autodiffusion_rt.diffusion import SamplerCoefficients, step_update
+from autodiffusion_rt.diffusion import SamplerCoefficients, split_learned_variance, step_update
 from autodiffusion_rt.errors import EngineError
 from autodiffusion_rt.diffusion.step_io import EPS, NOISE, PREV_EPS, PREV_X0, X, X0, Y, step_io
 
@@ -82,7 +82,6 @@ class StepModule(nn.Module):
         self.conditional = model.num_classes is not None
         self.label_mode = resolve_label_mode(model, label_mode, self.keep)
         self.channels = model.image_shape[0]
-        self.learn_sigma = bool(model.learn_sigma)
         self._to_eps = model.eps_from_output  # learn_sigma split, v-prediction (constants for this timestep)
         self.dtype = dtype
         inputs, outputs = step_io(coeffs, i, model.image_shape, self.conditional)
@@ -138,7 +137,7 @@ class StepModule(nn.Module):
         eps = self.eps(x, feeds.get(Y))
         var_v = None
         if self.row.learned_variance:  # the model's variance channels set this step's noise scale
-            eps, var_v = eps[:, : self.channels], eps[:, self.channels :]
+            eps, var_v = split_learned_variance(eps, self.channels)
         history = [feeds[n] for n in PREV_EPS if n in feeds]
         x_prev, x0, eps_used = step_update(self.row, x, eps, feeds.get(PREV_X0), feeds.get(NOISE), prev_eps=history,
                                            return_eps=True, var_v=var_v)

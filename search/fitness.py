@@ -49,7 +49,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from autodiffusion_rt.diffusion import compute_coefficients, step_update
+from autodiffusion_rt.diffusion import compute_coefficients, split_learned_variance, step_update
 from autodiffusion_rt.diffusion.samplers import EPS_HISTORY
 from autodiffusion_rt.errors import DataError
 from autodiffusion_rt.sampling import eps_in_chunks, initial_state
@@ -248,13 +248,14 @@ class FitnessEvaluator:
                 st = states[node] if node in states else entry[node]
                 for (t, skip), by_row in by_call.items():
                     t0 = time.perf_counter()
-                    eps = self._eps(st.x, t, self._keep(skip))
+                    # The rows of one call share the sampler and model, so they agree on learned_variance.
+                    eps = self._eps(st.x, t, self._keep(skip), any(row.learned_variance for row in by_row))
                     t1 = time.perf_counter()
                     self.counters.unet_calls += 1
                     self.counters.unet_seconds += t1 - t0
                     for row, js in by_row.items():
                         noise = self._noise_draw(st.noise_used) if row.c_noise != 0.0 else None
-                        e, v = (eps[:, : st.x.shape[1]], eps[:, st.x.shape[1] :]) if row.learned_variance else (eps, None)
+                        e, v = split_learned_variance(eps, st.x.shape[1]) if row.learned_variance else (eps, None)
                         if self._carry_eps:
                             x_prev, x0, eps_used = step_update(row, st.x, e, st.prev_x0, noise, prev_eps=st.prev_eps, return_eps=True, var_v=v)
                             history = ((eps_used,) + st.prev_eps)[:EPS_HISTORY]
@@ -276,9 +277,8 @@ class FitnessEvaluator:
             states = next_states
         return finals  # type: ignore[return-value]
 
-    def _eps(self, x: torch.Tensor, t: int, keep) -> torch.Tensor:
-        """eps, or [eps, v] for a learned-variance DDPM (one model call serves every row)."""
-        variance = self.sampler == "ddpm" and bool(self.model.learn_sigma)
+    def _eps(self, x: torch.Tensor, t: int, keep, variance: bool) -> torch.Tensor:
+        """eps, or [eps, v] when ``variance`` (the rows are learned-variance steps; one model call serves every row)."""
         # sample()'s own chunking: what makes shared results bit-identical to it.
         return eps_in_chunks(self.model, x, t, self._y, keep, self.batch_size, variance)
 

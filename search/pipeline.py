@@ -8,7 +8,7 @@ the defaults below; writes ``plans/embedded-mnist-nfe4.json``, its report
 (``.report.md`` / ``.report.json``) and its checkpoint (``.search-state.json``).
 
 Default cost on the project's 2-core CPU (embedded model, NFE 4), measured:
-see DEFAULTS_ARITHMETIC below and search/README.md.
+see the comment above SearchOptions and search/README.md.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 import platform
 import sys
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -42,84 +42,51 @@ DEFAULT_MODEL = "embedded:mnist"
 # --paper-settings, for GPUs.
 # The budget defaults to the full model's MACs: stage 2 may skip layers only where that does not cost
 # fitness (skipping at equal compute is --multi-objective --nfe 3-8, search/pareto.py).
-DEFAULTS = dict(
-    nfe=4,
-    sampler="ddim",
-    eta=0.0,
-    num_samples=64,
-    population=16,
-    generations=3,
-    topk=4,
-    mutants=8,
-    crossovers=4,
-    mutation_prob=0.25,
-    budget_fraction=1.0,
-    report_samples=400,
-    batch_size=128,
-    seed=0,
-    method="evo",
-    objective="trajectory",
-    grid_points=40,
-    dp_paths=4,
-    holdout_samples=1000,
-    holdout_topk=2,
-    holdout_front=6,
-)
-# --multi-objective: generation 0 of NSGA-II also holds the best DP schedule skipping, by the sensitivity
-# table, what costs least per MAC saved until it uses these fractions of the budget.
-MO_SEED_FRACTIONS = (0.85, 0.7, 0.55)
-# --fast: a smoke-test preset (<= 60 s on the embedded model).
-FAST = dict(num_samples=32, population=8, generations=2, topk=3, mutants=3, crossovers=2, report_samples=128,
-            grid_points=20, holdout_samples=200, holdout_topk=1)
-# --method dp: no evolution; its report (10 rows) is the cost, so fewer samples per row (<= 60 s).
-DP_METHOD = dict(report_samples=250)
-# --paper-settings: AutoDiffusion's evolution parameters.
-PAPER = dict(population=50, generations=10, topk=10, mutants=25, crossovers=15, mutation_prob=0.25)
-
-
 @dataclass
 class SearchOptions:
+    """Every setting of one search; the field defaults are the default run's (the one home of DEFAULTS)."""
+
     model: str = DEFAULT_MODEL
     model_options: dict = field(default_factory=dict)
-    nfe: int = DEFAULTS["nfe"]
-    sampler: str = DEFAULTS["sampler"]
-    eta: float = DEFAULTS["eta"]
+    nfe: int = 4
+    sampler: str = "ddim"
+    eta: float = 0.0
     extractor: Optional[str] = None  # mnist for the embedded model, inception otherwise
     reference: Optional[str] = None  # mnist for the embedded model; required otherwise
-    num_samples: int = DEFAULTS["num_samples"]
-    population: int = DEFAULTS["population"]
-    generations: int = DEFAULTS["generations"]
-    topk: int = DEFAULTS["topk"]
-    mutants: int = DEFAULTS["mutants"]
-    crossovers: int = DEFAULTS["crossovers"]
-    mutation_prob: float = DEFAULTS["mutation_prob"]
-    budget_fraction: Optional[float] = DEFAULTS["budget_fraction"]
+    num_samples: int = 64
+    population: int = 16
+    generations: int = 3
+    topk: int = 4
+    mutants: int = 8
+    crossovers: int = 4
+    mutation_prob: float = 0.25
+    budget_fraction: Optional[float] = 1.0
     budget_macs: Optional[int] = None
     multi_objective: bool = False
-    seed: int = DEFAULTS["seed"]
+    seed: int = 0
     out: Optional[str] = None
     checkpoint: Optional[str] = None
     resume: bool = False
     report: bool = True
-    report_samples: int = DEFAULTS["report_samples"]
+    report_samples: int = 400
     report_seed: Optional[int] = None  # default: seed + 1
     report_extractors: Optional[list] = None  # default: [extractor]
-    batch_size: int = DEFAULTS["batch_size"]
+    batch_size: int = 128
     cache_mb: int = 1024
     share: bool = True  # prefix sharing (off only to measure what it saves)
     device: str = "cpu"  # where the model runs (cuda on GPU machines)
     quiet: bool = False
     wait_lock: bool = False  # another search writing the same --out: wait for it (else an error)
-    method: str = DEFAULTS["method"]  # evo: evolution seeded with the DP schedules; dp: the DP schedule alone
-    objective: str = DEFAULTS["objective"]  # fid | trajectory | trajectory-features (search/fitness.py)
-    grid_points: int = DEFAULTS["grid_points"]  # the DP's coarse grid = the teacher's DDIM schedule
+    method: str = "evo"  # evo: evolution seeded with the DP schedules; dp: the DP schedule alone
+    objective: str = "trajectory"  # fid | trajectory | trajectory-features (search/fitness.py)
+    grid_points: int = 40  # the DP's coarse grid = the teacher's DDIM schedule
     grid_spacing: str = "quadratic"
-    dp_paths: int = DEFAULTS["dp_paths"]  # DP schedules seeded into generation 0
+    dp_paths: int = 4  # DP schedules seeded into generation 0
     teacher_cache: Optional[str] = None  # default: .teacher-cache next to --out
-    holdout_samples: int = DEFAULTS["holdout_samples"]  # fresh samples per top-k candidate; 0: no held-out selection
+    holdout_samples: int = 1000  # fresh samples per top-k candidate; 0: no held-out selection
     holdout_seed: Optional[int] = None  # default: seed + 2 (neither the search's nor the report's)
-    holdout_topk: int = DEFAULTS["holdout_topk"]
-    holdout_front: int = DEFAULTS["holdout_front"]  # --multi-objective: front members re-ranked on held-out samples, spread over MACs
+    holdout_topk: int = 2
+    holdout_front: int = 6  # --multi-objective: front members re-ranked on held-out samples, spread over MACs
     holdout_samplers: tuple = ("ddim", "dpmpp_2m", "ipndm")  # the winner's schedule is tried with each (deterministic runs)
     sensitivity_points: int = 8  # grid points of the per-layer skip sensitivity table (0: off); computed only when skipping is asked for
     sensitivity_samples: int = 32
@@ -148,6 +115,20 @@ class SearchOptions:
         if o.teacher_cache is None:
             o.teacher_cache = str(Path(o.out).parent / ".teacher-cache")
         return o
+
+
+# The settings the presets below and the command line tune, at their defaults (SearchOptions' own: one home).
+DEFAULTS = {f.name: f.default for f in fields(SearchOptions) if f.default is not MISSING}
+# --multi-objective: generation 0 of NSGA-II also holds the best DP schedule skipping, by the sensitivity
+# table, what costs least per MAC saved until it uses these fractions of the budget.
+MO_SEED_FRACTIONS = (0.85, 0.7, 0.55)
+# --fast: a smoke-test preset (<= 60 s on the embedded model).
+FAST = dict(num_samples=32, population=8, generations=2, topk=3, mutants=3, crossovers=2, report_samples=128,
+            grid_points=20, holdout_samples=200, holdout_topk=1)
+# --method dp: no evolution; its report (10 rows) is the cost, so fewer samples per row (<= 60 s).
+DP_METHOD = dict(report_samples=250)
+# --paper-settings: AutoDiffusion's evolution parameters.
+PAPER = dict(population=50, generations=10, topk=10, mutants=25, crossovers=15, mutation_prob=0.25)
 
 
 def _stem(out: str | Path) -> Path:
@@ -561,10 +542,7 @@ def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, 
                 exts.append(name)
         report = make_report(p.model, rows, exts, refs, o.report_samples, o.report_seed, o.eta, o.batch_size, o.quiet, device=o.device)
         report.search = search_summary
-        md, _ = report.save(_stem(o.out))
-        if not o.quiet:
-            print(report.table())
-            print(f"report written to {md}", file=sys.stderr)
+        report.save_and_show(_stem(o.out), o.quiet)
     return result, plan, report
 
 
@@ -647,10 +625,7 @@ def _run_dp(p: Prepared, dp):
         rows = [("DP schedule (GITS-style)", o.sampler, cand)] + baseline_rows(p.model.num_timesteps, o.nfe, p.model.schedule)
         report = make_report(p.model, rows, [p.extractor], {p.extractor.name: p.ref_stats}, o.report_samples, o.report_seed, o.eta, o.batch_size, o.quiet, device=o.device)
         report.search = summary
-        md, _ = report.save(_stem(o.out))
-        if not o.quiet:
-            print(report.table())
-            print(f"report written to {md}", file=sys.stderr)
+        report.save_and_show(_stem(o.out), o.quiet)
     return dp, plan, report
 
 

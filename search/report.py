@@ -117,6 +117,14 @@ class Report:
             f.write("\n")
         return md, js
 
+    def save_and_show(self, stem: Path, quiet: bool = False) -> Path:
+        """:meth:`save`, then (unless ``quiet``) the table on stdout and where it was written on stderr: how a search ends."""
+        md, _ = self.save(stem)
+        if not quiet:
+            print(self.table())
+            print(f"report written to {md}", file=sys.stderr)
+        return md
+
 
 def _search_summary(s: dict) -> str:
     parts = [f"search: {s.get('wall_seconds', 0):.0f} s wall"]
@@ -274,28 +282,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", default=None, help="report stem (writes STEM.report.md/.json; default: next to the plan, named after the extractors)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    try:
-        from autodiffusion_rt.metrics import resolve_reference
-        from autodiffusion_rt.models import load_model_for_plan
-        from autodiffusion_rt.plan import Plan
+    from autodiffusion_rt.cli import run_command
 
-        plan = Plan.load(args.plan)
-        model = load_model_for_plan(plan)
-        extractors = args.extractor or [plan.fitness.extractor if plan.fitness else "mnist"]
-        reference = args.reference or (plan.provenance or {}).get("reference") or "mnist"
-        refs = {e: resolve_reference(reference, e, progress=not args.quiet)[0] for e in extractors}
-        seed = args.seed if args.seed is not None else (plan.fitness.seed + 1 if plan.fitness else 1)
-        if args.num_samples < 2:
-            raise Error(f"--num-samples {args.num_samples}: FID needs at least 2 samples (and more than the feature size)")
-        rep = make_report(model, plan_rows(plan, model), extractors, refs, args.num_samples, seed, plan.eta, args.batch_size, args.quiet, device=args.device)
-        stem = Path(args.out) if args.out else Path(args.plan).parent / (Path(args.plan).stem + "." + "-".join(extractors))
-        md, _ = rep.save(stem)
-        print(rep.table())
-        print(f"report written to {md}")
-        return 0
-    except Error as e:
-        print(f"search.report: error: {e}", file=sys.stderr)
-        return 2
+    return run_command("search.report", lambda: _report_command(args))
+
+
+def _report_command(args) -> None:
+    from autodiffusion_rt.metrics import resolve_reference
+    from autodiffusion_rt.models import load_model_for_plan
+    from autodiffusion_rt.plan import Plan
+
+    plan = Plan.load(args.plan)
+    model = load_model_for_plan(plan)
+    extractors = args.extractor or [plan.fitness.extractor if plan.fitness else "mnist"]
+    reference = args.reference or (plan.provenance or {}).get("reference") or "mnist"
+    refs = {e: resolve_reference(reference, e, progress=not args.quiet)[0] for e in extractors}
+    seed = args.seed if args.seed is not None else (plan.fitness.seed + 1 if plan.fitness else 1)
+    if args.num_samples < 2:
+        raise Error(f"--num-samples {args.num_samples}: FID needs at least 2 samples (and more than the feature size)")
+    rep = make_report(model, plan_rows(plan, model), extractors, refs, args.num_samples, seed, plan.eta, args.batch_size, args.quiet, device=args.device)
+    stem = Path(args.out) if args.out else Path(args.plan).parent / (Path(args.plan).stem + "." + "-".join(extractors))
+    md, _ = rep.save(stem)
+    print(rep.table())
+    print(f"report written to {md}")
 
 
 if __name__ == "__main__":

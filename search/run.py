@@ -14,8 +14,6 @@ import math
 import sys
 from typing import Optional, Sequence
 
-from autodiffusion_rt.errors import Error
-
 from .errors import SearchError
 from .pipeline import (  # noqa: F401  (re-exported: the public names of python -m search.run)
     DEFAULT_MODEL, DEFAULTS, DP_METHOD, FAST, PAPER, SearchOptions, load_plan_set, prepare, run_search, save_plan_set,
@@ -136,41 +134,34 @@ def options_from_args(args) -> SearchOptions:
     )
 
 
+def _search(args) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SearchError(f"--threads {args.threads}: must be a positive integer")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    nfes = None
+    if args.nfe is not None:
+        from .pareto import parse_nfe, run_pareto
+
+        nfes = parse_nfe(args.nfe)
+    if nfes is not None and len(nfes) > 1:
+        if not args.multi_objective:
+            raise SearchError(f"--nfe {args.nfe}: several NFEs need --multi-objective (the fronts across NFE); or give one NFE")
+        run_pareto(options_from_args(args), nfes)
+    else:
+        run_search(options_from_args(args))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from autodiffusion_rt.cli import run_command
     from autodiffusion_rt.utils import plain_warnings
 
     args = build_parser().parse_args(argv)
     plain_warnings()
-    try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise SearchError(f"--threads {args.threads}: must be a positive integer")
-            import torch
-
-            torch.set_num_threads(args.threads)
-        nfes = None
-        if args.nfe is not None:
-            from .pareto import parse_nfe, run_pareto
-
-            nfes = parse_nfe(args.nfe)
-        if nfes is not None and len(nfes) > 1:
-            if not args.multi_objective:
-                raise SearchError(f"--nfe {args.nfe}: several NFEs need --multi-objective (the fronts across NFE); or give one NFE")
-            run_pareto(options_from_args(args), nfes)
-        else:
-            run_search(options_from_args(args))
-        return 0
-    except Error as e:
-        print(f"search.run: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        from autodiffusion_rt.utils import os_error_line
-
-        print(f"search.run: error: {os_error_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("search.run: interrupted; continue with --resume (the last finished generation is saved)", file=sys.stderr)
-        return 130
+    return run_command("search.run", lambda: _search(args),
+                       interrupted="interrupted; continue with --resume (the last finished generation is saved)")
 
 
 if __name__ == "__main__":

@@ -60,12 +60,17 @@ def search_tiny_model():
     return search_build_tiny_model()
 
 
-def search_build_tiny_extractor(dim: int = 16, seed: int = 0):
-    """A fixed random-projection feature extractor (dim-d) for 1-channel images: FID in microseconds, no assets."""
+def search_build_tiny_extractor(dim: int = 16, seed: int = 0, channels: int = 1, pool: int = 7, label: str = "search-tiny"):
+    """A fixed random-projection feature extractor (dim-d) for ``channels``-channel images: FID in microseconds, no assets.
+
+    Average-pools to ``pool`` x ``pool``, then a seeded random linear map and tanh.
+    """
     from autodiffusion_rt.metrics.extractors import FeatureExtractor, weights_fingerprint
 
+    inputs = channels * pool * pool
+
     class _TinyExtractor(FeatureExtractor):
-        name = "search-tiny"
+        name = label
         preprocessing = "pool4_linear_tanh_v1"
         default_batch_size = 1000
 
@@ -74,18 +79,18 @@ def search_build_tiny_extractor(dim: int = 16, seed: int = 0):
             self.feature_dim = dim
 
         def _load(self):
-            net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(7), torch.nn.Flatten(), torch.nn.Linear(49, dim), torch.nn.Tanh())
+            net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(pool), torch.nn.Flatten(), torch.nn.Linear(inputs, dim), torch.nn.Tanh())
             g = torch.Generator().manual_seed(seed)
             with torch.no_grad():
-                net[2].weight.copy_(torch.randn(dim, 49, generator=g) / 7)
+                net[2].weight.copy_(torch.randn(dim, inputs, generator=g) / 7)
                 net[2].bias.zero_()
             return net.eval(), weights_fingerprint(net.state_dict())
 
         def check_shape(self, chw):
             from autodiffusion_rt.errors import DataError
 
-            if chw[0] != 1 or min(chw[1:]) < 7:
-                raise DataError(f"the search-tiny extractor reads 1-channel images of at least 7x7, got {tuple(chw)}")
+            if chw[0] != channels or min(chw[1:]) < pool:
+                raise DataError(f"the {label} extractor reads {channels}-channel images of at least {pool}x{pool}, got {tuple(chw)}")
 
         def preprocess(self, images):
             return images.clamp(-1, 1)
@@ -192,3 +197,15 @@ def engine_uncond_model():
 @pytest.fixture(scope="session")
 def engine_cond_model():
     return core_engine_model(1, num_classes=3, resblock_updown=True)
+
+
+@pytest.fixture
+def tensorrt_absent():
+    """Skip the test where tensorrt imports: it tests the error its absence gives."""
+    import importlib
+
+    try:
+        importlib.import_module("tensorrt")
+    except Exception:
+        return  # absent (or a stub that cannot load): the case under test
+    pytest.skip("tensorrt is installed here")

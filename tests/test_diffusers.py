@@ -20,6 +20,7 @@ from autodiffusion_rt.diffusion import compute_coefficients, sample_loop, step_u
 from autodiffusion_rt.errors import Error, ModelSpecError  # noqa: E402
 from autodiffusion_rt.plan import Plan  # noqa: E402
 from autodiffusion_rt.sampling import initial_state, make_eps_fn, sample  # noqa: E402
+from conftest import search_build_tiny_extractor  # noqa: E402
 
 # google/ddpm-cifar10-32's block layout (DownBlock2D, AttnDownBlock2D, DownBlock2D, DownBlock2D / mirrored up), small channels.
 CIFAR_LAYOUT = dict(
@@ -235,45 +236,12 @@ def test_export_diffusers_settings_reproduce_the_plan_in_diffusers_pipeline_loop
     assert "DPMSolverMultistepScheduler" in capsys.readouterr().out
 
 
-def _rgb_tiny_extractor(dim=8):
-    """A fixed random projection of 3-channel images (FID in microseconds, no assets)."""
-    from autodiffusion_rt.metrics.extractors import FeatureExtractor, weights_fingerprint
-
-    class _RGBTiny(FeatureExtractor):
-        name = "rgb-tiny"
-        preprocessing = "pool4_linear_tanh_v1"
-        default_batch_size = 1000
-
-        def __init__(self):
-            super().__init__()
-            self.feature_dim = dim
-
-        def _load(self):
-            net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, dim), torch.nn.Tanh())
-            g = torch.Generator().manual_seed(0)
-            with torch.no_grad():
-                net[2].weight.copy_(torch.randn(dim, 48, generator=g) / 7)
-                net[2].bias.zero_()
-            return net.eval(), weights_fingerprint(net.state_dict())
-
-        def check_shape(self, chw):
-            pass
-
-        def preprocess(self, images):
-            return images.clamp(-1, 1)
-
-        def _forward(self, net, x):
-            return net(x)
-
-    return _RGBTiny()
-
-
 def test_fast_search_runs_on_the_diffusers_model_and_its_plan_samples(saved, tmp_path):
     from autodiffusion_rt.metrics import compute_stats
     from search.run import build_parser, options_from_args, run_search
 
     _, _, model = saved
-    extractor = _rgb_tiny_extractor()
+    extractor = search_build_tiny_extractor(dim=8, channels=3, pool=4, label="rgb-tiny")
     real = torch.rand(200, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ref = compute_stats(real, extractor, dataset="uniform-noise")
     args = build_parser().parse_args(["--fast", "--model", model.name, "--nfe", "3", "--num-samples", "16",

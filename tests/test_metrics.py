@@ -349,30 +349,33 @@ def test_cli_fid_stats_and_fid(tmp_path, capsys, digits):
         run_cli("fid", "--ref", str(out), "--quiet")
 
 
-def test_cli_fid_samples_from_a_model_through_the_public_api(monkeypatch, capsys, digits):
-    """The --model path calls autodiffusion_rt.load_model and autodiffusion_rt.sample as documented."""
+def test_cli_fid_samples_from_a_model_through_the_public_api(capsys, embedded_model, ext, ref):
+    """``fid --model`` prints the FID of ``autodiffusion_rt.sample(model, timesteps, n=, seed=)`` against ``--ref``.
+
+    The reference does not go through the CLI: the public sample() of the embedded model and fid() on this
+    module's own statistics of all embedded digits (what ``--ref mnist`` names). What would catch this: the CLI
+    sampling other timesteps, n, seed, sampler or labels than asked, or ``--steps 4`` not meaning
+    [999, 749, 499, 249]; the last assertion shows that a schedule one step off gives another FID.
+    """
     import autodiffusion_rt
 
-    calls = {}
+    def cli_fid(*args: str) -> float:
+        assert run_cli("fid", "--model", "embedded:mnist", "--n", "20", "--quiet", *args) == 0
+        out = capsys.readouterr().out
+        assert "20 samples, extractor mnist" in out
+        return float(out.split()[1])
 
-    class FakeModel:
-        num_timesteps = 1000
+    def api_fid(timesteps, seed: int) -> float:
+        images = autodiffusion_rt.sample(embedded_model, timesteps, "ddim", n=20, seed=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FIDWarning)  # 20 samples: FID warns that it is biased
+            return fid(images, ref, ext)
 
-    def fake_load_model(spec):
-        calls["spec"] = spec
-        return FakeModel()
-
-    def fake_sample(model, timesteps, sampler="ddim", n=16, seed=0, labels=None, **kwargs):
-        calls.update(timesteps=list(timesteps), sampler=sampler, n=n, seed=seed, labels=labels)
-        return shuffled(digits, seed)[:n]
-
-    monkeypatch.setattr(autodiffusion_rt, "load_model", fake_load_model, raising=False)
-    monkeypatch.setattr(autodiffusion_rt, "sample", fake_sample, raising=False)
-    assert run_cli("fid", "--model", "embedded:mnist", "--timesteps", "999,500,100", "--n", "200", "--seed", "4", "--quiet") == 0
-    assert calls == {"spec": "embedded:mnist", "timesteps": [999, 500, 100], "sampler": "ddim", "n": 200, "seed": 4, "labels": None}
-    assert "200 samples, extractor mnist" in capsys.readouterr().out
-    assert run_cli("fid", "--model", "embedded:mnist", "--steps", "4", "--n", "100", "--quiet") == 0
-    assert calls["timesteps"] == [999, 749, 499, 249]
+    # The CLI prints 4 decimals.
+    assert cli_fid("--timesteps", "999,500,100", "--seed", "4") == pytest.approx(api_fid([999, 500, 100], 4), abs=1e-3)
+    steps4 = cli_fid("--steps", "4")
+    assert steps4 == pytest.approx(api_fid([999, 749, 499, 249], 0), abs=1e-3)
+    assert steps4 != pytest.approx(api_fid([999, 750, 500, 250], 0), abs=1e-3)
 
 
 def test_cli_fid_with_the_embedded_model(capsys):

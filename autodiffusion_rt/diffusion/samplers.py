@@ -28,7 +28,8 @@ with max_log = log(beta) of the respaced chain and min_log the clipped log
 posterior variance (guided-diffusion's ``p_mean_variance``, LEARNED_RANGE).
 Such a row carries the two constants and ``learned_variance=True``; its
 ``c_noise`` is the fixed-small scale, kept only as the "this step draws noise"
-flag. The mean is the same affine update.
+flag. The mean is the same affine update. The model stacks [eps, v] along
+channels; :func:`split_learned_variance` is the one reader of that layout.
 
 Noise rule (determinism across backends): step i draws noise iff
 ``c_noise[i] != 0``, one standard normal per sample from that sample's own
@@ -49,7 +50,7 @@ import torch
 from tqdm import tqdm
 
 from autodiffusion_rt.diffusion.noise import SampleNoise
-from autodiffusion_rt.diffusion.schedules import NoiseSchedule, validate_timesteps
+from autodiffusion_rt.diffusion.schedules import NoiseSchedule, check_alphas_cumprod, validate_timesteps
 from autodiffusion_rt.errors import SamplingError
 from autodiffusion_rt.utils import kernel_hook
 
@@ -65,6 +66,7 @@ __all__ = [
     "sample_dpmpp_2m",
     "sample_ipndm",
     "sample_loop",
+    "split_learned_variance",
     "step_update",
 ]
 
@@ -203,21 +205,8 @@ def _alphas_cumprod(schedule) -> np.ndarray:
         raise SamplingError(
             f"alphas_cumprod has shape {acp.shape}; pass a NoiseSchedule or a non-empty 1-D array"
         )
-    bad = np.flatnonzero(~(np.isfinite(acp) & (acp > 0) & (acp < 1)))
-    if bad.size:
-        i = int(bad[0])
-        raise SamplingError(
-            f"alphas_cumprod[{i}] = {float(acp[i])!r} is outside (0, 1); samplers need "
-            "0 < alpha_bar < 1 at every timestep"
-        )
-    rising = np.flatnonzero(np.diff(acp) >= 0)
-    if rising.size:
-        i = int(rising[0])
-        raise SamplingError(
-            f"alphas_cumprod is not strictly decreasing at t={i}->{i + 1} "
-            f"({float(acp[i])!r} -> {float(acp[i + 1])!r}); pass the cumulative product "
-            "of (1 - betas) of the training schedule"
-        )
+    check_alphas_cumprod(acp, "", "pass the cumulative product of (1 - betas) of the training schedule "
+                                  "(samplers need 0 < alpha_bar < 1, strictly decreasing)")
     return acp
 
 
@@ -402,6 +391,16 @@ def compute_coefficients(
     )
 
 
+def split_learned_variance(out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learn_sigma output, [eps, v] stacked along channels, -> (eps, v): its first ``channels`` channels and the rest.
+
+    The one place the layout is read (guided-diffusion's ``th.split(model_output, C, dim=1)``):
+    the UNet's raw output, and the [eps, v] an eps_fn returns for a learned-variance step.
+    Slices, so it traces into an export as it does in eager torch.
+    """
+    return out[:, :channels], out[:, channels:]
+
+
 def step_update(
     coeffs_row: StepCoefficients,
     x: torch.Tensor,
@@ -518,7 +517,7 @@ def sample_loop(
         eps = eps_fn(x, t, i)
         var_v = None
         if coeffs.learned_variance and isinstance(eps, torch.Tensor) and eps.shape[1] == 2 * x.shape[1]:
-            eps, var_v = eps[:, : x.shape[1]], eps[:, x.shape[1] :]
+            eps, var_v = split_learned_variance(eps, x.shape[1])
         if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
             got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
             raise SamplingError(

@@ -46,6 +46,32 @@ def _check_num_timesteps(num_timesteps, error=SamplingError) -> int:
     return int(num_timesteps)
 
 
+def check_open_unit_interval(values: np.ndarray, what: str, fix: str) -> None:
+    """Refuse the first entry of a 1-D float array that is not finite and strictly inside (0, 1).
+
+    ``what`` names the array in the message (``what[i] = v is outside (0, 1); fix``).
+    """
+    bad = np.flatnonzero(~(np.isfinite(values) & (values > 0) & (values < 1)))
+    if bad.size:
+        i = int(bad[0])
+        raise SamplingError(f"{what}[{i}] = {float(values[i])!r} is outside (0, 1); {fix}")
+
+
+def check_alphas_cumprod(acp: np.ndarray, where: str, fix: str) -> None:
+    """Refuse alpha_bar values that are not finite, strictly inside (0, 1) and strictly decreasing.
+
+    The message names the first bad entry, after ``where`` (e.g. ``"schedule 'x': "``), and ends with ``fix``.
+    """
+    check_open_unit_interval(acp, f"{where}alphas_cumprod", fix)
+    rising = np.flatnonzero(np.diff(acp) >= 0)
+    if rising.size:
+        i = int(rising[0])
+        raise SamplingError(
+            f"{where}alphas_cumprod is not strictly decreasing at t={i}->{i + 1} "
+            f"({float(acp[i])!r} -> {float(acp[i + 1])!r}); {fix}"
+        )
+
+
 def _linear_betas(num_timesteps: int) -> np.ndarray:
     # guided-diffusion's "linear": Ho et al.'s 1e-4..0.02 over 1000 steps,
     # rescaled so that other step counts keep the same total noise.
@@ -91,13 +117,7 @@ class NoiseSchedule:
             raise SamplingError(
                 f"schedule {self.name!r}: betas has shape {betas.shape}; pass a non-empty 1-D array"
             )
-        bad = np.flatnonzero(~(np.isfinite(betas) & (betas > 0) & (betas < 1)))
-        if bad.size:
-            i = int(bad[0])
-            raise SamplingError(
-                f"schedule {self.name!r}: betas[{i}] = {float(betas[i])!r} is outside (0, 1); "
-                "every beta must be strictly between 0 and 1"
-            )
+        check_open_unit_interval(betas, f"schedule {self.name!r}: betas", "every beta must be strictly between 0 and 1")
         if self.alphas_cumprod is None:
             acp = np.cumprod(1.0 - betas)
         else:
@@ -107,19 +127,7 @@ class NoiseSchedule:
                 f"schedule {self.name!r}: alphas_cumprod has shape {acp.shape} but betas has "
                 f"{betas.shape}; pass arrays of the same length (or use NoiseSchedule.from_betas)"
             )
-        bad = np.flatnonzero(~(np.isfinite(acp) & (acp > 0) & (acp < 1)))
-        if bad.size:
-            i = int(bad[0])
-            raise SamplingError(
-                f"schedule {self.name!r}: alphas_cumprod[{i}] = {float(acp[i])!r} is outside (0, 1); "
-                "use NoiseSchedule.from_betas to derive it from the betas"
-            )
-        if acp.size > 1 and not np.all(np.diff(acp) < 0):
-            i = int(np.flatnonzero(np.diff(acp) >= 0)[0])
-            raise SamplingError(
-                f"schedule {self.name!r}: alphas_cumprod is not strictly decreasing at "
-                f"t={i}->{i + 1} ({float(acp[i])!r} -> {float(acp[i + 1])!r}); use NoiseSchedule.from_betas"
-            )
+        check_alphas_cumprod(acp, f"schedule {self.name!r}: ", "use NoiseSchedule.from_betas to derive it from the betas")
         betas.setflags(write=False)
         acp.setflags(write=False)
         object.__setattr__(self, "betas", betas)

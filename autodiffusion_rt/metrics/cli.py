@@ -8,7 +8,6 @@ each subparser sets ``func(args) -> int``. User errors are raised as
 from __future__ import annotations
 
 import argparse
-import inspect
 import warnings
 
 from ..errors import DataError, SamplingError
@@ -136,17 +135,9 @@ def _parse_timesteps(text: str) -> list[int]:
 
 
 def _sample_images(args: argparse.Namespace):
+    """The images of ``fid --model`` (its options are checked by :func:`run_fid`, before the reference is read)."""
     import autodiffusion_rt as adr
 
-    from ..diffusion import check_seed
-
-    if args.steps is None and args.timesteps is None:
-        raise SamplingError("--model needs --steps N or --timesteps 999,749,...")
-    if args.steps is not None and args.steps < 1:
-        raise SamplingError(f"--steps {args.steps}: must be a positive integer")
-    if args.n < 2:
-        raise SamplingError(f"--n {args.n}: FID needs at least 2 samples")
-    check_seed(args.seed, "--seed")
     model = adr.load_model(args.model)
     if args.timesteps is not None:
         timesteps = _parse_timesteps(args.timesteps)
@@ -154,10 +145,7 @@ def _sample_images(args: argparse.Namespace):
         from ..diffusion.schedules import uniform_timesteps
 
         timesteps = uniform_timesteps(model.num_timesteps, args.steps)
-    kwargs = dict(sampler=args.sampler, n=args.n, seed=args.seed, labels=None)
-    if "progress" in inspect.signature(adr.sample).parameters:
-        kwargs["progress"] = not args.quiet
-    images = adr.sample(model, timesteps, **kwargs)
+    images = adr.sample(model, timesteps, sampler=args.sampler, n=args.n, seed=args.seed, labels=None, progress=not args.quiet)
     what = f"{args.model}, {args.sampler}, timesteps {','.join(map(str, timesteps))}, seed {args.seed}"
     return images, what
 
@@ -176,6 +164,10 @@ def run_fid(args: argparse.Namespace) -> int:
     if args.model is not None:
         from ..diffusion import check_seed
 
+        if args.steps is None and args.timesteps is None:
+            raise SamplingError("--model needs --steps N or --timesteps 999,749,...")
+        if args.steps is not None and args.steps < 1:
+            raise SamplingError(f"--steps {args.steps}: must be a positive integer")
         if args.n < 2:
             raise SamplingError(f"--n {args.n}: FID needs at least 2 samples")
         check_seed(args.seed, "--seed")

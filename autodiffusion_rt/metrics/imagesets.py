@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data import check_uint8_images
 from ..errors import DataError
 from .extractors import FeatureExtractor, get_extractor
 from .stats import STATS_FORMAT, FeatureStats, StatsKey, cached_stats, images_digest, stats_from_features
@@ -116,12 +117,7 @@ def _adm_stats(z, path: Path, ext: FeatureExtractor, image_key: str | None) -> I
 
 
 def _as_uint8_images(a: np.ndarray, where: str) -> np.ndarray:
-    if a.dtype != np.uint8:
-        raise DataError(f"{where} holds images of dtype {a.dtype}; image .npz files must be uint8 NHWC (0..255), e.g. autodiffusion_rt.data.to_uint8(x)")
-    if a.ndim == 3:
-        a = a[..., None]
-    if a.ndim != 4 or a.shape[-1] not in (1, 3):
-        raise DataError(f"{where} holds an array of shape {a.shape}; images must be NHWC with 1 or 3 channels (or NHW)")
+    a = check_uint8_images(a, where)
     if a.shape[0] == 0:
         raise DataError(f"{where} holds 0 images: the image set is empty")
     return a

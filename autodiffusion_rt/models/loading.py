@@ -156,6 +156,14 @@ def _read_checkpoint(path: Path) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
+def _read_adm_state_dict(path: Path) -> dict:
+    """A guided-diffusion checkpoint: a bare state_dict."""
+    state_dict = _read_checkpoint(path)
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path} does not hold a state_dict (got {type(state_dict).__name__})")
+    return state_dict
+
+
 def model_from_weights(name: str, unet_config: dict, diffusion: dict, state_dict: dict, *, source: str = "<weights>",
                        metadata: Optional[dict] = None) -> DiffusionModel:
     """An ADM :class:`DiffusionModel` from its architecture, noise settings and weights.
@@ -231,9 +239,7 @@ def load_model(spec: str, **overrides) -> DiffusionModel:
             raise ModelSpecError(f"model spec {spec!r} has no path: use 'adm:PATH/TO/CHECKPOINT.pt'")
         path = Path(rest).expanduser()
         unet_kwargs, diffusion = adm_config(**overrides)
-        state_dict = _read_checkpoint(path)
-        if not isinstance(state_dict, dict):
-            raise CheckpointError(f"{path} does not hold a state_dict (got {type(state_dict).__name__})")
+        state_dict = _read_adm_state_dict(path)
         return model_from_weights(spec, unet_kwargs, diffusion, state_dict, source=str(path), metadata={"overrides": overrides})
     if kind == "diffusers":
         if not rest:
@@ -257,9 +263,7 @@ def load_model_for_plan(plan, model: Optional[DiffusionModel] = None) -> Diffusi
         spec = plan.model_spec
         if spec.startswith("adm:") and isinstance(plan.model_config, dict) and "unet" in plan.model_config:
             path = Path(spec[4:]).expanduser()
-            state_dict = _read_checkpoint(path)
-            if not isinstance(state_dict, dict):
-                raise CheckpointError(f"{path} does not hold a state_dict (got {type(state_dict).__name__})")
+            state_dict = _read_adm_state_dict(path)
             model = model_from_weights(spec, plan.model_config["unet"], plan.model_config["diffusion"], state_dict, source=str(path))
         else:
             model = load_model(spec)

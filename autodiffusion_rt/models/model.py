@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..diffusion import NoiseSchedule
+from ..diffusion import NoiseSchedule, split_learned_variance
 from .adapter import Layer, SkippableUNet
 
 __all__ = ["DiffusionModel"]
@@ -65,7 +65,7 @@ class DiffusionModel:
         if self.learn_sigma:
             if variance:
                 return out
-            out = out[:, : x.shape[1]]
+            out, _ = split_learned_variance(out, x.shape[1])
         if self.prediction_type == "epsilon":
             return out
         acp = self.schedule.alphas_cumprod

@@ -75,14 +75,21 @@ def _conv_macs(conv: nn.Conv1d | nn.Conv2d, out_numel_spatial: int) -> int:
     return out_numel_spatial * conv.in_channels * conv.out_channels * k // conv.groups
 
 
-class Upsample(nn.Module):
-    """Nearest 2x upsampling, optionally followed by a 3x3 conv."""
+class _Resample(nn.Module):
+    """What Upsample and Downsample share: guided-diffusion's channel attributes (each subclass adds its op)."""
 
     def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: Optional[int] = None):
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
+
+
+class Upsample(_Resample):
+    """Nearest 2x upsampling, optionally followed by a 3x3 conv."""
+
+    def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: Optional[int] = None):
+        super().__init__(channels, use_conv, dims, out_channels)
         if use_conv:
             self.conv = nn.Conv2d(channels, self.out_channels, 3, padding=1)
 
@@ -97,14 +104,11 @@ class Upsample(nn.Module):
         return (2 * hw[0], 2 * hw[1])
 
 
-class Downsample(nn.Module):
+class Downsample(_Resample):
     """2x downsampling: a stride-2 3x3 conv, or average pooling."""
 
     def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: Optional[int] = None):
-        super().__init__()
-        self.channels = channels
-        self.out_channels = out_channels or channels
-        self.use_conv = use_conv
+        super().__init__(channels, use_conv, dims, out_channels)
         if use_conv:
             self.op = nn.Conv2d(channels, self.out_channels, 3, stride=2, padding=1)
         else:

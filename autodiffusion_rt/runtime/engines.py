@@ -42,7 +42,7 @@ from typing import Any, Iterable, Mapping, MutableMapping, Optional, Sequence
 import numpy as np
 import torch
 
-from ..diffusion import StepCoefficients, step_update
+from ..diffusion import StepCoefficients, split_learned_variance, step_update
 from ..diffusion.step_io import BATCH, EPS, NOISE, PREV_EPS, PREV_X0, X, X0, X_PREV, Y, TensorSpec, step_io
 from ..errors import BackendUnavailableError, EngineError
 from ..sampling import eps_in_chunks
@@ -206,7 +206,7 @@ class TorchStepEngine(Engine):
         eps = eps_in_chunks(self.model, x, self.timestep, y, self.keep, self.batch_size, self.row.learned_variance)
         var_v = None
         if self.row.learned_variance:
-            eps, var_v = eps[:, : x.shape[1]], eps[:, x.shape[1] :]
+            eps, var_v = split_learned_variance(eps, x.shape[1])
         noise = torch.from_numpy(feeds[NOISE]).to(dev) if NOISE in feeds else None
         prev = torch.from_numpy(feeds[PREV_X0]).to(dev) if PREV_X0 in feeds else None
         history = [torch.from_numpy(feeds[n]).to(dev) for n in PREV_EPS if n in feeds]

@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 from urllib.parse import urlsplit
 
 from ..errors import Error
-from ..utils import positive_ints
+from ..utils import positive_ints, print_report
 
 __all__ = ["check_loopback", "main", "percentile", "run"]
 
@@ -358,25 +358,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--plot", default=None, metavar="PNG", help="also plot latency and throughput against concurrency")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    say = (lambda s: None) if args.quiet or args.json == "-" else (lambda s: print(s, file=sys.stderr, flush=True))
-    try:
-        if args.requests < 1 or args.n < 1:
-            raise LoadTestError(f"--requests={args.requests} and --n={args.n} must be positive")
-        report = run(args.serve, concurrency=args.concurrency, requests=args.requests, n=args.n, fmt=args.format,
-                     plan=args.plan, overload_seconds=args.overload_seconds, overload_requests=args.overload_requests,
-                     recovery_limit_s=args.recovery_limit, progress=say)
-        if args.plot:
-            plot(report, args.plot)
-    except Error as e:
-        print(f"benchmark: error: {e}", file=sys.stderr)
-        return 2
-    if args.json == "-":
-        print(json.dumps(report, indent=2))
-    else:
-        print(format_report(report))
-        if args.json:
-            from ..utils import atomic_write
+    from ..cli import run_command
 
-            with atomic_write(args.json) as f:
-                f.write(json.dumps(report, indent=2) + "\n")
-    return 0
+    return run_command("benchmark", lambda: _load_test_command(args))
+
+
+def _load_test_command(args) -> None:
+    say = (lambda s: None) if args.quiet or args.json == "-" else (lambda s: print(s, file=sys.stderr, flush=True))
+    if args.requests < 1 or args.n < 1:
+        raise LoadTestError(f"--requests={args.requests} and --n={args.n} must be positive")
+    report = run(args.serve, concurrency=args.concurrency, requests=args.requests, n=args.n, fmt=args.format,
+                 plan=args.plan, overload_seconds=args.overload_seconds, overload_requests=args.overload_requests,
+                 recovery_limit_s=args.recovery_limit, progress=say)
+    if args.plot:
+        plot(report, args.plot)
+    print_report(report, format_report, args.json)
