@@ -263,8 +263,11 @@ def plot_report(report: dict, path) -> None:
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
     for ax, b in zip(axes[0], batches):
         ms = [next((r["ms"] for r in rows if r["batch"] == b and r["method"] == m), 0) for m in methods]
-        ax.barh(methods, ms)
+        bars = ax.barh(methods, ms)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor log ticks' labels overlap on short ranges
+        ax.bar_label(bars, labels=[f"{v:,.0f} ms" if v else "" for v in ms], padding=2, fontsize=8)
+        ax.set_xlim(right=max(ms) * 3)  # room for the last label
         ax.set_xlabel("ms per request (median)")
         ax.set_title(f"batch {b}")
     fig.tight_layout()
