@@ -302,9 +302,7 @@ def _report_command(args) -> None:
         raise Error(f"--num-samples {args.num_samples}: FID needs at least 2 samples (and more than the feature size)")
     rep = make_report(model, plan_rows(plan, model), extractors, refs, args.num_samples, seed, plan.eta, args.batch_size, args.quiet, device=args.device)
     stem = Path(args.out) if args.out else Path(args.plan).parent / (Path(args.plan).stem + "." + "-".join(extractors))
-    md, _ = rep.save(stem)
-    print(rep.table())
-    print(f"report written to {md}")
+    rep.save_and_show(stem, args.quiet)
 
 
 if __name__ == "__main__":
