@@ -145,7 +145,7 @@ def run(plan_path=None, *, engines=None, int8_engines=None, model=None, plan=Non
     from autodiffusion_rt.plan import Plan
     from autodiffusion_rt.models import load_model_for_plan
     from autodiffusion_rt.runtime import Runtime, library_versions
-    from autodiffusion_rt.runtime.engines import cpu_isa
+    from autodiffusion_rt.runtime.platform import cpu_isa
     from autodiffusion_rt.sampling import check_device
 
     if threads:
@@ -160,7 +160,7 @@ def run(plan_path=None, *, engines=None, int8_engines=None, model=None, plan=Non
 
             tmp = tempfile.TemporaryDirectory(prefix="adrt-bench-")
             engines = Path(tmp.name) / "engines"
-            build_engines(plan, engines, model=model, max_batch=max([*batch_sizes, *e2e_batch_sizes]), progress=progress)
+            build_engines(plan, engines, model=model, max_batch=max([*batch_sizes, *e2e_batch_sizes]), progress=progress, backend="onnxruntime")
         macs = float(plan.macs_per_sample)
         report = {
             "plan": {"timesteps": list(plan.timesteps), "sampler": plan.sampler, "skip": [list(s) for s in plan.skip],

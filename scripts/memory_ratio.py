@@ -75,7 +75,7 @@ def main() -> None:
         for k, ts in ((args.nfe, uniform_timesteps(model.num_timesteps, args.nfe)), (1, [model.num_timesteps - 1])):
             plan = Plan.for_model(model, ts, "ddim", spec=spec)
             dirs[k] = work / f"engines-nfe{k}"
-            build_engines(plan, dirs[k], model=model, max_batch=max(batches), progress=False)
+            build_engines(plan, dirs[k], model=model, max_batch=max(batches), progress=False, backend="onnxruntime")
         rows = []
         for b in batches:
             one = resident_mb(dirs[1], args.threads, b)

@@ -58,7 +58,7 @@ def work(tmp_path_factory):
     spec = f"adm:{ckpt}"
     plan = Plan.for_model(model, [999, 600, 300, 100], "ddim", spec=spec)
     plan.save(root / "plan.json")
-    build_engines(plan, root / "engines", max_batch=8, progress=False)  # the model loaded from the plan, as the CLI does
+    build_engines(plan, root / "engines", max_batch=8, progress=False, backend="onnxruntime")  # the model loaded from the plan, as the CLI does
     _nan_engine_dir(root, root / "nan-engines")
     # A plan whose config was edited: the embedded model's checkpoint records its schedule, and the plan's
     # now disagrees. (An adm: checkpoint records no config: there the plan is the only record, see the report.)
@@ -373,7 +373,7 @@ def test_api_plan_config_checked_against_the_model(work, embedded_model):
     with pytest.raises(PlanError, match="noise_schedule"):
         Runtime.from_plan(edited, model=embedded_model)
     with pytest.raises(PlanError, match="noise_schedule"):
-        build_engines(edited, work / "never", model=embedded_model, progress=False)
+        build_engines(edited, work / "never", model=embedded_model, progress=False, backend="onnxruntime")
     assert not (work / "never").exists()
 
 

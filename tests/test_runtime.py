@@ -48,7 +48,7 @@ def engine_dirs(models, tmp_path_factory):
         model = models[kind]
         plan = make_plan(model, sampler, eta)
         d = tmp_path_factory.mktemp(f"{kind}-{sampler}-{eta}") / "engines"
-        build_engines(plan, d, model=model, max_batch=4, progress=False)
+        build_engines(plan, d, model=model, max_batch=4, progress=False, backend="onnxruntime")
         out[(kind, sampler, eta)] = (model, plan, d)
     return out
 
@@ -318,7 +318,7 @@ def test_shared_weights_runtime_equals_unshared(engine_dirs):
     What would catch this: a tensor shared by content with the wrong step (a hash or name mix-up)
     changes that step's output; no sharing at all leaves the shared maps empty.
     """
-    from autodiffusion_rt.runtime.engines import shared_initializers
+    from autodiffusion_rt.runtime.backends.ort_backend import shared_initializers
 
     model, plan, d = engine_dirs[("cond", "dpmpp_2m", 0.0)]
     with Runtime.load(d, threads=1, share_weights=True) as shared, Runtime.load(d, threads=1, share_weights=False) as copies:
@@ -341,7 +341,7 @@ def test_images_do_not_depend_on_the_chunk_size(engine_dirs):
 
 
 def test_engines_record_and_check_the_cpu_instruction_set(dir_copy):
-    from autodiffusion_rt.runtime.engines import cpu_isa
+    from autodiffusion_rt.runtime.platform import cpu_isa
 
     model, plan, d = dir_copy
     record = json.loads((d / MANIFEST_NAME).read_text())["steps"][0]["engine"]["record"]
@@ -364,7 +364,7 @@ def test_plan_from_t999_onnxruntime_equals_torch_at_fp32_tolerance(models, tmp_p
     plan = Plan.for_model(model, [999, 749, 499, 249], skip=[[], ids[:3], [], [ids[-1]]], spec="test:t999")
     assert plan.sampler == "ddim" and plan.to_dict()["sampler"]["clip_denoised"]
     d = tmp_path / "engines"
-    build_engines(plan, d, model=model, max_batch=4, progress=False)
+    build_engines(plan, d, model=model, max_batch=4, progress=False, backend="onnxruntime")
     with Runtime.load(d, threads=1) as rt, Runtime.from_plan(plan, model=model) as ref:
         a, b = rt.sample(6, seed=5, clip=False), ref.sample(6, seed=5, clip=False)
     scale = max(1.0, b.abs().max().item())
@@ -378,7 +378,7 @@ def test_step_buffer_plan_feeds_every_step_what_the_sampler_reads(sampler, eta, 
     """Replay the plan's slots symbolically: each input must hold the value the sampler defines for it."""
     from autodiffusion_rt.diffusion import NoiseSchedule, compute_coefficients
     from autodiffusion_rt.runtime.device import plan_step_buffers
-    from autodiffusion_rt.runtime.engines import step_io
+    from autodiffusion_rt.diffusion.step_io import step_io
 
     ts = list(np.linspace(999, 50, nfe).round().astype(int)) if nfe > 1 else [500]
     coeffs = compute_coefficients(sampler, NoiseSchedule.named("linear"), ts, eta)

@@ -42,7 +42,7 @@ def model():
 def onnx_dir(model, tmp_path_factory):
     """An onnxruntime build of the plan: its verified ONNX files are reused by the TensorRT builds below."""
     d = tmp_path_factory.mktemp("onnx") / "e"
-    build_engines(make_plan(model), d, model=model, max_batch=4, progress=False)
+    build_engines(make_plan(model), d, model=model, max_batch=4, progress=False, backend="onnxruntime")
     return d
 
 
@@ -68,7 +68,7 @@ def _real_tensorrt_and_gpu() -> bool:
         return False
     if not hasattr(trt, "Builder"):
         return False
-    from autodiffusion_rt.runtime.engines import cuda_compute_capability
+    from autodiffusion_rt.runtime.platform import cuda_compute_capability
 
     return cuda_compute_capability() is not None
 
