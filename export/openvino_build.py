@@ -27,7 +27,7 @@ from autodiffusion_rt.errors import DataError, EngineError
 from autodiffusion_rt.runtime.backends.ov_backend import blob_record, compile_subnet, import_subnet, subnet_engines
 from autodiffusion_rt.utils import atomic_write, sha256_file
 
-from .build import _BuildContext, export_entry, file_entry, fid_gate
+from .context import BuildContext, export_entry, fid_gate, file_entry
 from .cache import EXPORTER_REVISION, canonical_hash, step_file
 from .subnet import SubnetModule, step_embeddings
 
@@ -44,7 +44,7 @@ def subnet_key(model, keep: Optional[frozenset], opset: int, versions: dict) -> 
     })
 
 
-def build_openvino_steps(ctx: _BuildContext) -> tuple[list, list, dict]:
+def build_openvino_steps(ctx: BuildContext) -> tuple[list, list, dict]:
     """Every step's manifest entry, what was done per step, and the manifest's ``bf16`` and ``embeddings`` entries."""
     from tqdm import tqdm
 
@@ -91,7 +91,7 @@ def build_openvino_steps(ctx: _BuildContext) -> tuple[list, list, dict]:
     return steps, report, {"bf16": gate, "embeddings": emb_entry}
 
 
-def _subnet_onnx(ctx: _BuildContext, i: int, k: int, keep) -> tuple[dict, dict]:
+def _subnet_onnx(ctx: BuildContext, i: int, k: int, keep) -> tuple[dict, dict]:
     """Subnetwork k's verified ONNX entry (exported now, or reused by key), named after its first step ``i``."""
     key = subnet_key(ctx.model, keep, ctx.settings.opset, ctx.versions)
     entry = ctx.reuse("onnx", key, f"exporting subnetwork {k} again")
@@ -102,7 +102,7 @@ def _subnet_onnx(ctx: _BuildContext, i: int, k: int, keep) -> tuple[dict, dict]:
     return export_entry(ctx, step_file("onnx", i, key, ".onnx", ctx.named), module, key), {"onnx": "exported"}
 
 
-def _subnet_blob(ctx: _BuildContext, i: int, onnx_entry: dict, precision: str) -> tuple[dict, bool]:
+def _subnet_blob(ctx: BuildContext, i: int, onnx_entry: dict, precision: str) -> tuple[dict, bool]:
     """The compiled blob of a subnetwork at ``precision`` (compiled now, or reused by its record); whether it was built."""
     record = blob_record(onnx_entry["sha256"], precision)
     digest = canonical_hash(record)
@@ -118,7 +118,7 @@ def _subnet_blob(ctx: _BuildContext, i: int, onnx_entry: dict, precision: str) -
     return file_entry(ctx.out_dir, rel, record=record, seconds=time.perf_counter() - start), True
 
 
-def _write_embeddings(ctx: _BuildContext) -> dict:
+def _write_embeddings(ctx: BuildContext) -> dict:
     """``engines/embeddings-<hash>.npz``: each step's time embedding and the labels' (content-named, written once)."""
     buf = io.BytesIO()
     np.savez(buf, **step_embeddings(ctx.model, ctx.coeffs.timesteps))
@@ -134,7 +134,7 @@ def _write_embeddings(ctx: _BuildContext) -> dict:
     return {"file": rel, "sha256": sha256_file(path)}
 
 
-def _bf16_gate(ctx: _BuildContext, steps: list, blob, emb_entry: dict) -> dict:
+def _bf16_gate(ctx: BuildContext, steps: list, blob, emb_entry: dict) -> dict:
     """Which steps keep their bf16 subnetwork: the FID gate, reused from the last build when nothing it saw changed."""
     from autodiffusion_rt.metrics import get_extractor
 
@@ -164,7 +164,7 @@ def _bf16_gate(ctx: _BuildContext, steps: list, blob, emb_entry: dict) -> dict:
     return report
 
 
-def _runtime(ctx: _BuildContext, steps: list, blob, emb_entry: dict, mask):
+def _runtime(ctx: BuildContext, steps: list, blob, emb_entry: dict, mask):
     """A Runtime over the dir's blobs with step i in bf16 where ``mask[i]``, for the gate."""
     from autodiffusion_rt.runtime import Runtime
     from autodiffusion_rt.runtime.runtime import ModelInfo

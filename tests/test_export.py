@@ -332,8 +332,9 @@ def test_a_failed_fresh_build_leaves_nothing_behind(uncond, tmp_path, monkeypatc
 def test_build_rejects_bad_arguments(uncond, tmp_path):
     plan = plan_for(uncond)
     for kw, match in [
-        (dict(backend="openvino"), "onnxruntime, tensorrt"),
+        (dict(backend="onnx"), "onnxruntime, openvino, tensorrt"),
         (dict(precision="int4"), "precision='int4'"),
+        (dict(precision="bf16"), "bf16.*not built for onnxruntime"),
         (dict(precision="int8"), "mnist.*extractor reads 1x28x28"),  # the FID check's extractor, checked before any work
         (dict(max_batch=0), "max_batch"),
         (dict(max_batch=4, opt_batch=8), "opt_batch"),
@@ -341,7 +342,7 @@ def test_build_rejects_bad_arguments(uncond, tmp_path):
         (dict(label_mode="lookup"), "label_mode"),
     ]:
         with pytest.raises(Error, match=match):
-            build_engines(plan, tmp_path / "e", model=uncond, progress=False, backend="onnxruntime", **kw)
+            build_engines(plan, tmp_path / "e", model=uncond, progress=False, **{"backend": "onnxruntime", **kw})
     assert not (tmp_path / "e").exists()
     other = core_engine_model(7)
     with pytest.raises(Error, match="weights"):

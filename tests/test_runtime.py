@@ -166,10 +166,12 @@ def test_other_backends_on_an_engine_dir(engine_dirs):
         a = rt.sample(2, seed=1)
     images, labels = sample_from_engines(d, 2, seed=1)
     assert (images - a).abs().max() <= 1e-3 and labels.shape == (2,)
-    with pytest.raises(EngineError, match="not TensorRT"):
+    with pytest.raises(EngineError, match="holds onnxruntime engines, not tensorrt ones"):
         Runtime.load(d, backend="tensorrt")
-    with pytest.raises(EngineError, match="unknown backend"):
+    with pytest.raises(EngineError, match="holds onnxruntime engines, not openvino ones"):
         Runtime.load(d, backend="openvino")
+    with pytest.raises(EngineError, match="unknown backend"):
+        Runtime.load(d, backend="onnx")
     with pytest.raises(EngineError, match="build an engine dir first"):
         Runtime.from_plan(plan, backend="onnxruntime", model=model)
     with pytest.raises(BackendUnavailableError, match="onnxruntime-gpu"):

@@ -674,4 +674,4 @@ def test_weight_stripped_engines_are_refitted_from_their_onnx_against_stand_in_m
     with pytest.raises(EngineError, match=r"step 1 ONNX file .* corrupted"):
         Runtime.load(engine_dir)
     with pytest.raises(EngineError, match="strip_weights is for TensorRT engines"):
-        build_engines(plan, tmp_path / "ort", model=model, progress=False, strip_weights=True)
+        build_engines(plan, tmp_path / "ort", model=model, progress=False, backend="onnxruntime", strip_weights=True)

@@ -68,7 +68,7 @@ class DiffusionModel:
             if isinstance(t, int):
                 alpha_bar = float(acp[t])
             else:
-                alpha_bar = torch.as_tensor(acp, dtype=torch.float64, device=x.device)[t.long()].view(-1, 1, 1, 1)
+                alpha_bar = torch.tensor(acp, dtype=torch.float64, device=x.device)[t.long()].view(-1, 1, 1, 1)  # a copy: acp is read-only
         return eps_from_output(out, x, self.learn_sigma, self.prediction_type, alpha_bar, variance)
 
 

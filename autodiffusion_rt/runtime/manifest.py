@@ -49,7 +49,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import torch
 
 from ..diffusion import SamplerCoefficients, StepCoefficients
 from ..diffusion.step_io import TensorSpec, step_io

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..diffusion import SampleNoise, SamplerCoefficients
-from ..diffusion.step_io import NOISE, X, X0, X_PREV, Y, TensorSpec, step_io
+from ..diffusion.step_io import NOISE, X, X0, X_PREV, Y, step_io
 from ..errors import EngineError
 from ..models.loading import load_model_for_plan
 from ..plan import Plan

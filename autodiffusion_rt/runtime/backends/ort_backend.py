@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ...diffusion.step_io import TensorSpec
 from ...errors import BackendUnavailableError, EngineError
 from ..platform import cpu_isa
 from .base import Engine, LoadedEngines, fill_output, step_specs
@@ -299,7 +300,7 @@ class OnnxRuntimeEngine(Engine):
         self._initializers = {}
 
 
-def load_engines(m, *, providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
+def load_engines(m, plan=None, coeffs=None, *, providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
                  check_versions: bool = True, share_weights: bool = True, spinning: bool = True,
                  device_resident: Optional[bool] = None, **_) -> LoadedEngines:
     """The step engines of an onnxruntime (or, on a GPU provider, a tensorrt) engine dir's manifest ``m``."""

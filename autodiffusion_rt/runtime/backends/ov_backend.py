@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ...diffusion.step_io import EMB, X, Y
+from ...diffusion.step_io import X, Y
 from ...errors import BackendUnavailableError, EngineError
 from ...models.model import eps_from_output
 from ...utils import sha256_file

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ...diffusion.step_io import TensorSpec
 from ...errors import BackendUnavailableError, EngineError
 from ..platform import cuda_check, cuda_compute_capability, import_cudart
 from .base import Engine, LoadedEngines, step_specs
@@ -266,7 +267,7 @@ class TensorRTEngine(Engine):
         self.engine = None
 
 
-def load_engines(m, *, check_versions: bool = True, cuda_graph: "bool | str" = False,
+def load_engines(m, plan=None, coeffs=None, *, check_versions: bool = True, cuda_graph: "bool | str" = False,
                  device_resident: Optional[bool] = None, **_) -> LoadedEngines:
     """The step engines of a tensorrt engine dir's manifest ``m`` on this machine's GPU."""
     from ..device import CudaRuntimeMemory, DeviceResidentWalk
