@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_schedule_args(p)
     p.add_argument("--plan", default=None, help="a plan.json: sample with its timesteps and skipped layers (torch)")
     p.add_argument("--engines", default=None, help="an engine dir from 'autodiffusion-rt build'")
-    p.add_argument("--backend", default=None, help="backend for --engines: auto, onnxruntime, tensorrt or torch (default: auto)")
+    p.add_argument("--backend", default=None, help="backend for --engines: auto (what the dir was built for), onnxruntime, openvino, tensorrt or torch (default: auto)")
     p.add_argument("--n", type=int, default=64, help=f"number of samples (default: %(default)s; at most {MAX_SAMPLES:,}, "
                    f"and at most {MAX_GRID} in a .png grid; an .npz is written in chunks of {STREAM_CHUNK})")
     p.add_argument("--seed", type=int, default=0, help="an integer in [0, 2^63) (default: %(default)s)")
