@@ -202,10 +202,8 @@ def build_engines(
 ) -> BuildReport:
     """Build (or update) the engine dir ``out_dir`` for ``plan`` (a Plan or a plan.json path); see the module docstring.
 
-    ``backend="auto"``: :func:`default_backend`; ``precision="auto"``:
-    :func:`default_precision` (bf16 for OpenVINO on a CPU with native bf16).
-    ``model``: the plan's DiffusionModel (loaded from the plan's spec when
-    None). ``force``: export and compile every step again. One build at a
+    ``backend``/``precision`` ``"auto"``: :func:`default_backend`, :func:`default_precision`.
+    ``model``: the plan's DiffusionModel (loaded from the plan's spec when None). ``force``: export and compile every step again. One build at a
     time per dir (an fcntl lock on ``DIR/.build.lock``): another build of the
     same dir waits when ``wait_lock``, else this is an EngineError. A dir that
     is already up to date is left untouched (it may be read-only).
@@ -257,8 +255,14 @@ def build_engines(
         get_extractor(fid_extractor).check_shape(tuple(ctx.model.image_shape))
     ctx.coeffs = plan.coefficients(ctx.model.schedule)
     ctx.keeps = plan.keep_sets(ctx.model)
+    return _build_in_dir(ctx, wait_lock)
+
+
+def _build_in_dir(ctx: BuildContext, wait_lock: bool) -> BuildReport:
+    """Create the dir (and its parents) if needed, build under its lock; a failed first build leaves nothing behind."""
+    out_dir = ctx.out_dir
     made = []
-    if writable:
+    if ctx.writable:
         made = [d for d in [out_dir, *out_dir.parents] if not d.exists()][::-1]
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -277,7 +281,7 @@ def build_engines(
         except OSError as e:
             raise EngineError(path_error(e, out_dir, "free some space or pass --out with a writable directory")) from None
     except BaseException:
-        # A failed first build leaves nothing behind: the dir it created holds only its own files.
+        # the dirs this build created hold only its own files
         if out_dir in made:
             shutil.rmtree(out_dir, ignore_errors=True)
         for d in reversed(made):
