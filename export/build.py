@@ -1,4 +1,4 @@
-"""Plan -> engine dir: one verified ONNX file and one engine per step, and ``manifest.json``.
+"""Plan -> engine dir: verified ONNX files, their engines, and ``manifest.json``.
 
 :func:`build_engines` is what ``autodiffusion-rt build`` runs. For each step it
 reuses what the previous build left when the cache rules allow
@@ -10,7 +10,10 @@ the engine:
   across its CPU, CUDA and TensorRT providers), checked and verified against
   the exported graph;
 * ``tensorrt``: a serialized TensorRT engine per step (:mod:`export.tensorrt_build`),
-  a shared timing cache in the dir.
+  a shared timing cache in the dir;
+* ``openvino``: one ONNX graph and one compiled blob per distinct subnetwork
+  (the steps that skip the same layers share it), bf16 behind a FID gate
+  (:mod:`export.openvino_build`).
 
 Every file is written atomically under a content-derived name, the manifest
 last (atomically), and only then are files the new manifest no longer names
@@ -20,7 +23,8 @@ unfinished, never a half-valid one. Layout::
 
     DIR/manifest.json
     DIR/onnx/stepNN-<key>.onnx        verified export of step NN
-    DIR/engines/stepNN-<key>.onnx     onnxruntime engine  (or .plan for TensorRT)
+    DIR/engines/stepNN-<key>.onnx     onnxruntime engine  (.plan for TensorRT; .blob for OpenVINO, named
+                                      after the first step of its subnetwork, with embeddings-<hash>.npz)
     DIR/timing.cache                  TensorRT timing cache (tensorrt backend)
     DIR/build-progress.json           the steps a running (or killed) build finished; gone once its manifest is
                                       written (the next build reuses them: a kill -9 loses no finished step)

@@ -1,7 +1,7 @@
-"""Step i of a plan as a static module: the kept layers, folded timestep, fused sampler update.
+"""Step i of a plan as a static module (kept layers, folded timestep, fused update), or a subnetwork shared by steps.
 
-:class:`StepModule` maps ``x [, y] [, noise] [, prev_x0] [, prev_eps1..3] -> x_prev [, x0] [, eps]``
-(names and presence from :func:`autodiffusion_rt.diffusion.step_io.step_io`):
+:class:`StepModule` maps the step's inputs to its outputs as
+:mod:`autodiffusion_rt.diffusion.step_io` names them (the one statement of that contract):
 
 * the layers the plan skips at this step are not called, so tracing leaves them
   out of the graph (their weights are not exported);
