@@ -123,15 +123,28 @@ def test_labels_drawn_from_the_seed_match_and_are_validated(engine_dirs):
         rt.sample(2, labels=[0, 1])
 
 
-def test_steady_state_reuses_buffers_and_engines_write_in_place(engine_dirs):
+def test_steady_state_allocates_only_the_result_and_engines_write_in_place(engine_dirs):
+    """After the first request of a batch size, a request allocates its result and nothing else (tracemalloc sees
+    numpy's allocations): the buffers and bindings of every step are kept. What breaks it: buffers made per request."""
+    import tracemalloc
+
     _, _, d = engine_dirs[("uncond", "dpmpp_2m", 0.0)]
     with Runtime.load(d, threads=1) as rt:
-        first = rt.sample(3, seed=0)
-        ws = rt._workspace(3)
-        ids_before = [id(a) for a in (*ws["x"], *ws["x0"])]
-        second = rt.sample(3, seed=0)
-        ws = rt._workspace(3)
-        assert [id(a) for a in (*ws["x"], *ws["x0"])] == ids_before
+        tracemalloc.start()
+        try:
+            peaks = []
+            for _ in range(4):
+                tracemalloc.reset_peak()
+                before = tracemalloc.get_traced_memory()[0]
+                images = rt.sample(4, seed=0)
+                peaks.append(tracemalloc.get_traced_memory()[1] - before)
+                del images
+        finally:
+            tracemalloc.stop()
+        result_bytes = 4 * 1 * 8 * 8 * 4
+        assert peaks[0] > 4 * result_bytes  # the first request made the x, x0 and result buffers
+        assert all(p <= result_bytes + 4096 for p in peaks[1:]), peaks  # the x and x0 buffers alone are 4 x 1 KiB
+        first, second = rt.sample(3, seed=0), rt.sample(3, seed=0)
         assert torch.equal(first, second)  # and the returned images do not alias the buffers
         eng = rt.engines[0]
         x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
