@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CONFIGS = (("onnxruntime", "folded", "fp32"), ("onnxruntime", "shared", "fp32"), ("openvino", "folded", "fp32"),
-           ("openvino", "shared", "fp32"), ("openvino", "folded", "bf16"), ("openvino", "shared", "bf16"))
+           ("openvino", "shared", "fp32"), ("openvino", "folded", "bf16"), ("openvino", "shared", "bf16"),
+           ("openvino", "shared-static", "bf16"))
 
 
 def _worker(spec: dict) -> dict:
@@ -39,7 +40,7 @@ def _worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     backend, layout, precision = spec["config"]
     i = spec["step"]
-    if layout == "shared":  # the OpenVINO dir's step engine: shared subnetwork + float32 update
+    if layout.startswith("shared"):  # the OpenVINO dir's step engine: shared subnetwork + float32 update
         d = spec["dirs"][f"openvino-{precision}"]
         if backend == "openvino":
             engine = Runtime.load(d, threads=spec["threads"]).engines[i]
@@ -53,6 +54,8 @@ def _worker(spec: dict) -> dict:
             engine = _ov_folded(d, i, precision, spec["threads"])
     rows = []
     for b in spec["batch_sizes"]:
+        if layout == "shared-static":  # the same subnetwork compiled for this batch size only
+            engine.subnet = _static_subnet(spec["dirs"][f"openvino-{precision}"], i, precision, b, spec["threads"])
         rng = np.random.default_rng(0)
         feeds = {s.name: (rng.integers(0, 10, s.concrete(b)) if s.dtype == "int64" else
                           rng.standard_normal(s.concrete(b)).astype(np.float32)) for s in engine.inputs}
@@ -65,6 +68,19 @@ def _worker(spec: dict) -> dict:
             times.append((time.perf_counter() - t) * 1e3)
         rows.append({"batch": b, "ms": round(statistics.median(times), 3)})
     return {"rows": rows}
+
+
+def _static_subnet(d, i: int, precision: str, batch: int, threads: int):
+    """The OpenVINO dir's step-i subnetwork with static shapes for ``batch`` (one compile per batch size)."""
+    import openvino as ov
+
+    from autodiffusion_rt.runtime.backends.ov_backend import CompiledSubnet, ov_config
+
+    path = Path(d) / json.loads((Path(d) / "manifest.json").read_text())["steps"][i]["onnx"]["file"]
+    core = ov.Core()
+    model = core.read_model(str(path))
+    model.reshape({p.get_any_name(): [batch, *list(p.get_partial_shape())[1:]] for p in model.inputs})
+    return CompiledSubnet(core.compile_model(model, "CPU", ov_config(precision, threads)), precision)
 
 
 def _ort_shared(d, i: int, threads: int):
