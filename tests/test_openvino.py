@@ -185,3 +185,18 @@ def test_bf16_without_reference_images_is_built_unchecked_and_says_so(models, tm
                           precision="bf16", max_batch=2, progress=True).manifest
     assert m["bf16"]["checked"] is False and "cannot judge" in m["bf16"]["reason"]
     assert "bf16 was not quality-checked" in capsys.readouterr().out
+
+
+def test_precision_follows_the_cpu(monkeypatch):
+    """bf16 by default only where the CPU multiplies bf16 in hardware; asked for elsewhere, a warning names the cost."""
+    from autodiffusion_rt.runtime.backends import ov_backend
+    from export.build import default_precision
+
+    monkeypatch.setattr(ov_backend, "has_native_bf16", lambda: False)
+    assert default_precision("openvino") == "fp32" and default_precision("onnxruntime") == "fp32"
+    with pytest.warns(UserWarning, match="no native bf16.*slower than fp32.*--precision fp32"):
+        ov_backend.check_precision("bf16")
+    monkeypatch.setattr(ov_backend, "has_native_bf16", lambda: True)
+    assert default_precision("openvino") == "bf16"
+    with pytest.raises(EngineError, match="precision='int8' is not an OpenVINO precision"):
+        ov_backend.check_precision("int8")
