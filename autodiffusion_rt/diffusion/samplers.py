@@ -213,9 +213,9 @@ def _alphas_cumprod(schedule) -> np.ndarray:
 
 def _ddim(a, a_prev, x0_from_x, x0_from_eps, eta):
     # x_prev = sqrt(a_prev)*x0 + sqrt(1 - a_prev - sigma^2)*eps + sigma*z
-    # (Song et al. 2021, eq. 12). x0 is NOT clipped to [-1, 1]: clipping would
-    # make the step nonlinear in (x, eps) and break the fixed-coefficient form
-    # the exported engines fold; the eps-parameterised update never needs it.
+    # (Song et al. 2021, eq. 12). x0 clipping (the default) is not in these
+    # coefficients: step_update clamps x0 and continues with the eps consistent
+    # with it, so the per-step constants stay fixed and the engines fold them.
     sigma = eta * np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
     # >= 0 in exact arithmetic for eta <= 1; clamp rounding noise.
     direction = np.sqrt(np.maximum(1 - a_prev - sigma**2, 0.0))
