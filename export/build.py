@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,7 +52,7 @@ from autodiffusion_rt.runtime.backends.ort_backend import import_onnxruntime, or
 from autodiffusion_rt.runtime.backends.trt_backend import import_tensorrt
 from autodiffusion_rt.runtime.manifest import MANIFEST_NAME, Manifest
 from autodiffusion_rt.runtime.platform import cpu_isa, cuda_compute_capability, library_versions
-from autodiffusion_rt.utils import LockBusy, file_lock, path_error
+from autodiffusion_rt.utils import locked_output_dir, path_error
 
 from .cache import PROGRESS_NAME, canonical_hash, engine_record, onnx_key, read_progress
 from .cache import remove_unreferenced, step_file, write_progress
@@ -264,34 +263,17 @@ def build_engines(
 
 def _build_in_dir(ctx: BuildContext, wait_lock: bool) -> BuildReport:
     """Create the dir (and its parents) if needed, build under its lock; a failed first build leaves nothing behind."""
-    out_dir = ctx.out_dir
-    made = []
-    if ctx.writable:
-        made = [d for d in [out_dir, *out_dir.parents] if not d.exists()][::-1]
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise EngineError(path_error(e, out_dir, "pass --out with a writable directory", "create")) from None
+    out_dir, lock = ctx.out_dir, ctx.out_dir / LOCK_NAME
+    busy = (f"another build is writing {out_dir} (it holds {lock}): wait for it, pass --wait-lock to wait "
+            "automatically, or build into another --out")
     try:
-        try:
-            with file_lock(out_dir / LOCK_NAME, wait=wait_lock, remove=True,
-                           on_wait=lambda: print(f"waiting for the other build of {out_dir} to finish", file=sys.stderr)):
-                return _build_locked(ctx)
-        except LockBusy:
-            raise EngineError(
-                f"another build is writing {out_dir} (it holds {out_dir / LOCK_NAME}): wait for it, pass --wait-lock to "
-                "wait automatically, or build into another --out"
-            ) from None
-        except OSError as e:
-            raise EngineError(path_error(e, out_dir, "free some space or pass --out with a writable directory")) from None
-    except BaseException:
-        # the dirs this build created hold only its own files
-        if out_dir in made:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        for d in reversed(made):
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        raise
+        with locked_output_dir(lock, [out_dir] if ctx.writable else [], error=EngineError, busy=busy,
+                               fix="pass --out with a writable directory", wait=wait_lock, discard=True,
+                               on_wait=lambda: print(f"waiting for the other build of {out_dir} to finish",
+                                                     file=sys.stderr)):
+            return _build_locked(ctx)
+    except OSError as e:
+        raise EngineError(path_error(e, out_dir, "free some space or pass --out with a writable directory")) from None
 
 
 def _backend_tools(settings: BuildSettings) -> dict:

@@ -527,9 +527,9 @@ def test_read_only_engine_dir_up_to_date_needs_no_write(work, tmp_path):
         with pytest.raises(OSError):
             (ro / "probe").write_text("x")  # the mount really is read-only
         r = run_batch([
-            ("adr", ["build", str(work / "plan.json"), "--out", str(ro), "--max-batch", "8", "--quiet"]),
+            ("adr", ["build", str(work / "plan.json"), "--out", str(ro), "--backend", "onnxruntime", "--max-batch", "8", "--quiet"]),
             ("adr", ["sample", "--engines", str(ro), "--n", "2", "--out", str(tmp_path / "s.npz"), "--quiet"]),
-            ("adr", ["build", str(work / "plan.json"), "--out", str(ro), "--max-batch", "4", "--quiet"]),
+            ("adr", ["build", str(work / "plan.json"), "--out", str(ro), "--backend", "onnxruntime", "--max-batch", "4", "--quiet"]),
         ], tmp_path)
     assert r[0]["code"] == 0 and "4 reused" in r[0]["stdout"], r[0]
     assert r[1]["code"] == 0, r[1]
@@ -566,7 +566,7 @@ def test_full_disk_is_one_line_and_leaves_no_partial_file(work, tmp_path):
         search = subprocess.Popen(_search_cmd(out), cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         r = run_batch([
             ("adr", ["sample", "--plan", str(work / "plan.json"), "--n", "2000", "--out", str(full / "x.npz"), "--quiet"]),
-            ("adr", ["build", str(work / "plan.json"), "--out", str(full / "eng"), "--max-batch", "8", "--quiet"]),
+            ("adr", ["build", str(work / "plan.json"), "--out", str(full / "eng"), "--backend", "onnxruntime", "--max-batch", "8", "--quiet"]),
             ("adr", ["fid-stats", "mnist", "--out", str(full / "stats.npz"), "--quiet"]),
         ], tmp_path)
         after = snapshot(full)
@@ -599,7 +599,7 @@ def test_write_failing_midway_is_one_line_and_leaves_no_partial_file(work, tmp_p
     before = snapshot(d)
     r = run_batch([
         ("adr", ["sample", "--plan", str(work / "plan.json"), "--n", "2000", "--out", str(d / "x.npz"), "--quiet"]),
-        ("adr", ["build", str(work / "plan.json"), "--out", str(d / "eng"), "--max-batch", "8", "--quiet"]),
+        ("adr", ["build", str(work / "plan.json"), "--out", str(d / "eng"), "--backend", "onnxruntime", "--max-batch", "8", "--quiet"]),
         ("adr", ["fid-stats", "mnist", "--out", str(d / "stats.npz"), "--quiet"]),
     ], tmp_path, preexec_fn=_limit_file_size)
     for res, path in zip(r, ("x.npz", "eng", "stats.npz")):
@@ -609,7 +609,8 @@ def test_write_failing_midway_is_one_line_and_leaves_no_partial_file(work, tmp_p
 
 
 def _build_cmd(work: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "autodiffusion_rt.cli", "build", str(work / "plan.json"), "--out", str(out), "--max-batch", "8", "--quiet", *extra]
+    return [sys.executable, "-m", "autodiffusion_rt.cli", "build", str(work / "plan.json"), "--out", str(out), "--backend", "onnxruntime", "--max-batch", "8",
+            "--quiet", *extra]
 
 
 def test_concurrent_builds_are_serialised(work, tmp_path):
