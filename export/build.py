@@ -82,12 +82,17 @@ class BuildReport:
         return sum(1 for s in self.steps if s[what] == status)
 
     def summary(self) -> str:
-        n = len(self.steps)
+        n, m = len(self.steps), self.manifest
+        if m["backend"] == "openvino":  # the steps share their subnetworks' files: count those
+            done = {(s["subnet"], s["onnx"], s["engine"]) for s in self.steps}
+            files = f"{len({s['subnet'] for s in self.steps})} shared subnetworks"
+        else:
+            done, files = {(s["index"], s["onnx"], s["engine"]) for s in self.steps}, f"{n} step engines"
+        count = lambda k, what: sum(1 for d in done if d[k] == what)  # noqa: E731
         return (
-            f"{self.engine_dir}: {n} step engines ({self.manifest['backend']}, {self.manifest['precision']}, "
-            f"batch <= {self.manifest['batch']['max']}); ONNX {self.count('onnx', 'exported')} exported, "
-            f"{self.count('onnx', 'reused')} reused; engines {self.count('engine', 'built')} built, "
-            f"{self.count('engine', 'reused')} reused; {self.seconds:.1f} s"
+            f"{self.engine_dir}: {n} steps, {files} ({m['backend']}, {m['precision']}, batch <= {m['batch']['max']}); "
+            f"ONNX {count(1, 'exported')} exported, {count(1, 'reused')} reused; engines {count(2, 'built')} built, "
+            f"{count(2, 'reused')} reused; {self.seconds:.1f} s"
         )
 
 
