@@ -36,12 +36,21 @@ __all__ = ["build_openvino_steps", "subnet_key"]
 
 def subnet_key(model, keep: Optional[frozenset], opset: int, versions: dict) -> str:
     """The content key of a shared subnetwork's ONNX graph: the weights, the architecture, the kept layers, the exporter."""
-    return canonical_hash({
-        "kind": "subnet", "revision": EXPORTER_REVISION, "fingerprint": model.fingerprint, "config": model.config,
-        "image_shape": list(model.image_shape), "num_classes": model.num_classes, "learn_sigma": bool(model.learn_sigma),
-        "keep": None if keep is None else sorted(keep), "opset": int(opset),
-        "torch": versions.get("torch"), "onnx": versions.get("onnx"),
-    })
+    return canonical_hash(
+        {
+            "kind": "subnet",
+            "revision": EXPORTER_REVISION,
+            "fingerprint": model.fingerprint,
+            "config": model.config,
+            "image_shape": list(model.image_shape),
+            "num_classes": model.num_classes,
+            "learn_sigma": bool(model.learn_sigma),
+            "keep": None if keep is None else sorted(keep),
+            "opset": int(opset),
+            "torch": versions.get("torch"),
+            "onnx": versions.get("onnx"),
+        }
+    )
 
 
 def build_openvino_steps(ctx: BuildContext) -> tuple[list, list, dict]:
@@ -67,10 +76,20 @@ def build_openvino_steps(ctx: BuildContext) -> tuple[list, list, dict]:
     for i, keep in enumerate(ctx.keeps):
         k = subnet_of[keep]
         ins, outs = step_io(ctx.coeffs, i, model.image_shape, model.num_classes is not None)
-        steps.append({"index": i, "timestep": int(ctx.coeffs.timesteps[i]), "skip": list(ctx.plan.skip[i]),
-                      "coefficients": ctx.coeffs.row(i)._asdict(), "macs_per_sample": int(model.unet.macs(keep)),
-                      "label_mode": None, "inputs": [sp.to_dict() for sp in ins], "outputs": [sp.to_dict() for sp in outs],
-                      "subnet": k, "onnx": onnx_entries[k]})
+        steps.append(
+            {
+                "index": i,
+                "timestep": int(ctx.coeffs.timesteps[i]),
+                "skip": list(ctx.plan.skip[i]),
+                "coefficients": ctx.coeffs.row(i)._asdict(),
+                "macs_per_sample": int(model.unet.macs(keep)),
+                "label_mode": None,
+                "inputs": [sp.to_dict() for sp in ins],
+                "outputs": [sp.to_dict() for sp in outs],
+                "subnet": k,
+                "onnx": onnx_entries[k],
+            }
+        )
     blobs: dict = {}
 
     def blob(k: int, precision: str) -> dict:
@@ -85,9 +104,16 @@ def build_openvino_steps(ctx: BuildContext) -> tuple[list, list, dict]:
     for step, decision in zip(steps, gate["steps"] if gate else [None] * len(steps)):
         precision = "bf16" if decision is not None and decision["bf16"] else "fp32"
         step["engine"], step["precision"] = blob(step["subnet"], precision), precision
-    report = [{"index": i, "timestep": st["timestep"], "subnet": st["subnet"],
-               "onnx": statuses[st["subnet"]]["onnx"], "engine": statuses[st["subnet"]].get("engine", "reused")}
-              for i, st in enumerate(steps)]
+    report = [
+        {
+            "index": i,
+            "timestep": st["timestep"],
+            "subnet": st["subnet"],
+            "onnx": statuses[st["subnet"]]["onnx"],
+            "engine": statuses[st["subnet"]].get("engine", "reused"),
+        }
+        for i, st in enumerate(steps)
+    ]
     return steps, report, {"bf16": gate, "embeddings": emb_entry}
 
 
@@ -152,10 +178,18 @@ def _bf16_gate(ctx: BuildContext, steps: list, blob, emb_entry: dict) -> dict:
         if s.progress:
             print(msg)
         return {"checked": False, "reason": why, "steps": [{"bf16": True} for _ in steps]}
-    key = canonical_hash({"onnx": [st["onnx"]["sha256"] for st in steps], "embeddings": emb_entry["sha256"],
-                          "fp32": blob_record("", "fp32"), "samples": s.fid_samples, "max_fid_rise": s.max_fid_rise,
-                          "extractor": str(s.fid_extractor), "reference": str(s.fid_reference),
-                          "plan": ctx.plan.sha256()})
+    key = canonical_hash(
+        {
+            "onnx": [st["onnx"]["sha256"] for st in steps],
+            "embeddings": emb_entry["sha256"],
+            "fp32": blob_record("", "fp32"),
+            "samples": s.fid_samples,
+            "max_fid_rise": s.max_fid_rise,
+            "extractor": str(s.fid_extractor),
+            "reference": str(s.fid_reference),
+            "plan": ctx.plan.sha256(),
+        }
+    )
     old = (ctx.old or {}).get("bf16") if ctx.old is not None else None
     if isinstance(old, dict) and old.get("key") == key and old.get("checked") and not s.force:
         return old
@@ -178,8 +212,15 @@ def _runtime(ctx: BuildContext, steps: list, blob, emb_entry: dict, mask):
         subnets.append(ctx.gate_subnets[entry["file"]])
     with np.load(ctx.out_dir / emb_entry["file"], allow_pickle=False) as z:
         tables = {name: z[name] for name in z.files}
-    engines = subnet_engines(steps, subnets, tables, ctx.coeffs, max_batch=ctx.settings.batch["max"],
-                             learn_sigma=bool(model.learn_sigma), prediction_type=model.prediction_type,
-                             alphas_cumprod=model.schedule.alphas_cumprod)
+    engines = subnet_engines(
+        steps,
+        subnets,
+        tables,
+        ctx.coeffs,
+        max_batch=ctx.settings.batch["max"],
+        learn_sigma=bool(model.learn_sigma),
+        prediction_type=model.prediction_type,
+        alphas_cumprod=model.schedule.alphas_cumprod,
+    )
     info = ModelInfo(model.name, tuple(model.image_shape), model.num_classes)
     return Runtime(engines, ctx.plan, ctx.coeffs, info, "openvino", ctx.settings.batch["max"])

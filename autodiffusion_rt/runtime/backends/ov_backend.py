@@ -30,8 +30,19 @@ from ...utils import sha256_file
 from ..platform import cpu_isa, has_native_bf16
 from .base import Engine, LoadedEngines, step_specs, update_step
 
-__all__ = ["OV_PRECISIONS", "CompiledSubnet", "OpenVINOStepEngine", "blob_record", "check_precision", "compile_subnet",
-           "default_precision", "import_openvino", "import_subnet", "load_engines", "subnet_engines"]
+__all__ = [
+    "OV_PRECISIONS",
+    "CompiledSubnet",
+    "OpenVINOStepEngine",
+    "blob_record",
+    "check_precision",
+    "compile_subnet",
+    "default_precision",
+    "import_openvino",
+    "import_subnet",
+    "load_engines",
+    "subnet_engines",
+]
 
 #: The precisions an OpenVINO engine runs at, and OpenVINO's name for each.
 OV_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
@@ -41,8 +52,10 @@ def import_openvino():
     try:
         return importlib.import_module("openvino")
     except ImportError:
-        raise BackendUnavailableError("the openvino backend needs the openvino package: pip install openvino "
-                                      "(or build with --backend onnxruntime)") from None
+        raise BackendUnavailableError(
+            "the openvino backend needs the openvino package: pip install openvino "
+            "(or build with --backend onnxruntime)"
+        ) from None
 
 
 def default_precision() -> str:
@@ -55,8 +68,11 @@ def check_precision(precision: str) -> None:
     if precision not in OV_PRECISIONS:
         raise EngineError(f"precision={precision!r} is not an OpenVINO precision: choose {' or '.join(OV_PRECISIONS)}")
     if precision == "bf16" and not has_native_bf16():
-        warnings.warn(f"this CPU ({cpu_isa()}) has no native bf16 arithmetic (avx512_bf16 or amx_bf16): OpenVINO "
-                      "emulates it, usually slower than fp32; build with --precision fp32", stacklevel=3)
+        warnings.warn(
+            f"this CPU ({cpu_isa()}) has no native bf16 arithmetic (avx512_bf16 or amx_bf16): OpenVINO "
+            "emulates it, usually slower than fp32; build with --precision fp32",
+            stacklevel=3,
+        )
 
 
 def ov_config(precision: str, threads: Optional[int]) -> dict:
@@ -70,8 +86,13 @@ def ov_config(precision: str, threads: Optional[int]) -> dict:
 def blob_record(onnx_sha256: str, precision: str) -> dict:
     """What a compiled blob depends on besides its bytes: reused only when all of it matches this machine."""
     ov = import_openvino()
-    return {"backend": "openvino", "onnx_sha256": onnx_sha256, "precision": precision,
-            "openvino": str(ov.__version__), "isa": cpu_isa()}
+    return {
+        "backend": "openvino",
+        "onnx_sha256": onnx_sha256,
+        "precision": precision,
+        "openvino": str(ov.__version__),
+        "isa": cpu_isa(),
+    }
 
 
 def compile_subnet(onnx_path, precision: str, threads: Optional[int] = None):
@@ -80,8 +101,10 @@ def compile_subnet(onnx_path, precision: str, threads: Optional[int] = None):
     try:
         return ov.Core().compile_model(str(onnx_path), "CPU", ov_config(precision, threads))
     except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
-        raise EngineError(f"OpenVINO cannot compile {onnx_path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
-                          "build with --backend onnxruntime") from None
+        raise EngineError(
+            f"OpenVINO cannot compile {onnx_path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+            "build with --backend onnxruntime"
+        ) from None
 
 
 class CompiledSubnet:
@@ -103,8 +126,21 @@ class OpenVINOStepEngine(Engine):
 
     backend = "openvino"
 
-    def __init__(self, subnet: CompiledSubnet, row, time_emb: np.ndarray, label_emb: Optional[np.ndarray], inputs,
-                 outputs, max_batch: int, *, learn_sigma: bool, prediction_type: str, alpha_bar: Optional[float], name: str):
+    def __init__(
+        self,
+        subnet: CompiledSubnet,
+        row,
+        time_emb: np.ndarray,
+        label_emb: Optional[np.ndarray],
+        inputs,
+        outputs,
+        max_batch: int,
+        *,
+        learn_sigma: bool,
+        prediction_type: str,
+        alpha_bar: Optional[float],
+        name: str,
+    ):
         super().__init__(name, inputs, outputs, max_batch)
         self.subnet = subnet
         self.row = row
@@ -118,7 +154,9 @@ class OpenVINOStepEngine(Engine):
             return self.time_emb + self.label_emb[y]
         emb = self._emb.get(batch)
         if emb is None:
-            emb = self._emb[batch] = np.ascontiguousarray(np.broadcast_to(self.time_emb, (batch, self.time_emb.shape[1])))
+            emb = self._emb[batch] = np.ascontiguousarray(
+                np.broadcast_to(self.time_emb, (batch, self.time_emb.shape[1]))
+            )
             while len(self._emb) > 4:  # a server sees many batch sizes: keep the last few
                 self._emb.pop(next(iter(self._emb)))
         return emb
@@ -127,8 +165,14 @@ class OpenVINOStepEngine(Engine):
     def _run(self, feeds, out, batch):
         raw = self.subnet.infer(feeds[X], self.embedding(feeds.get(Y), batch))
         x = torch.from_numpy(feeds[X])
-        model_out = eps_from_output(torch.from_numpy(raw), x, self.learn_sigma, self.prediction_type, self.alpha_bar,
-                                    variance=self.row.learned_variance)
+        model_out = eps_from_output(
+            torch.from_numpy(raw),
+            x,
+            self.learn_sigma,
+            self.prediction_type,
+            self.alpha_bar,
+            variance=self.row.learned_variance,
+        )
         return update_step(self, self.row, x, model_out, feeds, out)
 
     def close(self) -> None:
@@ -154,29 +198,53 @@ def _load_subnet(m, i: int, precision: str, threads: Optional[int]) -> CompiledS
             return import_subnet(path, precision, threads)
         except Exception as e:
             why = f"not importable ({type(e).__name__})"
-    warnings.warn(f"{path} is {why}: compiling step {i}'s subnetwork from its ONNX file instead; "
-                  f"'autodiffusion-rt build PLAN --out {m.engine_dir}' caches it again", stacklevel=3)
+    warnings.warn(
+        f"{path} is {why}: compiling step {i}'s subnetwork from its ONNX file instead; "
+        f"'autodiffusion-rt build PLAN --out {m.engine_dir}' caches it again",
+        stacklevel=3,
+    )
     return CompiledSubnet(compile_subnet(m.step_file(i, "onnx"), precision, threads), precision)
 
 
 def import_subnet(path, precision: str, threads: Optional[int] = None) -> CompiledSubnet:
     """A compiled blob (already checked against its record and sha256) imported for this CPU."""
     ov = import_openvino()
-    return CompiledSubnet(ov.Core().import_model(Path(path).read_bytes(), "CPU", ov_config(precision, threads)), precision)
+    return CompiledSubnet(
+        ov.Core().import_model(Path(path).read_bytes(), "CPU", ov_config(precision, threads)), precision
+    )
 
 
-def subnet_engines(steps, subnets, tables: dict, coeffs, *, max_batch: int, learn_sigma: bool, prediction_type: str,
-                   alphas_cumprod=None) -> list[OpenVINOStepEngine]:
+def subnet_engines(
+    steps,
+    subnets,
+    tables: dict,
+    coeffs,
+    *,
+    max_batch: int,
+    learn_sigma: bool,
+    prediction_type: str,
+    alphas_cumprod=None,
+) -> list[OpenVINOStepEngine]:
     """One step engine per manifest step entry, step i running ``subnets[i]`` (shared between steps)."""
     engines = []
     for i, (step, subnet) in enumerate(zip(steps, subnets)):
         ins, outs = step_specs(step)
         t = int(step["timestep"])
-        engines.append(OpenVINOStepEngine(
-            subnet, coeffs.row(i), tables["time"][i], tables.get("label"), ins, outs, max_batch,
-            learn_sigma=learn_sigma, prediction_type=prediction_type,
-            alpha_bar=None if prediction_type == "epsilon" else float(alphas_cumprod[t]),
-            name=f"step {i} (t={t}, openvino {subnet.precision})"))
+        engines.append(
+            OpenVINOStepEngine(
+                subnet,
+                coeffs.row(i),
+                tables["time"][i],
+                tables.get("label"),
+                ins,
+                outs,
+                max_batch,
+                learn_sigma=learn_sigma,
+                prediction_type=prediction_type,
+                alpha_bar=None if prediction_type == "epsilon" else float(alphas_cumprod[t]),
+                name=f"step {i} (t={t}, openvino {subnet.precision})",
+            )
+        )
     return engines
 
 
@@ -202,8 +270,15 @@ def load_engines(m, plan, coeffs, *, threads: Optional[int] = None, **_) -> Load
         if key not in compiled:
             compiled[key] = _load_subnet(m, i, precision, threads)
         subnets.append(compiled[key])
-    engines = subnet_engines(steps, subnets, m.embeddings(), coeffs, max_batch=int(m["batch"]["max"]),
-                             learn_sigma=bool(m["model"].get("learn_sigma")), prediction_type=prediction_type,
-                             alphas_cumprod=acp)
+    engines = subnet_engines(
+        steps,
+        subnets,
+        m.embeddings(),
+        coeffs,
+        max_batch=int(m["batch"]["max"]),
+        learn_sigma=bool(m["model"].get("learn_sigma")),
+        prediction_type=prediction_type,
+        alphas_cumprod=acp,
+    )
     kinds = sorted({p for _, p in compiled})
     return LoadedEngines(engines, f"openvino {ov.__version__} {'+'.join(kinds)}")

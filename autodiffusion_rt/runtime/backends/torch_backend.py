@@ -25,9 +25,18 @@ class TorchStepEngine(Engine):
 
     backend = "torch"
 
-    def __init__(self, model, row: StepCoefficients, timestep: int, keep: Optional[Iterable[str]],
-                 inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], name: str = "torch step",
-                 batch_size: int = 256, device=None):
+    def __init__(
+        self,
+        model,
+        row: StepCoefficients,
+        timestep: int,
+        keep: Optional[Iterable[str]],
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        name: str = "torch step",
+        batch_size: int = 256,
+        device=None,
+    ):
         from ...sampling import check_device
 
         super().__init__(name, inputs, outputs, max_batch=None)
