@@ -54,10 +54,18 @@ from autodiffusion_rt.runtime.manifest import MANIFEST_NAME, Manifest
 from autodiffusion_rt.runtime.platform import cpu_isa, cuda_compute_capability, library_versions
 from autodiffusion_rt.utils import locked_output_dir, path_error
 
-from .cache import PROGRESS_NAME, canonical_hash, engine_record, onnx_key, read_progress
-from .cache import remove_unreferenced, step_file, write_progress
+from .cache import (
+    PROGRESS_NAME,
+    canonical_hash,
+    engine_record,
+    onnx_key,
+    read_progress,
+    remove_unreferenced,
+    step_file,
+    write_progress,
+)
 from .context import BUILD_BACKENDS, PRECISIONS, BuildContext, BuildSettings, export_entry, fid_gate, file_entry
-from .onnx_export import DEFAULT_OPSET, FP32_COND_TOL, FP32_TOL, ort_session, temp_beside, import_onnx
+from .onnx_export import DEFAULT_OPSET, FP32_COND_TOL, FP32_TOL, import_onnx, ort_session, temp_beside
 from .subnet import StepModule, half_unet, resolve_label_mode
 
 __all__ = [
@@ -177,7 +185,8 @@ def _batch_profile(max_batch: int, opt_batch: Optional[int]) -> dict:
 
 
 def default_backend() -> str:
-    """The fastest engines for this machine: TensorRT on an NVIDIA GPU, OpenVINO on a CPU it compiles for, else onnxruntime."""
+    """The fastest engines for this machine: TensorRT on an NVIDIA GPU, OpenVINO on a CPU it compiles for,
+    else onnxruntime."""
     try:
         import_tensorrt()
         if cuda_compute_capability() is not None:
@@ -229,7 +238,8 @@ def build_engines(
     """Build (or update) the engine dir ``out_dir`` for ``plan`` (a Plan or a plan.json path); see the module docstring.
 
     ``backend``/``precision`` ``"auto"``: :func:`default_backend`, :func:`default_precision`.
-    ``model``: the plan's DiffusionModel (loaded from the plan's spec when None). ``force``: export and compile every step again. One build at a
+    ``model``: the plan's DiffusionModel (loaded from the plan's spec when None).
+    ``force``: export and compile every step again. One build at a
     time per dir (an fcntl lock on ``DIR/.build.lock``): another build of the
     same dir waits when ``wait_lock``, else this is an EngineError. A dir that
     is already up to date is left untouched (it may be read-only).
@@ -253,9 +263,8 @@ def build_engines(
         plan = Plan.load(plan)
     if not isinstance(plan, Plan):
         raise EngineError(f"expected a Plan, got {type(plan).__name__}: load it with Plan.load(path)")
-    Plan.from_dict(
-        plan.to_dict(), "plan"
-    )  # the manifest embeds the plan: it must load back (PlanError names the field)
+    # the manifest embeds the plan: it must load back (PlanError names the field)
+    Plan.from_dict(plan.to_dict(), "plan")
     if backend not in ("auto", *BUILD_BACKENDS):
         raise EngineError(f"backend={backend!r}: choose auto or one of {', '.join(BUILD_BACKENDS)}")
     backend = default_backend() if backend == "auto" else backend

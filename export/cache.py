@@ -170,9 +170,8 @@ def remove_unreferenced(engine_dir: Path, referenced: Iterable[str]) -> list[Pat
             continue
         for f in d.iterdir():
             rel = str(Path(sub) / f.name)
-            stale_tmp = f.name.startswith(".") and f.name.endswith(
-                (".tmp", ".qdq")
-            )  # .qdq: an int8 build's intermediate
+            # .qdq: an int8 build's intermediate
+            stale_tmp = f.name.startswith(".") and f.name.endswith((".tmp", ".qdq"))
             if f.is_file() and (stale_tmp or (_STEP_FILE.match(f.name) and rel not in keep)):
                 f.unlink()
                 removed.append(f)

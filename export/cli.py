@@ -1,4 +1,5 @@
-"""``autodiffusion-rt build PLAN [--backend auto|onnxruntime|openvino|tensorrt] [--precision auto|fp32|fp16|bf16|int8] --out DIR``."""
+"""``autodiffusion-rt build PLAN [--backend auto|onnxruntime|openvino|tensorrt]
+[--precision auto|fp32|fp16|bf16|int8] --out DIR``."""
 
 from __future__ import annotations
 
@@ -84,11 +85,10 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_build(args) -> int:
+    from autodiffusion_rt.errors import EngineError
     from autodiffusion_rt.plan import Plan
 
     from .build import build_engines
-
-    from autodiffusion_rt.errors import EngineError
 
     # Arguments first, before the plan's model is loaded.
     for name in ("max_batch", "opt_batch", "workspace_mb"):

@@ -31,8 +31,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from autodiffusion_rt.errors import BackendUnavailableError, EngineError
 from autodiffusion_rt.diffusion.step_io import BATCH, TensorSpec
+from autodiffusion_rt.errors import BackendUnavailableError, EngineError
 from autodiffusion_rt.runtime.backends.ort_backend import import_onnxruntime, ort_session_options
 from autodiffusion_rt.utils import sha256_file
 
@@ -111,7 +111,8 @@ def verify_onnx(
         sess = ort_session(path)
     except Exception as e:
         raise EngineError(
-            f"onnxruntime cannot load the exported {label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            f"onnxruntime cannot load the exported {label}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from None
     worst_abs = worst_scaled = 0.0
     for batch, inputs in example_inputs.items():
@@ -153,9 +154,8 @@ def _term_scales(module, inputs) -> tuple[float, ...]:
         + abs(row.c_noise) * mx(feeds.get("noise"))
         + sum(abs(c) * mx(feeds.get(f"prev_eps{k + 1}")) for k, c in enumerate(row.prev_eps_coefficients))
     )
-    eps_out = ae + (abs(row.x0_from_x) * ax + x0) / abs(
-        row.x0_from_eps
-    )  # the clip-consistent eps is re-derived from x and x0
+    # the clip-consistent eps is re-derived from x and x0
+    eps_out = ae + (abs(row.x0_from_x) * ax + x0) / abs(row.x0_from_eps)
     return tuple(x0 if n == "x0" else eps_out if n == "eps" else x_prev for n in module.output_names)
 
 

@@ -1,4 +1,5 @@
-"""OpenVINO engine dirs: one verified ONNX graph and one compiled blob per distinct subnetwork, and the steps' embeddings.
+"""OpenVINO engine dirs: one verified ONNX graph and one compiled blob per distinct subnetwork, and the steps'
+embeddings.
 
 The steps of a plan that skip the same layers run the same graph
 (:class:`export.subnet.SubnetModule`, ``x, emb -> out``), so the dir holds one
@@ -27,15 +28,16 @@ from autodiffusion_rt.errors import DataError, EngineError
 from autodiffusion_rt.runtime.backends.ov_backend import blob_record, compile_subnet, import_subnet, subnet_engines
 from autodiffusion_rt.utils import atomic_write, sha256_file
 
-from .context import BuildContext, export_entry, fid_gate, file_entry
 from .cache import EXPORTER_REVISION, canonical_hash, step_file
+from .context import BuildContext, export_entry, fid_gate, file_entry
 from .subnet import SubnetModule, step_embeddings
 
 __all__ = ["build_openvino_steps", "subnet_key"]
 
 
 def subnet_key(model, keep: Optional[frozenset], opset: int, versions: dict) -> str:
-    """The content key of a shared subnetwork's ONNX graph: the weights, the architecture, the kept layers, the exporter."""
+    """The content key of a shared subnetwork's ONNX graph: the weights, the architecture, the kept layers,
+    the exporter."""
     return canonical_hash(
         {
             "kind": "subnet",
@@ -129,7 +131,8 @@ def _subnet_onnx(ctx: BuildContext, i: int, k: int, keep) -> tuple[dict, dict]:
 
 
 def _subnet_blob(ctx: BuildContext, i: int, onnx_entry: dict, precision: str) -> tuple[dict, bool]:
-    """The compiled blob of a subnetwork at ``precision`` (compiled now, or reused by its record); whether it was built."""
+    """The compiled blob of a subnetwork at ``precision`` (compiled now, or reused by its record);
+    whether it was built."""
     record = blob_record(onnx_entry["sha256"], precision)
     digest = canonical_hash(record)
     entry = ctx.reuse("engine", digest, f"compiling step {i}'s subnetwork again")

@@ -39,7 +39,6 @@ import torch
 from torch import nn
 
 from autodiffusion_rt.diffusion import SamplerCoefficients, step_from_output
-from autodiffusion_rt.errors import EngineError
 from autodiffusion_rt.diffusion.step_io import (
     BATCH,
     EMB,
@@ -48,13 +47,14 @@ from autodiffusion_rt.diffusion.step_io import (
     OUT,
     PREV_EPS,
     PREV_X0,
-    X,
     X0,
     X_PREV,
-    Y,
     TensorSpec,
+    X,
+    Y,
     step_io,
 )
+from autodiffusion_rt.errors import EngineError
 
 __all__ = [
     "LABEL_MODES",

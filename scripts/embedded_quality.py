@@ -33,9 +33,9 @@ import torch
 
 import autodiffusion_rt as ad
 from autodiffusion_rt.diffusion import uniform_timesteps
-from autodiffusion_rt.utils import atomic_write
 from autodiffusion_rt.metrics import compute_stats, frechet_distance, get_extractor, reference_stats
 from autodiffusion_rt.metrics.mnist_classifier import accuracy, gray_border_fraction, load_classifier
+from autodiffusion_rt.utils import atomic_write
 
 CHECKS = {"ddim50": ("ddim", 50), "ddim10": ("ddim", 10), "ddpm1000": ("ddpm", 1000)}
 

@@ -6,9 +6,10 @@
 Each row samples ``--n`` images once (seed ``--seed``, uniform linear timesteps)
 and scores them with every extractor against the statistics of all 5,000
 embedded MNIST digits (the Inception extractor only on ``--inception-rows``: it
-runs at a few images per second on a CPU). DDPM rows use ``--ddpm-n`` samples. The real-vs-real row is two disjoint halves of the
-digits (2,500 each), one scored against the other's statistics (with Inception
-only when ``real`` is among ``--inception-rows``: 5,000 more Inception passes).
+runs at a few images per second on a CPU). DDPM rows use ``--ddpm-n`` samples.
+The real-vs-real row is two disjoint halves of the digits (2,500 each), one
+scored against the other's statistics (with Inception only when ``real`` is
+among ``--inception-rows``: 5,000 more Inception passes).
 
 ``--cache-dir DIR`` keeps every chunk of samples (see ``embedded_quality.py``) and
 ``--json`` is rewritten after each row; a rerun with the same ``--json`` keeps the

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmark import _time  # noqa: E402  (the benchmark's one timing helper)
-
 import autodiffusion_rt as ad  # noqa: E402
+from benchmark import _time  # noqa: E402  (the benchmark's one timing helper)
 
 
 def main() -> None:
@@ -69,7 +68,8 @@ def main() -> None:
     print("\n| model | batch | forward ms (median) | ratio to first | MACs/sample |\n|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['batch']} | {r['ms']} | {r['ratio_to_first']:.2f}x | {r['macs_per_sample'] / 1e6:.1f} M |"
+            f"| {r['model']} | {r['batch']} | {r['ms']} | {r['ratio_to_first']:.2f}x "
+            f"| {r['macs_per_sample'] / 1e6:.1f} M |"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -1,16 +1,20 @@
-"""Resident memory of a loaded NFE-k runtime against a one-step runtime (the 1.5x target of the runtime issues).
+r"""Resident memory of a loaded NFE-k runtime against a one-step runtime (the 1.5x target of the runtime issues).
 
     python scripts/memory_ratio.py --nfe 10 --batch-sizes 1,64
-    python scripts/memory_ratio.py --model diffusers:work/cifar/model --backend openvino --precision bf16 --batch-sizes 1
-    python scripts/memory_ratio.py --model diffusers:work/cifar/model --backend openvino --plan work/cifar/plan-3skips.json
-    python scripts/memory_ratio.py --random-adm image_size=32,num_channels=128,num_res_blocks=2,channel_mult=1,2,2,2,attention_resolutions=16,8
+    python scripts/memory_ratio.py --model diffusers:work/cifar/model --backend openvino --precision bf16 \
+        --batch-sizes 1
+    python scripts/memory_ratio.py --model diffusers:work/cifar/model --backend openvino \
+        --plan work/cifar/plan-3skips.json
+    python scripts/memory_ratio.py --random-adm \
+        image_size=32,num_channels=128,num_res_blocks=2,channel_mult=1,2,2,2,attention_resolutions=16,8
 
 Builds uniform DDIM plans of ``--nfe`` steps (or takes ``--plan``) and of one
 step (t = 999) for the model, compiles both to engine dirs of ``--backend``
 (onnxruntime fp32 by default; openvino shares one compiled subnetwork between
 the steps that skip the same layers), and measures each loaded runtime's
 resident memory after sampling a batch, every configuration in a fresh process
-(``benchmark.resident_mb``); onnxruntime also with its steps' weights unshared. ``--random-adm FLAGS`` uses an ADM UNet of those guided-diffusion
+(``benchmark.resident_mb``); onnxruntime also with its steps' weights unshared.
+``--random-adm FLAGS`` uses an ADM UNet of those guided-diffusion
 flags with random weights instead (memory does not depend on the weights'
 values): how the ratio behaves once the weights outweigh onnxruntime's
 per-session graph state.
@@ -27,13 +31,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmark import resident_mb  # noqa: E402  (the benchmark's one memory probe)
-
 import autodiffusion_rt as ad  # noqa: E402
 from autodiffusion_rt.diffusion import uniform_timesteps  # noqa: E402
 from autodiffusion_rt.models import ADMUNet  # noqa: E402
 from autodiffusion_rt.models.loading import adm_config  # noqa: E402
 from autodiffusion_rt.plan import Plan  # noqa: E402
+from benchmark import resident_mb  # noqa: E402  (the benchmark's one memory probe)
 from export.build import build_engines  # noqa: E402
 
 
@@ -123,7 +126,8 @@ def main() -> None:
     print("| batch | NFE | weights shared | one step MB | NFE-k MB | ratio |\n|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['batch']} | {r['nfe']} | {r['share_weights']} | {r['one_step_mb']} | {r['resident_mb']} | {r['ratio']}x |"
+            f"| {r['batch']} | {r['nfe']} | {r['share_weights']} | {r['one_step_mb']} "
+            f"| {r['resident_mb']} | {r['ratio']}x |"
         )
     if args.json:
         with open(args.json, "w") as f:

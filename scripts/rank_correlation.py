@@ -135,7 +135,8 @@ def main(argv=None) -> int:
         "seconds": round(time.perf_counter() - t0, 1),
     }
     print(
-        f"{len(cands)} candidates, NFE {args.nfe}, {args.sampler}; Spearman rho with FID on {args.fresh_samples} fresh samples (seed {args.fresh_seed}):"
+        f"{len(cands)} candidates, NFE {args.nfe}, {args.sampler}; "
+        f"Spearman rho with FID on {args.fresh_samples} fresh samples (seed {args.fresh_seed}):"
     )
     for name, vals in scores.items():
         pairs = [(v, f) for v, f in zip(vals, truth) if v is not None and np.isfinite(v) and np.isfinite(f)]

@@ -149,7 +149,8 @@ def per_sample_rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def cost_matrix(model, teacher: Teacher, clip_denoised: bool = True) -> np.ndarray:
     """C[i, j], i < j <= G: mean per-sample RMS error of one DDIM step from the teacher's state at grid[i]
-    to grid[j] (j = G: clean data) against the teacher's state there (its final sample for j = G). inf below the diagonal."""
+    to grid[j] (j = G: clean data) against the teacher's state there (its final sample for j = G).
+    inf below the diagonal."""
     G = len(teacher.grid)
     C = np.full((G + 1, G + 1), np.inf)
     for i in range(G):
@@ -179,7 +180,8 @@ def best_paths(cost: np.ndarray, steps: int, k: int = 1) -> list[tuple[float, tu
         raise SearchError(f"cost matrix has shape {cost.shape}; expected a square matrix")
     if not 1 <= steps <= M - 1:
         raise SearchError(
-            f"{steps} steps cannot be laid on a grid of {M - 1} points: choose 1 <= NFE <= {M - 1} or a finer --grid-points"
+            f"{steps} steps cannot be laid on a grid of {M - 1} points: "
+            f"choose 1 <= NFE <= {M - 1} or a finer --grid-points"
         )
     # best[j]: the k best (cost, path-to-j) using the current number of edges
     best: list[list[tuple[float, tuple[int, ...]]]] = [[] for _ in range(M)]

@@ -24,7 +24,6 @@ from abc import ABC, abstractmethod
 from typing import Optional, Sequence
 
 from .errors import SearchError
-
 from .fitness import EvalCounters, FitnessEvaluator
 from .space import Candidate
 

@@ -1,4 +1,5 @@
-"""Fitness: the FID of N samples of a candidate, or their distance to a teacher's, computed as cheaply as it can be exactly.
+"""Fitness: the FID of N samples of a candidate, or their distance to a teacher's, computed as cheaply as it can
+be exactly.
 
 Objectives (``objective``): ``fid`` is the FID of the N samples against the
 reference statistics; ``trajectory`` is trajectory fidelity, the mean

@@ -65,7 +65,8 @@ def parse_nfe(text) -> list[int]:
 
 @dataclass
 class FrontPoint:
-    """One plan on a front: its candidate, MACs per image, held-out FID (and the search's fitness, the confirmation FID)."""
+    """One plan on a front: its candidate, MACs per image, held-out FID (and the search's fitness,
+    the confirmation FID)."""
 
     candidate: Candidate
     sampler: str
@@ -97,7 +98,8 @@ class FrontPoint:
 
 
 def dominated_levels(noskip: list, skip: list, fid_of) -> list[tuple]:
-    """The no-skip points a skipping plan beats: [(no-skip point, the best skipping point with <= its MACs and a lower FID)]."""
+    """The no-skip points a skipping plan beats:
+    [(no-skip point, the best skipping point with <= its MACs and a lower FID)]."""
     out = []
     for q in noskip:
         better = [p for p in skip if p.skips and p.macs <= q.macs and fid_of(p) is not None and fid_of(p) < fid_of(q)]
@@ -153,7 +155,8 @@ class ParetoReport:
         if self.confirm_seed is not None:
             c = len(self.levels("confirm"))
             lines.append(
-                f"On the confirmation samples ({self.confirm_samples}, seed {self.confirm_seed}, not used to choose): {c} level(s)"
+                f"On the confirmation samples ({self.confirm_samples}, seed {self.confirm_seed}, "
+                f"not used to choose): {c} level(s)"
                 + (
                     " (the held-out verdict holds)."
                     if (c >= LEVELS_WANTED) == (k >= LEVELS_WANTED)
@@ -163,7 +166,8 @@ class ParetoReport:
         return " ".join(lines)
 
     def evidence(self) -> str:
-        """First-order costs from the teacher of saving one full step's MACs: one step fewer, or the cheapest layer skips."""
+        """First-order costs from the teacher of saving one full step's MACs: one step fewer, or the cheapest
+        layer skips."""
         t = self.sensitivity
         if not t or not self.dp_costs:
             return ""
@@ -180,10 +184,12 @@ class ParetoReport:
         nfes = sorted(self.dp_costs)
         steps = "; ".join(f"{b} -> {a}: +{self.dp_costs[a] - self.dp_costs[b]:.4g}" for a, b in zip(nfes, nfes[1:]))
         out = [
-            f"Saving one full step's MACs ({self.full_step_macs / 1e6:.1f} MMACs), to first order (trajectory costs from the teacher):",
+            f"Saving one full step's MACs ({self.full_step_macs / 1e6:.1f} MMACs), "
+            "to first order (trajectory costs from the teacher):",
             f"* one step fewer: the cheapest DP schedule's trajectory cost at NFE n -> n-1: {steps or 'one NFE only'};",
             f"* skipping instead the {used} layer-steps the sensitivity table rates cheapest per MAC saved "
-            f"({saved / 1e6:.1f} MMACs; cheapest {pairs[0][3]} at t={pairs[0][4]}): the sum of their single-skip costs is {total:.4g}.",
+            f"({saved / 1e6:.1f} MMACs; cheapest {pairs[0][3]} at t={pairs[0][4]}): "
+            f"the sum of their single-skip costs is {total:.4g}.",
         ]
         return "\n".join(out) + "\n"
 
@@ -193,7 +199,8 @@ class ParetoReport:
             return ""
         head = ["layer", "MMACs"] + [f"t={ts}" for ts in t["timesteps"]]
         lines = [
-            f"Skip sensitivity: trajectory cost of one teacher step with one layer skipped ({t['num_samples']} samples; "
+            "Skip sensitivity: trajectory cost of one teacher step with one layer skipped "
+            f"({t['num_samples']} samples; "
             "the full step costs 0):",
             "",
             "| " + " | ".join(head) + " |",
@@ -207,8 +214,10 @@ class ParetoReport:
     def table(self) -> str:
         conf = self.confirm_seed is not None
         out = [
-            f"{self.model}, {self.sampler}, NFE {self.nfes[0]}-{self.nfes[-1]}: the (MACs per image, FID) fronts with and without "
-            f"layer skipping. Search: {self.objective} on {self.search_samples} samples of seed {self.search_seed}; FID: {self.extractor} "
+            f"{self.model}, {self.sampler}, NFE {self.nfes[0]}-{self.nfes[-1]}: "
+            "the (MACs per image, FID) fronts with and without "
+            f"layer skipping. Search: {self.objective} on {self.search_samples} samples of seed {self.search_seed}; "
+            f"FID: {self.extractor} "
             f"features against {self.reference}, held-out {self.holdout_samples} samples of seed {self.holdout_seed}"
             + (f", confirmation {self.confirm_samples} samples of seed {self.confirm_seed}" if conf else "")
             + ".",

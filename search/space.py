@@ -103,7 +103,8 @@ class SearchSpace:
     ):
         if not isinstance(nfe, int) or isinstance(nfe, bool) or not 1 <= nfe <= num_timesteps:
             raise SearchError(
-                f"NFE {nfe!r} is out of range: choose 1 <= NFE <= {num_timesteps} (the model's number of training timesteps)"
+                f"NFE {nfe!r} is out of range: choose 1 <= NFE <= {num_timesteps} "
+                "(the model's number of training timesteps)"
             )
         self.T = int(num_timesteps)
         self.nfe = nfe

@@ -12,8 +12,9 @@ scalar constants::
 previous step (the state DPM-Solver++(2M) carries; its coefficient is 0
 otherwise), ``eps_{i-k}`` the eps of earlier steps (the state iPNDM carries;
 with x0 clipping, the eps consistent with the clipped x0) and ``noise`` a
-standard normal draw (coefficient 0 on deterministic steps). The last step goes to clean data (alpha_bar = 1 "at t = -1"), so its
-x_prev is the final sample.
+standard normal draw (coefficient 0 on deterministic steps). The last step
+goes to clean data (alpha_bar = 1 "at t = -1"), so its x_prev is the final
+sample.
 
 This is the contract the ONNX export and Triton kernels depend on: the
 coefficients of a whole schedule are computed once, in float64, by
@@ -140,7 +141,8 @@ class SamplerCoefficients:
         hist = np.zeros((n, EPS_HISTORY)) if self.c_prev_eps is None else np.array(self.c_prev_eps, dtype=np.float64)
         if hist.shape != (n, EPS_HISTORY) or not np.all(np.isfinite(hist)):
             raise SamplingError(
-                f"{self.sampler} coefficients: c_prev_eps has shape {hist.shape}; expected ({n}, {EPS_HISTORY}) finite numbers"
+                f"{self.sampler} coefficients: c_prev_eps has shape {hist.shape}; "
+                f"expected ({n}, {EPS_HISTORY}) finite numbers"
             )
         hist.setflags(write=False)
         object.__setattr__(self, "c_prev_eps", hist)

@@ -33,8 +33,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ..diffusion.step_io import EPS, NOISE, PREV_EPS, PREV_X0, X0, X_PREV, X, Y
 from ..errors import EngineError
-from ..diffusion.step_io import EPS, NOISE, PREV_EPS, PREV_X0, X, X0, X_PREV, Y
 from .platform import cuda_check
 
 __all__ = [

@@ -49,7 +49,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-
 from ..diffusion import SamplerCoefficients, StepCoefficients
 from ..diffusion.step_io import TensorSpec, step_io
 from ..errors import EngineError, PlanError
@@ -181,7 +180,8 @@ class Manifest(Mapping):
     # ------------------------------------------------------------ reading
     @classmethod
     def previous(cls, engine_dir) -> Optional["Manifest"]:
-        """The manifest a previous build left, for reusing its files; None (with a warning when unreadable) if there is none."""
+        """The manifest a previous build left, for reusing its files; None (with a warning when unreadable)
+        if there is none."""
         path = Path(engine_dir) / MANIFEST_NAME
         if not path.exists():
             return None
@@ -204,7 +204,8 @@ class Manifest(Mapping):
         rebuild = f"rebuild with 'autodiffusion-rt build PLAN --out {engine_dir}'"
         if not engine_dir.is_dir():
             raise EngineError(
-                f"engine dir {engine_dir} does not exist: build it with 'autodiffusion-rt build PLAN --out {engine_dir}'"
+                f"engine dir {engine_dir} does not exist: "
+                f"build it with 'autodiffusion-rt build PLAN --out {engine_dir}'"
             )
         if not path.is_file():
             raise EngineError(
@@ -227,7 +228,8 @@ class Manifest(Mapping):
         if m.get("version") != MANIFEST_VERSION:
             bad(
                 "version",
-                f"must be {MANIFEST_VERSION} (this autodiffusion-rt reads version {MANIFEST_VERSION}), got {m.get('version')!r}",
+                f"must be {MANIFEST_VERSION} (this autodiffusion-rt reads version {MANIFEST_VERSION}), "
+                f"got {m.get('version')!r}",
             )
         if m.get("complete") is not True:
             bad("complete", "is not true: the build did not finish")
@@ -283,13 +285,15 @@ class Manifest(Mapping):
             )
         if expected is not None and expected.sha256() != plan.sha256():
             raise EngineError(
-                f"{path} was built from a different plan (timesteps {list(plan.timesteps)}, sampler {plan.sampler}) than the "
+                f"{path} was built from a different plan (timesteps {list(plan.timesteps)}, "
+                f"sampler {plan.sampler}) than the "
                 f"one given (timesteps {list(expected.timesteps)}, sampler {expected.sampler}); {rebuild}"
             )
         model = m["model"]
         if model.get("fingerprint") != plan.model_fingerprint:
             raise EngineError(
-                f"{path}: model fingerprint {str(model.get('fingerprint'))[:12]}... does not match the plan's; {rebuild}"
+                f"{path}: model fingerprint {str(model.get('fingerprint'))[:12]}... "
+                f"does not match the plan's; {rebuild}"
             )
         if len(m["steps"]) != plan.nfe:
             raise EngineError(
@@ -309,7 +313,8 @@ class Manifest(Mapping):
                 or sorted(step["skip"]) != sorted(plan.skip[i])
             ):
                 raise EngineError(
-                    f"{path}: step {i} (timestep {step.get('timestep')}, skip {step.get('skip')}) does not match the plan's "
+                    f"{path}: step {i} (timestep {step.get('timestep')}, skip {step.get('skip')}) "
+                    "does not match the plan's "
                     f"(timestep {plan.timesteps[i]}, skip {list(plan.skip[i])}); {rebuild}"
                 )
             _check_coefficients(step["coefficients"], coeffs.row(i), f"{path}: step {i}", rebuild)
@@ -337,13 +342,16 @@ class Manifest(Mapping):
         digest = sha256_file(path)
         if digest != entry["sha256"]:
             raise EngineError(
-                f"{what} file {path} is corrupted or truncated (sha256 {digest[:12]}... != recorded {entry['sha256'][:12]}...); "
-                f"rebuild with 'autodiffusion-rt build PLAN --out {self.engine_dir}' (it rebuilds only the damaged steps)"
+                f"{what} file {path} is corrupted or truncated "
+                f"(sha256 {digest[:12]}... != recorded {entry['sha256'][:12]}...); "
+                f"rebuild with 'autodiffusion-rt build PLAN --out {self.engine_dir}' "
+                "(it rebuilds only the damaged steps)"
             )
         return path
 
     def embeddings(self) -> dict:
-        """An openvino dir's ``time`` [steps, D] and ``label`` [K, D] embeddings, checked against their sha256 and the plan."""
+        """An openvino dir's ``time`` [steps, D] and ``label`` [K, D] embeddings, checked against their sha256
+        and the plan."""
         entry = self.data.get("embeddings") or {}
         rebuild = f"rebuild with 'autodiffusion-rt build PLAN --out {self.engine_dir}'"
         path = self.engine_dir / str(entry.get("file"))

@@ -29,14 +29,14 @@ import numpy as np
 import torch
 
 from ..diffusion import SampleNoise, SamplerCoefficients
-from ..diffusion.step_io import NOISE, X, X0, X_PREV, Y, step_io
+from ..diffusion.step_io import NOISE, X0, X_PREV, X, Y, step_io
 from ..errors import EngineError
 from ..models.loading import load_model_for_plan
 from ..plan import Plan
 from ..sampling import check_finite, check_labels, check_n, initial_state, sample_rows
 from .backends.base import Engine
-from .device import DeviceResidentWalk, plan_step_buffers, slot_spec
 from .backends.torch_backend import TorchStepEngine
+from .device import DeviceResidentWalk, plan_step_buffers, slot_spec
 from .manifest import Manifest
 
 __all__ = ["BACKENDS", "ModelInfo", "Runtime", "sample_from_engines"]
@@ -164,8 +164,9 @@ class Runtime:
         named explicitly (``onnxruntime``, ``openvino``, ``tensorrt``; a
         tensorrt dir also runs on ``onnxruntime``'s GPU providers), or
         ``torch`` (the dir's plan on the PyTorch model; needs the model's
-        weights). ``threads``: onnxruntime's or OpenVINO's threads per step. ``plan``: refuse the dir unless it was built from
-        this plan. ``providers``: onnxruntime execution providers (cpu, cuda,
+        weights). ``threads``: onnxruntime's or OpenVINO's threads per step.
+        ``plan``: refuse the dir unless it was built from this plan.
+        ``providers``: onnxruntime execution providers (cpu, cuda,
         tensorrt), best first; default: the best installed. Every engine file
         is checked against its recorded sha256 and, unless
         ``check_versions=False``, the libraries against the recorded versions.
@@ -190,11 +191,13 @@ class Runtime:
         chosen = m["backend"] if backend == "auto" else backend
         if cuda_graph not in (False, True, "step", "schedule"):
             raise EngineError(
-                f"cuda_graph={cuda_graph!r}: pass False, True (or 'step': a graph per step) or 'schedule' (one per batch size)"
+                f"cuda_graph={cuda_graph!r}: pass False, True (or 'step': a graph per step) "
+                "or 'schedule' (one per batch size)"
             )
         if cuda_graph == "schedule" and device_resident is False:
             raise EngineError(
-                "cuda_graph='schedule' replays a whole request on the device: drop device_resident=False, or use cuda_graph='step'"
+                "cuda_graph='schedule' replays a whole request on the device: "
+                "drop device_resident=False, or use cuda_graph='step'"
             )
         if chosen == "torch":
             rt = cls.from_plan(the_plan, "torch", model=model)
@@ -430,7 +433,10 @@ class Runtime:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Runtime({self.backend_name}, {self.num_steps} steps, timesteps={list(self.plan.timesteps)}, max_batch={self.max_batch})"
+        return (
+            f"Runtime({self.backend_name}, {self.num_steps} steps, "
+            f"timesteps={list(self.plan.timesteps)}, max_batch={self.max_batch})"
+        )
 
 
 def _backend_module(name: str):

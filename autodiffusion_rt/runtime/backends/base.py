@@ -58,7 +58,8 @@ class Engine(ABC):
             arr = feeds[spec.name]
             if not isinstance(arr, np.ndarray) or arr.ndim != len(spec.shape):
                 raise EngineError(
-                    f"{self.name}: input {spec.name!r} must be a {len(spec.shape)}-d numpy array {spec.shape}, got {describe_array(arr)}"
+                    f"{self.name}: input {spec.name!r} must be a {len(spec.shape)}-d numpy array {spec.shape}, "
+                    f"got {describe_array(arr)}"
                 )
             if batch is None:
                 batch = arr.shape[0]
@@ -82,7 +83,8 @@ class Engine(ABC):
                     raise EngineError(f"{self.name}: no output named {name!r}; outputs are {list(self.output_names)}")
                 if arr.shape != spec.concrete(batch) or arr.dtype != np.dtype(spec.dtype) or not arr.flags.c_contiguous:
                     raise EngineError(
-                        f"{self.name}: output buffer {name!r} is {describe_array(arr)}; expected {spec.dtype} {spec.concrete(batch)}"
+                        f"{self.name}: output buffer {name!r} is {describe_array(arr)}; "
+                        f"expected {spec.dtype} {spec.concrete(batch)}"
                     )
         return batch
 

@@ -7,7 +7,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ...diffusion import StepCoefficients
-from ...diffusion.step_io import X, Y, TensorSpec
+from ...diffusion.step_io import TensorSpec, X, Y
 from ...sampling import eps_in_chunks
 from .base import Engine, update_step
 

@@ -126,7 +126,8 @@ class TensorRTEngine(Engine):
         self.engine = runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
             raise EngineError(
-                f"{name}: TensorRT could not deserialize the engine (built by another TensorRT version or GPU?); rebuild it"
+                f"{name}: TensorRT could not deserialize the engine "
+                "(built by another TensorRT version or GPU?); rebuild it"
             )
         if refit_onnx is not None:  # a weight-stripped engine: its weights come from the step's ONNX file
             self._refit(refit_onnx, logger if logger is not None else trt.Logger(trt.Logger.WARNING))
@@ -172,7 +173,8 @@ class TensorRTEngine(Engine):
         missing = list(refitter.get_missing_weights())
         if missing:
             raise EngineError(
-                f"{self.name}: {onnx_path} lacks {len(missing)} of the engine's weights (first: {missing[0]!r}); {rebuild}"
+                f"{self.name}: {onnx_path} lacks {len(missing)} of the engine's weights "
+                f"(first: {missing[0]!r}); {rebuild}"
             )
         if not refitter.refit_cuda_engine():
             raise EngineError(f"{self.name}: TensorRT's refit_cuda_engine failed for {onnx_path}; {rebuild}")
