@@ -31,6 +31,8 @@ class ServeMetrics:
         self.batch_requests = Histogram("adrt_batch_requests", "requests merged into one engine batch, by plan", ["plan"],
                                         buckets=_BATCH_BUCKETS, registry=r)
         self.queue_images = Gauge("adrt_queue_images", "images waiting for an engine batch, by plan", ["plan"], registry=r)
+        self.running_images = Gauge("adrt_running_images", "images of the batch on the engines now, by plan", ["plan"],
+                                    registry=r)
         self.images = Counter("adrt_images", "images generated, by plan", ["plan"], registry=r)
         self.dropped = Counter("adrt_dropped_requests", "requests dropped before their batch ran, by plan and reason",
                                ["plan", "reason"], registry=r)
