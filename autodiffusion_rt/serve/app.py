@@ -85,7 +85,10 @@ def engine_specs(items) -> dict[str, Path]:
 class ServeState:
     """The served plans: manifests read at once, runtimes loaded and warmed by :meth:`load`."""
 
-    def __init__(self, engines: dict[str, Path], settings: ServeSettings, *, runtime_loader: Optional[Callable] = None):
+    def __init__(self, engines: dict[str, Path], settings: ServeSettings, *, runtime_loader: Optional[Callable] = None,
+                 replica: Optional[str] = None):
+        import os
+
         from ..runtime import Manifest
 
         self.settings = settings.check()
@@ -101,6 +104,8 @@ class ServeState:
         self.load_error: Optional[str] = None
         self._runtime_loader = runtime_loader
         self._closed = False
+        # which server answered (the X-Replica header): several replicas serve one URL under Ray Serve
+        self.replica = replica or f"{os.getpid()}@{os.uname().nodename}"
 
     def _load_runtime(self, d: Path):
         from ..runtime import Runtime
@@ -163,11 +168,12 @@ def _encode(images, labels, fmt: str) -> tuple[bytes, str]:
 
 
 class _Metered:
-    """ASGI middleware: count every HTTP response by route and status, and time it."""
+    """ASGI middleware: count every HTTP response by route and status, time it, and name the replica (X-Replica)."""
 
-    def __init__(self, app, metrics: ServeMetrics):
+    def __init__(self, app, metrics: ServeMetrics, replica: str):
         self.app = app
         self.metrics = metrics
+        self.replica_header = (b"x-replica", replica.encode())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -179,6 +185,7 @@ class _Metered:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), self.replica_header]}
             await send(message)
 
         try:
@@ -278,4 +285,4 @@ def create_app(state: ServeState, *, load_on_startup: bool = True, on_load_error
             headers["X-Labels"] = ",".join(str(int(v)) for v in labels)
         return Response(data, media_type=media_type, headers=headers)
 
-    return _Metered(app, state.metrics)
+    return _Metered(app, state.metrics, state.replica)
