@@ -41,6 +41,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help=f"onnxruntime, OpenVINO and torch threads (per replica with --ray); default: {d.threads}, or with --ray "
                    "the machine's cores divided by the (most) replicas, at least 1")
+    p.add_argument("--spinning", choices=("on", "off"), default="on" if d.spinning else "off",
+                   help="onnxruntime workers spin between ops while a batch runs (on), or sleep and leave the cores "
+                   "to the server's event loop (off); matters with --threads > 1 (default: %(default)s)")
     ray = p.add_argument_group("Ray Serve (the same API, served by replicas on a Ray cluster; needs the 'ray' extra)")
     ray.add_argument("--ray", action="store_true", help="serve as a Ray Serve application (--host/--port: Ray's HTTP proxy)")
     ray.add_argument("--ray-address", default=None, metavar="auto|ray://HOST:PORT",
@@ -83,7 +86,7 @@ def cmd_serve(args) -> int:
     torch.set_num_threads(threads)
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_images=args.queue_images,
                              deadline_s=args.deadline_s, limits=Limits(max_n=args.max_n, max_body_bytes=args.max_body_bytes),
-                             backend=args.backend, threads=threads)
+                             backend=args.backend, threads=threads, spinning=args.spinning == "on")
     engines = engine_specs(args.engines)
     state = ServeState(engines, settings)  # bad dirs and options fail here: one line, exit 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
