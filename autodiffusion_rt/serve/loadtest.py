@@ -177,6 +177,15 @@ async def _server_429s(client: _Client) -> dict:
     return out
 
 
+_CPU = re.compile(r"^process_cpu_seconds_total\s+(\S+)$", re.M)
+
+
+async def _server_cpu_s(client: _Client) -> Optional[float]:
+    """CPU seconds the serving processes have used (summed over replicas), from their process_cpu_seconds_total."""
+    values = [float(m) for text in (await client.metrics_by_replica()).values() for m in _CPU.findall(text)]
+    return sum(values) if values else None
+
+
 _METRIC = re.compile(r'^(adrt_batch_(?:images|requests)_(?:sum|count))\{plan="([^"]*)"\}\s+(\S+)$', re.M)
 
 
@@ -202,6 +211,7 @@ def _batch_means(before: dict, after: dict) -> dict:
 async def _closed_loop(client: _Client, concurrency: int, requests: int, body: dict, seed0: int) -> dict:
     await asyncio.gather(*[_one(client, {**body, "seed": seed0 + i}) for i in range(concurrency)])  # warm-up: not measured
     before = await _batch_totals(client, body.get("plan"))
+    cpu_before = await _server_cpu_s(client)
     counter = iter(range(requests))
     results: list[tuple[float, int]] = []
 
@@ -209,11 +219,18 @@ async def _closed_loop(client: _Client, concurrency: int, requests: int, body: d
         for i in counter:
             results.append(await _one(client, {**body, "seed": seed0 + concurrency + i}))
 
-    start = time.perf_counter()
+    start, client_cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*[worker() for _ in range(concurrency)])
-    wall = time.perf_counter() - start
+    wall, client_cpu = time.perf_counter() - start, time.process_time() - client_cpu
+    cpu_after = await _server_cpu_s(client)
     after = await _batch_totals(client, body.get("plan"))
-    return {"concurrency": concurrency, **_summary(results, wall, body["n"]), **_batch_means(before, after)}
+    row = {"concurrency": concurrency, **_summary(results, wall, body["n"]), **_batch_means(before, after)}
+    # CPU per image answered: the server processes' (engines, batcher, event loop, encoding) and this load generator's
+    images = sum(1 for _, status in results if status == 200) * body["n"]
+    row["server_cpu_ms_per_image"] = (round((cpu_after - cpu_before) * 1e3 / images, 3)
+                                      if images and cpu_before is not None and cpu_after is not None else None)
+    row["client_cpu_ms_per_image"] = round(client_cpu * 1e3 / images, 3) if images else None
+    return row
 
 
 async def _overload(client: _Client, rate: float, seconds: float, max_requests: int, body: dict, seed0: int) -> tuple[dict, float]:
@@ -310,7 +327,7 @@ async def _run(base: str, concurrency: Sequence[int], requests: int, n: int, fmt
 
 
 def engine_throughput(engine_dir, batches: Sequence[int], *, threads: Optional[int] = 1, n: int = 1,
-                      min_seconds: float = 1.0, backend: str = "auto") -> dict:
+                      min_seconds: float = 2.0, backend: str = "auto", spinning: bool = True) -> dict:
     """The engines' own throughput, in this process: ``Runtime.sample_requests`` called directly with ``b``
     requests of ``n`` images (what a perfect batcher would hand them), repeated for at least ``min_seconds``
     per batch size; and the latency of one ``Runtime.sample(n)`` (what a lone request cannot beat)."""
@@ -318,28 +335,30 @@ def engine_throughput(engine_dir, batches: Sequence[int], *, threads: Optional[i
 
     from ..runtime import Runtime
 
-    rt = Runtime.load(engine_dir, backend=backend, threads=threads)
+    rt = Runtime.load(engine_dir, backend=backend, threads=threads, spinning=spinning)
     try:
         rows = []
         seed = 0
         for b in batches:
             rt.sample_requests([(n, seed + i, None) for i in range(b)])  # warm-up: first runs allocate
-            times, start = [], time.perf_counter()
+            times, start, cpu = [], time.perf_counter(), time.process_time()
             while time.perf_counter() - start < min_seconds or len(times) < 3:
                 seed += b
                 t = time.perf_counter()
                 rt.sample_requests([(n, seed + i, None) for i in range(b)])
                 times.append(time.perf_counter() - t)
+            cpu = time.process_time() - cpu  # every thread of this process: the engines' own workers too
             ms = statistics.median(times) * 1e3
             rows.append({"batch": b, "requests": b, "runs": len(times), "ms": round(ms, 3),
-                         "images_per_s": round(b * n / (ms / 1e3), 2)})
+                         "images_per_s": round(b * n / (ms / 1e3), 2),
+                         "cpu_ms_per_image": round(cpu * 1e3 / (len(times) * b * n), 3)})
         single = []
         start = time.perf_counter()
         while time.perf_counter() - start < min_seconds or len(single) < 5:
             t = time.perf_counter()
             rt.sample(n, seed=len(single))
             single.append(time.perf_counter() - t)
-        return {"dir": str(engine_dir), "runtime": str(rt), "threads": threads, "batches": rows,
+        return {"dir": str(engine_dir), "runtime": str(rt), "threads": threads, "spinning": spinning, "batches": rows,
                 "sample_p50_ms": round(percentile(single, 50) * 1e3, 3), "sample_runs": len(single)}
     finally:
         rt.close()
@@ -347,7 +366,8 @@ def engine_throughput(engine_dir, batches: Sequence[int], *, threads: Optional[i
 
 def run(url: str, *, concurrency: Sequence[int] = (1, 2, 4, 8, 16, 32), requests: int = 96, n: int = 1, fmt: str = "png",
         plan: Optional[str] = None, overload_seconds: float = 5.0, overload_requests: int = 2000,
-        recovery_limit_s: float = 30.0, engines=None, engine_threads: Optional[int] = 1, progress=None) -> dict:
+        recovery_limit_s: float = 30.0, engines=None, engine_threads: Optional[int] = 1, engine_spinning: bool = True,
+        progress=None) -> dict:
     """The whole load test against ``url`` (a loopback service); a JSON-able report.
 
     ``engines``: the engine dir the service serves; its own throughput at batch sizes = the concurrency
@@ -357,7 +377,7 @@ def run(url: str, *, concurrency: Sequence[int] = (1, 2, 4, 8, 16, 32), requests
     say = progress or (lambda s: None)
     own = None
     if engines is not None:
-        own = engine_throughput(engines, list(concurrency), threads=engine_threads, n=int(n))
+        own = engine_throughput(engines, list(concurrency), threads=engine_threads, n=int(n), spinning=engine_spinning)
         for row in own["batches"]:
             say(f"engines alone, batch {row['batch']}: {row['images_per_s']} img/s ({row['ms']} ms per batch)")
         say(f"engines alone, one Runtime.sample({n}): p50 {own['sample_p50_ms']} ms")
@@ -381,18 +401,21 @@ def format_report(report: dict) -> str:
     lines = [f"service {report['url']}: n={report['settings']['n']} per request, format {report['settings']['format']}"]
     own = report.get("engines")
     if own:
-        lines += ["", f"engines alone ({own['runtime']}, {own['threads']} thread(s), in the load generator's process, "
+        lines += ["", f"engines alone ({own['runtime']}, {own['threads']} thread(s), spinning {own.get('spinning')}, "
+                      "in the load generator's process, "
                       f"Runtime.sample_requests with one request per image): one Runtime.sample p50 {own['sample_p50_ms']:.1f} ms",
-                  f"{'batch':>5} {'ms':>9} {'img/s':>8}"]
-        lines += [f"{r['batch']:>5} {r['ms']:>9.1f} {r['images_per_s']:>8.1f}" for r in own["batches"]]
+                  f"{'batch':>5} {'ms':>9} {'img/s':>8} {'CPU ms/img':>11}"]
+        lines += [f"{r['batch']:>5} {r['ms']:>9.1f} {r['images_per_s']:>8.1f} {r['cpu_ms_per_image']:>11.2f}"
+                  for r in own["batches"]]
     lines += ["", "closed loop",
               f"{'conc':>5} {'requests':>9} {'img/s':>8} {'/engines':>8} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} "
-              f"{'batch img':>10} {'batch req':>10}  errors"]
+              f"{'batch img':>10} {'batch req':>10} {'CPU ms/img server':>17} {'client':>7}  errors"]
     for r in report["closed_loop"]:
         f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         ratio = f"{r['over_engines']:.2f}x" if r.get("over_engines") else "-"
         lines.append(f"{r['concurrency']:>5} {r['requests']:>9} {f(r['images_per_s']):>8} {ratio:>8} {f(r['p50_ms']):>9} "
                      f"{f(r['p95_ms']):>9} {f(r['p99_ms']):>9} {f(r['mean_batch_images']):>10} {f(r['mean_batch_requests']):>10}"
+                     f" {f(r.get('server_cpu_ms_per_image')):>17} {f(r.get('client_cpu_ms_per_image')):>7}"
                      f"  {r['errors'] or 'none'}")
     o, rec = report["overload"], report["recovery"]
     lines += ["", f"open loop at {o['target_rate_per_s']} req/s (2x the sustainable {o['sustainable_rate_per_s']} req/s), "
@@ -452,6 +475,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="the engine dir the service serves: first measure its own throughput at batch sizes = the "
                     "concurrency levels (Runtime.sample_requests, in this process, the service idle) and compare")
     ap.add_argument("--engine-threads", type=int, default=1, help="threads of those engines (the server's --threads; default 1)")
+    ap.add_argument("--engine-spinning", choices=("on", "off"), default="on",
+                    help="onnxruntime's workers spin between ops (on: the engines' best on an idle machine; default on)")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON ('-' for stdout)")
     ap.add_argument("--plot", default=None, metavar="PNG", help="also plot latency and throughput against concurrency")
     ap.add_argument("--quiet", action="store_true")
@@ -467,7 +492,8 @@ def _load_test_command(args) -> None:
         raise LoadTestError(f"--requests={args.requests} and --n={args.n} must be positive")
     report = run(args.serve, concurrency=args.concurrency, requests=args.requests, n=args.n, fmt=args.format,
                  plan=args.plan, overload_seconds=args.overload_seconds, overload_requests=args.overload_requests,
-                 recovery_limit_s=args.recovery_limit, engines=args.engines, engine_threads=args.engine_threads, progress=say)
+                 recovery_limit_s=args.recovery_limit, engines=args.engines, engine_threads=args.engine_threads,
+                 engine_spinning=args.engine_spinning == "on", progress=say)
     if args.plot:
         plot(report, args.plot)
     print_report(report, format_report, args.json)
