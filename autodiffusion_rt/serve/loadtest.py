@@ -391,6 +391,11 @@ def run(url: str, *, concurrency: Sequence[int] = (1, 2, 4, 8, 16, 32), requests
             if b and row["images_per_s"]:
                 row["over_engines"] = round(row["images_per_s"] / b["images_per_s"], 3)
                 report["targets"][f"c{row['concurrency']}_over_engines_batch{row['concurrency']}"] = row["over_engines"]
+            if b and row.get("server_cpu_ms_per_image"):
+                # images per CPU-second, served against the engines alone: what the server costs beyond the
+                # engines, independent of how much CPU a shared machine gave each phase
+                row["cpu_efficiency_vs_engines"] = round(b["cpu_ms_per_image"] / row["server_cpu_ms_per_image"], 3)
+                report["targets"][f"c{row['concurrency']}_cpu_efficiency_vs_engines"] = row["cpu_efficiency_vs_engines"]
         c1 = next((r for r in report["closed_loop"] if r["concurrency"] == 1), None)
         if c1 and c1["p50_ms"]:
             report["targets"]["c1_p50_over_sample_p50"] = round(c1["p50_ms"] / own["sample_p50_ms"], 3)
