@@ -256,7 +256,9 @@ def run_ray(engines: dict, settings: ServeSettings, ray_settings: RaySettings, *
     if not ray.is_initialized():
         if ray_settings.address is None:
             os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
-        ray.init(address=ray_settings.address, logging_level=log_level.upper(),
+        # address=None would join a cluster someone started on this machine (`ray start`), whose processes
+        # have neither our environment nor our proxy middleware: "local" always starts our own
+        ray.init(address=ray_settings.address or "local", logging_level=log_level.upper(),
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": str(settings.threads or 1)}})
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
