@@ -40,7 +40,7 @@ def ray_url(engine_dirs):
     if ray.is_initialized():
         pytest.skip("Ray is already initialized in this process (another module's cluster)")
     os.environ[PROXY_CALLBACK_ENV] = PROXY_CALLBACK  # read by the proxy process Ray starts
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning",  # never a cluster already running
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
     try:
         ray_settings = RaySettings(replicas=2, port=_free_port())
