@@ -282,7 +282,8 @@ def test_a_lone_request_starts_at_once_and_max_wait_applies_only_behind_a_runnin
         assert metric(srv.url, "adrt_batch_requests_count", plan="cond") == 2
         blocker, _ = gate.hold(srv.url, "cond")
         answers = {}
-        b = threading.Thread(target=lambda: answers.setdefault("b", post(srv.url, {"n": 1, "seed": 1, "format": "npy"})))
+        b = threading.Thread(target=lambda: answers.setdefault("b", post(srv.url, {"n": 1, "seed": 1,
+                                                                                   "format": "npy"})))
         b.start()
         wait_until(lambda: metric(srv.url, "adrt_queue_images", plan="cond") == 1, "B to be queued")
         gate.released.set()
@@ -425,13 +426,15 @@ def test_sigterm_during_a_request_lets_it_finish(engine_dirs, references):
 
         wait_until(ready, "the server process to be ready", timeout=300)
         answer = {}
-        big = threading.Thread(target=lambda: answer.setdefault("big", post(url, {"n": 2048, "seed": 7, "format": "npy"})))
+        big_request = {"n": 2048, "seed": 7, "format": "npy"}
+        big = threading.Thread(target=lambda: answer.setdefault("big", post(url, big_request)))
         big.start()
         wait_until(lambda: metric(url, "adrt_running_images", plan="cond") == 2048, "the large request to run")
         t = threading.Thread(target=lambda: answer.setdefault("r", post(url, {"n": 3, "seed": 42, "format": "npy"})))
         t.start()
         # queued behind the large batch (on a very fast machine the large batch may end first: B then runs at once)
-        wait_until(lambda: metric(url, "adrt_queue_images", plan="cond") == 3 or not t.is_alive(), "the request to be queued")
+        wait_until(lambda: metric(url, "adrt_queue_images", plan="cond") == 3 or not t.is_alive(),
+                   "the request to be queued")
         proc.send_signal(signal.SIGTERM)
         t.join(120)
         big.join(120)

@@ -40,7 +40,8 @@ def ray_url(engine_dirs):
     if ray.is_initialized():
         pytest.skip("Ray is already initialized in this process (another module's cluster)")
     os.environ[PROXY_CALLBACK_ENV] = PROXY_CALLBACK  # read by the proxy process Ray starts
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning",  # never a cluster already running
+    # address="local": our own Ray, never a cluster someone started on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning",
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
     try:
         ray_settings = RaySettings(replicas=2, port=_free_port())
@@ -84,7 +85,8 @@ def test_concurrent_requests_get_exactly_the_images_of_runtime_sample(ray_url, r
     for t in threads:
         t.join()
     for req, r in zip(requests, answers):
-        want, want_y = references[req["plan"]].sample(req["n"], seed=req["seed"], labels=req.get("labels"), return_labels=True)
+        want, want_y = references[req["plan"]].sample(req["n"], seed=req["seed"], labels=req.get("labels"),
+                                                      return_labels=True)
         assert torch.equal(npy(r), want), req
         assert r.headers["x-seed"] == str(req["seed"]) and r.headers["x-plan"] == req["plan"]
         assert r.headers.get("x-labels") == (None if want_y is None else ",".join(str(int(v)) for v in want_y))

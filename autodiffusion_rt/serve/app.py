@@ -116,7 +116,8 @@ class ServeState:
 
         if self._runtime_loader is not None:
             return self._runtime_loader(d)
-        return Runtime.load(d, backend=self.settings.backend, threads=self.settings.threads, spinning=self.settings.spinning)
+        s = self.settings
+        return Runtime.load(d, backend=s.backend, threads=s.threads, spinning=s.spinning)
 
     def load(self) -> None:
         """Load every engine dir, warm it (the largest batch and a single image), start its batcher; then ready."""

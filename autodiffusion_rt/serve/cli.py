@@ -45,10 +45,12 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="onnxruntime workers spin between ops while a batch runs (on), or sleep and leave the cores "
                    "to the server's event loop (off); matters with --threads > 1 (default: %(default)s)")
     ray = p.add_argument_group("Ray Serve (the same API, served by replicas on a Ray cluster; needs the 'ray' extra)")
-    ray.add_argument("--ray", action="store_true", help="serve as a Ray Serve application (--host/--port: Ray's HTTP proxy)")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve as a Ray Serve application (--host/--port: Ray's HTTP proxy)")
     ray.add_argument("--ray-address", default=None, metavar="auto|ray://HOST:PORT",
                      help="join a running cluster (default: start a local Ray for this command)")
-    ray.add_argument("--replicas", type=int, default=1, help="replicas, each loading the engine dirs (default: %(default)s)")
+    ray.add_argument("--replicas", type=int, default=1,
+                     help="replicas, each loading the engine dirs (default: %(default)s)")
     ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (with --max-replicas)")
     ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound (with --min-replicas)")
     ray.add_argument("--target-ongoing", type=float, default=16.0,

@@ -408,7 +408,8 @@ def format_report(report: dict) -> str:
     if own:
         lines += ["", f"engines alone ({own['runtime']}, {own['threads']} thread(s), spinning {own.get('spinning')}, "
                       "in the load generator's process, "
-                      f"Runtime.sample_requests with one request per image): one Runtime.sample p50 {own['sample_p50_ms']:.1f} ms",
+                      "Runtime.sample_requests with one request per image): "
+                      f"one Runtime.sample p50 {own['sample_p50_ms']:.1f} ms",
                   f"{'batch':>5} {'ms':>9} {'img/s':>8} {'CPU ms/img':>11}"]
         lines += [f"{r['batch']:>5} {r['ms']:>9.1f} {r['images_per_s']:>8.1f} {r['cpu_ms_per_image']:>11.2f}"
                   for r in own["batches"]]
@@ -418,8 +419,9 @@ def format_report(report: dict) -> str:
     for r in report["closed_loop"]:
         f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         ratio = f"{r['over_engines']:.2f}x" if r.get("over_engines") else "-"
-        lines.append(f"{r['concurrency']:>5} {r['requests']:>9} {f(r['images_per_s']):>8} {ratio:>8} {f(r['p50_ms']):>9} "
-                     f"{f(r['p95_ms']):>9} {f(r['p99_ms']):>9} {f(r['mean_batch_images']):>10} {f(r['mean_batch_requests']):>10}"
+        lines.append(f"{r['concurrency']:>5} {r['requests']:>9} {f(r['images_per_s']):>8} {ratio:>8} "
+                     f"{f(r['p50_ms']):>9} {f(r['p95_ms']):>9} {f(r['p99_ms']):>9} "
+                     f"{f(r['mean_batch_images']):>10} {f(r['mean_batch_requests']):>10}"
                      f" {f(r.get('server_cpu_ms_per_image')):>17} {f(r.get('client_cpu_ms_per_image')):>7}"
                      f"  {r['errors'] or 'none'}")
     o, rec = report["overload"], report["recovery"]
@@ -479,9 +481,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--engines", default=None, metavar="DIR",
                     help="the engine dir the service serves: first measure its own throughput at batch sizes = the "
                     "concurrency levels (Runtime.sample_requests, in this process, the service idle) and compare")
-    ap.add_argument("--engine-threads", type=int, default=1, help="threads of those engines (the server's --threads; default 1)")
+    ap.add_argument("--engine-threads", type=int, default=1,
+                    help="threads of those engines (the server's --threads; default 1)")
     ap.add_argument("--engine-spinning", choices=("on", "off"), default="on",
-                    help="onnxruntime's workers spin between ops (on: the engines' best on an idle machine; default on)")
+                    help="onnxruntime's workers spin between ops (on: the engines' best on an idle machine; "
+                    "default on)")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON ('-' for stdout)")
     ap.add_argument("--plot", default=None, metavar="PNG", help="also plot latency and throughput against concurrency")
     ap.add_argument("--quiet", action="store_true")

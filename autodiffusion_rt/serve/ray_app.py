@@ -38,8 +38,8 @@ from typing import Optional
 from ..errors import Error
 from .app import ServeSettings, ServeState, create_app
 
-__all__ = ["APP_NAME", "RayErrorsAsJSON", "RaySettings", "RaySettingsError", "build_application", "default_replica_threads",
-           "run_ray", "start_serve"]
+__all__ = ["APP_NAME", "RayErrorsAsJSON", "RaySettings", "RaySettingsError", "build_application",
+           "default_replica_threads", "proxy_middlewares", "run_ray", "start_serve"]
 
 log = logging.getLogger("autodiffusion_rt.serve")
 
@@ -82,9 +82,11 @@ class RaySettings:
         if self.autoscaling:
             lo, hi = self.min_replicas, self.max_replicas
             if lo is None or hi is None or lo < 0 or hi < 1 or lo > hi:
-                raise RaySettingsError(f"--min-replicas={lo} and --max-replicas={hi}: give both, with 0 <= min <= max and max >= 1")
+                raise RaySettingsError(f"--min-replicas={lo} and --max-replicas={hi}: give both, "
+                                       "with 0 <= min <= max and max >= 1")
             if self.target_ongoing <= 0:
-                raise RaySettingsError(f"--target-ongoing={self.target_ongoing} must be > 0 (requests in flight per replica)")
+                raise RaySettingsError(f"--target-ongoing={self.target_ongoing} must be > 0 "
+                                       "(requests in flight per replica)")
         return self
 
     @property
@@ -211,12 +213,14 @@ def build_application(engines: dict, settings: ServeSettings, ray_settings: RayS
         graceful_shutdown_wait_loop_s=0.5,
         # Ray only schedules what fits: each replica claims the cores its engines use
         ray_actor_options={"num_cpus": threads,
-                           "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}}},
+                           "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads),
+                                                        "MKL_NUM_THREADS": str(threads)}}},
         # a replica warms up before its constructor returns; a big plan on a busy node takes a while
         health_check_timeout_s=60,
     )
     if ray_settings.autoscaling:
-        options["autoscaling_config"] = {"min_replicas": ray_settings.min_replicas, "max_replicas": ray_settings.max_replicas,
+        options["autoscaling_config"] = {"min_replicas": ray_settings.min_replicas,
+                                         "max_replicas": ray_settings.max_replicas,
                                          "initial_replicas": max(1, ray_settings.min_replicas),
                                          "target_ongoing_requests": ray_settings.target_ongoing}
     else:
@@ -258,8 +262,10 @@ def run_ray(engines: dict, settings: ServeSettings, ray_settings: RaySettings, *
             os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
         # address=None would join a cluster someone started on this machine (`ray start`), whose processes
         # have neither our environment nor our proxy middleware: "local" always starts our own
-        ray.init(address=ray_settings.address or "local", logging_level=log_level.upper(),
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(settings.threads or 1)}})
+        env = {"OMP_NUM_THREADS": str(settings.threads or 1)}
+        if os.environ.get("PYTHONPATH"):  # Ray's workers (the proxy's too) import this package as the command does
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        ray.init(address=ray_settings.address or "local", logging_level=log_level.upper(), runtime_env={"env_vars": env})
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -270,20 +276,24 @@ def run_ray(engines: dict, settings: ServeSettings, ray_settings: RaySettings, *
             from ..errors import EngineError
 
             raise EngineError(f"the Ray Serve application did not start: {str(e).splitlines()[0]}") from None
+        replicas = (f"{ray_settings.min_replicas}-{ray_settings.max_replicas}" if ray_settings.autoscaling
+                    else ray_settings.replicas)
         log.info("serving %s on http://%s:%d with %s replica(s) of %d thread(s)", ", ".join(engines), ray_settings.host,
-                 ray_settings.port, f"{ray_settings.min_replicas}-{ray_settings.max_replicas}" if ray_settings.autoscaling
-                 else ray_settings.replicas, settings.threads or 1)
+                 ray_settings.port, replicas, settings.threads or 1)
         while not stop.wait(1.0):
             pass
         log.info("shutting down: replicas finish their in-flight requests, then drain their queues")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if ray_settings.address is None:  # our own Ray: all of it goes
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
-        else:  # a shared cluster: only our application (other applications keep Serve running)
+        try:
+            # the application first, the proxies still up: each replica finishes its in-flight requests (and
+            # drains its queue) and they reach their clients; new requests get a JSON 404 meanwhile
             serve.delete(APP_NAME)
+        finally:
+            if ray_settings.address is None:  # our own Ray: all of it goes (a shared cluster keeps Serve)
+                try:
+                    serve.shutdown()
+                finally:
+                    ray.shutdown()
     return 0
