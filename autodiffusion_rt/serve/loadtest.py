@@ -367,7 +367,7 @@ def engine_throughput(engine_dir, batches: Sequence[int], *, threads: Optional[i
 def run(url: str, *, concurrency: Sequence[int] = (1, 2, 4, 8, 16, 32), requests: int = 96, n: int = 1, fmt: str = "png",
         plan: Optional[str] = None, overload_seconds: float = 5.0, overload_requests: int = 2000,
         recovery_limit_s: float = 30.0, engines=None, engine_threads: Optional[int] = 1, engine_spinning: bool = True,
-        progress=None) -> dict:
+        engine_seconds: float = 2.0, progress=None) -> dict:
     """The whole load test against ``url`` (a loopback service); a JSON-able report.
 
     ``engines``: the engine dir the service serves; its own throughput at batch sizes = the concurrency
@@ -377,7 +377,8 @@ def run(url: str, *, concurrency: Sequence[int] = (1, 2, 4, 8, 16, 32), requests
     say = progress or (lambda s: None)
     own = None
     if engines is not None:
-        own = engine_throughput(engines, list(concurrency), threads=engine_threads, n=int(n), spinning=engine_spinning)
+        own = engine_throughput(engines, list(concurrency), threads=engine_threads, n=int(n), spinning=engine_spinning,
+                                min_seconds=engine_seconds)
         for row in own["batches"]:
             say(f"engines alone, batch {row['batch']}: {row['images_per_s']} img/s ({row['ms']} ms per batch)")
         say(f"engines alone, one Runtime.sample({n}): p50 {own['sample_p50_ms']} ms")
@@ -481,6 +482,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--engines", default=None, metavar="DIR",
                     help="the engine dir the service serves: first measure its own throughput at batch sizes = the "
                     "concurrency levels (Runtime.sample_requests, in this process, the service idle) and compare")
+    ap.add_argument("--engine-seconds", type=float, default=2.0,
+                    help="time each batch size of the engines for at least this long (median; default 2)")
     ap.add_argument("--engine-threads", type=int, default=1,
                     help="threads of those engines (the server's --threads; default 1)")
     ap.add_argument("--engine-spinning", choices=("on", "off"), default="on",
@@ -502,7 +505,7 @@ def _load_test_command(args) -> None:
     report = run(args.serve, concurrency=args.concurrency, requests=args.requests, n=args.n, fmt=args.format,
                  plan=args.plan, overload_seconds=args.overload_seconds, overload_requests=args.overload_requests,
                  recovery_limit_s=args.recovery_limit, engines=args.engines, engine_threads=args.engine_threads,
-                 engine_spinning=args.engine_spinning == "on", progress=say)
+                 engine_spinning=args.engine_spinning == "on", engine_seconds=args.engine_seconds, progress=say)
     if args.plot:
         plot(report, args.plot)
     print_report(report, format_report, args.json)
