@@ -39,8 +39,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=lim.max_body_bytes, help="request body limit (default: %(default)s)")
     p.add_argument("--backend", default=d.backend, help="runtime backend: auto (what each dir was built for), onnxruntime, openvino, tensorrt, torch (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
-                   help=f"onnxruntime, OpenVINO and torch threads (per replica with --ray); default: {d.threads}, or with --ray "
-                   "the machine's cores divided by the (most) replicas, at least 1")
+                   help=f"onnxruntime, OpenVINO and torch threads (per replica with --ray); default: {d.threads}, "
+                   "or with --ray the machine's cores divided by the (most) replicas, at least 1")
     p.add_argument("--spinning", choices=("on", "off"), default="on" if d.spinning else "off",
                    help="onnxruntime workers spin between ops while a batch runs (on), or sleep and leave the cores "
                    "to the server's event loop (off); matters with --threads > 1 (default: %(default)s)")
