@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import autodiffusion_rt as ad  # noqa: E402
-from benchmark import _time  # noqa: E402  (the benchmark's one timing helper)
+from benchmark import _times  # noqa: E402  (the benchmark's one timing helper)
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 for k, m in enumerate(models):
                     xb, tb, yb = feeds[k]
-                    medians[k].append(_time(lambda: m.unet(xb, tb, yb), args.repeats, warmup=1))
+                    medians[k].append(statistics.median(_times(lambda: m.unet(xb, tb, yb), args.repeats, warmup=1)))
         ms = [statistics.median(v) for v in medians]
         for spec, m, t in zip(specs, models, ms):
             rows.append(
