@@ -405,7 +405,9 @@ def _build_locked(ctx: BuildContext) -> BuildReport:
         ctx.need_write("its manifest")
         manifest.write()
     if ctx.writable:
-        referenced = [st[k]["file"] for st in steps for k in ("onnx", "engine")]
+        engines = [st["engine"] for st in steps]
+        referenced = [st["onnx"]["file"] for st in steps] + [e["file"] for e in engines]
+        referenced += [e["file"] for entry in engines for e in entry.get("static", {}).values()]
         referenced += [extra["embeddings"]["file"]] if "embeddings" in extra else []
         remove_unreferenced(ctx.out_dir, referenced)  # under the build lock: any other temp file is a dead build's
         with contextlib.suppress(FileNotFoundError):
@@ -422,12 +424,11 @@ def _read_previous(ctx: BuildContext) -> None:
     ctx.old = Manifest.previous(ctx.out_dir)
     old_steps = [st for st in (ctx.old or {}).get("steps", []) if isinstance(st, dict)]
     ctx.old_onnx = {st["onnx"].get("key"): st["onnx"] for st in old_steps if isinstance(st.get("onnx"), dict)}
-    ctx.old_engines = {
-        canonical_hash(st["engine"].get("record")): st["engine"]
-        for st in old_steps
-        if isinstance(st.get("engine"), dict)
-    }
-    ctx.named = {st[k].get("file") for st in old_steps for k in ("onnx", "engine") if isinstance(st.get(k), dict)}
+    engines = [st["engine"] for st in old_steps if isinstance(st.get("engine"), dict)]
+    static = [e for entry in engines if isinstance(entry.get("static"), dict) for e in entry["static"].values()]
+    ctx.old_engines = {canonical_hash(e.get("record")): e for e in [*engines, *static] if isinstance(e, dict)}
+    ctx.named = {st["onnx"].get("file") for st in old_steps if isinstance(st.get("onnx"), dict)}
+    ctx.named |= {e.get("file") for e in [*engines, *static] if isinstance(e, dict)}
     for st in read_progress(ctx.out_dir):  # the steps a killed build finished: reused like the manifest's, if intact
         ctx.old_onnx.setdefault(st["onnx"].get("key"), st["onnx"])
         ctx.old_engines.setdefault(canonical_hash(st["engine"].get("record")), st["engine"])

@@ -25,7 +25,13 @@ import numpy as np
 
 from autodiffusion_rt.diffusion.step_io import step_io
 from autodiffusion_rt.errors import DataError, EngineError
-from autodiffusion_rt.runtime.backends.ov_backend import blob_record, compile_subnet, import_subnet, subnet_engines
+from autodiffusion_rt.runtime.backends.ov_backend import (
+    blob_record,
+    compile_subnet,
+    static_batches,
+    subnet_engines,
+    subnet_from_entry,
+)
 from autodiffusion_rt.utils import atomic_write, sha256_file
 
 from .cache import EXPORTER_REVISION, canonical_hash, step_file
@@ -131,16 +137,25 @@ def _subnet_onnx(ctx: BuildContext, i: int, k: int, keep) -> tuple[dict, dict]:
 
 
 def _subnet_blob(ctx: BuildContext, i: int, onnx_entry: dict, precision: str) -> tuple[dict, bool]:
-    """The compiled blob of a subnetwork at ``precision`` (compiled now, or reused by its record);
-    whether it was built."""
-    record = blob_record(onnx_entry["sha256"], precision)
+    """A subnetwork's compiled blobs at ``precision``: a dynamic batch, and ``static`` for :func:`static_batches`
+    (each compiled now, or reused by its record); whether any was built."""
+    entry, built = _one_blob(ctx, i, onnx_entry, precision, None)
+    static = {}
+    for batch in static_batches(ctx.settings.batch):
+        static[str(batch)], made = _one_blob(ctx, i, onnx_entry, precision, batch)
+        built = built or made
+    return {**entry, "static": static}, built
+
+
+def _one_blob(ctx: BuildContext, i: int, onnx_entry: dict, precision: str, batch) -> tuple[dict, bool]:
+    record = blob_record(onnx_entry["sha256"], precision, batch)
     digest = canonical_hash(record)
     entry = ctx.reuse("engine", digest, f"compiling step {i}'s subnetwork again")
     if entry is not None:
-        return entry, False
+        return {k: v for k, v in entry.items() if k != "static"}, False
     ctx.need_write(f"the {precision} blob of step {i}'s subnetwork")
     start = time.perf_counter()
-    compiled = compile_subnet(ctx.out_dir / onnx_entry["file"], precision, threads=None)
+    compiled = compile_subnet(ctx.out_dir / onnx_entry["file"], precision, threads=None, batch=batch)
     rel = step_file("engines", i, digest, ".blob", ctx.named)
     with atomic_write(ctx.out_dir / rel, "wb") as f:
         f.write(compiled.export_model().getvalue())
@@ -210,8 +225,10 @@ def _runtime(ctx: BuildContext, steps: list, blob, emb_entry: dict, mask):
     subnets = []
     for st, low in zip(steps, mask):
         entry = blob(st["subnet"], "bf16" if low else "fp32")
-        if entry["file"] not in ctx.gate_subnets:  # each blob imported once for all the gate's runs
-            ctx.gate_subnets[entry["file"]] = import_subnet(ctx.out_dir / entry["file"], "bf16" if low else "fp32")
+        if entry["file"] not in ctx.gate_subnets:  # each subnetwork loaded once for all the gate's runs
+            onnx = ctx.out_dir / st["onnx"]["file"]
+            ctx.gate_subnets[entry["file"]] = subnet_from_entry(ctx.out_dir, entry, lambda onnx=onnx: onnx,
+                                                                st["onnx"]["sha256"], "bf16" if low else "fp32")
         subnets.append(ctx.gate_subnets[entry["file"]])
     with np.load(ctx.out_dir / emb_entry["file"], allow_pickle=False) as z:
         tables = {name: z[name] for name in z.files}

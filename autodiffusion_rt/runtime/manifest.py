@@ -262,8 +262,12 @@ class Manifest(Mapping):
             for key in ("inputs", "outputs", "skip"):
                 if not isinstance(step.get(key), list):
                     bad(f"steps[{i}].{key}", "must be a list")
-            for key in ("onnx", "engine"):
-                f = step[key]
+            static = step["engine"].get("static", {})  # openvino: blobs compiled for static batch sizes
+            if not isinstance(static, dict):
+                bad(f"steps[{i}].engine.static", "must map batch sizes to files")
+            files = [(key, step[key]) for key in ("onnx", "engine")]
+            files += [(f"engine.static.{b}", f if isinstance(f, dict) else {}) for b, f in static.items()]
+            for key, f in files:
                 if not (isinstance(f.get("file"), str) and isinstance(f.get("sha256"), str)):
                     bad(f"steps[{i}].{key}", "must name a file and its sha256")
                 if Path(f["file"]).is_absolute() or ".." in Path(f["file"]).parts:
