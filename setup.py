@@ -44,7 +44,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30", RAY],
+        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30", RAY, "ruff>=0.6"],  # ruff: .ci/run's linter
         "diffusers": ["diffusers>=0.30"],  # diffusers:DIR models, export-diffusers
         # python -m search.run --executor ray; autodiffusion-rt serve --ray (the service's own deps too)
         "ray": [RAY, *SERVE],
