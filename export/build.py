@@ -44,7 +44,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from autodiffusion_rt.diffusion.step_io import shape_profile, step_io
+from autodiffusion_rt.diffusion.step_io import shape_profile, step_tensors
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError
 from autodiffusion_rt.models import load_model_for_plan
 from autodiffusion_rt.plan import Plan
@@ -479,7 +479,7 @@ def _build_step(ctx: BuildContext, i: int) -> tuple[dict, dict]:
 
     s, model, t = ctx.settings, ctx.model, int(ctx.coeffs.timesteps[i])
     keep, row = ctx.keeps[i], ctx.coeffs.row(i)
-    ins, outs = step_io(ctx.coeffs, i, model.image_shape, model.num_classes is not None)
+    ins, outs = step_tensors(ctx.coeffs, i, model.image_shape, model.num_classes is not None)
     mode = resolve_label_mode(model, s.label_mode, keep)
     key = onnx_key(
         model=model,

@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from autodiffusion_rt.diffusion.step_io import step_io
+from autodiffusion_rt.diffusion.step_io import step_tensors
 from autodiffusion_rt.errors import DataError, EngineError
 from autodiffusion_rt.runtime.backends.ov_backend import (
     blob_record,
@@ -83,7 +83,7 @@ def build_openvino_steps(ctx: BuildContext) -> tuple[list, list, dict]:
     steps = []
     for i, keep in enumerate(ctx.keeps):
         k = subnet_of[keep]
-        ins, outs = step_io(ctx.coeffs, i, model.image_shape, model.num_classes is not None)
+        ins, outs = step_tensors(ctx.coeffs, i, model.image_shape, model.num_classes is not None)
         steps.append(
             {
                 "index": i,

@@ -52,7 +52,7 @@ from autodiffusion_rt.diffusion.step_io import (
     TensorSpec,
     X,
     Y,
-    step_io,
+    step_tensors,
 )
 from autodiffusion_rt.errors import EngineError
 
@@ -117,7 +117,7 @@ class StepModule(nn.Module):
         self.channels = model.image_shape[0]
         self._to_eps = model.eps_from_output  # learn_sigma split, v-prediction (constants for this timestep)
         self.dtype = dtype
-        inputs, outputs = step_io(coeffs, i, model.image_shape, self.conditional)
+        inputs, outputs = step_tensors(coeffs, i, model.image_shape, self.conditional)
         self.input_names = tuple(s.name for s in inputs)
         self.output_names = tuple(s.name for s in outputs)
         self.input_specs, self.output_specs = inputs, outputs

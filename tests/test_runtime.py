@@ -396,11 +396,11 @@ def test_step_buffer_plan_feeds_every_step_what_the_sampler_reads(sampler, eta, 
     """Replay the plan's slots symbolically: each input must hold the value the sampler defines for it."""
     from autodiffusion_rt.diffusion import NoiseSchedule, compute_coefficients
     from autodiffusion_rt.runtime.device import plan_step_buffers
-    from autodiffusion_rt.diffusion.step_io import step_io
+    from autodiffusion_rt.diffusion.step_io import step_tensors
 
     ts = list(np.linspace(999, 50, nfe).round().astype(int)) if nfe > 1 else [500]
     coeffs = compute_coefficients(sampler, NoiseSchedule.named("linear"), ts, eta)
-    io = [step_io(coeffs, i, (1, 4, 4), conditional=True) for i in range(nfe)]
+    io = [step_tensors(coeffs, i, (1, 4, 4), conditional=True) for i in range(nfe)]
     names = [([s.name for s in ins], [s.name for s in outs]) for ins, outs in io]
     plan, result, slots = plan_step_buffers(names)
     held = {plan[0].inputs["x"]: ("x_T",), ("y", 0): ("y",)}  # slot -> the value it holds now

@@ -5,7 +5,7 @@ A step of a plan maps::
     x [, y] [, noise] [, prev_x0] [, prev_eps1 .. prev_eps3]  ->  x_prev [, x0] [, eps]
 
 Which of them a step has follows from the sampler's coefficients alone
-(:func:`step_io`), so the exporter (``export/``), the engines and the engine
+(:func:`step_tensors`), so the exporter (``export/``), the engines and the engine
 dir's manifest (``autodiffusion_rt.runtime``) all derive them from here.
 """
 
@@ -30,7 +30,7 @@ __all__ = [
     "X_PREV",
     "Y",
     "shape_profile",
-    "step_io",
+    "step_tensors",
 ]
 
 # The names every backend uses.
@@ -60,7 +60,7 @@ class TensorSpec:
         return tuple(batch if s == BATCH else int(s) for s in self.shape)
 
 
-def step_io(
+def step_tensors(
     coeffs: SamplerCoefficients, i: int, image_shape: Sequence[int], conditional: bool
 ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """The inputs and outputs of step ``i`` of a schedule (see the module docstring)."""

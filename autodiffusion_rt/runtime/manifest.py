@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ..diffusion import SamplerCoefficients, StepCoefficients
-from ..diffusion.step_io import TensorSpec, step_io
+from ..diffusion.step_io import TensorSpec, step_tensors
 from ..errors import EngineError, PlanError
 from ..plan import Plan
 from ..utils import atomic_write, sha256_file
@@ -322,7 +322,7 @@ class Manifest(Mapping):
                     f"(timestep {plan.timesteps[i]}, skip {list(plan.skip[i])}); {rebuild}"
                 )
             _check_coefficients(step["coefficients"], coeffs.row(i), f"{path}: step {i}", rebuild)
-            ins, outs = step_io(coeffs, i, image_shape, conditional)
+            ins, outs = step_tensors(coeffs, i, image_shape, conditional)
             try:
                 got_in = tuple(TensorSpec.from_dict(d) for d in step["inputs"])
                 got_out = tuple(TensorSpec.from_dict(d) for d in step["outputs"])

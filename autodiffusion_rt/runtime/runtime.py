@@ -23,13 +23,13 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..diffusion import SampleNoise, SamplerCoefficients
-from ..diffusion.step_io import NOISE, X0, X_PREV, X, Y, step_io
+from ..diffusion.step_io import NOISE, X0, X_PREV, X, Y, step_tensors
 from ..errors import EngineError
 from ..models.loading import load_model_for_plan
 from ..plan import Plan
@@ -42,6 +42,16 @@ from .manifest import Manifest
 __all__ = ["BACKENDS", "ModelInfo", "Runtime", "sample_from_engines"]
 
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+
+
+class BoundStep(NamedTuple):
+    """Step ``index`` bound to a workspace's buffers: ``run()`` reads its inputs there, writes ``output`` (x_prev)."""
+
+    run: Callable[[], Any]
+    stochastic: bool  # reads the noise buffer, refilled before each call
+    output: np.ndarray
+    index: int
+    name: str
 
 
 @dataclass(frozen=True)
@@ -116,7 +126,7 @@ class Runtime:
         conditional = model.num_classes is not None
         engines = []
         for i, t in enumerate(plan.timesteps):
-            ins, outs = step_io(coeffs, i, model.image_shape, conditional)
+            ins, outs = step_tensors(coeffs, i, model.image_shape, conditional)
             engines.append(
                 TorchStepEngine(
                     model,
@@ -345,7 +355,7 @@ class Runtime:
         if ws is not None:
             self._workspaces.move_to_end(batch)
             return ws
-        plan, result, slots = plan_step_buffers([(e.input_names, e.output_names) for e in self.engines])
+        layout, result, slots = plan_step_buffers([(e.input_names, e.output_names) for e in self.engines])
         bufs = {slot: np.empty(*slot_spec(slot, batch, self.info.image_shape)) for slot in slots}
         ws = {
             X: [bufs[(X, 0)], bufs[(X, 1)]],
@@ -354,10 +364,10 @@ class Runtime:
             NOISE: bufs.get((NOISE, 0)),
         }
         steps = []
-        for i, (eng, sb) in enumerate(zip(self.engines, plan)):
+        for i, (eng, sb) in enumerate(zip(self.engines, layout)):
             feeds = {name: bufs[slot] for name, slot in sb.inputs.items()}
             out = {name: bufs[slot] for name, slot in sb.outputs.items()}
-            steps.append((eng.bind(feeds, out), sb.stochastic, out[X_PREV], i, eng.name))
+            steps.append(BoundStep(eng.bind(feeds, out), sb.stochastic, out[X_PREV], i, eng.name))
         ws["steps"], ws["result"] = steps, bufs[result]
         self._workspaces[batch] = ws
         while len(self._workspaces) > 4:  # keep a few batch sizes, not every one ever seen
@@ -379,12 +389,12 @@ class Runtime:
             from tqdm import tqdm
 
             steps = tqdm(steps, desc=f"sample ({self.backend_name})")
-        for run, stochastic, output, i, name in steps:
-            if stochastic:
+        for step in steps:
+            if step.stochastic:
                 # Drawn per step, per sample, straight into the workspace: O(chunk) memory.
                 rows.randn(self.info.image_shape, out=noise)
-            run()
-            check_finite(output, i, int(self.coeffs.timesteps[i]), name)
+            step.run()
+            check_finite(step.output, step.index, int(self.coeffs.timesteps[step.index]), step.name)
         return torch.from_numpy(ws["result"].copy())
 
     # ------------------------------------------------- device-resident walk
