@@ -33,6 +33,7 @@ setup(
         "onnx>=1.16",
         "onnxruntime>=1.18",
         "pymoo>=0.6.1",
+        "pydantic>=2.6",  # strict typed readers of checkpoints, configs and manifests (autodiffusion_rt.records)
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={

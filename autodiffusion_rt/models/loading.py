@@ -132,9 +132,39 @@ def adm_config(preset: Optional[str] = None, **flags) -> tuple[dict, dict]:
     return unet, diffusion
 
 
+def check_unet_config(unet_config: dict, source: str) -> dict:
+    """ADMUNet keyword arguments from a file or options: typed (strict) and within the limits, before anything is allocated."""
+    from ..limits import check_limit, check_model_bytes
+    from ..records import schema, validate
+
+    if not isinstance(unet_config, dict):
+        raise CheckpointError(f"{source}: the model config must be an object of ADMUNet arguments, got {type(unet_config).__name__}")
+    cfg = validate(schema("ADMConfig"), unet_config, f"{source} (model config)", CheckpointError)
+    widest = cfg.model_channels * max([1, *cfg.channel_mult])
+    check_limit("channels", widest, "model_channels x max(channel_mult)", source, CheckpointError)
+    check_limit("image_size", cfg.image_size, "image_size", source, CheckpointError)
+    check_limit("layers", len(cfg.channel_mult) * cfg.num_res_blocks, "len(channel_mult) x num_res_blocks", source, CheckpointError)
+    kwargs = _unet_kwargs(unet_config)
+    try:
+        check_model_bytes(lambda: ADMUNet(**kwargs), source, CheckpointError)
+    except (ValueError, TypeError, ZeroDivisionError, AssertionError, RuntimeError) as e:
+        raise CheckpointError(f"{source}: the model config does not describe a buildable ADM UNet ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); check the preset/options") from None
+    return kwargs
+
+
 def _check_state_dict(unet: ADMUNet, state_dict: dict, source: str) -> None:
+    import torch
+
     expected = unet.state_dict()
+    bad = next((k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CheckpointError(f"{source}: entry {bad!r} of the state_dict is a {type(state_dict[bad]).__name__}, not a tensor: "
+                              "the file is not a model checkpoint")
     for key, value in expected.items():
+        if key in state_dict and state_dict[key].dtype.is_floating_point != value.dtype.is_floating_point:
+            raise CheckpointError(f"{source}: key {key!r} holds {state_dict[key].dtype} values where the model has "
+                                  f"{value.dtype}: the checkpoint is damaged or not this model's")
         if key not in state_dict:
             raise CheckpointError(f"{source}: missing key {key!r} (expected shape {tuple(value.shape)}): the checkpoint does not fit this config; check the preset/options")
         if tuple(state_dict[key].shape) != tuple(value.shape):
@@ -153,7 +183,8 @@ def _read_checkpoint(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt files
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "empty or not a torch file"
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first}") from None
 
 
 def _read_adm_state_dict(path: Path) -> dict:
@@ -173,12 +204,13 @@ def model_from_weights(name: str, unet_config: dict, diffusion: dict, state_dict
     spec loader ends here; it is also the way to make a model that is not a file
     (random weights in tests and ``benchmark.py --tiny``).
     """
-    unet_config = _unet_kwargs(unet_config)
+    unet_config = check_unet_config(unet_config, source)
+    diffusion_schedule(diffusion, source)  # before the weights are allocated: a bad schedule costs nothing
     unet = ADMUNet(**unet_config)
     _check_state_dict(unet, state_dict, source)
     unet.load_state_dict(state_dict, strict=True)
     unet.eval().requires_grad_(False)
-    schedule = diffusion_schedule(diffusion)
+    schedule = diffusion_schedule(diffusion, source)
     return DiffusionModel(
         name=name,
         unet=unet,
@@ -199,20 +231,28 @@ def _unet_kwargs(config: dict) -> dict:
     return out
 
 
-def diffusion_schedule(diffusion: dict) -> NoiseSchedule:
+def diffusion_schedule(diffusion: dict, source: str = "the model config") -> NoiseSchedule:
     """The noise schedule a model config's ``diffusion`` settings describe (named, or a diffusers scheduler config)."""
-    if "scheduler" in diffusion:
+    from ..limits import check_limit
+    from ..records import schema, validate
+
+    settings = validate(schema("DiffusionSettings"), diffusion, f"{source} (diffusion settings)", CheckpointError)
+    if settings.scheduler is not None:
         from .diffusers_adapter import scheduler_noise_schedule
 
-        return scheduler_noise_schedule(diffusion["scheduler"])
-    return NoiseSchedule.named(diffusion["noise_schedule"], int(diffusion.get("diffusion_steps", 1000)))
+        return scheduler_noise_schedule(settings.scheduler, source)
+    check_limit("timesteps", settings.diffusion_steps, "diffusion_steps", source, CheckpointError)
+    return NoiseSchedule.named(settings.noise_schedule, settings.diffusion_steps)
 
 
 def _load_trained(spec: str, path: Path, fix: str) -> DiffusionModel:
     """A checkpoint written by ``autodiffusion-rt train``: config, schedule and weights in one file."""
+    from ..records import schema, validate
+
     record = _read_checkpoint(path)
     if not (isinstance(record, dict) and record.get("format") == 1 and "state_dict" in record):
         raise CheckpointError(f"{path} is not an autodiffusion-rt checkpoint (format 1): {fix}")
+    validate(schema("CheckpointRecord"), record, str(path), CheckpointError, fix)
     return model_from_weights(spec, record["config"], record["diffusion"], record["state_dict"], source=str(path),
                               metadata=record.get("training", {}))
 
