@@ -60,11 +60,28 @@ class Batcher:
         self._queued_images = 0
         self._closing = False
         self._images_per_s = 0.0  # EWMA of batch throughput, for Retry-After
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+        self.warmed = threading.Event()  # set once the thread has run its warm-up batch
+        self.error: Optional[str] = None  # why the thread died, if it did
 
     def start(self) -> "Batcher":
         self._thread.start()
         return self
+
+    @property
+    def serving(self) -> bool:
+        """Whether a batch can run now: the thread is alive and has run its warm-up batch."""
+        return self.warmed.is_set() and self._thread.is_alive() and self.error is None
+
+    def wait_warm(self, timeout: Optional[float] = None) -> None:
+        """Block until the warm-up batch ran; raise RuntimeError (with the reason) if the thread died instead."""
+        while not self.warmed.wait(0.05 if timeout is None else min(timeout, 0.05)):
+            if not self._thread.is_alive():
+                raise RuntimeError(f"the batcher of plan {self.name!r} stopped before serving: {self.error or 'no reason given'}")
+            if timeout is not None:
+                timeout -= 0.05
+                if timeout <= 0:
+                    raise RuntimeError(f"the batcher of plan {self.name!r} did not warm up in time")
 
     @property
     def queued_images(self) -> int:
@@ -154,6 +171,22 @@ class Batcher:
                 self._gauge()
                 if batch:
                     return batch
+
+    def _run(self) -> None:
+        """The thread: one warm-up batch (this thread runs the engines from now on), then the loop; a death is logged."""
+        try:
+            self.runtime.sample_requests([(1, 0, None)])
+            self.warmed.set()
+            self._loop()
+        except BaseException as e:  # the loop never raises by design: anything here is a bug, and /readyz must say so
+            self.error = f"{type(e).__name__}: {e}"
+            log.critical("plan %s: the batcher thread died (%s): /readyz now answers 503", self.name, self.error, exc_info=True)
+            with self._cond:
+                self._closing = True
+                while self._queue:
+                    job = self._queue.popleft()
+                    self._queued_images -= job.n
+                    _settle(job.future, exception=RequestError(503, None, f"the batcher of plan {self.name!r} stopped: {self.error}"))
 
     def _loop(self) -> None:
         while True:
