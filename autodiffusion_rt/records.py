@@ -17,6 +17,7 @@ the file, the field's path, and what was wrong with it.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Optional, TypeVar
@@ -93,18 +94,15 @@ def loads_json(text: str | bytes) -> Any:
 
 def read_json(path: str | Path, error: type = Error, fix: str = "") -> Any:
     """The JSON in the file ``path``, bounded as :func:`loads_json`; ``error`` (one line naming the file and ``fix``)
-    when it is too large, unreadable or not bounded JSON. A missing file is the caller's check (its own message)."""
+    when it is too large or not bounded JSON. An ``OSError`` (missing, unreadable) is the caller's to word."""
     path = Path(path)
     tail = f"; {fix}" if fix else ""
-    try:
-        size = path.stat().st_size
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         if size > limit("json_bytes"):
             raise error(f"{path} is {size:,} bytes, above the limit of {limit('json_bytes'):,} bytes for a JSON file "
                         f"({LIMITS['json_bytes'].env} raises it){tail}")
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise error(f"cannot read {path}: {e.strerror or e}{tail}") from None
+        raw = f.read()
     try:
         return loads_json(raw)
     except ValueError as e:
@@ -154,6 +152,7 @@ def _show(value) -> Optional[str]:
 def _schemas():
     """The pydantic models, built on first use (pydantic and torch load only when a record is read)."""
     global ADMConfig, DiffusionSettings, CheckpointRecord, TrainState, DiffusersUNetConfig, SchedulerConfig, ManifestModel
+    global StatsKeyRecord
     if "ADMConfig" in globals():
         return
     from typing import Literal, Union
@@ -241,6 +240,12 @@ def _schemas():
         prediction_type: str = "epsilon"
         rescale_betas_zero_snr: bool = False
 
+    class StatsKeyRecord(Closed):  # noqa: F811  the key of a reference statistics file (metrics.stats)
+        dataset: str
+        extractor: str
+        preprocessing: str
+        fingerprint: str
+
     class ManifestModel(Closed):  # noqa: F811  a manifest's "model"
         spec: str
         name: str
@@ -253,6 +258,6 @@ def _schemas():
 
 def schema(name: str):
     """The pydantic model of one format: ADMConfig, DiffusionSettings, CheckpointRecord, TrainState,
-    DiffusersUNetConfig, SchedulerConfig, ManifestModel."""
+    DiffusersUNetConfig, SchedulerConfig, ManifestModel, StatsKeyRecord."""
     _schemas()
     return globals()[name]

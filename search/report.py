@@ -239,8 +239,12 @@ def make_report(
                     warnings.simplefilter("ignore", FIDWarning)
                     try:
                         row.fid[ext.name] = float(fid(images.cpu(), references[ext.name], ext))
-                    except Error:
-                        row.fid[ext.name] = float("inf")
+                    except Error as e:
+                        if j == 0:  # the plan's own row: the reference or extractor does not fit its model; not an inf
+                            raise Error(f"cannot judge the plan's images ({model.name}, shape {tuple(model.image_shape)}) "
+                                        f"with extractor {ext.name} against reference {references[ext.name].dataset!r}: "
+                                        f"{e}; pass --reference/--extractor made for this model") from None
+                        row.fid[ext.name] = float("inf")  # a baseline that diverged
                 bar.update(1)
             out_rows.append(row)
     finally:
