@@ -68,10 +68,15 @@ def load_image_folder(folder: str | Path, progress: bool = False) -> np.ndarray:
         from tqdm.auto import tqdm
 
         iterator = tqdm(files, desc=f"read {folder.name}", unit="img")
+    from ..limits import check_limit
+
     for p in iterator:
         try:
-            with Image.open(p) as im:
+            with Image.open(p) as im:  # reads the header only: the size is checked before the pixels are decoded
+                check_limit("image_pixels", im.size[0] * im.size[1], f"{im.size[0]}x{im.size[1]} pixels", str(p), DataError)
                 arrays.append((p, im.mode, np.asarray(im.convert("L") if im.mode in ("1", "L", "I", "I;16") else im.convert("RGB"))))
+        except Image.DecompressionBombError as e:
+            raise DataError(f"{p}: {e}; the limit is AUTODIFFUSION_RT_MAX_IMAGE_PIXELS") from None
         except (UnidentifiedImageError, OSError) as e:
             raise DataError(f"cannot read image {p}: {e}") from None
     gray = all(a.ndim == 2 for _, _, a in arrays)
@@ -146,6 +151,9 @@ def load_image_source(path: str | Path, extractor: str | FeatureExtractor | None
         return ImageSource(f"folder:{path.name}", f"{path} ({len(images)} images)", images=images)
     if path.suffix.lower() != ".npz":
         raise DataError(f"{path} is neither a folder nor an .npz file: put images in a folder, or save them with np.savez(path, arr_0=uint8 NHWC array)")
+    from ..limits import check_npz_arrays
+
+    check_npz_arrays(path, DataError)  # every array's size from its header, before one is read
     try:
         z = np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001
