@@ -33,7 +33,6 @@ run: the machine's load changes absolute times.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import sys
@@ -45,7 +44,26 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from autodiffusion_rt.errors import Error
 from autodiffusion_rt.utils import positive_ints, print_report
+
+
+class BenchmarkError(Error):
+    """A benchmark option out of range (counts, batch sizes, threads)."""
+
+
+def check_counts(args) -> None:
+    """Every count and size option, before any model is loaded: the report must never record a bad value."""
+    from autodiffusion_rt.limits import check_limit
+
+    for option, value, low in (("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0),
+                               ("--latency-runs", args.latency_runs, 1), ("--full-steps", args.full_steps, 1)):
+        if value < low:
+            raise BenchmarkError(f"{option} {value} must be an integer >= {low}")
+    if args.threads is not None and args.threads < 1:
+        raise BenchmarkError(f"--threads {args.threads} must be a positive integer (or left out: torch's choice)")
+    for option, sizes in (("--batch-sizes", args.batch_sizes), ("--e2e-batch-sizes", args.e2e_batch_sizes)):
+        check_limit("batch", max(sizes), option, error=BenchmarkError)
 
 __all__ = ["format_report", "main", "matmul_peak_gflops", "plot_report", "resident_mb", "run"]
 
@@ -312,7 +330,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from autodiffusion_rt.serve.loadtest import main as serve_main
 
         return serve_main(argv)
-    ap = argparse.ArgumentParser(description="autodiffusion-rt latency and throughput, side by side.")
+    from autodiffusion_rt.cli import OneLineParser
+
+    ap = OneLineParser(prog="benchmark.py", description="autodiffusion-rt latency and throughput, side by side.")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--plan", help="plan.json to benchmark")
     src.add_argument("--tiny", action="store_true", help="a random tiny model and plan (smoke test of this tool)")
@@ -336,6 +356,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _benchmark_command(args) -> None:
+    check_counts(args)
     model, plan = _tiny_plan() if args.tiny else (None, None)  # --tiny and --plan exclude each other
     report = run(args.plan, plan=plan, model=model, engines=args.engines, int8_engines=args.int8_engines,
                  batch_sizes=args.batch_sizes, latency_runs=args.latency_runs, memory=not args.no_memory,

@@ -59,6 +59,10 @@ def cmd_build(args) -> int:
             raise EngineError(f"--{name.replace('_', '-')} {v}: must be a positive integer")
     if args.opset < 17:
         raise EngineError(f"--opset {args.opset}: use 17 or newer")
+    if args.max_batch is not None:
+        from autodiffusion_rt.limits import check_limit
+
+        check_limit("batch", args.max_batch, "--max-batch", error=EngineError)
     plan = Plan.load(args.plan)
     report = build_engines(
         plan, args.out, backend=args.backend, precision=args.precision, max_batch=args.max_batch,
