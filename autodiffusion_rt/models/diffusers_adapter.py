@@ -273,7 +273,10 @@ def _read_json(path, schema_name: str):
     """A diffusers config file: bounded JSON, then its typed schema (the keys this project reads; others pass)."""
     from ..records import read_json, schema, validate
 
-    data = read_json(path, ModelSpecError, "pass a config written by diffusers' save_pretrained")
+    try:
+        data = read_json(path, ModelSpecError, "pass a config written by diffusers' save_pretrained")
+    except OSError as e:
+        raise ModelSpecError(f"cannot read {path}: {e.strerror or e}") from None
     validate(schema(schema_name), data, str(path), ModelSpecError)
     return data
 
