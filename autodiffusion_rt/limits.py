@@ -128,8 +128,9 @@ def check_array_header(fileobj, field: str, source: str, error: type = LimitErro
     return tuple(shape), dtype
 
 
-def check_npz_arrays(path, error: type = LimitError) -> None:
-    """Every array of the ``.npz`` at ``path``, its size read from its header, checked before ``np.load`` reads any."""
+def check_npz_arrays(path, error: type = LimitError, names=None) -> None:
+    """The arrays ``names`` (default: all) of the ``.npz`` at ``path``, their sizes read from their headers: call it
+    before ``np.load`` reads them."""
     import zipfile
 
     try:
@@ -138,6 +139,6 @@ def check_npz_arrays(path, error: type = LimitError) -> None:
         return  # not a zip: np.load gives its own error
     with zf:
         for info in zf.infolist():
-            if info.filename.endswith(".npy"):
+            if info.filename.endswith(".npy") and (names is None or info.filename[:-4] in names):
                 with zf.open(info) as f:
                     check_array_header(f, info.filename[:-4], str(path), error)

@@ -130,13 +130,21 @@ def describe(e, source: str) -> str:
     """pydantic's first error as ``source: field a.b[2] ...: why`` (and how many more)."""
     errors = e.errors(include_url=False)
     first = errors[0]
-    loc = [p for p in first["loc"] if not (isinstance(p, str) and p.startswith(("function-", "lax-or-strict")))]
+    loc = [p for p in first["loc"] if not _is_branch(p)]
     field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "the record"
     value = first.get("input")
     shown = _show(value) if first["type"] != "missing" else None
     more = f" ({len(errors) - 1} more)" if len(errors) > 1 else ""
     got = f" (got {shown})" if shown is not None else ""
     return f"{source}: field {field!r}: {first['msg']}{got}{more}"
+
+
+_TYPE_NAMES = {"int", "float", "str", "bool", "none", "list", "dict", "tuple", "is-instance"}
+
+
+def _is_branch(part) -> bool:
+    """A union member's tag in an error location (``list[int]``, ``int``, ``function-after[...]``), not a field."""
+    return isinstance(part, str) and ("[" in part or part in _TYPE_NAMES or part.startswith(("function-", "lax-or-strict")))
 
 
 def _show(value) -> Optional[str]:

@@ -182,6 +182,9 @@ def prepare(options: SearchOptions, model=None, extractor=None, ref_stats=None) 
         v = getattr(o, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "cache_mb" else 1):
             raise SearchError(f"--{name.replace('_', '-')} {v!r}: must be an integer >= {0 if name == 'cache_mb' else 1}")
+    from autodiffusion_rt.limits import check_limit
+
+    check_limit("batch", o.batch_size, "--batch-size", error=SearchError)
     for name in ("eta", "mutation_prob"):
         v = getattr(o, name)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):

@@ -79,6 +79,10 @@ def _show_warnings(caught) -> None:
 def _check_batch_size(args) -> None:
     if args.batch_size is not None and args.batch_size < 1:
         raise DataError(f"--batch-size {args.batch_size}: must be a positive integer")
+    if args.batch_size is not None:
+        from ..limits import check_limit
+
+        check_limit("batch", args.batch_size, "--batch-size", error=DataError)
 
 
 def _check_stats_out(out):

@@ -196,6 +196,13 @@ def train_embedded(
     from ..limits import check_limit
 
     check_limit("batch", settings.batch_size, "--batch-size", error=TrainingError)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise TrainingError(f"--threads {threads!r} must be a positive integer (or left out: torch's choice)")
+    for option, value in (("--checkpoint-every", checkpoint_every), ("--time-limit", time_limit)):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise TrainingError(f"{option} {value!r} must be a finite positive number of seconds")
+    if stop_at_step is not None and (isinstance(stop_at_step, bool) or not isinstance(stop_at_step, int) or stop_at_step < 0):
+        raise TrainingError(f"--stop-at-step {stop_at_step!r} must be an integer >= 0")
     out = Path(out)
     state = Path(state) if state is not None else out.with_name(out.name + ".state")
     _probe_writable(out, "output checkpoint")

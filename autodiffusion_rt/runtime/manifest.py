@@ -228,13 +228,13 @@ class Manifest(Mapping):
             if not isinstance(m.get(key), dict):
                 bad(key, "must be an object")
         model = validate(schema("ManifestModel"), m["model"], f"{path} (model)", EngineError, rebuild)
+        if m.get(SETTINGS_HASH) != settings_sha256(m):
+            bad(SETTINGS_HASH, f"does not match the manifest's settings ({', '.join(HASHED)}): edited by hand?")
         check_limit("batch", batch["max"], "batch.max", str(path), EngineError)
         for side in model.image_shape[1:]:
             check_limit("image_size", side, "model.image_shape", str(path), EngineError)
         if min(model.image_shape) < 1:
             bad("model.image_shape", f"must be 3 positive integers [C, H, W], got {model.image_shape}")
-        if m.get(SETTINGS_HASH) != settings_sha256(m):
-            bad(SETTINGS_HASH, f"does not match the manifest's settings ({', '.join(HASHED)}): edited by hand?")
         if not isinstance(m.get("steps"), list) or not m["steps"]:
             bad("steps", "must be a non-empty list")
         for i, step in enumerate(m["steps"]):
