@@ -436,9 +436,17 @@ def run_command(prog: str, command: Callable[[], Optional[int]], interrupted: st
 
     An :class:`Error`, or an ``OSError`` no command turned into its own message,
     prints ``prog: error: ...`` on one line; Ctrl-C prints ``prog: interrupted``.
+    SIGTERM is Ctrl-C here (130, temp files removed on the way out) unless the
+    command handles it itself (``train`` saves its state, ``serve`` drains).
     """
+    import signal
+    import threading
+
     from .utils import os_error_line
 
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return int(command() or 0)
     except Error as e:
@@ -450,6 +458,9 @@ def run_command(prog: str, command: Callable[[], Optional[int]], interrupted: st
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -49,7 +49,9 @@ class Limit:
         except ValueError:
             value = 0
         if value < 1:
-            raise LimitError(f"{self.env}={text!r} must be a positive integer (the largest {self.what}; default {self.default:,})")
+            raise LimitError(
+                f"{self.env}={text!r} must be a positive integer (the largest {self.what}; default {self.default:,})"
+            )
         return value
 
 
@@ -89,8 +91,10 @@ def check_limit(name: str, value, field: str, source: str = "", error: type = Li
     bound = lim.value()
     if value > bound:
         where = f"{source}: " if source else ""
-        raise error(f"{where}{field}={value:,} is above the limit of {bound:,} {lim.what}; "
-                    f"if it really is this large, raise the limit with {lim.env}={_suggest(value)}")
+        raise error(
+            f"{where}{field}={value:,} is above the limit of {bound:,} {lim.what}; "
+            f"if it really is this large, raise the limit with {lim.env}={_suggest(value)}"
+        )
     return value
 
 

@@ -37,8 +37,10 @@ class JSONBoundsError(ValueError):
 def _parse_int(text: str) -> int:
     digits = len(text.lstrip("-"))
     if digits > limit("json_int_digits"):
-        raise JSONBoundsError(f"an integer with {digits:,} digits (the limit is {limit('json_int_digits')}, "
-                              f"{LIMITS['json_int_digits'].env})")
+        raise JSONBoundsError(
+            f"an integer with {digits:,} digits (the limit is {limit('json_int_digits')}, "
+            f"{LIMITS['json_int_digits'].env})"
+        )
     return int(text)
 
 
@@ -69,8 +71,9 @@ def _check_tree(data: Any, max_depth: int) -> None:
         if not isinstance(value, (dict, list)):
             continue
         if depth > max_depth:
-            raise JSONBoundsError(f"nested deeper than {max_depth} levels at {_where(path)} "
-                                  f"(the limit is {LIMITS['json_depth'].env})")
+            raise JSONBoundsError(
+                f"nested deeper than {max_depth} levels at {_where(path)} (the limit is {LIMITS['json_depth'].env})"
+            )
         if isinstance(value, dict):
             for k, v in value.items():
                 if _SURROGATE.search(k):
@@ -87,7 +90,9 @@ def loads_json(text: str | bytes) -> Any:
     try:
         data = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
     except RecursionError:
-        raise JSONBoundsError(f"nested deeper than {max_depth} levels (the limit is {LIMITS['json_depth'].env})") from None
+        raise JSONBoundsError(
+            f"nested deeper than {max_depth} levels (the limit is {LIMITS['json_depth'].env})"
+        ) from None
     _check_tree(data, max_depth)
     return data
 
@@ -100,8 +105,10 @@ def read_json(path: str | Path, error: type = Error, fix: str = "") -> Any:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size > limit("json_bytes"):
-            raise error(f"{path} is {size:,} bytes, above the limit of {limit('json_bytes'):,} bytes for a JSON file "
-                        f"({LIMITS['json_bytes'].env} raises it){tail}")
+            raise error(
+                f"{path} is {size:,} bytes, above the limit of {limit('json_bytes'):,} bytes for a JSON file "
+                f"({LIMITS['json_bytes'].env} raises it){tail}"
+            )
         raw = f.read()
     try:
         return loads_json(raw)
@@ -144,7 +151,9 @@ _TYPE_NAMES = {"int", "float", "str", "bool", "none", "list", "dict", "tuple", "
 
 def _is_branch(part) -> bool:
     """A union member's tag in an error location (``list[int]``, ``int``, ``function-after[...]``), not a field."""
-    return isinstance(part, str) and ("[" in part or part in _TYPE_NAMES or part.startswith(("function-", "lax-or-strict")))
+    return isinstance(part, str) and (
+        "[" in part or part in _TYPE_NAMES or part.startswith(("function-", "lax-or-strict"))
+    )
 
 
 def _show(value) -> Optional[str]:
@@ -159,7 +168,14 @@ def _show(value) -> Optional[str]:
 # ------------------------------------------------------------------ schemas, one per format
 def _schemas():
     """The pydantic models, built on first use (pydantic and torch load only when a record is read)."""
-    global ADMConfig, DiffusionSettings, CheckpointRecord, TrainState, DiffusersUNetConfig, SchedulerConfig, ManifestModel
+    global \
+        ADMConfig, \
+        DiffusionSettings, \
+        CheckpointRecord, \
+        TrainState, \
+        DiffusersUNetConfig, \
+        SchedulerConfig, \
+        ManifestModel
     global StatsKeyRecord
     if "ADMConfig" in globals():
         return

@@ -97,12 +97,24 @@ def _parse_ints(value, name: str) -> tuple:
 
 def adm_config(preset: Optional[str] = None, **flags) -> tuple[dict, dict]:
     """guided-diffusion flags (preset + overrides) -> (ADMUNet kwargs, diffusion settings)."""
+    try:
+        return _adm_config(preset, **flags)
+    except (ValueError, TypeError, ZeroDivisionError) as e:  # a flag of the wrong kind (num_channels=abc, ...=0)
+        given = ", ".join(f"{k}={v!r}" for k, v in flags.items()) or "none"
+        raise ModelSpecError(f"ADM options ({given}) do not make a model config: {type(e).__name__}: {e}; "
+                             "check the --option values (guided-diffusion's flag names and types)") from None
+
+
+def _adm_config(preset: Optional[str] = None, **flags) -> tuple[dict, dict]:
     if preset is not None and preset not in ADM_PRESETS:
         raise ModelSpecError(f"unknown ADM preset {preset!r}: choose one of {sorted(ADM_PRESETS)}")
     unknown = set(flags) - set(_ADM_DEFAULTS)
     if unknown:
         raise ModelSpecError(f"unknown ADM option(s) {sorted(unknown)}: valid options are {sorted(_ADM_DEFAULTS)}")
     f = {**_ADM_DEFAULTS, **(ADM_PRESETS[preset] if preset else {}), **flags}
+    for key, default in _ADM_DEFAULTS.items():  # bool("maybe") is True: a yes/no flag takes a yes or a no
+        if isinstance(default, bool) and not (isinstance(f[key], bool) or (isinstance(f[key], int) and f[key] in (0, 1))):
+            raise ModelSpecError(f"ADM option {key}={f[key]!r} must be true or false")
     size = int(f["image_size"])
     mult = _parse_ints(f["channel_mult"], "channel_mult") if f["channel_mult"] else _DEFAULT_CHANNEL_MULT.get(size)
     if mult is None:
@@ -196,7 +208,7 @@ def _read_adm_state_dict(path: Path) -> dict:
 
 
 def model_from_weights(name: str, unet_config: dict, diffusion: dict, state_dict: dict, *, source: str = "<weights>",
-                       metadata: Optional[dict] = None) -> DiffusionModel:
+                       metadata: Optional[dict] = None, checked: bool = False) -> DiffusionModel:
     """An ADM :class:`DiffusionModel` from its architecture, noise settings and weights.
 
     ``unet_config``: :class:`ADMUNet` keyword arguments; ``diffusion``: ``noise_schedule``,
@@ -204,9 +216,10 @@ def model_from_weights(name: str, unet_config: dict, diffusion: dict, state_dict
     spec loader ends here; it is also the way to make a model that is not a file
     (random weights in tests and ``benchmark.py --tiny``).
     """
-    unet_config = check_unet_config(unet_config, source)
-    diffusion_schedule(diffusion, source)  # before the weights are allocated: a bad schedule costs nothing
-    unet = ADMUNet(**unet_config)
+    if not checked:  # ``checked``: the caller ran these two on this config already (before reading the weights)
+        unet_config = check_unet_config(unet_config, source)
+        diffusion_schedule(diffusion, source)  # before the weights are allocated: a bad schedule costs nothing
+    unet = ADMUNet(**_unet_kwargs(unet_config))
     _check_state_dict(unet, state_dict, source)
     unet.load_state_dict(state_dict, strict=True)
     unet.eval().requires_grad_(False)
@@ -279,8 +292,12 @@ def load_model(spec: str, **overrides) -> DiffusionModel:
             raise ModelSpecError(f"model spec {spec!r} has no path: use 'adm:PATH/TO/CHECKPOINT.pt'")
         path = Path(rest).expanduser()
         unet_kwargs, diffusion = adm_config(**overrides)
+        where = f"{spec} with its preset/options"
+        unet_kwargs = check_unet_config(unet_kwargs, where)  # the options before the file is read
+        diffusion_schedule(diffusion, where)
         state_dict = _read_adm_state_dict(path)
-        return model_from_weights(spec, unet_kwargs, diffusion, state_dict, source=str(path), metadata={"overrides": overrides})
+        return model_from_weights(spec, unet_kwargs, diffusion, state_dict, source=str(path), metadata={"overrides": overrides},
+                                  checked=True)
     if kind == "diffusers":
         if not rest:
             raise ModelSpecError(f"model spec {spec!r} has no path: use 'diffusers:DIR' (a save_pretrained directory)")

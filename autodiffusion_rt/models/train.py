@@ -341,8 +341,6 @@ def _train(out: Path, settings: TrainSettings, state: Path, resume: bool, checkp
         step = settings.steps
     elapsed = seconds_before + time.time() - t0
     save_state(step, elapsed)
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
     final_loss = sum(losses) / max(1, len(losses))
     record = {"steps": settings.steps, "step": step, "finished": finished, "seconds": round(elapsed, 1), "final_loss": round(final_loss, 5)}
     # A stopped run also leaves a usable checkpoint: the EMA weights so far, marked with their step.
@@ -363,6 +361,10 @@ def _train(out: Path, settings: TrainSettings, state: Path, resume: bool, checkp
             "history": history,
         },
     }
-    with atomic_write(out, "wb") as f:
-        torch.save(checkpoint, f)
+    try:
+        with atomic_write(out, "wb") as f:
+            torch.save(checkpoint, f)
+    finally:  # a signal during the last writes is noted, not obeyed: the run is ending and saving anyway
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     return record

@@ -81,6 +81,7 @@ class ServeSettings:
                                      "(0: run at once)")
         if isinstance(self.limits.max_n, bool) or not isinstance(self.limits.max_n, int) or self.limits.max_n < 1:
             raise ServeSettingsError(f"--max-n {self.limits.max_n!r} must be a positive integer")
+        check_limit("batch", self.limits.max_n, "--max-n", error=ServeSettingsError)  # one answer holds all its images
         if (isinstance(self.limits.max_body_bytes, bool) or not isinstance(self.limits.max_body_bytes, int)
                 or not 1 <= self.limits.max_body_bytes <= MAX_BODY_BYTES):
             raise ServeSettingsError(f"--max-body-bytes {self.limits.max_body_bytes!r} must be an integer in [1, {MAX_BODY_BYTES}]")
