@@ -74,7 +74,7 @@ _LIMITS = (
     Limit("image_pixels", 8192 * 8192, "pixels in one image file"),
     # JSON files and bodies (plans, manifests, configs, search states): nesting, integer digits, file size.
     Limit("json_depth", 64, "levels of JSON nesting"),
-    Limit("json_int_digits", 32, "digits in a JSON integer"),
+    Limit("json_int_digits", 64, "digits in a JSON integer"),  # a search state holds 128-bit RNG words (39)
     Limit("json_bytes", 256 << 20, "bytes in a JSON file"),
 )
 LIMITS = {lim.name: lim for lim in _LIMITS}
@@ -86,7 +86,8 @@ def limit(name: str) -> int:
 
 
 def check_limit(name: str, value, field: str, source: str = "", error: type = LimitError) -> int:
-    """``value`` (an int) if it is at most limit ``name``; else ``error`` naming ``source``, ``field``, the value and the variable."""
+    """``value`` (an int) if it is at most limit ``name``; else ``error`` naming ``source``, ``field``, the value
+    and the variable that raises the limit."""
     lim = LIMITS[name]
     bound = lim.value()
     if value > bound:
@@ -116,7 +117,8 @@ def check_model_bytes(build, source: str, error: type = LimitError) -> None:
 
 
 def check_array_header(fileobj, field: str, source: str, error: type = LimitError) -> tuple:
-    """(shape, dtype) of the ``.npy`` at ``fileobj``'s position, read from its header; its size checked against the limit."""
+    """(shape, dtype) of the ``.npy`` at ``fileobj``'s position, read from its header; its size checked against
+    the limit."""
     import numpy as np
 
     try:

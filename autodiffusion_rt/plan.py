@@ -260,7 +260,8 @@ class Plan:
         if not path.is_file():
             raise PlanError(f"plan file not found: {path}: pass the plan.json the search wrote (python -m search.run --out PATH)")
         try:
-            d = read_json(path, PlanError, "was it truncated? re-run the search or restore it")  # data only: never runs code
+            # data only: a plan file can never run code
+            d = read_json(path, PlanError, "was it truncated? re-run the search or restore it")
         except OSError as e:
             raise PlanError(path_error(e, path, "check the file's permissions", action="read")) from None
         return cls.from_dict(d, str(path))

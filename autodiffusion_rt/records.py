@@ -2,9 +2,9 @@
 
 Every JSON the project reads (plans, manifests, diffusers configs, search
 states, request bodies) goes through :func:`loads_json`: nesting depth, integer
-digits and size are bounded (:mod:`autodiffusion_rt.limits`), ``NaN`` and
-``Infinity`` are refused, and a string holding a lone surrogate (``"\\ud800"``,
-which no UTF-8 encoder can write back) is refused, all as one
+digits and size are bounded (:mod:`autodiffusion_rt.limits`), a string holding
+a lone surrogate (``"\\ud800"``, which no UTF-8 encoder can write back) is
+refused, and in request bodies ``NaN`` and ``Infinity`` too, all as one
 :class:`JSONBoundsError` naming where.
 
 Records with a fixed layout (``ckpt:`` checkpoints, training states, diffusers
@@ -83,12 +83,18 @@ def _check_tree(data: Any, max_depth: int) -> None:
             stack.extend((v, depth + 1, [*path, i]) for i, v in enumerate(value))
 
 
-def loads_json(text: str | bytes) -> Any:
+def loads_json(text: str | bytes, finite: bool = False) -> Any:
     """``json.loads`` with the bounds of the module docstring; a :class:`ValueError` (``JSONDecodeError``,
-    ``UnicodeDecodeError`` or :class:`JSONBoundsError`) for anything it refuses."""
+    ``UnicodeDecodeError`` or :class:`JSONBoundsError`) for anything it refuses.
+
+    ``finite``: refuse ``NaN``, ``Infinity`` and numbers beyond the float range too (request bodies). Files keep
+    them: the project writes them itself (``json.dump`` of an unjudged candidate's FID, ``inf``), and each
+    record's own checks say where a non-finite number is wrong.
+    """
     max_depth = limit("json_depth")
+    hooks = {"parse_float": _parse_float, "parse_constant": _parse_constant} if finite else {}
     try:
-        data = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+        data = json.loads(text, parse_int=_parse_int, **hooks)
     except RecursionError:
         raise JSONBoundsError(
             f"nested deeper than {max_depth} levels (the limit is {LIMITS['json_depth'].env})"
@@ -124,7 +130,8 @@ M = TypeVar("M")
 
 
 def validate(schema: type[M], data: Any, source: str, error: type = Error, fix: str = "") -> M:
-    """``data`` as the pydantic model ``schema`` (strict), or ``error``: one line with ``source``, the first bad field and why."""
+    """``data`` as the pydantic model ``schema`` (strict), or ``error``: one line with ``source``, the first bad
+    field and why."""
     import pydantic
 
     try:
@@ -188,11 +195,11 @@ def _schemas():
     Ints = Union[list[int], tuple[int, ...]]
     Tensors = dict[str, torch.Tensor]
 
-    class Closed(BaseModel):
-        model_config = ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True)
+    class Closed(BaseModel):  # every float finite (sizes and rates; a NaN is never what a file means there)
+        model_config = ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True, allow_inf_nan=False)
 
     class Open(BaseModel):  # third-party configs (diffusers) carry keys we do not use
-        model_config = ConfigDict(extra="allow", strict=True, arbitrary_types_allowed=True)
+        model_config = ConfigDict(extra="allow", strict=True, arbitrary_types_allowed=True, allow_inf_nan=False)
 
     class ADMConfig(Closed):  # noqa: F811  the ADMUNet keyword arguments
         image_size: int = Positive
@@ -240,8 +247,10 @@ def _schemas():
         lr_schedule: dict
         generator: torch.Tensor
         torch_rng: torch.Tensor
-        losses: list[float]
+        losses: list[float]  # a diverged run's NaN losses are its record, not damage
         history: list[dict]
+
+        model_config = ConfigDict(allow_inf_nan=True)
 
     class DiffusersUNetConfig(Open):  # noqa: F811  the keys of a UNet2DModel config.json this project reads or sizes by
         sample_size: Union[int, list[int]] = 32

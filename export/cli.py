@@ -67,7 +67,8 @@ def cmd_build(args) -> int:
     if args.int8_fid_samples < 2:
         raise EngineError(f"--int8-fid-samples {args.int8_fid_samples}: FID needs at least 2 samples")
     if not (math.isfinite(args.int8_max_fid_rise) and args.int8_max_fid_rise >= 0):
-        raise EngineError(f"--int8-max-fid-rise {args.int8_max_fid_rise}: must be a finite number >= 0 (a relative FID rise)")
+        raise EngineError(f"--int8-max-fid-rise {args.int8_max_fid_rise}: must be a finite number >= 0 "
+                          "(a relative FID rise)")
     plan = Plan.load(args.plan)
     report = build_engines(
         plan, args.out, backend=args.backend, precision=args.precision, max_batch=args.max_batch,

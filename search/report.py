@@ -241,9 +241,10 @@ def make_report(
                         row.fid[ext.name] = float(fid(images.cpu(), references[ext.name], ext))
                     except Error as e:
                         if j == 0:  # the plan's own row: the reference or extractor does not fit its model; not an inf
-                            raise Error(f"cannot judge the plan's images ({model.name}, shape {tuple(model.image_shape)}) "
-                                        f"with extractor {ext.name} against reference {references[ext.name].dataset!r}: "
-                                        f"{e}; pass --reference/--extractor made for this model") from None
+                            ref = references[ext.name].dataset
+                            raise Error(f"cannot judge the plan's images ({model.name}, {tuple(model.image_shape)}) "
+                                        f"with extractor {ext.name} against reference {ref!r}: {e}; "
+                                        "pass --reference/--extractor made for this model") from None
                         row.fid[ext.name] = float("inf")  # a baseline that diverged
                 bar.update(1)
             out_rows.append(row)

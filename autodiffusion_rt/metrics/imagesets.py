@@ -128,8 +128,10 @@ def _read_images(paths) -> list:
     for p in paths:
         try:
             with Image.open(p) as im:  # reads the header only
-                check_limit("image_pixels", im.size[0] * im.size[1], f"{im.size[0]}x{im.size[1]} pixels", str(p), DataError)
-                arrays.append((p, im.mode, np.asarray(im.convert("L") if im.mode in ("1", "L", "I", "I;16") else im.convert("RGB"))))
+                w, h = im.size
+                check_limit("image_pixels", w * h, f"{w}x{h} pixels", str(p), DataError)
+                gray = im.mode in ("1", "L", "I", "I;16")
+                arrays.append((p, im.mode, np.asarray(im.convert("L") if gray else im.convert("RGB"))))
         except (UnidentifiedImageError, OSError) as e:
             raise DataError(f"cannot read image {p}: {e}") from None
     return arrays

@@ -162,7 +162,8 @@ class FeatureStats:
         key = StatsKey(**validate(schema("StatsKeyRecord"), key, f"{path} (key)", DataError, fix).model_dump())
         num_samples = fields["num_samples"]
         if num_samples.shape != () or not np.issubdtype(num_samples.dtype, np.integer):
-            raise DataError(f"{path}: field 'num_samples' must be one integer, got {num_samples.dtype} {num_samples.shape}; {fix}")
+            raise DataError(f"{path}: field 'num_samples' must be one integer, got {num_samples.dtype} "
+                            f"{num_samples.shape}; {fix}")
         stats = cls._validated(fields["mu"], fields["sigma"], int(num_samples), key, str(path))
         if expect is not None and key != expect:
             diff = ", ".join(f"{k} {v!r} (file) != {expect.as_dict()[k]!r}" for k, v in key.as_dict().items() if expect.as_dict()[k] != v)

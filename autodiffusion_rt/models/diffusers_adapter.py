@@ -294,12 +294,12 @@ def check_unet_limits(config: Mapping, source: str) -> None:
     if not channels or min(channels) < 1:
         raise ModelSpecError(f"{source}: block_out_channels={channels} must be a non-empty list of positive integers")
     check_limit("channels", max(channels), "max(block_out_channels)", source, ModelSpecError)
-    check_limit("layers", len(channels) * config.get("layers_per_block", 2), "len(block_out_channels) x layers_per_block",
-                source, ModelSpecError)
+    layers = len(channels) * config.get("layers_per_block", 2)
+    check_limit("layers", layers, "len(block_out_channels) x layers_per_block", source, ModelSpecError)
     for key in ("down_block_types", "up_block_types"):
         if len(config.get(key, ())) != len(channels):
-            raise ModelSpecError(f"{source}: {key} has {len(config.get(key, ()))} blocks for {len(channels)} block_out_channels: "
-                                 "give one block type per level")
+            raise ModelSpecError(f"{source}: {key} has {len(config.get(key, ()))} blocks for {len(channels)} "
+                                 "block_out_channels: give one block type per level")
     from diffusers import UNet2DModel
 
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -379,7 +379,7 @@ def load_diffusers(spec: str, directory):
     unet_config = _read_json(unet_dir / "config.json", "DiffusersUNetConfig")
     check_unet_config(unet_config, str(unet_dir / "config.json"))
     scheduler = check_scheduler_config(_read_json(scheduler_file, "SchedulerConfig"), str(scheduler_file))
-    schedule = scheduler_noise_schedule(scheduler, str(scheduler_file))  # before the weights: a bad schedule costs nothing
+    schedule = scheduler_noise_schedule(scheduler, str(scheduler_file))  # before the weights: costs nothing
     check_unet_limits(unet_config, str(unet_dir / "config.json"))
     try:
         unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)

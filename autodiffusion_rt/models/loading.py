@@ -113,8 +113,9 @@ def _adm_config(preset: Optional[str] = None, **flags) -> tuple[dict, dict]:
         raise ModelSpecError(f"unknown ADM option(s) {sorted(unknown)}: valid options are {sorted(_ADM_DEFAULTS)}")
     f = {**_ADM_DEFAULTS, **(ADM_PRESETS[preset] if preset else {}), **flags}
     for key, default in _ADM_DEFAULTS.items():  # bool("maybe") is True: a yes/no flag takes a yes or a no
-        if isinstance(default, bool) and not (isinstance(f[key], bool) or (isinstance(f[key], int) and f[key] in (0, 1))):
-            raise ModelSpecError(f"ADM option {key}={f[key]!r} must be true or false")
+        value = f[key]
+        if isinstance(default, bool) and not (isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))):
+            raise ModelSpecError(f"ADM option {key}={value!r} must be true or false")
     size = int(f["image_size"])
     mult = _parse_ints(f["channel_mult"], "channel_mult") if f["channel_mult"] else _DEFAULT_CHANNEL_MULT.get(size)
     if mult is None:
@@ -145,17 +146,20 @@ def _adm_config(preset: Optional[str] = None, **flags) -> tuple[dict, dict]:
 
 
 def check_unet_config(unet_config: dict, source: str) -> dict:
-    """ADMUNet keyword arguments from a file or options: typed (strict) and within the limits, before anything is allocated."""
+    """ADMUNet keyword arguments from a file or options: typed (strict) and within the limits, before anything
+    is allocated."""
     from ..limits import check_limit, check_model_bytes
     from ..records import schema, validate
 
     if not isinstance(unet_config, dict):
-        raise CheckpointError(f"{source}: the model config must be an object of ADMUNet arguments, got {type(unet_config).__name__}")
+        raise CheckpointError(f"{source}: the model config must be an object of ADMUNet arguments, "
+                              f"got {type(unet_config).__name__}")
     cfg = validate(schema("ADMConfig"), unet_config, f"{source} (model config)", CheckpointError)
     widest = cfg.model_channels * max([1, *cfg.channel_mult])
     check_limit("channels", widest, "model_channels x max(channel_mult)", source, CheckpointError)
     check_limit("image_size", cfg.image_size, "image_size", source, CheckpointError)
-    check_limit("layers", len(cfg.channel_mult) * cfg.num_res_blocks, "len(channel_mult) x num_res_blocks", source, CheckpointError)
+    layers = len(cfg.channel_mult) * cfg.num_res_blocks
+    check_limit("layers", layers, "len(channel_mult) x num_res_blocks", source, CheckpointError)
     kwargs = _unet_kwargs(unet_config)
     try:
         check_model_bytes(lambda: ADMUNet(**kwargs), source, CheckpointError)
@@ -171,8 +175,8 @@ def _check_state_dict(unet: ADMUNet, state_dict: dict, source: str) -> None:
     expected = unet.state_dict()
     bad = next((k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
     if bad is not None:
-        raise CheckpointError(f"{source}: entry {bad!r} of the state_dict is a {type(state_dict[bad]).__name__}, not a tensor: "
-                              "the file is not a model checkpoint")
+        raise CheckpointError(f"{source}: entry {bad!r} of the state_dict is a {type(state_dict[bad]).__name__}, "
+                              "not a tensor: the file is not a model checkpoint")
     for key, value in expected.items():
         if key in state_dict and state_dict[key].dtype.is_floating_point != value.dtype.is_floating_point:
             raise CheckpointError(f"{source}: key {key!r} holds {state_dict[key].dtype} values where the model has "
@@ -296,8 +300,8 @@ def load_model(spec: str, **overrides) -> DiffusionModel:
         unet_kwargs = check_unet_config(unet_kwargs, where)  # the options before the file is read
         diffusion_schedule(diffusion, where)
         state_dict = _read_adm_state_dict(path)
-        return model_from_weights(spec, unet_kwargs, diffusion, state_dict, source=str(path), metadata={"overrides": overrides},
-                                  checked=True)
+        return model_from_weights(spec, unet_kwargs, diffusion, state_dict, source=str(path),
+                                  metadata={"overrides": overrides}, checked=True)
     if kind == "diffusers":
         if not rest:
             raise ModelSpecError(f"model spec {spec!r} has no path: use 'diffusers:DIR' (a save_pretrained directory)")

@@ -201,7 +201,8 @@ def train_embedded(
     for option, value in (("--checkpoint-every", checkpoint_every), ("--time-limit", time_limit)):
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise TrainingError(f"{option} {value!r} must be a finite positive number of seconds")
-    if stop_at_step is not None and (isinstance(stop_at_step, bool) or not isinstance(stop_at_step, int) or stop_at_step < 0):
+    if stop_at_step is not None and (isinstance(stop_at_step, bool) or not isinstance(stop_at_step, int)
+                                     or stop_at_step < 0):
         raise TrainingError(f"--stop-at-step {stop_at_step!r} must be an integer >= 0")
     out = Path(out)
     state = Path(state) if state is not None else out.with_name(out.name + ".state")
@@ -248,7 +249,8 @@ def _train(out: Path, settings: TrainSettings, state: Path, resume: bool, checkp
         try:
             model.load_state_dict(previous["state_dict"], strict=True)
         except RuntimeError as e:
-            raise TrainingError(f"--init {init} does not fit the embedded model ({str(e).strip().splitlines()[-1].strip()}): "
+            why = str(e).strip().splitlines()[-1].strip()
+            raise TrainingError(f"--init {init} does not fit the embedded model ({why}): "
                                 "pass a checkpoint written by 'autodiffusion-rt train'") from None
         history = [*previous.get("training", {}).get("history", []), {k: v for k, v in previous["training"].items() if k != "history"}]
     ema = copy.deepcopy(model).eval().requires_grad_(False)

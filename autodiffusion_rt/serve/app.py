@@ -73,7 +73,8 @@ class ServeSettings:
         for name, option, low in (("deadline_s", "--deadline-s", 0.0), ("max_wait_ms", "--max-wait-ms", 0.0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ServeSettingsError(f"{option} {v!r} must be a finite number of {'seconds' if name == 'deadline_s' else 'ms'}")
+                unit = "seconds" if name == "deadline_s" else "ms"
+                raise ServeSettingsError(f"{option} {v!r} must be a finite number of {unit}")
         if not 0 < self.deadline_s <= MAX_DEADLINE_S:
             raise ServeSettingsError(f"--deadline-s {self.deadline_s:g} must be in (0, {MAX_DEADLINE_S:g}] seconds")
         if not 0 <= self.max_wait_ms <= 1e3 * MAX_DEADLINE_S:
@@ -84,7 +85,8 @@ class ServeSettings:
         check_limit("batch", self.limits.max_n, "--max-n", error=ServeSettingsError)  # one answer holds all its images
         if (isinstance(self.limits.max_body_bytes, bool) or not isinstance(self.limits.max_body_bytes, int)
                 or not 1 <= self.limits.max_body_bytes <= MAX_BODY_BYTES):
-            raise ServeSettingsError(f"--max-body-bytes {self.limits.max_body_bytes!r} must be an integer in [1, {MAX_BODY_BYTES}]")
+            raise ServeSettingsError(f"--max-body-bytes {self.limits.max_body_bytes!r} must be an integer in "
+                                     f"[1, {MAX_BODY_BYTES}]")
         if self.limits.max_n > self.queue_images:
             raise ServeSettingsError(f"max_n={self.limits.max_n} is larger than queue_images={self.queue_images}: "
                                "such a request could never be queued; raise queue_images or lower max_n")
@@ -151,8 +153,9 @@ class ServeState:
                 rt.sample_requests([(1, 0, None)])
                 if self._closed:  # shutting down while loading: stop here (close() releases what was loaded)
                     return
-                batcher = Batcher(name, rt, max_batch=self.settings.max_batch, max_wait_s=self.settings.max_wait_ms / 1e3,
-                                  queue_images=self.settings.queue_images, metrics=self.metrics)
+                batcher = Batcher(name, rt, max_batch=self.settings.max_batch,
+                                  max_wait_s=self.settings.max_wait_ms / 1e3, queue_images=self.settings.queue_images,
+                                  metrics=self.metrics)
                 self.batchers[name] = batcher.start()
                 batcher.wait_warm()  # ready means a batch can run: the batcher's own thread has run one
                 log.info("plan %s: %s loaded and warmed in %.1f s", name, rt, time.perf_counter() - start)
@@ -171,7 +174,8 @@ class ServeState:
             return "the engines are loading and warming up"
         dead = [b for b in self.batchers.values() if not b.serving]
         if dead:
-            return f"the batcher of plan {dead[0].name!r} stopped ({dead[0].error or 'its thread is not running'}): restart the service"
+            why = dead[0].error or "its thread is not running"
+            return f"the batcher of plan {dead[0].name!r} stopped ({why}): restart the service"
         return None
 
     def close(self, loader: Optional[threading.Thread] = None) -> None:
@@ -316,7 +320,8 @@ def create_app(state: ServeState, *, load_on_startup: bool = True, on_load_error
         if not state.ready.is_set():
             raise RequestError(503, None, "the engines are still loading: retry when /readyz answers 200", {"Retry-After": "1"})
         if not state.batchers[req.plan].serving:
-            raise RequestError(503, None, state.serving() or "the service cannot run batches: restart it", {"Retry-After": "1"})
+            raise RequestError(503, None, state.serving() or "the service cannot run batches: restart it",
+                               {"Retry-After": "1"})
         batcher = state.batchers[req.plan]
         deadline = time.monotonic() + state.settings.deadline_s
         job = batcher.submit(req.n, req.seed, req.labels, deadline)

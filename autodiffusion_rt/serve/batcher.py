@@ -77,7 +77,8 @@ class Batcher:
         """Block until the warm-up batch ran; raise RuntimeError (with the reason) if the thread died instead."""
         while not self.warmed.wait(0.05 if timeout is None else min(timeout, 0.05)):
             if not self._thread.is_alive():
-                raise RuntimeError(f"the batcher of plan {self.name!r} stopped before serving: {self.error or 'no reason given'}")
+                why = self.error or "no reason given"
+                raise RuntimeError(f"the batcher of plan {self.name!r} stopped before serving: {why}")
             if timeout is not None:
                 timeout -= 0.05
                 if timeout <= 0:
@@ -173,20 +174,22 @@ class Batcher:
                     return batch
 
     def _run(self) -> None:
-        """The thread: one warm-up batch (this thread runs the engines from now on), then the loop; a death is logged."""
+        """The thread: one warm-up batch (it runs the engines from now on), then the loop; a death is logged."""
         try:
             self.runtime.sample_requests([(1, 0, None)])
             self.warmed.set()
             self._loop()
         except BaseException as e:  # the loop never raises by design: anything here is a bug, and /readyz must say so
             self.error = f"{type(e).__name__}: {e}"
-            log.critical("plan %s: the batcher thread died (%s): /readyz now answers 503", self.name, self.error, exc_info=True)
+            log.critical("plan %s: the batcher thread died (%s): /readyz now answers 503", self.name, self.error,
+                         exc_info=True)
             with self._cond:
                 self._closing = True
                 while self._queue:
                     job = self._queue.popleft()
                     self._queued_images -= job.n
-                    _settle(job.future, exception=RequestError(503, None, f"the batcher of plan {self.name!r} stopped: {self.error}"))
+                    stopped = RequestError(503, None, f"the batcher of plan {self.name!r} stopped: {self.error}")
+                    _settle(job.future, exception=stopped)
 
     def _loop(self) -> None:
         while True:

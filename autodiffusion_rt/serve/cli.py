@@ -26,7 +26,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--engines", action="append", required=True, metavar="[NAME=]DIR",
                    help="an engine dir from 'autodiffusion-rt build', optionally named (repeatable; the first is the default plan)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="port in [1, 65535] (default: %(default)s; 0 picks a free one)")
+    p.add_argument("--port", type=int, default=8000, help="port in [1, 65535] (default: %(default)s; 0: a free one)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="images per engine batch (default: %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help="how long a request waits for others to merge with; 0: run at once, and requests arriving "
@@ -84,9 +84,10 @@ def _serve(args, stop) -> int:
     from .schemas import Limits
 
     check_args(args)
+    limits = Limits(max_n=args.max_n, max_body_bytes=args.max_body_bytes)
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_images=args.queue_images,
-                             deadline_s=args.deadline_s, limits=Limits(max_n=args.max_n, max_body_bytes=args.max_body_bytes),
-                             backend=args.backend, threads=args.threads).check()
+                             deadline_s=args.deadline_s, limits=limits, backend=args.backend,
+                             threads=args.threads).check()
     missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
     if missing:
         raise BackendUnavailableError(f"serve needs {', '.join(missing)}: pip install 'autodiffusion-rt[serve]'")

@@ -68,7 +68,7 @@ def parse_sample_request(body: bytes, plans: Mapping[str, Optional[int]], defaul
     from ..records import loads_json, one_line
 
     try:
-        data = loads_json(body)  # bounded: depth, integer digits, finite numbers, valid Unicode
+        data = loads_json(body, finite=True)  # bounded: depth, integer digits, finite numbers, valid Unicode
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, JSONBoundsError
         raise RequestError(400, "body", f"the body is not valid JSON ({one_line(e)[:200]}): "
                            "send an object like {\"n\": 4, \"format\": \"png\"}") from None
