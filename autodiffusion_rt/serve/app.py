@@ -70,7 +70,7 @@ class ServeSettings:
         positive_int("queue_images", "--queue-images")
         if self.threads is not None:
             positive_int("threads", "--threads")
-        for name, option, low in (("deadline_s", "--deadline-s", 0.0), ("max_wait_ms", "--max-wait-ms", 0.0)):
+        for name, option in (("deadline_s", "--deadline-s"), ("max_wait_ms", "--max-wait-ms")):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 unit = "seconds" if name == "deadline_s" else "ms"

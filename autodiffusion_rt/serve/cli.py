@@ -60,7 +60,7 @@ def cmd_serve(args) -> int:
 
     # SIGTERM/Ctrl-C before uvicorn takes the signals (while the manifests are read and the libraries imported):
     # noted here, and the command exits 0 before serving; uvicorn's own handlers take over while it runs.
-    stop = types.SimpleNamespace(signals=[], server=None)
+    stop = types.SimpleNamespace(signals=list(getattr(args, "early_signals", ())), server=None)
 
     def note(signum, frame):
         stop.signals.append(signum)
