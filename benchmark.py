@@ -40,9 +40,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from autodiffusion_rt.errors import Error
 from autodiffusion_rt.utils import positive_ints, print_report
 
-__all__ = ["CONFIGS", "format_report", "main", "plot_report", "resident_mb", "run"]
+__all__ = ["CONFIGS", "check_counts", "format_report", "main", "plot_report", "resident_mb", "run"]
 
 #: What can be measured, in the order the report shows it.
 CONFIGS = ("ddim-full", "torch-fp32", "torch-bf16", "torch-compile", "onnxruntime-fp32", "openvino-fp32",
@@ -53,6 +54,22 @@ DEFAULT_CONFIGS = ("ddim-full", "torch-fp32", "torch-bf16", "torch-compile", "on
 ENGINE_BUILDS = {"onnxruntime-fp32": ("onnxruntime", "fp32"), "openvino-fp32": ("openvino", "fp32"),
                  "openvino-bf16": ("openvino", "bf16")}
 BASELINE = "torch-fp32"
+
+
+class BenchmarkError(Error):
+    """A benchmark option out of range (counts, batch sizes, threads)."""
+
+
+def check_counts(args) -> None:
+    """Every count and size option, before any model is loaded: the report must never record a bad value."""
+    from autodiffusion_rt.limits import check_limit
+
+    for option, value, low in (("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0),
+                               ("--latency-runs", args.latency_runs, 1), ("--full-steps", args.full_steps, 1),
+                               ("--threads", args.threads, 1), ("--gate-samples", args.gate_samples, 2)):
+        if value < low:
+            raise BenchmarkError(f"{option} {value} must be an integer >= {low}")
+    check_limit("batch", max(args.batch_sizes), "--batch-sizes", error=BenchmarkError)
 
 
 # ----------------------------------------------------------- in a worker process
@@ -343,8 +360,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from autodiffusion_rt.serve.loadtest import main as serve_main
 
         return serve_main(argv)
-    ap = argparse.ArgumentParser(description="autodiffusion-rt latency, throughput and memory, side by side. "
-                                 "(--serve URL load-tests a running service instead: --serve URL --help)")
+    from autodiffusion_rt.cli import OneLineParser
+
+    ap = OneLineParser(prog="benchmark.py", description="autodiffusion-rt latency, throughput and memory, side by "
+                       "side. (--serve URL load-tests a running service instead: --serve URL --help)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--plan", help="plan.json to benchmark")
     src.add_argument("--tiny", action="store_true", help="a random tiny model and plan (smoke test of this tool)")
@@ -365,17 +384,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--plot", default=None, metavar="PNG", help="also plot the latencies to a PNG (needs matplotlib)")
     ap.add_argument("--quiet", action="store_true", help="do not say what is being timed")
     args = ap.parse_args(argv)
-    for name in ("repeats", "latency_runs", "full_steps", "threads", "gate_samples"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer")
-    if args.warmup < 0:
-        ap.error(f"--warmup {args.warmup}: must be 0 or more")
     from autodiffusion_rt.cli import run_command
 
     return run_command("benchmark", lambda: _benchmark_command(args))
 
 
 def _benchmark_command(args) -> None:
+    check_counts(args)
     report = run(args.plan, tiny=args.tiny, configs=args.configs, engines=args.engines, engines_dir=args.engines_dir,
                  batch_sizes=args.batch_sizes, repeats=args.repeats, warmup=args.warmup, latency_runs=args.latency_runs,
                  full_steps=args.full_steps, threads=args.threads, gate_samples=args.gate_samples,

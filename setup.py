@@ -41,6 +41,7 @@ setup(
         "onnxruntime>=1.18",
         "openvino>=2024.6",  # the CPU engines (bf16 on CPUs that have it); tested with 2026.4
         "pymoo>=0.6.1",
+        "pydantic>=2.6",  # strict typed readers of checkpoints, configs and manifests (autodiffusion_rt.records)
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={

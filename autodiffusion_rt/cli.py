@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .errors import DataError, Error, SamplingError
-from .sampling import MAX_SAMPLES  # the most samples per command (an .npz is written in chunks: memory stays O(chunk))
+
+# Nothing heavy at module level (torch is imported by the commands): main() takes SIGTERM/Ctrl-C within
+# a fraction of a second of the process's start.
 
 # Modules that add subcommands; a missing optional one is skipped.
 _PLUGINS = ("autodiffusion_rt.metrics.cli", "export.cli", "autodiffusion_rt.serve.cli")
@@ -246,6 +248,8 @@ def cmd_sample(args) -> int:
     if args.n < 1:
         raise SamplingError(f"--n {args.n}: the number of samples must be a positive integer")
     n = check_n(args.n)
+    from .sampling import MAX_SAMPLES  # the most samples per command (an .npz is written in chunks)
+
     if n > MAX_SAMPLES:
         raise SamplingError(f"--n {n} is above the limit of {MAX_SAMPLES:,} samples per command: run several commands with different --seed")
     seed = check_seed(args.seed, "--seed")
@@ -364,6 +368,8 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .sampling import MAX_SAMPLES
+
     parser = OneLineParser(prog="autodiffusion-rt", description="Fast sampling for pretrained diffusion UNets.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -431,15 +437,27 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-def run_command(prog: str, command: Callable[[], Optional[int]], interrupted: str = "interrupted") -> int:
+def run_command(prog: str, command: Callable[[], Optional[int]], interrupted: str = "interrupted",
+                pending: Sequence[int] = ()) -> int:
     """A command line's exit status: ``command()``'s (0 for None); a user error is one line and 2, Ctrl-C 130.
 
     An :class:`Error`, or an ``OSError`` no command turned into its own message,
     prints ``prog: error: ...`` on one line; Ctrl-C prints ``prog: interrupted``.
+    SIGTERM is Ctrl-C here (130, temp files removed on the way out) unless the
+    command handles it itself (``train`` saves its state, ``serve`` drains).
+    ``pending``: signals that came while the command was being set up: it stops at once (130).
     """
+    import signal
+    import threading
+
     from .utils import os_error_line
 
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        if pending:
+            raise KeyboardInterrupt
         return int(command() or 0)
     except Error as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
@@ -450,15 +468,37 @@ def run_command(prog: str, command: Callable[[], Optional[int]], interrupted: st
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import signal
+    import threading
+
     from .utils import plain_warnings
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    # SIGTERM/Ctrl-C while the command's modules import (torch, onnx: seconds) are noted, not fatal: the
+    # command then stops at once (130), or 'serve' exits 0 (nothing to drain yet).
+    early: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        def note(signum, frame):
+            early.append(signum)
+
+        previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     plain_warnings()
-    return run_command("autodiffusion-rt", lambda: args.func(args))
+    if args.command == "serve":
+        args.early_signals = early  # serve's own handling takes them
+        early = []
+    return run_command("autodiffusion-rt", lambda: args.func(args), pending=early)
 
 
 if __name__ == "__main__":

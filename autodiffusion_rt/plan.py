@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence
 
 from .diffusion import DRAW_ORDER, SAMPLERS, compute_coefficients, validate_timesteps
 from .errors import Error, PlanError
+from .records import read_json
 from .utils import atomic_write, path_error
 
 PLAN_FORMAT = "autodiffusion-rt-plan"
@@ -259,9 +260,8 @@ class Plan:
         if not path.is_file():
             raise PlanError(f"plan file not found: {path}: pass the plan.json the search wrote (python -m search.run --out PATH)")
         try:
-            d = json.loads(path.read_text())  # data only: a plan file can never run code
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PlanError(f"{path} is not valid JSON ({e}): was it truncated? re-run the search or restore it") from None
+            # data only: a plan file can never run code
+            d = read_json(path, PlanError, "was it truncated? re-run the search or restore it")
         except OSError as e:
             raise PlanError(path_error(e, path, "check the file's permissions", action="read")) from None
         return cls.from_dict(d, str(path))

@@ -35,6 +35,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Optional
 
+from autodiffusion_rt.records import loads_json
 from autodiffusion_rt.utils import atomic_write, sha256_file
 
 __all__ = [
@@ -199,8 +200,8 @@ def read_progress(engine_dir: Path) -> list[dict]:
     Data only (JSON); every file an entry names is still checked against its sha256 before it is reused.
     """
     try:
-        d = json.loads((Path(engine_dir) / PROGRESS_NAME).read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        d = loads_json((Path(engine_dir) / PROGRESS_NAME).read_bytes())
+    except (OSError, ValueError):
         return []
     steps = d.get("steps") if isinstance(d, dict) else None
     if not isinstance(steps, list):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Optional, Sequence
 
 from .build import BUILD_BACKENDS, PRECISIONS
@@ -97,6 +98,15 @@ def cmd_build(args) -> int:
             raise EngineError(f"--{name.replace('_', '-')} {v}: must be a positive integer")
     if args.opset < 17:
         raise EngineError(f"--opset {args.opset}: use 17 or newer")
+    if args.max_batch is not None:
+        from autodiffusion_rt.limits import check_limit
+
+        check_limit("batch", args.max_batch, "--max-batch", error=EngineError)
+    if args.int8_fid_samples < 2:
+        raise EngineError(f"--int8-fid-samples {args.int8_fid_samples}: FID needs at least 2 samples")
+    if not (math.isfinite(args.int8_max_fid_rise) and args.int8_max_fid_rise >= 0):
+        raise EngineError(f"--int8-max-fid-rise {args.int8_max_fid_rise}: must be a finite number >= 0 "
+                          "(a relative FID rise)")
     plan = Plan.load(args.plan)
     report = build_engines(
         plan,

@@ -218,10 +218,10 @@ def load_state(path: str | Path, settings: dict) -> SearchState:
     path = Path(path)
     if not path.is_file():
         raise SearchError(f"--resume: no search checkpoint at {path}: run the search without --resume first (or pass --checkpoint PATH)")
+    from autodiffusion_rt.records import read_json
+
     try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SearchError(f"{path} is not valid JSON ({e}): the checkpoint is damaged or truncated; drop --resume to start a new search") from None
+        d = read_json(path, SearchError, "the checkpoint is damaged or truncated; drop --resume to start a new search")
     except OSError as e:
         raise SearchError(f"cannot read the checkpoint {path}: {e.strerror or e}; fix its permissions or drop --resume") from None
     state = SearchState.from_json(d, str(path))

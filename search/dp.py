@@ -33,6 +33,7 @@ import torch
 
 from autodiffusion_rt.diffusion import compute_coefficients, sample_loop, step_update, uniform_timesteps
 from autodiffusion_rt.sampling import initial_state, make_eps_fn
+from autodiffusion_rt.records import loads_json
 from autodiffusion_rt.utils import atomic_write
 
 from .errors import SearchError
@@ -268,7 +269,7 @@ def skip_sensitivity(
     path = _cache_path(cache_dir, key, "sensitivity", ".json") if cache_dir is not None else None
     if path is not None and path.exists():
         try:
-            d = json.loads(path.read_text())
+            d = loads_json(path.read_bytes())
         except (OSError, ValueError):  # unreadable: recompute and overwrite it
             d = None
         if isinstance(d, dict) and d.get("key") == key and isinstance(d.get("table"), dict):

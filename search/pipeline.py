@@ -245,6 +245,9 @@ def _check_values(options: SearchOptions) -> None:
     for name, least in (("batch_size", 1), ("cache_mb", 0), ("report_samples", 1)):
         if not _is_int(getattr(options, name), least):
             raise SearchError(f"--{name.replace('_', '-')} {getattr(options, name)!r}: must be an integer >= {least}")
+    from autodiffusion_rt.limits import check_limit
+
+    check_limit("batch", options.batch_size, "--batch-size", error=SearchError)
     for name in ("eta", "mutation_prob"):
         value = getattr(options, name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
@@ -802,16 +805,17 @@ def save_plan_set(plans, path: Path) -> Path:
 
 def load_plan_set(path: str | Path) -> list:
     """Read a Pareto set; every plan is validated like a plan.json (the bad field is named)."""
-    import json
 
     from autodiffusion_rt.errors import PlanError
     from autodiffusion_rt.plan import Plan
 
     path = Path(path)
+    from autodiffusion_rt.records import read_json
+
     try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PlanError(f"cannot read the plan set {path}: {e}") from None
+        d = read_json(path, PlanError)
+    except OSError as e:
+        raise PlanError(f"cannot read the plan set {path}: {e.strerror or e}") from None
     if not isinstance(d, dict) or d.get("format") != PLAN_SET_FORMAT or d.get("version") != 1:
         raise PlanError(f"{path}: field 'format'/'version' must be {PLAN_SET_FORMAT!r} version 1")
     if not isinstance(d.get("plans"), list) or not d["plans"]:

@@ -239,8 +239,13 @@ def make_report(
                     warnings.simplefilter("ignore", FIDWarning)
                     try:
                         row.fid[ext.name] = float(fid(images.cpu(), references[ext.name], ext))
-                    except Error:
-                        row.fid[ext.name] = float("inf")
+                    except Error as e:
+                        if j == 0:  # the plan's own row: the reference or extractor does not fit its model; not an inf
+                            ref = references[ext.name].dataset
+                            raise Error(f"cannot judge the plan's images ({model.name}, {tuple(model.image_shape)}) "
+                                        f"with extractor {ext.name} against reference {ref!r}: {e}; "
+                                        "pass --reference/--extractor made for this model") from None
+                        row.fid[ext.name] = float("inf")  # a baseline that diverged
                 bar.update(1)
             out_rows.append(row)
     finally:
@@ -292,14 +297,30 @@ def _report_command(args) -> None:
     from autodiffusion_rt.models import load_model_for_plan
     from autodiffusion_rt.plan import Plan
 
+    from autodiffusion_rt.diffusion import check_seed
+    from autodiffusion_rt.limits import check_limit
+    from autodiffusion_rt.metrics import get_extractor
+
+    # Options first, before the model and the reference are loaded.
+    if args.num_samples < 2:
+        raise Error(f"--num-samples {args.num_samples}: FID needs at least 2 samples (and more than the feature size)")
+    if args.batch_size < 1:
+        raise Error(f"--batch-size {args.batch_size}: must be a positive integer")
+    check_limit("batch", args.batch_size, "--batch-size")
+    if args.seed is not None:
+        check_seed(args.seed, "--seed")
     plan = Plan.load(args.plan)
     model = load_model_for_plan(plan)
     extractors = args.extractor or [plan.fitness.extractor if plan.fitness else "mnist"]
+    for name in extractors:  # the plan's model must make images the extractor takes, or every FID would be inf
+        try:
+            get_extractor(name).check_shape(tuple(model.image_shape))
+        except Error as e:
+            raise Error(f"{args.plan} is a plan for {model.name} (images {tuple(model.image_shape)}), which extractor "
+                        f"{name!r} cannot judge: {e}; pass --extractor/--reference made for this model") from None
     reference = args.reference or (plan.provenance or {}).get("reference") or "mnist"
     refs = {e: resolve_reference(reference, e, progress=not args.quiet)[0] for e in extractors}
     seed = args.seed if args.seed is not None else (plan.fitness.seed + 1 if plan.fitness else 1)
-    if args.num_samples < 2:
-        raise Error(f"--num-samples {args.num_samples}: FID needs at least 2 samples (and more than the feature size)")
     rep = make_report(model, plan_rows(plan, model), extractors, refs, args.num_samples, seed, plan.eta, args.batch_size, args.quiet, device=args.device)
     stem = Path(args.out) if args.out else Path(args.plan).parent / (Path(args.plan).stem + "." + "-".join(extractors))
     rep.save_and_show(stem, args.quiet)

@@ -281,7 +281,10 @@ def test_not_an_engine_dir(tmp_path):
 
 def test_tensorrt_not_installed_says_what_to_install(tensorrt_absent, dir_copy):
     model, plan, d = dir_copy
-    edit_manifest(d, lambda m: m.update(backend="tensorrt"))
+    from autodiffusion_rt.runtime.manifest import SETTINGS_HASH, settings_sha256
+
+    # a tensorrt build's manifest, hash and all (an edit that keeps the old hash is refused: see test_hostile_input)
+    edit_manifest(d, lambda m: m.update(backend="tensorrt") or m.update({SETTINGS_HASH: settings_sha256(m)}))
     with pytest.raises(BackendUnavailableError, match="pip install tensorrt"):
         Runtime.load(d)
 

@@ -79,6 +79,10 @@ def _show_warnings(caught) -> None:
 def _check_batch_size(args) -> None:
     if args.batch_size is not None and args.batch_size < 1:
         raise DataError(f"--batch-size {args.batch_size}: must be a positive integer")
+    if args.batch_size is not None:
+        from ..limits import check_limit
+
+        check_limit("batch", args.batch_size, "--batch-size", error=DataError)
 
 
 def _check_stats_out(out):
@@ -208,9 +212,10 @@ def _stats_file_extractor(ref: str) -> str | None:
         with np.load(path, allow_pickle=False) as z:
             files = set(z.files)
             if "key" in files and "format" in files:
-                import json
+                from ..records import loads_json
 
-                return json.loads(str(z["key"])).get("extractor")
+                key = loads_json(str(z["key"]))
+                return key.get("extractor") if isinstance(key, dict) else None
             if {"mu", "sigma"} <= files:  # ADM reference batch: TF Inception statistics
                 return "inception"
     except Exception:  # noqa: BLE001 - resolve_reference reports unreadable files properly

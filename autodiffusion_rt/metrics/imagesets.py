@@ -56,24 +56,23 @@ class ImageSource:
 
 def load_image_folder(folder: str | Path, progress: bool = False) -> np.ndarray:
     """All images under ``folder`` (recursively, sorted by path) as uint8 NHWC; they must share one size."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {folder}: the image set is empty")
-    arrays = []
     iterator = files
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(files, desc=f"read {folder.name}", unit="img")
-    for p in iterator:
-        try:
-            with Image.open(p) as im:
-                arrays.append((p, im.mode, np.asarray(im.convert("L") if im.mode in ("1", "L", "I", "I;16") else im.convert("RGB"))))
-        except (UnidentifiedImageError, OSError) as e:
-            raise DataError(f"cannot read image {p}: {e}") from None
+    # Our limit is the one check (PIL's own bomb error is a message without the size or the override).
+    bomb_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        arrays = _read_images(iterator)
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb_limit
     gray = all(a.ndim == 2 for _, _, a in arrays)
     out = []
     for p, mode, a in arrays:
@@ -102,6 +101,9 @@ def _npz_member_shape(path: Path, name: str) -> tuple[int, ...] | None:
 
 
 def _adm_stats(z, path: Path, ext: FeatureExtractor, image_key: str | None) -> ImageSource:
+    from ..limits import check_npz_arrays
+
+    check_npz_arrays(path, DataError, ("mu", "sigma"))  # their sizes from their headers, before they are read
     mu, sigma = z["mu"], z["sigma"]
     if mu.shape != (ext.feature_dim,):
         raise DataError(f"{path}: ADM mu has shape {mu.shape}, expected ({ext.feature_dim},) Inception pool-3 features")
@@ -114,6 +116,25 @@ def _adm_stats(z, path: Path, ext: FeatureExtractor, image_key: str | None) -> I
     stats = FeatureStats._validated(mu, sigma, n, key, str(path))
     count = f"{n} samples" if n else "sample count not recorded"
     return ImageSource(f"adm:{path.stem}", f"{path} (ADM precomputed mu/sigma, {count})", stats=stats)
+
+
+def _read_images(paths) -> list:
+    """(path, mode, uint8 array) of each image file; its size checked from its header before its pixels are decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ..limits import check_limit
+
+    arrays = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:  # reads the header only
+                w, h = im.size
+                check_limit("image_pixels", w * h, f"{w}x{h} pixels", str(p), DataError)
+                gray = im.mode in ("1", "L", "I", "I;16")
+                arrays.append((p, im.mode, np.asarray(im.convert("L") if gray else im.convert("RGB"))))
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"cannot read image {p}: {e}") from None
+    return arrays
 
 
 def _as_uint8_images(a: np.ndarray, where: str) -> np.ndarray:
@@ -146,6 +167,8 @@ def load_image_source(path: str | Path, extractor: str | FeatureExtractor | None
         return ImageSource(f"folder:{path.name}", f"{path} ({len(images)} images)", images=images)
     if path.suffix.lower() != ".npz":
         raise DataError(f"{path} is neither a folder nor an .npz file: put images in a folder, or save them with np.savez(path, arr_0=uint8 NHWC array)")
+    from ..limits import check_npz_arrays
+
     try:
         z = np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001
@@ -169,6 +192,7 @@ def load_image_source(path: str | Path, extractor: str | FeatureExtractor | None
                 name = ext.name if ext is not None else "none"
                 raise DataError(f"{path} holds precomputed Inception mu/sigma (ADM format) and no images: use --extractor inception (got {name})")
             raise DataError(f"{path} holds arrays {sorted(files)}: expected images under 'arr_0' or 'images', or statistics 'mu'/'sigma'")
+        check_npz_arrays(path, DataError, (image_key,))  # its size from its header, before it is read
         images = _as_uint8_images(z[image_key], f"{path}[{image_key!r}]")
         return ImageSource(f"npz:{path.stem}", f"{path} ({len(images)} images)", images=images)
 

@@ -134,10 +134,15 @@ class FeatureStats:
     @classmethod
     def load(cls, path: str | os.PathLike, expect: StatsKey | None = None) -> "FeatureStats":
         """Read a file written by :meth:`save`; DataError if it is unreadable, malformed, or its key is not ``expect``."""
+        from ..limits import check_npz_arrays
+
         path = Path(path)
         try:
+            check_npz_arrays(path, DataError)  # every array's size from its header, before one is read
             with np.load(path, allow_pickle=False) as z:
                 fields = {k: z[k] for k in z.files}
+        except DataError:
+            raise
         except FileNotFoundError:
             raise DataError(f"statistics file {path} does not exist: compute it with `autodiffusion-rt fid-stats`") from None
         except Exception as e:  # noqa: BLE001 - zip/npy errors of every kind mean the same: unreadable
@@ -147,11 +152,19 @@ class FeatureStats:
             raise DataError(f"{path} is not an autodiffusion-rt statistics file (missing {sorted(missing)}): recompute it with `autodiffusion-rt fid-stats`")
         if str(fields["format"]) != STATS_FORMAT:
             raise DataError(f"{path} has format {str(fields['format'])!r}, expected {STATS_FORMAT!r}: recompute it with `autodiffusion-rt fid-stats`")
+        from ..records import loads_json, one_line, schema, validate
+
+        fix = "recompute it with `autodiffusion-rt fid-stats`"
         try:
-            key = StatsKey(**json.loads(str(fields["key"])))
-        except (TypeError, ValueError) as e:
-            raise DataError(f"{path} has a malformed key ({e}): recompute it with `autodiffusion-rt fid-stats`") from None
-        stats = cls._validated(fields["mu"], fields["sigma"], int(fields["num_samples"]), key, str(path))
+            key = loads_json(str(fields["key"]))
+        except ValueError as e:
+            raise DataError(f"{path} has a malformed key ({one_line(e)}): {fix}") from None
+        key = StatsKey(**validate(schema("StatsKeyRecord"), key, f"{path} (key)", DataError, fix).model_dump())
+        num_samples = fields["num_samples"]
+        if num_samples.shape != () or not np.issubdtype(num_samples.dtype, np.integer):
+            raise DataError(f"{path}: field 'num_samples' must be one integer, got {num_samples.dtype} "
+                            f"{num_samples.shape}; {fix}")
+        stats = cls._validated(fields["mu"], fields["sigma"], int(num_samples), key, str(path))
         if expect is not None and key != expect:
             diff = ", ".join(f"{k} {v!r} (file) != {expect.as_dict()[k]!r}" for k, v in key.as_dict().items() if expect.as_dict()[k] != v)
             raise DataError(f"{path} holds statistics for another key: {diff}")

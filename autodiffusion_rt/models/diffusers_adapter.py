@@ -269,13 +269,45 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
-def _read_json(path) -> dict:
-    import json
+def _read_json(path, schema_name: str):
+    """A diffusers config file: bounded JSON, then its typed schema (the keys this project reads; others pass)."""
+    from ..records import read_json, schema, validate
 
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelSpecError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        data = read_json(path, ModelSpecError, "pass a config written by diffusers' save_pretrained")
+    except OSError as e:
+        raise ModelSpecError(f"cannot read {path}: {e.strerror or e}") from None
+    validate(schema(schema_name), data, str(path), ModelSpecError)
+    return data
+
+
+def check_unet_limits(config: Mapping, source: str) -> None:
+    """A UNet2DModel config's sizes within :mod:`autodiffusion_rt.limits`, before diffusers allocates anything."""
+    from ..limits import check_limit, check_model_bytes
+
+    size = config.get("sample_size", 32)
+    for v in size if isinstance(size, (list, tuple)) else [size]:
+        if v < 1:
+            raise ModelSpecError(f"{source}: sample_size={size} must be positive (the image side in pixels)")
+        check_limit("image_size", v, "sample_size", source, ModelSpecError)
+    channels = list(config.get("block_out_channels", (64,)))
+    if not channels or min(channels) < 1:
+        raise ModelSpecError(f"{source}: block_out_channels={channels} must be a non-empty list of positive integers")
+    check_limit("channels", max(channels), "max(block_out_channels)", source, ModelSpecError)
+    layers = len(channels) * config.get("layers_per_block", 2)
+    check_limit("layers", layers, "len(block_out_channels) x layers_per_block", source, ModelSpecError)
+    for key in ("down_block_types", "up_block_types"):
+        if len(config.get(key, ())) != len(channels):
+            raise ModelSpecError(f"{source}: {key} has {len(config.get(key, ()))} blocks for {len(channels)} "
+                                 "block_out_channels: give one block type per level")
+    from diffusers import UNet2DModel
+
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    try:
+        check_model_bytes(lambda: UNet2DModel.from_config(cfg), source, ModelSpecError)
+    except (ValueError, TypeError, AttributeError, ZeroDivisionError, RuntimeError) as e:
+        raise ModelSpecError(f"{source}: diffusers cannot build this UNet ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})") from None
 
 
 def locate(directory) -> tuple:
@@ -310,13 +342,19 @@ def check_scheduler_config(config: Mapping, source: str) -> dict:
     return {k: config[k] for k in keys if k in config and config[k] is not None}
 
 
-def scheduler_noise_schedule(config: Mapping):
+def scheduler_noise_schedule(config: Mapping, source: str = "the scheduler config"):
     """The training noise schedule of a diffusers scheduler config, betas computed by diffusers' DDPMScheduler."""
     from diffusers import DDPMScheduler
 
     from ..diffusion import NoiseSchedule
     from ..errors import SamplingError
+    from ..limits import check_limit
+    from ..records import schema, validate
 
+    checked = validate(schema("SchedulerConfig"), config, source, ModelSpecError)
+    check_limit("timesteps", checked.num_train_timesteps, "num_train_timesteps", source, ModelSpecError)
+    if checked.trained_betas is not None:
+        check_limit("timesteps", len(checked.trained_betas), "len(trained_betas)", source, ModelSpecError)
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
     try:
         betas = DDPMScheduler.from_config(cfg).betas
@@ -338,15 +376,17 @@ def load_diffusers(spec: str, directory):
     from .model import DiffusionModel
 
     unet_dir, scheduler_file = locate(directory)
-    check_unet_config(_read_json(unet_dir / "config.json"), str(unet_dir / "config.json"))
-    scheduler = check_scheduler_config(_read_json(scheduler_file), str(scheduler_file))
+    unet_config = _read_json(unet_dir / "config.json", "DiffusersUNetConfig")
+    check_unet_config(unet_config, str(unet_dir / "config.json"))
+    scheduler = check_scheduler_config(_read_json(scheduler_file, "SchedulerConfig"), str(scheduler_file))
+    schedule = scheduler_noise_schedule(scheduler, str(scheduler_file))  # before the weights: costs nothing
+    check_unet_limits(unet_config, str(unet_dir / "config.json"))
     try:
         unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelSpecError(f"diffusers cannot load {unet_dir}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     unet = unet.float().eval().requires_grad_(False)
     adapter = DiffusersUNet(unet, str(unet_dir)).eval()
-    schedule = scheduler_noise_schedule(scheduler)
     unet_config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     return DiffusionModel(
         name=spec,

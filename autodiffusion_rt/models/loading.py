@@ -97,12 +97,25 @@ def _parse_ints(value, name: str) -> tuple:
 
 def adm_config(preset: Optional[str] = None, **flags) -> tuple[dict, dict]:
     """guided-diffusion flags (preset + overrides) -> (ADMUNet kwargs, diffusion settings)."""
+    try:
+        return _adm_config(preset, **flags)
+    except (ValueError, TypeError, ZeroDivisionError) as e:  # a flag of the wrong kind (num_channels=abc, ...=0)
+        given = ", ".join(f"{k}={v!r}" for k, v in flags.items()) or "none"
+        raise ModelSpecError(f"ADM options ({given}) do not make a model config: {type(e).__name__}: {e}; "
+                             "check the --option values (guided-diffusion's flag names and types)") from None
+
+
+def _adm_config(preset: Optional[str] = None, **flags) -> tuple[dict, dict]:
     if preset is not None and preset not in ADM_PRESETS:
         raise ModelSpecError(f"unknown ADM preset {preset!r}: choose one of {sorted(ADM_PRESETS)}")
     unknown = set(flags) - set(_ADM_DEFAULTS)
     if unknown:
         raise ModelSpecError(f"unknown ADM option(s) {sorted(unknown)}: valid options are {sorted(_ADM_DEFAULTS)}")
     f = {**_ADM_DEFAULTS, **(ADM_PRESETS[preset] if preset else {}), **flags}
+    for key, default in _ADM_DEFAULTS.items():  # bool("maybe") is True: a yes/no flag takes a yes or a no
+        value = f[key]
+        if isinstance(default, bool) and not (isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))):
+            raise ModelSpecError(f"ADM option {key}={value!r} must be true or false")
     size = int(f["image_size"])
     mult = _parse_ints(f["channel_mult"], "channel_mult") if f["channel_mult"] else _DEFAULT_CHANNEL_MULT.get(size)
     if mult is None:
@@ -132,9 +145,42 @@ def adm_config(preset: Optional[str] = None, **flags) -> tuple[dict, dict]:
     return unet, diffusion
 
 
+def check_unet_config(unet_config: dict, source: str) -> dict:
+    """ADMUNet keyword arguments from a file or options: typed (strict) and within the limits, before anything
+    is allocated."""
+    from ..limits import check_limit, check_model_bytes
+    from ..records import schema, validate
+
+    if not isinstance(unet_config, dict):
+        raise CheckpointError(f"{source}: the model config must be an object of ADMUNet arguments, "
+                              f"got {type(unet_config).__name__}")
+    cfg = validate(schema("ADMConfig"), unet_config, f"{source} (model config)", CheckpointError)
+    widest = cfg.model_channels * max([1, *cfg.channel_mult])
+    check_limit("channels", widest, "model_channels x max(channel_mult)", source, CheckpointError)
+    check_limit("image_size", cfg.image_size, "image_size", source, CheckpointError)
+    layers = len(cfg.channel_mult) * cfg.num_res_blocks
+    check_limit("layers", layers, "len(channel_mult) x num_res_blocks", source, CheckpointError)
+    kwargs = _unet_kwargs(unet_config)
+    try:
+        check_model_bytes(lambda: ADMUNet(**kwargs), source, CheckpointError)
+    except (ValueError, TypeError, ZeroDivisionError, AssertionError, RuntimeError) as e:
+        raise CheckpointError(f"{source}: the model config does not describe a buildable ADM UNet ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); check the preset/options") from None
+    return kwargs
+
+
 def _check_state_dict(unet: ADMUNet, state_dict: dict, source: str) -> None:
+    import torch
+
     expected = unet.state_dict()
+    bad = next((k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CheckpointError(f"{source}: entry {bad!r} of the state_dict is a {type(state_dict[bad]).__name__}, "
+                              "not a tensor: the file is not a model checkpoint")
     for key, value in expected.items():
+        if key in state_dict and state_dict[key].dtype.is_floating_point != value.dtype.is_floating_point:
+            raise CheckpointError(f"{source}: key {key!r} holds {state_dict[key].dtype} values where the model has "
+                                  f"{value.dtype}: the checkpoint is damaged or not this model's")
         if key not in state_dict:
             raise CheckpointError(f"{source}: missing key {key!r} (expected shape {tuple(value.shape)}): the checkpoint does not fit this config; check the preset/options")
         if tuple(state_dict[key].shape) != tuple(value.shape):
@@ -153,7 +199,8 @@ def _read_checkpoint(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt files
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "empty or not a torch file"
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first}") from None
 
 
 def _read_adm_state_dict(path: Path) -> dict:
@@ -165,7 +212,7 @@ def _read_adm_state_dict(path: Path) -> dict:
 
 
 def model_from_weights(name: str, unet_config: dict, diffusion: dict, state_dict: dict, *, source: str = "<weights>",
-                       metadata: Optional[dict] = None) -> DiffusionModel:
+                       metadata: Optional[dict] = None, checked: bool = False) -> DiffusionModel:
     """An ADM :class:`DiffusionModel` from its architecture, noise settings and weights.
 
     ``unet_config``: :class:`ADMUNet` keyword arguments; ``diffusion``: ``noise_schedule``,
@@ -173,12 +220,14 @@ def model_from_weights(name: str, unet_config: dict, diffusion: dict, state_dict
     spec loader ends here; it is also the way to make a model that is not a file
     (random weights in tests and ``benchmark.py --tiny``).
     """
-    unet_config = _unet_kwargs(unet_config)
-    unet = ADMUNet(**unet_config)
+    if not checked:  # ``checked``: the caller ran these two on this config already (before reading the weights)
+        unet_config = check_unet_config(unet_config, source)
+        diffusion_schedule(diffusion, source)  # before the weights are allocated: a bad schedule costs nothing
+    unet = ADMUNet(**_unet_kwargs(unet_config))
     _check_state_dict(unet, state_dict, source)
     unet.load_state_dict(state_dict, strict=True)
     unet.eval().requires_grad_(False)
-    schedule = diffusion_schedule(diffusion)
+    schedule = diffusion_schedule(diffusion, source)
     return DiffusionModel(
         name=name,
         unet=unet,
@@ -199,20 +248,28 @@ def _unet_kwargs(config: dict) -> dict:
     return out
 
 
-def diffusion_schedule(diffusion: dict) -> NoiseSchedule:
+def diffusion_schedule(diffusion: dict, source: str = "the model config") -> NoiseSchedule:
     """The noise schedule a model config's ``diffusion`` settings describe (named, or a diffusers scheduler config)."""
-    if "scheduler" in diffusion:
+    from ..limits import check_limit
+    from ..records import schema, validate
+
+    settings = validate(schema("DiffusionSettings"), diffusion, f"{source} (diffusion settings)", CheckpointError)
+    if settings.scheduler is not None:
         from .diffusers_adapter import scheduler_noise_schedule
 
-        return scheduler_noise_schedule(diffusion["scheduler"])
-    return NoiseSchedule.named(diffusion["noise_schedule"], int(diffusion.get("diffusion_steps", 1000)))
+        return scheduler_noise_schedule(settings.scheduler, source)
+    check_limit("timesteps", settings.diffusion_steps, "diffusion_steps", source, CheckpointError)
+    return NoiseSchedule.named(settings.noise_schedule, settings.diffusion_steps)
 
 
 def _load_trained(spec: str, path: Path, fix: str) -> DiffusionModel:
     """A checkpoint written by ``autodiffusion-rt train``: config, schedule and weights in one file."""
+    from ..records import schema, validate
+
     record = _read_checkpoint(path)
     if not (isinstance(record, dict) and record.get("format") == 1 and "state_dict" in record):
         raise CheckpointError(f"{path} is not an autodiffusion-rt checkpoint (format 1): {fix}")
+    validate(schema("CheckpointRecord"), record, str(path), CheckpointError, fix)
     return model_from_weights(spec, record["config"], record["diffusion"], record["state_dict"], source=str(path),
                               metadata=record.get("training", {}))
 
@@ -239,8 +296,12 @@ def load_model(spec: str, **overrides) -> DiffusionModel:
             raise ModelSpecError(f"model spec {spec!r} has no path: use 'adm:PATH/TO/CHECKPOINT.pt'")
         path = Path(rest).expanduser()
         unet_kwargs, diffusion = adm_config(**overrides)
+        where = f"{spec} with its preset/options"
+        unet_kwargs = check_unet_config(unet_kwargs, where)  # the options before the file is read
+        diffusion_schedule(diffusion, where)
         state_dict = _read_adm_state_dict(path)
-        return model_from_weights(spec, unet_kwargs, diffusion, state_dict, source=str(path), metadata={"overrides": overrides})
+        return model_from_weights(spec, unet_kwargs, diffusion, state_dict, source=str(path),
+                                  metadata={"overrides": overrides}, checked=True)
     if kind == "diffusers":
         if not rest:
             raise ModelSpecError(f"model spec {spec!r} has no path: use 'diffusers:DIR' (a save_pretrained directory)")

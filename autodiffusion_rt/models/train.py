@@ -124,8 +124,16 @@ def _read_state(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise TrainingError(f"cannot read the training state {path} ({type(e).__name__}): delete it to start fresh") from None
+    fresh = "delete it (or pass another --state) to start fresh"
+    if isinstance(state, dict) and "state_dict" in state and "model" not in state:
+        raise TrainingError(f"{path} is a checkpoint (what --out holds), not a training state: pass --state with the "
+                            f"OUT.state file, or {fresh}")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise TrainingError(f"{path} is not an autodiffusion-rt training state (format {STATE_FORMAT}): delete it to start fresh")
+        raise TrainingError(f"{path} is not an autodiffusion-rt training state (format {STATE_FORMAT}): {fresh}")
+    from ..records import schema, validate
+
+    validate(schema("TrainState"), state, str(path), TrainingError, fresh)
+    _check_state_step(state, path, fresh)
     return state
 
 
@@ -134,6 +142,36 @@ def min_snr_weights(alphas_cumprod, gamma: Optional[float]) -> torch.Tensor:
     acp = torch.tensor(alphas_cumprod, dtype=torch.float64)
     snr = acp / (1 - acp)
     return (snr.clamp(max=gamma) / snr).float() if gamma else torch.ones_like(snr).float()
+
+
+def _check_state_step(state: dict, path: Path, fresh: str) -> None:
+    """The state's step against its own history: the LR schedule and the optimizer count every step taken."""
+    step = state["step"]
+    steps = state["settings"].get("steps")
+    if isinstance(steps, int) and step > steps:
+        raise TrainingError(f"{path}: step={step} is beyond the run's steps={steps}: the state is damaged; {fresh}")
+    counted = {"lr_schedule.last_epoch": state["lr_schedule"].get("last_epoch")}
+    for k, v in (state["optimizer"].get("state") or {}).items():
+        if isinstance(v, dict) and "step" in v:
+            counted[f"optimizer.state[{k}].step"] = int(v["step"])
+            break
+    for where, n in counted.items():
+        if n != step:
+            raise TrainingError(f"{path}: step={step} disagrees with {where}={n} (the steps the state itself counted): "
+                                f"the state is damaged or edited; {fresh}")
+
+
+def _read_init(path: Path) -> dict:
+    """An --init checkpoint, read and typed as every ``ckpt:`` record is."""
+    from ..records import schema, validate
+    from .loading import _read_checkpoint
+
+    record = _read_checkpoint(path)
+    fix = "pass a checkpoint written by 'autodiffusion-rt train --out'"
+    if not isinstance(record, dict):
+        raise TrainingError(f"--init {path} is not an autodiffusion-rt checkpoint: {fix}")
+    validate(schema("CheckpointRecord"), record, f"--init {path}", TrainingError, fix)
+    return record
 
 
 def train_embedded(
@@ -160,9 +198,19 @@ def train_embedded(
     ``compile``: run the training forward through ``torch.compile`` (about 1.3x
     faster on a CPU after a two-minute compile; the same function up to float rounding).
     """
-    from ..diffusion import NoiseSchedule
 
     settings.check()
+    from ..limits import check_limit
+
+    check_limit("batch", settings.batch_size, "--batch-size", error=TrainingError)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise TrainingError(f"--threads {threads!r} must be a positive integer (or left out: torch's choice)")
+    for option, value in (("--checkpoint-every", checkpoint_every), ("--time-limit", time_limit)):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise TrainingError(f"{option} {value!r} must be a finite positive number of seconds")
+    if stop_at_step is not None and (isinstance(stop_at_step, bool) or not isinstance(stop_at_step, int)
+                                     or stop_at_step < 0):
+        raise TrainingError(f"--stop-at-step {stop_at_step!r} must be an integer >= 0")
     out = Path(out)
     state = Path(state) if state is not None else out.with_name(out.name + ".state")
     _probe_writable(out, "output checkpoint")
@@ -171,6 +219,23 @@ def train_embedded(
         raise TrainingError(f"--init {init}: no such checkpoint file; pass the path of a checkpoint from 'autodiffusion-rt train'")
     if threads:
         torch.set_num_threads(threads)
+    from ..utils import LockBusy, file_lock, remove_stale_temps
+
+    lock = out.with_name(f".{out.name}.lock")
+    try:
+        with file_lock(lock, remove=True):
+            remove_stale_temps(out, state)  # under the lock: a temp file here is a killed run's
+            return _train(out, settings, state, resume, checkpoint_every, time_limit, stop_at_step, compile, quiet,
+                          command, init)
+    except LockBusy:
+        raise TrainingError(f"another 'autodiffusion-rt train' is writing --out {out} (it holds {lock}): wait for it "
+                            "to finish, or pass another --out") from None
+
+
+def _train(out: Path, settings: TrainSettings, state: Path, resume: bool, checkpoint_every: float,
+           time_limit: Optional[float], stop_at_step: Optional[int], compile: bool, quiet: bool, command: str,
+           init: Optional[Path]) -> dict:
+    from ..diffusion import NoiseSchedule
 
     images, labels = load_mnist("all")
     schedule = NoiseSchedule.named(settings.noise_schedule, EMBEDDED_MNIST_DIFFUSION["diffusion_steps"])
@@ -185,8 +250,13 @@ def train_embedded(
     model = ADMUNet(**config)
     history: list[dict] = []
     if init is not None and not resume:
-        previous = torch.load(init, map_location="cpu", weights_only=True)
-        model.load_state_dict(previous["state_dict"], strict=True)
+        previous = _read_init(Path(init))
+        try:
+            model.load_state_dict(previous["state_dict"], strict=True)
+        except RuntimeError as e:
+            why = str(e).strip().splitlines()[-1].strip()
+            raise TrainingError(f"--init {init} does not fit the embedded model ({why}): "
+                                "pass a checkpoint written by 'autodiffusion-rt train'") from None
         history = [*previous.get("training", {}).get("history", []), {k: v for k, v in previous["training"].items() if k != "history"}]
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
@@ -203,12 +273,17 @@ def train_embedded(
                 f"{state} was made with other settings ({diff}): "
                 "resume with the same settings, or delete the state file to start fresh"
             )
-        model.load_state_dict(saved["model"])
-        ema.load_state_dict(saved["ema"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["lr_schedule"])
-        gen.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
+        try:
+            model.load_state_dict(saved["model"])
+            ema.load_state_dict(saved["ema"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["lr_schedule"])
+            gen.set_state(saved["generator"])
+            torch.set_rng_state(saved["torch_rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            raise TrainingError(f"{state} does not fit the model it claims ({lines[-1].strip()[:200]}): the state is "
+                                "damaged; delete it (or pass another --state) to start fresh") from None
         start, seconds_before, losses, history = saved["step"], saved["seconds"], list(saved["losses"]), saved["history"]
 
     def save_state(step: int, elapsed: float) -> None:
@@ -273,8 +348,6 @@ def train_embedded(
         step = settings.steps
     elapsed = seconds_before + time.time() - t0
     save_state(step, elapsed)
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
     final_loss = sum(losses) / max(1, len(losses))
     record = {"steps": settings.steps, "step": step, "finished": finished, "seconds": round(elapsed, 1), "final_loss": round(final_loss, 5)}
     # A stopped run also leaves a usable checkpoint: the EMA weights so far, marked with their step.
@@ -295,6 +368,10 @@ def train_embedded(
             "history": history,
         },
     }
-    with atomic_write(out, "wb") as f:
-        torch.save(checkpoint, f)
+    try:
+        with atomic_write(out, "wb") as f:
+            torch.save(checkpoint, f)
+    finally:  # a signal during the last writes is noted, not obeyed: the run is ending and saving anyway
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     return record

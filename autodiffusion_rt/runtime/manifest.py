@@ -52,7 +52,9 @@ from typing import Any, Iterator, Optional
 from ..diffusion import SamplerCoefficients, StepCoefficients
 from ..diffusion.step_io import TensorSpec, step_tensors
 from ..errors import EngineError, PlanError
+from ..limits import check_limit
 from ..plan import Plan
+from ..records import loads_json, read_json, schema, validate
 from ..utils import atomic_write, sha256_file
 from .platform import library_versions
 
@@ -73,6 +75,18 @@ MANIFEST_VERSION = 1
 #: The backends an engine dir is built for, and the precisions its engines run at.
 ENGINE_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 ENGINE_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+#: The fields that change how the engines run and are not re-derived from the plan or the engine files:
+#: covered by the manifest's own hash (``settings_sha256``), so an edit is refused, never obeyed.
+HASHED = ("backend", "precision", "batch", "opset", "label_mode", "model", "weights")
+SETTINGS_HASH = "settings_sha256"
+
+
+def settings_sha256(data: Mapping) -> str:
+    """sha256 of the manifest's :data:`HASHED` fields (canonical JSON)."""
+    import hashlib
+
+    text = json.dumps({k: data.get(k) for k in HASHED}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def model_entry(model, spec: str) -> dict:
@@ -161,7 +175,9 @@ class Manifest(Mapping):
         for key, value in (("int8", int8), ("bf16", bf16), ("embeddings", embeddings)):
             if value is not None:
                 data[key] = value
-        return cls(engine_dir, json.loads(json.dumps(data)))
+        data = json.loads(json.dumps(data))
+        data[SETTINGS_HASH] = settings_sha256(data)
+        return cls(engine_dir, data)
 
     def same_build(self, other: Optional["Manifest"]) -> bool:
         """Whether ``other`` records the same build (everything but the creation time)."""
@@ -186,13 +202,13 @@ class Manifest(Mapping):
         if not path.exists():
             return None
         try:
-            m = json.loads(path.read_text())
+            m = loads_json(path.read_bytes())
             if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or m.get("version") != MANIFEST_VERSION:
                 raise ValueError(f"not a version-{MANIFEST_VERSION} engine manifest")
             if not isinstance(m.get("steps"), list):
                 raise ValueError("no steps")
             return cls(engine_dir, m)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (OSError, ValueError) as e:
             warnings.warn(f"{path} is unreadable ({e}); rebuilding every step")
             return None
 
@@ -213,9 +229,9 @@ class Manifest(Mapping):
                 f"run 'autodiffusion-rt build PLAN --out {engine_dir}'"
             )
         try:
-            m = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EngineError(f"{path} is not valid JSON ({e}): it is corrupted; {rebuild}") from None
+            m = read_json(path, EngineError, f"it is corrupted; {rebuild}")
+        except OSError as e:
+            raise EngineError(f"cannot read {path}: {e.strerror or e}; check its permissions") from None
 
         def bad(field: str, why: str):
             raise EngineError(f"{path}: field {field!r} {why}; {rebuild}")
@@ -251,6 +267,14 @@ class Manifest(Mapping):
         for key in ("plan", "model", "versions"):
             if not isinstance(m.get(key), dict):
                 bad(key, "must be an object")
+        model = validate(schema("ManifestModel"), m["model"], f"{path} (model)", EngineError, rebuild)
+        if m.get(SETTINGS_HASH) != settings_sha256(m):
+            bad(SETTINGS_HASH, f"does not match the manifest's settings ({', '.join(HASHED)}): edited by hand?")
+        check_limit("batch", batch["max"], "batch.max", str(path), EngineError)
+        for side in model.image_shape[1:]:
+            check_limit("image_size", side, "model.image_shape", str(path), EngineError)
+        if min(model.image_shape) < 1:
+            bad("model.image_shape", f"must be 3 positive integers [C, H, W], got {model.image_shape}")
         if not isinstance(m.get("steps"), list) or not m["steps"]:
             bad("steps", "must be a non-empty list")
         for i, step in enumerate(m["steps"]):

@@ -34,6 +34,9 @@ __all__ = ["ServeSettings", "ServeSettingsError", "ServeState", "create_app", "e
 
 log = logging.getLogger("autodiffusion_rt.serve")
 
+MAX_DEADLINE_S = 86400.0  # a day: beyond it a "deadline" is a typo (and asyncio/threading timeouts overflow near 1e9 s)
+MAX_BODY_BYTES = 1 << 20  # the request is a few fields: a MiB is generous
+
 
 class ServeSettingsError(Error):
     """A server option out of range (max batch, queue bound, limits)."""
@@ -56,13 +59,38 @@ class ServeSettings:
     spinning: bool = False
 
     def check(self) -> "ServeSettings":
-        for name in ("max_batch", "queue_images"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ServeSettingsError(f"{name}={getattr(self, name)!r} must be a positive integer")
-        if self.max_wait_ms < 0 or self.deadline_s <= 0:
-            raise ServeSettingsError(f"max_wait_ms={self.max_wait_ms} must be >= 0 and deadline_s={self.deadline_s} > 0")
-        if self.limits.max_n < 1 or self.limits.max_body_bytes < 1:
-            raise ServeSettingsError(f"max_n={self.limits.max_n} and max_body_bytes={self.limits.max_body_bytes} must be positive")
+        """Every setting typed and in range (one line naming the option), before anything is loaded."""
+        import math
+
+        from ..limits import check_limit
+
+        def positive_int(name: str, option: str) -> int:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ServeSettingsError(f"{option} {v!r} must be a positive integer")
+            return v
+
+        check_limit("batch", positive_int("max_batch", "--max-batch"), "--max-batch", error=ServeSettingsError)
+        positive_int("queue_images", "--queue-images")
+        if self.threads is not None:
+            positive_int("threads", "--threads")
+        for name, option in (("deadline_s", "--deadline-s"), ("max_wait_ms", "--max-wait-ms")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                unit = "seconds" if name == "deadline_s" else "ms"
+                raise ServeSettingsError(f"{option} {v!r} must be a finite number of {unit}")
+        if not 0 < self.deadline_s <= MAX_DEADLINE_S:
+            raise ServeSettingsError(f"--deadline-s {self.deadline_s:g} must be in (0, {MAX_DEADLINE_S:g}] seconds")
+        if not 0 <= self.max_wait_ms <= 1e3 * MAX_DEADLINE_S:
+            raise ServeSettingsError(f"--max-wait-ms {self.max_wait_ms:g} must be in [0, {1e3 * MAX_DEADLINE_S:g}] ms "
+                                     "(0: run at once)")
+        if isinstance(self.limits.max_n, bool) or not isinstance(self.limits.max_n, int) or self.limits.max_n < 1:
+            raise ServeSettingsError(f"--max-n {self.limits.max_n!r} must be a positive integer")
+        check_limit("batch", self.limits.max_n, "--max-n", error=ServeSettingsError)  # one answer holds all its images
+        if (isinstance(self.limits.max_body_bytes, bool) or not isinstance(self.limits.max_body_bytes, int)
+                or not 1 <= self.limits.max_body_bytes <= MAX_BODY_BYTES):
+            raise ServeSettingsError(f"--max-body-bytes {self.limits.max_body_bytes!r} must be an integer in "
+                                     f"[1, {MAX_BODY_BYTES}]")
         if self.limits.max_n > self.queue_images:
             raise ServeSettingsError(f"max_n={self.limits.max_n} is larger than queue_images={self.queue_images}: "
                                "such a request could never be queued; raise queue_images or lower max_n")
@@ -125,27 +153,54 @@ class ServeState:
 
         try:
             for name, d in self.engines.items():
+                if self._closed:  # shutting down: load nothing more
+                    return
                 start = time.perf_counter()
                 rt = self._load_runtime(d)
                 self.runtimes[name] = rt
                 batch = min(self.settings.max_batch, rt.max_batch or self.settings.max_batch)
                 rt.sample_requests([(batch, 0, None)])  # first runs allocate: not on a user's clock
                 rt.sample_requests([(1, 0, None)])
-                self.batchers[name] = Batcher(name, rt, max_batch=self.settings.max_batch,
-                                              max_wait_s=self.settings.max_wait_ms / 1e3,
-                                              queue_images=self.settings.queue_images, metrics=self.metrics).start()
+                if self._closed:  # shutting down while loading: stop here (close() releases what was loaded)
+                    return
+                batcher = Batcher(name, rt, max_batch=self.settings.max_batch,
+                                  max_wait_s=self.settings.max_wait_ms / 1e3, queue_images=self.settings.queue_images,
+                                  metrics=self.metrics)
+                self.batchers[name] = batcher.start()
+                batcher.wait_warm()  # ready means a batch can run: the batcher's own thread has run one
                 log.info("plan %s: %s loaded and warmed in %.1f s", name, rt, time.perf_counter() - start)
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}" if not isinstance(e, Error) else str(e)
             log.error("loading the engines failed: %s", self.load_error)
             raise
-        self.ready.set()
+        if not self._closed:
+            self.ready.set()
 
-    def close(self) -> None:
-        """Drain every batcher (queued requests still run), then release the engines."""
+    def serving(self) -> Optional[str]:
+        """None when every plan can run a batch now; else why not (loading, a failed load, a dead batcher)."""
+        if self.load_error:
+            return f"loading the engines failed: {self.load_error}"
+        if not self.ready.is_set():
+            return "the engines are loading and warming up"
+        dead = [b for b in self.batchers.values() if not b.serving]
+        if dead:
+            why = dead[0].error or "its thread is not running"
+            return f"the batcher of plan {dead[0].name!r} stopped ({why}): restart the service"
+        return None
+
+    def close(self, loader: Optional[threading.Thread] = None) -> None:
+        """Drain every batcher (queued requests still run), then release the engines.
+
+        ``loader``: the thread running :meth:`load`, waited for first. A process that exits while
+        onnxruntime is still creating a session in another thread aborts in C++ (``terminate called
+        without an active exception``, exit 134); loading stops after the engine in progress.
+        """
         if self._closed:
             return
         self._closed = True
+        if loader is not None and loader.is_alive():
+            log.info("waiting for the engine being loaded before shutting down")
+            loader.join()
         for b in self.batchers.values():
             b.close()
         for rt in self.runtimes.values():
@@ -220,9 +275,12 @@ def create_app(state: ServeState, *, load_on_startup: bool = True, on_load_error
                     if on_load_error is not None:
                         on_load_error(state.load_error)
 
-            threading.Thread(target=load, name="engine-loader", daemon=True).start()
+            loader = threading.Thread(target=load, name="engine-loader", daemon=True)
+            loader.start()
+        else:
+            loader = None
         yield
-        await asyncio.to_thread(state.close)
+        await asyncio.to_thread(state.close, loader)
 
     app = FastAPI(title="autodiffusion-rt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
@@ -249,9 +307,9 @@ def create_app(state: ServeState, *, load_on_startup: bool = True, on_load_error
 
     @app.get("/readyz")
     async def readyz():
-        if state.ready.is_set():
+        message = state.serving()
+        if message is None:
             return {"status": "ready", "plans": {n: str(rt) for n, rt in state.runtimes.items()}}
-        message = f"loading the engines failed: {state.load_error}" if state.load_error else "the engines are loading and warming up"
         return JSONResponse({"error": {"field": None, "message": message}}, status_code=503, headers={"Retry-After": "1"})
 
     @app.get("/metrics")
@@ -273,6 +331,9 @@ def create_app(state: ServeState, *, load_on_startup: bool = True, on_load_error
         req = parse_sample_request(bytes(body), state.num_classes, state.default_plan, limits)
         if not state.ready.is_set():
             raise RequestError(503, None, "the engines are still loading: retry when /readyz answers 200", {"Retry-After": "1"})
+        if not state.batchers[req.plan].serving:
+            raise RequestError(503, None, state.serving() or "the service cannot run batches: restart it",
+                               {"Retry-After": "1"})
         batcher = state.batchers[req.plan]
         deadline = time.monotonic() + state.settings.deadline_s
         job = batcher.submit(req.n, req.seed, req.labels, deadline)

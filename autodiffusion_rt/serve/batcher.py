@@ -66,11 +66,29 @@ class Batcher:
         self._closing = False
         self._running = False  # a batch is on the engines
         self._images_per_s = 0.0  # EWMA of batch throughput, for Retry-After
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+        self.warmed = threading.Event()  # set once the thread has run its warm-up batch
+        self.error: Optional[str] = None  # why the thread died, if it did
 
     def start(self) -> "Batcher":
         self._thread.start()
         return self
+
+    @property
+    def serving(self) -> bool:
+        """Whether a batch can run now: the thread is alive and has run its warm-up batch."""
+        return self.warmed.is_set() and self._thread.is_alive() and self.error is None
+
+    def wait_warm(self, timeout: Optional[float] = None) -> None:
+        """Block until the warm-up batch ran; raise RuntimeError (with the reason) if the thread died instead."""
+        while not self.warmed.wait(0.05 if timeout is None else min(timeout, 0.05)):
+            if not self._thread.is_alive():
+                why = self.error or "no reason given"
+                raise RuntimeError(f"the batcher of plan {self.name!r} stopped before serving: {why}")
+            if timeout is not None:
+                timeout -= 0.05
+                if timeout <= 0:
+                    raise RuntimeError(f"the batcher of plan {self.name!r} did not warm up in time")
 
     @property
     def queued_images(self) -> int:
@@ -171,6 +189,24 @@ class Batcher:
             self._running = False
         if self.metrics is not None:
             self.metrics.running_images.labels(self.name).set(0)
+
+    def _run(self) -> None:
+        """The thread: one warm-up batch (it runs the engines from now on), then the loop; a death is logged."""
+        try:
+            self.runtime.sample_requests([(1, 0, None)])
+            self.warmed.set()
+            self._loop()
+        except BaseException as e:  # the loop never raises by design: anything here is a bug, and /readyz must say so
+            self.error = f"{type(e).__name__}: {e}"
+            log.critical("plan %s: the batcher thread died (%s): /readyz now answers 503", self.name, self.error,
+                         exc_info=True)
+            with self._cond:
+                self._closing = True
+                while self._queue:
+                    job = self._queue.popleft()
+                    self._queued_images -= job.n
+                    stopped = RequestError(503, None, f"the batcher of plan {self.name!r} stopped: {self.error}")
+                    _settle(job.future, exception=stopped)
 
     def _loop(self) -> None:
         while True:

@@ -26,7 +26,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--engines", action="append", required=True, metavar="[NAME=]DIR",
                    help="an engine dir from 'autodiffusion-rt build', optionally named (repeatable; the first is the default plan)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)")
+    p.add_argument("--port", type=int, default=8000, help="port in [1, 65535] (default: %(default)s; 0: a free one)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="images per engine batch (default: %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help="how long a request waits for others to merge with; 0: run at once, and requests arriving "
@@ -60,7 +60,38 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args) -> None:
+    """The options ServeSettings does not hold (the address), before anything is imported or loaded."""
+    from .app import ServeSettingsError
+
+    if not 0 <= args.port <= 65535:
+        raise ServeSettingsError(f"--port {args.port} must be in [1, 65535] (or 0: pick a free port)")
+    if not args.host or any(c.isspace() for c in args.host):
+        raise ServeSettingsError(f"--host {args.host!r} must be an address or a host name, e.g. 127.0.0.1")
+
+
 def cmd_serve(args) -> int:
+    import signal
+    import types
+
+    # SIGTERM/Ctrl-C before uvicorn takes the signals (while the manifests are read and the libraries imported):
+    # noted here, and the command exits 0 before serving; uvicorn's own handlers take over while it runs.
+    stop = types.SimpleNamespace(signals=list(getattr(args, "early_signals", ())), server=None)
+
+    def note(signum, frame):
+        stop.signals.append(signum)
+        if stop.server is not None:  # made, but uvicorn has not taken the signals yet: it stops once started
+            stop.server.should_exit = True
+
+    previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _serve(args, stop)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _serve(args, stop) -> int:
     import importlib.util
     import logging
 
@@ -68,30 +99,35 @@ def cmd_serve(args) -> int:
     from .app import ServeSettings, ServeState, create_app, engine_specs
     from .schemas import Limits
 
-    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise BackendUnavailableError(f"serve needs {', '.join(missing)}: pip install 'autodiffusion-rt[serve]'")
+    check_args(args)
     ray_settings = None
     if args.ray:
         from .ray_app import RaySettings, default_replica_threads
 
-        if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
-            raise BackendUnavailableError("serve --ray needs ray[serve]: pip install 'autodiffusion-rt[ray]'")
         ray_settings = RaySettings(address=args.ray_address, replicas=args.replicas, min_replicas=args.min_replicas,
                                    max_replicas=args.max_replicas, target_ongoing=args.target_ongoing, host=args.host,
                                    port=args.port).check()
         threads = args.threads or default_replica_threads(ray_settings.most_replicas)
     else:
         threads = args.threads or ServeSettings().threads
+    limits = Limits(max_n=args.max_n, max_body_bytes=args.max_body_bytes)
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_images=args.queue_images,
+                             deadline_s=args.deadline_s, limits=limits, backend=args.backend, threads=threads,
+                             spinning=args.spinning == "on").check()
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BackendUnavailableError(f"serve needs {', '.join(missing)}: pip install 'autodiffusion-rt[serve]'")
+    if args.ray and (importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None):
+        raise BackendUnavailableError("serve --ray needs ray[serve]: pip install 'autodiffusion-rt[ray]'")
     import torch
 
     torch.set_num_threads(threads)
-    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_images=args.queue_images,
-                             deadline_s=args.deadline_s, limits=Limits(max_n=args.max_n, max_body_bytes=args.max_body_bytes),
-                             backend=args.backend, threads=threads, spinning=args.spinning == "on")
     engines = engine_specs(args.engines)
-    state = ServeState(engines, settings)  # bad dirs and options fail here: one line, exit 2
+    state = ServeState(engines, settings)  # bad dirs fail here: one line, exit 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if stop.signals:
+        logging.getLogger("autodiffusion_rt.serve").info("stopped by signal %d before serving", stop.signals[0])
+        return 0
     if ray_settings is not None:
         from .ray_app import run_ray
 
@@ -108,17 +144,13 @@ def cmd_serve(args) -> int:
     app = create_app(state, on_load_error=on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=settings.deadline_s + 5))
+    stop.server = server
+    if stop.signals:  # one came while the server was being made
+        server.should_exit = True
     # uvicorn takes SIGINT/SIGTERM while it runs (stop accepting, finish the requests in flight, then our
-    # lifespan drains the batchers) and re-raises the signal to the previous handler afterwards. By then
-    # the drain is complete, so that handler does nothing and the command exits normally (0).
-    import signal
-
-    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.run()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    # lifespan waits for an engine being loaded and drains the batchers) and re-raises the signal to the
+    # previous handler afterwards: ours (cmd_serve's), which only notes it, so the command exits normally (0).
+    server.run()
     if failed:
         from ..errors import EngineError
 

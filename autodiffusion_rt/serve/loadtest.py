@@ -500,8 +500,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _load_test_command(args) -> None:
     say = (lambda s: None) if args.quiet or args.json == "-" else (lambda s: print(s, file=sys.stderr, flush=True))
-    if args.requests < 1 or args.n < 1:
-        raise LoadTestError(f"--requests={args.requests} and --n={args.n} must be positive")
+    if args.requests < 1 or args.n < 1 or args.overload_requests < 1:
+        raise LoadTestError(f"--requests={args.requests}, --n={args.n} and "
+                            f"--overload-requests={args.overload_requests} must be positive")
+    for option, value in (("--overload-seconds", args.overload_seconds), ("--recovery-limit", args.recovery_limit)):
+        if not (math.isfinite(value) and 0 < value <= 3600):
+            raise LoadTestError(f"{option} {value:g} must be a number of seconds in (0, 3600]")
     report = run(args.serve, concurrency=args.concurrency, requests=args.requests, n=args.n, fmt=args.format,
                  plan=args.plan, overload_seconds=args.overload_seconds, overload_requests=args.overload_requests,
                  recovery_limit_s=args.recovery_limit, engines=args.engines, engine_threads=args.engine_threads,

@@ -65,10 +65,13 @@ def _kind(v) -> str:
 
 def parse_sample_request(body: bytes, plans: Mapping[str, Optional[int]], default_plan: str, limits: Limits) -> SampleRequest:
     """``body`` (JSON bytes) -> a checked request. ``plans``: served plan name -> its number of classes (None: unconditional)."""
+    from ..records import loads_json, one_line
+
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(400, "body", f"the body is not valid JSON ({e}): send an object like {{\"n\": 4, \"format\": \"png\"}}") from None
+        data = loads_json(body, finite=True)  # bounded: depth, integer digits, finite numbers, valid Unicode
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, JSONBoundsError
+        raise RequestError(400, "body", f"the body is not valid JSON ({one_line(e)[:200]}): "
+                           "send an object like {\"n\": 4, \"format\": \"png\"}") from None
     if not isinstance(data, dict):
         raise RequestError(422, "body", f"the body must be a JSON object with fields {', '.join(FIELDS)}, got {_kind(data)}")
     extra = sorted(set(data) - set(FIELDS))
