@@ -102,10 +102,10 @@ def cmd_build(args) -> int:
         from autodiffusion_rt.limits import check_limit
 
         check_limit("batch", args.max_batch, "--max-batch", error=EngineError)
-    if args.int8_fid_samples < 2:
-        raise EngineError(f"--int8-fid-samples {args.int8_fid_samples}: FID needs at least 2 samples")
-    if not (math.isfinite(args.int8_max_fid_rise) and args.int8_max_fid_rise >= 0):
-        raise EngineError(f"--int8-max-fid-rise {args.int8_max_fid_rise}: must be a finite number >= 0 "
+    if args.gate_fid_samples < 2:
+        raise EngineError(f"--gate-fid-samples {args.gate_fid_samples}: FID needs at least 2 samples")
+    if not (math.isfinite(args.gate_max_fid_rise) and args.gate_max_fid_rise >= 0):
+        raise EngineError(f"--gate-max-fid-rise {args.gate_max_fid_rise}: must be a finite number >= 0 "
                           "(a relative FID rise)")
     plan = Plan.load(args.plan)
     report = build_engines(

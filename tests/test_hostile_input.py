@@ -380,8 +380,8 @@ CASES = [
     (
         "build-int8-rise-nan",
         "adr",
-        ["build", "{root}/plan.json", "--out", "{root}/e2", "--int8-max-fid-rise", "nan"],
-        "--int8-max-fid-rise nan",
+        ["build", "{root}/plan.json", "--out", "{root}/e2", "--gate-max-fid-rise", "nan"],
+        "--gate-max-fid-rise nan",
     ),
     ("engines-deep", "adr", [*SAMPLE, "--engines", "{root}/eng-deep"], "nested deeper than 64"),
     ("engines-digits", "adr", [*SAMPLE, "--engines", "{root}/eng-digits"], "5,000 digits"),
