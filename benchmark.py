@@ -33,7 +33,6 @@ run: the machine's load changes absolute times.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import sys
@@ -42,10 +41,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
-import torch
-
 from autodiffusion_rt.utils import positive_ints, print_report
+
+# numpy and torch are imported inside the functions: main() parses its arguments first, so --help and a usage
+# error answer before torch loads.
 
 __all__ = ["format_report", "main", "matmul_peak_gflops", "plot_report", "resident_mb", "run"]
 
@@ -68,12 +67,16 @@ def _time(fn, repeats: int, warmup: int) -> float:
 
 
 def _percentiles(times: Sequence[float]) -> dict:
+    import numpy as np
+
     q = np.percentile(np.asarray(times), [50, 90, 99])
     return {"p50": round(float(q[0]), 3), "p90": round(float(q[1]), 3), "p99": round(float(q[2]), 3), "runs": len(times)}
 
 
 def matmul_peak_gflops(n: int = 1024, repeats: int = 5) -> float:
     """float32 GFLOP/s of an n x n matrix product on torch's threads: the machine's practical peak, now."""
+    import torch
+
     a, b = torch.randn(n, n), torch.randn(n, n)
     ms = _time(lambda: a @ b, repeats, 1)
     return 2 * n**3 / (ms / 1e3) / 1e9
@@ -97,6 +100,8 @@ def resident_mb(engines, threads: Optional[int], batch: int, share_weights: bool
 
 
 def _feeds(engine, batch: int, num_classes: Optional[int], seed: int = 0) -> dict:
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in engine.inputs:
@@ -110,6 +115,8 @@ def _feeds(engine, batch: int, num_classes: Optional[int], seed: int = 0) -> dic
 
 def _tiny_plan():
     """A random-weight tiny ADM model and a 4-step plan with layers skipped (for --tiny)."""
+    import torch
+
     from autodiffusion_rt.models import ADMUNet, model_from_weights
     from autodiffusion_rt.plan import Plan
 
@@ -138,8 +145,12 @@ def run(plan_path=None, *, engines=None, int8_engines=None, model=None, plan=Non
     Every torch measurement runs before any onnxruntime session exists, so no
     engine's worker threads disturb the baselines; the engines are then
     timed with torch idle. ``device``: where the torch baselines run (the
-    model is moved there for them and back afterwards).
+    model is moved there for them and back afterwards). ``progress``: say on
+    stderr what is being timed, as it starts (the whole run takes minutes).
     """
+    import numpy as np
+    import torch
+
     from autodiffusion_rt import sample
     from autodiffusion_rt.diffusion import uniform_timesteps
     from autodiffusion_rt.plan import Plan
@@ -147,6 +158,12 @@ def run(plan_path=None, *, engines=None, int8_engines=None, model=None, plan=Non
     from autodiffusion_rt.runtime import Runtime, library_versions
     from autodiffusion_rt.runtime.engines import cpu_isa
     from autodiffusion_rt.sampling import check_device
+
+    started = time.perf_counter()
+
+    def say(what: str) -> None:
+        if progress:
+            print(f"benchmark [{time.perf_counter() - started:6.0f} s] {what}", file=sys.stderr, flush=True)
 
     if threads:
         torch.set_num_threads(int(threads))
@@ -158,6 +175,7 @@ def run(plan_path=None, *, engines=None, int8_engines=None, model=None, plan=Non
         if engines is None:
             from export.build import build_engines
 
+            say("building the plan's engines in a temporary dir (onnxruntime, fp32)")
             tmp = tempfile.TemporaryDirectory(prefix="adrt-bench-")
             engines = Path(tmp.name) / "engines"
             build_engines(plan, engines, model=model, max_batch=max([*batch_sizes, *e2e_batch_sizes]), progress=progress)
@@ -169,12 +187,14 @@ def run(plan_path=None, *, engines=None, int8_engines=None, model=None, plan=Non
             "machine": {"python": platform.python_version(), "threads": torch.get_num_threads(), "isa": cpu_isa(),
                         "processor": platform.processor() or platform.machine(), **library_versions("onnxruntime")},
             "settings": {"repeats": repeats, "warmup": warmup, "full_steps": full_steps, "latency_runs": latency_runs},
-            "matmul_peak_gflops": round(matmul_peak_gflops(), 2),
+            "matmul_peak_gflops": None,
             "per_step": [],
             "end_to_end": [],
             "memory": [],
             "notes": [],
         }
+        say("timing a float32 matmul (the machine's peak now)")
+        report["matmul_peak_gflops"] = round(matmul_peak_gflops(), 2)
         full_ts = uniform_timesteps(model.num_timesteps, full_steps)
         feeds_for = {}
         # ------------------------------------------------ torch first, alone
@@ -189,12 +209,14 @@ def run(plan_path=None, *, engines=None, int8_engines=None, model=None, plan=Non
             torch_rt = Runtime.from_plan(plan, model=model, device=dev)
             torch_step = {}
             for b in batch_sizes:
+                say(f"per-step latency, torch eager, batch {b}: {plan.nfe} steps x {repeats} runs")
                 for i, te in enumerate(torch_rt.engines):
                     feeds_for[i, b] = _feeds(te, b, model.num_classes, seed=i)
                     torch_step[i, b] = _time(synced(lambda: te.run(feeds_for[i, b])), repeats, warmup)
             e2e: dict = {}
             for n in e2e_batch_sizes:
                 runs = latency_runs if n == 1 else repeats
+                say(f"end-to-end, batch {n}: the full model (DDIM-{full_steps}), the plan on torch eager ({runs} runs)")
                 e2e["full", n] = _times(synced(lambda: sample(model, full_ts, "ddim", n, 0, device=dev)),
                                         max(1, min(runs, 10) if n == 1 else repeats // 2), 0)
                 e2e["plan torch", n] = _times(synced(lambda: torch_rt.sample(n, seed=0)), runs, warmup)
@@ -204,6 +226,7 @@ def run(plan_path=None, *, engines=None, int8_engines=None, model=None, plan=Non
         # ------------------------------------------------ then the engines
         configs = [("onnxruntime fp32", engines)] + ([("onnxruntime int8", int8_engines)] if int8_engines is not None else [])
         for label, d in configs:
+            say(f"{label}: loading the engines")
             rt = Runtime.load(d, plan=plan, threads=threads)
             if d == engines:
                 report["engines"].update(backend=rt.backend_name, max_batch=rt.max_batch)
@@ -212,6 +235,7 @@ def run(plan_path=None, *, engines=None, int8_engines=None, model=None, plan=Non
                 if rt.max_batch is not None and b > rt.max_batch:
                     report["notes"].append(f"batch {b} skipped for {label}: the engines take at most {rt.max_batch}")
                     continue
+                say(f"per-step latency, {label}, batch {b}: {plan.nfe} steps x {repeats} runs")
                 for i, oe in enumerate(rt.engines):
                     out = {s.name: np.empty(s.concrete(b), s.dtype) for s in oe.outputs}
                     step = oe.bind(feeds_for[i, b], out)
@@ -224,9 +248,11 @@ def run(plan_path=None, *, engines=None, int8_engines=None, model=None, plan=Non
                     })
             for n in e2e_batch_sizes:
                 runs = latency_runs if n == 1 else repeats
+                say(f"end-to-end, {label}, batch {n}: {runs} runs")
                 e2e[label, n] = _times(lambda: rt.sample(n, seed=0), runs, warmup)
             rt.close()
             if memory:
+                say(f"{label}: resident memory (a fresh process)")
                 report["memory"].append({"engines": label, "nfe": plan.nfe, "batch": max(e2e_batch_sizes),
                                          "resident_mb": resident_mb(d, threads, max(e2e_batch_sizes))})
         for n in e2e_batch_sizes:
@@ -246,6 +272,7 @@ def run(plan_path=None, *, engines=None, int8_engines=None, model=None, plan=Non
                         row["sum_of_steps_ms"] = round(steps_sum, 3)
                         row["overhead_ratio"] = round(ms / steps_sum, 3)
                 report["end_to_end"].append(row)
+        say("done")
         return report
     finally:
         if tmp is not None:
@@ -312,7 +339,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from autodiffusion_rt.serve.loadtest import main as serve_main
 
         return serve_main(argv)
-    ap = argparse.ArgumentParser(description="autodiffusion-rt latency and throughput, side by side.")
+    from autodiffusion_rt.cli import OneLineParser
+
+    ap = OneLineParser(prog="python benchmark.py", description="autodiffusion-rt latency and throughput, side by "
+                       "side: per-step and end-to-end, torch eager against the plan's engines. With --serve URL "
+                       "instead: a load test of a running service ('python benchmark.py --serve URL --help').")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--plan", help="plan.json to benchmark")
     src.add_argument("--tiny", action="store_true", help="a random tiny model and plan (smoke test of this tool)")
@@ -329,6 +360,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-memory", action="store_true", help="skip the resident-memory measurement (one process per config)")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON ('-' for stdout)")
     ap.add_argument("--plot", default=None, metavar="PNG", help="also plot end-to-end latency to a PNG (needs matplotlib)")
+    ap.add_argument("--serve", default=None, metavar="URL",
+                    help="load-test a running service instead (its own options: --serve URL --help)")
+    ap.add_argument("--quiet", action="store_true", help="print only the report (no messages on what is being timed)")
     args = ap.parse_args(argv)
     from autodiffusion_rt.cli import run_command
 
@@ -340,7 +374,7 @@ def _benchmark_command(args) -> None:
     report = run(args.plan, plan=plan, model=model, engines=args.engines, int8_engines=args.int8_engines,
                  batch_sizes=args.batch_sizes, latency_runs=args.latency_runs, memory=not args.no_memory,
                  e2e_batch_sizes=args.e2e_batch_sizes, repeats=args.repeats, warmup=args.warmup,
-                 full_steps=args.full_steps, threads=args.threads, progress=True, device=args.device)
+                 full_steps=args.full_steps, threads=args.threads, progress=not args.quiet, device=args.device)
     print_report(report, format_report, args.json)
     if args.plot:
         plot_report(report, args.plot)

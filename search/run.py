@@ -14,6 +14,8 @@ import math
 import sys
 from typing import Optional, Sequence
 
+from autodiffusion_rt.registry import EXTRACTORS, SAMPLERS, SPACINGS, model_spec_help, one_of
+
 from .errors import SearchError
 from .pipeline import (  # noqa: F401  (re-exported: the public names of python -m search.run)
     DEFAULT_MODEL, DEFAULTS, DP_METHOD, FAST, PAPER, SearchOptions, load_plan_set, prepare, run_search, save_plan_set,
@@ -28,14 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Two-stage evolutionary search of timesteps and per-step layer skipping (AutoDiffusion), judged by FID and MACs.",
     )
     d = DEFAULTS
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model spec: embedded:mnist or adm:PATH (default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_spec_help(DEFAULT_MODEL))
     p.add_argument("--preset", default=None, help="ADM preset for adm: specs (e.g. imagenet64-cond)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="guided-diffusion flag for adm: specs, repeatable")
     p.add_argument("--nfe", default=None, help=f"number of sampling steps (default {d['nfe']}); with --multi-objective a range "
                    "(3-8) or list (3,4,6): the fronts with and without layer skipping across NFE (search/pareto.py)")
-    p.add_argument("--sampler", default=None, help=f"ddim, ddpm or dpmpp_2m (default {d['sampler']})")
+    p.add_argument("--sampler", default=None, choices=SAMPLERS, help=f"{one_of(SAMPLERS)} (default {d['sampler']})")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0: deterministic)")
-    p.add_argument("--extractor", default=None, help="FID features: mnist or inception (default: mnist for the embedded model, inception otherwise)")
+    p.add_argument("--extractor", default=None, choices=EXTRACTORS,
+                   help=f"FID features: {one_of(EXTRACTORS)} (default: mnist for the embedded model, "
+                   "inception otherwise)")
     p.add_argument("--reference", default=None, help="real data for FID: mnist, an image folder, an .npz of images, or a statistics .npz (default: mnist for the embedded model)")
     p.add_argument("--num-samples", type=int, default=None, help=f"samples per candidate (default {d['num_samples']}; --fast {FAST['num_samples']})")
     p.add_argument("--population", type=int, default=None, help=f"population size (default {d['population']})")
@@ -49,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--budget-macs", type=float, default=None, help="stage 2 MACs budget per sample, absolute (all steps)")
     p.add_argument("--multi-objective", action="store_true", help="stage 2 with pymoo's NSGA-II on (FID, MACs); also writes the Pareto set")
     p.add_argument("--seed", type=int, default=None, help="seed of the search and of the samples' noise (default 0)")
-    p.add_argument("--out", default=None, help="plan path (default plans/embedded-mnist-nfe4.json for the default model)")
+    p.add_argument("--out", default=None, help="plan path (default: plans/KIND-NAME-nfeN[-SAMPLER].json, e.g. "
+                   f"plans/embedded-mnist-nfe{d['nfe']}.json for the default model and NFE, -nfe6.json with --nfe 6)")
     p.add_argument("--checkpoint", default=None, help="search state path (default: next to --out, .search-state.json)")
     p.add_argument("--resume", action="store_true", help="continue the search saved in the checkpoint (same settings)")
     p.add_argument("--wait-lock", action="store_true", help="if another search is writing the same --out, wait for it (default: fail)")
@@ -59,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip the comparison report")
     p.add_argument("--report-samples", type=int, default=None, help=f"samples per report row (default {d['report_samples']}; --method dp {DP_METHOD['report_samples']}; --fast {FAST['report_samples']})")
     p.add_argument("--report-seed", type=int, default=None, help="seed of the report rows (default: --seed + 1, noise the plan was not selected on)")
-    p.add_argument("--report-extractor", action="append", default=None, help="extractor(s) for the report, repeatable (default: --extractor)")
+    p.add_argument("--report-extractor", action="append", default=None, choices=EXTRACTORS,
+                   help="extractor(s) for the report, repeatable (default: --extractor)")
     p.add_argument("--batch-size", type=int, default=None, help=f"model batch size (default {d['batch_size']})")
     p.add_argument("--cache-mb", type=int, default=1024, help="memory for shared intermediate states (default %(default)s MB)")
     p.add_argument("--no-prefix-sharing", action="store_true", help="evaluate every candidate on its own (to measure what sharing saves)")
@@ -68,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("evo", "dp"), default=None, help="evo: evolution whose generation 0 holds the DP schedules (default); dp: the DP schedule alone, in seconds")
     p.add_argument("--objective", default=None, help="search fitness: trajectory (distance to a high-NFE teacher's images from the same x_T; default), trajectory-features, or fid")
     p.add_argument("--grid-points", type=int, default=None, help=f"DP grid = the teacher's DDIM schedule (default {d['grid_points']}; --fast {FAST['grid_points']})")
-    p.add_argument("--grid-spacing", default="quadratic", help="DP grid spacing: quadratic, linear or logsnr (default %(default)s)")
+    p.add_argument("--grid-spacing", default="quadratic", choices=SPACINGS,
+                   help=f"DP grid spacing: {one_of(SPACINGS)} (default %(default)s)")
     p.add_argument("--dp-paths", type=int, default=None, help=f"DP schedules seeded into generation 0 (default {d['dp_paths']}; 0: none)")
     p.add_argument("--teacher-cache", default=None, help="folder for cached teacher trajectories (default: .teacher-cache next to --out)")
     p.add_argument("--holdout-samples", type=int, default=None, help=f"fresh samples for re-ranking the top-k by FID before choosing (default {d['holdout_samples']}; 0: off)")
