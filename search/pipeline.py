@@ -504,6 +504,8 @@ def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, 
         search_summary["teacher"] = {"grid_points": len(teacher.grid), "seconds": round(teacher.seconds, 1), "cached": teacher.cached}
     if selection is not None:
         search_summary["holdout"] = selection["table"]
+        search_summary["holdout_settings"] = {"samples": o.holdout_samples, "seed": o.holdout_seed,
+                                              "extractor": p.extractor.name}
     if sensitivity is not None:
         search_summary["skip_sensitivity"] = sensitivity
     if search_front is not None:
@@ -513,7 +515,8 @@ def _run_locked(p, executor, stop_after, Fitness, Plan, load_state, save_state, 
     if not o.quiet:
         print(f"plan written to {o.out}: timesteps {list(plan.timesteps)}, {result.best.candidate.num_skipped} skipped layer-steps, "
               f"{o.objective} {result.best.fid:.4g} ({p.extractor.name}, {o.num_samples} samples)"
-              + (f", held-out FID {plan.fitness.fid:.3f} ({plan.fitness.num_samples} samples, seed {plan.fitness.seed})" if selection else "") + ", "
+              + (f", held-out FID {plan.fitness.fid:.3f} ({p.extractor.name} features, {plan.fitness.num_samples} "
+                 f"samples, seed {plan.fitness.seed}; the report's rows use other samples)" if selection else "") + ", "
               f"{plan.macs_per_sample / plan.full_macs_per_sample:.3f} of the full model's MACs", file=sys.stderr)
     if o.multi_objective:
         plans = [_make_plan(p, s, result, search_summary, Fitness, Plan,

@@ -142,7 +142,18 @@ def test_plan_respects_the_budget_and_round_trips(opts, run, tmp_path):
     saved = json.loads((tmp_path / "plan.report.json").read_text())
     assert saved["num_samples"] == 24 and saved["seed"] == opts.seed + 1
     assert all(math.isfinite(r["fid"]["search-tiny"]) for r in saved["rows"])
-    assert "DDIM uniform (quadratic)" in (tmp_path / "plan.report.md").read_text()
+    md = (tmp_path / "plan.report.md").read_text()
+    assert "DDIM uniform (quadratic)" in md
+    # Every FID says its n, seed and features, with its bootstrap spread; the plan's standing is said in words.
+    assert f"FID ± sd (search-tiny features, n=24, seed {opts.seed + 1})" in md
+    assert saved["bootstrap_rounds"] > 1 and all(r["fid_bootstrap_sd"]["search-tiny"] > 0 for r in saved["rows"])
+    assert len(saved["comparison"]) == 1 and saved["comparison"][0] in md
+    best = min(saved["rows"], key=lambda r: r["fid"]["search-tiny"])
+    if best["method"] == "searched plan":
+        assert saved["comparison"][0].startswith("The searched plan is the best row")
+    else:
+        assert saved["comparison"][0].startswith(f"{best['method']} ({best['sampler']}) beats the searched plan by")
+    assert "n=48, seed" in md  # the held-out table names its own samples
 
 
 @pytest.mark.parametrize(
