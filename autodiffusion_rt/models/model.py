@@ -72,5 +72,6 @@ class DiffusionModel:
         if isinstance(t, int):
             a = float(acp[t])
             return math.sqrt(a) * out + math.sqrt(1 - a) * x
-        a = torch.as_tensor(acp, dtype=torch.float64, device=x.device)[t.long()].view(-1, 1, 1, 1)
+        # torch.tensor copies: the schedule's array is read-only, which torch.as_tensor warns about
+        a = torch.tensor(acp, dtype=torch.float64, device=x.device)[t.long()].view(-1, 1, 1, 1)
         return (a.sqrt() * out + (1 - a).sqrt() * x).to(out.dtype)
