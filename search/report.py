@@ -21,20 +21,20 @@ reports an existing plan (e.g. with another extractor) without searching again.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from autodiffusion_rt.diffusion import uniform_timesteps
 from autodiffusion_rt.errors import Error
+from autodiffusion_rt.registry import EXTRACTORS, one_of
 from autodiffusion_rt.utils import atomic_write
 
-from .space import Candidate
+if TYPE_CHECKING:  # imported where used: python -m search.report parses its arguments before torch loads
+    from .space import Candidate
 
 REPORT_FORMAT = "autodiffusion-rt-search-report"
 #: Resamples behind each FID's ± sd; at most this feature size (a resample costs a sqrtm of that size).
@@ -239,6 +239,10 @@ def _search_summary(s: dict) -> str:
 
 def baseline_rows(num_timesteps: int, nfe: int, schedule=None) -> list[tuple[str, str, Candidate]]:
     """Every uniform baseline at this NFE: each sampler with linear, quadratic and (given the schedule) log-SNR spacing."""
+    from autodiffusion_rt.diffusion import uniform_timesteps
+
+    from .space import Candidate
+
     spacings = ["linear", "quadratic"] + (["logsnr"] if schedule is not None else [])
     cands = {sp: Candidate.full(uniform_timesteps(num_timesteps, nfe, sp, schedule)) for sp in spacings}
     rows = []
@@ -338,6 +342,8 @@ def make_report(
 
 def plan_rows(plan, model) -> list[tuple[str, str, Candidate]]:
     """The plan's row, its stage-1 row (from provenance) when different, then the baselines."""
+    from .space import Candidate
+
     cand = Candidate(plan.timesteps, plan.skip)
     rows = [("searched plan", plan.sampler, cand)]
     s1 = (plan.provenance or {}).get("stage1_best")
@@ -349,16 +355,21 @@ def plan_rows(plan, model) -> list[tuple[str, str, Candidate]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m search.report", description="Report a plan against uniform DDIM and DPM-Solver++(2M) at its NFE.")
+    from autodiffusion_rt.cli import OneLineParser
+
+    p = OneLineParser(prog="python -m search.report", description="Report a plan against the uniform samplers (DDIM, "
+                      "DPM-Solver++(2M), iPNDM; linear, quadratic and log-SNR spacing) at its NFE: FID with its "
+                      "bootstrap spread for every row, all rows from the same noise.")
     p.add_argument("plan", help="a plan.json written by python -m search.run")
-    p.add_argument("--extractor", action="append", default=None, help="mnist | inception, repeatable (default: the plan's)")
+    p.add_argument("--extractor", action="append", default=None, choices=EXTRACTORS,
+                   help=f"{one_of(EXTRACTORS)}, repeatable (default: the plan's)")
     p.add_argument("--reference", default=None, help="reference data or statistics (default: the search's reference, 'mnist' for the embedded model)")
-    p.add_argument("--num-samples", type=int, default=2000)
+    p.add_argument("--num-samples", type=int, default=2000, help="samples per row (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="default: the search seed + 1 (noise the plan was not selected on)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="model batch size (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda[:N]")
     p.add_argument("--out", default=None, help="report stem (writes STEM.report.md/.json; default: next to the plan, named after the extractors)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no table on stdout")
     args = p.parse_args(argv)
     from autodiffusion_rt.cli import run_command
 

@@ -277,7 +277,9 @@ def test_benchmark_smoke(engine_dirs, models, tmp_path, capsys):
     model, plan, d = engine_dirs[("cond", "ddim", 0.0)]
     plan_path = plan.save(tmp_path / "plan.json")
     report = benchmark.run(plan_path, engines=d, int8_engines=d, model=model, batch_sizes=[1, 2], repeats=1, warmup=0,
-                           full_steps=3, e2e_batch_sizes=[1, 2], latency_runs=3, threads=1)
+                           full_steps=3, e2e_batch_sizes=[1, 2], latency_runs=3, threads=1, progress=True)
+    said = capsys.readouterr().err  # what it is timing, as it starts (--quiet: progress=False)
+    assert "per-step latency, torch eager, batch 2" in said and "end-to-end, onnxruntime int8, batch 2" in said
     text = benchmark.format_report(report)
     assert "per-step latency" in text and "end-to-end" in text and "resident memory" in text
     rows = report["per_step"]
