@@ -162,27 +162,32 @@ def _fid_cell(row: Row, ext: str) -> str:
 
 
 def compare_plan(rows: Sequence[Row], ext: str) -> Optional[str]:
-    """One sentence: is the searched plan (the first row) the best row by ``ext``'s FID, and if a row beats it,
-    by how much against the paired bootstrap spread of the difference (None without a plan row)."""
+    """One sentence: is the searched plan (the first row) the best row by ``ext``'s FID, and by how much against
+    the paired bootstrap spread of the difference to the closest other row (None without a plan row)."""
     import numpy as np
 
-    if not rows or rows[0].method != "searched plan" or ext not in rows[0].fid:
+    if not rows or rows[0].method != "searched plan" or ext not in rows[0].fid or len(rows) < 2:
         return None
     plan = rows[0]
-    better = [r for r in rows[1:] if r.fid.get(ext, math.inf) < plan.fid[ext]]
-    if not better:
-        return f"The searched plan is the best row by FID ({ext})."
-    best = min(better, key=lambda r: r.fid[ext])
-    gap = plan.fid[ext] - best.fid[ext]
-    text = f"{best.method} ({best.sampler}) beats the searched plan by {gap:.3f} FID ({ext})"
-    a, b = plan.boot.get(ext), best.boot.get(ext)
+    other = min(rows[1:], key=lambda r: r.fid.get(ext, math.inf))
+    gap = other.fid.get(ext, math.inf) - plan.fid[ext]
+    if gap > 0:
+        text = (f"The searched plan is the best row by FID ({ext}): {gap:.3f} below the next best, "
+                f"{other.method} ({other.sampler})")
+    else:
+        text = f"{other.method} ({other.sampler}) beats the searched plan by {-gap:.3f} FID ({ext})"
+    a, b = plan.boot.get(ext), other.boot.get(ext)
     diff = np.zeros(0) if a is None or b is None else (a - b)[np.isfinite(a - b)]
-    if len(diff) < 2:
+    if len(diff) < 2 or not math.isfinite(gap):
         return text + " (no bootstrap spread to judge it by)."
     spread = float(np.std(diff, ddof=1))
-    ratio = gap / spread if spread > 0 else math.inf
-    verdict = ("within the noise of the samples (under 2 sd)" if ratio < 2 else
-               "more than the noise of the samples: at this NFE the uniform schedule is better on these samples")
+    ratio = abs(gap) / spread if spread > 0 else math.inf
+    if ratio < 2:
+        verdict = "within the noise of the samples (under 2 sd): a tie on these samples"
+    elif gap > 0:
+        verdict = "more than the noise of the samples"
+    else:
+        verdict = "more than the noise of the samples: at this NFE that uniform schedule is better on these samples"
     return text + f", {ratio:.1f} times the paired bootstrap sd of the difference ({spread:.3f}): {verdict}."
 
 

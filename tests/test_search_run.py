@@ -148,11 +148,14 @@ def test_plan_respects_the_budget_and_round_trips(opts, run, tmp_path):
     assert f"FID ± sd (search-tiny features, n=24, seed {opts.seed + 1})" in md
     assert saved["bootstrap_rounds"] > 1 and all(r["fid_bootstrap_sd"]["search-tiny"] > 0 for r in saved["rows"])
     assert len(saved["comparison"]) == 1 and saved["comparison"][0] in md
-    best = min(saved["rows"], key=lambda r: r["fid"]["search-tiny"])
-    if best["method"] == "searched plan":
-        assert saved["comparison"][0].startswith("The searched plan is the best row")
+    fids = sorted((r["fid"]["search-tiny"], r["method"], r["sampler"]) for r in saved["rows"])
+    (_, best, sampler), (_, second, sampler2) = fids[:2]
+    if best == "searched plan":
+        assert saved["comparison"][0].startswith(f"The searched plan is the best row by FID (search-tiny): "
+                                                 f"{fids[1][0] - fids[0][0]:.3f} below the next best, {second} ({sampler2})")
     else:
-        assert saved["comparison"][0].startswith(f"{best['method']} ({best['sampler']}) beats the searched plan by")
+        assert saved["comparison"][0].startswith(f"{best} ({sampler}) beats the searched plan by")
+    assert "times the paired bootstrap sd of the difference" in saved["comparison"][0]
     assert "n=48, seed" in md  # the held-out table names its own samples
 
 
@@ -327,3 +330,29 @@ def test_cli_defaults_and_fast_preset():
     assert options_from_args(build_parser().parse_args(["--method", "dp"])).report_samples == DP_METHOD["report_samples"] < DEFAULTS["report_samples"]
     assert options_from_args(build_parser().parse_args(["--method", "dp", "--report-samples", "900"])).report_samples == 900
     assert options_from_args(build_parser().parse_args(["--method", "dp", "--fast"])).report_samples == min(FAST["report_samples"], DP_METHOD["report_samples"])
+
+
+def test_the_report_says_whether_a_uniform_row_beats_the_plan_by_more_than_the_noise():
+    """The sentence under the table, against hand-computed paired spreads."""
+    import numpy as np
+
+    from search.report import Row, compare_plan
+    from search.space import Candidate
+
+    c = Candidate.full([999, 500])
+    boot = np.array([1.0, 1.2, 1.1, 0.9])
+    wobble = np.array([0.1, -0.1, 0.1, -0.1])
+    plan = Row("searched plan", "ddim", c, 1, fid={"m": 1.0}, boot={"m": boot})
+    near = Row("DDIM uniform (linear)", "ddim", c, 1, fid={"m": 0.95}, boot={"m": boot - 0.05 + wobble})
+    sd = np.std(0.05 - wobble, ddof=1)  # the paired difference's spread, 0.115
+    said = compare_plan([plan, near], "m")
+    assert said.startswith("DDIM uniform (linear) (ddim) beats the searched plan by 0.050 FID (m)")
+    assert f"{0.05 / sd:.1f} times the paired bootstrap sd of the difference ({sd:.3f}): within the noise" in said
+    far = Row("DPM-Solver++(2M) uniform (linear)", "dpmpp_2m", c, 1, fid={"m": 0.5}, boot={"m": boot - 0.5 + wobble})
+    said = compare_plan([plan, near, far], "m")
+    assert said.startswith("DPM-Solver++(2M) uniform (linear) (dpmpp_2m) beats the searched plan by 0.500")
+    assert said.endswith("that uniform schedule is better on these samples.")
+    worse = Row("DDIM uniform (quadratic)", "ddim", c, 1, fid={"m": 1.5}, boot={"m": boot + 0.5 + wobble})
+    assert compare_plan([plan, worse], "m").startswith(
+        "The searched plan is the best row by FID (m): 0.500 below the next best, DDIM uniform (quadratic) (ddim)")
+    assert compare_plan([near, plan], "m") is None  # no plan row first: nothing to say
