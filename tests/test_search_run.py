@@ -55,6 +55,7 @@ def core(plan: Plan):
     return plan.timesteps, plan.skip, plan.fitness, plan.macs_per_sample
 
 
+@pytest.mark.slow
 def test_same_seed_and_settings_give_the_same_plan(opts, run, tmp_path):
     r1, p1, _ = run(replace(opts, report=False))
     r2, p2, _ = run(replace(opts, report=False, out=str(tmp_path / "again.json")))
@@ -65,6 +66,7 @@ def test_same_seed_and_settings_give_the_same_plan(opts, run, tmp_path):
 
 
 @pytest.mark.parametrize("multi_objective,stop", [(False, 3), (True, 5)])
+@pytest.mark.slow
 def test_resuming_gives_the_same_result_as_an_uninterrupted_run(opts, run, objs, tmp_path, multi_objective, stop):
     # stop=3: after generation 2 of stage 1; stop=5: inside the NSGA-II stage.
     base = replace(opts, report=False, multi_objective=multi_objective)
@@ -170,6 +172,7 @@ def test_plan_respects_the_budget_and_round_trips(opts, run, tmp_path):
         (("compute", "macs_per_sample"), "many", "compute.macs_per_sample"),
     ],
 )
+@pytest.mark.slow
 def test_plan_with_a_wrong_field_is_refused_naming_it(opts, run, tmp_path, path, value, field):
     _, plan, _ = run(replace(opts, report=False))
     d = plan.to_dict()
@@ -183,6 +186,7 @@ def test_plan_with_a_wrong_field_is_refused_naming_it(opts, run, tmp_path, path,
         Plan.load(bad)
 
 
+@pytest.mark.slow
 def test_pareto_set_is_written_validated_and_non_dominated(opts, run, tmp_path):
     res, plan, _ = run(replace(opts, report=False, multi_objective=True))
     plans = load_plan_set(tmp_path / "plan.pareto.json")
@@ -210,12 +214,14 @@ def test_pareto_set_is_written_validated_and_non_dominated(opts, run, tmp_path):
         ({"mutation_prob": 0.5}, "mutation_prob: 0.25 in the checkpoint"),
     ],
 )
+@pytest.mark.slow
 def test_checkpoint_from_other_settings_is_refused(opts, run, change, needle):
     run(opts, stop_after=1)
     with pytest.raises(SearchError, match=f"cannot resume.*{needle}.*drop --resume"):
         run(replace(opts, resume=True, **change))
 
 
+@pytest.mark.slow
 def test_checkpoint_from_another_model_is_refused(opts, run, search_tiny_extractor, search_tiny_ref_stats):
     from conftest import search_build_tiny_model
 
@@ -233,6 +239,7 @@ def test_resume_without_checkpoint_and_damaged_checkpoint(opts, run, tmp_path):
         run(replace(opts, resume=True))
 
 
+@pytest.mark.slow
 def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(opts, run, tmp_path, monkeypatch):
     import search.checkpoint as ck
 
