@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Optional
 
 from autodiffusion_rt.errors import Error
+from autodiffusion_rt.registry import DEFAULT_MODEL
 
 from .errors import SearchError
-
-DEFAULT_MODEL = "embedded:mnist"
 
 # Defaults sized so that the default run, its held-out selection and its report take <= 5 minutes on the
 # project's 2-core CPU when idle (embedded model, NFE 4); --fast and --method dp <= 60 s. The cost is
