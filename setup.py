@@ -10,7 +10,7 @@ setup(
     name="autodiffusion-rt",
     version="0.1.0",
     description="Search a short timestep schedule and per-step layer skipping for a pretrained diffusion UNet, "
-    "then run it as one compiled engine per step (ONNX Runtime, TensorRT).",
+    "then run it as one compiled engine per step (OpenVINO, ONNX Runtime, TensorRT).",
     long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     license="MIT",
@@ -32,6 +32,7 @@ setup(
         "pytorch-fid>=0.3.0",
         "onnx>=1.16",
         "onnxruntime>=1.18",
+        "openvino>=2024.6",  # the CPU engines (bf16 on CPUs that have it); tested with 2026.4
         "pymoo>=0.6.1",
         "triton>=3.0; platform_system == 'Linux'",
     ],

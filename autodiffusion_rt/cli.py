@@ -428,7 +428,8 @@ def build_parser(commands: Optional[Sequence[str]] = None) -> argparse.ArgumentP
     p.add_argument("--plan", default=None, help="a plan.json: sample with its timesteps and skipped layers (torch)")
     p.add_argument("--engines", default=None, help="an engine dir from 'autodiffusion-rt build'")
     p.add_argument("--backend", default=None, choices=("auto", *RUNTIME_BACKENDS),
-                   help=f"backend for --engines: auto, {one_of(RUNTIME_BACKENDS)} (default: auto)")
+                   help=f"backend for --engines: auto (what the dir was built for), {one_of(RUNTIME_BACKENDS)} "
+                   "(default: auto)")
     p.add_argument("--n", type=int, default=64, help=f"number of samples (default: %(default)s; at most {MAX_SAMPLES:,}, "
                    f"and at most {MAX_GRID} in a .png grid; an .npz or .npy is written in chunks of {STREAM_CHUNK})")
     p.add_argument("--seed", type=int, default=0, help="an integer in [0, 2^63) (default: %(default)s)")

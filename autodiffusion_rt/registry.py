@@ -31,9 +31,9 @@ MODEL_SPECS = {
 DEFAULT_MODEL = "embedded:mnist"
 
 #: Engine backends the runtime loads (autodiffusion_rt.runtime.BACKENDS; "auto" picks one) and ``build`` writes
-#: (export.build.BUILD_BACKENDS); tests check both.
-RUNTIME_BACKENDS = ("torch", "onnxruntime", "tensorrt")
-BUILD_BACKENDS = ("onnxruntime", "tensorrt")
+#: (export.context.BUILD_BACKENDS); tests check both.
+RUNTIME_BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+BUILD_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 
 #: FID feature extractors (autodiffusion_rt.metrics.EXTRACTOR_NAMES).
 EXTRACTORS = ("mnist", "inception")

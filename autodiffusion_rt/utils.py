@@ -117,6 +117,44 @@ def file_lock(path: str | os.PathLike, wait: bool = False, on_wait=None, remove:
         os.close(fd)  # releases the lock
 
 
+@contextlib.contextmanager
+def locked_output_dir(lock: str | os.PathLike, dirs=(), *, error: type, busy: str, fix: str, wait: bool = False,
+                      on_wait=None, discard: bool = False) -> Iterator[bool]:
+    """Make the missing ``dirs``, hold ``lock`` (:func:`file_lock`) for the block; on failure remove what was made.
+
+    One writer per output (a build's engine dir, a search's ``--out``). A held ``lock`` raises ``error(busy)``
+    unless ``wait``; a dir that cannot be made raises ``error`` naming it and ``fix``. Any exception from the
+    block removes the dirs this call made (outermost last): empty ones only, or, with ``discard``, each
+    listed dir with its contents (it holds only this writer's files). Yields what :func:`file_lock` yields.
+    """
+    made: list[Path] = []
+    try:
+        for target in map(Path, dirs):
+            for d in reversed([d for d in (target, *target.parents) if not d.exists()]):
+                try:
+                    d.mkdir()
+                except FileExistsError:
+                    continue  # made meanwhile by another process: not ours to remove
+                except OSError as e:
+                    raise error(path_error(e, target, fix, "create", where=d)) from None
+                made.append(d)
+        try:
+            with file_lock(lock, wait=wait, on_wait=on_wait, remove=True) as locked:
+                yield locked
+        except LockBusy:
+            raise error(busy) from None
+    except BaseException:
+        listed = {Path(d) for d in dirs}
+        for d in reversed(made):
+            if discard and d in listed:
+                import shutil
+
+                shutil.rmtree(d, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+
+
 def path_error(e: OSError, path, fix: str, action: str = "write", where=None) -> str:
     """One line for an OS error on ``path``: what happened and ``fix`` (what to do)."""
     import errno

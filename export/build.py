@@ -1,4 +1,4 @@
-"""Plan -> engine dir: one verified ONNX file and one engine per step, and ``manifest.json``.
+"""Plan -> engine dir: verified ONNX files, their engines, and ``manifest.json``.
 
 :func:`build_engines` is what ``autodiffusion-rt build`` runs. For each step it
 reuses what the previous build left when the cache rules allow
@@ -10,7 +10,10 @@ the engine:
   across its CPU, CUDA and TensorRT providers), checked and verified against
   the exported graph;
 * ``tensorrt``: a serialized TensorRT engine per step (:mod:`export.tensorrt_build`),
-  a shared timing cache in the dir.
+  a shared timing cache in the dir;
+* ``openvino``: one ONNX graph and one compiled blob per distinct subnetwork
+  (the steps that skip the same layers share it), bf16 behind a FID gate
+  (:mod:`export.openvino_build`).
 
 Every file is written atomically under a content-derived name, the manifest
 last (atomically), and only then are files the new manifest no longer names
@@ -20,7 +23,8 @@ unfinished, never a half-valid one. Layout::
 
     DIR/manifest.json
     DIR/onnx/stepNN-<key>.onnx        verified export of step NN
-    DIR/engines/stepNN-<key>.onnx     onnxruntime engine  (or .plan for TensorRT)
+    DIR/engines/stepNN-<key>.onnx     onnxruntime engine  (.plan for TensorRT; .blob for OpenVINO, named
+                                      after the first step of its subnetwork, with embeddings-<hash>.npz)
     DIR/timing.cache                  TensorRT timing cache (tensorrt backend)
     DIR/build-progress.json           the steps a running (or killed) build finished; gone once its manifest is
                                       written (the next build reuses them: a kill -9 loses no finished step)
@@ -31,10 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -42,25 +44,29 @@ from typing import Optional
 import numpy as np
 import torch
 
-from autodiffusion_rt.diffusion.step_io import step_io
+from autodiffusion_rt.diffusion.step_io import shape_profile, step_io
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError
 from autodiffusion_rt.models import load_model_for_plan
 from autodiffusion_rt.plan import Plan
-from autodiffusion_rt.runtime.engines import cpu_isa, cuda_compute_capability, import_onnxruntime, import_tensorrt, ort_session_options
-from autodiffusion_rt.runtime.manifest import MANIFEST_NAME, Manifest, library_versions
-from autodiffusion_rt.utils import LockBusy, file_lock, path_error, set_default_mode, sha256_file
+from autodiffusion_rt.runtime.backends.ort_backend import import_onnxruntime, ort_session_options
+from autodiffusion_rt.runtime.backends.trt_backend import import_tensorrt
+from autodiffusion_rt.runtime.manifest import MANIFEST_NAME, Manifest
+from autodiffusion_rt.runtime.platform import cpu_isa, cuda_compute_capability, library_versions
+from autodiffusion_rt.utils import locked_output_dir, path_error
 
-from .cache import engine_record, canonical_hash, file_state, onnx_key, remove_unreferenced
-from .cache import PROGRESS_NAME, read_progress, step_file, write_progress
-from .onnx_export import DEFAULT_OPSET, FP32_COND_TOL, FP32_TOL, _ort_session, _temp_beside, export_step_onnx, import_onnx
-from .subnet import LABEL_MODES, StepModule, half_unet, resolve_label_mode
+from .cache import PROGRESS_NAME, canonical_hash, engine_record, onnx_key, read_progress
+from .cache import remove_unreferenced, step_file, write_progress
+from .context import BUILD_BACKENDS, PRECISIONS, BuildContext, BuildSettings, export_entry, fid_gate, file_entry
+from .onnx_export import DEFAULT_OPSET, FP32_COND_TOL, FP32_TOL, ort_session, temp_beside, import_onnx
+from .subnet import StepModule, half_unet, resolve_label_mode
 
-__all__ = ["BUILD_BACKENDS", "BuildReport", "build_engines", "optimize_for_onnxruntime"]
+__all__ = ["BUILD_BACKENDS", "BuildReport", "BuildSettings", "build_engines", "default_backend", "default_precision",
+           "optimize_for_onnxruntime"]
 
-BUILD_BACKENDS = ("onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
 #: The level onnxruntime engines are saved at: the one the CPU provider runs at, so loading optimizes nothing.
 ORT_ENGINE_LEVEL = "all"
+#: The lock file that keeps two builds out of one dir.
+LOCK_NAME = ".build.lock"
 
 
 @dataclass
@@ -92,7 +98,7 @@ def optimize_for_onnxruntime(onnx_path, engine_path, *, check_batch: int = 2, te
     ``all`` (the level onnxruntime's CPU provider runs at) includes the
     layout transformation to NCHWc blocks sized for this CPU's vector
     instructions: the file then runs only on that instruction set
-    (:func:`~autodiffusion_rt.runtime.engines.cpu_isa`, in the engine record)
+    (:func:`~autodiffusion_rt.runtime.platform.cpu_isa`, in the engine record)
     and the runtime loads it without optimizing again.
 
     The optimized graph must reproduce the exported one within the export's
@@ -105,7 +111,7 @@ def optimize_for_onnxruntime(onnx_path, engine_path, *, check_batch: int = 2, te
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    tmp = _temp_beside(engine_path, ".onnx.tmp")
+    tmp = temp_beside(engine_path, ".onnx.tmp")
     try:
         so = ort_session_options(threads=torch.get_num_threads(), optimization=level, optimized_model_path=tmp)
         ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
@@ -115,10 +121,10 @@ def optimize_for_onnxruntime(onnx_path, engine_path, *, check_batch: int = 2, te
             except Exception as e:
                 raise EngineError(f"onnxruntime's optimized graph for {onnx_path.name} fails onnx.checker: {str(e).splitlines()[0]}") from None
         if not verify:  # int8: onnxruntime's QDQ fusions round differently by design; the FID check judges it
-            _ort_session(tmp, "none")
+            ort_session(tmp, "none")
             os.replace(tmp, engine_path)
             return {"seconds": time.perf_counter() - start}
-        src, opt = _ort_session(onnx_path, "none"), _ort_session(tmp, "none")
+        src, opt = ort_session(onnx_path, "none"), ort_session(tmp, "none")
         rng = np.random.default_rng(0)
         feeds = {}
         for i in src.get_inputs():
@@ -147,12 +153,39 @@ def _batch_profile(max_batch: int, opt_batch: Optional[int]) -> dict:
     return {"min": 1, "opt": opt, "max": max_batch}
 
 
+def default_backend() -> str:
+    """The fastest engines for this machine: TensorRT on an NVIDIA GPU, OpenVINO on a CPU it compiles for, else onnxruntime."""
+    try:
+        import_tensorrt()
+        if cuda_compute_capability() is not None:
+            return "tensorrt"
+    except BackendUnavailableError:
+        pass
+    try:
+        from autodiffusion_rt.runtime.backends.ov_backend import import_openvino
+
+        if "CPU" in import_openvino().Core().available_devices:
+            return "openvino"
+    except Exception:  # not installed, or its CPU plugin does not load here
+        pass
+    return "onnxruntime"
+
+
+def default_precision(backend: str) -> str:
+    """bf16 for OpenVINO on a CPU with native bf16, fp32 everywhere else."""
+    if backend == "openvino":
+        from autodiffusion_rt.runtime.backends.ov_backend import default_precision as ov_default
+
+        return ov_default()
+    return "fp32"
+
+
 def build_engines(
     plan: Plan,
     out_dir,
     *,
-    backend: str = "onnxruntime",
-    precision: str = "fp32",
+    backend: str = "auto",
+    precision: str = "auto",
     max_batch: int = 64,
     opt_batch: Optional[int] = None,
     model=None,
@@ -172,19 +205,21 @@ def build_engines(
 ) -> BuildReport:
     """Build (or update) the engine dir ``out_dir`` for ``plan`` (a Plan or a plan.json path); see the module docstring.
 
-    ``model``: the plan's DiffusionModel (loaded from the plan's spec when
-    None). ``force``: export and compile every step again. One build at a
+    ``backend``/``precision`` ``"auto"``: :func:`default_backend`, :func:`default_precision`.
+    ``model``: the plan's DiffusionModel (loaded from the plan's spec when None). ``force``: export and compile every step again. One build at a
     time per dir (an fcntl lock on ``DIR/.build.lock``): another build of the
     same dir waits when ``wait_lock``, else this is an EngineError. A dir that
     is already up to date is left untouched (it may be read-only).
 
-    ``precision="int8"`` (onnxruntime): every step is also quantized
-    (:mod:`export.quantize`, calibrated on ``int8_calibration_samples`` of the
-    plan's own trajectory) and kept in int8 only if the plan's FID on
-    ``int8_fid_samples`` samples (``fid_extractor`` against ``fid_reference``:
-    a dataset name or FeatureStats) rises by at most ``int8_max_fid_rise``
-    over fp32; the manifest's ``int8`` entry and each step's ``precision`` say
-    which steps passed.
+    Low precision passes a FID gate (``int8_fid_samples`` samples, seed 0,
+    ``fid_extractor`` against ``fid_reference``: a dataset name or
+    FeatureStats, or None for no gate): a step stays in int8
+    (onnxruntime, quantized by :mod:`export.quantize` on
+    ``int8_calibration_samples`` of the plan's own trajectory) or bf16
+    (OpenVINO) only if the plan's FID rises by at most ``int8_max_fid_rise``
+    over fp32; the others run fp32. The manifest's ``int8`` / ``bf16`` entry
+    and each step's ``precision`` say which. A bf16 build for a model the
+    reference cannot judge (another image shape) is recorded as not checked.
 
     ``strip_weights`` (tensorrt): weight-stripped engines, refitted at load
     from the step's ONNX file in the dir; recorded in each engine's record
@@ -196,91 +231,77 @@ def build_engines(
     if not isinstance(plan, Plan):
         raise EngineError(f"expected a Plan, got {type(plan).__name__}: load it with Plan.load(path)")
     Plan.from_dict(plan.to_dict(), "plan")  # the manifest embeds the plan: it must load back (PlanError names the field)
-    if backend not in BUILD_BACKENDS:
-        raise EngineError(f"backend={backend!r}: choose one of {', '.join(BUILD_BACKENDS)}")
-    if precision not in PRECISIONS:
-        raise EngineError(f"precision={precision!r}: choose fp32, fp16 or int8")
-    if strip_weights and backend != "tensorrt":
-        raise EngineError(f"strip_weights is for TensorRT engines (refitted at load), not {backend}: drop --strip-weights "
-                          "or build with --backend tensorrt")
-    if precision == "int8" and backend != "onnxruntime":
-        raise EngineError("precision='int8' is built for onnxruntime (static QDQ quantization): use --backend onnxruntime")
-    if precision == "int8":
-        for name, value in (("int8_fid_samples", int8_fid_samples), ("int8_calibration_samples", int8_calibration_samples)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-                raise EngineError(f"{name}={value!r}: pass an integer >= 2")
-    if label_mode not in LABEL_MODES:
-        raise EngineError(f"label_mode={label_mode!r}: choose one of {', '.join(LABEL_MODES)}")
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 17:
-        raise EngineError(f"opset={opset!r}: use 17 or newer")
-    batch = _batch_profile(max_batch, opt_batch)
-    if workspace_bytes is not None and (isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes < 1):
-        raise EngineError(f"workspace_bytes={workspace_bytes!r}: pass a positive integer (--workspace-mb N)")
+    if backend not in ("auto", *BUILD_BACKENDS):
+        raise EngineError(f"backend={backend!r}: choose auto or one of {', '.join(BUILD_BACKENDS)}")
+    backend = default_backend() if backend == "auto" else backend
+    if precision not in ("auto", *PRECISIONS):
+        raise EngineError(f"precision={precision!r}: choose auto or one of {', '.join(PRECISIONS)}")
+    settings = BuildSettings(
+        backend=backend, precision=default_precision(backend) if precision == "auto" else precision,
+        batch=_batch_profile(max_batch, opt_batch), label_mode=label_mode, simplify=simplify, opset=opset, force=force,
+        workspace_bytes=workspace_bytes, progress=progress, strip_weights=bool(strip_weights),
+        fid_samples=int8_fid_samples, max_fid_rise=int8_max_fid_rise, fid_extractor=fid_extractor,
+        fid_reference=fid_reference, int8_calibration_samples=int8_calibration_samples)
+    settings.check()
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise EngineError(f"--out {out_dir} is a file; pass a directory")
     writable = _probe_dir(out_dir)
     import_onnx()
     import_onnxruntime()  # verification runs every export in onnxruntime, whatever the backend
+    ctx = BuildContext(plan=plan, out_dir=out_dir, settings=settings, writable=writable, start=start,
+                        **_backend_tools(settings))
+    ctx.model = load_model_for_plan(plan, model)
+    if settings.precision == "int8":  # the FID check's extractor must read these images: say so before any work
+        from autodiffusion_rt.metrics import get_extractor
+
+        get_extractor(fid_extractor).check_shape(tuple(ctx.model.image_shape))
+    ctx.coeffs = plan.coefficients(ctx.model.schedule)
+    ctx.keeps = plan.keep_sets(ctx.model)
+    return _build_in_dir(ctx, wait_lock)
+
+
+def _build_in_dir(ctx: BuildContext, wait_lock: bool) -> BuildReport:
+    """Create the dir (and its parents) if needed, build under its lock; a failed first build leaves nothing behind."""
+    out_dir, lock = ctx.out_dir, ctx.out_dir / LOCK_NAME
+    busy = (f"another build is writing {out_dir} (it holds {lock}): wait for it, pass --wait-lock to wait "
+            "automatically, or build into another --out")
+    try:
+        with locked_output_dir(lock, [out_dir] if ctx.writable else [], error=EngineError, busy=busy,
+                               fix="pass --out with a writable directory", wait=wait_lock, discard=True,
+                               on_wait=lambda: print(f"waiting for the other build of {out_dir} to finish",
+                                                     file=sys.stderr)):
+            return _build_locked(ctx)
+    except OSError as e:
+        raise EngineError(path_error(e, out_dir, "free some space or pass --out with a writable directory")) from None
+
+
+def _backend_tools(settings: BuildSettings) -> dict:
+    """The backend's modules and the ONNX dtype, imported and checked before any model is loaded."""
     trt = None
-    if backend == "tensorrt":
+    if settings.backend == "tensorrt":
         trt = import_tensorrt()
         if cuda_compute_capability() is None:
             raise BackendUnavailableError(
                 "TensorRT builds engines on an NVIDIA GPU and none was found (no driver, or cuda-python missing: "
-                "pip install cuda-python); build with --backend onnxruntime on this machine"
+                "pip install cuda-python); build with --backend openvino or onnxruntime on this machine"
             )
+    if settings.backend == "openvino":
+        from autodiffusion_rt.runtime.backends.ov_backend import check_precision, import_openvino
+
+        import_openvino()
+        check_precision(settings.precision)
     from .tensorrt_build import onnx_dtype_for
 
-    onnx_dtype = onnx_dtype_for("fp32" if precision == "int8" else precision, backend, trt)
+    low = settings.precision in ("int8", "bf16")  # the graph stays float32; the backend lowers it
+    onnx_dtype = onnx_dtype_for("fp32" if low else settings.precision, settings.backend, trt)
     onnxslim = None
-    if simplify:
+    if settings.simplify:
         try:
             import onnxslim
         except ImportError:
             raise BackendUnavailableError("--simplify needs onnxslim: pip install onnxslim (or build without --simplify)") from None
-
-    model = load_model_for_plan(plan, model)
-    if precision == "int8":  # the FID check's extractor must read these images: say so before any work
-        from autodiffusion_rt.metrics import get_extractor
-
-        get_extractor(fid_extractor).check_shape(tuple(model.image_shape))
-    coeffs = plan.coefficients(model.schedule)
-    keeps = plan.keep_sets(model)
-    made = []
-    if writable:
-        made = [d for d in [out_dir, *out_dir.parents] if not d.exists()][::-1]
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise EngineError(path_error(e, out_dir, "pass --out with a writable directory", "create")) from None
-    try:
-        try:
-            with file_lock(out_dir / LOCK_NAME, wait=wait_lock, remove=True,
-                           on_wait=lambda: print(f"waiting for the other build of {out_dir} to finish", file=sys.stderr)):
-                int8 = dict(int8_fid_samples=int8_fid_samples, int8_max_fid_rise=int8_max_fid_rise, fid_extractor=fid_extractor,
-                            fid_reference=fid_reference, int8_calibration_samples=int8_calibration_samples, max_batch=max_batch)
-                return _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch, label_mode, simplify,
-                                     opset, force, workspace_bytes, progress, writable, trt, onnx_dtype, onnxslim, start,
-                                     strip_weights=bool(strip_weights), **int8)
-        except LockBusy:
-            raise EngineError(
-                f"another build is writing {out_dir} (it holds {out_dir / LOCK_NAME}): wait for it, pass --wait-lock to "
-                "wait automatically, or build into another --out"
-            ) from None
-        except OSError as e:
-            raise EngineError(path_error(e, out_dir, "free some space or pass --out with a writable directory")) from None
-    except BaseException:
-        # A failed first build leaves nothing behind: the dir it created holds only its own files.
-        if out_dir in made:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        for d in reversed(made):
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        raise
-
-
-LOCK_NAME = ".build.lock"
+    return {"trt": trt, "onnx_dtype": onnx_dtype, "onnxslim": onnxslim}
 
 
 def _probe_dir(out_dir: Path) -> bool:
@@ -296,220 +317,194 @@ def _probe_dir(out_dir: Path) -> bool:
     return True
 
 
-def _build_locked(plan, out_dir, model, coeffs, keeps, backend, precision, batch, label_mode, simplify, opset, force,
-                  workspace_bytes, progress, writable, trt, onnx_dtype, onnxslim, start, *, int8_fid_samples, int8_max_fid_rise,
-                  fid_extractor, fid_reference, int8_calibration_samples, max_batch, strip_weights=False) -> BuildReport:
-    from .tensorrt_build import build_tensorrt_engine
+def _build_locked(ctx: BuildContext) -> BuildReport:
+    """Under the dir's lock: read what the last build left, build every step, gate low precision, write the manifest."""
+    _read_previous(ctx)
+    s = ctx.settings
+    if s.backend == "openvino":
+        from .openvino_build import build_openvino_steps
 
-    conditional = model.num_classes is not None
+        steps, report_steps, extra = build_openvino_steps(ctx)
+    else:
+        steps, report_steps, extra = _build_steps(ctx)
+    conditional = ctx.model.num_classes is not None
+    manifest = Manifest.new(ctx.out_dir, plan=ctx.plan, model=ctx.model, backend=s.backend, precision=s.precision,
+                            batch=s.batch, opset=s.opset, simplify=s.simplify,
+                            label_mode=s.label_mode if conditional and s.backend != "openvino" else None,
+                            versions=ctx.versions, steps=steps,
+                            weights=("stripped" if s.strip_weights else "embedded") if s.backend == "tensorrt" else None,
+                            **extra)
+    if manifest.same_build(ctx.old):
+        manifest = ctx.old  # up to date: not rewritten (the dir may be read-only, and its date stays the build's)
+    else:
+        ctx.need_write("its manifest")
+        manifest.write()
+    if ctx.writable:
+        referenced = [st[k]["file"] for st in steps for k in ("onnx", "engine")]
+        referenced += [extra["embeddings"]["file"]] if "embeddings" in extra else []
+        remove_unreferenced(ctx.out_dir, referenced)  # under the build lock: any other temp file is a dead build's
+        with contextlib.suppress(FileNotFoundError):
+            (ctx.out_dir / PROGRESS_NAME).unlink()  # the manifest now records every step
+    return BuildReport(ctx.out_dir, manifest, report_steps, time.perf_counter() - ctx.start)
 
-    def need_write(what: str):
-        if not writable:
-            raise EngineError(
-                f"cannot write the engine dir {out_dir}: it is read-only, and {what} must be (re)built; "
-                "make it writable or pass --out with a writable directory"
-            )
 
-    versions = library_versions(backend)
-    isa = cpu_isa()
-    if onnxslim is not None:
-        versions["onnxslim"] = getattr(onnxslim, "__version__", None)
-    old = Manifest.previous(out_dir)
-    old_onnx = {s["onnx"].get("key"): s["onnx"] for s in (old or {}).get("steps", []) if isinstance(s, dict) and isinstance(s.get("onnx"), dict)}
-    old_engines = {canonical_hash(s["engine"].get("record")): s["engine"] for s in (old or {}).get("steps", [])
-                   if isinstance(s, dict) and isinstance(s.get("engine"), dict)}
-    named = {s[k].get("file") for s in (old or {}).get("steps", []) if isinstance(s, dict) for k in ("onnx", "engine") if isinstance(s.get(k), dict)}
-    for s in read_progress(out_dir):  # the steps a killed build finished: reused like the manifest's, if their hashes match
-        old_onnx.setdefault(s["onnx"].get("key"), s["onnx"])
-        old_engines.setdefault(canonical_hash(s["engine"].get("record")), s["engine"])
-    half = None
+def _read_previous(ctx: BuildContext) -> None:
+    """The versions this build records and the files the previous build (and a killed one's journal) left to reuse."""
+    ctx.versions = library_versions(ctx.settings.backend)
+    ctx.isa = cpu_isa()
+    if ctx.onnxslim is not None:
+        ctx.versions["onnxslim"] = getattr(ctx.onnxslim, "__version__", None)
+    ctx.old = Manifest.previous(ctx.out_dir)
+    old_steps = [st for st in (ctx.old or {}).get("steps", []) if isinstance(st, dict)]
+    ctx.old_onnx = {st["onnx"].get("key"): st["onnx"] for st in old_steps if isinstance(st.get("onnx"), dict)}
+    ctx.old_engines = {canonical_hash(st["engine"].get("record")): st["engine"] for st in old_steps
+                       if isinstance(st.get("engine"), dict)}
+    ctx.named = {st[k].get("file") for st in old_steps for k in ("onnx", "engine") if isinstance(st.get(k), dict)}
+    for st in read_progress(ctx.out_dir):  # the steps a killed build finished: reused like the manifest's, if intact
+        ctx.old_onnx.setdefault(st["onnx"].get("key"), st["onnx"])
+        ctx.old_engines.setdefault(canonical_hash(st["engine"].get("record")), st["engine"])
+
+
+def _build_steps(ctx: BuildContext) -> tuple[list, list, dict]:
+    """onnxruntime and TensorRT: one exported, verified graph and one engine per step; int8's gate on top."""
+    s = ctx.settings
     steps, report_steps, int8_entries = [], [], []
     calibration = None
-    if precision == "int8":
+    if s.precision == "int8":
         from .quantize import trajectory_feeds
 
-        int8_settings = {"calibration_samples": int8_calibration_samples, "calibration_seed": 1, "method": "minmax-qdq-u8s8-per-channel"}
-        calibration = trajectory_feeds(plan, model, int8_calibration_samples, seed=1, batch=min(max_batch, 16))
+        calibration = trajectory_feeds(ctx.plan, ctx.model, s.int8_calibration_samples, seed=1,
+                                       batch=min(s.batch["max"], 16))
     from tqdm import tqdm
 
-    bar = tqdm(total=len(coeffs), desc=f"build {backend} {precision}", disable=not progress, unit="step")
+    bar = tqdm(total=len(ctx.coeffs), desc=f"build {s.backend} {s.precision}", disable=not s.progress, unit="step")
     try:
-        for i, t in enumerate(coeffs.timesteps):
-            keep = keeps[i]
-            row = coeffs.row(i)
-            ins, outs = step_io(coeffs, i, model.image_shape, conditional)
-            mode = resolve_label_mode(model, label_mode, keep)
-            key = onnx_key(
-                model=model, timestep=t, row=row, keep=keep, inputs=ins, outputs=outs,
-                label_mode=mode, onnx_dtype=onnx_dtype, opset=opset, simplify=simplify, versions=versions,
-            )
-            status = {"index": i, "timestep": t}
-            # ---------------------------------------------------------- ONNX
-            onnx_rel = step_file("onnx", i, key, ".onnx", named)
-            onnx_entry = _reusable(out_dir, old_onnx.get(key), force, f"exporting step {i} again")
-            if onnx_entry is not None:
-                status["onnx"] = "reused"
-            else:
-                need_write(f"step {i}'s ONNX file")
-                if onnx_dtype == "float16" and half is None:
-                    half = half_unet(model)
-                module = StepModule(model, coeffs, i, keep, label_mode=mode,
-                                    dtype=torch.float16 if onnx_dtype == "float16" else torch.float32, unet=half).eval()
-                res = export_step_onnx(module, out_dir / onnx_rel, opset=opset, simplify=simplify, num_classes=model.num_classes)
-                set_default_mode(out_dir / onnx_rel)  # 0644 like the manifest: a service account loads it
-                onnx_entry = {
-                    "file": onnx_rel, "sha256": res.sha256, "bytes": res.bytes, "key": key, "nodes": res.nodes,
-                    "macs_per_sample": res.macs_per_sample, "max_abs_diff": res.max_abs_diff,
-                    "max_scaled_diff": res.max_scaled_diff, "term_scales": list(res.term_scales),
-                    "dtype": onnx_dtype, "seconds": round(res.seconds, 3),
-                }
-                status["onnx"] = "exported"
-            # -------------------------------------------------------- engine
-            record = engine_record(onnx_sha256=onnx_entry["sha256"], backend=backend,
-                                   precision="fp32" if precision == "int8" else precision,
-                                   onnx_dtype=onnx_dtype, batch=batch, versions=versions, strip_weights=strip_weights,
-                                   **({"isa": isa, "optimization": ORT_ENGINE_LEVEL} if backend == "onnxruntime" else {}))
-            digest = canonical_hash(record)
-            ext = ".plan" if backend == "tensorrt" else ".onnx"
-            engine_rel = step_file("engines", i, digest, ext, named)
-            engine_entry = _reusable(out_dir, old_engines.get(digest), force, f"rebuilding step {i}'s engine")
-            if engine_entry is not None:
-                status["engine"] = "reused"
-            else:
-                need_write(f"step {i}'s engine")
-                target = out_dir / engine_rel
-                if backend == "onnxruntime":
-                    info = optimize_for_onnxruntime(out_dir / onnx_entry["file"], target, term_scales=onnx_entry.get("term_scales"),
-                                                    level=ORT_ENGINE_LEVEL)
-                else:
-                    profile = {s.name: tuple(s.concrete(batch[k]) for k in ("min", "opt", "max")) for s in ins}
-                    info = build_tensorrt_engine(out_dir / onnx_entry["file"], target, precision=precision, profile=profile,
-                                                 timing_cache=out_dir / "timing.cache", workspace_bytes=workspace_bytes,
-                                                 onnx_dtype=onnx_dtype, trt=trt, strip_weights=strip_weights)
-                set_default_mode(target)
-                engine_entry = {"file": engine_rel, "sha256": sha256_file(target), "bytes": target.stat().st_size,
-                                "record": record, "seconds": round(info["seconds"], 3)}
-                status["engine"] = "built"
+        for i, t in enumerate(ctx.coeffs.timesteps):
+            step, status = _build_step(ctx, i)
             if calibration is not None:
-                int8_entries.append(_int8_engine(out_dir, i, onnx_entry, calibration[i], versions, isa, batch,
-                                                 int8_settings, old_engines, force, named))
-            steps.append({
-                "index": i,
-                "timestep": int(t),
-                "skip": list(plan.skip[i]),
-                "coefficients": row._asdict(),
-                "macs_per_sample": int(model.unet.macs(keep)),
-                "label_mode": mode,
-                "inputs": [s.to_dict() for s in ins],
-                "outputs": [s.to_dict() for s in outs],
-                "onnx": onnx_entry,
-                "engine": engine_entry,
-            })
+                int8_entries.append(_int8_engine(ctx, i, step["onnx"], calibration[i]))
+            steps.append(step)
             report_steps.append(status)
-            if writable and (status["onnx"] == "exported" or status["engine"] == "built"):
-                write_progress(out_dir, steps)  # a kill from here on loses no finished step
+            if ctx.writable and (status["onnx"] == "exported" or status["engine"] == "built"):
+                write_progress(ctx.out_dir, steps)  # a kill from here on loses no finished step
             bar.set_postfix_str(f"step {i} (t={t}): onnx {status['onnx']}, engine {status['engine']}")
             bar.update(1)
     finally:
         bar.close()
     int8_report = None
     if calibration is not None:
-        int8_report = _select_int8(plan, model, coeffs, out_dir, steps, int8_entries, batch["max"], int8_fid_samples,
-                                   int8_max_fid_rise, fid_extractor, fid_reference, progress)
+        int8_report = _select_int8(ctx, steps, int8_entries)
     for step in steps:
         step["precision"] = "int8" if int8_report is not None and int8_report["steps"][step["index"]]["int8"] else (
-            "fp32" if precision == "int8" else precision)
-    manifest = Manifest.new(out_dir, plan=plan, model=model, backend=backend, precision=precision, batch=batch, opset=opset,
-                            simplify=simplify, label_mode=label_mode if conditional else None, versions=versions, steps=steps,
-                            int8=int8_report,
-                            weights=("stripped" if strip_weights else "embedded") if backend == "tensorrt" else None)
-    if manifest.same_build(old):
-        manifest = old  # up to date: not rewritten (the dir may be read-only, and its date stays the build's)
-    else:
-        need_write("its manifest")
-        manifest.write()
-    if writable:
-        referenced = [s["onnx"]["file"] for s in steps] + [s["engine"]["file"] for s in steps]
-        remove_unreferenced(out_dir, referenced)  # under the build lock: any other temp file is a dead build's
-        with contextlib.suppress(FileNotFoundError):
-            (out_dir / PROGRESS_NAME).unlink()  # the manifest now records every step
-    return BuildReport(out_dir, manifest, report_steps, time.perf_counter() - start)
+            "fp32" if s.precision == "int8" else s.precision)
+    return steps, report_steps, {"int8": int8_report}
 
 
-def _reusable(out_dir: Path, prev: Optional[dict], force: bool, then: str) -> Optional[dict]:
-    """The previous build's entry for a file when it may be reused: named by the same key and still intact.
+def _build_step(ctx: BuildContext, i: int) -> tuple[dict, dict]:
+    """Step i's manifest entry (its ONNX export and engine, made or reused) and what was done."""
+    from .tensorrt_build import build_tensorrt_engine
 
-    A file that no longer hashes to its recorded sha256 is never reused: a warning says so and ``then``.
-    """
-    if prev is None or force:
-        return None
-    state = file_state(out_dir / prev["file"], prev.get("sha256"))
-    if state == "corrupt":
-        warnings.warn(f"{out_dir / prev['file']} is corrupted or truncated (sha256 mismatch); {then}")
-    return dict(prev) if state == "ok" else None
+    s, model, t = ctx.settings, ctx.model, int(ctx.coeffs.timesteps[i])
+    keep, row = ctx.keeps[i], ctx.coeffs.row(i)
+    ins, outs = step_io(ctx.coeffs, i, model.image_shape, model.num_classes is not None)
+    mode = resolve_label_mode(model, s.label_mode, keep)
+    key = onnx_key(model=model, timestep=t, row=row, keep=keep, inputs=ins, outputs=outs, label_mode=mode,
+                   onnx_dtype=ctx.onnx_dtype, opset=s.opset, simplify=s.simplify, versions=ctx.versions)
+    status = {"index": i, "timestep": t}
+    onnx_entry = ctx.reuse("onnx", key, f"exporting step {i} again")
+    status["onnx"] = "reused" if onnx_entry is not None else "exported"
+    if onnx_entry is None:
+        ctx.need_write(f"step {i}'s ONNX file")
+        half = _half_unet(ctx) if ctx.onnx_dtype == "float16" else None
+        module = StepModule(model, ctx.coeffs, i, keep, label_mode=mode,
+                            dtype=torch.float16 if ctx.onnx_dtype == "float16" else torch.float32, unet=half).eval()
+        onnx_entry = export_entry(ctx, step_file("onnx", i, key, ".onnx", ctx.named), module, key)
+    record = engine_record(onnx_sha256=onnx_entry["sha256"], backend=s.backend,
+                           precision="fp32" if s.precision == "int8" else s.precision, onnx_dtype=ctx.onnx_dtype,
+                           batch=s.batch, versions=ctx.versions, strip_weights=s.strip_weights,
+                           **({"isa": ctx.isa, "optimization": ORT_ENGINE_LEVEL} if s.backend == "onnxruntime" else {}))
+    digest = canonical_hash(record)
+    engine_entry = ctx.reuse("engine", digest, f"rebuilding step {i}'s engine")
+    status["engine"] = "reused" if engine_entry is not None else "built"
+    if engine_entry is None:
+        ctx.need_write(f"step {i}'s engine")
+        rel = step_file("engines", i, digest, ".plan" if s.backend == "tensorrt" else ".onnx", ctx.named)
+        target = ctx.out_dir / rel
+        if s.backend == "onnxruntime":
+            info = optimize_for_onnxruntime(ctx.out_dir / onnx_entry["file"], target,
+                                            term_scales=onnx_entry.get("term_scales"), level=ORT_ENGINE_LEVEL)
+        else:
+            info = build_tensorrt_engine(ctx.out_dir / onnx_entry["file"], target, precision=s.precision,
+                                         profile=shape_profile(ins, s.batch), timing_cache=ctx.out_dir / "timing.cache",
+                                         workspace_bytes=s.workspace_bytes, onnx_dtype=ctx.onnx_dtype, trt=ctx.trt,
+                                         strip_weights=s.strip_weights)
+        engine_entry = file_entry(ctx.out_dir, rel, record=record, seconds=info["seconds"])
+    step = {"index": i, "timestep": t, "skip": list(ctx.plan.skip[i]), "coefficients": row._asdict(),
+            "macs_per_sample": int(model.unet.macs(keep)), "label_mode": mode,
+            "inputs": [sp.to_dict() for sp in ins], "outputs": [sp.to_dict() for sp in outs],
+            "onnx": onnx_entry, "engine": engine_entry}
+    return step, status
 
 
-def _int8_engine(out_dir: Path, i: int, onnx_entry: dict, feeds, versions: dict, isa: str, batch: dict,
-                 settings: dict, old_engines: dict, force: bool, named: set) -> dict:
+def _half_unet(ctx: BuildContext):
+    """The float16 copy of the UNet every fp16 step module shares (made once per build)."""
+    if ctx.half_unet is None:
+        ctx.half_unet = half_unet(ctx.model)
+    return ctx.half_unet
+
+
+def _int8_engine(ctx: BuildContext, i: int, onnx_entry: dict, feeds) -> dict:
     """Step i's int8 engine entry (quantized and optimized now, or reused by its record)."""
     from .quantize import quantize_step
 
-    record = engine_record(onnx_sha256=onnx_entry["sha256"], backend="onnxruntime", precision="int8", onnx_dtype="float32",
-                           batch=batch, versions=versions, isa=isa, optimization=ORT_ENGINE_LEVEL, int8=settings)
+    s = ctx.settings
+    settings = {"calibration_samples": s.int8_calibration_samples, "calibration_seed": 1,
+                "method": "minmax-qdq-u8s8-per-channel"}
+    record = engine_record(onnx_sha256=onnx_entry["sha256"], backend="onnxruntime", precision="int8",
+                           onnx_dtype="float32", batch=s.batch, versions=ctx.versions, isa=ctx.isa,
+                           optimization=ORT_ENGINE_LEVEL, int8=settings)
     digest = canonical_hash(record)
-    rel = step_file("engines", i, digest, ".onnx", named)
-    prev = _reusable(out_dir, old_engines.get(digest), force, f"quantizing step {i} again")
+    prev = ctx.reuse("engine", digest, f"quantizing step {i} again")
     if prev is not None:
         return prev
     start = time.perf_counter()
-    target = out_dir / rel
+    rel = step_file("engines", i, digest, ".onnx", ctx.named)
+    target = ctx.out_dir / rel
     qdq = target.with_name(f".{target.name}.qdq")
     try:
-        quantize_step(out_dir / onnx_entry["file"], qdq, feeds)
+        quantize_step(ctx.out_dir / onnx_entry["file"], qdq, feeds)
         optimize_for_onnxruntime(qdq, target, level=ORT_ENGINE_LEVEL, verify=False)
     finally:
         with contextlib.suppress(FileNotFoundError):
             qdq.unlink()
-    return {"file": rel, "sha256": sha256_file(target), "bytes": target.stat().st_size, "record": record,
-            "seconds": round(time.perf_counter() - start, 3)}
+    return file_entry(ctx.out_dir, rel, record=record, seconds=time.perf_counter() - start)
 
 
-def _select_int8(plan, model, coeffs, out_dir: Path, steps: list, int8_entries: list, max_batch: int, n: int,
-                 max_fid_rise: float, extractor, reference, progress: bool) -> dict:
-    """Run the FID check (:func:`export.quantize.select_int8_steps`); swap the kept steps' engines to int8."""
-    from autodiffusion_rt.metrics import fid, get_extractor, reference_stats
+def _select_int8(ctx: BuildContext, steps: list, int8_entries: list) -> dict:
+    """Run the FID gate over onnxruntime engines; swap the kept steps' engines to int8."""
     from autodiffusion_rt.runtime import Runtime
-    from autodiffusion_rt.diffusion.step_io import TensorSpec
-    from autodiffusion_rt.runtime.engines import OnnxRuntimeEngine
+    from autodiffusion_rt.runtime.backends.base import step_specs
+    from autodiffusion_rt.runtime.backends.ort_backend import OnnxRuntimeEngine
     from autodiffusion_rt.runtime.runtime import ModelInfo
 
-    from .quantize import select_int8_steps
-
-    ext = get_extractor(extractor)
-    ref = reference if not isinstance(reference, str) else reference_stats(reference, ext)
+    model, max_batch = ctx.model, ctx.settings.batch["max"]
     info = ModelInfo(model.name, tuple(model.image_shape), model.num_classes)
     loaded: dict = {}
 
     def engine(i: int, int8: bool):
         if (i, int8) not in loaded:
             entry = int8_entries[i] if int8 else steps[i]["engine"]
-            ins = [TensorSpec.from_dict(d) for d in steps[i]["inputs"]]
-            outs = [TensorSpec.from_dict(d) for d in steps[i]["outputs"]]
-            loaded[i, int8] = OnnxRuntimeEngine(out_dir / entry["file"], ins, outs, max_batch, threads=torch.get_num_threads(),
-                                                optimization="none", name=f"step {i} ({'int8' if int8 else 'fp32'})")
+            ins, outs = step_specs(steps[i])
+            loaded[i, int8] = OnnxRuntimeEngine(ctx.out_dir / entry["file"], ins, outs, max_batch,
+                                                threads=torch.get_num_threads(), optimization="none",
+                                                name=f"step {i} ({'int8' if int8 else 'fp32'})")
         return loaded[i, int8]
 
-    def fid_of_steps(mask) -> float:
-        rt = Runtime([engine(i, bool(q)) for i, q in enumerate(mask)], plan, coeffs, info, "onnxruntime", max_batch)
-        return fid(rt.sample(n, seed=0), ref, ext)
+    def make_runtime(mask):
+        return Runtime([engine(i, bool(q)) for i, q in enumerate(mask)], ctx.plan, ctx.coeffs, info, "onnxruntime",
+                       max_batch)
 
-    say = None
-    if progress:
-        from tqdm import tqdm
-
-        say = tqdm.write
-    report = select_int8_steps(fid_of_steps, len(steps), max_fid_rise, progress=say)
-    report.update(samples=n, seed=0, extractor=ext.name, max_fid_rise=float(max_fid_rise))
+    report = fid_gate(ctx, make_runtime, "int8")
     for i, decision in enumerate(report["steps"]):
         if decision["int8"]:
             steps[i]["engine"] = int8_entries[i]

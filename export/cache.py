@@ -43,7 +43,7 @@ __all__ = ["EXPORTER_REVISION", "PROGRESS_NAME", "canonical_hash", "engine_recor
 #: Bump when the step module or the exporter changes what a given key produces.
 EXPORTER_REVISION = 1
 
-_STEP_FILE = re.compile(r"^step\d+-[0-9a-f]+\.(onnx|plan)$")
+_STEP_FILE = re.compile(r"^(step\d+-[0-9a-f]+\.(onnx|plan|blob)|embeddings-[0-9a-f]+\.npz)$")
 
 
 def canonical_hash(obj) -> str:

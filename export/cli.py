@@ -1,4 +1,4 @@
-"""``autodiffusion-rt build PLAN --backend {onnxruntime,tensorrt} [--precision fp32|fp16|int8] [--max-batch N] --out DIR``."""
+"""``autodiffusion-rt build PLAN [--backend auto|onnxruntime|openvino|tensorrt] [--precision auto|fp32|fp16|bf16|int8] --out DIR``."""
 
 from __future__ import annotations
 
@@ -17,13 +17,17 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "build",
         help="compile a plan into an engine dir: one engine per step and manifest.json",
-        description="Export each step of a plan (kept layers, folded timestep, fused sampler update) to ONNX, "
-        "verify it against PyTorch, compile it for the backend, and write DIR/manifest.json. Steps whose "
-        "ONNX graph and engine record are unchanged are reused.",
+        description="Export each step of a plan (kept layers, folded timestep, fused sampler update; for OpenVINO "
+        "one shared graph per distinct set of kept layers) to ONNX, verify it against PyTorch, compile it for the "
+        "backend, and write DIR/manifest.json. Steps whose ONNX graph and engine record are unchanged are reused.",
     )
     p.add_argument("plan", help="plan.json from the search")
-    p.add_argument("--backend", choices=BUILD_BACKENDS, default="onnxruntime", help="engine backend (default: %(default)s)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="engine precision (default: %(default)s)")
+    p.add_argument("--backend", choices=("auto", *BUILD_BACKENDS), default="auto",
+                   help="engine backend; auto: tensorrt on an NVIDIA GPU, else openvino, else onnxruntime "
+                   "(default: %(default)s)")
+    p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                   help="engine precision; auto: bf16 for openvino on a CPU with native bf16, else fp32; bf16 is "
+                   "openvino's, int8 onnxruntime's (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch the engines take (default: %(default)s)")
     p.add_argument("--opt-batch", type=int, default=None, help="batch size TensorRT tunes for (default: min(16, max))")
     p.add_argument("--out", required=True, help="the engine dir to write (updated in place when it exists)")
@@ -36,10 +40,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--strip-weights", action="store_true",
                    help="TensorRT: weight-stripped engines, refitted at load from the step's ONNX file in the dir")
     p.add_argument("--wait-lock", action="store_true", help="if another build is writing the same --out, wait for it (default: fail)")
-    p.add_argument("--int8-fid-samples", type=int, default=2000,
-                   help="--precision int8: samples of the FID check that decides which steps stay int8 (default: %(default)s)")
-    p.add_argument("--int8-max-fid-rise", type=float, default=0.05,
-                   help="--precision int8: largest relative FID rise over fp32 a step may cause (default: %(default)s)")
+    p.add_argument("--gate-fid-samples", "--int8-fid-samples", dest="gate_fid_samples", type=int, default=2000,
+                   help="bf16 and int8: samples of the FID check that decides which steps stay in low precision "
+                   "(default: %(default)s)")
+    p.add_argument("--gate-max-fid-rise", "--int8-max-fid-rise", dest="gate_max_fid_rise", type=float, default=0.05,
+                   help="bf16 and int8: largest relative FID rise over fp32 the low-precision steps may cause "
+                   "(default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_build)
     return p
@@ -64,15 +70,18 @@ def cmd_build(args) -> int:
         plan, args.out, backend=args.backend, precision=args.precision, max_batch=args.max_batch,
         opt_batch=args.opt_batch, label_mode=args.label_mode, simplify=args.simplify, opset=args.opset,
         force=args.force, workspace_bytes=None if args.workspace_mb is None else args.workspace_mb << 20,
-        progress=not args.quiet, wait_lock=args.wait_lock, int8_fid_samples=args.int8_fid_samples, int8_max_fid_rise=args.int8_max_fid_rise,
-        strip_weights=args.strip_weights,
+        progress=not args.quiet, wait_lock=args.wait_lock, int8_fid_samples=args.gate_fid_samples,
+        int8_max_fid_rise=args.gate_max_fid_rise, strip_weights=args.strip_weights,
     )
     print(f"built {report.summary()}")
-    int8 = report.manifest.get("int8")
-    if int8 is not None:
-        kept = [i for i, s in enumerate(int8["steps"]) if s["int8"]]
-        print(f"int8: steps {kept} kept in int8 (FID {[s['fid'] for s in int8['steps']]} vs fp32 {int8['fid_fp32']}, "
-              f"limit {int8['limit']}, {int8['samples']} samples); the others stay fp32")
+    for kind in ("int8", "bf16"):
+        gate = report.manifest.get(kind)
+        if gate is None or gate.get("checked") is False:
+            continue
+        kept = [i for i, s in enumerate(gate["steps"]) if s[kind]]
+        print(f"{kind}: steps {kept} kept in {kind} (FID {gate.get('fid', [s['fid'] for s in gate['steps']])} vs fp32 "
+              f"{gate['fid_fp32']}, limit {gate['limit']}; {gate['samples']} samples, seed {gate['seed']}, "
+              f"{gate['extractor']} features); the others run fp32")
     return 0
 
 

@@ -33,7 +33,7 @@ import torch
 
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError
 from autodiffusion_rt.diffusion.step_io import BATCH, TensorSpec
-from autodiffusion_rt.runtime.engines import import_onnxruntime, ort_session_options
+from autodiffusion_rt.runtime.backends.ort_backend import import_onnxruntime, ort_session_options
 from autodiffusion_rt.utils import sha256_file
 
 __all__ = ["DEFAULT_OPSET", "OnnxExport", "export_step_onnx", "graph_stats", "onnx_macs", "verify_onnx"]
@@ -70,13 +70,13 @@ def import_onnx():
     return onnx
 
 
-def _temp_beside(path: Path, suffix: str) -> Path:
+def temp_beside(path: Path, suffix: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     return Path(tmp)
 
 
-def _ort_session(path_or_bytes, optimization: str = "basic"):
+def ort_session(path_or_bytes, optimization: str = "basic"):
     ort = import_onnxruntime()
     # as many threads as torch: no oversubscription of a busy machine
     so = ort_session_options(threads=torch.get_num_threads(), optimization=optimization)
@@ -101,7 +101,7 @@ def verify_onnx(path, reference, example_inputs: dict[int, tuple], input_names, 
     """
     label = label or Path(path).name
     try:
-        sess = _ort_session(path)
+        sess = ort_session(path)
     except Exception as e:
         raise EngineError(f"onnxruntime cannot load the exported {label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     worst_abs = worst_scaled = 0.0
@@ -169,7 +169,7 @@ def export_step_onnx(module, path, *, opset: int = DEFAULT_OPSET, simplify: bool
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     names_in, names_out = list(module.input_names), list(module.output_names)
-    tmp = _temp_beside(path, ".onnx.tmp")
+    tmp = temp_beside(path, ".onnx.tmp")
     try:
         args = module.example_inputs(trace_batch, seed=0, num_classes=num_classes)
         with torch.no_grad(), warnings.catch_warnings():
@@ -184,7 +184,7 @@ def export_step_onnx(module, path, *, opset: int = DEFAULT_OPSET, simplify: bool
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as e:
-            raise EngineError(f"onnx.checker rejects the export of step {module.index}: {str(e).splitlines()[0]}") from None
+            raise EngineError(f"onnx.checker rejects the export of {module.label}: {str(e).splitlines()[0]}") from None
         if tol is None:
             tol = FP32_TOL if module.dtype == torch.float32 else FP16_TOL
         examples = {b: module.example_inputs(b, seed=b, num_classes=num_classes) for b in verify_batches}
@@ -195,11 +195,12 @@ def export_step_onnx(module, path, *, opset: int = DEFAULT_OPSET, simplify: bool
             with torch.no_grad():
                 out = module(*inputs)
             out = out if isinstance(out, tuple) else (out,)
-            seen_scales.append(_term_scales(module, inputs))
+            # a step's update can be ill-conditioned (see verify_onnx); a subnetwork's output is plain
+            seen_scales.append(_term_scales(module, inputs) if hasattr(module, "row") else (0.0,) * len(out))
             return tuple(o.numpy() for o in out), seen_scales[-1]
 
         diff, scaled = verify_onnx(tmp, reference, examples, names_in, tol, names_out,
-                                   label=f"step {module.index} ({path.name})",
+                                   label=f"{module.label} ({path.name})",
                                    cond_tol=FP32_COND_TOL if module.dtype == torch.float32 else FP16_COND_TOL)
         nodes, macs = graph_stats(tmp)
         digest = sha256_file(tmp)
@@ -257,7 +258,7 @@ def onnx_macs(model) -> int:
     for name in wanted:
         if name not in present:
             m.graph.output.append(helper.make_empty_tensor_value_info(name))
-    sess = _ort_session(m.SerializeToString(), optimization="none")
+    sess = ort_session(m.SerializeToString(), optimization="none")
     feeds = {}
     for i in sess.get_inputs():
         shape = [1 if not isinstance(d, int) else d for d in i.shape]

@@ -6,7 +6,7 @@ weights, uint8 activations: the u8s8 kernels that use AVX-512 VNNI / AVX-VNNI),
 calibrated (min-max) on that step's own inputs along the plan's trajectory
 (:func:`trajectory_feeds`: the plan run on the torch reference).
 
-:func:`select_int8_steps` then decides step by step, in schedule order, which
+:func:`select_low_precision_steps` then decides step by step, in schedule order, which
 int8 engines to keep: a step stays int8 only if the plan's FID with it (and
 the steps already kept) is at most ``(1 + max_fid_rise)`` times the all-fp32
 plan's FID, on the same ``n`` samples and seed. The build records every
@@ -24,7 +24,7 @@ import torch
 
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError
 
-__all__ = ["quantize_step", "select_int8_steps", "trajectory_feeds"]
+__all__ = ["quantize_step", "select_low_precision_steps", "trajectory_feeds"]
 
 
 def trajectory_feeds(plan, model, n: int, seed: int, batch: int) -> list[list[dict]]:
@@ -59,7 +59,7 @@ def _calibration_threads(threads: int):
     def create_inference_session(self):
         import onnxruntime
 
-        from autodiffusion_rt.runtime.engines import ort_session_options
+        from autodiffusion_rt.runtime.backends.ort_backend import ort_session_options
 
         so = ort_session_options(threads=threads, optimization="none")
         self.infer_session = onnxruntime.InferenceSession(self.augmented_model_path, sess_options=so,
@@ -79,7 +79,7 @@ def quantize_step(onnx_path, out_path, feeds: Sequence[dict]) -> None:
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError:
         raise BackendUnavailableError("int8 builds need onnxruntime's quantization tools: pip install -U onnxruntime onnx") from None
-    from .onnx_export import _temp_beside
+    from .onnx_export import temp_beside
 
     if not feeds:
         raise EngineError(f"no calibration inputs for {Path(onnx_path).name}")
@@ -93,7 +93,7 @@ def quantize_step(onnx_path, out_path, feeds: Sequence[dict]) -> None:
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    pre, tmp = _temp_beside(out_path, ".pre.onnx.tmp"), _temp_beside(out_path, ".onnx.tmp")
+    pre, tmp = temp_beside(out_path, ".pre.onnx.tmp"), temp_beside(out_path, ".onnx.tmp")
     try:
         quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
         with _calibration_threads(torch.get_num_threads()):
@@ -106,26 +106,42 @@ def quantize_step(onnx_path, out_path, feeds: Sequence[dict]) -> None:
                 f.unlink()
 
 
-def select_int8_steps(fid_of_steps: Callable[[Sequence[bool]], float], nfe: int, max_fid_rise: float,
-                      progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Greedy, in schedule order: keep step i in int8 if the FID with it stays within the allowed rise.
+def select_low_precision_steps(fid_of_steps: Callable[[Sequence[bool]], float], nfe: int, max_fid_rise: float,
+                               kind: str = "int8", progress: Optional[Callable[[str], None]] = None,
+                               try_all_first: bool = False) -> dict:
+    """Which steps may run in low precision (``kind``: int8, bf16): the plan's FID may rise at most ``max_fid_rise``.
 
     ``fid_of_steps(mask)`` samples the plan with the steps where ``mask`` is
-    True in int8 and returns its FID. Returns ``{"fid_fp32", "limit", "steps":
-    [{"int8": bool, "fid": float}]}``.
+    True in low precision and returns its FID. ``try_all_first``: every step
+    low at once first (one sampling run when it passes); otherwise, or when
+    that fails, greedy in schedule order: keep step i low if the FID with it
+    stays within the limit. Returns ``{"fid_fp32", "limit", "steps": [{kind:
+    bool, "fid": float}]}`` (``fid``: the trial that decided the step).
     """
     base = float(fid_of_steps([False] * nfe))
     limit = base * (1.0 + float(max_fid_rise))
+
+    def within(score: float) -> bool:
+        return bool(np.isfinite(score) and score <= limit)
+
+    if try_all_first:
+        score = float(fid_of_steps([True] * nfe))
+        if progress is not None:
+            progress(f"every step {kind}: FID {score:.3f} vs fp32 {base:.3f}, limit {limit:.3f}: "
+                     f"{'kept' if within(score) else 'trying step by step'}")
+        if within(score):
+            return {"fid_fp32": round(base, 4), "limit": round(limit, 4), "fid": round(score, 4),
+                    "steps": [{kind: True, "fid": round(score, 4)} for _ in range(nfe)]}
     kept = [False] * nfe
     steps = []
     for i in range(nfe):
         trial = list(kept)
         trial[i] = True
         score = float(fid_of_steps(trial))
-        ok = bool(np.isfinite(score) and score <= limit)
+        ok = within(score)
         if ok:
             kept = trial
-        steps.append({"int8": ok, "fid": round(score, 4)})
+        steps.append({kind: ok, "fid": round(score, 4)})
         if progress is not None:
-            progress(f"step {i}: int8 FID {score:.3f} vs limit {limit:.3f}: {'kept' if ok else 'fp32'}")
+            progress(f"step {i}: {kind} FID {score:.3f} vs limit {limit:.3f}: {'kept' if ok else 'fp32'}")
     return {"fid_fp32": round(base, 4), "limit": round(limit, 4), "steps": steps}

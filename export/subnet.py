@@ -1,7 +1,7 @@
-"""Step i of a plan as a static module: the kept layers, folded timestep, fused sampler update.
+"""Step i of a plan as a static module (kept layers, folded timestep, fused update), or a subnetwork shared by steps.
 
-:class:`StepModule` maps ``x [, y] [, noise] [, prev_x0] [, prev_eps1..3] -> x_prev [, x0] [, eps]``
-(names and presence from :func:`autodiffusion_rt.diffusion.step_io.step_io`):
+:class:`StepModule` maps the step's inputs to its outputs as
+:mod:`autodiffusion_rt.diffusion.step_io` names them (the one statement of that contract):
 
 * the layers the plan skips at this step are not called, so tracing leaves them
   out of the graph (their weights are not exported);
@@ -19,8 +19,8 @@
     kept block's SiLU + Linear, in the graph. Used when the table would be
     large (ADM ImageNet: 1000 classes x ~40k projection values = 160 MB per step);
 
-* the sampler update of the step is :func:`autodiffusion_rt.diffusion.step_update`
-  with the step's row of constants, the one place that arithmetic lives.
+* the sampler update of the step is :func:`autodiffusion_rt.diffusion.step_from_output`
+  with the step's row of constants, the one place that sequence lives.
 
 With ``dtype=torch.float16`` the UNet body runs in half precision (convolution
 weights and activations; GroupNorm, softmax and the folded projections stay
@@ -34,14 +34,16 @@ from __future__ import annotations
 import copy
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from autodiffusion_rt.diffusion import SamplerCoefficients, split_learned_variance, step_update
+from autodiffusion_rt.diffusion import SamplerCoefficients, step_from_output
 from autodiffusion_rt.errors import EngineError
-from autodiffusion_rt.diffusion.step_io import EPS, NOISE, PREV_EPS, PREV_X0, X, X0, Y, step_io
+from autodiffusion_rt.diffusion.step_io import BATCH, EMB, EPS, NOISE, OUT, PREV_EPS, PREV_X0, X, X0, X_PREV, Y, TensorSpec, step_io
 
-__all__ = ["LABEL_MODES", "TABLE_MAX_BYTES", "StepModule", "resolve_label_mode", "step_modules"]
+__all__ = ["LABEL_MODES", "TABLE_MAX_BYTES", "StepModule", "SubnetModule", "resolve_label_mode", "step_embeddings",
+           "step_modules", "subnet_io"]
 
 LABEL_MODES = ("auto", "table", "graph")
 #: Largest per-class projection table (bytes, float32) that ``label_mode="auto"`` folds.
@@ -77,6 +79,7 @@ class StepModule(nn.Module):
             raise EngineError(f"step {i} is outside the schedule's {len(coeffs)} steps")
         self.keep = model.unet.check_keep(keep)
         self.index = i
+        self.label = f"step {i}"
         self.timestep = coeffs.timesteps[i]
         self.row = coeffs.row(i)
         self.conditional = model.num_classes is not None
@@ -134,17 +137,12 @@ class StepModule(nn.Module):
             raise EngineError(f"step {self.index} takes {list(self.input_names)}, got {len(args)} tensors")
         feeds = dict(zip(self.input_names, args))
         x = feeds[X]
-        eps = self.eps(x, feeds.get(Y))
-        var_v = None
-        if self.row.learned_variance:  # the model's variance channels set this step's noise scale
-            eps, var_v = split_learned_variance(eps, self.channels)
-        history = [feeds[n] for n in PREV_EPS if n in feeds]
-        x_prev, x0, eps_used = step_update(self.row, x, eps, feeds.get(PREV_X0), feeds.get(NOISE), prev_eps=history,
-                                           return_eps=True, var_v=var_v)
-        outs = {X0: x0, EPS: eps_used}
-        if len(self.output_names) == 1:
-            return x_prev
-        return (x_prev,) + tuple(outs[n] for n in self.output_names[1:])
+        history = tuple(feeds[n] for n in PREV_EPS if n in feeds)
+        x_prev, x0, history = step_from_output(self.row, x, self.eps(x, feeds.get(Y)), feeds.get(PREV_X0),
+                                               feeds.get(NOISE), history)
+        values = {X_PREV: x_prev, X0: x0, EPS: history[0]}
+        outs = tuple(values[n] for n in self.output_names)
+        return outs[0] if len(outs) == 1 else outs
 
     def example_inputs(self, batch: int, seed: int = 0, num_classes: Optional[int] = None) -> tuple[torch.Tensor, ...]:
         """Random inputs in ``input_names`` order (for tracing and verification)."""
@@ -182,3 +180,58 @@ def step_modules(model, plan, label_mode: str = "auto", dtype: torch.dtype = tor
     unet = half_unet(model) if dtype == torch.float16 else None
     idx = range(len(coeffs)) if steps is None else steps
     return [StepModule(model, coeffs, i, keeps[i], label_mode=label_mode, dtype=dtype, unet=unet).eval() for i in idx]
+
+
+class SubnetModule(nn.Module):
+    """The UNet body of one keep set, shared by every step that skips the same layers: ``x, emb -> out``.
+
+    What differs between those steps stays outside the graph, so one engine
+    (one copy of the weights) serves them all: the embedding ``emb`` (the
+    step's timestep embedding plus, for a class-conditional model, the label's;
+    :func:`step_embeddings`) is an input, and the raw output (eps, [eps, v] for
+    a learned-variance model, or v) goes to the sampler update, which the
+    runtime computes in float32 (:func:`autodiffusion_rt.diffusion.step_from_output`).
+    """
+
+    def __init__(self, model, keep: Optional[frozenset], index: int = 0):
+        super().__init__()
+        self.unet = model.unet
+        self.keep = model.unet.check_keep(keep)
+        self.index = index
+        self.label = f"subnet {index}"
+        self.dtype = torch.float32
+        self.input_specs, self.output_specs = subnet_io(model)
+        self.input_names = tuple(s.name for s in self.input_specs)
+        self.output_names = tuple(s.name for s in self.output_specs)
+        self.emb_dim = self.input_specs[1].shape[1]
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.unet.forward_projected(x, self.unet.block_projections(emb, self.keep), self.keep)
+
+    def example_inputs(self, batch: int, seed: int = 0, num_classes: Optional[int] = None) -> tuple[torch.Tensor, ...]:
+        """Random ``x`` and ``emb`` (for tracing and verification)."""
+        g = torch.Generator().manual_seed(seed)
+        return tuple(torch.randn(spec.concrete(batch), generator=g) for spec in self.input_specs)
+
+
+def subnet_io(model) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """A shared subnetwork's inputs (``x``, ``emb``) and output (``out``: the UNet's raw output)."""
+    with torch.no_grad():
+        emb_dim = int(model.unet.time_embedding(torch.zeros(1, dtype=torch.long)).shape[1])
+    c, h, w = (int(s) for s in model.image_shape)
+    out_c = 2 * c if model.learn_sigma else c
+    return ((TensorSpec(X, "float32", (BATCH, c, h, w)), TensorSpec(EMB, "float32", (BATCH, emb_dim))),
+            (TensorSpec(OUT, "float32", (BATCH, out_c, h, w)),))
+
+
+def step_embeddings(model, timesteps: Sequence[int]) -> dict[str, np.ndarray]:
+    """What a shared subnetwork's steps differ in, computed once in float32: ``time`` [steps, D] and ``label`` [K, D].
+
+    Step i's embedding for label y is ``time[i] + label[y]`` (``label`` only for a class-conditional model).
+    """
+    with torch.no_grad():
+        time = model.unet.time_embedding(torch.tensor([int(t) for t in timesteps]))
+        out = {"time": time.float().numpy().copy()}
+        if model.num_classes is not None:
+            out["label"] = model.unet.label_emb.weight.detach().float().numpy().copy()
+    return out

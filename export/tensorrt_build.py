@@ -16,7 +16,7 @@ Kept thin and close to NVIDIA's own samples:
 * ``strip_weights``: a weight-stripped engine (``BuilderFlag.STRIP_PLAN`` with
   ``REFIT_IDENTICAL``: optimized for exactly the ONNX file's weights), a
   fraction of the size; the runtime refits it from that ONNX file at load
-  (:class:`~autodiffusion_rt.runtime.engines.TensorRTEngine`).
+  (:class:`~autodiffusion_rt.runtime.backends.trt_backend.TensorRTEngine`).
 
 ``tensorrt`` is imported here only when a build is asked for.
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from autodiffusion_rt.errors import EngineError
-from autodiffusion_rt.runtime.engines import import_tensorrt, tensorrt_major
+from autodiffusion_rt.runtime.backends.trt_backend import import_tensorrt, tensorrt_major
 from autodiffusion_rt.utils import atomic_write
 
 __all__ = ["build_tensorrt_engine", "onnx_dtype_for", "strongly_typed"]

@@ -49,8 +49,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from autodiffusion_rt.diffusion import compute_coefficients, split_learned_variance, step_update
-from autodiffusion_rt.diffusion.samplers import EPS_HISTORY
+from autodiffusion_rt.diffusion import compute_coefficients, step_from_output
 from autodiffusion_rt.errors import DataError
 from autodiffusion_rt.sampling import eps_in_chunks, initial_state
 
@@ -255,13 +254,8 @@ class FitnessEvaluator:
                     self.counters.unet_seconds += t1 - t0
                     for row, js in by_row.items():
                         noise = self._noise_draw(st.noise_used) if row.c_noise != 0.0 else None
-                        e, v = split_learned_variance(eps, st.x.shape[1]) if row.learned_variance else (eps, None)
-                        if self._carry_eps:
-                            x_prev, x0, eps_used = step_update(row, st.x, e, st.prev_x0, noise, prev_eps=st.prev_eps, return_eps=True, var_v=v)
-                            history = ((eps_used,) + st.prev_eps)[:EPS_HISTORY]
-                        else:
-                            x_prev, x0 = step_update(row, st.x, e, st.prev_x0, noise, var_v=v)
-                            history = ()
+                        x_prev, x0, history = step_from_output(row, st.x, eps, st.prev_x0, noise, st.prev_eps)
+                        history = history if self._carry_eps else ()
                         child = _State(x_prev, x0 if self._carry_x0 else None, st.noise_used + (noise is not None), history)
                         child_key = node + ((t, skip, row),)
                         for j in js:

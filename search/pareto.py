@@ -290,103 +290,134 @@ def default_out(options, nfes: list[int]) -> str:
 
 
 def run_pareto(options, nfes, model=None, extractor=None, ref_stats=None) -> ParetoReport:
-    """One multi-objective search per NFE, both fronts re-ranked on held-out samples, the report (see the module docstring)."""
-    from autodiffusion_rt.plan import Fitness, Plan
-
-    from .report import make_report
-    from .pipeline import _holdout_fids, _stem, load_plan_set, prepare, run_search, save_plan_set
+    """One multi-objective search per NFE, both fronts re-ranked on held-out samples, the report (module docstring)."""
+    from .pipeline import output_stem, prepare
 
     t0 = time.perf_counter()
     nfes = sorted(set(int(n) for n in nfes))
     if len(nfes) < 2:
         raise SearchError(f"--nfe {nfes}: the fronts across NFE need at least two NFEs (e.g. --nfe 3-8)")
-    o = options
-    if not o.holdout_samples:
-        raise SearchError("--holdout-samples 0: the fronts across NFE are compared on FID of fresh samples; give >= 2 (1000 recommended)")
-    if o.checkpoint is not None:
-        raise SearchError(f"--checkpoint {o.checkpoint}: with an NFE range each NFE keeps its own checkpoint next to --out; leave --checkpoint out")
-    out = Path(o.out if o.out is not None else default_out(o, nfes))
-    stem = _stem(out)
+    if not options.holdout_samples:
+        raise SearchError("--holdout-samples 0: the fronts across NFE are compared on FID of fresh samples; give >= 2 "
+                          "(1000 recommended)")
+    if options.checkpoint is not None:
+        raise SearchError(f"--checkpoint {options.checkpoint}: with an NFE range each NFE keeps its own checkpoint "
+                          "next to --out; leave --checkpoint out")
+    out = Path(options.out if options.out is not None else default_out(options, nfes))
+    stem = output_stem(out)
 
     def per_nfe(n: int):
-        return replace(o, nfe=n, multi_objective=True, report=False, out=f"{stem}.nfe{n}.json")
+        return replace(options, nfe=n, multi_objective=True, report=False, out=f"{stem}.nfe{n}.json")
 
     # Every NFE's settings and outputs are checked before the first search starts.
     first = prepare(per_nfe(nfes[0]), model, extractor, ref_stats)
     model, extractor, ref_stats = first.model, first.extractor, first.ref_stats
     preps = {n: prepare(per_nfe(n), model, extractor, ref_stats) for n in nfes}
-    po = first.options
-    if po.holdout_seed == po.seed:
-        raise SearchError(f"--holdout-seed {po.holdout_seed} equals --seed: the fronts must be re-ranked on samples the search did not see")
+    resolved = first.options
+    if resolved.holdout_seed == resolved.seed:
+        raise SearchError(f"--holdout-seed {resolved.holdout_seed} equals --seed: the fronts must be re-ranked on "
+                          "samples the search did not see")
 
     skip_points: list[FrontPoint] = []
     noskip_per_nfe: list[FrontPoint] = []
     dp_costs: dict = {}
     sensitivity = None
     for n in nfes:
-        on = preps[n].options
-        resume = bool(o.resume) and Path(on.checkpoint).exists()
-        if not o.quiet:
-            print(f"NFE {n}: multi-objective search -> {on.out}", file=sys.stderr)
-        result, plan, _ = run_search(replace(per_nfe(n), resume=resume), model, extractor, ref_stats)
-        summary = plan.provenance["summary"]
-        plans = load_plan_set(_stem(on.out).with_name(_stem(on.out).name + ".pareto.json"))
-        for s, pl in zip(result.pareto, plans):
-            skip_points.append(FrontPoint(s.candidate, pl.sampler, s.macs, pl.fitness.fid, s.fid))
-        # The best full-model schedule of this NFE: stage 1's best, the DP schedule, the front's full-model members.
-        known = {Candidate.full(h["timesteps"]): h["holdout_fid"] for h in summary.get("pareto_search_front", []) if h["skipped_layer_steps"] == 0}
-        search_fit = {Candidate.full(h["timesteps"]): h["search_fitness"] for h in summary.get("pareto_search_front", []) if h["skipped_layer_steps"] == 0}
-        full = [result.stage1_best.candidate]
-        search_fit.setdefault(result.stage1_best.candidate, result.stage1_best.fid)
+        resume = bool(options.resume) and Path(preps[n].options.checkpoint).exists()
+        points, noskip, summary = _search_one_nfe(preps[n], replace(per_nfe(n), resume=resume))
+        skip_points += points
+        noskip_per_nfe.append(noskip)
         if summary.get("dp"):
             dp_costs[n] = summary["dp"]["paths"][0]["cost"]
-            full.append(Candidate.full(summary["dp"]["paths"][0]["timesteps"]))
-        full = list(dict.fromkeys(full + list(known)))
-        need = [c for c in full if c not in known]
-        known.update(zip(need, _holdout_fids(preps[n], need) if need else []))
-        best = min(full, key=lambda c: (known[c], c))
-        noskip_per_nfe.append(FrontPoint(best, o.sampler, preps[n].space1.full_macs, known[best], search_fit.get(best)))
         if sensitivity is None and summary.get("skip_sensitivity"):
             sensitivity = summary["skip_sensitivity"]
 
     def front(points):
-        return non_dominated(points, lambda p: (p.holdout_fid, p.macs), tiebreak=lambda p: (p.candidate.num_skipped, p.candidate))
+        return non_dominated(points, lambda p: (p.holdout_fid, p.macs),
+                             tiebreak=lambda p: (p.candidate.num_skipped, p.candidate))
 
     noskip_front, skip_front = front(noskip_per_nfe), front(skip_points)
-
-    confirm_seed = confirm_samples = None
-    if o.report:
-        # A third seed, used by neither the search nor the choice: the verdict without selection bias.
-        confirm_seed, confirm_samples = po.report_seed, po.report_samples
-        members = list(dict.fromkeys((p.sampler, p.candidate) for p in noskip_front + skip_front))
-        rows = [(f"NFE {c.nfe}", sm, c) for sm, c in members]
-        rep = make_report(model, rows, [extractor], {extractor.name: ref_stats}, confirm_samples, confirm_seed, po.eta, po.batch_size, po.quiet, device=po.device)
-        fids = {(sm, c): r.fid[extractor.name] for (_, sm, c), r in zip(rows, rep.rows)}
-        for p in noskip_front + skip_front:
-            p.confirm_fid = fids[(p.sampler, p.candidate)]
-
+    # A third seed, used by neither the search nor the choice: the verdict without selection bias.
+    confirm_seed, confirm_samples = (resolved.report_seed, resolved.report_samples) if options.report else (None, None)
+    if options.report:
+        _confirm(first, noskip_front + skip_front)
     report = ParetoReport(
-        model=model.name, sampler=o.sampler, nfes=nfes, extractor=extractor.name, reference=ref_stats.dataset,
-        search_seed=po.seed, search_samples=po.num_samples, objective=po.objective,
-        holdout_seed=po.holdout_seed, holdout_samples=po.holdout_samples, confirm_seed=confirm_seed, confirm_samples=confirm_samples,
-        full_step_macs=model.unet.macs(), noskip_front=noskip_front, skip_front=skip_front, noskip_per_nfe=noskip_per_nfe,
-        sensitivity=sensitivity, dp_costs=dp_costs,
+        model=model.name, sampler=options.sampler, nfes=nfes, extractor=extractor.name, reference=ref_stats.dataset,
+        search_seed=resolved.seed, search_samples=resolved.num_samples, objective=resolved.objective,
+        holdout_seed=resolved.holdout_seed, holdout_samples=resolved.holdout_samples, confirm_seed=confirm_seed,
+        confirm_samples=confirm_samples, full_step_macs=model.unet.macs(), noskip_front=noskip_front,
+        skip_front=skip_front, noskip_per_nfe=noskip_per_nfe, sensitivity=sensitivity, dp_costs=dp_costs,
     )
-
-    def plan_set(points, path):
-        plans = [Plan.for_model(model, p.candidate.timesteps, p.sampler, po.eta if p.sampler == "ddim" else 0.0, p.candidate.skip, spec=po.model,
-                                fitness=Fitness(float(p.holdout_fid), extractor.name, po.holdout_samples, po.holdout_seed, ref_stats.dataset),
-                                provenance={"tool": "python -m search.run --multi-objective --nfe " + ",".join(map(str, nfes)),
-                                            "reference": po.reference, "model_options": po.model_options,
-                                            "search_fitness": p.search_fitness, "confirm_fid": p.confirm_fid})
-                 for p in sorted(points, key=lambda p: p.macs)]
-        return save_plan_set(plans, path)
-
     report.seconds = time.perf_counter() - t0
-    plan_set(skip_front, out)
-    plan_set(noskip_front, Path(f"{stem}.noskip.json"))
+    tool = "python -m search.run --multi-objective --nfe " + ",".join(map(str, nfes))
+    _save_front(first, skip_front, out, tool)
+    _save_front(first, noskip_front, Path(f"{stem}.noskip.json"), tool)
     md, _, png = report.save(stem)
-    if not o.quiet:
+    if not options.quiet:
         print(report.table())
         print(f"fronts written to {out} and {stem}.noskip.json; report {md}, plot {png}", file=sys.stderr)
     return report
+
+
+def _search_one_nfe(prepared, options) -> tuple[list, "FrontPoint", dict]:
+    """One NFE's multi-objective search: (its front's points, its best full-model schedule, its search summary).
+
+    The best full-model schedule is the best by held-out FID of stage 1's best, the DP schedule and the front's
+    full-model members (those not re-ranked yet are, here).
+    """
+    from .pipeline import holdout_fids, load_plan_set, output_stem, run_search
+
+    if not options.quiet:
+        print(f"NFE {options.nfe}: multi-objective search -> {prepared.options.out}", file=sys.stderr)
+    result, plan, _ = run_search(options, prepared.model, prepared.extractor, prepared.ref_stats)
+    summary = plan.provenance["summary"]
+    stem = output_stem(prepared.options.out)
+    plans = load_plan_set(stem.with_name(stem.name + ".pareto.json"))
+    points = [FrontPoint(s.candidate, pl.sampler, s.macs, pl.fitness.fid, s.fid) for s, pl in zip(result.pareto, plans)]
+    full_members = [h for h in summary.get("pareto_search_front", []) if h["skipped_layer_steps"] == 0]
+    known = {Candidate.full(h["timesteps"]): h["holdout_fid"] for h in full_members}
+    search_fit = {Candidate.full(h["timesteps"]): h["search_fitness"] for h in full_members}
+    full = [result.stage1_best.candidate]
+    search_fit.setdefault(result.stage1_best.candidate, result.stage1_best.fid)
+    if summary.get("dp"):
+        full.append(Candidate.full(summary["dp"]["paths"][0]["timesteps"]))
+    full = list(dict.fromkeys(full + list(known)))
+    need = [c for c in full if c not in known]
+    known.update(zip(need, holdout_fids(prepared, need) if need else []))
+    best = min(full, key=lambda c: (known[c], c))
+    noskip = FrontPoint(best, options.sampler, prepared.space1.full_macs, known[best], search_fit.get(best))
+    return points, noskip, summary
+
+
+def _confirm(prepared, points: list) -> None:
+    """Measure every front member again on --report-samples samples of --report-seed (sets its confirm_fid)."""
+    from .report import make_report
+
+    options, extractor = prepared.options, prepared.extractor
+    members = list(dict.fromkeys((p.sampler, p.candidate) for p in points))
+    rows = [(f"NFE {c.nfe}", sampler, c) for sampler, c in members]
+    report = make_report(prepared.model, rows, [extractor], {extractor.name: prepared.ref_stats},
+                         options.report_samples, options.report_seed, options.eta, options.batch_size, options.quiet,
+                         device=options.device)
+    fids = {(sampler, c): r.fid[extractor.name] for (_, sampler, c), r in zip(rows, report.rows)}
+    for p in points:
+        p.confirm_fid = fids[(p.sampler, p.candidate)]
+
+
+def _save_front(prepared, points: list, path: Path, tool: str) -> Path:
+    """A front as a plan set, by MACs; each plan's FID is its held-out one."""
+    from autodiffusion_rt.plan import Fitness, Plan
+
+    from .pipeline import save_plan_set
+
+    options, model = prepared.options, prepared.model
+    plans = []
+    for p in sorted(points, key=lambda p: p.macs):
+        fitness = Fitness(float(p.holdout_fid), prepared.extractor.name, options.holdout_samples, options.holdout_seed,
+                          prepared.ref_stats.dataset)
+        provenance = {"tool": tool, "reference": options.reference, "model_options": options.model_options,
+                      "search_fitness": p.search_fitness, "confirm_fid": p.confirm_fid}
+        eta = options.eta if p.sampler == "ddim" else 0.0
+        plans.append(Plan.for_model(model, p.candidate.timesteps, p.sampler, eta, p.candidate.skip, spec=options.model,
+                                    fitness=fitness, provenance=provenance))
+    return save_plan_set(plans, path)

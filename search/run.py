@@ -1,7 +1,7 @@
 """``python -m search.run``: search a timestep schedule and per-step layer skipping; write a plan.
 
 With no arguments: the embedded MNIST model at NFE 4, the mnist extractor,
-the defaults in :mod:`search.pipeline`; writes ``plans/embedded-mnist-nfe4.json``,
+the defaults of :class:`search.pipeline.SearchOptions`; writes ``plans/embedded-mnist-nfe4.json``,
 its report (``.report.md`` / ``.report.json``) and its checkpoint
 (``.search-state.json``). The machinery lives in :mod:`search.pipeline`; this
 module is the command line (and re-exports the names scripts use).
@@ -12,86 +12,163 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import fields
 from typing import Optional, Sequence
 
 from autodiffusion_rt.registry import EXTRACTORS, SAMPLERS, SPACINGS, model_spec_help, one_of
 
 from .errors import SearchError
 from .pipeline import (  # noqa: F401  (re-exported: the public names of python -m search.run)
-    DEFAULT_MODEL, DEFAULTS, DP_METHOD, FAST, PAPER, SearchOptions, load_plan_set, prepare, run_search, save_plan_set,
+    DEFAULT_MODEL,
+    DEFAULTS,
+    DP_METHOD,
+    FAST,
+    PAPER,
+    SearchOptions,
+    load_plan_set,
+    prepare,
+    run_search,
+    save_plan_set,
 )
+
+# Flags whose destination is a SearchOptions field; they default to None (not given), so every default is
+# SearchOptions' own and the help texts read it from DEFAULTS.
+_FIELDS = {f.name for f in fields(SearchOptions)}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, in groups; a flag not given is None, so SearchOptions supplies its default."""
     from autodiffusion_rt.cli import OneLineParser
 
     p = OneLineParser(
         prog="python -m search.run",
-        description="Two-stage evolutionary search of timesteps and per-step layer skipping (AutoDiffusion), judged by FID and MACs.",
+        description="Two-stage evolutionary search of timesteps and per-step layer skipping (AutoDiffusion), "
+                    "judged by FID and MACs.",
     )
-    d = DEFAULTS
-    p.add_argument("--model", default=DEFAULT_MODEL, help=model_spec_help(DEFAULT_MODEL))
-    p.add_argument("--preset", default=None, help="ADM preset for adm: specs (e.g. imagenet64-cond)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="guided-diffusion flag for adm: specs, repeatable")
-    p.add_argument("--nfe", default=None, help=f"number of sampling steps (default {d['nfe']}); with --multi-objective a range "
-                   "(3-8) or list (3,4,6): the fronts with and without layer skipping across NFE (search/pareto.py)")
-    p.add_argument("--sampler", default=None, choices=SAMPLERS, help=f"{one_of(SAMPLERS)} (default {d['sampler']})")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0: deterministic)")
-    p.add_argument("--extractor", default=None, choices=EXTRACTORS,
-                   help=f"FID features: {one_of(EXTRACTORS)} (default: mnist for the embedded model, "
-                   "inception otherwise)")
-    p.add_argument("--reference", default=None, help="real data for FID: mnist, an image folder, an .npz of images, or a statistics .npz (default: mnist for the embedded model)")
-    p.add_argument("--num-samples", type=int, default=None, help=f"samples per candidate (default {d['num_samples']}; --fast {FAST['num_samples']})")
-    p.add_argument("--population", type=int, default=None, help=f"population size (default {d['population']})")
-    p.add_argument("--generations", type=int, default=None, help=f"generations per stage after the initial population (default {d['generations']})")
-    p.add_argument("--topk", type=int, default=None, help=f"elites kept each generation (default {d['topk']})")
-    p.add_argument("--mutants", type=int, default=None, help=f"mutants per generation (default {d['mutants']})")
-    p.add_argument("--crossovers", type=int, default=None, help=f"crossover children per generation (default {d['crossovers']})")
-    p.add_argument("--mutation-prob", type=float, default=None, help=f"per-step mutation probability (default {d['mutation_prob']})")
-    b = p.add_mutually_exclusive_group()
-    b.add_argument("--budget-fraction", type=float, default=None, help=f"stage 2 MACs budget as a fraction of the full model at this NFE (default {d['budget_fraction']})")
-    b.add_argument("--budget-macs", type=float, default=None, help="stage 2 MACs budget per sample, absolute (all steps)")
-    p.add_argument("--multi-objective", action="store_true", help="stage 2 with pymoo's NSGA-II on (FID, MACs); also writes the Pareto set")
-    p.add_argument("--seed", type=int, default=None, help="seed of the search and of the samples' noise (default 0)")
-    p.add_argument("--out", default=None, help="plan path (default: plans/KIND-NAME-nfeN[-SAMPLER].json, e.g. "
-                   f"plans/embedded-mnist-nfe{d['nfe']}.json for the default model and NFE, -nfe6.json with --nfe 6)")
-    p.add_argument("--checkpoint", default=None, help="search state path (default: next to --out, .search-state.json)")
-    p.add_argument("--resume", action="store_true", help="continue the search saved in the checkpoint (same settings)")
-    p.add_argument("--wait-lock", action="store_true", help="if another search is writing the same --out, wait for it (default: fail)")
-    pre = p.add_mutually_exclusive_group()
-    pre.add_argument("--fast", action="store_true", help="a small preset for smoke tests: " + ", ".join(f"{k}={v}" for k, v in FAST.items()))
-    pre.add_argument("--paper-settings", action="store_true", help="AutoDiffusion's evolution settings: " + ", ".join(f"{k}={v}" for k, v in PAPER.items()))
-    p.add_argument("--no-report", action="store_true", help="skip the comparison report")
-    p.add_argument("--report-samples", type=int, default=None, help=f"samples per report row (default {d['report_samples']}; --method dp {DP_METHOD['report_samples']}; --fast {FAST['report_samples']})")
-    p.add_argument("--report-seed", type=int, default=None, help="seed of the report rows (default: --seed + 1, noise the plan was not selected on)")
-    p.add_argument("--report-extractor", action="append", default=None, choices=EXTRACTORS,
-                   help="extractor(s) for the report, repeatable (default: --extractor)")
-    p.add_argument("--batch-size", type=int, default=None, help=f"model batch size (default {d['batch_size']})")
-    p.add_argument("--cache-mb", type=int, default=1024, help="memory for shared intermediate states (default %(default)s MB)")
-    p.add_argument("--no-prefix-sharing", action="store_true", help="evaluate every candidate on its own (to measure what sharing saves)")
-    p.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda[:N] (default %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--method", choices=("evo", "dp"), default=None, help="evo: evolution whose generation 0 holds the DP schedules (default); dp: the DP schedule alone, in seconds")
-    p.add_argument("--objective", default=None, help="search fitness: trajectory (distance to a high-NFE teacher's images from the same x_T; default), trajectory-features, or fid")
-    p.add_argument("--grid-points", type=int, default=None, help=f"DP grid = the teacher's DDIM schedule (default {d['grid_points']}; --fast {FAST['grid_points']})")
-    p.add_argument("--grid-spacing", default="quadratic", choices=SPACINGS,
-                   help=f"DP grid spacing: {one_of(SPACINGS)} (default %(default)s)")
-    p.add_argument("--dp-paths", type=int, default=None, help=f"DP schedules seeded into generation 0 (default {d['dp_paths']}; 0: none)")
-    p.add_argument("--teacher-cache", default=None, help="folder for cached teacher trajectories (default: .teacher-cache next to --out)")
-    p.add_argument("--holdout-samples", type=int, default=None, help=f"fresh samples for re-ranking the top-k by FID before choosing (default {d['holdout_samples']}; 0: off)")
-    p.add_argument("--holdout-seed", type=int, default=None, help="seed of the held-out samples (default: --seed + 2)")
-    p.add_argument("--holdout-topk", type=int, default=None, help=f"candidates re-ranked on held-out samples (default {d['holdout_topk']})")
-    p.add_argument("--holdout-front", type=int, default=None, help=f"with --multi-objective: front members re-ranked on held-out samples, "
-                   f"evenly spread from the best to the cheapest (default {d['holdout_front']})")
-    p.add_argument("--sensitivity-points", type=int, default=8, help="timesteps of the per-layer skip sensitivity table, computed when skipping is asked for (default %(default)s; 0: off)")
-    p.add_argument("--executor", choices=("local", "ray"), default="local", help="where candidates are evaluated: here, or on Ray workers (pip install ray)")
-    p.add_argument("--ray-address", default=None, help="an existing Ray cluster for --executor ray (e.g. auto, ray://HOST:10001; default: start Ray here)")
-    p.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per CPU of the cluster)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    _model_flags(p)
+    _evolution_flags(p)
+    _dp_and_holdout_flags(p)
+    _output_flags(p)
+    _running_flags(p)
     return p
 
 
+def _model_flags(parser) -> None:
+    """The model, its sampler and what judges a schedule."""
+    d = DEFAULTS
+    group = parser.add_argument_group("model and sampler")
+    group.add_argument("--model", help=model_spec_help(d["model"]))
+    group.add_argument("--preset", help="ADM preset for adm: specs (e.g. imagenet64-cond)")
+    group.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="guided-diffusion flag for adm: specs, repeatable")
+    group.add_argument("--nfe", help=f"number of sampling steps (default {d['nfe']}); with --multi-objective a "
+                       "range (3-8) or list (3,4,6): the fronts with and without layer skipping across NFE "
+                       "(search/pareto.py)")
+    group.add_argument("--sampler", choices=SAMPLERS, help=f"{one_of(SAMPLERS)} (default {d['sampler']})")
+    group.add_argument("--eta", type=float, help=f"DDIM eta (default {d['eta']}: deterministic)")
+    group.add_argument("--extractor", choices=EXTRACTORS, help=f"FID features: {one_of(EXTRACTORS)} (default: mnist "
+                       "for the embedded model, inception otherwise)")
+    group.add_argument("--reference", help="real data for FID: mnist, an image folder, an .npz of images, or a "
+                       "statistics .npz (default: mnist for the embedded model)")
+    group.add_argument("--objective", help="search fitness: trajectory (distance to a high-NFE teacher's images "
+                       f"from the same x_T), trajectory-features, or fid (default {d['objective']})")
+
+
+def _evolution_flags(parser) -> None:
+    """The evolution, its budget and presets."""
+    d = DEFAULTS
+    group = parser.add_argument_group("evolution")
+    group.add_argument("--method", choices=("evo", "dp"), help="evo: evolution whose generation 0 holds the DP "
+                       f"schedules; dp: the DP schedule alone, in seconds (default {d['method']})")
+    group.add_argument("--num-samples", type=int,
+                       help=f"samples per candidate (default {d['num_samples']}; --fast {FAST['num_samples']})")
+    group.add_argument("--population", type=int, help=f"population size (default {d['population']})")
+    group.add_argument("--generations", type=int,
+                       help=f"generations per stage after the initial population (default {d['generations']})")
+    group.add_argument("--topk", type=int, help=f"elites kept each generation (default {d['topk']})")
+    group.add_argument("--mutants", type=int, help=f"mutants per generation (default {d['mutants']})")
+    group.add_argument("--crossovers", type=int, help=f"crossover children per generation (default {d['crossovers']})")
+    group.add_argument("--mutation-prob", type=float,
+                       help=f"per-step mutation probability (default {d['mutation_prob']})")
+    budget = group.add_mutually_exclusive_group()
+    budget.add_argument("--budget-fraction", type=float, help="stage 2 MACs budget as a fraction of the full model "
+                        f"at this NFE (default {d['budget_fraction']})")
+    budget.add_argument("--budget-macs", type=float, help="stage 2 MACs budget per sample, absolute (all steps)")
+    group.add_argument("--multi-objective", action="store_true", default=None,
+                       help="stage 2 with pymoo's NSGA-II on (FID, MACs); also writes the Pareto set")
+    group.add_argument("--seed", type=int, help=f"seed of the search and of the samples' noise (default {d['seed']})")
+    preset = group.add_mutually_exclusive_group()
+    preset.add_argument("--fast", action="store_true",
+                        help="a small preset for smoke tests: " + ", ".join(f"{k}={v}" for k, v in FAST.items()))
+    preset.add_argument("--paper-settings", action="store_true", help="AutoDiffusion's evolution settings: "
+                        + ", ".join(f"{k}={v}" for k, v in PAPER.items()))
+
+
+def _dp_and_holdout_flags(parser) -> None:
+    """The DP schedules' teacher and the held-out re-ranking."""
+    d = DEFAULTS
+    group = parser.add_argument_group("DP schedules and held-out selection")
+    group.add_argument("--grid-points", type=int, help="DP grid = the teacher's DDIM schedule "
+                       f"(default {d['grid_points']}; --fast {FAST['grid_points']})")
+    group.add_argument("--grid-spacing", choices=SPACINGS,
+                       help=f"DP grid spacing: {one_of(SPACINGS)} (default {d['grid_spacing']})")
+    group.add_argument("--dp-paths", type=int,
+                       help=f"DP schedules seeded into generation 0 (default {d['dp_paths']}; 0: none)")
+    group.add_argument("--teacher-cache",
+                       help="folder for cached teacher trajectories (default: .teacher-cache next to --out)")
+    group.add_argument("--sensitivity-points", type=int, help="timesteps of the per-layer skip sensitivity table, "
+                       f"computed when skipping is asked for (default {d['sensitivity_points']}; 0: off)")
+    group.add_argument("--holdout-samples", type=int, help="fresh samples for re-ranking the top-k by FID before "
+                       f"choosing (default {d['holdout_samples']}; 0: off)")
+    group.add_argument("--holdout-seed", type=int, help="seed of the held-out samples (default: --seed + 2)")
+    group.add_argument("--holdout-topk", type=int,
+                       help=f"candidates re-ranked on held-out samples (default {d['holdout_topk']})")
+    group.add_argument("--holdout-front", type=int, help="with --multi-objective: front members re-ranked on held-out "
+                       f"samples, evenly spread from the best to the cheapest (default {d['holdout_front']})")
+
+
+def _output_flags(parser) -> None:
+    """Where the plan, its checkpoint and its report go."""
+    d = DEFAULTS
+    group = parser.add_argument_group("outputs and report")
+    group.add_argument("--out", help="plan path (default: plans/KIND-NAME-nfeN[-SAMPLER].json, e.g. "
+                       f"plans/embedded-mnist-nfe{d['nfe']}.json for the default model and NFE, -nfe6.json with --nfe 6)")
+    group.add_argument("--checkpoint", help="search state path (default: next to --out, .search-state.json)")
+    group.add_argument("--resume", action="store_true", default=None,
+                       help="continue the search saved in the checkpoint (same settings)")
+    group.add_argument("--wait-lock", action="store_true", default=None,
+                       help="if another search is writing the same --out, wait for it (default: fail)")
+    group.add_argument("--no-report", dest="report", action="store_false", default=None,
+                       help="skip the comparison report")
+    group.add_argument("--report-samples", type=int, help=f"samples per report row (default {d['report_samples']}; "
+                       f"--method dp {DP_METHOD['report_samples']}; --fast {FAST['report_samples']})")
+    group.add_argument("--report-seed", type=int,
+                       help="seed of the report rows (default: --seed + 1, noise the plan was not selected on)")
+    group.add_argument("--report-extractor", dest="report_extractors", action="append", choices=EXTRACTORS,
+                       help="extractor(s) for the report, repeatable (default: --extractor)")
+
+
+def _running_flags(parser) -> None:
+    """Where and how the model runs."""
+    d = DEFAULTS
+    group = parser.add_argument_group("running")
+    group.add_argument("--batch-size", type=int, help=f"model batch size (default {d['batch_size']})")
+    group.add_argument("--cache-mb", type=int,
+                       help=f"memory for shared intermediate states (default {d['cache_mb']} MB)")
+    group.add_argument("--no-prefix-sharing", dest="share", action="store_false", default=None,
+                       help="evaluate every candidate on its own (to measure what sharing saves)")
+    group.add_argument("--device", help=f"where the model runs: cpu or cuda[:N] (default {d['device']})")
+    group.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    group.add_argument("--executor", choices=("local", "ray"), help="where candidates are evaluated: here, or on Ray "
+                       f"workers (pip install ray; default {d['executor']})")
+    group.add_argument("--ray-address", help="an existing Ray cluster for --executor ray (e.g. auto, ray://HOST:10001; "
+                       "default: start Ray here)")
+    group.add_argument("--workers", type=int, help="Ray workers (default: one per CPU of the cluster)")
+    group.add_argument("--quiet", action="store_true", default=None, help="no progress bars or messages")
+
+
 def options_from_args(args) -> SearchOptions:
+    """SearchOptions' defaults, then the preset (--fast, --paper-settings, --method dp's), then every flag given."""
     values = dict(DEFAULTS)
     if args.fast:
         values.update(FAST)
@@ -99,46 +176,22 @@ def options_from_args(args) -> SearchOptions:
         values.update(PAPER)
     if (args.method or values["method"]) == "dp":
         values.update({k: min(v, values[k]) for k, v in DP_METHOD.items()})
+    values.update({k: v for k, v in vars(args).items() if k in _FIELDS and v is not None})
     if args.nfe is not None:
         from .pareto import parse_nfe
 
-        values["nfe"] = parse_nfe(args.nfe)[0]
-    for key in ("sampler", "eta", "num_samples", "population", "generations", "topk", "mutants", "crossovers",
-                "mutation_prob", "report_samples", "batch_size", "seed", "method", "objective", "grid_points", "dp_paths",
-                "holdout_samples", "holdout_topk", "holdout_front"):
-        v = getattr(args, key)
-        if v is not None:
-            values[key] = v
-    budget_fraction = values["budget_fraction"]
-    budget_macs = None
+        values["nfe"] = parse_nfe(args.nfe)[0]  # a range or list is search.pareto's (see _search)
     if args.budget_macs is not None:
         if not math.isfinite(args.budget_macs) or args.budget_macs <= 0:
             raise SearchError(f"--budget-macs {args.budget_macs}: must be a positive number of MACs per sample")
-        budget_macs, budget_fraction = int(args.budget_macs), None
-    elif args.budget_fraction is not None:
-        budget_fraction = args.budget_fraction
-    model_options = {}
+        values.update(budget_macs=int(args.budget_macs), budget_fraction=None)
     if args.option or args.preset:
         from autodiffusion_rt.cli import parse_options
 
-        model_options = parse_options(args.option)
+        values["model_options"] = parse_options(args.option)
         if args.preset:
-            model_options["preset"] = args.preset
-    return SearchOptions(
-        model=args.model, model_options=model_options, nfe=values["nfe"], sampler=values["sampler"], eta=values["eta"],
-        extractor=args.extractor, reference=args.reference, num_samples=values["num_samples"],
-        population=values["population"], generations=values["generations"], topk=values["topk"],
-        mutants=values["mutants"], crossovers=values["crossovers"], mutation_prob=values["mutation_prob"],
-        budget_fraction=budget_fraction, budget_macs=budget_macs, multi_objective=args.multi_objective,
-        seed=values["seed"], out=args.out, checkpoint=args.checkpoint, resume=args.resume, report=not args.no_report,
-        report_samples=values["report_samples"], report_seed=args.report_seed, report_extractors=args.report_extractor,
-        batch_size=values["batch_size"], cache_mb=args.cache_mb, share=not args.no_prefix_sharing, quiet=args.quiet,
-        device=args.device, wait_lock=args.wait_lock, method=values["method"], objective=values["objective"], grid_points=values["grid_points"],
-        grid_spacing=args.grid_spacing, dp_paths=values["dp_paths"], teacher_cache=args.teacher_cache,
-        holdout_samples=values["holdout_samples"], holdout_seed=args.holdout_seed, holdout_topk=values["holdout_topk"], holdout_front=values["holdout_front"],
-        sensitivity_points=args.sensitivity_points,
-        executor=args.executor, ray_address=args.ray_address, workers=args.workers,
-    )
+            values["model_options"]["preset"] = args.preset
+    return SearchOptions(**values)
 
 
 def _search(args) -> None:
@@ -155,7 +208,8 @@ def _search(args) -> None:
         nfes = parse_nfe(args.nfe)
     if nfes is not None and len(nfes) > 1:
         if not args.multi_objective:
-            raise SearchError(f"--nfe {args.nfe}: several NFEs need --multi-objective (the fronts across NFE); or give one NFE")
+            raise SearchError(f"--nfe {args.nfe}: several NFEs need --multi-objective (the fronts across NFE); "
+                              "or give one NFE")
         run_pareto(options_from_args(args), nfes)
     else:
         run_search(options_from_args(args))

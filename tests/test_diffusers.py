@@ -170,7 +170,7 @@ def test_runtime_on_built_engines_equals_sample(saved, tmp_path):
     _, _, model = saved
     skip = [[], ["down_blocks.1.attentions.0", "up_blocks.3.resnets.2"]]
     plan = Plan.for_model(model, [999, 400], sampler="ddim", skip=skip, spec=model.name)
-    build_engines(plan, tmp_path / "e", model=model, max_batch=4, progress=False)
+    build_engines(plan, tmp_path / "e", model=model, max_batch=4, progress=False, backend="onnxruntime")
     rt = Runtime.load(tmp_path / "e", model=model)
     try:
         got = rt.sample(3, seed=5)

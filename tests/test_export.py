@@ -175,7 +175,7 @@ def built(uncond, tmp_path_factory):
     """An engine dir for a 3-step DDIM plan, built once; tests copy it before changing anything."""
     d = tmp_path_factory.mktemp("built") / "engines"
     plan = plan_for(uncond, "ddim", skip=[[], ids(uncond)[:3], []])
-    report = build_engines(plan, d, model=uncond, max_batch=4, progress=False)
+    report = build_engines(plan, d, model=uncond, max_batch=4, progress=False, backend="onnxruntime")
     return plan, d, report
 
 
@@ -204,7 +204,7 @@ def test_second_build_reuses_every_engine(built, uncond, tmp_path):
     plan, src, _ = built
     d = copy_dir(src, tmp_path)
     before = {p: p.stat().st_mtime_ns for p in d.rglob("*.onnx")}
-    report = build_engines(plan, d, model=uncond, max_batch=4, progress=False)
+    report = build_engines(plan, d, model=uncond, max_batch=4, progress=False, backend="onnxruntime")
     assert steps_status(report) == [("reused", "reused")] * 3
     assert {p: p.stat().st_mtime_ns for p in d.rglob("*.onnx")} == before
 
@@ -213,7 +213,7 @@ def test_changed_plan_rebuilds_only_the_changed_steps(built, uncond, tmp_path):
     plan, src, _ = built
     d = copy_dir(src, tmp_path)
     changed = plan_for(uncond, "ddim", skip=[[], ids(uncond)[:3], [ids(uncond)[5]]])
-    report = build_engines(changed, d, model=uncond, max_batch=4, progress=False)
+    report = build_engines(changed, d, model=uncond, max_batch=4, progress=False, backend="onnxruntime")
     assert steps_status(report) == [("reused", "reused"), ("reused", "reused"), ("exported", "built")]
     m = Manifest.read(d)
     # the old step-2 files are gone, the new ones named by the manifest are there
@@ -226,9 +226,9 @@ def test_changed_plan_rebuilds_only_the_changed_steps(built, uncond, tmp_path):
 def test_dpm_timestep_change_rebuilds_the_steps_whose_constants_move(uncond, tmp_path):
     # DPM-Solver++(2M): step i's constants depend on t_i, t_{i+1} (and t_{i-1} when second order);
     # the final step (x_prev = x0) only on its own timestep.
-    a = build_engines(plan_for(uncond, "dpmpp_2m", timesteps=[400, 300, 100]), tmp_path / "e", model=uncond, max_batch=2, progress=False)
+    a = build_engines(plan_for(uncond, "dpmpp_2m", timesteps=[400, 300, 100]), tmp_path / "e", model=uncond, max_batch=2, progress=False, backend="onnxruntime")
     assert steps_status(a) == [("exported", "built")] * 3
-    b = build_engines(plan_for(uncond, "dpmpp_2m", timesteps=[400, 250, 100]), tmp_path / "e", model=uncond, max_batch=2, progress=False)
+    b = build_engines(plan_for(uncond, "dpmpp_2m", timesteps=[400, 250, 100]), tmp_path / "e", model=uncond, max_batch=2, progress=False, backend="onnxruntime")
     assert steps_status(b) == [("exported", "built"), ("exported", "built"), ("reused", "reused")]
 
 
@@ -240,7 +240,7 @@ def test_truncated_engine_is_rebuilt_with_a_warning(built, uncond, tmp_path):
     with pytest.raises(EngineError, match="corrupted or truncated"):
         Runtime.load(d)  # never loaded
     with pytest.warns(UserWarning, match="corrupted or truncated"):
-        report = build_engines(plan, d, model=uncond, max_batch=4, progress=False)
+        report = build_engines(plan, d, model=uncond, max_batch=4, progress=False, backend="onnxruntime")
     assert steps_status(report) == [("reused", "reused"), ("reused", "built"), ("reused", "reused")]
     Runtime.load(d).close()
 
@@ -251,7 +251,7 @@ def test_corrupted_onnx_is_exported_again(built, uncond, tmp_path):
     f = d / Manifest.read(d)["steps"][0]["onnx"]["file"]
     f.write_bytes(b"\0" * 64)
     with pytest.warns(UserWarning, match="corrupted or truncated"):
-        report = build_engines(plan, d, model=uncond, max_batch=4, progress=False)
+        report = build_engines(plan, d, model=uncond, max_batch=4, progress=False, backend="onnxruntime")
     assert steps_status(report)[0][0] == "exported"
     assert steps_status(report)[1:] == [("reused", "reused")] * 2
 
@@ -259,11 +259,11 @@ def test_corrupted_onnx_is_exported_again(built, uncond, tmp_path):
 def test_changed_versions_or_batch_profile_rebuild_engines_not_exports(built, uncond, tmp_path, monkeypatch):
     plan, src, _ = built
     d = copy_dir(src, tmp_path)
-    report = build_engines(plan, d, model=uncond, max_batch=8, progress=False)
+    report = build_engines(plan, d, model=uncond, max_batch=8, progress=False, backend="onnxruntime")
     assert steps_status(report) == [("reused", "built")] * 3
     real = build_mod.library_versions
     monkeypatch.setattr(build_mod, "library_versions", lambda backend=None: {**real(backend), "onnxruntime": "0.0.1"})
-    report = build_engines(plan, d, model=uncond, max_batch=8, progress=False)
+    report = build_engines(plan, d, model=uncond, max_batch=8, progress=False, backend="onnxruntime")
     assert steps_status(report) == [("reused", "built")] * 3
 
 
@@ -286,7 +286,7 @@ def test_what_the_network_predicts_is_part_of_the_cache_key(built, uncond, tmp_p
                                    uncond.unet.state_dict(), source="test")
         assert other.fingerprint == uncond.fingerprint
         plan = Plan.for_model(other, plan.timesteps, sampler=plan.sampler, skip=plan.skip, spec=plan.model_spec)
-    report = build_engines(plan, d, model=other, max_batch=4, progress=False)
+    report = build_engines(plan, d, model=other, max_batch=4, progress=False, backend="onnxruntime")
     assert steps_status(report) == [("exported", "built")] * 3
     with Runtime.load(d) as rt, Runtime.from_plan(plan, model=other) as ref, Runtime.from_plan(old_plan, model=uncond) as old:
         got, want, before = rt.sample(3, seed=4, clip=False), ref.sample(3, seed=4, clip=False), old.sample(3, seed=4, clip=False)
@@ -310,7 +310,7 @@ def test_interrupted_build_leaves_the_old_dir_usable(built, uncond, tmp_path, mo
     monkeypatch.setattr(build_mod, "optimize_for_onnxruntime", failing)
     changed = plan_for(uncond, "ddim", skip=[[ids(uncond)[0]], [ids(uncond)[1]], []])
     with pytest.raises(KeyboardInterrupt):
-        build_engines(changed, d, model=uncond, max_batch=4, progress=False)
+        build_engines(changed, d, model=uncond, max_batch=4, progress=False, backend="onnxruntime")
     assert (d / "manifest.json").read_bytes() == manifest_before
     assert not [p for p in d.rglob(".*") if p.is_file()]  # no half-written temporaries
     with Runtime.load(d, plan=plan) as rt:  # the old engines still load and give the same images
@@ -324,7 +324,7 @@ def test_a_failed_fresh_build_leaves_nothing_behind(uncond, tmp_path, monkeypatc
 
     monkeypatch.setattr(build_mod, "optimize_for_onnxruntime", failing)
     with pytest.raises(RuntimeError):
-        build_engines(plan_for(uncond), tmp_path / "e", model=uncond, max_batch=2, progress=False)
+        build_engines(plan_for(uncond), tmp_path / "e", model=uncond, max_batch=2, progress=False, backend="onnxruntime")
     assert not (tmp_path / "e").exists()
     with pytest.raises(EngineError, match="does not exist"):
         Runtime.load(tmp_path / "e")
@@ -333,8 +333,9 @@ def test_a_failed_fresh_build_leaves_nothing_behind(uncond, tmp_path, monkeypatc
 def test_build_rejects_bad_arguments(uncond, tmp_path):
     plan = plan_for(uncond)
     for kw, match in [
-        (dict(backend="openvino"), "onnxruntime, tensorrt"),
-        (dict(precision="int4"), "fp32, fp16 or int8"),
+        (dict(backend="onnx"), "onnxruntime, openvino, tensorrt"),
+        (dict(precision="int4"), "precision='int4'"),
+        (dict(precision="bf16"), "bf16.*not built for onnxruntime"),
         (dict(precision="int8"), "mnist.*extractor reads 1x28x28"),  # the FID check's extractor, checked before any work
         (dict(max_batch=0), "max_batch"),
         (dict(max_batch=4, opt_batch=8), "opt_batch"),
@@ -342,11 +343,11 @@ def test_build_rejects_bad_arguments(uncond, tmp_path):
         (dict(label_mode="lookup"), "label_mode"),
     ]:
         with pytest.raises(Error, match=match):
-            build_engines(plan, tmp_path / "e", model=uncond, progress=False, **kw)
+            build_engines(plan, tmp_path / "e", model=uncond, progress=False, **{"backend": "onnxruntime", **kw})
     assert not (tmp_path / "e").exists()
     other = core_engine_model(7)
     with pytest.raises(Error, match="weights"):
-        build_engines(plan, tmp_path / "e", model=other, progress=False)
+        build_engines(plan, tmp_path / "e", model=other, progress=False, backend="onnxruntime")
     with pytest.raises(Error, match="twice"):  # such a plan would not load back
         plan_for(uncond, skip=[["middle_block.1", "middle_block.1"], [], []])
     assert not (tmp_path / "e").exists()
@@ -388,10 +389,10 @@ def test_int8_steps_are_kept_or_rejected_by_the_fid_check(uncond, tmp_path, sear
     for bit the fp32 build's. What would catch this: a rejected step still pointing at its int8 file.
     """
     plan = Plan.for_model(uncond, [999, 600, 300], spec="test:int8")
-    common = dict(model=uncond, max_batch=8, progress=False, precision="int8", int8_fid_samples=24,
+    common = dict(model=uncond, max_batch=8, progress=False, backend="onnxruntime", precision="int8", int8_fid_samples=24,
                   int8_calibration_samples=8, fid_extractor=search_tiny_extractor, fid_reference=search_tiny_ref_stats)
     fp32_dir = tmp_path / "fp32"
-    build_engines(plan, fp32_dir, model=uncond, max_batch=8, progress=False)
+    build_engines(plan, fp32_dir, model=uncond, max_batch=8, progress=False, backend="onnxruntime")
     kept = build_engines(plan, tmp_path / "kept", int8_max_fid_rise=1e9, **common).manifest
     assert kept["precision"] == "int8" and [s["precision"] for s in kept["steps"]] == ["int8"] * 3
     assert all(s["int8"] for s in kept["int8"]["steps"]) and kept["int8"]["fid_fp32"] > 0

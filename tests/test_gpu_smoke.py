@@ -33,7 +33,8 @@ def model_and_plan():
 
 def test_versions():
     trt, cudart = _optional("tensorrt"), None
-    from autodiffusion_rt.runtime.engines import cuda_compute_capability, import_cudart, import_tensorrt
+    from autodiffusion_rt.runtime.platform import cuda_compute_capability, import_cudart
+    from autodiffusion_rt.runtime.backends.trt_backend import import_tensorrt
 
     cudart = import_cudart()
     assert import_tensorrt() is trt and cuda_compute_capability() is not None
@@ -43,7 +44,7 @@ def test_versions():
 def test_cuda_python_copy_and_graph_round_trip():
     import numpy as np
 
-    from autodiffusion_rt.runtime.engines import cuda_check, import_cudart
+    from autodiffusion_rt.runtime.platform import cuda_check, import_cudart
 
     cu = import_cudart()
     stream = cuda_check(cu, cu.cudaStreamCreate(), "cudaStreamCreate")
@@ -106,7 +107,7 @@ def test_onnxruntime_gpu_providers_are_the_ones_used(model_and_plan, tmp_path, p
 
     model, plan = model_and_plan
     d = tmp_path / "ort"
-    build_engines(plan, d, model=model, max_batch=8, progress=False)
+    build_engines(plan, d, model=model, max_batch=8, progress=False, backend="onnxruntime")
     with Runtime.load(d, providers=[provider]) as rt, Runtime.load(d, providers=[provider], device_resident=False) as per_step, \
             Runtime.from_plan(plan, model=model) as ref:
         assert all(e.providers[0] == name for e in rt.engines)

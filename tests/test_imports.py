@@ -148,7 +148,7 @@ def test_every_package_is_read(package):
 
 def test_the_core_imports_no_tool_package():
     """``autodiffusion_rt`` never imports ``export`` or ``search``, and reaches ``kernels`` only through
-    ``utils.kernel_hook`` (DESIGN: dependencies point one way)."""
+    ``utils.kernel_hook`` (ARCHITECTURE.md, "Rules that keep it this way": dependencies point one way)."""
     graph = import_graph(module_names())
     crossing = sorted((a, b) for a, targets in graph.items() for b in targets
                       if a.split(".")[0] == "autodiffusion_rt" and b.split(".")[0] in ("export", "search", "kernels"))

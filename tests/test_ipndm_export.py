@@ -51,7 +51,7 @@ def test_exported_onnx_steps_match_torch(model, tmp_path):
     """What would catch this: a history input wired to the wrong step, a missing eps output,
     an eps output that is the raw instead of the clip-consistent eps (differs where x0 is clipped)."""
     plan = plan_for(model)
-    build_engines(plan, tmp_path / "e", model=model, max_batch=4, progress=False)
+    build_engines(plan, tmp_path / "e", model=model, max_batch=4, progress=False, backend="onnxruntime")
     with Runtime.load(tmp_path / "e", threads=1) as rt, Runtime.from_plan(plan, model=model) as ref:
         a, b = rt.sample(6, seed=7), ref.sample(6, seed=7)  # 6 > max_batch: two chunks
         assert (a - b).abs().max() <= 1e-3

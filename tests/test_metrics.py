@@ -17,6 +17,7 @@ from autodiffusion_rt.errors import DataError
 from autodiffusion_rt.metrics import (
     FeatureStats,
     FIDWarning,
+    MnistExtractor,
     StatsKey,
     compute_stats,
     fid,
@@ -100,11 +101,17 @@ def test_fid_falls_monotonically_as_real_digits_replace_noise(digits, ext, ref):
 
 
 # --- the extractor --------------------------------------------------------------------------------
-def test_mnist_extractor_interface(digits, ext):
+def test_mnist_extractor_interface(digits, ext, tmp_path):
     assert get_extractor("mnist") is ext  # loaded once, shared
     assert (ext.name, ext.feature_dim) == ("mnist", 64)
     assert isinstance(ext.preprocessing, str) and ext.preprocessing
-    assert len(ext.fingerprint) == 64 and int(ext.fingerprint, 16) >= 0
+    # the fingerprint names the weights: the same file gives it again, one changed weight changes it
+    assert len(ext.fingerprint) == 64 and MnistExtractor(DEFAULT_WEIGHTS).fingerprint == ext.fingerprint
+    blob = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
+    first = next(k for k, v in blob["state_dict"].items() if v.is_floating_point())
+    blob["state_dict"][first].view(-1)[0] += 1
+    torch.save(blob, tmp_path / "changed.pt")
+    assert MnistExtractor(tmp_path / "changed.pt").fingerprint != ext.fingerprint
     x = digits[:300]
     f = ext.features(x, batch_size=128)
     assert f.shape == (300, 64) and f.dtype == np.float64 and np.isfinite(f).all()

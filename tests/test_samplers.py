@@ -231,10 +231,18 @@ def test_ipndm_structure(schedule):
 # (iPNDM's final step is multistep too: it lands on sigma = 0 through its history, checked against its reference.)
 @pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("dpmpp_2m", 0.0)])
 def test_final_step_is_x0(schedule, sampler, eta):
+    """The last step lands on x0 = (x - sqrt(1 - a) eps) / sqrt(a) (float64, from alpha_bar at t = 3) whatever the
+    carried state: no noise, no previous x0."""
     c = compute_coefficients(sampler, schedule, [999, 500, 3], eta=eta, clip_denoised=False)
+    a = schedule.alphas_cumprod[3]
+    x, eps, prev_x0 = rng_arrays(4, 3)
+    want = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
     last = c.row(-1)
-    assert (last.c_x, last.c_eps) == (last.x0_from_x, last.x0_from_eps)
-    assert last.c_prev_x0 == 0 and last.c_noise == 0
+    assert last.c_noise == 0
+    got_prev, got_x0 = step_update(last, *map(torch.from_numpy, (x, eps, prev_x0)))
+    scale = 1 + np.abs(want).max()
+    np.testing.assert_allclose(got_x0.numpy(), want, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(got_prev.numpy(), want, rtol=0, atol=1e-12 * scale)
 
 
 def test_coefficients_object(linear):

@@ -55,7 +55,7 @@ def engine_dirs(tmp_path_factory):
         model = core_random_model({**CORE_TINY_CONFIG, **overrides}, seed=seed, scale=0.05)
         plan = Plan.for_model(model, TIMESTEPS, sampler="ddim", eta=0.7, spec=f"test:{name}")
         d = tmp_path_factory.mktemp(name) / "engines"
-        build_engines(plan, d, model=model, max_batch=8, progress=False)
+        build_engines(plan, d, model=model, max_batch=8, progress=False, backend="onnxruntime")
         out[name] = d
     return out
 

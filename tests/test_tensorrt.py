@@ -3,20 +3,20 @@
 TensorRT cannot run on the machines this project is tested on (no GPU, no
 TensorRT wheels). So:
 
-* ``test_tensorrt_engines_match_torch_on_a_gpu`` is the real test; it skips
-  unless ``tensorrt`` and an NVIDIA GPU are present;
-* the ``..._against_stand_in_module_not_a_real_run`` tests put a fake
+* the real runs are in ``tests/test_gpu_smoke.py``; they skip unless
+  ``tensorrt`` and an NVIDIA GPU are present;
+* the ``..._against_stand_in_module_not_a_real_run`` tests here put a fake
   ``tensorrt`` module and a fake cuda-python runtime in ``sys.modules``. The
-  fakes check how the API is called (argument types, call order, the 10.x vs
-  11.x differences, shared scratch memory, CUDA graph capture) and "execute"
-  an engine by running its ONNX graph in onnxruntime on host memory. They
-  catch misuse of the API; they say nothing about TensorRT's numerics or speed.
+  fakes check how our code calls the API (argument types, call order, the 10.x
+  vs 11.x differences, shared scratch memory, CUDA graph capture, one
+  synchronize per request, refits). They catch misuse of the API; they say
+  nothing about TensorRT's numerics, speed or engine sizes, so no test here
+  compares images with torch (tests/test_runtime.py does, on onnxruntime).
 """
 
 from __future__ import annotations
 
 import ctypes
-import importlib
 import sys
 import types
 
@@ -42,7 +42,7 @@ def model():
 def onnx_dir(model, tmp_path_factory):
     """An onnxruntime build of the plan: its verified ONNX files are reused by the TensorRT builds below."""
     d = tmp_path_factory.mktemp("onnx") / "e"
-    build_engines(make_plan(model), d, model=model, max_batch=4, progress=False)
+    build_engines(make_plan(model), d, model=model, max_batch=4, progress=False, backend="onnxruntime")
     return d
 
 
@@ -58,31 +58,6 @@ def engine_dir(onnx_dir, tmp_path):
 def make_plan(model, sampler="dpmpp_2m"):
     ids = sorted(model.unet.layer_ids)
     return core_plan(model, [300, 200, 100], sampler, skip=[[], ids[:4], []])
-
-
-# ------------------------------------------------------------------ real run
-def _real_tensorrt_and_gpu() -> bool:
-    try:
-        trt = importlib.import_module("tensorrt")
-    except Exception:
-        return False
-    if not hasattr(trt, "Builder"):
-        return False
-    from autodiffusion_rt.runtime.engines import cuda_compute_capability
-
-    return cuda_compute_capability() is not None
-
-
-@pytest.mark.skipif(not _real_tensorrt_and_gpu(), reason="needs the tensorrt package and an NVIDIA GPU")
-@pytest.mark.parametrize("cuda_graph", [False, True])
-def test_tensorrt_engines_match_torch_on_a_gpu(model, tmp_path, cuda_graph):
-    plan = make_plan(model)
-    build_engines(plan, tmp_path / "e", backend="tensorrt", model=model, max_batch=8, progress=False)
-    with Runtime.load(tmp_path / "e", cuda_graph=cuda_graph) as rt, Runtime.from_plan(plan, model=model) as ref:
-        assert rt.backend == "tensorrt"
-        for _ in range(2):  # the second call replays the CUDA graphs
-            a, b = rt.sample(10, seed=2), ref.sample(10, seed=2)
-            assert (a - b).abs().max() <= 1e-3
 
 
 # ------------------------------------------------------------------ the fakes
@@ -531,11 +506,8 @@ def test_tensorrt_api_usage_against_stand_in_module_not_a_real_run(fake_trt, mod
         else:  # strongly typed: no precision flags, the ONNX types carry it
             assert b["flags"] == no_tf32 and b["float16"] == (precision == "fp16")
 
-    with Runtime.load(d, cuda_graph=False) as rt, Runtime.from_plan(plan, model=model) as ref:
+    with Runtime.load(d, cuda_graph=False) as rt:
         assert rt.backend == "tensorrt"
-        a, b = rt.sample(6, seed=1), ref.sample(6, seed=1)  # 6 > max batch 4: two chunks
-        tol = 1e-3 if precision == "fp32" or version.startswith("10") else 0.1
-        assert (a - b).abs().max() <= tol
         # one scratch buffer, as large as the largest engine needs, shared by every context
         memories = {c.memory for c in log["contexts"]}
         assert len(memories) == 1
@@ -547,13 +519,12 @@ def test_tensorrt_cuda_graphs_against_stand_in_module_not_a_real_run(fake_trt, m
     device, log = fake_trt("10.8.0")
     plan = make_plan(model)
     build_engines(plan, engine_dir, backend="tensorrt", model=model, max_batch=4, progress=False)
-    with Runtime.load(engine_dir, cuda_graph=True) as rt, Runtime.from_plan(plan, model=model) as ref:
+    with Runtime.load(engine_dir, cuda_graph=True) as rt:
         first = rt.sample(3, seed=5)
         assert device.launches == 0  # the first call runs plainly and captures one graph per step
         second = rt.sample(3, seed=5)
         assert device.launches == plan.nfe  # the second replays them
         assert torch.equal(first, second)
-        assert (second - ref.sample(3, seed=5)).abs().max() <= 1e-3
 
 
 def test_tensorrt_cache_and_versions_against_stand_in_module_not_a_real_run(fake_trt, model, engine_dir):
@@ -652,8 +623,8 @@ def test_weight_stripped_engines_are_refitted_from_their_onnx_against_stand_in_m
     plan = make_plan(model)
     embedded = build_engines(plan, engine_dir, backend="tensorrt", model=model, max_batch=4, progress=False)
     assert embedded.manifest["weights"] == "embedded" and all("weights" not in s["engine"]["record"] for s in embedded.manifest["steps"])
-    with Runtime.load(engine_dir) as rt:
-        want = rt.sample(3, seed=2, clip=False)
+    with Runtime.load(engine_dir):
+        pass
     assert not log["refits"]
     stripped = build_engines(plan, engine_dir, backend="tensorrt", model=model, max_batch=4, progress=False, strip_weights=True)
     # part of the cache key: every engine is rebuilt (the ONNX files are reused), and the next build reuses them
@@ -661,11 +632,8 @@ def test_weight_stripped_engines_are_refitted_from_their_onnx_against_stand_in_m
     assert all({"STRIP_PLAN", "REFIT_IDENTICAL"} <= set(b["flags"]) for b in log["builds"][-plan.nfe:])
     m = Manifest.read(engine_dir)
     assert m["weights"] == "stripped" and all(s["engine"]["record"]["weights"] == "stripped" for s in m["steps"])
-    for a, b in zip(embedded.manifest["steps"], m["steps"]):
-        assert b["engine"]["bytes"] < a["engine"]["bytes"] / 2
-    with Runtime.load(engine_dir) as rt:
-        assert len(log["refits"]) == plan.nfe
-        assert torch.equal(rt.sample(3, seed=2, clip=False), want)
+    with Runtime.load(engine_dir):
+        assert len(log["refits"]) == plan.nfe  # each stripped engine refitted from its step's ONNX file at load
     again = build_engines(plan, engine_dir, backend="tensorrt", model=model, max_batch=4, progress=False, strip_weights=True)
     assert [s["engine"] for s in again.steps] == ["reused"] * plan.nfe
     # the refit's source is checked like any file of the dir
@@ -674,4 +642,4 @@ def test_weight_stripped_engines_are_refitted_from_their_onnx_against_stand_in_m
     with pytest.raises(EngineError, match=r"step 1 ONNX file .* corrupted"):
         Runtime.load(engine_dir)
     with pytest.raises(EngineError, match="strip_weights is for TensorRT engines"):
-        build_engines(plan, tmp_path / "ort", model=model, progress=False, strip_weights=True)
+        build_engines(plan, tmp_path / "ort", model=model, progress=False, backend="onnxruntime", strip_weights=True)

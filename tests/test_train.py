@@ -87,7 +87,17 @@ def test_the_saved_checkpoint_loads_as_a_model_and_samples(tmp_path, one_thread)
     train_embedded(out, SETTINGS, quiet=True, command="autodiffusion-rt train (test)")
     model = ad.load_model(f"ckpt:{out}")
     assert model.schedule.name == "linear" and model.metadata["command"] == "autodiffusion-rt train (test)"
-    assert ad.sample(model, [999, 500], n=2, seed=0).shape == (2, 1, 28, 28)
+    # The loaded model computes what the trained EMA network does (kept in the training state, written separately).
+    from autodiffusion_rt.models.unet import ADMUNet
+
+    trained = ADMUNet(**TINY).eval()
+    trained.load_state_dict(_state(Path(f"{out}.state"))["ema"])
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor([999, 500]), torch.tensor([3, 7])
+    with torch.no_grad():
+        assert torch.equal(model.eps(x, t, y), trained(x, t, y))
+    images = ad.sample(model, [999, 500], n=2, seed=0)
+    assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
 
 
 def test_resume_with_other_settings_is_refused_by_name(tmp_path, one_thread):
@@ -103,15 +113,18 @@ def test_resume_with_other_settings_is_refused_by_name(tmp_path, one_thread):
 def test_min_snr_weights_follow_the_paper():
     """min(SNR, gamma) / SNR for epsilon prediction, against a float64 computation from the betas."""
     from autodiffusion_rt.diffusion import NoiseSchedule
+    from autodiffusion_rt.models.train import min_snr_weights
 
     betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
     acp = np.cumprod(1 - betas)
     snr = acp / (1 - acp)
     want = np.minimum(snr, 5.0) / snr
-    ours = NoiseSchedule.named("linear").alphas_cumprod
-    np.testing.assert_allclose(ours, acp, rtol=1e-12)
+    got = min_snr_weights(NoiseSchedule.named("linear").alphas_cumprod, 5.0)
+    assert got.dtype == torch.float32 and got.shape == (1000,)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
     # low noise (t small) is down-weighted, high noise keeps weight 1
-    assert want[0] < 0.01 and want[-1] == 1.0
+    assert got[0] < 0.01 and got[-1] == 1.0
+    assert torch.equal(min_snr_weights(acp, None), torch.ones(1000))  # None: plain MSE
 
 
 @pytest.mark.parametrize(

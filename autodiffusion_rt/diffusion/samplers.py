@@ -67,6 +67,7 @@ __all__ = [
     "sample_ipndm",
     "sample_loop",
     "split_learned_variance",
+    "step_from_output",
     "step_update",
 ]
 
@@ -212,9 +213,9 @@ def _alphas_cumprod(schedule) -> np.ndarray:
 
 def _ddim(a, a_prev, x0_from_x, x0_from_eps, eta):
     # x_prev = sqrt(a_prev)*x0 + sqrt(1 - a_prev - sigma^2)*eps + sigma*z
-    # (Song et al. 2021, eq. 12). x0 is NOT clipped to [-1, 1]: clipping would
-    # make the step nonlinear in (x, eps) and break the fixed-coefficient form
-    # the exported engines fold; the eps-parameterised update never needs it.
+    # (Song et al. 2021, eq. 12). x0 clipping (the default) is not in these
+    # coefficients: step_update clamps x0 and continues with the eps consistent
+    # with it, so the per-step constants stay fixed and the engines fold them.
     sigma = eta * np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
     # >= 0 in exact arithmetic for eta <= 1; clamp rounding noise.
     direction = np.sqrt(np.maximum(1 - a_prev - sigma**2, 0.0))
@@ -474,6 +475,29 @@ def step_update(
     return (x_prev, x0, eps) if return_eps else (x_prev, x0)
 
 
+def step_from_output(
+    row: StepCoefficients,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    prev_x0: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    history: Sequence[torch.Tensor] = (),
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The step sequence every path runs (sample_loop, the search, the engines, the exporter's graph), written once.
+
+    ``out`` is the model's eps, or [eps, v] stacked along channels on a
+    learned-variance step; ``history`` the eps of the previous steps, most
+    recent first. Returns ``(x_prev, x0, history)`` with the eps this step
+    used pushed onto the history (at most ``EPS_HISTORY`` kept): what the next
+    step reads as ``prev_x0`` and ``history``.
+    """
+    var_v = None
+    if row.learned_variance:
+        out, var_v = split_learned_variance(out, x.shape[1])
+    x_prev, x0, eps_used = step_update(row, x, out, prev_x0, noise, prev_eps=history, return_eps=True, var_v=var_v)
+    return x_prev, x0, (eps_used, *history[: EPS_HISTORY - 1])
+
+
 def draw_step_noise(coeffs: SamplerCoefficients, noise: SampleNoise, shape: Sequence[int],
                     *, dtype: torch.dtype = torch.float32) -> list[torch.Tensor | None]:
     """The noise :func:`sample_loop` would draw, per step (None where deterministic).
@@ -499,8 +523,8 @@ def sample_loop(
     """Run every step of ``coeffs`` from x (at timesteps[0]) to a clean sample.
 
     ``eps_fn(x, t, i)`` must return the noise prediction, shaped like x, or,
-    when ``coeffs.learned_variance``, [eps, v] stacked along channels. ``generator`` feeds the noise
-    draws (see the module's noise rule); it must live on x's device.
+    when ``coeffs.learned_variance``, [eps, v] stacked along channels. ``noise`` (one generator per
+    sample) feeds the stochastic steps' draws (see the module's noise rule).
     ``callback({"i", "t", "x", "x0", "x_prev"})`` sees each step: x is the input
     of step i, x0 its denoised estimate, x_prev its output. Runs under no_grad.
     """
@@ -509,21 +533,18 @@ def sample_loop(
             f"coeffs is a {type(coeffs).__name__}; pass the result of compute_coefficients(...)"
         )
     prev_x0 = None
-    carry_eps = coeffs.uses_eps_history
-    history: list[torch.Tensor] = []  # most recent first
+    history: tuple[torch.Tensor, ...] = ()  # most recent first
     for i in tqdm(range(len(coeffs)), disable=not progress, desc=coeffs.sampler):
         t = coeffs.timesteps[i]
         row = coeffs.row(i)
-        eps = eps_fn(x, t, i)
-        var_v = None
-        if coeffs.learned_variance and isinstance(eps, torch.Tensor) and eps.shape[1] == 2 * x.shape[1]:
-            eps, var_v = split_learned_variance(eps, x.shape[1])
-        if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
-            got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
+        out = eps_fn(x, t, i)
+        want = (x.shape[0], 2 * x.shape[1], *x.shape[2:]) if row.learned_variance else tuple(x.shape)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise SamplingError(
                 f"eps_fn returned {got} at step {i} (t={t}) but x has shape {tuple(x.shape)}; "
-                "eps_fn must return a noise prediction shaped like x (split off any "
-                "learned-variance channels)"
+                "eps_fn must return a noise prediction shaped like x ([eps, v] stacked along channels "
+                "on a learned-variance step)"
             )
         z = None
         if row.c_noise != 0.0:
@@ -533,11 +554,7 @@ def sample_loop(
                     f"({x.shape[0]}), got {'none' if noise is None else len(noise)}"
                 )
             z = noise.randn(x.shape[1:], dtype=x.dtype).to(x.device)  # drawn where the generators are, used where x is
-        if carry_eps:
-            x_prev, x0, eps_used = step_update(row, x, eps, prev_x0, z, prev_eps=history, return_eps=True, var_v=var_v)
-            history = [eps_used] + history[: EPS_HISTORY - 1]
-        else:
-            x_prev, x0 = step_update(row, x, eps, prev_x0, z, var_v=var_v)
+        x_prev, x0, history = step_from_output(row, x, out, prev_x0, z, history)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0, "x_prev": x_prev})
         x, prev_x0 = x_prev, x0

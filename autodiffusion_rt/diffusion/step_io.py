@@ -16,11 +16,12 @@ from typing import Mapping, Sequence
 
 from autodiffusion_rt.diffusion.samplers import SamplerCoefficients
 
-__all__ = ["BATCH", "EPS", "NOISE", "PREV_EPS", "PREV_X0", "TensorSpec", "X", "X0", "X_PREV", "Y", "step_io"]
+__all__ = ["BATCH", "EMB", "EPS", "NOISE", "OUT", "PREV_EPS", "PREV_X0", "TensorSpec", "X", "X0", "X_PREV", "Y", "shape_profile", "step_io"]
 
 # The names every backend uses.
 X, Y, NOISE, PREV_X0 = "x", "y", "noise", "prev_x0"
 X_PREV, X0, EPS = "x_prev", "x0", "eps"
+EMB, OUT = "emb", "out"  # a shared subnetwork's embedding input and raw UNet output (export.subnet.SubnetModule)
 PREV_EPS = ("prev_eps1", "prev_eps2", "prev_eps3")  # eps of steps i-1, i-2, i-3 (iPNDM)
 BATCH = "batch"  # the symbolic batch dimension
 
@@ -64,3 +65,8 @@ def step_io(
     if any(coeffs.row(j).eps_history >= j - i for j in range(i + 1, min(i + 1 + len(PREV_EPS), len(coeffs)))):
         outputs.append(TensorSpec(EPS, "float32", img))
     return tuple(inputs), tuple(outputs)
+
+
+def shape_profile(specs: Sequence[TensorSpec], batch: Mapping[str, int]) -> dict[str, tuple]:
+    """``{name: (min, opt, max) shapes}`` of ``specs`` at the engine dir's ``batch`` sizes (TensorRT's profile)."""
+    return {s.name: tuple(s.concrete(batch[k]) for k in ("min", "opt", "max")) for s in specs}

@@ -15,7 +15,7 @@ import torch
 from ..diffusion import NoiseSchedule, split_learned_variance
 from .adapter import Layer, SkippableUNet
 
-__all__ = ["DiffusionModel"]
+__all__ = ["DiffusionModel", "eps_from_output"]
 
 
 @dataclass(eq=False)
@@ -62,16 +62,30 @@ class DiffusionModel:
         (v = sqrt(a) eps - sqrt(1-a) x0, x = sqrt(a) x0 + sqrt(1-a) eps) gives
         eps = sqrt(a) v + sqrt(1-a) x.
         """
-        if self.learn_sigma:
-            if variance:
-                return out
-            out, _ = split_learned_variance(out, x.shape[1])
-        if self.prediction_type == "epsilon":
+        alpha_bar = None
+        if self.prediction_type != "epsilon":
+            acp = self.schedule.alphas_cumprod
+            if isinstance(t, int):
+                alpha_bar = float(acp[t])
+            else:
+                alpha_bar = torch.tensor(acp, dtype=torch.float64, device=x.device)[t.long()].view(-1, 1, 1, 1)  # a copy: acp is read-only
+        return eps_from_output(out, x, self.learn_sigma, self.prediction_type, alpha_bar, variance)
+
+
+def eps_from_output(out: torch.Tensor, x: torch.Tensor, learn_sigma: bool, prediction_type: str, alpha_bar=None,
+                    variance: bool = False) -> torch.Tensor:
+    """A network's raw output -> eps (or [eps, v] with ``variance`` on a learn_sigma model).
+
+    ``alpha_bar`` (a float, or a tensor broadcasting over x) is read only for
+    v-prediction: v = sqrt(a) eps - sqrt(1-a) x0 and x = sqrt(a) x0 + sqrt(1-a) eps
+    give eps = sqrt(a) v + sqrt(1-a) x.
+    """
+    if learn_sigma:
+        if variance:
             return out
-        acp = self.schedule.alphas_cumprod
-        if isinstance(t, int):
-            a = float(acp[t])
-            return math.sqrt(a) * out + math.sqrt(1 - a) * x
-        # torch.tensor copies: the schedule's array is read-only, which torch.as_tensor warns about
-        a = torch.tensor(acp, dtype=torch.float64, device=x.device)[t.long()].view(-1, 1, 1, 1)
-        return (a.sqrt() * out + (1 - a).sqrt() * x).to(out.dtype)
+        out, _ = split_learned_variance(out, x.shape[1])
+    if prediction_type == "epsilon":
+        return out
+    if isinstance(alpha_bar, float):
+        return math.sqrt(alpha_bar) * out + math.sqrt(1 - alpha_bar) * x
+    return (alpha_bar.sqrt() * out + (1 - alpha_bar).sqrt() * x).to(out.dtype)

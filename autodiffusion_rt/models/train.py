@@ -129,6 +129,13 @@ def _read_state(path: Path) -> dict:
     return state
 
 
+def min_snr_weights(alphas_cumprod, gamma: Optional[float]) -> torch.Tensor:
+    """Per-timestep float32 loss weights: min-SNR-gamma for eps prediction, min(SNR, gamma) / SNR (None: all 1)."""
+    acp = torch.tensor(alphas_cumprod, dtype=torch.float64)
+    snr = acp / (1 - acp)
+    return (snr.clamp(max=gamma) / snr).float() if gamma else torch.ones_like(snr).float()
+
+
 def train_embedded(
     out: Path,
     settings: TrainSettings = TrainSettings(),
@@ -169,9 +176,7 @@ def train_embedded(
     schedule = NoiseSchedule.named(settings.noise_schedule, EMBEDDED_MNIST_DIFFUSION["diffusion_steps"])
     acp = torch.tensor(schedule.alphas_cumprod, dtype=torch.float64)
     sqrt_ab, sqrt_1mab = acp.sqrt().float(), (1 - acp).sqrt().float()
-    snr = acp / (1 - acp)
-    # min-SNR-gamma for epsilon prediction: weight min(SNR, gamma) / SNR.
-    loss_weight = (snr.clamp(max=settings.min_snr_gamma) / snr).float() if settings.min_snr_gamma else torch.ones_like(snr).float()
+    loss_weight = min_snr_weights(schedule.alphas_cumprod, settings.min_snr_gamma)
 
     config = dict(settings.config)
     config["attention_resolutions"] = tuple(config["attention_resolutions"])

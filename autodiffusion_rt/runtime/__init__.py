@@ -1,8 +1,9 @@
-"""The runtime: engine backends (torch, onnxruntime, tensorrt), the engine dir's manifest, and the schedule-walking :class:`Runtime`."""
+"""The runtime: engine backends (torch, onnxruntime, OpenVINO, TensorRT), the engine dir's manifest, and the schedule-walking :class:`Runtime`."""
 
-from .engines import (
+from .backends import (
     Engine,
     OnnxRuntimeEngine,
+    OpenVINOStepEngine,
     SharedDeviceMemory,
     TensorRTEngine,
     TorchStepEngine,
@@ -20,6 +21,7 @@ __all__ = [
     "Manifest",
     "ModelInfo",
     "OnnxRuntimeEngine",
+    "OpenVINOStepEngine",
     "Runtime",
     "SharedDeviceMemory",
     "TensorRTEngine",

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from ..errors import EngineError
-from .engines import EPS, NOISE, PREV_EPS, PREV_X0, X, X0, X_PREV, Y, cuda_check
+from ..diffusion.step_io import EPS, NOISE, PREV_EPS, PREV_X0, X, X0, X_PREV, Y
+from .platform import cuda_check
 
 __all__ = [
     "CudaRuntimeMemory",

@@ -8,17 +8,22 @@ reads it with :meth:`Manifest.read` and checks it against its plan with
 
     {
       "format": "autodiffusion-rt-engines", "version": 1, "complete": true,
-      "created": ISO time, "backend": "onnxruntime" | "tensorrt",
-      "precision": "fp32" | "fp16" | "int8", "batch": {"min": 1, "opt": int, "max": int},
+      "created": ISO time, "backend": "onnxruntime" | "openvino" | "tensorrt",
+      "precision": "fp32" | "fp16" | "int8" | "bf16", "batch": {"min": 1, "opt": int, "max": int},
       "opset": int, "simplify": bool, "label_mode": null | "table" | "graph",
       "plan": {plan.json}, "plan_sha256": Plan.sha256(),
       "model": {"spec", "name", "fingerprint", "image_shape", "num_classes", "learn_sigma", "prediction_type"},
-      "versions": {"autodiffusion_rt", "torch", "onnx", "onnxruntime", "tensorrt", "compute_capability"},
+      "versions": {"autodiffusion_rt", "torch", "onnx", "onnxruntime", "openvino", "tensorrt", "compute_capability"},
       "int8": {"fid_fp32", "limit", "steps": [{"int8", "fid"}], "samples", ...},   # int8 builds only
+      "bf16": {"checked": bool, "fid_fp32", "limit", "steps": [...], "samples", "seed", "extractor"} # openvino bf16
+      "embeddings": {"file", "sha256"},        # openvino: embeddings.npz, each step's time embedding + the labels'
+
       "weights": "embedded" | "stripped",       # tensorrt builds: stripped engines are refitted from onnx/ at load
       "steps": [{
         "index", "timestep", "skip": [layer ids], "coefficients": {StepCoefficients fields},
-        "precision",                           # int8 builds: "int8" for the steps that passed the FID check
+        "precision",                           # int8 / bf16 builds: the low precision for the steps that passed
+                                               # the FID check, fp32 for the others
+        "subnet",                              # openvino: the index of the step's shared subnetwork
         "macs_per_sample",                     # the registry's MACs of the kept subnetwork
         "label_mode",
         "inputs": [{"name", "dtype", "shape"}], "outputs": [...],   # "batch" = dynamic dim (diffusion.step_io)
@@ -27,6 +32,8 @@ reads it with :meth:`Manifest.read` and checks it against its plan with
       }, ...]
     }
 
+An openvino dir's steps share files: the steps that skip the same layers
+name the same subnetwork ONNX file and compiled blob (one per precision).
 File paths are relative to the dir. ``onnx.key`` and ``engine.record`` hold
 what decides reuse (:mod:`export.cache`); the exporter rebuilds a step whose
 key or record differs.
@@ -42,36 +49,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import torch
 
 from ..diffusion import SamplerCoefficients, StepCoefficients
 from ..diffusion.step_io import TensorSpec, step_io
 from ..errors import EngineError, PlanError
 from ..plan import Plan
 from ..utils import atomic_write, sha256_file
+from .platform import library_versions
 
-__all__ = ["MANIFEST_FORMAT", "MANIFEST_NAME", "MANIFEST_VERSION", "Manifest", "library_versions", "model_entry"]
+__all__ = ["ENGINE_BACKENDS", "ENGINE_PRECISIONS", "MANIFEST_FORMAT", "MANIFEST_NAME", "MANIFEST_VERSION", "Manifest",
+           "library_versions", "model_entry"]
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "autodiffusion-rt-engines"
 MANIFEST_VERSION = 1
-
-
-def library_versions(backend: Optional[str] = None) -> dict:
-    """Versions that matter for engine reuse; the compute capability only when the backend is tensorrt."""
-    import importlib
-
-    from .. import __version__
-    from .engines import cuda_compute_capability
-
-    out: dict[str, Optional[str]] = {"autodiffusion_rt": __version__, "torch": torch.__version__}
-    for name in ("onnx", "onnxruntime", "tensorrt"):
-        try:
-            out[name] = str(importlib.import_module(name).__version__)
-        except Exception:
-            out[name] = None
-    out["compute_capability"] = cuda_compute_capability() if backend == "tensorrt" else None
-    return out
+#: The backends an engine dir is built for, and the precisions its engines run at.
+ENGINE_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+ENGINE_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 def model_entry(model, spec: str) -> dict:
@@ -115,7 +109,8 @@ class Manifest(Mapping):
     @classmethod
     def new(cls, engine_dir, *, plan: Plan, model, backend: str, precision: str, batch: dict, opset: int,
             simplify: bool, label_mode: Optional[str], versions: dict, steps: list, int8: Optional[dict] = None,
-            weights: Optional[str] = None) -> "Manifest":
+            weights: Optional[str] = None, bf16: Optional[dict] = None,
+            embeddings: Optional[dict] = None) -> "Manifest":
         """A complete manifest for ``steps`` (built by :func:`export.build.build_engines`), as JSON data.
 
         ``weights``: TensorRT's "embedded" or "stripped" (refitted from the steps' ONNX files at load).
@@ -139,8 +134,9 @@ class Manifest(Mapping):
         }
         if weights is not None:
             data["weights"] = weights
-        if int8 is not None:
-            data["int8"] = int8
+        for key, value in (("int8", int8), ("bf16", bf16), ("embeddings", embeddings)):
+            if value is not None:
+                data[key] = value
         return cls(engine_dir, json.loads(json.dumps(data)))
 
     def same_build(self, other: Optional["Manifest"]) -> bool:
@@ -200,10 +196,14 @@ class Manifest(Mapping):
             bad("version", f"must be {MANIFEST_VERSION} (this autodiffusion-rt reads version {MANIFEST_VERSION}), got {m.get('version')!r}")
         if m.get("complete") is not True:
             bad("complete", "is not true: the build did not finish")
-        if m.get("backend") not in ("onnxruntime", "tensorrt"):
-            bad("backend", f"must be 'onnxruntime' or 'tensorrt', got {m.get('backend')!r}")
-        if m.get("precision") not in ("fp32", "fp16", "int8"):
-            bad("precision", f"must be 'fp32', 'fp16' or 'int8', got {m.get('precision')!r}")
+        if m.get("backend") not in ENGINE_BACKENDS:
+            bad("backend", f"must be one of {', '.join(ENGINE_BACKENDS)}, got {m.get('backend')!r}")
+        if m.get("precision") not in ENGINE_PRECISIONS:
+            bad("precision", f"must be one of {', '.join(ENGINE_PRECISIONS)}, got {m.get('precision')!r}")
+        if m["backend"] == "openvino":
+            emb = m.get("embeddings")
+            if not (isinstance(emb, dict) and isinstance(emb.get("file"), str) and isinstance(emb.get("sha256"), str)):
+                bad("embeddings", "must name the embeddings file and its sha256 (an openvino dir)")
         batch = m.get("batch")
         if not (isinstance(batch, dict) and all(isinstance(batch.get(k), int) and batch.get(k) >= 1 for k in ("min", "opt", "max"))
                 and batch["min"] <= batch["opt"] <= batch["max"]):
@@ -287,6 +287,29 @@ class Manifest(Mapping):
                 f"rebuild with 'autodiffusion-rt build PLAN --out {self.engine_dir}' (it rebuilds only the damaged steps)"
             )
         return path
+
+    def embeddings(self) -> dict:
+        """An openvino dir's ``time`` [steps, D] and ``label`` [K, D] embeddings, checked against their sha256 and the plan."""
+        entry = self.data.get("embeddings") or {}
+        rebuild = f"rebuild with 'autodiffusion-rt build PLAN --out {self.engine_dir}'"
+        path = self.engine_dir / str(entry.get("file"))
+        if not path.is_file() or sha256_file(path) != entry.get("sha256"):
+            raise EngineError(f"{path} is missing or corrupted (sha256 mismatch); {rebuild}")
+        import numpy as np
+
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                tables = {k: np.ascontiguousarray(z[k], dtype=np.float32) for k in z.files}
+        except (OSError, ValueError) as e:
+            raise EngineError(f"{path} is not a readable .npz ({e}); {rebuild}") from None
+        time = tables.get("time")
+        classes = self.data["model"].get("num_classes")
+        if time is None or time.ndim != 2 or time.shape[0] != len(self.data["steps"]):
+            raise EngineError(f"{path}: 'time' must hold one embedding per step ({len(self.data['steps'])}); {rebuild}")
+        label = tables.get("label")
+        if (classes is None) != (label is None) or (label is not None and label.shape != (classes, time.shape[1])):
+            raise EngineError(f"{path}: 'label' must be [{classes}, {time.shape[1]}] for this model; {rebuild}")
+        return tables
 
     def check_version(self, key: str, installed: Any, what: Optional[str] = None) -> None:
         """Refuse engines built with another version of ``key`` (a library, or the GPU's compute capability)."""

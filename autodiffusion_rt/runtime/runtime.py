@@ -29,32 +29,19 @@ import numpy as np
 import torch
 
 from ..diffusion import SampleNoise, SamplerCoefficients
-from ..diffusion.step_io import NOISE, X, X0, X_PREV, Y, TensorSpec, step_io
+from ..diffusion.step_io import NOISE, X, X0, X_PREV, Y, step_io
 from ..errors import EngineError
 from ..models.loading import load_model_for_plan
 from ..plan import Plan
 from ..sampling import check_finite, check_labels, check_n, initial_state, sample_rows
-from .device import DeviceResidentWalk, CudaRuntimeMemory, OrtValueMemory, plan_step_buffers, slot_spec
-from .engines import (
-    Engine,
-    OnnxRuntimeEngine,
-    SharedDeviceMemory,
-    TensorRTEngine,
-    TorchStepEngine,
-    cpu_isa,
-    cuda_check,
-    cuda_compute_capability,
-    import_cudart,
-    import_onnxruntime,
-    import_tensorrt,
-    onnxruntime_providers,
-    shared_initializers,
-)
+from .backends.base import Engine
+from .device import DeviceResidentWalk, plan_step_buffers, slot_spec
+from .backends.torch_backend import TorchStepEngine
 from .manifest import Manifest
 
 __all__ = ["BACKENDS", "ModelInfo", "Runtime", "sample_from_engines"]
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -84,7 +71,7 @@ class Runtime:
         self.max_batch = max_batch
         self.engine_dir = engine_dir
         self.manifest = manifest
-        self._resources = list(resources)  # closed with the runtime (scratch memory, stream)
+        self._resources = list(resources)  # callables run when the runtime closes (scratch memory, stream)
         self._workspaces: "OrderedDict[int, dict]" = OrderedDict()
         self._lock = threading.Lock()  # one sampling call at a time: the workspaces are shared
         self._device_walk: Optional[DeviceResidentWalk] = None  # set by load() for GPU backends
@@ -130,9 +117,11 @@ class Runtime:
              spinning: bool = True, device_resident: Optional[bool] = None) -> "Runtime":
         """Load an engine dir built by ``autodiffusion-rt build``.
 
-        ``backend``: ``auto`` (what the dir was built for), ``onnxruntime``,
-        ``tensorrt``, or ``torch`` (the dir's plan on the PyTorch model; needs
-        the model's weights). ``plan``: refuse the dir unless it was built from
+        ``backend``: ``auto`` (what the dir was built for), the same backend
+        named explicitly (``onnxruntime``, ``openvino``, ``tensorrt``; a
+        tensorrt dir also runs on ``onnxruntime``'s GPU providers), or
+        ``torch`` (the dir's plan on the PyTorch model; needs the model's
+        weights). ``threads``: onnxruntime's or OpenVINO's threads per step. ``plan``: refuse the dir unless it was built from
         this plan. ``providers``: onnxruntime execution providers (cpu, cuda,
         tensorrt), best first; default: the best installed. Every engine file
         is checked against its recorded sha256 and, unless
@@ -164,89 +153,21 @@ class Runtime:
             rt = cls.from_plan(the_plan, "torch", model=model)
             rt.engine_dir, rt.manifest = engine_dir, m
             return rt
-        if chosen == "tensorrt" and m["backend"] != "tensorrt":
+        # A tensorrt dir's portable ONNX exports also run on onnxruntime's GPU providers; nothing else crosses over.
+        if chosen != m["backend"] and not (chosen == "onnxruntime" and m["backend"] == "tensorrt"):
             raise EngineError(
-                f"{engine_dir} holds {m['backend']} engines, not TensorRT ones: rebuild with "
-                f"'autodiffusion-rt build PLAN --backend tensorrt --out DIR', or load it with backend='auto'"
+                f"{engine_dir} holds {m['backend']} engines, not {chosen} ones: load it with backend='auto' (or "
+                f"'{m['backend']}'), or rebuild it with 'autodiffusion-rt build PLAN --backend {chosen} --out DIR'"
             )
         info_d = m["model"]
         info = ModelInfo(str(info_d.get("name", the_plan.model_name)), tuple(int(s) for s in info_d["image_shape"]),
                          None if info_d.get("num_classes") is None else int(info_d["num_classes"]))
-        max_batch = int(m["batch"]["max"])
-        if chosen == "onnxruntime":
-            ort = import_onnxruntime()
-            # One provider list per step: the TensorRT provider's shape profile names this step's inputs.
-            provs = [onnxruntime_providers(providers, cache_dir=engine_dir / "ort_trt_cache", fp16=m["precision"] == "fp16",
-                                           profile=_profile(step, m["batch"])) for step in m["steps"]]
-            on_cpu = _provider_name(provs[0][0]) == "CPUExecutionProvider"
-            # The engines are graphs optimized for onnxruntime's CPU provider (laid out for this CPU's
-            # vector width); a GPU provider, or a tensorrt dir, runs the verified portable ONNX exports.
-            key = "engine" if m["backend"] == "onnxruntime" and on_cpu else "onnx"
-            if check_versions and key == "engine":
-                m.check_version("onnxruntime", ort.__version__)
-            levels = []
-            for i, s in enumerate(m["steps"]):
-                record = s["engine"].get("record") or {}
-                level = record.get("optimization") if key == "engine" else None
-                if level in ("extended", "all") and record.get("isa") != cpu_isa():
-                    raise EngineError(
-                        f"{engine_dir}: step {i}'s engine was optimized for CPU {record.get('isa')!r} and this one is "
-                        f"{cpu_isa()!r} (onnxruntime's layouts follow the vector width); rebuild with "
-                        f"'autodiffusion-rt build PLAN --out {engine_dir}' on this machine"
-                    )
-                levels.append("none" if level in ("basic", "extended", "all") else "all")
-            files = [m.step_file(i, key) for i in range(len(m["steps"]))]
-            shared = shared_initializers(files) if share_weights else [{} for _ in files]
-            engines = []
-            for i, (step, f) in enumerate(zip(m["steps"], files)):
-                ins = [TensorSpec.from_dict(d) for d in step["inputs"]]
-                outs = [TensorSpec.from_dict(d) for d in step["outputs"]]
-                engines.append(OnnxRuntimeEngine(f, ins, outs, max_batch, providers=provs[i], threads=threads,
-                                                 name=f"step {i} (t={step['timestep']}, onnxruntime)", optimization=levels[i],
-                                                 initializers=shared[i], spinning=spinning))
-            used = engines[0].providers[0] if engines else "?"
-            rt = cls(engines, the_plan, coeffs, info, "onnxruntime", max_batch,
-                     backend_name=f"onnxruntime/{used}", engine_dir=engine_dir, manifest=m)
-            on_gpu = used in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-            if device_resident or (device_resident is None and on_gpu):
-                rt._device_walk = DeviceResidentWalk(engines, info.image_shape, OrtValueMemory(ort, "cuda" if on_gpu else "cpu"))
-            return rt
-        # native TensorRT
-        trt = import_tensorrt()
-        cudart = import_cudart()
-        cc = cuda_compute_capability()
-        if cc is None:
-            raise EngineError("the tensorrt backend needs an NVIDIA GPU and driver, and none was found; use an onnxruntime engine dir on this machine")
-        if check_versions:
-            m.check_version("tensorrt", trt.__version__)
-            m.check_version("compute_capability", cc, what="GPU compute capability")
-        files = [m.step_file(i, "engine") for i in range(len(m["steps"]))]
-        # Weight-stripped engines are refitted from their step's ONNX file, checked like every file.
-        refits = [m.step_file(i, "onnx") if (s["engine"].get("record") or {}).get("weights") == "stripped" else None
-                  for i, s in enumerate(m["steps"])]
-        logger = trt.Logger(trt.Logger.WARNING)
-        trt_runtime = trt.Runtime(logger)
-        stream = cuda_check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
-        scratch = SharedDeviceMemory(cudart)
-        engines = []
-        try:
-            for i, (step, f) in enumerate(zip(m["steps"], files)):
-                ins = [TensorSpec.from_dict(d) for d in step["inputs"]]
-                outs = [TensorSpec.from_dict(d) for d in step["outputs"]]
-                engines.append(TensorRTEngine(f.read_bytes(), ins, outs, max_batch, runtime=trt_runtime, scratch=scratch,
-                                              stream=stream, cudart=cudart, trt=trt, cuda_graph=cuda_graph in (True, "step"),
-                                              name=f"step {i} (t={step['timestep']}, tensorrt)", refit_onnx=refits[i], logger=logger))
-        except BaseException:
-            for e in engines:
-                e.close()
-            scratch.free()
-            cudart.cudaStreamDestroy(stream)
-            raise
-        rt = cls(engines, the_plan, coeffs, info, "tensorrt", max_batch, backend_name=f"tensorrt {trt.__version__}",
-                 engine_dir=engine_dir, manifest=m, resources=[(trt_runtime, logger), _Closer(scratch.free), _Closer(lambda: cudart.cudaStreamDestroy(stream))])
-        if device_resident is None or device_resident:
-            rt._device_walk = DeviceResidentWalk(engines, info.image_shape, CudaRuntimeMemory(cudart, stream),
-                                                 schedule_graph=cuda_graph == "schedule")
+        loaded = _backend_module(chosen).load_engines(
+            m, the_plan, coeffs, providers=providers, threads=threads, check_versions=check_versions,
+            cuda_graph=cuda_graph, share_weights=share_weights, spinning=spinning, device_resident=device_resident)
+        rt = cls(loaded.engines, the_plan, coeffs, info, chosen, int(m["batch"]["max"]), backend_name=loaded.backend_name,
+                 engine_dir=engine_dir, manifest=m, resources=loaded.resources)
+        rt._device_walk = loaded.device_walk
         return rt
 
     # ------------------------------------------------------------ sampling
@@ -401,9 +322,8 @@ class Runtime:
                 self._device_walk = None
             for e in self.engines:
                 e.close()
-            for r in reversed(self._resources):
-                if isinstance(r, _Closer):
-                    r()
+            for release in reversed(self._resources):
+                release()
             self.engines = []
             self._resources = []
             self._workspaces.clear()
@@ -418,25 +338,12 @@ class Runtime:
         return f"Runtime({self.backend_name}, {self.num_steps} steps, timesteps={list(self.plan.timesteps)}, max_batch={self.max_batch})"
 
 
-class _Closer:
-    def __init__(self, fn):
-        self.fn = fn
+def _backend_module(name: str):
+    """The backend's module; each builds its own engines from a manifest (``load_engines``)."""
+    import importlib
 
-    def __call__(self):
-        fn, self.fn = self.fn, None
-        if fn is not None:
-            fn()
-
-
-def _provider_name(provider) -> str:
-    return provider[0] if isinstance(provider, tuple) else str(provider)
-
-
-def _profile(step: dict, batch: dict) -> dict:
-    return {
-        d["name"]: tuple(TensorSpec.from_dict(d).concrete(batch[k]) for k in ("min", "opt", "max"))
-        for d in step["inputs"]
-    }
+    module = {"onnxruntime": "ort_backend", "openvino": "ov_backend", "tensorrt": "trt_backend"}[name]
+    return importlib.import_module(f"{__package__}.backends.{module}")
 
 
 def sample_from_engines(engine_dir, n: int, seed: int = 0, labels=None, backend: str = "auto"):

@@ -37,8 +37,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="per-request deadline: 504 after it, dropped if not started (default: %(default)s)")
     p.add_argument("--max-n", type=int, default=lim.max_n, help="most images in one request (default: %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=lim.max_body_bytes, help="request body limit (default: %(default)s)")
-    p.add_argument("--backend", default=d.backend, help="runtime backend: auto, onnxruntime, tensorrt, torch (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=d.threads, help="onnxruntime and torch threads (default: %(default)s)")
+    p.add_argument("--backend", default=d.backend, help="runtime backend: auto (what each dir was built for), onnxruntime, openvino, tensorrt, torch (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=d.threads, help="onnxruntime, OpenVINO and torch threads (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="the server's and uvicorn's log level (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
