@@ -5,7 +5,9 @@ Every fenced block of the README is a command block tagged on the line before it
 (a GPU, a download, a checkpoint the user brings), or a ``text`` block. The
 ``run`` blocks are run in order, in a temp dir, as bash (``python`` blocks with
 python). What the ``long`` blocks before them make is stood in for: the
-quickstart's search, by a plan of the same name and NFE (uniform timesteps).
+quickstart's search, by a plan of the same name and NFE (uniform timesteps);
+its build (the default backend's bf16 FID gate takes minutes), by the same
+``build`` command on onnxruntime.
 The serving block's port 8000 becomes a free port (the machine may be shared).
 """
 
@@ -99,6 +101,12 @@ def test_the_run_blocks_run_as_written(tmp_path):
     _stand_in_for_the_quickstart_search(tmp_path)
     port = str(_free_port())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    build = [code for tag, _, code in readme_blocks(README.read_text())
+             if tag == "long" and code.startswith("autodiffusion-rt build")]
+    assert len(build) == 1, "the quickstart's build block"
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", build[0].strip() + " --backend onnxruntime --quiet"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
     blocks = [(lang, code) for tag, lang, code in readme_blocks(README.read_text()) if tag == "run"]
     for k, (lang, code) in enumerate(blocks):
         if lang == "python":
