@@ -199,7 +199,7 @@ def run(plan_path=None, *, tiny: bool = False, configs: Sequence[str] = DEFAULT_
             model = None
         if engines_dir is None:
             tmp = tmp or tempfile.TemporaryDirectory(prefix="adrt-bench-")
-            engines_dir = Path(tmp.name)
+        engines_dir = Path(tmp.name if engines_dir is None else engines_dir)
         dirs = {"engines": engines}
         builds = [c for c in configs if c in ENGINE_BUILDS]
         if builds:

@@ -6,6 +6,13 @@ from setuptools import find_packages, setup
 
 here = Path(__file__).resolve().parent
 
+# httptools and uvloop: uvicorn uses them when installed (its 'standard' set: C HTTP parser, libuv loop)
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "httptools>=0.6", "uvloop>=0.19; sys_platform != 'win32'",
+         "prometheus-client>=0.20", "httpx>=0.27"]
+# serve --ray builds each replica's app after its constructor (serve.ingress() with __serve_build_asgi_app__,
+# new in the 2.5x series); tested with 2.60.0 only, so the range stops before the next minor release
+RAY = "ray[serve]>=2.60,<2.61"
+
 setup(
     name="autodiffusion-rt",
     version="0.1.0",
@@ -37,13 +44,12 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30", "ray>=2.9"],
+        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30", RAY],
         "diffusers": ["diffusers>=0.30"],  # diffusers:DIR models, export-diffusers
-        "ray": ["ray>=2.9"],  # python -m search.run --executor ray
+        # python -m search.run --executor ray; autodiffusion-rt serve --ray (the service's own deps too)
+        "ray": [RAY, *SERVE],
         "gpu": ["tensorrt>=10.1", "cuda-python>=12", "onnxruntime-gpu>=1.18"],
-        # httptools and uvloop: uvicorn uses them when installed (its 'standard' set: C HTTP parser, libuv loop)
-        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httptools>=0.6", "uvloop>=0.19; sys_platform != 'win32'",
-                  "prometheus-client>=0.20", "httpx>=0.27"],
+        "serve": SERVE,
         "plot": ["matplotlib>=3.5"],  # benchmark.py --plot and --serve --plot
     },
     entry_points={"console_scripts": ["autodiffusion-rt = autodiffusion_rt.cli:main"]},

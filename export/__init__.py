@@ -15,4 +15,12 @@ from .build import BuildReport, build_engines
 from .onnx_export import OnnxExport, export_step_onnx, graph_stats
 from .subnet import StepModule, step_modules
 
-__all__ = ["BuildReport", "OnnxExport", "StepModule", "build_engines", "export_step_onnx", "graph_stats", "step_modules"]
+__all__ = [
+    "BuildReport",
+    "OnnxExport",
+    "StepModule",
+    "build_engines",
+    "export_step_onnx",
+    "graph_stats",
+    "step_modules",
+]

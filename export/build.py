@@ -54,14 +54,29 @@ from autodiffusion_rt.runtime.manifest import MANIFEST_NAME, Manifest
 from autodiffusion_rt.runtime.platform import cpu_isa, cuda_compute_capability, library_versions
 from autodiffusion_rt.utils import locked_output_dir, path_error
 
-from .cache import PROGRESS_NAME, canonical_hash, engine_record, onnx_key, read_progress
-from .cache import remove_unreferenced, step_file, write_progress
+from .cache import (
+    PROGRESS_NAME,
+    canonical_hash,
+    engine_record,
+    onnx_key,
+    read_progress,
+    remove_unreferenced,
+    step_file,
+    write_progress,
+)
 from .context import BUILD_BACKENDS, PRECISIONS, BuildContext, BuildSettings, export_entry, fid_gate, file_entry
-from .onnx_export import DEFAULT_OPSET, FP32_COND_TOL, FP32_TOL, ort_session, temp_beside, import_onnx
+from .onnx_export import DEFAULT_OPSET, FP32_COND_TOL, FP32_TOL, import_onnx, ort_session, temp_beside
 from .subnet import StepModule, half_unet, resolve_label_mode
 
-__all__ = ["BUILD_BACKENDS", "BuildReport", "BuildSettings", "build_engines", "default_backend", "default_precision",
-           "optimize_for_onnxruntime"]
+__all__ = [
+    "BUILD_BACKENDS",
+    "BuildReport",
+    "BuildSettings",
+    "build_engines",
+    "default_backend",
+    "default_precision",
+    "optimize_for_onnxruntime",
+]
 
 #: The level onnxruntime engines are saved at: the one the CPU provider runs at, so loading optimizes nothing.
 ORT_ENGINE_LEVEL = "all"
@@ -82,17 +97,23 @@ class BuildReport:
         return sum(1 for s in self.steps if s[what] == status)
 
     def summary(self) -> str:
-        n = len(self.steps)
+        n, m = len(self.steps), self.manifest
+        if m["backend"] == "openvino":  # the steps share their subnetworks' files: count those
+            done = {(s["subnet"], s["onnx"], s["engine"]) for s in self.steps}
+            files = f"{len({s['subnet'] for s in self.steps})} shared subnetworks"
+        else:
+            done, files = {(s["index"], s["onnx"], s["engine"]) for s in self.steps}, f"{n} step engines"
+        count = lambda k, what: sum(1 for d in done if d[k] == what)  # noqa: E731
         return (
-            f"{self.engine_dir}: {n} step engines ({self.manifest['backend']}, {self.manifest['precision']}, "
-            f"batch <= {self.manifest['batch']['max']}); ONNX {self.count('onnx', 'exported')} exported, "
-            f"{self.count('onnx', 'reused')} reused; engines {self.count('engine', 'built')} built, "
-            f"{self.count('engine', 'reused')} reused; {self.seconds:.1f} s"
+            f"{self.engine_dir}: {n} steps, {files} ({m['backend']}, {m['precision']}, batch <= {m['batch']['max']}); "
+            f"ONNX {count(1, 'exported')} exported, {count(1, 'reused')} reused; engines {count(2, 'built')} built, "
+            f"{count(2, 'reused')} reused; {self.seconds:.1f} s"
         )
 
 
-def optimize_for_onnxruntime(onnx_path, engine_path, *, check_batch: int = 2, term_scales=None, level: str = "all",
-                             verify: bool = True) -> dict:
+def optimize_for_onnxruntime(
+    onnx_path, engine_path, *, check_batch: int = 2, term_scales=None, level: str = "all", verify: bool = True
+) -> dict:
     """The onnxruntime engine: ``onnx_path`` optimized offline at ``level``, checked and verified, written atomically.
 
     ``all`` (the level onnxruntime's CPU provider runs at) includes the
@@ -119,7 +140,9 @@ def optimize_for_onnxruntime(onnx_path, engine_path, *, check_batch: int = 2, te
             try:
                 onnx.checker.check_model(str(tmp))
             except Exception as e:
-                raise EngineError(f"onnxruntime's optimized graph for {onnx_path.name} fails onnx.checker: {str(e).splitlines()[0]}") from None
+                raise EngineError(
+                    f"onnxruntime's optimized graph for {onnx_path.name} fails onnx.checker: {str(e).splitlines()[0]}"
+                ) from None
         if not verify:  # int8: onnxruntime's QDQ fusions round differently by design; the FID check judges it
             ort_session(tmp, "none")
             os.replace(tmp, engine_path)
@@ -129,13 +152,21 @@ def optimize_for_onnxruntime(onnx_path, engine_path, *, check_batch: int = 2, te
         feeds = {}
         for i in src.get_inputs():
             shape = [check_batch if not isinstance(d, int) else d for d in i.shape]
-            feeds[i.name] = rng.integers(0, 1, shape).astype(np.int64) if "int64" in i.type else rng.standard_normal(shape).astype(np.float32)
+            feeds[i.name] = (
+                rng.integers(0, 1, shape).astype(np.int64)
+                if "int64" in i.type
+                else rng.standard_normal(shape).astype(np.float32)
+            )
         scales = list(term_scales or [])
         for k, (a, b) in enumerate(zip(src.run(None, feeds), opt.run(None, feeds))):
             diff = float(np.max(np.abs(a.astype(np.float64) - b)))
-            bound = FP32_TOL * max(1.0, float(np.max(np.abs(a)))) + FP32_COND_TOL * (scales[k] if k < len(scales) else 0.0)
+            bound = FP32_TOL * max(1.0, float(np.max(np.abs(a)))) + FP32_COND_TOL * (
+                scales[k] if k < len(scales) else 0.0
+            )
             if not diff <= bound:
-                raise EngineError(f"onnxruntime's optimized graph for {onnx_path.name} differs from it by {diff:.3g} (> {bound:.3g})")
+                raise EngineError(
+                    f"onnxruntime's optimized graph for {onnx_path.name} differs from it by {diff:.3g} (> {bound:.3g})"
+                )
         os.replace(tmp, engine_path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -154,7 +185,8 @@ def _batch_profile(max_batch: int, opt_batch: Optional[int]) -> dict:
 
 
 def default_backend() -> str:
-    """The fastest engines for this machine: TensorRT on an NVIDIA GPU, OpenVINO on a CPU it compiles for, else onnxruntime."""
+    """The fastest engines for this machine: TensorRT on an NVIDIA GPU, OpenVINO on a CPU it compiles for,
+    else onnxruntime."""
     try:
         import_tensorrt()
         if cuda_compute_capability() is not None:
@@ -206,7 +238,8 @@ def build_engines(
     """Build (or update) the engine dir ``out_dir`` for ``plan`` (a Plan or a plan.json path); see the module docstring.
 
     ``backend``/``precision`` ``"auto"``: :func:`default_backend`, :func:`default_precision`.
-    ``model``: the plan's DiffusionModel (loaded from the plan's spec when None). ``force``: export and compile every step again. One build at a
+    ``model``: the plan's DiffusionModel (loaded from the plan's spec when None).
+    ``force``: export and compile every step again. One build at a
     time per dir (an fcntl lock on ``DIR/.build.lock``): another build of the
     same dir waits when ``wait_lock``, else this is an EngineError. A dir that
     is already up to date is left untouched (it may be read-only).
@@ -230,18 +263,30 @@ def build_engines(
         plan = Plan.load(plan)
     if not isinstance(plan, Plan):
         raise EngineError(f"expected a Plan, got {type(plan).__name__}: load it with Plan.load(path)")
-    Plan.from_dict(plan.to_dict(), "plan")  # the manifest embeds the plan: it must load back (PlanError names the field)
+    # the manifest embeds the plan: it must load back (PlanError names the field)
+    Plan.from_dict(plan.to_dict(), "plan")
     if backend not in ("auto", *BUILD_BACKENDS):
         raise EngineError(f"backend={backend!r}: choose auto or one of {', '.join(BUILD_BACKENDS)}")
     backend = default_backend() if backend == "auto" else backend
     if precision not in ("auto", *PRECISIONS):
         raise EngineError(f"precision={precision!r}: choose auto or one of {', '.join(PRECISIONS)}")
     settings = BuildSettings(
-        backend=backend, precision=default_precision(backend) if precision == "auto" else precision,
-        batch=_batch_profile(max_batch, opt_batch), label_mode=label_mode, simplify=simplify, opset=opset, force=force,
-        workspace_bytes=workspace_bytes, progress=progress, strip_weights=bool(strip_weights),
-        fid_samples=int8_fid_samples, max_fid_rise=int8_max_fid_rise, fid_extractor=fid_extractor,
-        fid_reference=fid_reference, int8_calibration_samples=int8_calibration_samples)
+        backend=backend,
+        precision=default_precision(backend) if precision == "auto" else precision,
+        batch=_batch_profile(max_batch, opt_batch),
+        label_mode=label_mode,
+        simplify=simplify,
+        opset=opset,
+        force=force,
+        workspace_bytes=workspace_bytes,
+        progress=progress,
+        strip_weights=bool(strip_weights),
+        fid_samples=int8_fid_samples,
+        max_fid_rise=int8_max_fid_rise,
+        fid_extractor=fid_extractor,
+        fid_reference=fid_reference,
+        int8_calibration_samples=int8_calibration_samples,
+    )
     settings.check()
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -249,8 +294,9 @@ def build_engines(
     writable = _probe_dir(out_dir)
     import_onnx()
     import_onnxruntime()  # verification runs every export in onnxruntime, whatever the backend
-    ctx = BuildContext(plan=plan, out_dir=out_dir, settings=settings, writable=writable, start=start,
-                        **_backend_tools(settings))
+    ctx = BuildContext(
+        plan=plan, out_dir=out_dir, settings=settings, writable=writable, start=start, **_backend_tools(settings)
+    )
     ctx.model = load_model_for_plan(plan, model)
     if settings.precision == "int8":  # the FID check's extractor must read these images: say so before any work
         from autodiffusion_rt.metrics import get_extractor
@@ -264,13 +310,21 @@ def build_engines(
 def _build_in_dir(ctx: BuildContext, wait_lock: bool) -> BuildReport:
     """Create the dir (and its parents) if needed, build under its lock; a failed first build leaves nothing behind."""
     out_dir, lock = ctx.out_dir, ctx.out_dir / LOCK_NAME
-    busy = (f"another build is writing {out_dir} (it holds {lock}): wait for it, pass --wait-lock to wait "
-            "automatically, or build into another --out")
+    busy = (
+        f"another build is writing {out_dir} (it holds {lock}): wait for it, pass --wait-lock to wait "
+        "automatically, or build into another --out"
+    )
     try:
-        with locked_output_dir(lock, [out_dir] if ctx.writable else [], error=EngineError, busy=busy,
-                               fix="pass --out with a writable directory", wait=wait_lock, discard=True,
-                               on_wait=lambda: print(f"waiting for the other build of {out_dir} to finish",
-                                                     file=sys.stderr)):
+        with locked_output_dir(
+            lock,
+            [out_dir] if ctx.writable else [],
+            error=EngineError,
+            busy=busy,
+            fix="pass --out with a writable directory",
+            wait=wait_lock,
+            discard=True,
+            on_wait=lambda: print(f"waiting for the other build of {out_dir} to finish", file=sys.stderr),
+        ):
             return _build_locked(ctx)
     except OSError as e:
         raise EngineError(path_error(e, out_dir, "free some space or pass --out with a writable directory")) from None
@@ -300,7 +354,9 @@ def _backend_tools(settings: BuildSettings) -> dict:
         try:
             import onnxslim
         except ImportError:
-            raise BackendUnavailableError("--simplify needs onnxslim: pip install onnxslim (or build without --simplify)") from None
+            raise BackendUnavailableError(
+                "--simplify needs onnxslim: pip install onnxslim (or build without --simplify)"
+            ) from None
     return {"trt": trt, "onnx_dtype": onnx_dtype, "onnxslim": onnxslim}
 
 
@@ -328,19 +384,30 @@ def _build_locked(ctx: BuildContext) -> BuildReport:
     else:
         steps, report_steps, extra = _build_steps(ctx)
     conditional = ctx.model.num_classes is not None
-    manifest = Manifest.new(ctx.out_dir, plan=ctx.plan, model=ctx.model, backend=s.backend, precision=s.precision,
-                            batch=s.batch, opset=s.opset, simplify=s.simplify,
-                            label_mode=s.label_mode if conditional and s.backend != "openvino" else None,
-                            versions=ctx.versions, steps=steps,
-                            weights=("stripped" if s.strip_weights else "embedded") if s.backend == "tensorrt" else None,
-                            **extra)
+    manifest = Manifest.new(
+        ctx.out_dir,
+        plan=ctx.plan,
+        model=ctx.model,
+        backend=s.backend,
+        precision=s.precision,
+        batch=s.batch,
+        opset=s.opset,
+        simplify=s.simplify,
+        label_mode=s.label_mode if conditional and s.backend != "openvino" else None,
+        versions=ctx.versions,
+        steps=steps,
+        weights=("stripped" if s.strip_weights else "embedded") if s.backend == "tensorrt" else None,
+        **extra,
+    )
     if manifest.same_build(ctx.old):
         manifest = ctx.old  # up to date: not rewritten (the dir may be read-only, and its date stays the build's)
     else:
         ctx.need_write("its manifest")
         manifest.write()
     if ctx.writable:
-        referenced = [st[k]["file"] for st in steps for k in ("onnx", "engine")]
+        engines = [st["engine"] for st in steps]
+        referenced = [st["onnx"]["file"] for st in steps] + [e["file"] for e in engines]
+        referenced += [e["file"] for entry in engines for e in entry.get("static", {}).values()]
         referenced += [extra["embeddings"]["file"]] if "embeddings" in extra else []
         remove_unreferenced(ctx.out_dir, referenced)  # under the build lock: any other temp file is a dead build's
         with contextlib.suppress(FileNotFoundError):
@@ -357,9 +424,11 @@ def _read_previous(ctx: BuildContext) -> None:
     ctx.old = Manifest.previous(ctx.out_dir)
     old_steps = [st for st in (ctx.old or {}).get("steps", []) if isinstance(st, dict)]
     ctx.old_onnx = {st["onnx"].get("key"): st["onnx"] for st in old_steps if isinstance(st.get("onnx"), dict)}
-    ctx.old_engines = {canonical_hash(st["engine"].get("record")): st["engine"] for st in old_steps
-                       if isinstance(st.get("engine"), dict)}
-    ctx.named = {st[k].get("file") for st in old_steps for k in ("onnx", "engine") if isinstance(st.get(k), dict)}
+    engines = [st["engine"] for st in old_steps if isinstance(st.get("engine"), dict)]
+    static = [e for entry in engines if isinstance(entry.get("static"), dict) for e in entry["static"].values()]
+    ctx.old_engines = {canonical_hash(e.get("record")): e for e in [*engines, *static] if isinstance(e, dict)}
+    ctx.named = {st["onnx"].get("file") for st in old_steps if isinstance(st.get("onnx"), dict)}
+    ctx.named |= {e.get("file") for e in [*engines, *static] if isinstance(e, dict)}
     for st in read_progress(ctx.out_dir):  # the steps a killed build finished: reused like the manifest's, if intact
         ctx.old_onnx.setdefault(st["onnx"].get("key"), st["onnx"])
         ctx.old_engines.setdefault(canonical_hash(st["engine"].get("record")), st["engine"])
@@ -373,8 +442,9 @@ def _build_steps(ctx: BuildContext) -> tuple[list, list, dict]:
     if s.precision == "int8":
         from .quantize import trajectory_feeds
 
-        calibration = trajectory_feeds(ctx.plan, ctx.model, s.int8_calibration_samples, seed=1,
-                                       batch=min(s.batch["max"], 16))
+        calibration = trajectory_feeds(
+            ctx.plan, ctx.model, s.int8_calibration_samples, seed=1, batch=min(s.batch["max"], 16)
+        )
     from tqdm import tqdm
 
     bar = tqdm(total=len(ctx.coeffs), desc=f"build {s.backend} {s.precision}", disable=not s.progress, unit="step")
@@ -395,8 +465,11 @@ def _build_steps(ctx: BuildContext) -> tuple[list, list, dict]:
     if calibration is not None:
         int8_report = _select_int8(ctx, steps, int8_entries)
     for step in steps:
-        step["precision"] = "int8" if int8_report is not None and int8_report["steps"][step["index"]]["int8"] else (
-            "fp32" if s.precision == "int8" else s.precision)
+        step["precision"] = (
+            "int8"
+            if int8_report is not None and int8_report["steps"][step["index"]]["int8"]
+            else ("fp32" if s.precision == "int8" else s.precision)
+        )
     return steps, report_steps, {"int8": int8_report}
 
 
@@ -408,21 +481,45 @@ def _build_step(ctx: BuildContext, i: int) -> tuple[dict, dict]:
     keep, row = ctx.keeps[i], ctx.coeffs.row(i)
     ins, outs = step_io(ctx.coeffs, i, model.image_shape, model.num_classes is not None)
     mode = resolve_label_mode(model, s.label_mode, keep)
-    key = onnx_key(model=model, timestep=t, row=row, keep=keep, inputs=ins, outputs=outs, label_mode=mode,
-                   onnx_dtype=ctx.onnx_dtype, opset=s.opset, simplify=s.simplify, versions=ctx.versions)
+    key = onnx_key(
+        model=model,
+        timestep=t,
+        row=row,
+        keep=keep,
+        inputs=ins,
+        outputs=outs,
+        label_mode=mode,
+        onnx_dtype=ctx.onnx_dtype,
+        opset=s.opset,
+        simplify=s.simplify,
+        versions=ctx.versions,
+    )
     status = {"index": i, "timestep": t}
     onnx_entry = ctx.reuse("onnx", key, f"exporting step {i} again")
     status["onnx"] = "reused" if onnx_entry is not None else "exported"
     if onnx_entry is None:
         ctx.need_write(f"step {i}'s ONNX file")
         half = _half_unet(ctx) if ctx.onnx_dtype == "float16" else None
-        module = StepModule(model, ctx.coeffs, i, keep, label_mode=mode,
-                            dtype=torch.float16 if ctx.onnx_dtype == "float16" else torch.float32, unet=half).eval()
+        module = StepModule(
+            model,
+            ctx.coeffs,
+            i,
+            keep,
+            label_mode=mode,
+            dtype=torch.float16 if ctx.onnx_dtype == "float16" else torch.float32,
+            unet=half,
+        ).eval()
         onnx_entry = export_entry(ctx, step_file("onnx", i, key, ".onnx", ctx.named), module, key)
-    record = engine_record(onnx_sha256=onnx_entry["sha256"], backend=s.backend,
-                           precision="fp32" if s.precision == "int8" else s.precision, onnx_dtype=ctx.onnx_dtype,
-                           batch=s.batch, versions=ctx.versions, strip_weights=s.strip_weights,
-                           **({"isa": ctx.isa, "optimization": ORT_ENGINE_LEVEL} if s.backend == "onnxruntime" else {}))
+    record = engine_record(
+        onnx_sha256=onnx_entry["sha256"],
+        backend=s.backend,
+        precision="fp32" if s.precision == "int8" else s.precision,
+        onnx_dtype=ctx.onnx_dtype,
+        batch=s.batch,
+        versions=ctx.versions,
+        strip_weights=s.strip_weights,
+        **({"isa": ctx.isa, "optimization": ORT_ENGINE_LEVEL} if s.backend == "onnxruntime" else {}),
+    )
     digest = canonical_hash(record)
     engine_entry = ctx.reuse("engine", digest, f"rebuilding step {i}'s engine")
     status["engine"] = "reused" if engine_entry is not None else "built"
@@ -431,18 +528,37 @@ def _build_step(ctx: BuildContext, i: int) -> tuple[dict, dict]:
         rel = step_file("engines", i, digest, ".plan" if s.backend == "tensorrt" else ".onnx", ctx.named)
         target = ctx.out_dir / rel
         if s.backend == "onnxruntime":
-            info = optimize_for_onnxruntime(ctx.out_dir / onnx_entry["file"], target,
-                                            term_scales=onnx_entry.get("term_scales"), level=ORT_ENGINE_LEVEL)
+            info = optimize_for_onnxruntime(
+                ctx.out_dir / onnx_entry["file"],
+                target,
+                term_scales=onnx_entry.get("term_scales"),
+                level=ORT_ENGINE_LEVEL,
+            )
         else:
-            info = build_tensorrt_engine(ctx.out_dir / onnx_entry["file"], target, precision=s.precision,
-                                         profile=shape_profile(ins, s.batch), timing_cache=ctx.out_dir / "timing.cache",
-                                         workspace_bytes=s.workspace_bytes, onnx_dtype=ctx.onnx_dtype, trt=ctx.trt,
-                                         strip_weights=s.strip_weights)
+            info = build_tensorrt_engine(
+                ctx.out_dir / onnx_entry["file"],
+                target,
+                precision=s.precision,
+                profile=shape_profile(ins, s.batch),
+                timing_cache=ctx.out_dir / "timing.cache",
+                workspace_bytes=s.workspace_bytes,
+                onnx_dtype=ctx.onnx_dtype,
+                trt=ctx.trt,
+                strip_weights=s.strip_weights,
+            )
         engine_entry = file_entry(ctx.out_dir, rel, record=record, seconds=info["seconds"])
-    step = {"index": i, "timestep": t, "skip": list(ctx.plan.skip[i]), "coefficients": row._asdict(),
-            "macs_per_sample": int(model.unet.macs(keep)), "label_mode": mode,
-            "inputs": [sp.to_dict() for sp in ins], "outputs": [sp.to_dict() for sp in outs],
-            "onnx": onnx_entry, "engine": engine_entry}
+    step = {
+        "index": i,
+        "timestep": t,
+        "skip": list(ctx.plan.skip[i]),
+        "coefficients": row._asdict(),
+        "macs_per_sample": int(model.unet.macs(keep)),
+        "label_mode": mode,
+        "inputs": [sp.to_dict() for sp in ins],
+        "outputs": [sp.to_dict() for sp in outs],
+        "onnx": onnx_entry,
+        "engine": engine_entry,
+    }
     return step, status
 
 
@@ -458,11 +574,22 @@ def _int8_engine(ctx: BuildContext, i: int, onnx_entry: dict, feeds) -> dict:
     from .quantize import quantize_step
 
     s = ctx.settings
-    settings = {"calibration_samples": s.int8_calibration_samples, "calibration_seed": 1,
-                "method": "minmax-qdq-u8s8-per-channel"}
-    record = engine_record(onnx_sha256=onnx_entry["sha256"], backend="onnxruntime", precision="int8",
-                           onnx_dtype="float32", batch=s.batch, versions=ctx.versions, isa=ctx.isa,
-                           optimization=ORT_ENGINE_LEVEL, int8=settings)
+    settings = {
+        "calibration_samples": s.int8_calibration_samples,
+        "calibration_seed": 1,
+        "method": "minmax-qdq-u8s8-per-channel",
+    }
+    record = engine_record(
+        onnx_sha256=onnx_entry["sha256"],
+        backend="onnxruntime",
+        precision="int8",
+        onnx_dtype="float32",
+        batch=s.batch,
+        versions=ctx.versions,
+        isa=ctx.isa,
+        optimization=ORT_ENGINE_LEVEL,
+        int8=settings,
+    )
     digest = canonical_hash(record)
     prev = ctx.reuse("engine", digest, f"quantizing step {i} again")
     if prev is not None:
@@ -495,14 +622,21 @@ def _select_int8(ctx: BuildContext, steps: list, int8_entries: list) -> dict:
         if (i, int8) not in loaded:
             entry = int8_entries[i] if int8 else steps[i]["engine"]
             ins, outs = step_specs(steps[i])
-            loaded[i, int8] = OnnxRuntimeEngine(ctx.out_dir / entry["file"], ins, outs, max_batch,
-                                                threads=torch.get_num_threads(), optimization="none",
-                                                name=f"step {i} ({'int8' if int8 else 'fp32'})")
+            loaded[i, int8] = OnnxRuntimeEngine(
+                ctx.out_dir / entry["file"],
+                ins,
+                outs,
+                max_batch,
+                threads=torch.get_num_threads(),
+                optimization="none",
+                name=f"step {i} ({'int8' if int8 else 'fp32'})",
+            )
         return loaded[i, int8]
 
     def make_runtime(mask):
-        return Runtime([engine(i, bool(q)) for i, q in enumerate(mask)], ctx.plan, ctx.coeffs, info, "onnxruntime",
-                       max_batch)
+        return Runtime(
+            [engine(i, bool(q)) for i, q in enumerate(mask)], ctx.plan, ctx.coeffs, info, "onnxruntime", max_batch
+        )
 
     report = fid_gate(ctx, make_runtime, "int8")
     for i, decision in enumerate(report["steps"]):

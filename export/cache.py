@@ -37,8 +37,18 @@ from typing import Iterable, Optional
 
 from autodiffusion_rt.utils import atomic_write, sha256_file
 
-__all__ = ["EXPORTER_REVISION", "PROGRESS_NAME", "canonical_hash", "engine_record", "file_state", "onnx_key", "read_progress",
-           "remove_unreferenced", "step_file", "write_progress"]
+__all__ = [
+    "EXPORTER_REVISION",
+    "PROGRESS_NAME",
+    "canonical_hash",
+    "engine_record",
+    "file_state",
+    "onnx_key",
+    "read_progress",
+    "remove_unreferenced",
+    "step_file",
+    "write_progress",
+]
 
 #: Bump when the step module or the exporter changes what a given key produces.
 EXPORTER_REVISION = 1
@@ -50,37 +60,61 @@ def canonical_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
-def onnx_key(*, model, timestep: int, row, keep: Optional[Iterable[str]], inputs, outputs, label_mode: Optional[str],
-             onnx_dtype: str, opset: int, simplify: bool, versions: dict) -> str:
+def onnx_key(
+    *,
+    model,
+    timestep: int,
+    row,
+    keep: Optional[Iterable[str]],
+    inputs,
+    outputs,
+    label_mode: Optional[str],
+    onnx_dtype: str,
+    opset: int,
+    simplify: bool,
+    versions: dict,
+) -> str:
     """The content key of one step's ONNX graph (``model``: the plan's DiffusionModel)."""
-    return canonical_hash({
-        "revision": EXPORTER_REVISION,
-        "fingerprint": model.fingerprint,
-        # The weights do not say everything the graph computes: the architecture (heads, attention
-        # order, ...), the noise settings, and what the network predicts (eps, v; learned variance).
-        "config": model.config,
-        "prediction_type": model.prediction_type,
-        "image_shape": list(model.image_shape),
-        "num_classes": model.num_classes,
-        "learn_sigma": bool(model.learn_sigma),
-        "timestep": int(timestep),
-        "row": [repr(float(v)) for v in row],  # repr: exact float64
-        "keep": None if keep is None else sorted(keep),
-        "inputs": [s.to_dict() for s in inputs],
-        "outputs": [s.to_dict() for s in outputs],
-        "label_mode": label_mode,
-        "onnx_dtype": onnx_dtype,
-        "opset": int(opset),
-        "simplify": bool(simplify),
-        "torch": versions.get("torch"),
-        "onnx": versions.get("onnx"),
-        "onnxslim": versions.get("onnxslim") if simplify else None,
-    })
+    return canonical_hash(
+        {
+            "revision": EXPORTER_REVISION,
+            "fingerprint": model.fingerprint,
+            # The weights do not say everything the graph computes: the architecture (heads, attention
+            # order, ...), the noise settings, and what the network predicts (eps, v; learned variance).
+            "config": model.config,
+            "prediction_type": model.prediction_type,
+            "image_shape": list(model.image_shape),
+            "num_classes": model.num_classes,
+            "learn_sigma": bool(model.learn_sigma),
+            "timestep": int(timestep),
+            "row": [repr(float(v)) for v in row],  # repr: exact float64
+            "keep": None if keep is None else sorted(keep),
+            "inputs": [s.to_dict() for s in inputs],
+            "outputs": [s.to_dict() for s in outputs],
+            "label_mode": label_mode,
+            "onnx_dtype": onnx_dtype,
+            "opset": int(opset),
+            "simplify": bool(simplify),
+            "torch": versions.get("torch"),
+            "onnx": versions.get("onnx"),
+            "onnxslim": versions.get("onnxslim") if simplify else None,
+        }
+    )
 
 
-def engine_record(*, onnx_sha256: str, backend: str, precision: str, onnx_dtype: str, batch: dict, versions: dict,
-                  isa: Optional[str] = None, optimization: Optional[str] = None, int8: Optional[dict] = None,
-                  strip_weights: bool = False) -> dict:
+def engine_record(
+    *,
+    onnx_sha256: str,
+    backend: str,
+    precision: str,
+    onnx_dtype: str,
+    batch: dict,
+    versions: dict,
+    isa: Optional[str] = None,
+    optimization: Optional[str] = None,
+    int8: Optional[dict] = None,
+    strip_weights: bool = False,
+) -> dict:
     """Everything an engine's reuse depends on (stored in the manifest; compared whole).
 
     onnxruntime engines also record the graph optimization level they were
@@ -136,7 +170,8 @@ def remove_unreferenced(engine_dir: Path, referenced: Iterable[str]) -> list[Pat
             continue
         for f in d.iterdir():
             rel = str(Path(sub) / f.name)
-            stale_tmp = f.name.startswith(".") and f.name.endswith((".tmp", ".qdq"))  # .qdq: an int8 build's intermediate
+            # .qdq: an int8 build's intermediate
+            stale_tmp = f.name.startswith(".") and f.name.endswith((".tmp", ".qdq"))
             if f.is_file() and (stale_tmp or (_STEP_FILE.match(f.name) and rel not in keep)):
                 f.unlink()
                 removed.append(f)
@@ -170,7 +205,11 @@ def read_progress(engine_dir: Path) -> list[dict]:
     steps = d.get("steps") if isinstance(d, dict) else None
     if not isinstance(steps, list):
         return []
-    return [s for s in steps if isinstance(s, dict) and isinstance(s.get("onnx"), dict) and isinstance(s.get("engine"), dict)]
+    return [
+        s
+        for s in steps
+        if isinstance(s, dict) and isinstance(s.get("onnx"), dict) and isinstance(s.get("engine"), dict)
+    ]
 
 
 def write_progress(engine_dir: Path, steps: list[dict]) -> None:

@@ -23,8 +23,16 @@ from .cache import file_state
 from .onnx_export import DEFAULT_OPSET, export_step_onnx
 from .subnet import LABEL_MODES
 
-__all__ = ["BUILD_BACKENDS", "PRECISIONS", "BuildContext", "BuildSettings", "export_entry", "fid_gate", "file_entry",
-           "reusable"]
+__all__ = [
+    "BUILD_BACKENDS",
+    "PRECISIONS",
+    "BuildContext",
+    "BuildSettings",
+    "export_entry",
+    "fid_gate",
+    "file_entry",
+    "reusable",
+]
 
 BUILD_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -57,11 +65,15 @@ class BuildSettings:
             raise EngineError(f"backend={self.backend!r}: choose auto or one of {', '.join(BUILD_BACKENDS)}")
         allowed = {"onnxruntime": ("fp32", "fp16", "int8"), "openvino": ("fp32", "bf16"), "tensorrt": ("fp32", "fp16")}
         if self.precision not in allowed[self.backend]:
-            raise EngineError(f"precision={self.precision!r} is not built for {self.backend}: choose "
-                              f"{' or '.join(allowed[self.backend])} (bf16 runs on openvino, int8 on onnxruntime)")
+            raise EngineError(
+                f"precision={self.precision!r} is not built for {self.backend}: choose "
+                f"{' or '.join(allowed[self.backend])} (bf16 runs on openvino, int8 on onnxruntime)"
+            )
         if self.strip_weights and self.backend != "tensorrt":
-            raise EngineError(f"strip_weights is for TensorRT engines (refitted at load), not {self.backend}: drop "
-                              "--strip-weights or build with --backend tensorrt")
+            raise EngineError(
+                f"strip_weights is for TensorRT engines (refitted at load), not {self.backend}: drop "
+                "--strip-weights or build with --backend tensorrt"
+            )
         for name in ("fid_samples", "int8_calibration_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
@@ -117,13 +129,27 @@ class BuildContext:
 
 def export_entry(ctx: BuildContext, rel: str, module, key: str) -> dict:
     """Export ``module`` (a step or a shared subnetwork) to ``DIR/rel``, verified; its manifest ``onnx`` entry."""
-    res = export_step_onnx(module, ctx.out_dir / rel, opset=ctx.settings.opset, simplify=ctx.settings.simplify,
-                           num_classes=ctx.model.num_classes)
+    res = export_step_onnx(
+        module,
+        ctx.out_dir / rel,
+        opset=ctx.settings.opset,
+        simplify=ctx.settings.simplify,
+        num_classes=ctx.model.num_classes,
+    )
     set_default_mode(ctx.out_dir / rel)  # 0644 like the manifest: a service account loads it
-    return {"file": rel, "sha256": res.sha256, "bytes": res.bytes, "key": key, "nodes": res.nodes,
-            "macs_per_sample": res.macs_per_sample, "max_abs_diff": res.max_abs_diff,
-            "max_scaled_diff": res.max_scaled_diff, "term_scales": list(res.term_scales),
-            "dtype": ctx.onnx_dtype, "seconds": round(res.seconds, 3)}
+    return {
+        "file": rel,
+        "sha256": res.sha256,
+        "bytes": res.bytes,
+        "key": key,
+        "nodes": res.nodes,
+        "macs_per_sample": res.macs_per_sample,
+        "max_abs_diff": res.max_abs_diff,
+        "max_scaled_diff": res.max_scaled_diff,
+        "term_scales": list(res.term_scales),
+        "dtype": ctx.onnx_dtype,
+        "seconds": round(res.seconds, 3),
+    }
 
 
 def file_entry(out_dir: Path, rel: str, **extra) -> dict:
@@ -175,7 +201,8 @@ def fid_gate(ctx: BuildContext, make_runtime, kind: str) -> dict:
 
         say = tqdm.write
     # bf16 usually passes whole (one run); int8 is decided step by step as it always was
-    report = select_low_precision_steps(fid_of_steps, len(ctx.coeffs), s.max_fid_rise, kind=kind, progress=say,
-                                        try_all_first=kind == "bf16")
+    report = select_low_precision_steps(
+        fid_of_steps, len(ctx.coeffs), s.max_fid_rise, kind=kind, progress=say, try_all_first=kind == "bf16"
+    )
     report.update(samples=s.fid_samples, seed=0, extractor=ext.name, max_fid_rise=float(s.max_fid_rise))
     return report

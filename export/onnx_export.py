@@ -31,8 +31,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from autodiffusion_rt.errors import BackendUnavailableError, EngineError
 from autodiffusion_rt.diffusion.step_io import BATCH, TensorSpec
+from autodiffusion_rt.errors import BackendUnavailableError, EngineError
 from autodiffusion_rt.runtime.backends.ort_backend import import_onnxruntime, ort_session_options
 from autodiffusion_rt.utils import sha256_file
 
@@ -84,9 +84,16 @@ def ort_session(path_or_bytes, optimization: str = "basic"):
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
-def verify_onnx(path, reference, example_inputs: dict[int, tuple], input_names, tol: float,
-                output_names: Sequence[str] = (), label: Optional[str] = None,
-                cond_tol: float = 0.0) -> tuple[float, float]:
+def verify_onnx(
+    path,
+    reference,
+    example_inputs: dict[int, tuple],
+    input_names,
+    tol: float,
+    output_names: Sequence[str] = (),
+    label: Optional[str] = None,
+    cond_tol: float = 0.0,
+) -> tuple[float, float]:
     """Run ``path`` in onnxruntime on each batch's inputs and compare with the torch reference.
 
     ``reference(*inputs) -> (outputs, scales)``. Each output must satisfy
@@ -103,7 +110,10 @@ def verify_onnx(path, reference, example_inputs: dict[int, tuple], input_names, 
     try:
         sess = ort_session(path)
     except Exception as e:
-        raise EngineError(f"onnxruntime cannot load the exported {label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise EngineError(
+            f"onnxruntime cannot load the exported {label}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     worst_abs = worst_scaled = 0.0
     for batch, inputs in example_inputs.items():
         want, scales = reference(*inputs)
@@ -137,10 +147,15 @@ def _term_scales(module, inputs) -> tuple[float, ...]:
     row = module.row
     ax, ae = mx(feeds["x"]), mx(eps) + mx(feeds["x"])  # with clip_x0, eps is re-derived from x and x0
     x0 = abs(row.x0_from_x) * ax + abs(row.x0_from_eps) * ae
-    x_prev = (abs(row.c_x) * ax + abs(row.c_eps) * ae + abs(row.c_prev_x0) * mx(feeds.get("prev_x0"))
-              + abs(row.c_noise) * mx(feeds.get("noise"))
-              + sum(abs(c) * mx(feeds.get(f"prev_eps{k + 1}")) for k, c in enumerate(row.prev_eps_coefficients)))
-    eps_out = ae + (abs(row.x0_from_x) * ax + x0) / abs(row.x0_from_eps)  # the clip-consistent eps is re-derived from x and x0
+    x_prev = (
+        abs(row.c_x) * ax
+        + abs(row.c_eps) * ae
+        + abs(row.c_prev_x0) * mx(feeds.get("prev_x0"))
+        + abs(row.c_noise) * mx(feeds.get("noise"))
+        + sum(abs(c) * mx(feeds.get(f"prev_eps{k + 1}")) for k, c in enumerate(row.prev_eps_coefficients))
+    )
+    # the clip-consistent eps is re-derived from x and x0
+    eps_out = ae + (abs(row.x0_from_x) * ax + x0) / abs(row.x0_from_eps)
     return tuple(x0 if n == "x0" else eps_out if n == "eps" else x_prev for n in module.output_names)
 
 
@@ -148,7 +163,9 @@ def _simplify(path: Path) -> None:
     try:
         import onnxslim
     except ImportError:
-        raise BackendUnavailableError("--simplify needs onnxslim: pip install onnxslim (or build without --simplify)") from None
+        raise BackendUnavailableError(
+            "--simplify needs onnxslim: pip install onnxslim (or build without --simplify)"
+        ) from None
     onnx = import_onnx()
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -158,9 +175,17 @@ def _simplify(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def export_step_onnx(module, path, *, opset: int = DEFAULT_OPSET, simplify: bool = False,
-                     num_classes: Optional[int] = None, tol: Optional[float] = None,
-                     trace_batch: int = 2, verify_batches: tuple[int, ...] = (1, 3)) -> OnnxExport:
+def export_step_onnx(
+    module,
+    path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    simplify: bool = False,
+    num_classes: Optional[int] = None,
+    tol: Optional[float] = None,
+    trace_batch: int = 2,
+    verify_batches: tuple[int, ...] = (1, 3),
+) -> OnnxExport:
     """Export, check, (simplify,) verify and atomically write one step module to ``path``."""
     onnx = import_onnx()
     if opset < 17:
@@ -175,9 +200,15 @@ def export_step_onnx(module, path, *, opset: int = DEFAULT_OPSET, simplify: bool
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
             torch.onnx.export(
-                module, args, str(tmp), input_names=names_in, output_names=names_out,
+                module,
+                args,
+                str(tmp),
+                input_names=names_in,
+                output_names=names_out,
                 dynamic_axes={n: {0: BATCH} for n in names_in + names_out},
-                opset_version=opset, do_constant_folding=True, dynamo=False,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
             )
         if simplify:
             _simplify(tmp)
@@ -199,9 +230,16 @@ def export_step_onnx(module, path, *, opset: int = DEFAULT_OPSET, simplify: bool
             seen_scales.append(_term_scales(module, inputs) if hasattr(module, "row") else (0.0,) * len(out))
             return tuple(o.numpy() for o in out), seen_scales[-1]
 
-        diff, scaled = verify_onnx(tmp, reference, examples, names_in, tol, names_out,
-                                   label=f"{module.label} ({path.name})",
-                                   cond_tol=FP32_COND_TOL if module.dtype == torch.float32 else FP16_COND_TOL)
+        diff, scaled = verify_onnx(
+            tmp,
+            reference,
+            examples,
+            names_in,
+            tol,
+            names_out,
+            label=f"{module.label} ({path.name})",
+            cond_tol=FP32_COND_TOL if module.dtype == torch.float32 else FP16_COND_TOL,
+        )
         nodes, macs = graph_stats(tmp)
         digest = sha256_file(tmp)
         size = tmp.stat().st_size
@@ -211,9 +249,19 @@ def export_step_onnx(module, path, *, opset: int = DEFAULT_OPSET, simplify: bool
             tmp.unlink()
         raise
     term_scales = tuple(max(sc[k] for sc in seen_scales) for k in range(len(names_out)))
-    return OnnxExport(path=path, sha256=digest, bytes=size, nodes=nodes, macs_per_sample=macs, max_abs_diff=diff,
-                      max_scaled_diff=scaled, seconds=time.perf_counter() - start, term_scales=term_scales,
-                      inputs=tuple(module.input_specs), outputs=tuple(module.output_specs))
+    return OnnxExport(
+        path=path,
+        sha256=digest,
+        bytes=size,
+        nodes=nodes,
+        macs_per_sample=macs,
+        max_abs_diff=diff,
+        max_scaled_diff=scaled,
+        seconds=time.perf_counter() - start,
+        term_scales=term_scales,
+        inputs=tuple(module.input_specs),
+        outputs=tuple(module.output_specs),
+    )
 
 
 # ------------------------------------------------------------------ stats
@@ -262,7 +310,9 @@ def onnx_macs(model) -> int:
     feeds = {}
     for i in sess.get_inputs():
         shape = [1 if not isinstance(d, int) else d for d in i.shape]
-        feeds[i.name] = np.zeros(shape, np.int64 if "int64" in i.type else (np.float16 if "float16" in i.type else np.float32))
+        feeds[i.name] = np.zeros(
+            shape, np.int64 if "int64" in i.type else (np.float16 if "float16" in i.type else np.float32)
+        )
     outs = sess.run(None, feeds)
     shapes = {o.name: tuple(v.shape) for o, v in zip(sess.get_outputs(), outs)}
     shapes.update(inits)

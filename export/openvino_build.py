@@ -1,4 +1,5 @@
-"""OpenVINO engine dirs: one verified ONNX graph and one compiled blob per distinct subnetwork, and the steps' embeddings.
+"""OpenVINO engine dirs: one verified ONNX graph and one compiled blob per distinct subnetwork, and the steps'
+embeddings.
 
 The steps of a plan that skip the same layers run the same graph
 (:class:`export.subnet.SubnetModule`, ``x, emb -> out``), so the dir holds one
@@ -24,24 +25,40 @@ import numpy as np
 
 from autodiffusion_rt.diffusion.step_io import step_io
 from autodiffusion_rt.errors import DataError, EngineError
-from autodiffusion_rt.runtime.backends.ov_backend import blob_record, compile_subnet, import_subnet, subnet_engines
+from autodiffusion_rt.runtime.backends.ov_backend import (
+    blob_record,
+    compile_subnet,
+    static_batches,
+    subnet_engines,
+    subnet_from_entry,
+)
 from autodiffusion_rt.utils import atomic_write, sha256_file
 
-from .context import BuildContext, export_entry, fid_gate, file_entry
 from .cache import EXPORTER_REVISION, canonical_hash, step_file
+from .context import BuildContext, export_entry, fid_gate, file_entry
 from .subnet import SubnetModule, step_embeddings
 
 __all__ = ["build_openvino_steps", "subnet_key"]
 
 
 def subnet_key(model, keep: Optional[frozenset], opset: int, versions: dict) -> str:
-    """The content key of a shared subnetwork's ONNX graph: the weights, the architecture, the kept layers, the exporter."""
-    return canonical_hash({
-        "kind": "subnet", "revision": EXPORTER_REVISION, "fingerprint": model.fingerprint, "config": model.config,
-        "image_shape": list(model.image_shape), "num_classes": model.num_classes, "learn_sigma": bool(model.learn_sigma),
-        "keep": None if keep is None else sorted(keep), "opset": int(opset),
-        "torch": versions.get("torch"), "onnx": versions.get("onnx"),
-    })
+    """The content key of a shared subnetwork's ONNX graph: the weights, the architecture, the kept layers,
+    the exporter."""
+    return canonical_hash(
+        {
+            "kind": "subnet",
+            "revision": EXPORTER_REVISION,
+            "fingerprint": model.fingerprint,
+            "config": model.config,
+            "image_shape": list(model.image_shape),
+            "num_classes": model.num_classes,
+            "learn_sigma": bool(model.learn_sigma),
+            "keep": None if keep is None else sorted(keep),
+            "opset": int(opset),
+            "torch": versions.get("torch"),
+            "onnx": versions.get("onnx"),
+        }
+    )
 
 
 def build_openvino_steps(ctx: BuildContext) -> tuple[list, list, dict]:
@@ -67,10 +84,20 @@ def build_openvino_steps(ctx: BuildContext) -> tuple[list, list, dict]:
     for i, keep in enumerate(ctx.keeps):
         k = subnet_of[keep]
         ins, outs = step_io(ctx.coeffs, i, model.image_shape, model.num_classes is not None)
-        steps.append({"index": i, "timestep": int(ctx.coeffs.timesteps[i]), "skip": list(ctx.plan.skip[i]),
-                      "coefficients": ctx.coeffs.row(i)._asdict(), "macs_per_sample": int(model.unet.macs(keep)),
-                      "label_mode": None, "inputs": [sp.to_dict() for sp in ins], "outputs": [sp.to_dict() for sp in outs],
-                      "subnet": k, "onnx": onnx_entries[k]})
+        steps.append(
+            {
+                "index": i,
+                "timestep": int(ctx.coeffs.timesteps[i]),
+                "skip": list(ctx.plan.skip[i]),
+                "coefficients": ctx.coeffs.row(i)._asdict(),
+                "macs_per_sample": int(model.unet.macs(keep)),
+                "label_mode": None,
+                "inputs": [sp.to_dict() for sp in ins],
+                "outputs": [sp.to_dict() for sp in outs],
+                "subnet": k,
+                "onnx": onnx_entries[k],
+            }
+        )
     blobs: dict = {}
 
     def blob(k: int, precision: str) -> dict:
@@ -85,9 +112,16 @@ def build_openvino_steps(ctx: BuildContext) -> tuple[list, list, dict]:
     for step, decision in zip(steps, gate["steps"] if gate else [None] * len(steps)):
         precision = "bf16" if decision is not None and decision["bf16"] else "fp32"
         step["engine"], step["precision"] = blob(step["subnet"], precision), precision
-    report = [{"index": i, "timestep": st["timestep"], "subnet": st["subnet"],
-               "onnx": statuses[st["subnet"]]["onnx"], "engine": statuses[st["subnet"]].get("engine", "reused")}
-              for i, st in enumerate(steps)]
+    report = [
+        {
+            "index": i,
+            "timestep": st["timestep"],
+            "subnet": st["subnet"],
+            "onnx": statuses[st["subnet"]]["onnx"],
+            "engine": statuses[st["subnet"]].get("engine", "reused"),
+        }
+        for i, st in enumerate(steps)
+    ]
     return steps, report, {"bf16": gate, "embeddings": emb_entry}
 
 
@@ -103,15 +137,25 @@ def _subnet_onnx(ctx: BuildContext, i: int, k: int, keep) -> tuple[dict, dict]:
 
 
 def _subnet_blob(ctx: BuildContext, i: int, onnx_entry: dict, precision: str) -> tuple[dict, bool]:
-    """The compiled blob of a subnetwork at ``precision`` (compiled now, or reused by its record); whether it was built."""
-    record = blob_record(onnx_entry["sha256"], precision)
+    """A subnetwork's compiled blobs at ``precision``: a dynamic batch, and ``static`` for :func:`static_batches`
+    (each compiled now, or reused by its record); whether any was built."""
+    entry, built = _one_blob(ctx, i, onnx_entry, precision, None)
+    static = {}
+    for batch in static_batches(ctx.settings.batch):
+        static[str(batch)], made = _one_blob(ctx, i, onnx_entry, precision, batch)
+        built = built or made
+    return {**entry, "static": static}, built
+
+
+def _one_blob(ctx: BuildContext, i: int, onnx_entry: dict, precision: str, batch) -> tuple[dict, bool]:
+    record = blob_record(onnx_entry["sha256"], precision, batch)
     digest = canonical_hash(record)
     entry = ctx.reuse("engine", digest, f"compiling step {i}'s subnetwork again")
     if entry is not None:
-        return entry, False
+        return {k: v for k, v in entry.items() if k != "static"}, False
     ctx.need_write(f"the {precision} blob of step {i}'s subnetwork")
     start = time.perf_counter()
-    compiled = compile_subnet(ctx.out_dir / onnx_entry["file"], precision, threads=None)
+    compiled = compile_subnet(ctx.out_dir / onnx_entry["file"], precision, threads=None, batch=batch)
     rel = step_file("engines", i, digest, ".blob", ctx.named)
     with atomic_write(ctx.out_dir / rel, "wb") as f:
         f.write(compiled.export_model().getvalue())
@@ -152,10 +196,18 @@ def _bf16_gate(ctx: BuildContext, steps: list, blob, emb_entry: dict) -> dict:
         if s.progress:
             print(msg)
         return {"checked": False, "reason": why, "steps": [{"bf16": True} for _ in steps]}
-    key = canonical_hash({"onnx": [st["onnx"]["sha256"] for st in steps], "embeddings": emb_entry["sha256"],
-                          "fp32": blob_record("", "fp32"), "samples": s.fid_samples, "max_fid_rise": s.max_fid_rise,
-                          "extractor": str(s.fid_extractor), "reference": str(s.fid_reference),
-                          "plan": ctx.plan.sha256()})
+    key = canonical_hash(
+        {
+            "onnx": [st["onnx"]["sha256"] for st in steps],
+            "embeddings": emb_entry["sha256"],
+            "fp32": blob_record("", "fp32"),
+            "samples": s.fid_samples,
+            "max_fid_rise": s.max_fid_rise,
+            "extractor": str(s.fid_extractor),
+            "reference": str(s.fid_reference),
+            "plan": ctx.plan.sha256(),
+        }
+    )
     old = (ctx.old or {}).get("bf16") if ctx.old is not None else None
     if isinstance(old, dict) and old.get("key") == key and old.get("checked") and not s.force:
         return old
@@ -173,13 +225,22 @@ def _runtime(ctx: BuildContext, steps: list, blob, emb_entry: dict, mask):
     subnets = []
     for st, low in zip(steps, mask):
         entry = blob(st["subnet"], "bf16" if low else "fp32")
-        if entry["file"] not in ctx.gate_subnets:  # each blob imported once for all the gate's runs
-            ctx.gate_subnets[entry["file"]] = import_subnet(ctx.out_dir / entry["file"], "bf16" if low else "fp32")
+        if entry["file"] not in ctx.gate_subnets:  # each subnetwork loaded once for all the gate's runs
+            onnx = ctx.out_dir / st["onnx"]["file"]
+            ctx.gate_subnets[entry["file"]] = subnet_from_entry(ctx.out_dir, entry, lambda onnx=onnx: onnx,
+                                                                st["onnx"]["sha256"], "bf16" if low else "fp32")
         subnets.append(ctx.gate_subnets[entry["file"]])
     with np.load(ctx.out_dir / emb_entry["file"], allow_pickle=False) as z:
         tables = {name: z[name] for name in z.files}
-    engines = subnet_engines(steps, subnets, tables, ctx.coeffs, max_batch=ctx.settings.batch["max"],
-                             learn_sigma=bool(model.learn_sigma), prediction_type=model.prediction_type,
-                             alphas_cumprod=model.schedule.alphas_cumprod)
+    engines = subnet_engines(
+        steps,
+        subnets,
+        tables,
+        ctx.coeffs,
+        max_batch=ctx.settings.batch["max"],
+        learn_sigma=bool(model.learn_sigma),
+        prediction_type=model.prediction_type,
+        alphas_cumprod=model.schedule.alphas_cumprod,
+    )
     info = ModelInfo(model.name, tuple(model.image_shape), model.num_classes)
     return Runtime(engines, ctx.plan, ctx.coeffs, info, "openvino", ctx.settings.batch["max"])

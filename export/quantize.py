@@ -62,8 +62,9 @@ def _calibration_threads(threads: int):
         from autodiffusion_rt.runtime.backends.ort_backend import ort_session_options
 
         so = ort_session_options(threads=threads, optimization="none")
-        self.infer_session = onnxruntime.InferenceSession(self.augmented_model_path, sess_options=so,
-                                                          providers=self.execution_providers)
+        self.infer_session = onnxruntime.InferenceSession(
+            self.augmented_model_path, sess_options=so, providers=self.execution_providers
+        )
 
     calibrate.CalibraterBase.create_inference_session = create_inference_session
     try:
@@ -78,7 +79,9 @@ def quantize_step(onnx_path, out_path, feeds: Sequence[dict]) -> None:
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError:
-        raise BackendUnavailableError("int8 builds need onnxruntime's quantization tools: pip install -U onnxruntime onnx") from None
+        raise BackendUnavailableError(
+            "int8 builds need onnxruntime's quantization tools: pip install -U onnxruntime onnx"
+        ) from None
     from .onnx_export import temp_beside
 
     if not feeds:
@@ -97,8 +100,15 @@ def quantize_step(onnx_path, out_path, feeds: Sequence[dict]) -> None:
     try:
         quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
         with _calibration_threads(torch.get_num_threads()):
-            quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            quantize_static(
+                str(pre),
+                str(tmp),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
         tmp.replace(out_path)
     finally:
         for f in (pre, tmp):
@@ -106,9 +116,14 @@ def quantize_step(onnx_path, out_path, feeds: Sequence[dict]) -> None:
                 f.unlink()
 
 
-def select_low_precision_steps(fid_of_steps: Callable[[Sequence[bool]], float], nfe: int, max_fid_rise: float,
-                               kind: str = "int8", progress: Optional[Callable[[str], None]] = None,
-                               try_all_first: bool = False) -> dict:
+def select_low_precision_steps(
+    fid_of_steps: Callable[[Sequence[bool]], float],
+    nfe: int,
+    max_fid_rise: float,
+    kind: str = "int8",
+    progress: Optional[Callable[[str], None]] = None,
+    try_all_first: bool = False,
+) -> dict:
     """Which steps may run in low precision (``kind``: int8, bf16): the plan's FID may rise at most ``max_fid_rise``.
 
     ``fid_of_steps(mask)`` samples the plan with the steps where ``mask`` is
@@ -127,11 +142,17 @@ def select_low_precision_steps(fid_of_steps: Callable[[Sequence[bool]], float], 
     if try_all_first:
         score = float(fid_of_steps([True] * nfe))
         if progress is not None:
-            progress(f"every step {kind}: FID {score:.3f} vs fp32 {base:.3f}, limit {limit:.3f}: "
-                     f"{'kept' if within(score) else 'trying step by step'}")
+            progress(
+                f"every step {kind}: FID {score:.3f} vs fp32 {base:.3f}, limit {limit:.3f}: "
+                f"{'kept' if within(score) else 'trying step by step'}"
+            )
         if within(score):
-            return {"fid_fp32": round(base, 4), "limit": round(limit, 4), "fid": round(score, 4),
-                    "steps": [{kind: True, "fid": round(score, 4)} for _ in range(nfe)]}
+            return {
+                "fid_fp32": round(base, 4),
+                "limit": round(limit, 4),
+                "fid": round(score, 4),
+                "steps": [{kind: True, "fid": round(score, 4)} for _ in range(nfe)],
+            }
     kept = [False] * nfe
     steps = []
     for i in range(nfe):

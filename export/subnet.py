@@ -39,11 +39,33 @@ import torch
 from torch import nn
 
 from autodiffusion_rt.diffusion import SamplerCoefficients, step_from_output
+from autodiffusion_rt.diffusion.step_io import (
+    BATCH,
+    EMB,
+    EPS,
+    NOISE,
+    OUT,
+    PREV_EPS,
+    PREV_X0,
+    X0,
+    X_PREV,
+    TensorSpec,
+    X,
+    Y,
+    step_io,
+)
 from autodiffusion_rt.errors import EngineError
-from autodiffusion_rt.diffusion.step_io import BATCH, EMB, EPS, NOISE, OUT, PREV_EPS, PREV_X0, X, X0, X_PREV, Y, TensorSpec, step_io
 
-__all__ = ["LABEL_MODES", "TABLE_MAX_BYTES", "StepModule", "SubnetModule", "resolve_label_mode", "step_embeddings",
-           "step_modules", "subnet_io"]
+__all__ = [
+    "LABEL_MODES",
+    "TABLE_MAX_BYTES",
+    "StepModule",
+    "SubnetModule",
+    "resolve_label_mode",
+    "step_embeddings",
+    "step_modules",
+    "subnet_io",
+]
 
 LABEL_MODES = ("auto", "table", "graph")
 #: Largest per-class projection table (bytes, float32) that ``label_mode="auto"`` folds.
@@ -72,8 +94,16 @@ def resolve_label_mode(model, label_mode: str = "auto", keep: Optional[frozenset
 class StepModule(nn.Module):
     """Step ``i`` of a schedule with the layers in ``keep`` (see the module docstring)."""
 
-    def __init__(self, model, coeffs: SamplerCoefficients, i: int, keep: Optional[frozenset],
-                 label_mode: str = "auto", dtype: torch.dtype = torch.float32, unet=None):
+    def __init__(
+        self,
+        model,
+        coeffs: SamplerCoefficients,
+        i: int,
+        keep: Optional[frozenset],
+        label_mode: str = "auto",
+        dtype: torch.dtype = torch.float32,
+        unet=None,
+    ):
         super().__init__()
         if not 0 <= i < len(coeffs):
             raise EngineError(f"step {i} is outside the schedule's {len(coeffs)} steps")
@@ -106,7 +136,11 @@ class StepModule(nn.Module):
                     self.register_buffer(f"proj_{k}", p, persistent=False)
             elif self.label_mode == "table":
                 emb_all = emb_t + src.label_emb.weight  # [K, D]: every class's embedding
-                table = torch.cat([b.project(emb_all)[:, :, 0, 0] for b in blocks], dim=1) if blocks else torch.zeros(src.num_classes, 0)
+                table = (
+                    torch.cat([b.project(emb_all)[:, :, 0, 0] for b in blocks], dim=1)
+                    if blocks
+                    else torch.zeros(src.num_classes, 0)
+                )
                 self.register_buffer("proj_table", table, persistent=False)
                 self.widths = [b.projection_width for b in blocks]
             else:
@@ -138,8 +172,9 @@ class StepModule(nn.Module):
         feeds = dict(zip(self.input_names, args))
         x = feeds[X]
         history = tuple(feeds[n] for n in PREV_EPS if n in feeds)
-        x_prev, x0, history = step_from_output(self.row, x, self.eps(x, feeds.get(Y)), feeds.get(PREV_X0),
-                                               feeds.get(NOISE), history)
+        x_prev, x0, history = step_from_output(
+            self.row, x, self.eps(x, feeds.get(Y)), feeds.get(PREV_X0), feeds.get(NOISE), history
+        )
         values = {X_PREV: x_prev, X0: x0, EPS: history[0]}
         outs = tuple(values[n] for n in self.output_names)
         return outs[0] if len(outs) == 1 else outs
@@ -171,8 +206,9 @@ def half_unet(model):
     return unet
 
 
-def step_modules(model, plan, label_mode: str = "auto", dtype: torch.dtype = torch.float32,
-                 steps: Optional[Sequence[int]] = None) -> list[StepModule]:
+def step_modules(
+    model, plan, label_mode: str = "auto", dtype: torch.dtype = torch.float32, steps: Optional[Sequence[int]] = None
+) -> list[StepModule]:
     """The step modules of ``plan`` (all steps, or those in ``steps``)."""
     plan.check_model(model)
     coeffs = plan.coefficients(model.schedule)
@@ -220,8 +256,10 @@ def subnet_io(model) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         emb_dim = int(model.unet.time_embedding(torch.zeros(1, dtype=torch.long)).shape[1])
     c, h, w = (int(s) for s in model.image_shape)
     out_c = 2 * c if model.learn_sigma else c
-    return ((TensorSpec(X, "float32", (BATCH, c, h, w)), TensorSpec(EMB, "float32", (BATCH, emb_dim))),
-            (TensorSpec(OUT, "float32", (BATCH, out_c, h, w)),))
+    return (
+        (TensorSpec(X, "float32", (BATCH, c, h, w)), TensorSpec(EMB, "float32", (BATCH, emb_dim))),
+        (TensorSpec(OUT, "float32", (BATCH, out_c, h, w)),),
+    )
 
 
 def step_embeddings(model, timesteps: Sequence[int]) -> dict[str, np.ndarray]:

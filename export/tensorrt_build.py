@@ -139,7 +139,9 @@ def build_tensorrt_engine(
     opt_profile = builder.create_optimization_profile()
     names = {network.get_input(k).name for k in range(network.num_inputs)}
     if set(profile) != names:
-        raise EngineError(f"{onnx_path.name}: the shape profile names {sorted(profile)} but the network's inputs are {sorted(names)}")
+        raise EngineError(
+            f"{onnx_path.name}: the shape profile names {sorted(profile)} but the network's inputs are {sorted(names)}"
+        )
     for name, (lo, opt, hi) in profile.items():
         opt_profile.set_shape(name, tuple(int(d) for d in lo), tuple(int(d) for d in opt), tuple(int(d) for d in hi))
     if config.add_optimization_profile(opt_profile) < 0:

@@ -29,8 +29,15 @@ ENV_VAR = "AUTODIFFUSION_RT_KERNELS"
 
 _UPDATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TIMESTEP_DTYPES = (
-    torch.float64, torch.float32, torch.float16, torch.bfloat16,
-    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
 )
 
 

@@ -34,9 +34,24 @@ _UPDATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _fused_step_update_kernel(
-    x_ptr, eps_ptr, prev_x0_ptr, noise_ptr, x_prev_ptr, x0_ptr, n,
-    x0_from_x, x0_from_eps, c_x, c_eps, c_prev_x0, c_noise, neg_inv_x0_from_eps,
-    HAS_PREV_X0: tl.constexpr, HAS_NOISE: tl.constexpr, CLIP_X0: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    eps_ptr,
+    prev_x0_ptr,
+    noise_ptr,
+    x_prev_ptr,
+    x0_ptr,
+    n,
+    x0_from_x,
+    x0_from_eps,
+    c_x,
+    c_eps,
+    c_prev_x0,
+    c_noise,
+    neg_inv_x0_from_eps,
+    HAS_PREV_X0: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    CLIP_X0: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # int64 offsets: a batch of large latents can pass 2**31 elements.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -60,8 +75,13 @@ def _fused_step_update_kernel(
 
 @triton.jit
 def _timestep_embedding_kernel(
-    t_ptr, out_ptr, dim, half, neg_log_max_period,
-    BLOCK: tl.constexpr, ODD_DIM: tl.constexpr,
+    t_ptr,
+    out_ptr,
+    dim,
+    half,
+    neg_log_max_period,
+    BLOCK: tl.constexpr,
+    ODD_DIM: tl.constexpr,
 ):
     # Program (row, column block): BLOCK frequencies of one timestep.
     row = tl.program_id(0)
@@ -153,13 +173,24 @@ def fused_step_update(coeffs_row, x, eps, prev_x0=None, noise=None):
     grid = (triton.cdiv(n, UPDATE_BLOCK),)
     with _device_guard(x):
         _fused_step_update_kernel[grid](
-            x, eps,
+            x,
+            eps,
             prev_x0 if has_prev else x,  # never read when the flag is off
             noise if has_noise else x,
-            x_prev, x0, n,
-            x0_from_x, x0_from_eps, c_x, c_eps, c_prev_x0, c_noise,
+            x_prev,
+            x0,
+            n,
+            x0_from_x,
+            x0_from_eps,
+            c_x,
+            c_eps,
+            c_prev_x0,
+            c_noise,
             (-1.0 / x0_from_eps) if clip else 0.0,
-            HAS_PREV_X0=has_prev, HAS_NOISE=has_noise, CLIP_X0=clip, BLOCK=UPDATE_BLOCK,
+            HAS_PREV_X0=has_prev,
+            HAS_NOISE=has_noise,
+            CLIP_X0=clip,
+            BLOCK=UPDATE_BLOCK,
             num_warps=4,
         )
     return x_prev, x0
@@ -188,7 +219,13 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     grid = (n, triton.cdiv(half, block))
     with _device_guard(t):
         _timestep_embedding_kernel[grid](
-            t, out, dim, half, -math.log(max_period),
-            BLOCK=block, ODD_DIM=bool(dim % 2), num_warps=4 if block >= 512 else 1,
+            t,
+            out,
+            dim,
+            half,
+            -math.log(max_period),
+            BLOCK=block,
+            ODD_DIM=bool(dim % 2),
+            num_warps=4 if block >= 512 else 1,
         )
     return out

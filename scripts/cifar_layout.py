@@ -26,16 +26,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 #: google/ddpm-cifar10-32's UNet2DModel config (the hub's config.json), weights aside.
 CIFAR10_UNET = dict(
-    sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=2,
     block_out_channels=(128, 256, 256, 256),
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    act_fn="silu", attention_head_dim=None, norm_num_groups=32, norm_eps=1e-6, downsample_padding=0,
-    flip_sin_to_cos=False, freq_shift=1, center_input_sample=False, time_embedding_type="positional",
-    mid_block_scale_factor=1, resnet_time_scale_shift="default", add_attention=True,
+    act_fn="silu",
+    attention_head_dim=None,
+    norm_num_groups=32,
+    norm_eps=1e-6,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    center_input_sample=False,
+    time_embedding_type="positional",
+    mid_block_scale_factor=1,
+    resnet_time_scale_shift="default",
+    add_attention=True,
 )
-CIFAR10_SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                         variance_type="fixed_small", clip_sample=True, prediction_type="epsilon")
+CIFAR10_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=1e-4,
+    beta_end=0.02,
+    beta_schedule="linear",
+    variance_type="fixed_small",
+    clip_sample=True,
+    prediction_type="epsilon",
+)
 
 
 def write_model(out: Path, seed: int = 0) -> Path:

@@ -33,15 +33,16 @@ import torch
 
 import autodiffusion_rt as ad
 from autodiffusion_rt.diffusion import uniform_timesteps
-from autodiffusion_rt.utils import atomic_write
 from autodiffusion_rt.metrics import compute_stats, frechet_distance, get_extractor, reference_stats
 from autodiffusion_rt.metrics.mnist_classifier import accuracy, gray_border_fraction, load_classifier
+from autodiffusion_rt.utils import atomic_write
 
 CHECKS = {"ddim50": ("ddim", 50), "ddim10": ("ddim", 10), "ddpm1000": ("ddpm", 1000)}
 
 
-def sample_in_chunks(model, sampler: str, steps: int, n: int, seed: int, labels: torch.Tensor | None,
-                     cache_dir: Path | None, chunk: int) -> torch.Tensor:
+def sample_in_chunks(
+    model, sampler: str, steps: int, n: int, seed: int, labels: torch.Tensor | None, cache_dir: Path | None, chunk: int
+) -> torch.Tensor:
     """``ad.sample`` of ``n`` images (uniform linear timesteps), ``chunk`` at a time, each chunk kept in ``cache_dir``.
 
     ``labels`` None: drawn from ``seed`` per sample, as ``ad.sample`` draws them.
@@ -52,15 +53,21 @@ def sample_in_chunks(model, sampler: str, steps: int, n: int, seed: int, labels:
     parts = []
     for first in range(0, n, chunk):
         k = min(chunk, n - first)
-        want = None if labels is None else labels[first:first + k]
+        want = None if labels is None else labels[first : first + k]
         drawn = "-drawn" if want is None else ""
-        path = None if cache_dir is None else cache_dir / f"{model.fingerprint[:16]}-{sampler}{steps}-seed{seed}-{first}+{k}{drawn}.pt"
+        path = (
+            None
+            if cache_dir is None
+            else cache_dir / f"{model.fingerprint[:16]}-{sampler}{steps}-seed{seed}-{first}+{k}{drawn}.pt"
+        )
         if path is not None and path.exists():
             saved = torch.load(path, weights_only=True)
             if want is None or torch.equal(saved["labels"], want):
                 parts.append(saved["images"])
                 continue
-        images, got = ad.sample(model, ts, sampler, n=k, seed=seed, labels=want, first=first, batch_size=chunk, return_labels=True)
+        images, got = ad.sample(
+            model, ts, sampler, n=k, seed=seed, labels=want, first=first, batch_size=chunk, return_labels=True
+        )
         if path is not None:
             with atomic_write(path, "wb") as f:
                 torch.save({"images": images, "labels": got}, f)
@@ -100,14 +107,23 @@ def main() -> None:
     classifier, _ = load_classifier()
     extractor = get_extractor("mnist")
     ref = reference_stats("mnist", extractor)
-    results = {"model": args.model, "fingerprint": model.fingerprint, "seed": args.seed, "macs_per_sample": model.unet.macs()}
+    results = {
+        "model": args.model,
+        "fingerprint": model.fingerprint,
+        "seed": args.seed,
+        "macs_per_sample": model.unet.macs(),
+    }
     for name in args.checks.split(","):
         sampler, steps = CHECKS[name]
         n = args.ddpm_n if sampler == "ddpm" else args.n
         labels = torch.arange(n) % 10
         t0 = time.time()
         images = sample_in_chunks(model, sampler, steps, n, args.seed, labels, args.cache_dir, args.chunk)
-        results[name] = {"n": n, **quality(images, labels, classifier, extractor, ref), "seconds": round(time.time() - t0, 1)}
+        results[name] = {
+            "n": n,
+            **quality(images, labels, classifier, extractor, ref),
+            "seconds": round(time.time() - t0, 1),
+        }
         print(json.dumps({name: results[name]}), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -6,9 +6,10 @@
 Each row samples ``--n`` images once (seed ``--seed``, uniform linear timesteps)
 and scores them with every extractor against the statistics of all 5,000
 embedded MNIST digits (the Inception extractor only on ``--inception-rows``: it
-runs at a few images per second on a CPU). DDPM rows use ``--ddpm-n`` samples. The real-vs-real row is two disjoint halves of the
-digits (2,500 each), one scored against the other's statistics (with Inception
-only when ``real`` is among ``--inception-rows``: 5,000 more Inception passes).
+runs at a few images per second on a CPU). DDPM rows use ``--ddpm-n`` samples.
+The real-vs-real row is two disjoint halves of the digits (2,500 each), one
+scored against the other's statistics (with Inception only when ``real`` is
+among ``--inception-rows``: 5,000 more Inception passes).
 
 ``--cache-dir DIR`` keeps every chunk of samples (see ``embedded_quality.py``) and
 ``--json`` is rewritten after each row; a rerun with the same ``--json`` keeps the
@@ -40,7 +41,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--extractors", default="mnist")
-    p.add_argument("--inception-rows", default="ddim:4,ddim:50", help="rows scored with inception when it is an extractor")
+    p.add_argument(
+        "--inception-rows", default="ddim:4,ddim:50", help="rows scored with inception when it is an extractor"
+    )
     p.add_argument("--ddpm-n", type=int, default=1000, help="samples for ddpm rows (default: %(default)s)")
     p.add_argument("--no-real", action="store_true", help="skip the real-vs-real row")
     p.add_argument("--json", default=None, help="also write the rows here (rows already there are kept, not redone)")
@@ -56,8 +59,11 @@ def main() -> None:
     refs = {e.name: reference_stats("mnist", e) for e in extractors}  # cached on disk after the first run
     done = {}
     if args.json and Path(args.json).exists():
-        done = {r["row"]: r for r in json.loads(Path(args.json).read_text())
-                if r.get("seed", args.seed) == args.seed and r.get("model") == model.fingerprint}
+        done = {
+            r["row"]: r
+            for r in json.loads(Path(args.json).read_text())
+            if r.get("seed", args.seed) == args.seed and r.get("model") == model.fingerprint
+        }
     rows = []
 
     def add(row: dict) -> None:
@@ -91,7 +97,13 @@ def main() -> None:
         x, _ = load_mnist("all")
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))
         a, b = x[perm[: len(x) // 2]], x[perm[len(x) // 2 :]]
-        add({**score("real vs real (disjoint halves)", "real", a, lambda e: compute_stats(b, e)), "n": len(a), "sample_s": 0.0})
+        add(
+            {
+                **score("real vs real (disjoint halves)", "real", a, lambda e: compute_stats(b, e)),
+                "n": len(a),
+                "sample_s": 0.0,
+            }
+        )
 
     for spec in args.rows.split(","):
         sampler, steps = spec.split(":")
@@ -101,13 +113,19 @@ def main() -> None:
         n = args.ddpm_n if sampler == "ddpm" else args.n
         images = sample_in_chunks(model, sampler, int(steps), n, args.seed, None, args.cache_dir, args.chunk)
         seconds = time.time() - t0
-        add({**score(f"{sampler}-{steps}", spec, images, lambda e: refs[e.name]), "n": n, "sample_s": round(seconds, 1)})
+        add(
+            {**score(f"{sampler}-{steps}", spec, images, lambda e: refs[e.name]), "n": n, "sample_s": round(seconds, 1)}
+        )
 
     names = [e.name for e in extractors]
     print("\n| row | n | " + " | ".join(f"FID ({n})" for n in names) + " | sampling s |")
     print("|---|---|" + "---|" * len(names) + "---|")
     for r in rows:
-        print(f"| {r['row']} | {r['n']} | " + " | ".join(f"{r['fid_' + n]:.2f}" if "fid_" + n in r else "" for n in names) + f" | {r['sample_s']} |")
+        print(
+            f"| {r['row']} | {r['n']} | "
+            + " | ".join(f"{r['fid_' + n]:.2f}" if "fid_" + n in r else "" for n in names)
+            + f" | {r['sample_s']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmark import _time  # noqa: E402  (the benchmark's one timing helper)
-
 import autodiffusion_rt as ad  # noqa: E402
+from benchmark import _times  # noqa: E402  (the benchmark's one timing helper)
 
 
 def main() -> None:
@@ -40,23 +39,38 @@ def main() -> None:
     rows = []
     for bs in (int(b) for b in args.batch_sizes.split(",")):
         gen = torch.Generator().manual_seed(0)
-        feeds = [(torch.randn(bs, m.unet.in_channels, m.unet.image_size, m.unet.image_size, generator=gen),
-                  torch.full((bs,), m.num_timesteps // 2),
-                  torch.arange(bs) % m.unet.num_classes if m.unet.num_classes else None) for m in models]
+        feeds = [
+            (
+                torch.randn(bs, m.unet.in_channels, m.unet.image_size, m.unet.image_size, generator=gen),
+                torch.full((bs,), m.num_timesteps // 2),
+                torch.arange(bs) % m.unet.num_classes if m.unet.num_classes else None,
+            )
+            for m in models
+        ]
         medians = [[] for _ in models]
         with torch.inference_mode():
             for _ in range(args.rounds):
                 for k, m in enumerate(models):
                     xb, tb, yb = feeds[k]
-                    medians[k].append(_time(lambda: m.unet(xb, tb, yb), args.repeats, warmup=1))
+                    medians[k].append(statistics.median(_times(lambda: m.unet(xb, tb, yb), args.repeats, warmup=1)))
         ms = [statistics.median(v) for v in medians]
         for spec, m, t in zip(specs, models, ms):
-            rows.append({"model": spec, "batch": bs, "ms": round(t, 2), "ratio_to_first": round(t / ms[0], 3),
-                         "macs_per_sample": m.unet.macs()})
+            rows.append(
+                {
+                    "model": spec,
+                    "batch": bs,
+                    "ms": round(t, 2),
+                    "ratio_to_first": round(t / ms[0], 3),
+                    "macs_per_sample": m.unet.macs(),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     print("\n| model | batch | forward ms (median) | ratio to first | MACs/sample |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['ms']} | {r['ratio_to_first']:.2f}x | {r['macs_per_sample'] / 1e6:.1f} M |")
+        print(
+            f"| {r['model']} | {r['batch']} | {r['ms']} | {r['ratio_to_first']:.2f}x "
+            f"| {r['macs_per_sample'] / 1e6:.1f} M |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

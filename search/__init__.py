@@ -8,7 +8,8 @@ Modules: :mod:`~search.space` (candidates, repair, mutation, crossover),
 :mod:`~search.fitness` (FID with common random numbers, memo, prefix sharing),
 :mod:`~search.executors` (where candidates are evaluated),
 :mod:`~search.evolution` (the two stages, NSGA-II), :mod:`~search.checkpoint`
-(resumable state), :mod:`~search.report`, :mod:`~search.pipeline` (the machinery), :mod:`~search.pareto` (NFE ranges), :mod:`~search.run` (the CLI).
+(resumable state), :mod:`~search.report`, :mod:`~search.pipeline` (the machinery),
+:mod:`~search.pareto` (NFE ranges), :mod:`~search.run` (the CLI).
 """
 
 from .errors import SearchError

@@ -98,13 +98,15 @@ def nsga2_state(algo) -> dict:
     """Where a set-up NSGA-II is, as JSON data: its population, counters and random state."""
     pop = []
     for ind in algo.pop:
-        pop.append({
-            "X": ind.X[0].to_json(),
-            **{k: _plain(getattr(ind, k)) for k in _ARRAYS},
-            "CV": _plain(ind._CV),  # the cached value; the property would compute one
-            "evaluated": sorted(ind.evaluated or ()),
-            "data": {k: _plain(v) for k, v in ind.data.items()},
-        })
+        pop.append(
+            {
+                "X": ind.X[0].to_json(),
+                **{k: _plain(getattr(ind, k)) for k in _ARRAYS},
+                "CV": _plain(ind._CV),  # the cached value; the property would compute one
+                "evaluated": sorted(ind.evaluated or ()),
+                "data": {k: _plain(v) for k, v in ind.data.items()},
+            }
+        )
     return {
         "n_iter": int(algo.n_iter),
         "n_eval": int(algo.evaluator.n_eval),

@@ -81,8 +81,17 @@ def _cache_path(cache_dir: Path, key: dict, kind: str = "teacher", suffix: str =
 
 
 @torch.inference_mode()
-def compute_teacher(model, seed: int, num_samples: int, grid, *, batch_size: int = 128, clip_denoised: bool = True,
-                    cache_dir: Optional[Path] = None, progress: bool = False) -> Teacher:
+def compute_teacher(
+    model,
+    seed: int,
+    num_samples: int,
+    grid,
+    *,
+    batch_size: int = 128,
+    clip_denoised: bool = True,
+    cache_dir: Optional[Path] = None,
+    progress: bool = False,
+) -> Teacher:
     """The teacher trajectory (from the disk cache when it has this exact one)."""
     key = teacher_key(model, seed, num_samples, grid, clip_denoised)
     path = _cache_path(cache_dir, key) if cache_dir is not None else None
@@ -92,7 +101,9 @@ def compute_teacher(model, seed: int, num_samples: int, grid, *, batch_size: int
         except Exception:  # a corrupt or foreign file: recompute and overwrite it
             d = None
         if isinstance(d, dict) and d.get("key") == key:
-            return Teacher(key, tuple(key["grid"]), d["states"], d["x0"], d["final"], float(d.get("seconds", 0.0)), cached=True)
+            return Teacher(
+                key, tuple(key["grid"]), d["states"], d["x0"], d["final"], float(d.get("seconds", 0.0)), cached=True
+            )
     t0 = time.perf_counter()
     coeffs = compute_coefficients("ddim", model.schedule, list(grid), 0.0, clip_denoised)
     x, y, noise = initial_state(model, num_samples, seed)
@@ -102,12 +113,30 @@ def compute_teacher(model, seed: int, num_samples: int, grid, *, batch_size: int
         states.append(info["x"])
         x0s.append(info["x0"])
 
-    out = sample_loop(make_eps_fn(model, y, [None] * len(coeffs), batch_size), x, coeffs, noise=noise, progress=progress, callback=keep)
-    teacher = Teacher(key, tuple(key["grid"]), torch.stack(states), torch.stack(x0s), out.clamp(-1, 1), time.perf_counter() - t0)
+    out = sample_loop(
+        make_eps_fn(model, y, [None] * len(coeffs), batch_size),
+        x,
+        coeffs,
+        noise=noise,
+        progress=progress,
+        callback=keep,
+    )
+    teacher = Teacher(
+        key, tuple(key["grid"]), torch.stack(states), torch.stack(x0s), out.clamp(-1, 1), time.perf_counter() - t0
+    )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path, "wb") as f:
-            torch.save({"key": key, "states": teacher.states, "x0": teacher.x0, "final": teacher.final, "seconds": teacher.seconds}, f)
+            torch.save(
+                {
+                    "key": key,
+                    "states": teacher.states,
+                    "x0": teacher.x0,
+                    "final": teacher.final,
+                    "seconds": teacher.seconds,
+                },
+                f,
+            )
     return teacher
 
 
@@ -120,7 +149,8 @@ def per_sample_rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def cost_matrix(model, teacher: Teacher, clip_denoised: bool = True) -> np.ndarray:
     """C[i, j], i < j <= G: mean per-sample RMS error of one DDIM step from the teacher's state at grid[i]
-    to grid[j] (j = G: clean data) against the teacher's state there (its final sample for j = G). inf below the diagonal."""
+    to grid[j] (j = G: clean data) against the teacher's state there (its final sample for j = G).
+    inf below the diagonal."""
     G = len(teacher.grid)
     C = np.full((G + 1, G + 1), np.inf)
     for i in range(G):
@@ -149,7 +179,10 @@ def best_paths(cost: np.ndarray, steps: int, k: int = 1) -> list[tuple[float, tu
     if cost.ndim != 2 or cost.shape[1] != M:
         raise SearchError(f"cost matrix has shape {cost.shape}; expected a square matrix")
     if not 1 <= steps <= M - 1:
-        raise SearchError(f"{steps} steps cannot be laid on a grid of {M - 1} points: choose 1 <= NFE <= {M - 1} or a finer --grid-points")
+        raise SearchError(
+            f"{steps} steps cannot be laid on a grid of {M - 1} points: "
+            f"choose 1 <= NFE <= {M - 1} or a finer --grid-points"
+        )
     # best[j]: the k best (cost, path-to-j) using the current number of edges
     best: list[list[tuple[float, tuple[int, ...]]]] = [[] for _ in range(M)]
     best[0] = [(0.0, (0,))]
@@ -205,8 +238,15 @@ def dp_schedules(model, teacher: Teacher, nfe: int, k: int = 4, clip_denoised: b
     return DPResult(teacher.grid, C, out, teacher.seconds, teacher.cached, t2 - t1, t1 - t0)
 
 
-def skip_sensitivity(model, teacher: Teacher, points: Optional[int] = None, num_samples: Optional[int] = None,
-                     batch_size: int = 128, clip_denoised: bool = True, cache_dir: Optional[Path] = None) -> dict:
+def skip_sensitivity(
+    model,
+    teacher: Teacher,
+    points: Optional[int] = None,
+    num_samples: Optional[int] = None,
+    batch_size: int = 128,
+    clip_denoised: bool = True,
+    cache_dir: Optional[Path] = None,
+) -> dict:
     """Per-layer, per-step sensitivity: the trajectory cost of skipping each layer alone at each step.
 
     For grid point g (every one, or ``points`` of them evenly picked) and layer L: one DDIM step from the
@@ -217,8 +257,14 @@ def skip_sensitivity(model, teacher: Teacher, points: Optional[int] = None, num_
     ``cache_dir``: keep it there as JSON, keyed by the teacher and the arguments (a search over several
     NFEs computes it once).
     """
-    key = {**teacher.key, "table": "skip-sensitivity-v1", "points": points, "num_samples": num_samples,
-           "clip_denoised": bool(clip_denoised), "layers": [layer.id for layer in model.unet.layers]}
+    key = {
+        **teacher.key,
+        "table": "skip-sensitivity-v1",
+        "points": points,
+        "num_samples": num_samples,
+        "clip_denoised": bool(clip_denoised),
+        "layers": [layer.id for layer in model.unet.layers],
+    }
     path = _cache_path(cache_dir, key, "sensitivity", ".json") if cache_dir is not None else None
     if path is not None and path.exists():
         try:
@@ -240,7 +286,11 @@ def _skip_sensitivity(model, teacher: Teacher, points, num_samples, batch_size: 
     from autodiffusion_rt.sampling import make_eps_fn
 
     G = len(teacher.grid)
-    idx = list(range(G)) if points is None or points >= G else sorted({int(round(k)) for k in np.linspace(0, G - 1, points)})
+    idx = (
+        list(range(G))
+        if points is None or points >= G
+        else sorted({int(round(k)) for k in np.linspace(0, G - 1, points)})
+    )
     n = teacher.states.shape[1] if num_samples is None else min(int(num_samples), teacher.states.shape[1])
     layers = list(model.unet.layers)
     all_ids = model.unet.layer_ids
@@ -258,8 +308,13 @@ def _skip_sensitivity(model, teacher: Teacher, points, num_samples, batch_size: 
             x_next, _ = step_update(row, x, eps)
             costs.append(float(per_sample_rms(x_next.clamp(-1, 1) if g == G - 1 else x_next, target).mean()))
         table.append(costs)
-    return {"timesteps": [teacher.grid[g] for g in idx], "layers": [layer.id for layer in layers],
-            "macs": [int(layer.macs) for layer in layers], "cost": table, "num_samples": n}
+    return {
+        "timesteps": [teacher.grid[g] for g in idx],
+        "layers": [layer.id for layer in layers],
+        "macs": [int(layer.macs) for layer in layers],
+        "cost": table,
+        "num_samples": n,
+    }
 
 
 def cheapest_skips(table: dict, timesteps, full_step_macs: int, budget_macs: Optional[int]) -> tuple:
@@ -271,7 +326,11 @@ def cheapest_skips(table: dict, timesteps, full_step_macs: int, budget_macs: Opt
         return tuple(tuple(s) for s in skips)
     rows = [min(range(len(table["timesteps"])), key=lambda r: abs(table["timesteps"][r] - t)) for t in timesteps]
     pairs = sorted(
-        ((table["cost"][rows[i]][k] / max(table["macs"][k], 1), i, lid) for i in range(nfe) for k, lid in enumerate(table["layers"])),
+        (
+            (table["cost"][rows[i]][k] / max(table["macs"][k], 1), i, lid)
+            for i in range(nfe)
+            for k, lid in enumerate(table["layers"])
+        ),
     )
     macs = {lid: m for lid, m in zip(table["layers"], table["macs"])}
     total = full_step_macs * nfe

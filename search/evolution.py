@@ -61,7 +61,9 @@ class EvolutionSettings:
         if not 0.0 <= self.mutation_prob <= 1.0:
             raise SearchError(f"--mutation-prob {self.mutation_prob!r}: must lie in [0, 1]")
         if self.topk > self.population:
-            raise SearchError(f"--topk {self.topk} is larger than --population {self.population}: keep at most the population")
+            raise SearchError(
+                f"--topk {self.topk} is larger than --population {self.population}: keep at most the population"
+            )
         if self.topk + self.mutants + self.crossovers > self.population:
             raise SearchError(
                 f"--topk {self.topk} + --mutants {self.mutants} + --crossovers {self.crossovers} = "
@@ -244,7 +246,11 @@ class Search:
         seen = set(self.state.memo) | set(seeds)
         out = list(seeds)
         for _ in range(min(s.mutants, s.population - len(out))):
-            out.append(self._novel(lambda: space.mutate(seeds[int(self.rng.integers(len(seeds)))], self.rng, s.mutation_prob), seen))
+            out.append(
+                self._novel(
+                    lambda: space.mutate(seeds[int(self.rng.integers(len(seeds)))], self.rng, s.mutation_prob), seen
+                )
+            )
         while len(out) < s.population:
             out.append(self._novel(lambda: space.random(self.rng), seen))
         return out
@@ -255,14 +261,18 @@ class Search:
         seen = set(self.state.memo) | set(elites)
         out = []
         for _ in range(s.mutants):
-            out.append(self._novel(lambda: space.mutate(elites[int(rng.integers(len(elites)))], rng, s.mutation_prob), seen))
+            out.append(
+                self._novel(lambda: space.mutate(elites[int(rng.integers(len(elites)))], rng, s.mutation_prob), seen)
+            )
         for _ in range(s.crossovers):
             if len(elites) < 2:
                 make = lambda: space.mutate(elites[0], rng, s.mutation_prob)  # noqa: E731
             else:
+
                 def make():
                     i, j = rng.choice(len(elites), size=2, replace=False)
                     return space.crossover(elites[int(i)], elites[int(j)], rng)
+
             out.append(self._novel(make, seen))
         while len(elites) + len(out) < s.population:
             out.append(self._novel(lambda: space.random(rng), seen))

@@ -24,7 +24,6 @@ from abc import ABC, abstractmethod
 from typing import Optional, Sequence
 
 from .errors import SearchError
-
 from .fitness import EvalCounters, FitnessEvaluator
 from .space import Candidate
 
@@ -87,8 +86,10 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise SearchError("--executor ray needs Ray: pip install 'ray' (or pip install 'autodiffusion-rt[ray]'); "
-                          "--executor local needs nothing") from None
+        raise SearchError(
+            "--executor ray needs Ray: pip install 'ray' (or pip install 'autodiffusion-rt[ray]'); "
+            "--executor local needs nothing"
+        ) from None
     return ray
 
 
@@ -123,8 +124,10 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
     except OSError as e:
-        raise SearchError(f"cannot reach the Ray cluster at --ray-address {address!r}: {e.strerror or e}; "
-                          "start it (ray start --head) or fix the address, or use --executor local") from None
+        raise SearchError(
+            f"cannot reach the Ray cluster at --ray-address {address!r}: {e.strerror or e}; "
+            "start it (ray start --head) or fix the address, or use --executor local"
+        ) from None
 
 
 class RayExecutor(Executor):
@@ -135,8 +138,15 @@ class RayExecutor(Executor):
     how many times one group is re-run on a fresh worker before giving up.
     """
 
-    def __init__(self, evaluator: FitnessEvaluator, workers: Optional[int] = None, address: Optional[str] = None,
-                 num_cpus: Optional[int] = None, threads_per_worker: int = 1, max_retries: int = 3):
+    def __init__(
+        self,
+        evaluator: FitnessEvaluator,
+        workers: Optional[int] = None,
+        address: Optional[str] = None,
+        num_cpus: Optional[int] = None,
+        threads_per_worker: int = 1,
+        max_retries: int = 3,
+    ):
         ray = _ray()
         self._ray = ray
         self._started_ray = False
@@ -151,8 +161,10 @@ class RayExecutor(Executor):
                     ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
-                raise SearchError(f"cannot connect to {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                                  "check --ray-address (e.g. 'auto' or 'ray://HOST:10001') or use --executor local") from None
+                raise SearchError(
+                    f"cannot connect to {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                    "check --ray-address (e.g. 'auto' or 'ray://HOST:10001') or use --executor local"
+                ) from None
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.num_workers = int(workers) if workers else max(1, cpus // max(1, threads_per_worker))
         if self.num_workers < 1:
@@ -194,8 +206,10 @@ class RayExecutor(Executor):
                 fids, seconds, counters = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError):
                 if tries >= self.max_retries:
-                    raise SearchError(f"a Ray worker died {tries + 1} times on the same {len(group)} candidate(s); "
-                                      "check the workers' memory and logs, or use --executor local") from None
+                    raise SearchError(
+                        f"a Ray worker died {tries + 1} times on the same {len(group)} candidate(s); "
+                        "check the workers' memory and logs, or use --executor local"
+                    ) from None
                 self._retired.add(self._worker_counters[slot])
                 self._worker_counters[slot] = EvalCounters()
                 self.workers[slot] = self._new_worker()

@@ -1,4 +1,5 @@
-"""Fitness: the FID of N samples of a candidate, or their distance to a teacher's, computed as cheaply as it can be exactly.
+"""Fitness: the FID of N samples of a candidate, or their distance to a teacher's, computed as cheaply as it can
+be exactly.
 
 Objectives (``objective``): ``fid`` is the FID of the N samples against the
 reference statistics; ``trajectory`` is trajectory fidelity, the mean
@@ -168,8 +169,9 @@ class FitnessEvaluator:
         return self._noise[k]
 
     def _step_keys(self, cand: Candidate) -> list[StepKey]:
-        coeffs = compute_coefficients(self.sampler, self.model.schedule, cand.timesteps, self.eta,
-                                      learned_variance=self.model.learn_sigma)
+        coeffs = compute_coefficients(
+            self.sampler, self.model.schedule, cand.timesteps, self.eta, learned_variance=self.model.learn_sigma
+        )
         return [(t, s, coeffs.row(i)) for i, (t, s) in enumerate(cand.genes)]
 
     def _keep(self, skip: tuple[str, ...]):
@@ -212,7 +214,9 @@ class FitnessEvaluator:
         return starts, calls
 
     @torch.inference_mode()
-    def samples(self, candidates: Sequence[Candidate], on_call: Optional[Callable[[], None]] = None) -> list[torch.Tensor]:
+    def samples(
+        self, candidates: Sequence[Candidate], on_call: Optional[Callable[[], None]] = None
+    ) -> list[torch.Tensor]:
         """Each candidate's N final samples (clamped to [-1, 1]), sharing every common prefix."""
         if not self.share:
             out = []
@@ -256,7 +260,9 @@ class FitnessEvaluator:
                         noise = self._noise_draw(st.noise_used) if row.c_noise != 0.0 else None
                         x_prev, x0, history = step_from_output(row, st.x, eps, st.prev_x0, noise, st.prev_eps)
                         history = history if self._carry_eps else ()
-                        child = _State(x_prev, x0 if self._carry_x0 else None, st.noise_used + (noise is not None), history)
+                        child = _State(
+                            x_prev, x0 if self._carry_x0 else None, st.noise_used + (noise is not None), history
+                        )
                         child_key = node + ((t, skip, row),)
                         for j in js:
                             if d == len(keys[j]) - 1:

@@ -58,12 +58,15 @@ def parse_nfe(text) -> list[int]:
             return list(range(lo, hi + 1))
         return sorted({int(v) for v in s.split(",")})
     except ValueError:
-        raise SearchError(f"--nfe {text!r}: give an integer (4), a range (3-8, with --multi-objective) or a list (3,4,6)") from None
+        raise SearchError(
+            f"--nfe {text!r}: give an integer (4), a range (3-8, with --multi-objective) or a list (3,4,6)"
+        ) from None
 
 
 @dataclass
 class FrontPoint:
-    """One plan on a front: its candidate, MACs per image, held-out FID (and the search's fitness, the confirmation FID)."""
+    """One plan on a front: its candidate, MACs per image, held-out FID (and the search's fitness,
+    the confirmation FID)."""
 
     candidate: Candidate
     sampler: str
@@ -95,7 +98,8 @@ class FrontPoint:
 
 
 def dominated_levels(noskip: list, skip: list, fid_of) -> list[tuple]:
-    """The no-skip points a skipping plan beats: [(no-skip point, the best skipping point with <= its MACs and a lower FID)]."""
+    """The no-skip points a skipping plan beats:
+    [(no-skip point, the best skipping point with <= its MACs and a lower FID)]."""
     out = []
     for q in noskip:
         better = [p for p in skip if p.skips and p.macs <= q.macs and fid_of(p) is not None and fid_of(p) < fid_of(q)]
@@ -138,24 +142,40 @@ class ParetoReport:
         k = len(self.levels("holdout"))
         lines = []
         if k >= LEVELS_WANTED:
-            lines.append(f"Yes: on held-out FID the front with skipping dominates the no-skip front at {k} of "
-                         f"{len(self.noskip_front)} compute levels (>= {LEVELS_WANTED} wanted).")
+            lines.append(
+                f"Yes: on held-out FID the front with skipping dominates the no-skip front at {k} of "
+                f"{len(self.noskip_front)} compute levels (>= {LEVELS_WANTED} wanted)."
+            )
         else:
-            lines.append(f"No: on held-out FID the front with skipping dominates the no-skip front at {k} of "
-                         f"{len(self.noskip_front)} compute levels; >= {LEVELS_WANTED} were wanted. At equal compute, taking "
-                         "fewer steps with the full model is as good as or better than skipping layers on this model.")
+            lines.append(
+                f"No: on held-out FID the front with skipping dominates the no-skip front at {k} of "
+                f"{len(self.noskip_front)} compute levels; >= {LEVELS_WANTED} were wanted. At equal compute, taking "
+                "fewer steps with the full model is as good as or better than skipping layers on this model."
+            )
         if self.confirm_seed is not None:
             c = len(self.levels("confirm"))
-            lines.append(f"On the confirmation samples ({self.confirm_samples}, seed {self.confirm_seed}, not used to choose): {c} level(s)"
-                         + (" (the held-out verdict holds)." if (c >= LEVELS_WANTED) == (k >= LEVELS_WANTED) else " (this reverses the held-out verdict)."))
+            lines.append(
+                f"On the confirmation samples ({self.confirm_samples}, seed {self.confirm_seed}, "
+                f"not used to choose): {c} level(s)"
+                + (
+                    " (the held-out verdict holds)."
+                    if (c >= LEVELS_WANTED) == (k >= LEVELS_WANTED)
+                    else " (this reverses the held-out verdict)."
+                )
+            )
         return " ".join(lines)
 
     def evidence(self) -> str:
-        """First-order costs from the teacher of saving one full step's MACs: one step fewer, or the cheapest layer skips."""
+        """First-order costs from the teacher of saving one full step's MACs: one step fewer, or the cheapest
+        layer skips."""
         t = self.sensitivity
         if not t or not self.dp_costs:
             return ""
-        pairs = sorted((c / max(m, 1), c, m, lid, ts) for ts, row in zip(t["timesteps"], t["cost"]) for lid, m, c in zip(t["layers"], t["macs"], row))
+        pairs = sorted(
+            (c / max(m, 1), c, m, lid, ts)
+            for ts, row in zip(t["timesteps"], t["cost"])
+            for lid, m, c in zip(t["layers"], t["macs"], row)
+        )
         total = saved = used = 0
         for _, c, m, _, _ in pairs:  # the cheapest per MAC first, until one full step's MACs are saved
             if saved >= self.full_step_macs:
@@ -163,10 +183,14 @@ class ParetoReport:
             total, saved, used = total + c, saved + m, used + 1
         nfes = sorted(self.dp_costs)
         steps = "; ".join(f"{b} -> {a}: +{self.dp_costs[a] - self.dp_costs[b]:.4g}" for a, b in zip(nfes, nfes[1:]))
-        out = [f"Saving one full step's MACs ({self.full_step_macs / 1e6:.1f} MMACs), to first order (trajectory costs from the teacher):",
-               f"* one step fewer: the cheapest DP schedule's trajectory cost at NFE n -> n-1: {steps or 'one NFE only'};",
-               f"* skipping instead the {used} layer-steps the sensitivity table rates cheapest per MAC saved "
-               f"({saved / 1e6:.1f} MMACs; cheapest {pairs[0][3]} at t={pairs[0][4]}): the sum of their single-skip costs is {total:.4g}."]
+        out = [
+            f"Saving one full step's MACs ({self.full_step_macs / 1e6:.1f} MMACs), "
+            "to first order (trajectory costs from the teacher):",
+            f"* one step fewer: the cheapest DP schedule's trajectory cost at NFE n -> n-1: {steps or 'one NFE only'};",
+            f"* skipping instead the {used} layer-steps the sensitivity table rates cheapest per MAC saved "
+            f"({saved / 1e6:.1f} MMACs; cheapest {pairs[0][3]} at t={pairs[0][4]}): "
+            f"the sum of their single-skip costs is {total:.4g}.",
+        ]
         return "\n".join(out) + "\n"
 
     def sensitivity_table(self) -> str:
@@ -174,8 +198,14 @@ class ParetoReport:
         if not t:
             return ""
         head = ["layer", "MMACs"] + [f"t={ts}" for ts in t["timesteps"]]
-        lines = [f"Skip sensitivity: trajectory cost of one teacher step with one layer skipped ({t['num_samples']} samples; "
-                 "the full step costs 0):", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines = [
+            "Skip sensitivity: trajectory cost of one teacher step with one layer skipped "
+            f"({t['num_samples']} samples; "
+            "the full step costs 0):",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "|".join("---" for _ in head) + "|",
+        ]
         for k, (lid, m) in enumerate(zip(t["layers"], t["macs"])):
             lines.append(f"| {lid} | {m / 1e6:.1f} | " + " | ".join(f"{row[k]:.3g}" for row in t["cost"]) + " |")
         return "\n".join(lines) + "\n"
@@ -183,21 +213,48 @@ class ParetoReport:
     # ------------------------------------------------------------------ output
     def table(self) -> str:
         conf = self.confirm_seed is not None
-        out = [f"{self.model}, {self.sampler}, NFE {self.nfes[0]}-{self.nfes[-1]}: the (MACs per image, FID) fronts with and without "
-               f"layer skipping. Search: {self.objective} on {self.search_samples} samples of seed {self.search_seed}; FID: {self.extractor} "
-               f"features against {self.reference}, held-out {self.holdout_samples} samples of seed {self.holdout_seed}"
-               + (f", confirmation {self.confirm_samples} samples of seed {self.confirm_seed}" if conf else "") + ".", "",
-               self.verdict(), ""]
-        head = ["front", "NFE", "timesteps", "skipped layer-steps", "MMACs/image", "full steps of compute", "held-out FID"] + (["confirm FID"] if conf else [])
+        out = [
+            f"{self.model}, {self.sampler}, NFE {self.nfes[0]}-{self.nfes[-1]}: "
+            "the (MACs per image, FID) fronts with and without "
+            f"layer skipping. Search: {self.objective} on {self.search_samples} samples of seed {self.search_seed}; "
+            f"FID: {self.extractor} "
+            f"features against {self.reference}, held-out {self.holdout_samples} samples of seed {self.holdout_seed}"
+            + (f", confirmation {self.confirm_samples} samples of seed {self.confirm_seed}" if conf else "")
+            + ".",
+            "",
+            self.verdict(),
+            "",
+        ]
+        head = [
+            "front",
+            "NFE",
+            "timesteps",
+            "skipped layer-steps",
+            "MMACs/image",
+            "full steps of compute",
+            "held-out FID",
+        ] + (["confirm FID"] if conf else [])
         out += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         for name, pts in (("no skipping", self.noskip_front), ("with skipping", self.skip_front)):
             for p in sorted(pts, key=lambda p: p.macs):
-                cells = [name, str(p.nfe), ",".join(map(str, p.candidate.timesteps)), str(p.candidate.num_skipped), f"{p.macs / 1e6:.1f}",
-                         f"{p.macs / self.full_step_macs:.2f}", f"{p.holdout_fid:.3f}"] + ([_num(p.confirm_fid)] if conf else [])
+                cells = [
+                    name,
+                    str(p.nfe),
+                    ",".join(map(str, p.candidate.timesteps)),
+                    str(p.candidate.num_skipped),
+                    f"{p.macs / 1e6:.1f}",
+                    f"{p.macs / self.full_step_macs:.2f}",
+                    f"{p.holdout_fid:.3f}",
+                ] + ([_num(p.confirm_fid)] if conf else [])
                 out.append("| " + " | ".join(cells) + " |")
-        out += ["", "Per compute level (a no-skip front point): the best plan that skips layers with no more MACs.", "",
-                "| level (NFE, full model) | MMACs | no-skip FID | best skipping plan | its MMACs | its FID | skip wins |" + (" confirm: no-skip / skip |" if conf else ""),
-                "|---|---|---|---|---|---|---|" + ("---|" if conf else "")]
+        out += [
+            "",
+            "Per compute level (a no-skip front point): the best plan that skips layers with no more MACs.",
+            "",
+            "| level (NFE, full model) | MMACs | no-skip FID | best skipping plan | its MMACs | its FID | skip wins |"
+            + (" confirm: no-skip / skip |" if conf else ""),
+            "|---|---|---|---|---|---|---|" + ("---|" if conf else ""),
+        ]
         for q in sorted(self.noskip_front, key=lambda p: p.macs):
             cands = [p for p in self.skip_front if p.skips and p.macs <= q.macs]
             p = min(cands, key=lambda p: (p.holdout_fid, p.macs)) if cands else None
@@ -205,12 +262,26 @@ class ParetoReport:
             if p is None:
                 row += ["none fits", "-", "-", "no"]
             else:
-                row += [f"NFE {p.nfe}, {p.candidate.num_skipped} skipped", f"{p.macs / 1e6:.1f}", f"{p.holdout_fid:.3f}", "yes" if p.holdout_fid < q.holdout_fid else "no"]
+                row += [
+                    f"NFE {p.nfe}, {p.candidate.num_skipped} skipped",
+                    f"{p.macs / 1e6:.1f}",
+                    f"{p.holdout_fid:.3f}",
+                    "yes" if p.holdout_fid < q.holdout_fid else "no",
+                ]
             if conf:
                 row.append(f"{_num(q.confirm_fid)} / {_num(None if p is None else p.confirm_fid)}")
             out.append("| " + " | ".join(row) + " |")
-        out += ["", "The best full-model plan of each NFE (held-out FID):", "", "| NFE | timesteps | held-out FID |", "|---|---|---|"]
-        out += [f"| {p.nfe} | {','.join(map(str, p.candidate.timesteps))} | {p.holdout_fid:.3f} |" for p in self.noskip_per_nfe]
+        out += [
+            "",
+            "The best full-model plan of each NFE (held-out FID):",
+            "",
+            "| NFE | timesteps | held-out FID |",
+            "|---|---|---|",
+        ]
+        out += [
+            f"| {p.nfe} | {','.join(map(str, p.candidate.timesteps))} | {p.holdout_fid:.3f} |"
+            for p in self.noskip_per_nfe
+        ]
         for extra in (self.evidence(), self.sensitivity_table()):
             if extra:
                 out += ["", extra]
@@ -227,13 +298,17 @@ class ParetoReport:
             "reference": self.reference,
             "search": {"seed": self.search_seed, "num_samples": self.search_samples, "objective": self.objective},
             "holdout": {"seed": self.holdout_seed, "num_samples": self.holdout_samples},
-            "confirm": None if self.confirm_seed is None else {"seed": self.confirm_seed, "num_samples": self.confirm_samples},
+            "confirm": None
+            if self.confirm_seed is None
+            else {"seed": self.confirm_seed, "num_samples": self.confirm_samples},
             "full_step_macs": self.full_step_macs,
             "noskip_front": [p.to_json() for p in sorted(self.noskip_front, key=lambda p: p.macs)],
             "skip_front": [p.to_json() for p in sorted(self.skip_front, key=lambda p: p.macs)],
             "noskip_per_nfe": [p.to_json() for p in self.noskip_per_nfe],
-            "dominated_levels": {which: [{"noskip": q.to_json(), "by": p.to_json()} for q, p in self.levels(which)]
-                                 for which in (("holdout", "confirm") if self.confirm_seed is not None else ("holdout",))},
+            "dominated_levels": {
+                which: [{"noskip": q.to_json(), "by": p.to_json()} for q, p in self.levels(which)]
+                for which in (("holdout", "confirm") if self.confirm_seed is not None else ("holdout",))
+            },
             "skip_front_dominates": self.dominates("holdout"),
             "verdict": self.verdict(),
             "dp_costs": {str(k): v for k, v in self.dp_costs.items()},
@@ -247,17 +322,28 @@ class ParetoReport:
         plt = import_pyplot("the Pareto plot of --multi-objective --nfe A-B")
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
         try:
-            for name, pts, style in (("no skipping (best schedule per NFE)", self.noskip_front, "o-"), ("with layer skipping", self.skip_front, "^-")):
+            for name, pts, style in (
+                ("no skipping (best schedule per NFE)", self.noskip_front, "o-"),
+                ("with layer skipping", self.skip_front, "^-"),
+            ):
                 pts = sorted(pts, key=lambda p: p.macs)
                 xs, ys = [p.macs / 1e9 for p in pts], [p.holdout_fid for p in pts]
                 ax.plot(xs, ys, style, drawstyle="steps-post", label=name)
                 for p, x, y in zip(pts, xs, ys):
-                    ax.annotate(f"{p.nfe}" + (f"/{p.candidate.num_skipped}s" if p.skips else ""), (x, y), textcoords="offset points",
-                                xytext=(4, 4), fontsize=7)
+                    ax.annotate(
+                        f"{p.nfe}" + (f"/{p.candidate.num_skipped}s" if p.skips else ""),
+                        (x, y),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=7,
+                    )
             ax.set_yscale("log")  # heavy skipping costs ~100x the FID of the useful region; linear would flatten it
             ax.set_xlabel("GMACs per image")
             ax.set_ylabel(f"FID ({self.extractor}, {self.holdout_samples} held-out samples)")
-            ax.set_title(f"{self.model} {self.sampler}: NFE {self.nfes[0]}-{self.nfes[-1]} (label: NFE/skipped layer-steps)", fontsize=9)
+            ax.set_title(
+                f"{self.model} {self.sampler}: NFE {self.nfes[0]}-{self.nfes[-1]} (label: NFE/skipped layer-steps)",
+                fontsize=9,
+            )
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
             fig.tight_layout()
@@ -286,7 +372,13 @@ def _num(v) -> str:
 def default_out(options, nfes: list[int]) -> str:
     """plans/embedded-mnist-nfe3-8.json for the range 3-8 (the single-NFE default name with the range in it)."""
     single = replace(options, nfe=nfes[0], out=None).resolved().out
-    return single.replace(f"-nfe{nfes[0]}", f"-nfe{nfes[0]}-{nfes[-1]}" if nfes == list(range(nfes[0], nfes[-1] + 1)) else "-nfe" + "_".join(map(str, nfes)), 1)
+    return single.replace(
+        f"-nfe{nfes[0]}",
+        f"-nfe{nfes[0]}-{nfes[-1]}"
+        if nfes == list(range(nfes[0], nfes[-1] + 1))
+        else "-nfe" + "_".join(map(str, nfes)),
+        1,
+    )
 
 
 def run_pareto(options, nfes, model=None, extractor=None, ref_stats=None) -> ParetoReport:
@@ -298,11 +390,15 @@ def run_pareto(options, nfes, model=None, extractor=None, ref_stats=None) -> Par
     if len(nfes) < 2:
         raise SearchError(f"--nfe {nfes}: the fronts across NFE need at least two NFEs (e.g. --nfe 3-8)")
     if not options.holdout_samples:
-        raise SearchError("--holdout-samples 0: the fronts across NFE are compared on FID of fresh samples; give >= 2 "
-                          "(1000 recommended)")
+        raise SearchError(
+            "--holdout-samples 0: the fronts across NFE are compared on FID of fresh samples; give >= 2 "
+            "(1000 recommended)"
+        )
     if options.checkpoint is not None:
-        raise SearchError(f"--checkpoint {options.checkpoint}: with an NFE range each NFE keeps its own checkpoint "
-                          "next to --out; leave --checkpoint out")
+        raise SearchError(
+            f"--checkpoint {options.checkpoint}: with an NFE range each NFE keeps its own checkpoint "
+            "next to --out; leave --checkpoint out"
+        )
     out = Path(options.out if options.out is not None else default_out(options, nfes))
     stem = output_stem(out)
 
@@ -315,8 +411,10 @@ def run_pareto(options, nfes, model=None, extractor=None, ref_stats=None) -> Par
     preps = {n: prepare(per_nfe(n), model, extractor, ref_stats) for n in nfes}
     resolved = first.options
     if resolved.holdout_seed == resolved.seed:
-        raise SearchError(f"--holdout-seed {resolved.holdout_seed} equals --seed: the fronts must be re-ranked on "
-                          "samples the search did not see")
+        raise SearchError(
+            f"--holdout-seed {resolved.holdout_seed} equals --seed: the fronts must be re-ranked on "
+            "samples the search did not see"
+        )
 
     skip_points: list[FrontPoint] = []
     noskip_per_nfe: list[FrontPoint] = []
@@ -333,8 +431,9 @@ def run_pareto(options, nfes, model=None, extractor=None, ref_stats=None) -> Par
             sensitivity = summary["skip_sensitivity"]
 
     def front(points):
-        return non_dominated(points, lambda p: (p.holdout_fid, p.macs),
-                             tiebreak=lambda p: (p.candidate.num_skipped, p.candidate))
+        return non_dominated(
+            points, lambda p: (p.holdout_fid, p.macs), tiebreak=lambda p: (p.candidate.num_skipped, p.candidate)
+        )
 
     noskip_front, skip_front = front(noskip_per_nfe), front(skip_points)
     # A third seed, used by neither the search nor the choice: the verdict without selection bias.
@@ -342,11 +441,24 @@ def run_pareto(options, nfes, model=None, extractor=None, ref_stats=None) -> Par
     if options.report:
         _confirm(first, noskip_front + skip_front)
     report = ParetoReport(
-        model=model.name, sampler=options.sampler, nfes=nfes, extractor=extractor.name, reference=ref_stats.dataset,
-        search_seed=resolved.seed, search_samples=resolved.num_samples, objective=resolved.objective,
-        holdout_seed=resolved.holdout_seed, holdout_samples=resolved.holdout_samples, confirm_seed=confirm_seed,
-        confirm_samples=confirm_samples, full_step_macs=model.unet.macs(), noskip_front=noskip_front,
-        skip_front=skip_front, noskip_per_nfe=noskip_per_nfe, sensitivity=sensitivity, dp_costs=dp_costs,
+        model=model.name,
+        sampler=options.sampler,
+        nfes=nfes,
+        extractor=extractor.name,
+        reference=ref_stats.dataset,
+        search_seed=resolved.seed,
+        search_samples=resolved.num_samples,
+        objective=resolved.objective,
+        holdout_seed=resolved.holdout_seed,
+        holdout_samples=resolved.holdout_samples,
+        confirm_seed=confirm_seed,
+        confirm_samples=confirm_samples,
+        full_step_macs=model.unet.macs(),
+        noskip_front=noskip_front,
+        skip_front=skip_front,
+        noskip_per_nfe=noskip_per_nfe,
+        sensitivity=sensitivity,
+        dp_costs=dp_costs,
     )
     report.seconds = time.perf_counter() - t0
     tool = "python -m search.run --multi-objective --nfe " + ",".join(map(str, nfes))
@@ -396,9 +508,18 @@ def _confirm(prepared, points: list) -> None:
     options, extractor = prepared.options, prepared.extractor
     members = list(dict.fromkeys((p.sampler, p.candidate) for p in points))
     rows = [(f"NFE {c.nfe}", sampler, c) for sampler, c in members]
-    report = make_report(prepared.model, rows, [extractor], {extractor.name: prepared.ref_stats},
-                         options.report_samples, options.report_seed, options.eta, options.batch_size, options.quiet,
-                         device=options.device)
+    report = make_report(
+        prepared.model,
+        rows,
+        [extractor],
+        {extractor.name: prepared.ref_stats},
+        options.report_samples,
+        options.report_seed,
+        options.eta,
+        options.batch_size,
+        options.quiet,
+        device=options.device,
+    )
     fids = {(sampler, c): r.fid[extractor.name] for (_, sampler, c), r in zip(rows, report.rows)}
     for p in points:
         p.confirm_fid = fids[(p.sampler, p.candidate)]
@@ -413,11 +534,31 @@ def _save_front(prepared, points: list, path: Path, tool: str) -> Path:
     options, model = prepared.options, prepared.model
     plans = []
     for p in sorted(points, key=lambda p: p.macs):
-        fitness = Fitness(float(p.holdout_fid), prepared.extractor.name, options.holdout_samples, options.holdout_seed,
-                          prepared.ref_stats.dataset)
-        provenance = {"tool": tool, "reference": options.reference, "model_options": options.model_options,
-                      "search_fitness": p.search_fitness, "confirm_fid": p.confirm_fid}
+        fitness = Fitness(
+            float(p.holdout_fid),
+            prepared.extractor.name,
+            options.holdout_samples,
+            options.holdout_seed,
+            prepared.ref_stats.dataset,
+        )
+        provenance = {
+            "tool": tool,
+            "reference": options.reference,
+            "model_options": options.model_options,
+            "search_fitness": p.search_fitness,
+            "confirm_fid": p.confirm_fid,
+        }
         eta = options.eta if p.sampler == "ddim" else 0.0
-        plans.append(Plan.for_model(model, p.candidate.timesteps, p.sampler, eta, p.candidate.skip, spec=options.model,
-                                    fitness=fitness, provenance=provenance))
+        plans.append(
+            Plan.for_model(
+                model,
+                p.candidate.timesteps,
+                p.sampler,
+                eta,
+                p.candidate.skip,
+                spec=options.model,
+                fitness=fitness,
+                provenance=provenance,
+            )
+        )
     return save_plan_set(plans, path)

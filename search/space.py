@@ -103,7 +103,8 @@ class SearchSpace:
     ):
         if not isinstance(nfe, int) or isinstance(nfe, bool) or not 1 <= nfe <= num_timesteps:
             raise SearchError(
-                f"NFE {nfe!r} is out of range: choose 1 <= NFE <= {num_timesteps} (the model's number of training timesteps)"
+                f"NFE {nfe!r} is out of range: choose 1 <= NFE <= {num_timesteps} "
+                "(the model's number of training timesteps)"
             )
         self.T = int(num_timesteps)
         self.nfe = nfe
@@ -160,7 +161,9 @@ class SearchSpace:
             if bad:
                 raise SearchError(f"candidate skips unknown layer id(s) {sorted(bad)} at step {i}")
         if self.budget_macs is not None and self.macs(cand) > self.budget_macs:
-            raise SearchError(f"candidate uses {self.macs(cand):,} MACs per sample, over the budget of {self.budget_macs:,}")
+            raise SearchError(
+                f"candidate uses {self.macs(cand):,} MACs per sample, over the budget of {self.budget_macs:,}"
+            )
         return cand
 
     # ---------------------------------------------------------------- guidance
@@ -181,7 +184,12 @@ class SearchSpace:
             per_mac = {lid: float(c) / max(int(m), 1) for lid, m, c in zip(table["layers"], table["macs"], row)}
             known = [per_mac[lid] for lid in self.layer_ids if lid in per_mac and math.isfinite(per_mac[lid])]
             median = float(np.median(known)) if known else 1.0
-            s = np.array([per_mac.get(lid, median) if math.isfinite(per_mac.get(lid, median)) else median for lid in self.layer_ids])
+            s = np.array(
+                [
+                    per_mac.get(lid, median) if math.isfinite(per_mac.get(lid, median)) else median
+                    for lid in self.layer_ids
+                ]
+            )
             scores.append(s + 0.01 * median + 1e-300)
         self._guide = (np.asarray(table["timesteps"], dtype=float), scores, float(uniform_share))
 
@@ -212,7 +220,10 @@ class SearchSpace:
         sensitivity table when one is set: :meth:`set_skip_guide`).
         """
         known = set(self.layer_ids)
-        pending = [(min(max(int(t), 0), self.T - 1), frozenset(s) & known if self.allow_skip else frozenset()) for t, s in genes]
+        pending = [
+            (min(max(int(t), 0), self.T - 1), frozenset(s) & known if self.allow_skip else frozenset())
+            for t, s in genes
+        ]
         if len(pending) > self.nfe:
             keep = sorted(rng.choice(len(pending), size=self.nfe, replace=False).tolist())
             pending = [pending[i] for i in keep]

@@ -70,6 +70,8 @@ def test_steps_that_skip_the_same_layers_share_one_compiled_subnetwork(fp32_dirs
     model, plan, d = fp32_dirs["cond", "ddim"]
     m = json.loads((d / "manifest.json").read_text())
     assert [s["subnet"] for s in m["steps"]] == [0, 1, 0, 1]
+    # each subnetwork also compiled for static batch sizes 1 and the max (faster than OpenVINO's dynamic batch)
+    assert all(set(s["engine"]["static"]) == {"1", "4"} for s in m["steps"])
     assert len({s["engine"]["file"] for s in m["steps"]}) == 2 and len({s["onnx"]["file"] for s in m["steps"]}) == 2
     with Runtime.load(d) as rt:
         subnets = [e.subnet for e in rt.engines]

@@ -103,10 +103,46 @@ def wait_until(predicate, what: str, timeout: float = 120.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def serve(engine_dirs, *names, **settings) -> Server:
+def serve(engine_dirs, *names, runtime_loader=None, **settings) -> Server:
     limits = settings.pop("limits", Limits(max_n=8, max_body_bytes=1024))
-    state = ServeState({n: engine_dirs[n] for n in names}, ServeSettings(limits=limits, threads=1, **settings))
+    state = ServeState({n: engine_dirs[n] for n in names}, ServeSettings(limits=limits, threads=1, **settings),
+                       runtime_loader=runtime_loader)
     return Server(state)
+
+
+class EngineGate:
+    """Keeps the engines busy on demand: once armed, the next batch is held on the engines until released.
+
+    A request that arrives to idle engines and an empty queue starts at once; tests of merging and
+    of a full queue need requests that arrive while a batch runs, and the tiny engines finish in
+    milliseconds. The held batch is a real one (the real runtime runs it after the release).
+    """
+
+    def __init__(self):
+        self.armed, self.holding, self.released = threading.Event(), threading.Event(), threading.Event()
+
+    def loader(self, d):
+        rt = Runtime.load(d, threads=1)
+        real = rt.sample_requests
+
+        def sample_requests(requests):
+            if self.armed.is_set():
+                self.armed.clear()
+                self.holding.set()
+                self.released.wait(120)
+            return real(requests)
+
+        rt.sample_requests = sample_requests
+        return rt
+
+    def hold(self, url: str, plan: str):
+        """Send a one-image request and return once its batch is held on the engines (its thread and answer)."""
+        answer = {}
+        self.armed.set()
+        t = threading.Thread(target=lambda: answer.setdefault("r", post(url, {"n": 1, "seed": 0, "plan": plan})))
+        t.start()
+        assert self.holding.wait(120), "the held batch never started"
+        return t, answer
 
 
 def wait_ready(url: str):
@@ -134,11 +170,12 @@ def post(url: str, body, **kw):
 
 # ---------------------------------------------------------------- images
 def test_merged_requests_get_exactly_their_own_images(engine_dirs, references):
-    """Five concurrent requests (labels given, drawn, and none for the unconditional plan) merged into one batch.
+    """Four concurrent requests (labels given, drawn) merged into one batch, then the unconditional plan.
 
-    max_batch = their total images, so the batch is cut as soon as all have arrived (the long
-    max wait only bounds the test). What would catch this: a batcher that mixes rows between
-    requests, shares one generator, or drops a request's labels; /metrics must show 1 batch of 5.
+    They arrive while a batch is held on the engines, so they queue; max_batch = their total
+    images, so their batch is cut as soon as all have arrived (the long max wait only bounds the
+    test). What would catch this: a batcher that mixes rows between requests, shares one
+    generator, or drops a request's labels; /metrics must show the held batch and 1 batch of 4.
     """
     requests = [
         {"n": 3, "seed": 5, "labels": [0, 2, 1]},
@@ -147,8 +184,10 @@ def test_merged_requests_get_exactly_their_own_images(engine_dirs, references):
         {"n": 2, "seed": 9, "labels": [1, 1]},
     ]
     total = sum(r["n"] for r in requests)
-    with serve(engine_dirs, "cond", "uncond", max_batch=total, max_wait_ms=60_000) as srv:
+    gate = EngineGate()
+    with serve(engine_dirs, "cond", "uncond", max_batch=total, max_wait_ms=60_000, runtime_loader=gate.loader) as srv:
         wait_ready(srv.url)
+        blocker, blocked = gate.hold(srv.url, "cond")  # the engines are busy: the next requests queue and merge
         answers = [None] * len(requests)
 
         def send(i):
@@ -157,11 +196,15 @@ def test_merged_requests_get_exactly_their_own_images(engine_dirs, references):
         threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
         for t in threads:
             t.start()
-        for t in threads:
+        wait_until(lambda: metric(srv.url, "adrt_queue_images", plan="cond") == total, "the requests to be queued")
+        gate.released.set()
+        for t in [blocker, *threads]:
             t.join()
-        assert metric(srv.url, "adrt_batch_requests_count", plan="cond") == 1
-        assert metric(srv.url, "adrt_batch_requests_sum", plan="cond") == len(requests)
-        assert metric(srv.url, "adrt_batch_images_sum", plan="cond") == total
+        assert blocked["r"].status_code == 200
+        # the held batch of 1, then the 4 queued requests as one batch
+        assert metric(srv.url, "adrt_batch_requests_count", plan="cond") == 2
+        assert metric(srv.url, "adrt_batch_requests_sum", plan="cond") == 1 + len(requests)
+        assert metric(srv.url, "adrt_batch_images_sum", plan="cond") == 1 + total
         rt = references["cond"]
         for req, r in zip(requests, answers):
             images = npy(r)
@@ -195,12 +238,14 @@ def test_merged_requests_get_exactly_their_own_images(engine_dirs, references):
 
 # ---------------------------------------------------------------- backpressure
 def test_full_queue_gets_429_and_a_passed_deadline_drops_the_work(engine_dirs):
-    """A waits in the queue (4 of 5 images, the batch is cut at 5 or after 60 s); B does not fit: 429 with
-    Retry-After, while A is still waiting. A's 1 s deadline passes before its batch starts: 504, and no
-    batch ran (dropped). C fills a batch alone and is served."""
+    """While a batch is held on the engines, A waits in the queue (4 of 5 images, the batch is cut at 5 or
+    after 60 s); B does not fit: 429 with Retry-After, while A is still waiting. A's 1 s deadline passes
+    before its batch starts: 504, and A never ran (dropped; only the held batch did). C is served."""
+    gate = EngineGate()
     with serve(engine_dirs, "cond", max_batch=5, max_wait_ms=60_000, queue_images=5, deadline_s=1.0,
-               limits=Limits(max_n=5, max_body_bytes=1024)) as srv:
+               limits=Limits(max_n=5, max_body_bytes=1024), runtime_loader=gate.loader) as srv:
         wait_ready(srv.url)
+        blocker, _ = gate.hold(srv.url, "cond")
         answer = {}
         a = threading.Thread(target=lambda: answer.setdefault("a", post(srv.url, {"n": 4, "seed": 1})))
         a.start()
@@ -212,12 +257,45 @@ def test_full_queue_gets_429_and_a_passed_deadline_drops_the_work(engine_dirs):
         assert "queue" in b.json()["error"]["message"]
         assert answer["a"].status_code == 504 and "deadline" in answer["a"].json()["error"]["message"]
         assert metric(srv.url, "adrt_dropped_requests_total", plan="cond", reason="deadline") == 1
-        assert metric(srv.url, "adrt_batch_images_count", plan="cond") == 0  # A's work never ran
         assert metric(srv.url, "adrt_queue_images", plan="cond") == 0
+        gate.released.set()
+        blocker.join()
+        assert metric(srv.url, "adrt_batch_images_count", plan="cond") == 1  # the held batch only: A's work never ran
         c = post(srv.url, {"n": 5, "seed": 3, "format": "npy"})
         assert c.status_code == 200
         assert metric(srv.url, "adrt_requests_total", route="/v1/samples", status="429") == 1
-        assert metric(srv.url, "adrt_requests_total", route="/v1/samples", status="504") == 1
+        # A (dropped) and the held request (its deadline passed while its batch was on the engines)
+        assert metric(srv.url, "adrt_requests_total", route="/v1/samples", status="504") == 2
+
+
+def test_a_lone_request_starts_at_once_and_max_wait_applies_only_behind_a_running_batch(engine_dirs, references):
+    """max wait 60 s against a 5 s deadline: a lone request to idle engines must not wait for merges (it
+    would be dropped with 504 at its deadline); one that arrives while a batch runs does wait for others.
+    What would catch this: a batcher that makes every oldest request wait max_wait (the lone request 504s),
+    or one that never merges behind a running batch (B and C would run as two batches)."""
+    gate = EngineGate()
+    with serve(engine_dirs, "cond", max_batch=4, max_wait_ms=60_000, deadline_s=5.0, runtime_loader=gate.loader) as srv:
+        wait_ready(srv.url)
+        for seed in (11, 12):  # each alone, one after the other: nothing to merge with, run at once
+            r = post(srv.url, {"n": 2, "seed": seed, "format": "npy"})
+            assert torch.equal(npy(r), references["cond"].sample(2, seed=seed))
+        assert metric(srv.url, "adrt_batch_requests_count", plan="cond") == 2
+        blocker, _ = gate.hold(srv.url, "cond")
+        answers = {}
+        b = threading.Thread(target=lambda: answers.setdefault("b", post(srv.url, {"n": 1, "seed": 1,
+                                                                                   "format": "npy"})))
+        b.start()
+        wait_until(lambda: metric(srv.url, "adrt_queue_images", plan="cond") == 1, "B to be queued")
+        gate.released.set()
+        blocker.join()
+        # B waits behind the batch that ran (its merge window is open), so C, sent now, joins its batch
+        assert metric(srv.url, "adrt_queue_images", plan="cond") == 1
+        c = post(srv.url, {"n": 3, "seed": 2, "format": "npy"})  # 1 + 3 = max_batch: the batch is cut
+        b.join()
+        assert torch.equal(npy(answers["b"]), references["cond"].sample(1, seed=1))
+        assert torch.equal(npy(c), references["cond"].sample(3, seed=2))
+        assert metric(srv.url, "adrt_batch_requests_count", plan="cond") == 4  # 2 alone, the held one, B + C
+        assert metric(srv.url, "adrt_batch_requests_sum", plan="cond") == 5
 
 
 # ---------------------------------------------------------------- bad input
@@ -324,15 +402,18 @@ def _free_port() -> int:
 def test_sigterm_during_a_request_lets_it_finish(engine_dirs, references):
     """``autodiffusion-rt serve`` in its own process; SIGTERM while a request waits in the batcher.
 
-    The request must still get its 200 and its exact images, and the process must exit 0.
-    What would catch this: a server that drops queued work or closes the engines on SIGTERM.
+    A large request (256 images in chunks of 8) keeps the engines busy, so the next one queues
+    behind it and waits for merges (max wait 1.5 s). Both must still get their 200 and exact
+    images, and the process must exit 0. What would catch this: a server that drops queued
+    work or closes the engines on SIGTERM.
     """
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "autodiffusion_rt.cli", "serve", "--engines", f"cond={engine_dirs['cond']}", "--port", str(port),
-         "--max-wait-ms", "1500", "--max-batch", "8", "--threads", "1", "--log-level", "warning"],
+         "--max-wait-ms", "1500", "--max-batch", "8", "--max-n", "256", "--queue-images", "512", "--threads", "1",
+         "--log-level", "warning"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -346,12 +427,20 @@ def test_sigterm_during_a_request_lets_it_finish(engine_dirs, references):
 
         wait_until(ready, "the server process to be ready", timeout=300)
         answer = {}
+        big_request = {"n": 256, "seed": 7, "format": "npy"}
+        big = threading.Thread(target=lambda: answer.setdefault("big", post(url, big_request)))
+        big.start()
+        wait_until(lambda: metric(url, "adrt_running_images", plan="cond") == 256, "the large request to run")
         t = threading.Thread(target=lambda: answer.setdefault("r", post(url, {"n": 3, "seed": 42, "format": "npy"})))
         t.start()
-        wait_until(lambda: metric(url, "adrt_queue_images", plan="cond") == 3, "the request to be queued")
+        # queued behind the large batch (on a very fast machine the large batch may end first: B then runs at once)
+        wait_until(lambda: metric(url, "adrt_queue_images", plan="cond") == 3 or not t.is_alive(),
+                   "the request to be queued")
         proc.send_signal(signal.SIGTERM)
         t.join(120)
+        big.join(120)
         assert torch.equal(npy(answer["r"]), references["cond"].sample(3, seed=42))
+        assert torch.equal(npy(answer["big"]), references["cond"].sample(256, seed=7))
         assert proc.wait(120) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/healthz")
@@ -402,6 +491,7 @@ def test_load_test_against_a_real_server_reports_every_request(engine_dirs, tmp_
         out, png = tmp_path / "serve.json", tmp_path / "serve.png"
         assert benchmark.main(["--serve", srv.url, "--concurrency", "1,3", "--requests", "6", "--overload-seconds", "0.5",
                                "--overload-requests", "40", "--recovery-limit", "20", "--json", str(out), "--plot", str(png),
+                               "--engines", str(engine_dirs["uncond"]), "--engine-seconds", "0.1",
                                "--quiet"]) == 0
         report = json.loads(out.read_text())
         served = metric(srv.url, "adrt_images_total", plan="uncond")
@@ -414,6 +504,11 @@ def test_load_test_against_a_real_server_reports_every_request(engine_dirs, tmp_
     assert sum(o["status"].values()) == o["sent"] <= 40 and o["server_errors_5xx"] == 0
     assert report["recovery"]["recovered"] and report["recovery"]["probes"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the engines alone at batch = each concurrency level, and the service as a ratio of them
+    own = report["engines"]
+    assert [r["batch"] for r in own["batches"]] == [1, 3] and all(r["images_per_s"] > 0 for r in own["batches"])
+    assert c3["over_engines"] == pytest.approx(c3["images_per_s"] / own["batches"][1]["images_per_s"], rel=1e-2)
+    assert report["targets"]["c1_p50_over_sample_p50"] > 0
     # every 200 of the run (plus warm-ups and probes) was generated by the server: nothing invented client-side
     answered = sum(r["status"].get("200", 0) for r in report["closed_loop"]) + o["status"].get("200", 0)
     assert served >= answered

@@ -70,7 +70,9 @@ class SampleNoise:
     def _init(self, keys: Sequence[tuple[int, int]], device) -> None:
         self.keys = tuple(keys)
         self.device = torch.device("cpu") if device is None else torch.device(device)
-        self.generators = [torch.Generator(device=self.device).manual_seed(sample_generator_seed(s, i)) for s, i in self.keys]
+        self.generators = [
+            torch.Generator(device=self.device).manual_seed(sample_generator_seed(s, i)) for s, i in self.keys
+        ]
 
     @classmethod
     def for_requests(cls, requests: Sequence[tuple[int, int]], *, device=None) -> "SampleNoise":
@@ -89,7 +91,9 @@ class SampleNoise:
         view.keys, view.device, view.generators = self.keys[rows], self.device, self.generators[rows]
         return view
 
-    def randn(self, shape: Sequence[int], *, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    def randn(
+        self, shape: Sequence[int], *, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One standard-normal draw of ``shape`` per sample, stacked: ``(n, *shape)``."""
         shape = tuple(int(s) for s in shape)
         if out is None:

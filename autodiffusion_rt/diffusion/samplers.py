@@ -12,8 +12,9 @@ scalar constants::
 previous step (the state DPM-Solver++(2M) carries; its coefficient is 0
 otherwise), ``eps_{i-k}`` the eps of earlier steps (the state iPNDM carries;
 with x0 clipping, the eps consistent with the clipped x0) and ``noise`` a
-standard normal draw (coefficient 0 on deterministic steps). The last step goes to clean data (alpha_bar = 1 "at t = -1"), so its
-x_prev is the final sample.
+standard normal draw (coefficient 0 on deterministic steps). The last step
+goes to clean data (alpha_bar = 1 "at t = -1"), so its x_prev is the final
+sample.
 
 This is the contract the ONNX export and Triton kernels depend on: the
 coefficients of a whole schedule are computed once, in float64, by
@@ -139,7 +140,10 @@ class SamplerCoefficients:
         n = len(self.timesteps)
         hist = np.zeros((n, EPS_HISTORY)) if self.c_prev_eps is None else np.array(self.c_prev_eps, dtype=np.float64)
         if hist.shape != (n, EPS_HISTORY) or not np.all(np.isfinite(hist)):
-            raise SamplingError(f"{self.sampler} coefficients: c_prev_eps has shape {hist.shape}; expected ({n}, {EPS_HISTORY}) finite numbers")
+            raise SamplingError(
+                f"{self.sampler} coefficients: c_prev_eps has shape {hist.shape}; "
+                f"expected ({n}, {EPS_HISTORY}) finite numbers"
+            )
         hist.setflags(write=False)
         object.__setattr__(self, "c_prev_eps", hist)
         for name in _COEFF_NAMES:
@@ -179,8 +183,14 @@ class SamplerCoefficients:
         hist = [float(v) for v in self.c_prev_eps[i]]
         if self.min_log is None:
             return StepCoefficients(*base, self.clip_denoised, *hist)
-        return StepCoefficients(*base, self.clip_denoised, *hist, learned_variance=True,
-                                min_log=float(self.min_log[i]), max_log=float(self.max_log[i]))
+        return StepCoefficients(
+            *base,
+            self.clip_denoised,
+            *hist,
+            learned_variance=True,
+            min_log=float(self.min_log[i]),
+            max_log=float(self.max_log[i]),
+        )
 
     @property
     def stochastic_steps(self) -> np.ndarray:
@@ -203,11 +213,13 @@ def _alphas_cumprod(schedule) -> np.ndarray:
         return schedule.alphas_cumprod  # validated on construction
     acp = np.asarray(schedule, dtype=np.float64)
     if acp.ndim != 1 or acp.size == 0:
-        raise SamplingError(
-            f"alphas_cumprod has shape {acp.shape}; pass a NoiseSchedule or a non-empty 1-D array"
-        )
-    check_alphas_cumprod(acp, "", "pass the cumulative product of (1 - betas) of the training schedule "
-                                  "(samplers need 0 < alpha_bar < 1, strictly decreasing)")
+        raise SamplingError(f"alphas_cumprod has shape {acp.shape}; pass a NoiseSchedule or a non-empty 1-D array")
+    check_alphas_cumprod(
+        acp,
+        "",
+        "pass the cumulative product of (1 - betas) of the training schedule "
+        "(samplers need 0 < alpha_bar < 1, strictly decreasing)",
+    )
     return acp
 
 
@@ -352,8 +364,7 @@ def compute_coefficients(
     eta = float(eta)
     if sampler == "ddim" and not 0.0 <= eta <= 1.0:
         raise SamplingError(
-            f"eta={eta} is outside [0, 1]; DDIM's eta must lie in [0, 1] "
-            "(0 = deterministic, 1 = DDPM-like noise)"
+            f"eta={eta} is outside [0, 1]; DDIM's eta must lie in [0, 1] (0 = deterministic, 1 = DDPM-like noise)"
         )
     if sampler != "ddim" and eta != 0.0:
         raise SamplingError(f"eta={eta} only applies to the ddim sampler; leave eta=0 for {sampler}")
@@ -427,10 +438,16 @@ def step_update(
     and does for CUDA tensors when ``kernels`` offers one (CPU: always torch).
     """
     # Tracers (fx proxies, torch.compile/export) must see plain torch ops, not this lookup.
-    if isinstance(x, torch.Tensor) and x.is_cuda and not return_eps and coeffs_row.eps_history == 0 \
-            and not coeffs_row.learned_variance \
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() \
-            and (fast := kernel_hook("fast_step_update")):
+    if (
+        isinstance(x, torch.Tensor)
+        and x.is_cuda
+        and not return_eps
+        and coeffs_row.eps_history == 0
+        and not coeffs_row.learned_variance
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and (fast := kernel_hook("fast_step_update"))
+    ):
         impl = fast(coeffs_row, x, eps, prev_x0, noise)  # None: the kernel does not cover this call
         if impl is not None:
             return impl(coeffs_row, x, eps, prev_x0, noise)
@@ -456,7 +473,9 @@ def step_update(
             )
         if coeffs_row.learned_variance:
             if var_v is None:
-                raise SamplingError("this step uses the model's learned variance and needs var_v (its second C channels)")
+                raise SamplingError(
+                    "this step uses the model's learned variance and needs var_v (its second C channels)"
+                )
             frac = (var_v + 1) * 0.5
             scale = torch.exp(0.5 * (frac * coeffs_row.max_log + (1 - frac) * coeffs_row.min_log))
             x_prev = x_prev + scale * noise
@@ -498,8 +517,9 @@ def step_from_output(
     return x_prev, x0, (eps_used, *history[: EPS_HISTORY - 1])
 
 
-def draw_step_noise(coeffs: SamplerCoefficients, noise: SampleNoise, shape: Sequence[int],
-                    *, dtype: torch.dtype = torch.float32) -> list[torch.Tensor | None]:
+def draw_step_noise(
+    coeffs: SamplerCoefficients, noise: SampleNoise, shape: Sequence[int], *, dtype: torch.dtype = torch.float32
+) -> list[torch.Tensor | None]:
     """The noise :func:`sample_loop` would draw, per step (None where deterministic).
 
     ``shape`` is one sample's (C, H, W). Given ``noise`` in the same state as
@@ -529,9 +549,7 @@ def sample_loop(
     of step i, x0 its denoised estimate, x_prev its output. Runs under no_grad.
     """
     if not isinstance(coeffs, SamplerCoefficients):
-        raise SamplingError(
-            f"coeffs is a {type(coeffs).__name__}; pass the result of compute_coefficients(...)"
-        )
+        raise SamplingError(f"coeffs is a {type(coeffs).__name__}; pass the result of compute_coefficients(...)")
     prev_x0 = None
     history: tuple[torch.Tensor, ...] = ()  # most recent first
     for i in tqdm(range(len(coeffs)), disable=not progress, desc=coeffs.sampler):
@@ -561,7 +579,9 @@ def sample_loop(
     return x
 
 
-def sample_ddim(eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, eta: float = 0.0, clip_denoised: bool = True, **kw) -> torch.Tensor:
+def sample_ddim(
+    eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, eta: float = 0.0, clip_denoised: bool = True, **kw
+) -> torch.Tensor:
     """DDIM (Song et al. 2021) over ``timesteps``; ``kw`` go to :func:`sample_loop`."""
     return sample_loop(eps_fn, x, compute_coefficients("ddim", schedule, timesteps, eta, clip_denoised), **kw)
 
@@ -576,6 +596,8 @@ def sample_ipndm(eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, clip_denoi
     return sample_loop(eps_fn, x, compute_coefficients("ipndm", schedule, timesteps, 0.0, clip_denoised), **kw)
 
 
-def sample_dpmpp_2m(eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, clip_denoised: bool = True, **kw) -> torch.Tensor:
+def sample_dpmpp_2m(
+    eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, clip_denoised: bool = True, **kw
+) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), deterministic, over ``timesteps``."""
     return sample_loop(eps_fn, x, compute_coefficients("dpmpp_2m", schedule, timesteps, 0.0, clip_denoised), **kw)

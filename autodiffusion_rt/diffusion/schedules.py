@@ -114,9 +114,7 @@ class NoiseSchedule:
     def __post_init__(self):
         betas = np.array(self.betas, dtype=np.float64)  # copy: we freeze it below
         if betas.ndim != 1 or betas.size == 0:
-            raise SamplingError(
-                f"schedule {self.name!r}: betas has shape {betas.shape}; pass a non-empty 1-D array"
-            )
+            raise SamplingError(f"schedule {self.name!r}: betas has shape {betas.shape}; pass a non-empty 1-D array")
         check_open_unit_interval(betas, f"schedule {self.name!r}: betas", "every beta must be strictly between 0 and 1")
         if self.alphas_cumprod is None:
             acp = np.cumprod(1.0 - betas)
@@ -127,7 +125,9 @@ class NoiseSchedule:
                 f"schedule {self.name!r}: alphas_cumprod has shape {acp.shape} but betas has "
                 f"{betas.shape}; pass arrays of the same length (or use NoiseSchedule.from_betas)"
             )
-        check_alphas_cumprod(acp, f"schedule {self.name!r}: ", "use NoiseSchedule.from_betas to derive it from the betas")
+        check_alphas_cumprod(
+            acp, f"schedule {self.name!r}: ", "use NoiseSchedule.from_betas to derive it from the betas"
+        )
         betas.setflags(write=False)
         acp.setflags(write=False)
         object.__setattr__(self, "betas", betas)
@@ -158,9 +158,7 @@ class NoiseSchedule:
         elif name == "cosine":
             betas = _cosine_betas(num_timesteps)
         else:
-            raise SamplingError(
-                f"unknown noise schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}"
-            )
+            raise SamplingError(f"unknown noise schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
         return cls.from_betas(name, betas)
 
     def __repr__(self) -> str:
@@ -170,9 +168,7 @@ class NoiseSchedule:
 def _as_int(value, position: int) -> int:
     # bool is an Integral in Python, but True as a timestep is always a bug.
     if isinstance(value, (bool, np.bool_)):
-        raise TimestepsError(
-            f"timesteps[{position}] = {value!r} is a bool; timesteps must be integers"
-        )
+        raise TimestepsError(f"timesteps[{position}] = {value!r} is a bool; timesteps must be integers")
     if isinstance(value, numbers.Integral):
         return int(value)
     # 0-d integer arrays/tensors (iterating a numpy or torch int array yields
@@ -202,15 +198,10 @@ def validate_timesteps(timesteps: Iterable[int], num_timesteps: int) -> list[int
     """
     num_timesteps = _check_num_timesteps(num_timesteps, TimestepsError)
     if isinstance(timesteps, (str, bytes)) or not isinstance(timesteps, Iterable):
-        raise TimestepsError(
-            f"timesteps={timesteps!r} is not a sequence; pass a list of integers such as [999, 499]"
-        )
+        raise TimestepsError(f"timesteps={timesteps!r} is not a sequence; pass a list of integers such as [999, 499]")
     items = list(timesteps)
     if not items:
-        raise TimestepsError(
-            "timesteps is empty; pass at least one timestep, e.g. "
-            f"[{num_timesteps - 1}]"
-        )
+        raise TimestepsError(f"timesteps is empty; pass at least one timestep, e.g. [{num_timesteps - 1}]")
     ts = [_as_int(v, i) for i, v in enumerate(items)]
     for i, t in enumerate(ts):
         if not 0 <= t < num_timesteps:
@@ -222,8 +213,7 @@ def validate_timesteps(timesteps: Iterable[int], num_timesteps: int) -> list[int
     for i, t in enumerate(ts):
         if t in seen:
             raise TimestepsError(
-                f"timestep {t} appears twice (positions {seen[t]} and {i}); "
-                "each timestep may appear once"
+                f"timestep {t} appears twice (positions {seen[t]} and {i}); each timestep may appear once"
             )
         seen[t] = i
     for i in range(1, len(ts)):
@@ -284,10 +274,18 @@ def uniform_timesteps(num_timesteps: int, n: int, spacing: str = "linear", alpha
         return out
     if spacing == "logsnr":
         if alphas_cumprod is None:
-            raise TimestepsError("logsnr spacing needs the model's schedule: pass alphas_cumprod (a NoiseSchedule or its array)")
-        acp = alphas_cumprod.alphas_cumprod if isinstance(alphas_cumprod, NoiseSchedule) else np.asarray(alphas_cumprod, dtype=np.float64)
+            raise TimestepsError(
+                "logsnr spacing needs the model's schedule: pass alphas_cumprod (a NoiseSchedule or its array)"
+            )
+        acp = (
+            alphas_cumprod.alphas_cumprod
+            if isinstance(alphas_cumprod, NoiseSchedule)
+            else np.asarray(alphas_cumprod, dtype=np.float64)
+        )
         if acp.shape != (T,):
-            raise TimestepsError(f"alphas_cumprod has shape {acp.shape}; logsnr spacing needs one value per timestep ({T})")
+            raise TimestepsError(
+                f"alphas_cumprod has shape {acp.shape}; logsnr spacing needs one value per timestep ({T})"
+            )
         lam = 0.5 * (np.log(acp) - np.log1p(-acp))  # increasing as t decreases
         targets = np.linspace(lam[T - 1], lam[0], n + 1)[:n]
         out = []
@@ -297,6 +295,4 @@ def uniform_timesteps(num_timesteps: int, n: int, spacing: str = "linear", alpha
                 t = min(t, out[-1] - 1)
             out.append(max(t, n - 1 - i))
         return out
-    raise TimestepsError(
-        f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}"
-    )
+    raise TimestepsError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")

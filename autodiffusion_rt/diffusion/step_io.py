@@ -16,7 +16,22 @@ from typing import Mapping, Sequence
 
 from autodiffusion_rt.diffusion.samplers import SamplerCoefficients
 
-__all__ = ["BATCH", "EMB", "EPS", "NOISE", "OUT", "PREV_EPS", "PREV_X0", "TensorSpec", "X", "X0", "X_PREV", "Y", "shape_profile", "step_io"]
+__all__ = [
+    "BATCH",
+    "EMB",
+    "EPS",
+    "NOISE",
+    "OUT",
+    "PREV_EPS",
+    "PREV_X0",
+    "TensorSpec",
+    "X",
+    "X0",
+    "X_PREV",
+    "Y",
+    "shape_profile",
+    "step_io",
+]
 
 # The names every backend uses.
 X, Y, NOISE, PREV_X0 = "x", "y", "noise", "prev_x0"

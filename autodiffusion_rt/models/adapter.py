@@ -85,8 +85,9 @@ class SkippableUNet(nn.Module):
     def projected_blocks(self, keep: Optional[frozenset[str]] = None) -> list[nn.Module]:
         raise NotImplementedError
 
-    def forward_projected(self, x: torch.Tensor, projections: Mapping[str, torch.Tensor],
-                          keep: Optional[frozenset[str]] = None) -> torch.Tensor:
+    def forward_projected(
+        self, x: torch.Tensor, projections: Mapping[str, torch.Tensor], keep: Optional[frozenset[str]] = None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def embed(self, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -104,8 +105,9 @@ class SkippableUNet(nn.Module):
         """Each running block's projection of ``emb``, by layer id."""
         return {b.layer_id: b.project(emb) for b in self.projected_blocks(keep)}
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
-                keep: Optional[Iterable[str]] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, keep: Optional[Iterable[str]] = None
+    ) -> torch.Tensor:
         """Predict from noisy ``x`` at timesteps ``t`` (labels ``y``), running the layers in ``keep``."""
         keep = self.check_keep(keep)
         if t.ndim == 0:

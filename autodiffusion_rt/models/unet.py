@@ -39,8 +39,13 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     CUDA input may go to a Triton kernel from ``kernels`` (CPU: always torch).
     """
     # Tracers (fx proxies, torch.compile/export) must see plain torch ops, not this lookup.
-    if isinstance(t, torch.Tensor) and t.is_cuda and not torch.compiler.is_compiling() and not torch.jit.is_tracing() \
-            and (fast := kernel_hook("fast_timestep_embedding")):
+    if (
+        isinstance(t, torch.Tensor)
+        and t.is_cuda
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and (fast := kernel_hook("fast_timestep_embedding"))
+    ):
         impl = fast(t, dim, max_period)  # None: the kernel does not cover this call
         if impl is not None:
             return impl(t, dim, max_period)
@@ -152,7 +157,9 @@ class ResBlock(nn.Module):
         self.channels = channels
         self.out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1)
+        )
         self.updown = up or down
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False, dims), Upsample(channels, False, dims)
@@ -316,8 +323,9 @@ class TimestepEmbedSequential(nn.Sequential):
     every block runs). Convolutions and resampling layers always run.
     """
 
-    def forward(self, h: torch.Tensor, projections: Mapping[str, torch.Tensor],
-                keep: Optional[frozenset[str]] = None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, projections: Mapping[str, torch.Tensor], keep: Optional[frozenset[str]] = None
+    ) -> torch.Tensor:
         for module in self:
             if isinstance(module, (ResBlock, AttentionBlock)):
                 skip = keep is not None and module.layer_id not in keep
@@ -372,14 +380,23 @@ class ADMUNet(SkippableUNet):
 
         def res(ch_in: int, ch_out: int, **kw) -> ResBlock:
             return ResBlock(
-                ch_in, time_embed_dim, dropout, out_channels=ch_out, dims=dims,
-                use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm, **kw,
+                ch_in,
+                time_embed_dim,
+                dropout,
+                out_channels=ch_out,
+                dims=dims,
+                use_checkpoint=use_checkpoint,
+                use_scale_shift_norm=use_scale_shift_norm,
+                **kw,
             )
 
         def attn(ch: int, heads: int) -> AttentionBlock:
             return AttentionBlock(
-                ch, num_heads=heads, num_head_channels=num_head_channels,
-                use_checkpoint=use_checkpoint, use_new_attention_order=use_new_attention_order,
+                ch,
+                num_heads=heads,
+                num_head_channels=num_head_channels,
+                use_checkpoint=use_checkpoint,
+                use_new_attention_order=use_new_attention_order,
             )
 
         ch = input_ch = int(channel_mult[0] * model_channels)
@@ -397,7 +414,9 @@ class ADMUNet(SkippableUNet):
             if level != len(channel_mult) - 1:
                 self.input_blocks.append(
                     TimestepEmbedSequential(
-                        res(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, dims, out_channels=ch)
+                        res(ch, ch, down=True)
+                        if resblock_updown
+                        else Downsample(ch, conv_resample, dims, out_channels=ch)
                     )
                 )
                 input_block_chans.append(ch)
@@ -414,7 +433,9 @@ class ADMUNet(SkippableUNet):
                 if ds in attention_resolutions:
                     layers.append(attn(ch, num_heads_upsample))
                 if level and i == num_res_blocks:
-                    layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, dims, out_channels=ch))
+                    layers.append(
+                        res(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, dims, out_channels=ch)
+                    )
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
@@ -462,8 +483,12 @@ class ADMUNet(SkippableUNet):
 
     def projected_blocks(self, keep: Optional[frozenset[str]] = None) -> list[ResBlock]:
         """The running ResBlocks (the blocks that read the embedding), in module order."""
-        return [m for _, stage in self._stages() for m in stage
-                if isinstance(m, ResBlock) and (keep is None or m.layer_id in keep)]
+        return [
+            m
+            for _, stage in self._stages()
+            for m in stage
+            if isinstance(m, ResBlock) and (keep is None or m.layer_id in keep)
+        ]
 
     def forward_projected(
         self, x: torch.Tensor, projections: Mapping[str, torch.Tensor], keep: Optional[frozenset[str]] = None

@@ -1,4 +1,5 @@
-"""The runtime: engine backends (torch, onnxruntime, OpenVINO, TensorRT), the engine dir's manifest, and the schedule-walking :class:`Runtime`."""
+"""The runtime: engine backends (torch, onnxruntime, OpenVINO, TensorRT), the engine dir's manifest, and the
+schedule-walking :class:`Runtime`."""
 
 from .backends import (
     Engine,

@@ -33,8 +33,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ..diffusion.step_io import EPS, NOISE, PREV_EPS, PREV_X0, X0, X_PREV, X, Y
 from ..errors import EngineError
-from ..diffusion.step_io import EPS, NOISE, PREV_EPS, PREV_X0, X, X0, X_PREV, Y
 from .platform import cuda_check
 
 __all__ = [
@@ -61,8 +61,9 @@ class StepBuffers:
         return NOISE in self.inputs
 
 
-def plan_step_buffers(steps_io: Sequence[tuple[Sequence[str], Sequence[str]]],
-                      noise_per_step: bool = False) -> tuple[list[StepBuffers], Slot, list[Slot]]:
+def plan_step_buffers(
+    steps_io: Sequence[tuple[Sequence[str], Sequence[str]]], noise_per_step: bool = False
+) -> tuple[list[StepBuffers], Slot, list[Slot]]:
     """``[(input names, output names)]`` per step -> (per-step slot maps, the result slot, every slot used).
 
     A step writes x_prev into the x slot it does not read, x0 into the x0
@@ -130,13 +131,23 @@ class CudaRuntimeMemory:
 
     def upload(self, ptr: int, host: np.ndarray) -> None:
         cu = self.cudart
-        cuda_check(cu, cu.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, cu.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream),
-                   "cudaMemcpyAsync (host to device)")
+        cuda_check(
+            cu,
+            cu.cudaMemcpyAsync(
+                ptr, host.ctypes.data, host.nbytes, cu.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream
+            ),
+            "cudaMemcpyAsync (host to device)",
+        )
 
     def download(self, host: np.ndarray, ptr: int) -> None:
         cu = self.cudart
-        cuda_check(cu, cu.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, cu.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream),
-                   "cudaMemcpyAsync (device to host)")
+        cuda_check(
+            cu,
+            cu.cudaMemcpyAsync(
+                host.ctypes.data, ptr, host.nbytes, cu.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream
+            ),
+            "cudaMemcpyAsync (device to host)",
+        )
 
     def synchronize(self) -> None:
         cuda_check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
@@ -144,8 +155,11 @@ class CudaRuntimeMemory:
     def capture(self, enqueue: Callable[[], object]):
         """The work ``enqueue()`` puts on the stream, captured (not run) as an executable CUDA graph."""
         cu = self.cudart
-        cuda_check(cu, cu.cudaStreamBeginCapture(self.stream, cu.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal),
-                   "cudaStreamBeginCapture")
+        cuda_check(
+            cu,
+            cu.cudaStreamBeginCapture(self.stream, cu.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal),
+            "cudaStreamBeginCapture",
+        )
         try:
             enqueue()
         except BaseException:
@@ -181,7 +195,9 @@ class OrtValueMemory:
         self.ort, self.device, self.device_id = ort, device, int(device_id)
 
     def alloc(self, shape, dtype):
-        return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype).type, self.device, self.device_id)
+        return self.ort.OrtValue.ortvalue_from_shape_and_type(
+            list(shape), np.dtype(dtype).type, self.device, self.device_id
+        )
 
     def free(self, value) -> None:
         pass  # the OrtValue frees its memory when the last reference goes
@@ -213,8 +229,9 @@ class DeviceResidentWalk:
     a copy from pageable host memory.
     """
 
-    def __init__(self, engines: Sequence, image_shape: Sequence[int], memory, max_batches: int = 4,
-                 schedule_graph: bool = False):
+    def __init__(
+        self, engines: Sequence, image_shape: Sequence[int], memory, max_batches: int = 4, schedule_graph: bool = False
+    ):
         self.engines = list(engines)
         self.image_shape = tuple(int(s) for s in image_shape)
         self.memory = memory
@@ -222,8 +239,9 @@ class DeviceResidentWalk:
         if schedule_graph and not hasattr(memory, "capture"):
             raise EngineError(f"a whole-schedule CUDA graph needs CUDA device memory, not {type(memory).__name__}")
         self.schedule_graph = bool(schedule_graph)
-        self.steps, self.result_slot, self.slots = plan_step_buffers([(e.input_names, e.output_names) for e in self.engines],
-                                                                      noise_per_step=self.schedule_graph)
+        self.steps, self.result_slot, self.slots = plan_step_buffers(
+            [(e.input_names, e.output_names) for e in self.engines], noise_per_step=self.schedule_graph
+        )
         self._workspaces: "OrderedDict[int, dict]" = OrderedDict()
 
     def _workspace(self, batch: int) -> dict:

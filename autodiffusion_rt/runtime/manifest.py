@@ -49,7 +49,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-
 from ..diffusion import SamplerCoefficients, StepCoefficients
 from ..diffusion.step_io import TensorSpec, step_io
 from ..errors import EngineError, PlanError
@@ -57,8 +56,16 @@ from ..plan import Plan
 from ..utils import atomic_write, sha256_file
 from .platform import library_versions
 
-__all__ = ["ENGINE_BACKENDS", "ENGINE_PRECISIONS", "MANIFEST_FORMAT", "MANIFEST_NAME", "MANIFEST_VERSION", "Manifest",
-           "library_versions", "model_entry"]
+__all__ = [
+    "ENGINE_BACKENDS",
+    "ENGINE_PRECISIONS",
+    "MANIFEST_FORMAT",
+    "MANIFEST_NAME",
+    "MANIFEST_VERSION",
+    "Manifest",
+    "library_versions",
+    "model_entry",
+]
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "autodiffusion-rt-engines"
@@ -103,14 +110,31 @@ class Manifest(Mapping):
         return len(self.data)
 
     def __repr__(self) -> str:
-        return f"Manifest({str(self.engine_dir)!r}, {self.data.get('backend')}, {len(self.data.get('steps') or [])} steps)"
+        return (
+            f"Manifest({str(self.engine_dir)!r}, {self.data.get('backend')}, {len(self.data.get('steps') or [])} steps)"
+        )
 
     # ------------------------------------------------------------ writing
     @classmethod
-    def new(cls, engine_dir, *, plan: Plan, model, backend: str, precision: str, batch: dict, opset: int,
-            simplify: bool, label_mode: Optional[str], versions: dict, steps: list, int8: Optional[dict] = None,
-            weights: Optional[str] = None, bf16: Optional[dict] = None,
-            embeddings: Optional[dict] = None) -> "Manifest":
+    def new(
+        cls,
+        engine_dir,
+        *,
+        plan: Plan,
+        model,
+        backend: str,
+        precision: str,
+        batch: dict,
+        opset: int,
+        simplify: bool,
+        label_mode: Optional[str],
+        versions: dict,
+        steps: list,
+        int8: Optional[dict] = None,
+        weights: Optional[str] = None,
+        bf16: Optional[dict] = None,
+        embeddings: Optional[dict] = None,
+    ) -> "Manifest":
         """A complete manifest for ``steps`` (built by :func:`export.build.build_engines`), as JSON data.
 
         ``weights``: TensorRT's "embedded" or "stripped" (refitted from the steps' ONNX files at load).
@@ -143,7 +167,9 @@ class Manifest(Mapping):
         """Whether ``other`` records the same build (everything but the creation time)."""
         if other is None:
             return False
-        return {k: v for k, v in self.data.items() if k != "created"} == {k: v for k, v in other.data.items() if k != "created"}
+        return {k: v for k, v in self.data.items() if k != "created"} == {
+            k: v for k, v in other.data.items() if k != "created"
+        }
 
     def write(self) -> None:
         """Write ``DIR/manifest.json`` atomically (a reader sees the old manifest or the new one, never half of one)."""
@@ -154,7 +180,8 @@ class Manifest(Mapping):
     # ------------------------------------------------------------ reading
     @classmethod
     def previous(cls, engine_dir) -> Optional["Manifest"]:
-        """The manifest a previous build left, for reusing its files; None (with a warning when unreadable) if there is none."""
+        """The manifest a previous build left, for reusing its files; None (with a warning when unreadable)
+        if there is none."""
         path = Path(engine_dir) / MANIFEST_NAME
         if not path.exists():
             return None
@@ -176,7 +203,10 @@ class Manifest(Mapping):
         path = engine_dir / MANIFEST_NAME
         rebuild = f"rebuild with 'autodiffusion-rt build PLAN --out {engine_dir}'"
         if not engine_dir.is_dir():
-            raise EngineError(f"engine dir {engine_dir} does not exist: build it with 'autodiffusion-rt build PLAN --out {engine_dir}'")
+            raise EngineError(
+                f"engine dir {engine_dir} does not exist: "
+                f"build it with 'autodiffusion-rt build PLAN --out {engine_dir}'"
+            )
         if not path.is_file():
             raise EngineError(
                 f"{path} is missing: {engine_dir} is not an engine dir, or its build did not finish; "
@@ -191,9 +221,16 @@ class Manifest(Mapping):
             raise EngineError(f"{path}: field {field!r} {why}; {rebuild}")
 
         if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
-            bad("format", f"must be {MANIFEST_FORMAT!r}, got {m.get('format') if isinstance(m, dict) else type(m).__name__!r}")
+            bad(
+                "format",
+                f"must be {MANIFEST_FORMAT!r}, got {m.get('format') if isinstance(m, dict) else type(m).__name__!r}",
+            )
         if m.get("version") != MANIFEST_VERSION:
-            bad("version", f"must be {MANIFEST_VERSION} (this autodiffusion-rt reads version {MANIFEST_VERSION}), got {m.get('version')!r}")
+            bad(
+                "version",
+                f"must be {MANIFEST_VERSION} (this autodiffusion-rt reads version {MANIFEST_VERSION}), "
+                f"got {m.get('version')!r}",
+            )
         if m.get("complete") is not True:
             bad("complete", "is not true: the build did not finish")
         if m.get("backend") not in ENGINE_BACKENDS:
@@ -205,8 +242,11 @@ class Manifest(Mapping):
             if not (isinstance(emb, dict) and isinstance(emb.get("file"), str) and isinstance(emb.get("sha256"), str)):
                 bad("embeddings", "must name the embeddings file and its sha256 (an openvino dir)")
         batch = m.get("batch")
-        if not (isinstance(batch, dict) and all(isinstance(batch.get(k), int) and batch.get(k) >= 1 for k in ("min", "opt", "max"))
-                and batch["min"] <= batch["opt"] <= batch["max"]):
+        if not (
+            isinstance(batch, dict)
+            and all(isinstance(batch.get(k), int) and batch.get(k) >= 1 for k in ("min", "opt", "max"))
+            and batch["min"] <= batch["opt"] <= batch["max"]
+        ):
             bad("batch", f"must be {{'min', 'opt', 'max'}} with 1 <= min <= opt <= max, got {batch!r}")
         for key in ("plan", "model", "versions"):
             if not isinstance(m.get(key), dict):
@@ -222,8 +262,12 @@ class Manifest(Mapping):
             for key in ("inputs", "outputs", "skip"):
                 if not isinstance(step.get(key), list):
                     bad(f"steps[{i}].{key}", "must be a list")
-            for key in ("onnx", "engine"):
-                f = step[key]
+            static = step["engine"].get("static", {})  # openvino: blobs compiled for static batch sizes
+            if not isinstance(static, dict):
+                bad(f"steps[{i}].engine.static", "must map batch sizes to files")
+            files = [(key, step[key]) for key in ("onnx", "engine")]
+            files += [(f"engine.static.{b}", f if isinstance(f, dict) else {}) for b, f in static.items()]
+            for key, f in files:
                 if not (isinstance(f.get("file"), str) and isinstance(f.get("sha256"), str)):
                     bad(f"steps[{i}].{key}", "must name a file and its sha256")
                 if Path(f["file"]).is_absolute() or ".." in Path(f["file"]).parts:
@@ -240,26 +284,41 @@ class Manifest(Mapping):
             raise EngineError(f"{e}; rebuild the engine dir") from None
         rebuild = f"rebuild with 'autodiffusion-rt build PLAN --out {self.engine_dir}'"
         if m.get("plan_sha256") != plan.sha256():
-            raise EngineError(f"{path}: the manifest does not match its plan (plan_sha256 differs: edited by hand?); {rebuild}")
+            raise EngineError(
+                f"{path}: the manifest does not match its plan (plan_sha256 differs: edited by hand?); {rebuild}"
+            )
         if expected is not None and expected.sha256() != plan.sha256():
             raise EngineError(
-                f"{path} was built from a different plan (timesteps {list(plan.timesteps)}, sampler {plan.sampler}) than the "
+                f"{path} was built from a different plan (timesteps {list(plan.timesteps)}, "
+                f"sampler {plan.sampler}) than the "
                 f"one given (timesteps {list(expected.timesteps)}, sampler {expected.sampler}); {rebuild}"
             )
         model = m["model"]
         if model.get("fingerprint") != plan.model_fingerprint:
-            raise EngineError(f"{path}: model fingerprint {str(model.get('fingerprint'))[:12]}... does not match the plan's; {rebuild}")
+            raise EngineError(
+                f"{path}: model fingerprint {str(model.get('fingerprint'))[:12]}... "
+                f"does not match the plan's; {rebuild}"
+            )
         if len(m["steps"]) != plan.nfe:
-            raise EngineError(f"{path}: the manifest has {len(m['steps'])} steps but its plan has {plan.nfe} timesteps; {rebuild}")
+            raise EngineError(
+                f"{path}: the manifest has {len(m['steps'])} steps but its plan has {plan.nfe} timesteps; {rebuild}"
+            )
         coeffs = _plan_coefficients(plan)
         image_shape = tuple(model.get("image_shape") or ())
         if len(image_shape) != 3:
-            raise EngineError(f"{path}: model.image_shape must be [C, H, W], got {model.get('image_shape')!r}; {rebuild}")
+            raise EngineError(
+                f"{path}: model.image_shape must be [C, H, W], got {model.get('image_shape')!r}; {rebuild}"
+            )
         conditional = model.get("num_classes") is not None
         for i, step in enumerate(m["steps"]):
-            if step.get("index") != i or step.get("timestep") != plan.timesteps[i] or sorted(step["skip"]) != sorted(plan.skip[i]):
+            if (
+                step.get("index") != i
+                or step.get("timestep") != plan.timesteps[i]
+                or sorted(step["skip"]) != sorted(plan.skip[i])
+            ):
                 raise EngineError(
-                    f"{path}: step {i} (timestep {step.get('timestep')}, skip {step.get('skip')}) does not match the plan's "
+                    f"{path}: step {i} (timestep {step.get('timestep')}, skip {step.get('skip')}) "
+                    "does not match the plan's "
                     f"(timestep {plan.timesteps[i]}, skip {list(plan.skip[i])}); {rebuild}"
                 )
             _check_coefficients(step["coefficients"], coeffs.row(i), f"{path}: step {i}", rebuild)
@@ -270,7 +329,9 @@ class Manifest(Mapping):
             except (KeyError, TypeError):
                 raise EngineError(f"{path}: step {i} inputs/outputs are malformed; {rebuild}") from None
             if got_in != ins or got_out != outs:
-                raise EngineError(f"{path}: step {i} inputs/outputs {got_in} -> {got_out} do not match the plan's sampler; {rebuild}")
+                raise EngineError(
+                    f"{path}: step {i} inputs/outputs {got_in} -> {got_out} do not match the plan's sampler; {rebuild}"
+                )
         return plan, coeffs
 
     def step_file(self, i: int, key: str) -> Path:
@@ -279,17 +340,22 @@ class Manifest(Mapping):
         what = f"step {i} {'engine' if key == 'engine' else 'ONNX'}"
         path = self.engine_dir / entry["file"]
         if not path.is_file():
-            raise EngineError(f"{what} file {path} is missing; rebuild with 'autodiffusion-rt build PLAN --out {self.engine_dir}'")
+            raise EngineError(
+                f"{what} file {path} is missing; rebuild with 'autodiffusion-rt build PLAN --out {self.engine_dir}'"
+            )
         digest = sha256_file(path)
         if digest != entry["sha256"]:
             raise EngineError(
-                f"{what} file {path} is corrupted or truncated (sha256 {digest[:12]}... != recorded {entry['sha256'][:12]}...); "
-                f"rebuild with 'autodiffusion-rt build PLAN --out {self.engine_dir}' (it rebuilds only the damaged steps)"
+                f"{what} file {path} is corrupted or truncated "
+                f"(sha256 {digest[:12]}... != recorded {entry['sha256'][:12]}...); "
+                f"rebuild with 'autodiffusion-rt build PLAN --out {self.engine_dir}' "
+                "(it rebuilds only the damaged steps)"
             )
         return path
 
     def embeddings(self) -> dict:
-        """An openvino dir's ``time`` [steps, D] and ``label`` [K, D] embeddings, checked against their sha256 and the plan."""
+        """An openvino dir's ``time`` [steps, D] and ``label`` [K, D] embeddings, checked against their sha256
+        and the plan."""
         entry = self.data.get("embeddings") or {}
         rebuild = f"rebuild with 'autodiffusion-rt build PLAN --out {self.engine_dir}'"
         path = self.engine_dir / str(entry.get("file"))
@@ -340,6 +406,14 @@ def _check_coefficients(recorded: dict, row: StepCoefficients, where: str, rebui
         got = recorded.get(name, StepCoefficients._field_defaults.get(name))
         if isinstance(want, bool):
             if got != want:
-                raise EngineError(f"{where} was built with {name}={got!r} but the sampler now uses {name}={want!r}; {rebuild}")
-        elif isinstance(got, bool) or not isinstance(got, (int, float)) or not math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12):
-            raise EngineError(f"{where} coefficient {name}={got!r} does not match the plan's sampler ({want!r}); {rebuild}")
+                raise EngineError(
+                    f"{where} was built with {name}={got!r} but the sampler now uses {name}={want!r}; {rebuild}"
+                )
+        elif (
+            isinstance(got, bool)
+            or not isinstance(got, (int, float))
+            or not math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12)
+        ):
+            raise EngineError(
+                f"{where} coefficient {name}={got!r} does not match the plan's sampler ({want!r}); {rebuild}"
+            )

@@ -48,8 +48,27 @@ def cpu_isa() -> str:
     on, so this goes into every onnxruntime engine's cache record.
     """
     flags = cpu_flags()
-    wanted = ("sse4_1", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
-              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "sve", "i8mm")
+    wanted = (
+        "sse4_1",
+        "avx",
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512_vnni",
+        "avx_vnni",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_tile",
+        "amx_int8",
+        "amx_bf16",
+        "asimd",
+        "asimddp",
+        "sve",
+        "i8mm",
+    )
     return f"{platform.machine()}:" + ",".join(f for f in wanted if f in flags)
 
 
@@ -101,8 +120,12 @@ def cuda_compute_capability(device: int = 0) -> Optional[str]:
     if count < 1:
         return None
     attr = cudart.cudaDeviceAttr
-    major = cuda_check(cudart, cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute")
-    minor = cuda_check(cudart, cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute")
+    major = cuda_check(
+        cudart, cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute"
+    )
+    minor = cuda_check(
+        cudart, cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute"
+    )
     return f"{major}.{minor}"
 
 

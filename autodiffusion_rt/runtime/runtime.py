@@ -29,14 +29,14 @@ import numpy as np
 import torch
 
 from ..diffusion import SampleNoise, SamplerCoefficients
-from ..diffusion.step_io import NOISE, X, X0, X_PREV, Y, step_io
+from ..diffusion.step_io import NOISE, X0, X_PREV, X, Y, step_io
 from ..errors import EngineError
 from ..models.loading import load_model_for_plan
 from ..plan import Plan
 from ..sampling import check_finite, check_labels, check_n, initial_state, sample_rows
 from .backends.base import Engine
-from .device import DeviceResidentWalk, plan_step_buffers, slot_spec
 from .backends.torch_backend import TorchStepEngine
+from .device import DeviceResidentWalk, plan_step_buffers, slot_spec
 from .manifest import Manifest
 
 __all__ = ["BACKENDS", "ModelInfo", "Runtime", "sample_from_engines"]
@@ -57,9 +57,20 @@ class ModelInfo:
 class Runtime:
     """A plan's steps as engines, walked in order; ``sample(n, seed, labels)`` gives images in [-1, 1]."""
 
-    def __init__(self, engines: Sequence[Engine], plan: Plan, coeffs: SamplerCoefficients, info: ModelInfo,
-                 backend: str, max_batch: Optional[int] = None, *, backend_name: Optional[str] = None,
-                 engine_dir: Optional[Path] = None, manifest: Optional[Manifest] = None, resources: Sequence = ()):
+    def __init__(
+        self,
+        engines: Sequence[Engine],
+        plan: Plan,
+        coeffs: SamplerCoefficients,
+        info: ModelInfo,
+        backend: str,
+        max_batch: Optional[int] = None,
+        *,
+        backend_name: Optional[str] = None,
+        engine_dir: Optional[Path] = None,
+        manifest: Optional[Manifest] = None,
+        resources: Sequence = (),
+    ):
         if len(engines) != len(coeffs):
             raise EngineError(f"{len(engines)} engines for {len(coeffs)} steps")
         self.engines = list(engines)
@@ -78,7 +89,9 @@ class Runtime:
 
     # ------------------------------------------------------------ creation
     @classmethod
-    def from_plan(cls, plan: Plan, backend: str = "torch", *, model=None, batch_size: int = 256, device=None) -> "Runtime":
+    def from_plan(
+        cls, plan: Plan, backend: str = "torch", *, model=None, batch_size: int = 256, device=None
+    ) -> "Runtime":
         """Run ``plan`` on the PyTorch model (the reference); the model is loaded from the plan when not given.
 
         ``device``: where the model runs (default cpu); a model loaded here is
@@ -104,25 +117,56 @@ class Runtime:
         engines = []
         for i, t in enumerate(plan.timesteps):
             ins, outs = step_io(coeffs, i, model.image_shape, conditional)
-            engines.append(TorchStepEngine(model, coeffs.row(i), t, keeps[i], ins, outs, name=f"step {i} (t={t}, torch)",
-                                           batch_size=batch_size, device=device))
+            engines.append(
+                TorchStepEngine(
+                    model,
+                    coeffs.row(i),
+                    t,
+                    keeps[i],
+                    ins,
+                    outs,
+                    name=f"step {i} (t={t}, torch)",
+                    batch_size=batch_size,
+                    device=device,
+                )
+            )
         info = ModelInfo(model.name, tuple(model.image_shape), model.num_classes)
         dev = engines[0].device if engines else None
-        return cls(engines, plan, coeffs, info, "torch", None, backend_name="torch" if dev is None or dev.type == "cpu" else f"torch/{dev}")
+        return cls(
+            engines,
+            plan,
+            coeffs,
+            info,
+            "torch",
+            None,
+            backend_name="torch" if dev is None or dev.type == "cpu" else f"torch/{dev}",
+        )
 
     @classmethod
-    def load(cls, engine_dir, backend: str = "auto", *, plan: Optional[Plan] = None, model=None,
-             providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
-             check_versions: bool = True, cuda_graph: "bool | str" = False, share_weights: bool = True,
-             spinning: bool = True, device_resident: Optional[bool] = None) -> "Runtime":
+    def load(
+        cls,
+        engine_dir,
+        backend: str = "auto",
+        *,
+        plan: Optional[Plan] = None,
+        model=None,
+        providers: Optional[Sequence[str]] = None,
+        threads: Optional[int] = None,
+        check_versions: bool = True,
+        cuda_graph: "bool | str" = False,
+        share_weights: bool = True,
+        spinning: bool = True,
+        device_resident: Optional[bool] = None,
+    ) -> "Runtime":
         """Load an engine dir built by ``autodiffusion-rt build``.
 
         ``backend``: ``auto`` (what the dir was built for), the same backend
         named explicitly (``onnxruntime``, ``openvino``, ``tensorrt``; a
         tensorrt dir also runs on ``onnxruntime``'s GPU providers), or
         ``torch`` (the dir's plan on the PyTorch model; needs the model's
-        weights). ``threads``: onnxruntime's or OpenVINO's threads per step. ``plan``: refuse the dir unless it was built from
-        this plan. ``providers``: onnxruntime execution providers (cpu, cuda,
+        weights). ``threads``: onnxruntime's or OpenVINO's threads per step.
+        ``plan``: refuse the dir unless it was built from this plan.
+        ``providers``: onnxruntime execution providers (cpu, cuda,
         tensorrt), best first; default: the best installed. Every engine file
         is checked against its recorded sha256 and, unless
         ``check_versions=False``, the libraries against the recorded versions.
@@ -146,9 +190,15 @@ class Runtime:
             raise EngineError(f"unknown backend {backend!r}: choose auto, {', '.join(BACKENDS)}")
         chosen = m["backend"] if backend == "auto" else backend
         if cuda_graph not in (False, True, "step", "schedule"):
-            raise EngineError(f"cuda_graph={cuda_graph!r}: pass False, True (or 'step': a graph per step) or 'schedule' (one per batch size)")
+            raise EngineError(
+                f"cuda_graph={cuda_graph!r}: pass False, True (or 'step': a graph per step) "
+                "or 'schedule' (one per batch size)"
+            )
         if cuda_graph == "schedule" and device_resident is False:
-            raise EngineError("cuda_graph='schedule' replays a whole request on the device: drop device_resident=False, or use cuda_graph='step'")
+            raise EngineError(
+                "cuda_graph='schedule' replays a whole request on the device: "
+                "drop device_resident=False, or use cuda_graph='step'"
+            )
         if chosen == "torch":
             rt = cls.from_plan(the_plan, "torch", model=model)
             rt.engine_dir, rt.manifest = engine_dir, m
@@ -160,13 +210,35 @@ class Runtime:
                 f"'{m['backend']}'), or rebuild it with 'autodiffusion-rt build PLAN --backend {chosen} --out DIR'"
             )
         info_d = m["model"]
-        info = ModelInfo(str(info_d.get("name", the_plan.model_name)), tuple(int(s) for s in info_d["image_shape"]),
-                         None if info_d.get("num_classes") is None else int(info_d["num_classes"]))
+        info = ModelInfo(
+            str(info_d.get("name", the_plan.model_name)),
+            tuple(int(s) for s in info_d["image_shape"]),
+            None if info_d.get("num_classes") is None else int(info_d["num_classes"]),
+        )
         loaded = _backend_module(chosen).load_engines(
-            m, the_plan, coeffs, providers=providers, threads=threads, check_versions=check_versions,
-            cuda_graph=cuda_graph, share_weights=share_weights, spinning=spinning, device_resident=device_resident)
-        rt = cls(loaded.engines, the_plan, coeffs, info, chosen, int(m["batch"]["max"]), backend_name=loaded.backend_name,
-                 engine_dir=engine_dir, manifest=m, resources=loaded.resources)
+            m,
+            the_plan,
+            coeffs,
+            providers=providers,
+            threads=threads,
+            check_versions=check_versions,
+            cuda_graph=cuda_graph,
+            share_weights=share_weights,
+            spinning=spinning,
+            device_resident=device_resident,
+        )
+        rt = cls(
+            loaded.engines,
+            the_plan,
+            coeffs,
+            info,
+            chosen,
+            int(m["batch"]["max"]),
+            backend_name=loaded.backend_name,
+            engine_dir=engine_dir,
+            manifest=m,
+            resources=loaded.resources,
+        )
         rt._device_walk = loaded.device_walk
         return rt
 
@@ -183,8 +255,17 @@ class Runtime:
     def num_classes(self) -> Optional[int]:
         return self.info.num_classes
 
-    def sample(self, n: int, seed: int = 0, labels=None, *, return_labels: bool = False, progress: bool = False,
-               clip: bool = True, first: int = 0):
+    def sample(
+        self,
+        n: int,
+        seed: int = 0,
+        labels=None,
+        *,
+        return_labels: bool = False,
+        progress: bool = False,
+        clip: bool = True,
+        first: int = 0,
+    ):
         """``n`` images in [-1, 1] (NCHW float32), equal to :func:`autodiffusion_rt.sample`'s for the same seed.
 
         Runs in chunks of at most the engines' maximum batch; every sample's
@@ -198,7 +279,9 @@ class Runtime:
             out.clamp_(-1, 1)
         return (out, y) if return_labels else out
 
-    def sample_requests(self, requests: Sequence[tuple[int, int, Any]]) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    def sample_requests(
+        self, requests: Sequence[tuple[int, int, Any]]
+    ) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """Several requests ``(n, seed, labels)`` run as one batch; per request ``(images, labels)``.
 
         Each request's images equal ``sample(n, seed, labels)`` called alone:
@@ -215,7 +298,7 @@ class Runtime:
         out.clamp_(-1, 1)
         results, s = [], 0
         for n in ns:
-            results.append((out[s:s + n], None if y is None else y[s:s + n]))
+            results.append((out[s : s + n], None if y is None else y[s : s + n]))
             s += n
         return results
 
@@ -236,7 +319,9 @@ class Runtime:
         y = None if self.info.num_classes is None else torch.cat(ys)
         return out, y
 
-    def _initial_rows(self, rows: SampleNoise, labels: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _initial_rows(
+        self, rows: SampleNoise, labels: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x_T and labels for these rows, in the draw order; a label of -1 is drawn (after x_T)."""
         if labels is None or bool((labels >= 0).all()):
             x, y, _ = initial_state(self.info, len(rows), 0, labels, noise=rows)
@@ -262,8 +347,12 @@ class Runtime:
             return ws
         plan, result, slots = plan_step_buffers([(e.input_names, e.output_names) for e in self.engines])
         bufs = {slot: np.empty(*slot_spec(slot, batch, self.info.image_shape)) for slot in slots}
-        ws = {X: [bufs[(X, 0)], bufs[(X, 1)]], X0: [bufs.get((X0, 0)), bufs.get((X0, 1))],
-              Y: bufs.get((Y, 0)), NOISE: bufs.get((NOISE, 0))}
+        ws = {
+            X: [bufs[(X, 0)], bufs[(X, 1)]],
+            X0: [bufs.get((X0, 0)), bufs.get((X0, 1))],
+            Y: bufs.get((Y, 0)),
+            NOISE: bufs.get((NOISE, 0)),
+        }
         steps = []
         for i, (eng, sb) in enumerate(zip(self.engines, plan)):
             feeds = {name: bufs[slot] for name, slot in sb.inputs.items()}
@@ -275,7 +364,9 @@ class Runtime:
             self._workspaces.popitem(last=False)
         return ws
 
-    def _run_chunk(self, x: torch.Tensor, y: Optional[torch.Tensor], rows: SampleNoise, progress: bool = False) -> torch.Tensor:
+    def _run_chunk(
+        self, x: torch.Tensor, y: Optional[torch.Tensor], rows: SampleNoise, progress: bool = False
+    ) -> torch.Tensor:
         if self._device_walk is not None:
             return self._run_chunk_on_device(x, y, rows, progress)
         ws = self._workspace(x.shape[0])
@@ -297,7 +388,9 @@ class Runtime:
         return torch.from_numpy(ws["result"].copy())
 
     # ------------------------------------------------- device-resident walk
-    def _run_chunk_on_device(self, x: torch.Tensor, y: Optional[torch.Tensor], rows: SampleNoise, progress: bool) -> torch.Tensor:
+    def _run_chunk_on_device(
+        self, x: torch.Tensor, y: Optional[torch.Tensor], rows: SampleNoise, progress: bool
+    ) -> torch.Tensor:
         """One chunk kept on the device from x_T to x_0 (:class:`~autodiffusion_rt.runtime.device.DeviceResidentWalk`).
 
         Nothing comes back between steps, so only the result is checked for
@@ -310,7 +403,12 @@ class Runtime:
             bar = lambda runners: tqdm(runners, desc=f"sample ({self.backend_name}, on device)")  # noqa: E731
         out = self._device_walk.run(x.numpy(), None if y is None else y.numpy(), rows, bar)
         last = len(self.engines) - 1
-        check_finite(out, last, int(self.coeffs.timesteps[last]), f"{self.backend_name} (device-resident: checked after the last step)")
+        check_finite(
+            out,
+            last,
+            int(self.coeffs.timesteps[last]),
+            f"{self.backend_name} (device-resident: checked after the last step)",
+        )
         return torch.from_numpy(out)
 
     # ------------------------------------------------------------ lifetime
@@ -335,7 +433,10 @@ class Runtime:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Runtime({self.backend_name}, {self.num_steps} steps, timesteps={list(self.plan.timesteps)}, max_batch={self.max_batch})"
+        return (
+            f"Runtime({self.backend_name}, {self.num_steps} steps, "
+            f"timesteps={list(self.plan.timesteps)}, max_batch={self.max_batch})"
+        )
 
 
 def _backend_module(name: str):

@@ -1,11 +1,15 @@
 """Dynamic batching: one thread per plan, the one consumer of that plan's engines.
 
-Requests queue in FIFO order. The thread takes the oldest request, waits up to
-``max_wait_s`` after its arrival for more (or until ``max_batch`` images are
-queued), then runs the FIFO prefix that fits in ``max_batch`` images as one
-:meth:`Runtime.sample_requests` call: each request gets exactly the images
-``Runtime.sample(n, seed, labels)`` gives alone. A request larger than
-``max_batch`` runs alone (the runtime chunks it to its engines' maximum).
+Requests queue in FIFO order. A request that arrives while the engines are
+idle and nothing is queued starts at once: waiting could only add its wait to
+its latency, since no one else is there to merge with. Otherwise (a batch is
+running, or others are waiting) the oldest request waits up to ``max_wait_s``
+after its arrival for more (or until ``max_batch`` images are queued); most of
+that wait overlaps the running batch. Then the FIFO prefix that fits in
+``max_batch`` images runs as one :meth:`Runtime.sample_requests` call: each
+request gets exactly the images ``Runtime.sample(n, seed, labels)`` gives
+alone. A request larger than ``max_batch`` runs alone (the runtime chunks it
+to its engines' maximum).
 
 The queue is bounded in images: :meth:`Batcher.submit` refuses at once (429,
 with a Retry-After estimated from the recent throughput) when it is full.
@@ -43,6 +47,7 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     state: str = "queued"  # queued -> running -> done, or queued -> dropped
+    merge: bool = True  # wait up to max_wait for others: False when it arrived to idle engines and an empty queue
 
 
 class Batcher:
@@ -59,6 +64,7 @@ class Batcher:
         self._queue: deque[Job] = deque()
         self._queued_images = 0
         self._closing = False
+        self._running = False  # a batch is on the engines
         self._images_per_s = 0.0  # EWMA of batch throughput, for Retry-After
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
 
@@ -85,6 +91,7 @@ class Batcher:
                     "retry after the Retry-After seconds",
                     {"Retry-After": str(max(1, math.ceil(wait)))},
                 )
+            job.merge = self._running or bool(self._queue)
             self._queue.append(job)
             self._queued_images += n
             self._gauge()
@@ -131,8 +138,9 @@ class Batcher:
                     self._cond.wait()
                 if not self._queue:
                     return None
-                flush_at = self._queue[0].enqueued + self.max_wait_s
-                while self._queue and not self._closing and self._queued_images < self.max_batch:
+                head = self._queue[0]
+                flush_at = head.enqueued + self.max_wait_s
+                while head.merge and self._queue and not self._closing and self._queued_images < self.max_batch:
                     remaining = flush_at - time.monotonic()
                     if remaining <= 0:
                         break
@@ -153,7 +161,16 @@ class Batcher:
                     images += job.n
                 self._gauge()
                 if batch:
+                    self._running = True
+                    if self.metrics is not None:
+                        self.metrics.running_images.labels(self.name).set(images)
                     return batch
+
+    def _idle(self) -> None:
+        with self._cond:
+            self._running = False
+        if self.metrics is not None:
+            self.metrics.running_images.labels(self.name).set(0)
 
     def _loop(self) -> None:
         while True:
@@ -165,10 +182,12 @@ class Batcher:
                 results = self.runtime.sample_requests([(j.n, j.seed, j.labels) for j in batch])
             except Exception as e:  # a failed batch fails its requests, never the thread
                 log.exception("plan %s: a batch of %d requests failed", self.name, len(batch))
+                self._idle()
                 for j in batch:
                     j.state = "done"
                     _settle(j.future, exception=e)
                 continue
+            self._idle()
             images = sum(j.n for j in batch)
             rate = images / max(time.perf_counter() - start, 1e-6)
             self._images_per_s = rate if self._images_per_s == 0 else 0.8 * self._images_per_s + 0.2 * rate

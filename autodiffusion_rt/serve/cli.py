@@ -1,4 +1,4 @@
-"""``autodiffusion-rt serve --engines DIR [--engines NAME=DIR ...] [--host 127.0.0.1] [--port 8000]``.
+"""``autodiffusion-rt serve --engines DIR [--engines NAME=DIR ...] [--host 127.0.0.1] [--port 8000] [--ray ...]``.
 
 Registered through ``autodiffusion_rt.cli._PLUGINS``; fastapi and uvicorn are
 imported only when the command runs (the ``serve`` extra).
@@ -38,7 +38,23 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-n", type=int, default=lim.max_n, help="most images in one request (default: %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=lim.max_body_bytes, help="request body limit (default: %(default)s)")
     p.add_argument("--backend", default=d.backend, help="runtime backend: auto (what each dir was built for), onnxruntime, openvino, tensorrt, torch (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=d.threads, help="onnxruntime, OpenVINO and torch threads (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"onnxruntime, OpenVINO and torch threads (per replica with --ray); default: {d.threads}, "
+                   "or with --ray the machine's cores divided by the (most) replicas, at least 1")
+    p.add_argument("--spinning", choices=("on", "off"), default="on" if d.spinning else "off",
+                   help="onnxruntime workers spin between ops while a batch runs (on), or sleep and leave the cores "
+                   "to the server's event loop (off); matters with --threads > 1 (default: %(default)s)")
+    ray = p.add_argument_group("Ray Serve (the same API, served by replicas on a Ray cluster; needs the 'ray' extra)")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve as a Ray Serve application (--host/--port: Ray's HTTP proxy)")
+    ray.add_argument("--ray-address", default=None, metavar="auto|ray://HOST:PORT",
+                     help="join a running cluster (default: start a local Ray for this command)")
+    ray.add_argument("--replicas", type=int, default=1,
+                     help="replicas, each loading the engine dirs (default: %(default)s)")
+    ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (with --max-replicas)")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound (with --min-replicas)")
+    ray.add_argument("--target-ongoing", type=float, default=16.0,
+                     help="autoscaling: requests in flight per replica Ray aims for (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="the server's and uvicorn's log level (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
@@ -56,16 +72,33 @@ def cmd_serve(args) -> int:
     missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
     if missing:
         raise BackendUnavailableError(f"serve needs {', '.join(missing)}: pip install 'autodiffusion-rt[serve]'")
-    import torch
-    import uvicorn
+    ray_settings = None
+    if args.ray:
+        from .ray_app import RaySettings, default_replica_threads
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+        if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+            raise BackendUnavailableError("serve --ray needs ray[serve]: pip install 'autodiffusion-rt[ray]'")
+        ray_settings = RaySettings(address=args.ray_address, replicas=args.replicas, min_replicas=args.min_replicas,
+                                   max_replicas=args.max_replicas, target_ongoing=args.target_ongoing, host=args.host,
+                                   port=args.port).check()
+        threads = args.threads or default_replica_threads(ray_settings.most_replicas)
+    else:
+        threads = args.threads or ServeSettings().threads
+    import torch
+
+    torch.set_num_threads(threads)
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_images=args.queue_images,
                              deadline_s=args.deadline_s, limits=Limits(max_n=args.max_n, max_body_bytes=args.max_body_bytes),
-                             backend=args.backend, threads=args.threads)
-    state = ServeState(engine_specs(args.engines), settings)  # bad dirs fail here: one line, exit 2
+                             backend=args.backend, threads=threads, spinning=args.spinning == "on")
+    engines = engine_specs(args.engines)
+    state = ServeState(engines, settings)  # bad dirs and options fail here: one line, exit 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if ray_settings is not None:
+        from .ray_app import run_ray
+
+        return run_ray(engines, settings, ray_settings, log_level=args.log_level)
+    import uvicorn
+
     failed = []
     server: "uvicorn.Server"
 

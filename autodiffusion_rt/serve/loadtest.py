@@ -2,6 +2,13 @@
 
     python benchmark.py --serve http://127.0.0.1:8000 [--concurrency 1,2,4,8,16,32] [--requests 96]
                         [--n 1] [--format png] [--plan NAME] [--overload-seconds 5] [--json OUT] [--plot OUT.png]
+                        [--engines DIR [--engine-threads 1]]
+
+0. With ``--engines DIR`` (the dir the service serves): the engines' own
+   throughput at batch sizes = the concurrency levels, ``Runtime.sample_requests``
+   called directly in this process while the service is idle, and one
+   ``Runtime.sample(n)``'s latency; each closed-loop level is then given as a
+   ratio of the engines' throughput at the same batch (what the batcher loses).
 
 1. **Closed loop** at each concurrency c: c clients, each sending its next
    request when the last one is answered, ``--requests`` requests in all (after
@@ -126,6 +133,20 @@ class _Client:
         status, _, data = await self.request("GET", path)
         return status, data.decode()
 
+    async def metrics_by_replica(self, quiet_after: int = 3, most: int = 16) -> dict[str, str]:
+        """Every replica's /metrics text, by its X-Replica header. One server: one scrape. Under Ray Serve each
+        scrape reaches one replica (metrics are per replica): scrape until ``quiet_after`` in a row add none."""
+        texts: dict[str, str] = {}
+        quiet = 0
+        for _ in range(most):
+            _, headers, data = await self.request("GET", "/metrics")
+            replica = headers.get("x-replica", "")
+            quiet = quiet + 1 if replica in texts else 0
+            texts[replica] = data.decode()
+            if not replica or quiet >= quiet_after:
+                break
+        return texts
+
     def close(self) -> None:
         for _, writer in self._idle:
             writer.close()
@@ -145,27 +166,36 @@ _BUCKET_429 = re.compile(r'^adrt_request_seconds_(bucket|count)\{(?:le="([^"]+)"
 
 
 async def _server_429s(client: _Client) -> dict:
-    """The server's own count of 429 answers, and how many it answered within 50 ms (its latency histogram)."""
-    _, text = await client.get_text("/metrics")
+    """The servers' own count of 429 answers, and how many they answered within 50 ms (their latency histograms)."""
     out = {"count": 0.0, "within_50ms": 0.0}
-    for kind, le, value in _BUCKET_429.findall(text):
-        if kind == "count":
-            out["count"] = float(value)
-        elif le == "0.05":
-            out["within_50ms"] = float(value)
+    for text in (await client.metrics_by_replica()).values():
+        for kind, le, value in _BUCKET_429.findall(text):
+            if kind == "count":
+                out["count"] += float(value)
+            elif le == "0.05":
+                out["within_50ms"] += float(value)
     return out
+
+
+_CPU = re.compile(r"^process_cpu_seconds_total\s+(\S+)$", re.M)
+
+
+async def _server_cpu_s(client: _Client) -> Optional[float]:
+    """CPU seconds the serving processes have used (summed over replicas), from their process_cpu_seconds_total."""
+    values = [float(m) for text in (await client.metrics_by_replica()).values() for m in _CPU.findall(text)]
+    return sum(values) if values else None
 
 
 _METRIC = re.compile(r'^(adrt_batch_(?:images|requests)_(?:sum|count))\{plan="([^"]*)"\}\s+(\S+)$', re.M)
 
 
 async def _batch_totals(client: _Client, plan: Optional[str]) -> dict:
-    """Sums and counts of the server's batch histograms (for one plan, or all)."""
-    _, text = await client.get_text("/metrics")
+    """Sums and counts of the servers' batch histograms (for one plan, or all), over every replica."""
     out: dict[str, float] = {}
-    for name, p, value in _METRIC.findall(text):
-        if plan is None or p == plan:
-            out[name] = out.get(name, 0.0) + float(value)
+    for text in (await client.metrics_by_replica()).values():
+        for name, p, value in _METRIC.findall(text):
+            if plan is None or p == plan:
+                out[name] = out.get(name, 0.0) + float(value)
     return out
 
 
@@ -181,6 +211,7 @@ def _batch_means(before: dict, after: dict) -> dict:
 async def _closed_loop(client: _Client, concurrency: int, requests: int, body: dict, seed0: int) -> dict:
     await asyncio.gather(*[_one(client, {**body, "seed": seed0 + i}) for i in range(concurrency)])  # warm-up: not measured
     before = await _batch_totals(client, body.get("plan"))
+    cpu_before = await _server_cpu_s(client)
     counter = iter(range(requests))
     results: list[tuple[float, int]] = []
 
@@ -188,11 +219,18 @@ async def _closed_loop(client: _Client, concurrency: int, requests: int, body: d
         for i in counter:
             results.append(await _one(client, {**body, "seed": seed0 + concurrency + i}))
 
-    start = time.perf_counter()
+    start, client_cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*[worker() for _ in range(concurrency)])
-    wall = time.perf_counter() - start
+    wall, client_cpu = time.perf_counter() - start, time.process_time() - client_cpu
+    cpu_after = await _server_cpu_s(client)
     after = await _batch_totals(client, body.get("plan"))
-    return {"concurrency": concurrency, **_summary(results, wall, body["n"]), **_batch_means(before, after)}
+    row = {"concurrency": concurrency, **_summary(results, wall, body["n"]), **_batch_means(before, after)}
+    # CPU per image answered: the server processes' (engines, batcher, event loop, encoding) and this load generator's
+    images = sum(1 for _, status in results if status == 200) * body["n"]
+    row["server_cpu_ms_per_image"] = (round((cpu_after - cpu_before) * 1e3 / images, 3)
+                                      if images and cpu_before is not None and cpu_after is not None else None)
+    row["client_cpu_ms_per_image"] = round(client_cpu * 1e3 / images, 3) if images else None
+    return row
 
 
 async def _overload(client: _Client, rate: float, seconds: float, max_requests: int, body: dict, seed0: int) -> tuple[dict, float]:
@@ -288,23 +326,105 @@ async def _run(base: str, concurrency: Sequence[int], requests: int, n: int, fmt
     return report
 
 
+def engine_throughput(engine_dir, batches: Sequence[int], *, threads: Optional[int] = 1, n: int = 1,
+                      min_seconds: float = 2.0, backend: str = "auto", spinning: bool = True) -> dict:
+    """The engines' own throughput, in this process: ``Runtime.sample_requests`` called directly with ``b``
+    requests of ``n`` images (what a perfect batcher would hand them), repeated for at least ``min_seconds``
+    per batch size; and the latency of one ``Runtime.sample(n)`` (what a lone request cannot beat)."""
+    import statistics
+
+    from ..runtime import Runtime
+
+    rt = Runtime.load(engine_dir, backend=backend, threads=threads, spinning=spinning)
+    try:
+        rows = []
+        seed = 0
+        for b in batches:
+            rt.sample_requests([(n, seed + i, None) for i in range(b)])  # warm-up: first runs allocate
+            times, start, cpu = [], time.perf_counter(), time.process_time()
+            while time.perf_counter() - start < min_seconds or len(times) < 3:
+                seed += b
+                t = time.perf_counter()
+                rt.sample_requests([(n, seed + i, None) for i in range(b)])
+                times.append(time.perf_counter() - t)
+            cpu = time.process_time() - cpu  # every thread of this process: the engines' own workers too
+            ms = statistics.median(times) * 1e3
+            rows.append({"batch": b, "requests": b, "runs": len(times), "ms": round(ms, 3),
+                         "images_per_s": round(b * n / (ms / 1e3), 2),
+                         "cpu_ms_per_image": round(cpu * 1e3 / (len(times) * b * n), 3)})
+        single = []
+        start = time.perf_counter()
+        while time.perf_counter() - start < min_seconds or len(single) < 5:
+            t = time.perf_counter()
+            rt.sample(n, seed=len(single))
+            single.append(time.perf_counter() - t)
+        return {"dir": str(engine_dir), "runtime": str(rt), "threads": threads, "spinning": spinning, "batches": rows,
+                "sample_p50_ms": round(percentile(single, 50) * 1e3, 3), "sample_runs": len(single)}
+    finally:
+        rt.close()
+
+
 def run(url: str, *, concurrency: Sequence[int] = (1, 2, 4, 8, 16, 32), requests: int = 96, n: int = 1, fmt: str = "png",
         plan: Optional[str] = None, overload_seconds: float = 5.0, overload_requests: int = 2000,
-        recovery_limit_s: float = 30.0, progress=None) -> dict:
-    """The whole load test against ``url`` (a loopback service); a JSON-able report."""
+        recovery_limit_s: float = 30.0, engines=None, engine_threads: Optional[int] = 1, engine_spinning: bool = True,
+        engine_seconds: float = 2.0, progress=None) -> dict:
+    """The whole load test against ``url`` (a loopback service); a JSON-able report.
+
+    ``engines``: the engine dir the service serves; its own throughput at batch sizes = the concurrency
+    levels is measured first, in this process, while the service is idle, and the service is compared with it.
+    """
     base = check_loopback(url)
-    return asyncio.run(_run(base, list(concurrency), int(requests), int(n), fmt, plan, float(overload_seconds),
-                            int(overload_requests), float(recovery_limit_s), progress or (lambda s: None)))
+    say = progress or (lambda s: None)
+    own = None
+    if engines is not None:
+        own = engine_throughput(engines, list(concurrency), threads=engine_threads, n=int(n), spinning=engine_spinning,
+                                min_seconds=engine_seconds)
+        for row in own["batches"]:
+            say(f"engines alone, batch {row['batch']}: {row['images_per_s']} img/s ({row['ms']} ms per batch)")
+        say(f"engines alone, one Runtime.sample({n}): p50 {own['sample_p50_ms']} ms")
+    report = asyncio.run(_run(base, list(concurrency), int(requests), int(n), fmt, plan, float(overload_seconds),
+                              int(overload_requests), float(recovery_limit_s), say))
+    if own is not None:
+        report["engines"] = own
+        by_b = {r["batch"]: r for r in own["batches"]}
+        for row in report["closed_loop"]:
+            b = by_b.get(row["concurrency"])
+            if b and row["images_per_s"]:
+                row["over_engines"] = round(row["images_per_s"] / b["images_per_s"], 3)
+                report["targets"][f"c{row['concurrency']}_over_engines_batch{row['concurrency']}"] = row["over_engines"]
+            if b and row.get("server_cpu_ms_per_image"):
+                # images per CPU-second, served against the engines alone: what the server costs beyond the
+                # engines, independent of how much CPU a shared machine gave each phase
+                row["cpu_efficiency_vs_engines"] = round(b["cpu_ms_per_image"] / row["server_cpu_ms_per_image"], 3)
+                report["targets"][f"c{row['concurrency']}_cpu_efficiency_vs_engines"] = row["cpu_efficiency_vs_engines"]
+        c1 = next((r for r in report["closed_loop"] if r["concurrency"] == 1), None)
+        if c1 and c1["p50_ms"]:
+            report["targets"]["c1_p50_over_sample_p50"] = round(c1["p50_ms"] / own["sample_p50_ms"], 3)
+    return report
 
 
 def format_report(report: dict) -> str:
-    lines = [f"service {report['url']}: n={report['settings']['n']} per request, format {report['settings']['format']}",
-             "", "closed loop",
-             f"{'conc':>5} {'requests':>9} {'img/s':>8} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'batch img':>10} {'batch req':>10}  errors"]
+    lines = [f"service {report['url']}: n={report['settings']['n']} per request, format {report['settings']['format']}"]
+    own = report.get("engines")
+    if own:
+        lines += ["", f"engines alone ({own['runtime']}, {own['threads']} thread(s), spinning {own.get('spinning')}, "
+                      "in the load generator's process, "
+                      "Runtime.sample_requests with one request per image): "
+                      f"one Runtime.sample p50 {own['sample_p50_ms']:.1f} ms",
+                  f"{'batch':>5} {'ms':>9} {'img/s':>8} {'CPU ms/img':>11}"]
+        lines += [f"{r['batch']:>5} {r['ms']:>9.1f} {r['images_per_s']:>8.1f} {r['cpu_ms_per_image']:>11.2f}"
+                  for r in own["batches"]]
+    lines += ["", "closed loop",
+              f"{'conc':>5} {'requests':>9} {'img/s':>8} {'/engines':>8} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} "
+              f"{'batch img':>10} {'batch req':>10} {'CPU ms/img server':>17} {'client':>7}  errors"]
     for r in report["closed_loop"]:
         f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-        lines.append(f"{r['concurrency']:>5} {r['requests']:>9} {f(r['images_per_s']):>8} {f(r['p50_ms']):>9} {f(r['p95_ms']):>9} "
-                     f"{f(r['p99_ms']):>9} {f(r['mean_batch_images']):>10} {f(r['mean_batch_requests']):>10}  {r['errors'] or 'none'}")
+        ratio = f"{r['over_engines']:.2f}x" if r.get("over_engines") else "-"
+        lines.append(f"{r['concurrency']:>5} {r['requests']:>9} {f(r['images_per_s']):>8} {ratio:>8} "
+                     f"{f(r['p50_ms']):>9} {f(r['p95_ms']):>9} {f(r['p99_ms']):>9} "
+                     f"{f(r['mean_batch_images']):>10} {f(r['mean_batch_requests']):>10}"
+                     f" {f(r.get('server_cpu_ms_per_image')):>17} {f(r.get('client_cpu_ms_per_image')):>7}"
+                     f"  {r['errors'] or 'none'}")
     o, rec = report["overload"], report["recovery"]
     lines += ["", f"open loop at {o['target_rate_per_s']} req/s (2x the sustainable {o['sustainable_rate_per_s']} req/s), "
                   f"{o['sent']} requests over {o['sent_over_s']} s: status {o['status']}",
@@ -331,7 +451,12 @@ def plot(report: dict, path) -> Path:
     a.set(xscale="log", xlabel="concurrency", ylabel="latency (ms)", title="latency")
     a.set_xticks(cs, [str(c) for c in cs])
     a.legend()
-    b.plot(cs, [r["images_per_s"] for r in rows], marker="o")
+    b.plot(cs, [r["images_per_s"] for r in rows], marker="o", label="service, concurrency c")
+    if report.get("engines"):
+        own = report["engines"]["batches"]
+        b.plot([r["batch"] for r in own], [r["images_per_s"] for r in own], marker="s", linestyle="--",
+               label="engines alone, batch c")
+        b.legend()
     b.set(xscale="log", xlabel="concurrency", ylabel="images / s", title="throughput")
     b.set_xticks(cs, [str(c) for c in cs])
     fig.suptitle(f"{report['url']} (n={report['settings']['n']}, {report['settings']['format']})")
@@ -354,6 +479,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--overload-seconds", type=float, default=5.0, help="length of the 2x overload (default 5)")
     ap.add_argument("--overload-requests", type=int, default=2000, help="at most this many overload requests (default 2000)")
     ap.add_argument("--recovery-limit", type=float, default=30.0, help="stop probing for recovery after this many s (default 30)")
+    ap.add_argument("--engines", default=None, metavar="DIR",
+                    help="the engine dir the service serves: first measure its own throughput at batch sizes = the "
+                    "concurrency levels (Runtime.sample_requests, in this process, the service idle) and compare")
+    ap.add_argument("--engine-seconds", type=float, default=2.0,
+                    help="time each batch size of the engines for at least this long (median; default 2)")
+    ap.add_argument("--engine-threads", type=int, default=1,
+                    help="threads of those engines (the server's --threads; default 1)")
+    ap.add_argument("--engine-spinning", choices=("on", "off"), default="on",
+                    help="onnxruntime's workers spin between ops (on: the engines' best on an idle machine; "
+                    "default on)")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON ('-' for stdout)")
     ap.add_argument("--plot", default=None, metavar="PNG", help="also plot latency and throughput against concurrency")
     ap.add_argument("--quiet", action="store_true")
@@ -369,7 +504,8 @@ def _load_test_command(args) -> None:
         raise LoadTestError(f"--requests={args.requests} and --n={args.n} must be positive")
     report = run(args.serve, concurrency=args.concurrency, requests=args.requests, n=args.n, fmt=args.format,
                  plan=args.plan, overload_seconds=args.overload_seconds, overload_requests=args.overload_requests,
-                 recovery_limit_s=args.recovery_limit, progress=say)
+                 recovery_limit_s=args.recovery_limit, engines=args.engines, engine_threads=args.engine_threads,
+                 engine_spinning=args.engine_spinning == "on", engine_seconds=args.engine_seconds, progress=say)
     if args.plot:
         plot(report, args.plot)
     print_report(report, format_report, args.json)

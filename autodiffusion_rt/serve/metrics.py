@@ -18,10 +18,13 @@ class ServeMetrics:
     """Requests by route and status, latency, batch sizes, queue depth, dropped work, images per second."""
 
     def __init__(self, rate_window_s: float = 10.0):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
         self.registry = CollectorRegistry()
         r = self.registry
+        # process_cpu_seconds_total and memory of the serving process (a replica's own, under Ray Serve):
+        # where the CPU goes, beside what the engines do
+        ProcessCollector(registry=r)
         self.requests = Counter("adrt_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
         # by status too: 429s answered in microseconds and 200s after a batch are different distributions
         self.latency = Histogram("adrt_request_seconds", "HTTP request latency (s) in the server, by route and status", ["route", "status"],
@@ -31,6 +34,8 @@ class ServeMetrics:
         self.batch_requests = Histogram("adrt_batch_requests", "requests merged into one engine batch, by plan", ["plan"],
                                         buckets=_BATCH_BUCKETS, registry=r)
         self.queue_images = Gauge("adrt_queue_images", "images waiting for an engine batch, by plan", ["plan"], registry=r)
+        self.running_images = Gauge("adrt_running_images", "images of the batch on the engines now, by plan", ["plan"],
+                                    registry=r)
         self.images = Counter("adrt_images", "images generated, by plan", ["plan"], registry=r)
         self.dropped = Counter("adrt_dropped_requests", "requests dropped before their batch ran, by plan and reason",
                                ["plan", "reason"], registry=r)

@@ -14,5 +14,13 @@ from .ov_backend import OpenVINOStepEngine
 from .torch_backend import TorchStepEngine
 from .trt_backend import SharedDeviceMemory, TensorRTEngine
 
-__all__ = ["Engine", "LoadedEngines", "OnnxRuntimeEngine", "OpenVINOStepEngine", "SharedDeviceMemory", "TensorRTEngine",
-           "TorchStepEngine", "onnxruntime_providers"]
+__all__ = [
+    "Engine",
+    "LoadedEngines",
+    "OnnxRuntimeEngine",
+    "OpenVINOStepEngine",
+    "SharedDeviceMemory",
+    "TensorRTEngine",
+    "TorchStepEngine",
+    "onnxruntime_providers",
+]

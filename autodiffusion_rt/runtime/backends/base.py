@@ -34,7 +34,9 @@ class Engine(ABC):
 
     backend = "abstract"
 
-    def __init__(self, name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch: Optional[int]):
+    def __init__(
+        self, name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch: Optional[int]
+    ):
         self.name = name
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
@@ -55,7 +57,10 @@ class Engine(ABC):
         for spec in self.inputs:
             arr = feeds[spec.name]
             if not isinstance(arr, np.ndarray) or arr.ndim != len(spec.shape):
-                raise EngineError(f"{self.name}: input {spec.name!r} must be a {len(spec.shape)}-d numpy array {spec.shape}, got {describe_array(arr)}")
+                raise EngineError(
+                    f"{self.name}: input {spec.name!r} must be a {len(spec.shape)}-d numpy array {spec.shape}, "
+                    f"got {describe_array(arr)}"
+                )
             if batch is None:
                 batch = arr.shape[0]
             expected = spec.concrete(batch)
@@ -77,10 +82,15 @@ class Engine(ABC):
                 if spec is None:
                     raise EngineError(f"{self.name}: no output named {name!r}; outputs are {list(self.output_names)}")
                 if arr.shape != spec.concrete(batch) or arr.dtype != np.dtype(spec.dtype) or not arr.flags.c_contiguous:
-                    raise EngineError(f"{self.name}: output buffer {name!r} is {describe_array(arr)}; expected {spec.dtype} {spec.concrete(batch)}")
+                    raise EngineError(
+                        f"{self.name}: output buffer {name!r} is {describe_array(arr)}; "
+                        f"expected {spec.dtype} {spec.concrete(batch)}"
+                    )
         return batch
 
-    def run(self, feeds: Mapping[str, np.ndarray], out: Optional[MutableMapping[str, np.ndarray]] = None) -> dict[str, np.ndarray]:
+    def run(
+        self, feeds: Mapping[str, np.ndarray], out: Optional[MutableMapping[str, np.ndarray]] = None
+    ) -> dict[str, np.ndarray]:
         batch = self.check_feeds(feeds, out)
         return self._run(feeds, out, batch)
 
@@ -97,14 +107,17 @@ class Engine(ABC):
         return lambda: self._run(feeds, out, batch)
 
     @abstractmethod
-    def _run(self, feeds: Mapping[str, np.ndarray], out: Optional[MutableMapping[str, np.ndarray]], batch: int) -> dict[str, np.ndarray]:
-        ...
+    def _run(
+        self, feeds: Mapping[str, np.ndarray], out: Optional[MutableMapping[str, np.ndarray]], batch: int
+    ) -> dict[str, np.ndarray]: ...
 
     def close(self) -> None:
         """Release what the engine holds (sessions, device memory)."""
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r}, inputs={list(self.input_names)}, outputs={list(self.output_names)})"
+        return (
+            f"{type(self).__name__}({self.name!r}, inputs={list(self.input_names)}, outputs={list(self.output_names)})"
+        )
 
 
 def describe_array(arr: Any) -> str:
@@ -120,13 +133,21 @@ def fill_output(out: Optional[MutableMapping[str, np.ndarray]], name: str, value
     return value
 
 
-def update_step(engine: Engine, row: StepCoefficients, x: torch.Tensor, model_out: torch.Tensor,
-                feeds: Mapping[str, np.ndarray], out: Optional[MutableMapping[str, np.ndarray]], device=None) -> dict:
+def update_step(
+    engine: Engine,
+    row: StepCoefficients,
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    feeds: Mapping[str, np.ndarray],
+    out: Optional[MutableMapping[str, np.ndarray]],
+    device=None,
+) -> dict:
     """The sampler update of a step on the model's output, in float32 torch, for engines that do not fuse it.
 
     Reads the step's state inputs (noise, prev_x0, the eps history) from
     ``feeds`` and writes the engine's outputs into ``out`` where given.
     """
+
     def tensor(name: str) -> Optional[torch.Tensor]:
         return torch.from_numpy(feeds[name]).to(device) if name in feeds else None
 

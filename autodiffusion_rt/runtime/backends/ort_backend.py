@@ -64,15 +64,20 @@ def onnxruntime_providers(
     ort = import_onnxruntime()
     available = ort.get_available_providers()
     if requested is None:
-        names = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        names = [
+            p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider") if p in available
+        ]
     else:
         if isinstance(requested, str):
             requested = [requested]
         names = [_PROVIDER_ALIASES.get(str(p).lower(), str(p)) for p in requested]
         missing = [p for p in names if p not in available]
         if missing:
-            hint = "pip install onnxruntime-gpu (with CUDA, and TensorRT for its provider)" if any(
-                p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in missing) else "check the provider name"
+            hint = (
+                "pip install onnxruntime-gpu (with CUDA, and TensorRT for its provider)"
+                if any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in missing)
+                else "check the provider name"
+            )
             raise BackendUnavailableError(
                 f"onnxruntime execution provider(s) {missing} are not available (installed: {available}): {hint}"
             )
@@ -92,7 +97,11 @@ def onnxruntime_providers(
                     trt_timing_cache_path=str(cache_dir),
                 )
             if profile:
-                for k, idx in (("trt_profile_min_shapes", 0), ("trt_profile_opt_shapes", 1), ("trt_profile_max_shapes", 2)):
+                for k, idx in (
+                    ("trt_profile_min_shapes", 0),
+                    ("trt_profile_opt_shapes", 1),
+                    ("trt_profile_max_shapes", 2),
+                ):
                     opts[k] = ",".join(f"{n}:{'x'.join(str(d) for d in shapes[idx])}" for n, shapes in profile.items())
             providers.append((name, opts))
         else:
@@ -100,11 +109,17 @@ def onnxruntime_providers(
     return providers
 
 
-_ORT_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC", "none": "ORT_DISABLE_ALL"}
+_ORT_LEVELS = {
+    "all": "ORT_ENABLE_ALL",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "basic": "ORT_ENABLE_BASIC",
+    "none": "ORT_DISABLE_ALL",
+}
 
 
-def ort_session_options(*, threads: Optional[int] = None, optimization: str = "all", spinning: bool = True,
-                        optimized_model_path=None):
+def ort_session_options(
+    *, threads: Optional[int] = None, optimization: str = "all", spinning: bool = True, optimized_model_path=None
+):
     """The one place onnxruntime SessionOptions are made (engines, build, export checks).
 
     Each session keeps its own intra-op pool: onnxruntime's global pools are a
@@ -215,9 +230,19 @@ class OnnxRuntimeEngine(Engine):
 
     backend = "onnxruntime"
 
-    def __init__(self, path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch: Optional[int],
-                 providers: Optional[list] = None, threads: Optional[int] = None, name: Optional[str] = None,
-                 optimization: str = "all", initializers: Optional[Mapping[str, Any]] = None, spinning: bool = True):
+    def __init__(
+        self,
+        path,
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        max_batch: Optional[int],
+        providers: Optional[list] = None,
+        threads: Optional[int] = None,
+        name: Optional[str] = None,
+        optimization: str = "all",
+        initializers: Optional[Mapping[str, Any]] = None,
+        spinning: bool = True,
+    ):
         super().__init__(name or Path(path).name, inputs, outputs, max_batch)
         ort = import_onnxruntime()
         self.path = Path(path)
@@ -300,9 +325,19 @@ class OnnxRuntimeEngine(Engine):
         self._initializers = {}
 
 
-def load_engines(m, plan=None, coeffs=None, *, providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
-                 check_versions: bool = True, share_weights: bool = True, spinning: bool = True,
-                 device_resident: Optional[bool] = None, **_) -> LoadedEngines:
+def load_engines(
+    m,
+    plan=None,
+    coeffs=None,
+    *,
+    providers: Optional[Sequence[str]] = None,
+    threads: Optional[int] = None,
+    check_versions: bool = True,
+    share_weights: bool = True,
+    spinning: bool = True,
+    device_resident: Optional[bool] = None,
+    **_,
+) -> LoadedEngines:
     """The step engines of an onnxruntime (or, on a GPU provider, a tensorrt) engine dir's manifest ``m``."""
     from ...diffusion.step_io import shape_profile
     from ..device import DeviceResidentWalk, OrtValueMemory
@@ -310,8 +345,15 @@ def load_engines(m, plan=None, coeffs=None, *, providers: Optional[Sequence[str]
     ort = import_onnxruntime()
     engine_dir, max_batch = m.engine_dir, int(m["batch"]["max"])
     # One provider list per step: the TensorRT provider's shape profile names this step's inputs.
-    provs = [onnxruntime_providers(providers, cache_dir=engine_dir / "ort_trt_cache", fp16=m["precision"] == "fp16",
-                                   profile=shape_profile(step_specs(step)[0], m["batch"])) for step in m["steps"]]
+    provs = [
+        onnxruntime_providers(
+            providers,
+            cache_dir=engine_dir / "ort_trt_cache",
+            fp16=m["precision"] == "fp16",
+            profile=shape_profile(step_specs(step)[0], m["batch"]),
+        )
+        for step in m["steps"]
+    ]
     first = provs[0][0]
     on_cpu = (first[0] if isinstance(first, tuple) else str(first)) == "CPUExecutionProvider"
     # The engines are graphs optimized for onnxruntime's CPU provider (laid out for this CPU's
@@ -335,9 +377,20 @@ def load_engines(m, plan=None, coeffs=None, *, providers: Optional[Sequence[str]
     engines = []
     for i, (step, f) in enumerate(zip(m["steps"], files)):
         ins, outs = step_specs(step)
-        engines.append(OnnxRuntimeEngine(f, ins, outs, max_batch, providers=provs[i], threads=threads,
-                                         name=f"step {i} (t={step['timestep']}, onnxruntime)", optimization=levels[i],
-                                         initializers=shared[i], spinning=spinning))
+        engines.append(
+            OnnxRuntimeEngine(
+                f,
+                ins,
+                outs,
+                max_batch,
+                providers=provs[i],
+                threads=threads,
+                name=f"step {i} (t={step['timestep']}, onnxruntime)",
+                optimization=levels[i],
+                initializers=shared[i],
+                spinning=spinning,
+            )
+        )
     used = engines[0].providers[0]
     on_gpu = used in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
     walk = None

@@ -7,7 +7,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ...diffusion import StepCoefficients
-from ...diffusion.step_io import X, Y, TensorSpec
+from ...diffusion.step_io import TensorSpec, X, Y
 from ...sampling import eps_in_chunks
 from .base import Engine, update_step
 
@@ -25,9 +25,18 @@ class TorchStepEngine(Engine):
 
     backend = "torch"
 
-    def __init__(self, model, row: StepCoefficients, timestep: int, keep: Optional[Iterable[str]],
-                 inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], name: str = "torch step",
-                 batch_size: int = 256, device=None):
+    def __init__(
+        self,
+        model,
+        row: StepCoefficients,
+        timestep: int,
+        keep: Optional[Iterable[str]],
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        name: str = "torch step",
+        batch_size: int = 256,
+        device=None,
+    ):
         from ...sampling import check_device
 
         super().__init__(name, inputs, outputs, max_batch=None)

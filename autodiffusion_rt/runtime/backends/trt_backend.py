@@ -103,21 +103,40 @@ class TensorRTEngine(Engine):
 
     backend = "tensorrt"
 
-    def __init__(self, engine_bytes: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                 max_batch: Optional[int], *, runtime, scratch: SharedDeviceMemory, stream, cudart, trt,
-                 name: str = "tensorrt step", cuda_graph: bool = False, refit_onnx: Optional[Path] = None, logger=None):
+    def __init__(
+        self,
+        engine_bytes: bytes,
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        max_batch: Optional[int],
+        *,
+        runtime,
+        scratch: SharedDeviceMemory,
+        stream,
+        cudart,
+        trt,
+        name: str = "tensorrt step",
+        cuda_graph: bool = False,
+        refit_onnx: Optional[Path] = None,
+        logger=None,
+    ):
         super().__init__(name, inputs, outputs, max_batch)
         self.trt, self.cudart, self.stream, self.scratch = trt, cudart, stream, scratch
         self.stream_handle = int(stream)  # TensorRT takes the cudaStream_t as an integer handle
         self.engine = runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
-            raise EngineError(f"{name}: TensorRT could not deserialize the engine (built by another TensorRT version or GPU?); rebuild it")
+            raise EngineError(
+                f"{name}: TensorRT could not deserialize the engine "
+                "(built by another TensorRT version or GPU?); rebuild it"
+            )
         if refit_onnx is not None:  # a weight-stripped engine: its weights come from the step's ONNX file
             self._refit(refit_onnx, logger if logger is not None else trt.Logger(trt.Logger.WARNING))
         names = [self.engine.get_tensor_name(k) for k in range(self.engine.num_io_tensors)]
         want = set(self.input_names) | set(self.output_names)
         if set(names) != want:
-            raise EngineError(f"{name}: engine tensors {sorted(names)} do not match the manifest's {sorted(want)}; rebuild it")
+            raise EngineError(
+                f"{name}: engine tensors {sorted(names)} do not match the manifest's {sorted(want)}; rebuild it"
+            )
         for spec in (*self.inputs, *self.outputs):
             mode = self.engine.get_tensor_mode(spec.name)
             expected = trt.TensorIOMode.INPUT if spec.name in self.input_names else trt.TensorIOMode.OUTPUT
@@ -125,7 +144,9 @@ class TensorRTEngine(Engine):
                 raise EngineError(f"{name}: tensor {spec.name!r} is {mode} in the engine; rebuild it")
             dtype = _TRT_TO_NUMPY.get(getattr(self.engine.get_tensor_dtype(spec.name), "name", ""), None)
             if dtype != spec.dtype:
-                raise EngineError(f"{name}: tensor {spec.name!r} is {dtype} in the engine, {spec.dtype} in the manifest; rebuild it")
+                raise EngineError(
+                    f"{name}: tensor {spec.name!r} is {dtype} in the engine, {spec.dtype} in the manifest; rebuild it"
+                )
         self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if self.context is None:
             raise EngineError(f"{name}: TensorRT could not create an execution context (out of GPU memory?)")
@@ -145,11 +166,16 @@ class TensorRTEngine(Engine):
         parser = trt.OnnxParserRefitter(refitter, logger)
         if not parser.refit_from_file(str(onnx_path)):
             errors = [str(parser.get_error(k)) for k in range(parser.num_errors)]
-            raise EngineError(f"{self.name}: TensorRT cannot refit the weight-stripped engine from {onnx_path} "
-                              f"({'; '.join(errors) or 'no details'}); {rebuild}")
+            raise EngineError(
+                f"{self.name}: TensorRT cannot refit the weight-stripped engine from {onnx_path} "
+                f"({'; '.join(errors) or 'no details'}); {rebuild}"
+            )
         missing = list(refitter.get_missing_weights())
         if missing:
-            raise EngineError(f"{self.name}: {onnx_path} lacks {len(missing)} of the engine's weights (first: {missing[0]!r}); {rebuild}")
+            raise EngineError(
+                f"{self.name}: {onnx_path} lacks {len(missing)} of the engine's weights "
+                f"(first: {missing[0]!r}); {rebuild}"
+            )
         if not refitter.refit_cuda_engine():
             raise EngineError(f"{self.name}: TensorRT's refit_cuda_engine failed for {onnx_path}; {rebuild}")
 
@@ -216,7 +242,11 @@ class TensorRTEngine(Engine):
             # One plain run first (TensorRT may allocate lazily), then capture.
             if not self.context.execute_async_v3(self.stream_handle):
                 raise EngineError(f"{self.name}: TensorRT execute_async_v3 failed")
-            cuda_check(cu, cu.cudaStreamBeginCapture(self.stream, cu.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal), "cudaStreamBeginCapture")
+            cuda_check(
+                cu,
+                cu.cudaStreamBeginCapture(self.stream, cu.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal),
+                "cudaStreamBeginCapture",
+            )
             ok = False
             try:
                 ok = bool(self.context.execute_async_v3(self.stream_handle))
@@ -227,8 +257,10 @@ class TensorRTEngine(Engine):
                 if int(err) == 0 and graph is not None:
                     cu.cudaGraphDestroy(graph)
                 self.cuda_graph = False  # run this engine without graphs from now on
-                raise EngineError(f"{self.name}: TensorRT execute_async_v3 failed inside CUDA graph capture "
-                                  f"({'enqueue failed' if not ok else getattr(err, 'name', err)}); load without cuda_graph")
+                raise EngineError(
+                    f"{self.name}: TensorRT execute_async_v3 failed inside CUDA graph capture "
+                    f"({'enqueue failed' if not ok else getattr(err, 'name', err)}); load without cuda_graph"
+                )
             graph_exec = cuda_check(cu, cu.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
             cuda_check(cu, cu.cudaGraphDestroy(graph), "cudaGraphDestroy")
             self._graphs[key] = graph_exec
@@ -245,12 +277,20 @@ class TensorRTEngine(Engine):
         self._bind(batch, bufs)  # cheap: shapes and addresses for this batch size
         for spec in self.inputs:
             arr = feeds[spec.name]
-            cuda_check(cu, cu.cudaMemcpyAsync(bufs[spec.name], arr.ctypes.data, arr.nbytes, h2d, self.stream), "cudaMemcpyAsync")
+            cuda_check(
+                cu,
+                cu.cudaMemcpyAsync(bufs[spec.name], arr.ctypes.data, arr.nbytes, h2d, self.stream),
+                "cudaMemcpyAsync",
+            )
         self._enqueue(batch, bufs)
         result = {}
         for spec in self.outputs:
             arr = out[spec.name] if out is not None and spec.name in out else np.empty(spec.concrete(batch), spec.dtype)
-            cuda_check(cu, cu.cudaMemcpyAsync(arr.ctypes.data, bufs[spec.name], arr.nbytes, d2h, self.stream), "cudaMemcpyAsync")
+            cuda_check(
+                cu,
+                cu.cudaMemcpyAsync(arr.ctypes.data, bufs[spec.name], arr.nbytes, d2h, self.stream),
+                "cudaMemcpyAsync",
+            )
             result[spec.name] = arr
         cuda_check(cu, cu.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return result
@@ -267,8 +307,16 @@ class TensorRTEngine(Engine):
         self.engine = None
 
 
-def load_engines(m, plan=None, coeffs=None, *, check_versions: bool = True, cuda_graph: "bool | str" = False,
-                 device_resident: Optional[bool] = None, **_) -> LoadedEngines:
+def load_engines(
+    m,
+    plan=None,
+    coeffs=None,
+    *,
+    check_versions: bool = True,
+    cuda_graph: "bool | str" = False,
+    device_resident: Optional[bool] = None,
+    **_,
+) -> LoadedEngines:
     """The step engines of a tensorrt engine dir's manifest ``m`` on this machine's GPU."""
     from ..device import CudaRuntimeMemory, DeviceResidentWalk
 
@@ -276,16 +324,20 @@ def load_engines(m, plan=None, coeffs=None, *, check_versions: bool = True, cuda
     cudart = import_cudart()
     cc = cuda_compute_capability()
     if cc is None:
-        raise EngineError("the tensorrt backend needs an NVIDIA GPU and driver, and none was found; "
-                          "use an onnxruntime or openvino engine dir on this machine")
+        raise EngineError(
+            "the tensorrt backend needs an NVIDIA GPU and driver, and none was found; "
+            "use an onnxruntime or openvino engine dir on this machine"
+        )
     if check_versions:
         m.check_version("tensorrt", trt.__version__)
         m.check_version("compute_capability", cc, what="GPU compute capability")
     steps, max_batch = m["steps"], int(m["batch"]["max"])
     files = [m.step_file(i, "engine") for i in range(len(steps))]
     # Weight-stripped engines are refitted from their step's ONNX file, checked like every file.
-    refits = [m.step_file(i, "onnx") if (s["engine"].get("record") or {}).get("weights") == "stripped" else None
-              for i, s in enumerate(steps)]
+    refits = [
+        m.step_file(i, "onnx") if (s["engine"].get("record") or {}).get("weights") == "stripped" else None
+        for i, s in enumerate(steps)
+    ]
     logger = trt.Logger(trt.Logger.WARNING)
     trt_runtime = trt.Runtime(logger)
     stream = cuda_check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
@@ -294,10 +346,23 @@ def load_engines(m, plan=None, coeffs=None, *, check_versions: bool = True, cuda
     try:
         for i, (step, f) in enumerate(zip(steps, files)):
             ins, outs = step_specs(step)
-            engines.append(TensorRTEngine(f.read_bytes(), ins, outs, max_batch, runtime=trt_runtime, scratch=scratch,
-                                          stream=stream, cudart=cudart, trt=trt, cuda_graph=cuda_graph in (True, "step"),
-                                          name=f"step {i} (t={step['timestep']}, tensorrt)", refit_onnx=refits[i],
-                                          logger=logger))
+            engines.append(
+                TensorRTEngine(
+                    f.read_bytes(),
+                    ins,
+                    outs,
+                    max_batch,
+                    runtime=trt_runtime,
+                    scratch=scratch,
+                    stream=stream,
+                    cudart=cudart,
+                    trt=trt,
+                    cuda_graph=cuda_graph in (True, "step"),
+                    name=f"step {i} (t={step['timestep']}, tensorrt)",
+                    refit_onnx=refits[i],
+                    logger=logger,
+                )
+            )
     except BaseException:
         for e in engines:
             e.close()
@@ -307,9 +372,14 @@ def load_engines(m, plan=None, coeffs=None, *, check_versions: bool = True, cuda
     walk = None
     if device_resident is None or device_resident:
         image_shape = tuple(int(s) for s in m["model"]["image_shape"])
-        walk = DeviceResidentWalk(engines, image_shape, CudaRuntimeMemory(cudart, stream),
-                                  schedule_graph=cuda_graph == "schedule")
+        walk = DeviceResidentWalk(
+            engines, image_shape, CudaRuntimeMemory(cudart, stream), schedule_graph=cuda_graph == "schedule"
+        )
     # trt_runtime and logger must outlive the engines; then the scratch buffer and the stream go.
     keep_alive = (trt_runtime, logger)
-    return LoadedEngines(engines, f"tensorrt {trt.__version__}", walk,
-                         (lambda: keep_alive, scratch.free, lambda: cudart.cudaStreamDestroy(stream)))
+    return LoadedEngines(
+        engines,
+        f"tensorrt {trt.__version__}",
+        walk,
+        (lambda: keep_alive, scratch.free, lambda: cudart.cudaStreamDestroy(stream)),
+    )
