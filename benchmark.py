@@ -360,10 +360,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from autodiffusion_rt.serve.loadtest import main as serve_main
 
         return serve_main(argv)
-    from autodiffusion_rt.cli import OneLineParser
+    from autodiffusion_rt.cli import OneLineParser  # light: parsing happens before torch is imported
 
-    ap = OneLineParser(prog="benchmark.py", description="autodiffusion-rt latency, throughput and memory, side by "
-                       "side. (--serve URL load-tests a running service instead: --serve URL --help)")
+    ap = OneLineParser(prog="python benchmark.py", description="autodiffusion-rt latency, throughput and memory, "
+                       "side by side. (--serve URL load-tests a running service instead: --serve URL --help)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--plan", help="plan.json to benchmark")
     src.add_argument("--tiny", action="store_true", help="a random tiny model and plan (smoke test of this tool)")

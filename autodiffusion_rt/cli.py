@@ -2,9 +2,11 @@
 
 User errors (any :class:`autodiffusion_rt.errors.Error`) print one line and exit 2.
 Subcommands of other packages (``build`` from ``export``; ``fid``, ``fid-stats``
-and ``train-classifier`` from the metrics package) register themselves through a
-``register(subparsers)`` function and are imported lazily, so the core never
-depends on them.
+and ``train-classifier`` from the metrics package; ``serve``) register themselves
+through a ``register(subparsers)`` function, imported only when that command is
+chosen. The arguments are parsed before torch or any heavy module is imported
+(names and help come from :mod:`autodiffusion_rt.registry`), so ``--help`` and a
+usage error answer at once.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from . import __version__
 from .errors import DataError, Error, SamplingError
+from .registry import (COMMANDS, DEFAULT_MODEL, IMAGE_OUTPUTS, MAX_SAMPLES, RUNTIME_BACKENDS, SAMPLERS, SPACING_HELP,
+                       SPACINGS, model_spec_help, one_of)
 
 # Nothing heavy at module level (torch is imported by the commands): main() takes SIGTERM/Ctrl-C within
 # a fraction of a second of the process's start.
 
-# Modules that add subcommands; a missing optional one is skipped.
+# Modules that add subcommands (registry.COMMANDS names their commands); a missing optional one is skipped.
 _PLUGINS = ("autodiffusion_rt.metrics.cli", "export.cli", "autodiffusion_rt.serve.cli")
 
 
@@ -62,12 +67,11 @@ def parse_options(items: Sequence[str]) -> dict:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     # default None (meaning embedded:mnist): so that a --model given with --plan/--engines can be refused
-    p.add_argument("--model", default=None, help=f"model spec: embedded:mnist or adm:PATH (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None, help=model_spec_help())
     p.add_argument("--preset", default=None, help="ADM preset for adm: specs (e.g. imagenet64-cond)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="guided-diffusion flag for adm: specs, repeatable")
 
 
-DEFAULT_MODEL = "embedded:mnist"
 #: The most images a PNG grid holds (beyond it the grid is unreadable: write an .npz).
 MAX_GRID = 1024
 #: Samples made and written per chunk when streaming an .npz.
@@ -84,22 +88,25 @@ def load_model_from_args(args):
 
 
 def add_schedule_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", default=None, help="ddim, ddpm or dpmpp_2m (default: ddim)")
+    p.add_argument("--sampler", default=None, choices=SAMPLERS, help=f"{one_of(SAMPLERS)} (default: ddim)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, default=None, help="number of uniformly spaced steps (default 50)")
     g.add_argument("--timesteps", default=None, help="explicit strictly descending timesteps, e.g. 999,600,300,100")
-    p.add_argument("--spacing", default=None, help="uniform spacing for --steps: linear or quadratic (default linear)")
+    p.add_argument("--spacing", default=None, choices=SPACINGS,
+                   help=f"uniform spacing for --steps: {SPACING_HELP} (default linear)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0)")
 
 
-def timesteps_from_args(args, num_timesteps: int) -> list[int]:
+def timesteps_from_args(args, num_timesteps: int, schedule=None) -> list[int]:
+    """The timesteps ``--timesteps`` / ``--steps`` / ``--spacing`` ask for; ``schedule``: the model's (logsnr)."""
     from .diffusion import uniform_timesteps
 
     if args.timesteps is not None:
         return parse_int_list(args.timesteps, "--timesteps")
     if args.steps is not None and args.steps < 1:
         raise SamplingError(f"--steps {args.steps}: must be a positive integer (e.g. 50)")
-    return uniform_timesteps(num_timesteps, 50 if args.steps is None else args.steps, args.spacing or "linear")
+    return uniform_timesteps(num_timesteps, 50 if args.steps is None else args.steps, args.spacing or "linear",
+                             alphas_cumprod=schedule)
 
 
 def check_image_output(path: Path, n: Optional[int] = None) -> Path:
@@ -107,10 +114,11 @@ def check_image_output(path: Path, n: Optional[int] = None) -> Path:
     from .utils import check_writable
 
     path = Path(path)
-    if path.suffix.lower() not in (".png", ".npz"):
-        raise DataError(f"--out {path} must end in .png (a grid) or .npz (the images)")
+    if path.suffix.lower() not in IMAGE_OUTPUTS:
+        raise DataError(f"--out {path} must end in {one_of(f'{k} ({v})' for k, v in IMAGE_OUTPUTS.items())}")
     if n is not None and path.suffix.lower() == ".png" and n > MAX_GRID:
-        raise DataError(f"--n {n} is too many for a PNG grid (at most {MAX_GRID}): write an .npz (--out samples.npz), which is streamed in chunks")
+        raise DataError(f"--n {n} is too many for a PNG grid (at most {MAX_GRID}): write an .npz or .npy "
+                        "(--out samples.npz), which is streamed in chunks")
     return check_writable(path, "the output", "pass --out with a path in a writable folder", DataError)
 
 
@@ -121,7 +129,7 @@ def _write_failed(e: OSError, path: Path):
 
 
 def save_images(images, path: Path, labels=None) -> Path:
-    """Write images in [-1, 1] as a PNG grid or an .npz of uint8 NHWC (``arr_0``, ADM's layout)."""
+    """Write images in [-1, 1] as a PNG grid, an .npz of uint8 NHWC (``arr_0``, ADM's layout) or a float32 NCHW .npy."""
 
     def chunks():
         yield images, labels
@@ -130,7 +138,7 @@ def save_images(images, path: Path, labels=None) -> Path:
 
 
 def save_image_chunks(chunks, path: Path, n: int) -> Path:
-    """Write ``n`` images arriving as ``(images, labels)`` chunks; an .npz is streamed (O(chunk) memory).
+    """Write ``n`` images arriving as ``(images, labels)`` chunks; an .npz or .npy is streamed (O(chunk) memory).
 
     Every chunk is checked finite first (NaN would become black pixels). The
     file appears only when complete (written to a temp file, then renamed).
@@ -166,6 +174,21 @@ def save_image_chunks(chunks, path: Path, n: int) -> Path:
                 if ys:
                     with zf.open("arr_1.npy", "w", force_zip64=True) as entry:
                         np.lib.format.write_array(entry, np.concatenate(ys) if ys else np.zeros(0, np.int64))
+            return path
+        if path.suffix.lower() == ".npy":  # what the service's format=npy returns: float32 NCHW in [-1, 1]
+            with atomic_write(path, "wb") as f:
+                done = 0
+                for images, _ in chunks:
+                    _check_images_finite(images, done)
+                    arr = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
+                    if done == 0:
+                        header = {"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False,
+                                  "shape": (n, *arr.shape[1:])}
+                        np.lib.format.write_array_header_1_0(f, header)
+                    f.write(arr.tobytes())
+                    done += len(arr)
+                if done != n:
+                    raise DataError(f"internal: {done} images for n={n}")
             return path
         from PIL import Image
 
@@ -278,7 +301,7 @@ def cmd_sample(args) -> int:
     else:
         model = load_model_from_args(args)
         sampler = args.sampler or "ddim"
-        ts = timesteps_from_args(args, model.num_timesteps)
+        ts = timesteps_from_args(args, model.num_timesteps, model.schedule)
         from .diffusion import SAMPLERS, validate_timesteps
         from .sampling import check_labels
 
@@ -293,7 +316,7 @@ def cmd_sample(args) -> int:
             return sample(model, ts, sampler=sampler, n=b - a, seed=seed, eta=eta, labels=y,
                           progress=not args.quiet and b - a == n, return_labels=True, first=a)
 
-    chunk = n if out_path.suffix.lower() == ".png" else STREAM_CHUNK
+    chunk = n if out_path.suffix.lower() == ".png" else STREAM_CHUNK  # .npz and .npy are streamed
 
     def chunks():
         for a in range(0, n, chunk):
@@ -340,6 +363,30 @@ def _versions() -> dict:
     return out
 
 
+def training_command(recorded: str) -> str:
+    """A checkpoint's recorded ``train`` command as one to run again (the README quotes it): without ``--resume``
+    (how that run was continued, not what it is), writing ``--out``'s file name in the current folder (never
+    over the packaged asset, nor into a folder of the machine it ran on)."""
+    import shlex
+
+    words, out = shlex.split(recorded), []
+    k = 0
+    while k < len(words):
+        word = words[k]
+        if word == "--resume":
+            k += 1
+            continue
+        if word == "--out" and k + 1 < len(words):
+            out += [word, Path(words[k + 1]).name]
+            k += 2
+            continue
+        if word.startswith("--out="):
+            word = "--out=" + Path(word.split("=", 1)[1]).name
+        out.append(word)
+        k += 1
+    return shlex.join(out)
+
+
 def cmd_info(args) -> int:
     import json
 
@@ -354,7 +401,7 @@ def cmd_info(args) -> int:
     print(f"schedule     {model.schedule.name}, T={model.num_timesteps}")
     print("config       " + json.dumps(model.config["unet"], default=list))
     if model.metadata.get("command"):
-        print(f"trained by   {model.metadata['command']}")
+        print(f"trained by   {training_command(model.metadata['command'])}")
     print()
     print(f"{'layer id':<22}{'kind':<6}{'res':>5}{'ch':>6}{'MMACs':>10}")
     for layer in model.layers:
@@ -367,55 +414,77 @@ def cmd_info(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .sampling import MAX_SAMPLES
+def build_parser(commands: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The command line. ``commands``: the subcommands whose full arguments are needed (default: all); the
+    others get a stub with their help line from :data:`registry.COMMANDS`, and their modules are not imported."""
+    parser = OneLineParser(prog="autodiffusion-rt", description="Fast sampling for pretrained diffusion UNets: "
+                           "search a short sampling plan, build one engine per step, run and serve it.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    parser = OneLineParser(prog="autodiffusion-rt", description="Fast sampling for pretrained diffusion UNets.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    def add(name: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=COMMANDS[name][1], description=description)
 
-    p = sub.add_parser("sample", help="sample images (uniform/explicit timesteps, a plan, or built engines)")
+    p = add("sample", "Sample images with the full model over uniform or explicit timesteps (--model, --steps / "
+            "--timesteps), with a searched plan on PyTorch (--plan), or with the engines 'autodiffusion-rt build' made "
+            "(--engines). Writes a PNG grid, an .npz or an .npy (--out).")
     add_model_args(p)
     add_schedule_args(p)
     p.add_argument("--plan", default=None, help="a plan.json: sample with its timesteps and skipped layers (torch)")
     p.add_argument("--engines", default=None, help="an engine dir from 'autodiffusion-rt build'")
-    p.add_argument("--backend", default=None, help="backend for --engines: auto (what the dir was built for), onnxruntime, openvino, tensorrt or torch (default: auto)")
+    p.add_argument("--backend", default=None, choices=("auto", *RUNTIME_BACKENDS),
+                   help=f"backend for --engines: auto (what the dir was built for), {one_of(RUNTIME_BACKENDS)} "
+                   "(default: auto)")
     p.add_argument("--n", type=int, default=64, help=f"number of samples (default: %(default)s; at most {MAX_SAMPLES:,}, "
-                   f"and at most {MAX_GRID} in a .png grid; an .npz is written in chunks of {STREAM_CHUNK})")
+                   f"and at most {MAX_GRID} in a .png grid; an .npz or .npy is written in chunks of {STREAM_CHUNK})")
     p.add_argument("--seed", type=int, default=0, help="an integer in [0, 2^63) (default: %(default)s)")
     p.add_argument("--labels", default=None, help="class labels: one for all, or one per sample (comma-separated)")
-    p.add_argument("--out", default="samples.png", help="output: .png grid or .npz (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true")
+    outputs = "; ".join(f"{k} {v}" for k, v in IMAGE_OUTPUTS.items())
+    p.add_argument("--out", default="samples.png", help=f"output: {outputs} (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("train", help="train the embedded MNIST model (resumable)")
-    p.add_argument("--steps", type=int, default=20000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--ema-decay", type=float, default=0.9995)
+    p = add("train", "Train the embedded MNIST model from scratch (or from --init), resumably: the EMA weights go to "
+            "--out, the training state to --state. The shipped model was trained by the command 'info' prints.")
+    p.add_argument("--steps", type=int, default=20000, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--ema-decay", type=float, default=0.9995,
+                   help="decay of the weights' EMA, which is saved (default: %(default)s)")
     p.add_argument("--min-snr-gamma", type=float, default=5.0, help="min-SNR-gamma loss weighting; 0 for plain MSE (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and noise (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--init", default=None, help="start from this checkpoint's weights (a fresh optimizer)")
-    p.add_argument("--out", default="embedded_mnist.pt", help="the finished checkpoint (EMA weights)")
+    p.add_argument("--out", default="embedded_mnist.pt", help="the finished checkpoint (EMA weights; default: "
+                   "%(default)s in the current folder; load it with --model ckpt:PATH)")
     p.add_argument("--state", default=None, help="the resumable training state (default: OUT.state)")
     p.add_argument("--resume", action="store_true", help="continue from --state exactly where it stopped")
     p.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between state saves (default: %(default)s)")
     p.add_argument("--time-limit", type=float, default=None, help="save the state and stop after this many seconds")
     p.add_argument("--stop-at-step", type=int, default=None, help="save the state (and the EMA weights so far) and stop at this step")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward (faster after a short compile)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("info", help="model config, layer table with MACs, versions")
+    p = add("info", "Print a model's config, its skippable layers with their MACs, the command that trained it, "
+            "and the library versions.")
     add_model_args(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("export-diffusers", help="the diffusers scheduler settings reproducing a plan's schedule (no skipping)")
+    p = add("export-diffusers", "Print (and with --out save) the diffusers scheduler settings that reproduce a "
+            "plan's timesteps and sampler; layer skipping has no diffusers equivalent and is left out.")
     p.add_argument("plan", help="a plan.json")
     p.add_argument("--out", default=None, help="also save the scheduler here (save_pretrained directory)")
     p.set_defaults(func=lambda args: importlib.import_module("autodiffusion_rt.models.diffusers_adapter").export_diffusers_command(args))
 
+    wanted = set(COMMANDS) if commands is None else set(commands)
+    registered = set(sub.choices)
     for name in _PLUGINS:
+        theirs = [c for c, (module, _) in COMMANDS.items() if module == name]
+        if not wanted.intersection(theirs):
+            for c in theirs:  # listed in the top-level help; the module is imported when the command is chosen
+                sub.add_parser(c, help=COMMANDS[c][1])
+            continue
         try:
             module = importlib.import_module(name)
         except ImportError as e:
@@ -423,7 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    unlisted = set(sub.choices) - set(COMMANDS) - registered
+    assert not unlisted, f"commands missing from registry.COMMANDS: {sorted(unlisted)}"
     return parser
+
+
+def chosen_command(argv: Sequence[str]) -> list[str]:
+    """The subcommand ``argv`` names (its first word not starting with '-'), as a list for :func:`build_parser`."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return [word] if word in COMMANDS else []
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -477,8 +554,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import signal
     import threading
 
-    from .utils import plain_warnings
-
+    argv = sys.argv[1:] if argv is None else list(argv)
     # SIGTERM/Ctrl-C while the command's modules import (torch, onnx: seconds) are noted, not fatal: the
     # command then stops at once (130), or 'serve' exits 0 (nothing to drain yet).
     early: list[int] = []
@@ -489,11 +565,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
+        args = build_parser(chosen_command(argv)).parse_args(argv)  # before anything heavy is imported
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    from .utils import plain_warnings
+
     plain_warnings()
     if args.command == "serve":
         args.early_signals = early  # serve's own handling takes them

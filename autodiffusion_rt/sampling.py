@@ -18,13 +18,11 @@ import torch
 from .diffusion import SAMPLERS, SampleNoise, check_seed, compute_coefficients, sample_loop, validate_timesteps
 from .errors import SamplingError
 from .models import DiffusionModel
+# MAX_SAMPLES: the most samples one call makes (about 3 GB of 64x64 RGB float32); more: call again with ``first=``
+# (the CLI streams an .npz that way), since a sample's images do not depend on the chunk it is made in.
+from .registry import MAX_SAMPLES
 
 KeepSpec = Union[None, Iterable[str], Sequence[Optional[Iterable[str]]]]
-
-
-#: The most samples one call makes (about 3 GB of 64x64 RGB float32); more: call again with ``first=``
-#: (the CLI streams an .npz that way), since a sample's images do not depend on the chunk it is made in.
-MAX_SAMPLES = 1_000_000
 
 
 def check_n(n) -> int:

@@ -13,6 +13,14 @@ Modules: :mod:`~search.space` (candidates, repair, mutation, crossover),
 """
 
 from .errors import SearchError
-from .space import Candidate, SearchSpace
 
 __all__ = ["Candidate", "SearchError", "SearchSpace"]
+
+
+def __getattr__(name: str):
+    """``Candidate`` and ``SearchSpace`` on first use (PEP 562): ``python -m search.run --help`` needs no torch."""
+    if name in ("Candidate", "SearchSpace"):
+        from . import space
+
+        return getattr(space, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

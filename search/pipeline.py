@@ -23,11 +23,9 @@ from pathlib import Path
 from typing import Optional
 
 from autodiffusion_rt.errors import Error
+from autodiffusion_rt.registry import DEFAULT_MODEL
 
 from .errors import SearchError
-
-DEFAULT_MODEL = "embedded:mnist"
-
 
 # The defaults are sized so that the default run, its held-out selection and its report take <= 5 minutes on the
 # project's 2-core CPU when idle (embedded model, NFE 4), --fast and --method dp <= 60 s: search/README.md,
@@ -410,6 +408,10 @@ def _run_locked(prepared: Prepared, executor, stop_after: Optional[int]):
         return None
     held_out = _select_on_holdout(prepared, evolved)
     summary = _search_summary(evolved, teacher, dp, held_out)
+    if held_out is not None:  # the report names the held-out table's own samples beside it
+        options = prepared.options
+        summary["holdout_settings"] = {"samples": options.holdout_samples, "seed": options.holdout_seed,
+                                       "extractor": prepared.extractor.name}
     plan = _write_plans(prepared, evolved.result, summary, held_out)
     report = None
     if prepared.options.report:
@@ -693,7 +695,8 @@ def _write_plans(prepared: Prepared, result, summary: dict, held_out: Optional[H
     if not options.quiet:
         fitness, held = plan.fitness, ""
         if held_out is not None:
-            held = f", held-out FID {fitness.fid:.3f} ({fitness.num_samples} samples, seed {fitness.seed})"
+            held = (f", held-out FID {fitness.fid:.3f} ({fitness.extractor} features, {fitness.num_samples} samples, "
+                    f"seed {fitness.seed}; the report's rows use other samples)")
         print(f"plan written to {options.out}: timesteps {list(plan.timesteps)}, {result.best.candidate.num_skipped} "
               f"skipped layer-steps, {options.objective} {result.best.fid:.4g} ({prepared.extractor.name}, "
               f"{options.num_samples} samples){held}, {plan.macs_per_sample / plan.full_macs_per_sample:.3f} of the "

@@ -8,27 +8,38 @@ same extractor(s) against the same reference statistics. The default report
 seed differs from the search's, so the plan is judged on noise it was not
 selected on.
 
+Each FID comes with its uncertainty over the choice of samples: the standard
+deviation of the FID over ``BOOTSTRAP_ROUNDS`` resamples (with replacement) of
+the row's feature vectors. The rows share their noise, so the resamples are
+paired (the same indices for every row): a row that beats the plan is reported
+with the difference in units of the paired difference's spread, so a reader
+sees whether it is noise.
+
 ``python -m search.report PLAN.json --extractor inception --num-samples 2000``
 reports an existing plan (e.g. with another extractor) without searching again.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from autodiffusion_rt.diffusion import uniform_timesteps
 from autodiffusion_rt.errors import Error
+from autodiffusion_rt.registry import EXTRACTORS, one_of
 from autodiffusion_rt.utils import atomic_write
 
-from .space import Candidate
+if TYPE_CHECKING:  # imported where used: python -m search.report parses its arguments before torch loads
+    from .space import Candidate
 
 REPORT_FORMAT = "autodiffusion-rt-search-report"
+#: Resamples behind each FID's ± sd; at most this feature size (a resample costs a sqrtm of that size).
+BOOTSTRAP_ROUNDS = 30
+BOOTSTRAP_MAX_DIM = 256
 
 
 @dataclass
@@ -38,6 +49,8 @@ class Row:
     candidate: Candidate
     macs: int
     fid: dict = field(default_factory=dict)  # extractor name -> FID
+    fid_sd: dict = field(default_factory=dict)  # extractor name -> bootstrap standard deviation of the FID
+    boot: dict = field(default_factory=dict, repr=False)  # extractor name -> the resampled FIDs (paired across rows)
 
     def to_json(self) -> dict:
         return {
@@ -49,6 +62,7 @@ class Row:
             "skipped_layer_steps": self.candidate.num_skipped,
             "macs_per_sample": self.macs,
             "fid": self.fid,
+            "fid_bootstrap_sd": self.fid_sd,
         }
 
 
@@ -64,6 +78,8 @@ class Report:
     rows: list
     seconds: float = 0.0
     search: dict = field(default_factory=dict)  # wall time, evaluations, savings (filled by run.py)
+    bootstrap_rounds: int = 0
+    comparison: list = field(default_factory=list)  # sentences: the plan against the best uniform row, per extractor
 
     def to_json(self) -> dict:
         return {
@@ -78,14 +94,24 @@ class Report:
             "rows": [r.to_json() for r in self.rows],
             "seconds": round(self.seconds, 1),
             "search": self.search,
+            "bootstrap_rounds": self.bootstrap_rounds,
+            "comparison": self.comparison,
         }
 
     def table(self) -> str:
         exts = list(self.references)
-        head = ["method", "sampler", "NFE", "timesteps", "skipped layer-steps", "MMACs/sample", "vs full"] + [f"FID ({e})" for e in exts]
+        sd = " ± sd" if self.bootstrap_rounds else ""
+        head = ["method", "sampler", "NFE", "timesteps", "skipped layer-steps", "MMACs/sample", "vs full"] + [
+            f"FID{sd} ({e} features, n={self.num_samples}, seed {self.seed})" for e in exts]
         lines = [
             f"{self.model}, NFE {self.nfe}: {self.num_samples} samples per row, seed {self.seed}; "
             + "; ".join(f"{e} reference {r}" for e, r in self.references.items()),
+            "",
+            (f"Every row is sampled from the same noise (seed {self.seed}), so the rows compare like for like. "
+             f"± sd: the standard deviation of the FID over {self.bootstrap_rounds} bootstrap resamples of the "
+             "row's samples (the same resamples for every row). " if self.bootstrap_rounds else "")
+            + f"An FID of {self.num_samples} samples is biased upward by a few samples' worth: compare rows within "
+            "this table, not with FIDs of another n or seed.",
             "",
             "| " + " | ".join(head) + " |",
             "|" + "|".join("---" for _ in head) + "|",
@@ -99,8 +125,10 @@ class Report:
                 str(r.candidate.num_skipped),
                 f"{r.macs / 1e6:.1f}",
                 f"{r.macs / self.full_macs:.3f}",
-            ] + [f"{r.fid[e]:.3f}" if e in r.fid else "-" for e in exts]
+            ] + [_fid_cell(r, e) for e in exts]
             lines.append("| " + " | ".join(cells) + " |")
+        if self.comparison:
+            lines += [""] + self.comparison
         if self.search:
             s = self.search
             lines += ["", _search_summary(s)]
@@ -124,6 +152,43 @@ class Report:
             print(self.table())
             print(f"report written to {md}", file=sys.stderr)
         return md
+
+
+def _fid_cell(row: Row, ext: str) -> str:
+    if ext not in row.fid:
+        return "-"
+    sd = row.fid_sd.get(ext)
+    return f"{row.fid[ext]:.3f}" + (f" ± {sd:.3f}" if sd is not None and math.isfinite(sd) else "")
+
+
+def compare_plan(rows: Sequence[Row], ext: str) -> Optional[str]:
+    """One sentence: is the searched plan (the first row) the best row by ``ext``'s FID, and by how much against
+    the paired bootstrap spread of the difference to the closest other row (None without a plan row)."""
+    import numpy as np
+
+    if not rows or rows[0].method != "searched plan" or ext not in rows[0].fid or len(rows) < 2:
+        return None
+    plan = rows[0]
+    other = min(rows[1:], key=lambda r: r.fid.get(ext, math.inf))
+    gap = other.fid.get(ext, math.inf) - plan.fid[ext]
+    if gap > 0:
+        text = (f"The searched plan is the best row by FID ({ext}): {gap:.3f} below the next best, "
+                f"{other.method} ({other.sampler})")
+    else:
+        text = f"{other.method} ({other.sampler}) beats the searched plan by {-gap:.3f} FID ({ext})"
+    a, b = plan.boot.get(ext), other.boot.get(ext)
+    diff = np.zeros(0) if a is None or b is None else (a - b)[np.isfinite(a - b)]
+    if len(diff) < 2 or not math.isfinite(gap):
+        return text + " (no bootstrap spread to judge it by)."
+    spread = float(np.std(diff, ddof=1))
+    ratio = abs(gap) / spread if spread > 0 else math.inf
+    if ratio < 2:
+        verdict = "within the noise of the samples (under 2 sd): a tie on these samples"
+    elif gap > 0:
+        verdict = "more than the noise of the samples"
+    else:
+        verdict = "more than the noise of the samples: at this NFE that uniform schedule is better on these samples"
+    return text + f", {ratio:.1f} times the paired bootstrap sd of the difference ({spread:.3f}): {verdict}."
 
 
 def _search_summary(s: dict) -> str:
@@ -162,8 +227,14 @@ def _search_summary(s: dict) -> str:
             cheap = ", ".join(f"{t['layers'][k]} {costs[k]:.3g}" for k in order[:3])
             out += f"| {ts} | {cheap} | {t['layers'][order[-1]]} {costs[order[-1]]:.3g} |\n"
     if s.get("holdout"):
-        out += "\n\nHeld-out selection (top-k by the search's fitness, re-ranked by FID on fresh samples; lowest wins):\n\n"
-        out += "| timesteps | sampler | skipped layer-steps | search fitness | held-out FID |\n|---|---|---|---|---|\n"
+        hs = s.get("holdout_settings", {})
+        held = (f"held-out FID ({hs.get('extractor', '?')} features, n={hs.get('samples', '?')}, "
+                f"seed {hs.get('seed', '?')})")
+        out += ("\n\nHeld-out selection (top-k by the search's fitness, re-ranked by FID on fresh samples; lowest "
+                "wins). "
+                "These FIDs use other samples (another n and seed) than the table above, so they differ from its "
+                "figures; within each table the rows share their samples and compare like for like:\n\n")
+        out += f"| timesteps | sampler | skipped layer-steps | search fitness | {held} |\n|---|---|---|---|---|\n"
         for h in s["holdout"]:
             sf = h.get("search_fitness")
             out += (f"| {','.join(map(str, h['timesteps']))} | {h.get('sampler', '-')} | {h['skipped_layer_steps']} | "
@@ -173,6 +244,10 @@ def _search_summary(s: dict) -> str:
 
 def baseline_rows(num_timesteps: int, nfe: int, schedule=None) -> list[tuple[str, str, Candidate]]:
     """Every uniform baseline at this NFE: each sampler with linear, quadratic and (given the schedule) log-SNR spacing."""
+    from autodiffusion_rt.diffusion import uniform_timesteps
+
+    from .space import Candidate
+
     spacings = ["linear", "quadratic"] + (["logsnr"] if schedule is not None else [])
     cands = {sp: Candidate.full(uniform_timesteps(num_timesteps, nfe, sp, schedule)) for sp in spacings}
     rows = []
@@ -203,9 +278,10 @@ def make_report(
     """
     import warnings
 
+    import numpy as np
     from tqdm.auto import tqdm
 
-    from autodiffusion_rt.metrics import FIDWarning, fid, get_extractor
+    from autodiffusion_rt.metrics import FIDWarning, bootstrap_indices, fid_with_bootstrap, get_extractor
 
     from .fitness import FitnessEvaluator
 
@@ -214,42 +290,51 @@ def make_report(
     layer_macs = {layer.id: layer.macs for layer in model.unet.layers}
     full_step = model.unet.macs()
     nfe = rows[0][2].nfe
-    out_rows = []
-    evaluators: dict = {}
-    bar = tqdm(total=len(rows) * len(extractors), desc=f"report NFE {nfe}", disable=quiet, unit="fid")
     # Rows of one sampler are sampled together, sharing their common prefixes (bit-exact, see search/fitness.py).
     by_key: dict = {}
     for j, (method, sampler, cand) in enumerate(rows):
         by_key.setdefault((sampler, eta if sampler == "ddim" else 0.0), []).append(j)
-    row_images: dict = {}
+    groups = []
+    for key, js in by_key.items():
+        # The evaluator gives exactly sample()'s images for (N, seed); its extractor is unused here.
+        ev = FitnessEvaluator(model, key[0], key[1], num_samples, seed, exts[0], references[exts[0].name],
+                              batch_size=batch_size, cache_bytes=0, device=device)
+        groups.append((js, ev, list(dict.fromkeys(rows[j][2] for j in js))))
+    # The bar moves per model call over the N samples (a step of a row) and per FID: the units that take time.
+    bar = tqdm(total=sum(ev.plan_calls(cands) for _, ev, cands in groups) + len(rows) * len(exts),
+               desc=f"report NFE {nfe} ({len(rows)} rows x {num_samples} samples)", disable=quiet, unit="step")
+    indices = bootstrap_indices(num_samples, BOOTSTRAP_ROUNDS, seed) if num_samples >= 2 else None
+    out_rows: list = [None] * len(rows)
     try:
-        for key, js in by_key.items():
-            # The evaluator gives exactly sample()'s images for (N, seed); its extractor is unused here.
-            evaluators[key] = FitnessEvaluator(model, key[0], key[1], num_samples, seed, exts[0], references[exts[0].name], batch_size=batch_size, cache_bytes=0, device=device)
-            cands = list(dict.fromkeys(rows[j][2] for j in js))
-            imgs = dict(zip(cands, evaluators[key].samples(cands)))
+        for js, ev, cands in groups:
+            imgs = dict(zip(cands, ev.samples(cands, on_call=lambda: bar.update(1))))
             for j in js:
-                row_images[j] = imgs[rows[j][2]]
-        for j, (method, sampler, cand) in enumerate(rows):
-            images = row_images[j]
-            macs = sum(full_step - sum(layer_macs[i] for i in s) for s in cand.skip)
-            row = Row(method, sampler, cand, macs)
-            for ext in exts:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FIDWarning)
-                    try:
-                        row.fid[ext.name] = float(fid(images.cpu(), references[ext.name], ext))
-                    except Error as e:
-                        if j == 0:  # the plan's own row: the reference or extractor does not fit its model; not an inf
-                            ref = references[ext.name].dataset
-                            raise Error(f"cannot judge the plan's images ({model.name}, {tuple(model.image_shape)}) "
-                                        f"with extractor {ext.name} against reference {ref!r}: {e}; "
-                                        "pass --reference/--extractor made for this model") from None
-                        row.fid[ext.name] = float("inf")  # a baseline that diverged
-                bar.update(1)
-            out_rows.append(row)
+                method, sampler, cand = rows[j]
+                macs = sum(full_step - sum(layer_macs[i] for i in s) for s in cand.skip)
+                row = Row(method, sampler, cand, macs)
+                for ext in exts:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", FIDWarning)
+                        try:
+                            value, boot = fid_with_bootstrap(imgs[cand].cpu(), references[ext.name], ext,
+                                                             indices if ext.feature_dim <= BOOTSTRAP_MAX_DIM else None)
+                        except Error as e:
+                            if j == 0:  # the plan's own row: the reference or extractor does not fit its model
+                                ref = references[ext.name].dataset
+                                raise Error(f"cannot judge the plan's images ({model.name}, {tuple(model.image_shape)}) "
+                                            f"with extractor {ext.name} against reference {ref!r}: {e}; "
+                                            "pass --reference/--extractor made for this model") from None
+                            value, boot = float("inf"), np.zeros(0)  # a baseline that diverged
+                    row.fid[ext.name] = float(value)
+                    if np.isfinite(boot).sum() >= max(2, len(boot) // 2):  # most resamples usable: a spread
+                        row.boot[ext.name] = boot
+                        row.fid_sd[ext.name] = float(np.nanstd(boot, ddof=1))
+                    bar.update(1)
+                out_rows[j] = row
+            del imgs
     finally:
         bar.close()
+    comparison = [c for c in (compare_plan(out_rows, ext.name) for ext in exts) if c]
     return Report(
         model=model.name,
         nfe=nfe,
@@ -260,11 +345,15 @@ def make_report(
         full_macs=full_step * nfe,
         rows=out_rows,
         seconds=time.perf_counter() - t0,
+        bootstrap_rounds=BOOTSTRAP_ROUNDS if indices is not None and any(r.fid_sd for r in out_rows) else 0,
+        comparison=comparison,
     )
 
 
 def plan_rows(plan, model) -> list[tuple[str, str, Candidate]]:
     """The plan's row, its stage-1 row (from provenance) when different, then the baselines."""
+    from .space import Candidate
+
     cand = Candidate(plan.timesteps, plan.skip)
     rows = [("searched plan", plan.sampler, cand)]
     s1 = (plan.provenance or {}).get("stage1_best")
@@ -276,16 +365,21 @@ def plan_rows(plan, model) -> list[tuple[str, str, Candidate]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m search.report", description="Report a plan against uniform DDIM and DPM-Solver++(2M) at its NFE.")
+    from autodiffusion_rt.cli import OneLineParser
+
+    p = OneLineParser(prog="python -m search.report", description="Report a plan against the uniform samplers (DDIM, "
+                      "DPM-Solver++(2M), iPNDM; linear, quadratic and log-SNR spacing) at its NFE: FID with its "
+                      "bootstrap spread for every row, all rows from the same noise.")
     p.add_argument("plan", help="a plan.json written by python -m search.run")
-    p.add_argument("--extractor", action="append", default=None, help="mnist | inception, repeatable (default: the plan's)")
+    p.add_argument("--extractor", action="append", default=None, choices=EXTRACTORS,
+                   help=f"{one_of(EXTRACTORS)}, repeatable (default: the plan's)")
     p.add_argument("--reference", default=None, help="reference data or statistics (default: the search's reference, 'mnist' for the embedded model)")
-    p.add_argument("--num-samples", type=int, default=2000)
+    p.add_argument("--num-samples", type=int, default=2000, help="samples per row (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="default: the search seed + 1 (noise the plan was not selected on)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="model batch size (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda[:N]")
     p.add_argument("--out", default=None, help="report stem (writes STEM.report.md/.json; default: next to the plan, named after the extractors)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no table on stdout")
     args = p.parse_args(argv)
     from autodiffusion_rt.cli import run_command
 

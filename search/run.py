@@ -15,6 +15,8 @@ import sys
 from dataclasses import fields
 from typing import Optional, Sequence
 
+from autodiffusion_rt.registry import EXTRACTORS, SAMPLERS, SPACINGS, model_spec_help, one_of
+
 from .errors import SearchError
 from .pipeline import (  # noqa: F401  (re-exported: the public names of python -m search.run)
     DEFAULT_MODEL,
@@ -55,17 +57,17 @@ def _model_flags(parser) -> None:
     """The model, its sampler and what judges a schedule."""
     d = DEFAULTS
     group = parser.add_argument_group("model and sampler")
-    group.add_argument("--model", help=f"model spec: embedded:mnist or adm:PATH (default: {d['model']})")
+    group.add_argument("--model", help=model_spec_help(d["model"]))
     group.add_argument("--preset", help="ADM preset for adm: specs (e.g. imagenet64-cond)")
     group.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="guided-diffusion flag for adm: specs, repeatable")
     group.add_argument("--nfe", help=f"number of sampling steps (default {d['nfe']}); with --multi-objective a "
                        "range (3-8) or list (3,4,6): the fronts with and without layer skipping across NFE "
                        "(search/pareto.py)")
-    group.add_argument("--sampler", help=f"ddim, ddpm, dpmpp_2m or ipndm (default {d['sampler']})")
+    group.add_argument("--sampler", choices=SAMPLERS, help=f"{one_of(SAMPLERS)} (default {d['sampler']})")
     group.add_argument("--eta", type=float, help=f"DDIM eta (default {d['eta']}: deterministic)")
-    group.add_argument("--extractor", help="FID features: mnist or inception (default: mnist for the embedded model, "
-                       "inception otherwise)")
+    group.add_argument("--extractor", choices=EXTRACTORS, help=f"FID features: {one_of(EXTRACTORS)} (default: mnist "
+                       "for the embedded model, inception otherwise)")
     group.add_argument("--reference", help="real data for FID: mnist, an image folder, an .npz of images, or a "
                        "statistics .npz (default: mnist for the embedded model)")
     group.add_argument("--objective", help="search fitness: trajectory (distance to a high-NFE teacher's images "
@@ -108,8 +110,8 @@ def _dp_and_holdout_flags(parser) -> None:
     group = parser.add_argument_group("DP schedules and held-out selection")
     group.add_argument("--grid-points", type=int, help="DP grid = the teacher's DDIM schedule "
                        f"(default {d['grid_points']}; --fast {FAST['grid_points']})")
-    group.add_argument("--grid-spacing",
-                       help=f"DP grid spacing: quadratic, linear or logsnr (default {d['grid_spacing']})")
+    group.add_argument("--grid-spacing", choices=SPACINGS,
+                       help=f"DP grid spacing: {one_of(SPACINGS)} (default {d['grid_spacing']})")
     group.add_argument("--dp-paths", type=int,
                        help=f"DP schedules seeded into generation 0 (default {d['dp_paths']}; 0: none)")
     group.add_argument("--teacher-cache",
@@ -129,7 +131,8 @@ def _output_flags(parser) -> None:
     """Where the plan, its checkpoint and its report go."""
     d = DEFAULTS
     group = parser.add_argument_group("outputs and report")
-    group.add_argument("--out", help="plan path (default plans/embedded-mnist-nfe4.json for the default model)")
+    group.add_argument("--out", help="plan path (default: plans/KIND-NAME-nfeN[-SAMPLER].json, e.g. "
+                       f"plans/embedded-mnist-nfe{d['nfe']}.json for the default model and NFE, -nfe6.json with --nfe 6)")
     group.add_argument("--checkpoint", help="search state path (default: next to --out, .search-state.json)")
     group.add_argument("--resume", action="store_true", default=None,
                        help="continue the search saved in the checkpoint (same settings)")
@@ -141,7 +144,7 @@ def _output_flags(parser) -> None:
                        f"--method dp {DP_METHOD['report_samples']}; --fast {FAST['report_samples']})")
     group.add_argument("--report-seed", type=int,
                        help="seed of the report rows (default: --seed + 1, noise the plan was not selected on)")
-    group.add_argument("--report-extractor", dest="report_extractors", action="append",
+    group.add_argument("--report-extractor", dest="report_extractors", action="append", choices=EXTRACTORS,
                        help="extractor(s) for the report, repeatable (default: --extractor)")
 
 

@@ -551,6 +551,7 @@ def _fill(d: Path, leave: int = 0) -> None:
     os.truncate(d / "filler.bin", max(0, os.path.getsize(d / "filler.bin") - leave))
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_line_and_leaves_no_partial_file(work, tmp_path):
     """A full 64 KiB tmpfs (16 KiB left): sample --out x.npz, build and fid-stats --out fail with 'the disk is
     full', what was on the disk is intact, no partial or temp file is left. A search on a second tmpfs with 4 KiB
@@ -613,6 +614,7 @@ def _build_cmd(work: Path, out: Path, *extra: str) -> list[str]:
             "--quiet", *extra]
 
 
+@pytest.mark.slow
 def test_concurrent_builds_are_serialised(work, tmp_path):
     """A second build of a dir in use fails naming the lock (or waits with --wait-lock, writing nothing meanwhile);
     two builds started together into one new dir both succeed, one building and the other then reusing it all,
@@ -675,6 +677,7 @@ def _step_files(d: Path, hashes: bool = True) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_build_loses_nothing(work, tmp_path):
     """kill -9 of a first build while step 1 is being exported: the dir says it is unfinished; the next build
     reuses exactly the finished steps (same inode, mtime, bytes), builds the rest, samples bit-identically to a
@@ -736,6 +739,7 @@ def _generations_saved(ckpt: Path) -> int:
     return 0
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_search_loses_no_finished_generation(tmp_path):
     """kill -9 of `python -m search.run` inside NSGA-II's stage (after its first generation, with two to go): the
     checkpoint is whole, the dead process's lock does not block `--resume`, and the resumed search writes the plan

@@ -222,6 +222,7 @@ def test_changed_plan_rebuilds_only_the_changed_steps(built, uncond, tmp_path):
     Runtime.load(d, plan=changed).close()
 
 
+@pytest.mark.slow
 def test_dpm_timestep_change_rebuilds_the_steps_whose_constants_move(uncond, tmp_path):
     # DPM-Solver++(2M): step i's constants depend on t_i, t_{i+1} (and t_{i-1} when second order);
     # the final step (x_prev = x0) only on its own timestep.
@@ -378,6 +379,7 @@ def test_cli_build_from_a_checkpoint_plan(uncond, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------- int8
+@pytest.mark.slow
 def test_int8_steps_are_kept_or_rejected_by_the_fid_check(uncond, tmp_path, search_tiny_extractor, search_tiny_ref_stats):
     """Real QDQ quantization, real onnxruntime int8 runs, real FID (tiny extractor) decide each step.
 

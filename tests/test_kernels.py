@@ -291,6 +291,7 @@ def test_interp_hooks_offer_triton_for_cpu_tensors_only_under_the_interpreter(op
     assert dispatch.fast_timestep_embedding(t, 8) is None
 
 
+@pytest.mark.slow
 def test_triton_suite_runs_in_a_subprocess():
     """Runs the test_interp_* tests above in a child with TRITON_INTERPRET=1 (CPU tensors, no GPU)."""
     if not HAVE_TRITON:

@@ -399,3 +399,19 @@ def test_cli_train_classifier_is_registered():
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train-classifier", "--out", os.devnull, "--epochs", "3"])
     assert args.epochs == 3 and callable(args.func) and Path(args.out) == Path(os.devnull)
+
+
+# --- the FID's uncertainty ------------------------------------------------------------------------
+def test_bootstrap_fid_is_the_fid_and_its_spread_shrinks_with_more_samples(digits, ext, ref):
+    """The identity resample reproduces fid() exactly; the resamples' spread is positive and falls as n grows."""
+    from autodiffusion_rt.metrics import bootstrap_indices, fid_with_bootstrap
+
+    images = shuffled(digits)[:1200]
+    value, boot = fid_with_bootstrap(images, ref, ext, np.arange(len(images))[None])
+    assert value == fid(images, ref, ext) and boot[0] == pytest.approx(value, rel=1e-9)
+    spreads = []
+    for n in (150, 1200):
+        value, boot = fid_with_bootstrap(images[:n], ref, ext, bootstrap_indices(n, 20, seed=3))
+        assert boot.shape == (20,) and np.isfinite(boot).all()
+        spreads.append(np.std(boot, ddof=1))
+    assert 0 < spreads[1] < spreads[0]

@@ -58,6 +58,7 @@ def test_the_fingerprint_is_of_the_weights_and_only_the_weights(embedded_model):
     assert weights_fingerprint(renamed) != base
 
 
+@pytest.mark.slow
 def test_embedded_model_draws_the_requested_digits_on_clean_backgrounds(embedded_model):
     """DDIM-20, 200 samples, labels cycling 0-9, judged by the project's MNIST classifier.
 

@@ -12,7 +12,7 @@ from search.run import SearchOptions, run_search
 
 ray = pytest.importorskip("ray")
 
-pytestmark = pytest.mark.usefixtures("search_single_thread")
+pytestmark = [pytest.mark.usefixtures("search_single_thread"), pytest.mark.slow]  # slow: the whole module (minutes)
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,7 @@ def test_torch_runtime_on_device_cpu_equals_the_default(models):
 
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+@pytest.mark.slow
 def test_onnxruntime_images_equal_torch(engine_dirs, case):
     model, plan, d = engine_dirs[case]
     labels = [0, 1, 2, 1, 0, 2, 2] if model.num_classes else None
@@ -89,6 +90,7 @@ def test_onnxruntime_images_equal_torch(engine_dirs, case):
         assert not torch.equal(rt.sample(7, seed=12, labels=labels), a)  # the seed matters
 
 
+@pytest.mark.slow
 def test_merged_requests_get_exactly_their_own_images(engine_dirs):
     """What a dynamic batcher relies on: requests run as one batch equal each run alone.
 
@@ -110,6 +112,7 @@ def test_merged_requests_get_exactly_their_own_images(engine_dirs):
             assert torch.equal(rt.sample(1, seed=5), merged[0][0][:1])
 
 
+@pytest.mark.slow
 def test_labels_drawn_from_the_seed_match_and_are_validated(engine_dirs):
     model, plan, d = engine_dirs[("cond", "ddim", 0.0)]
     with Runtime.load(d, threads=1) as rt, Runtime.from_plan(plan, model=model) as ref:
@@ -123,6 +126,7 @@ def test_labels_drawn_from_the_seed_match_and_are_validated(engine_dirs):
         rt.sample(2, labels=[0, 1])
 
 
+@pytest.mark.slow
 def test_steady_state_allocates_only_the_result_and_engines_write_in_place(engine_dirs):
     """After the first request of a batch size, a request allocates its result and nothing else (tracemalloc sees
     numpy's allocations): the buffers and bindings of every step are kept. What breaks it: buffers made per request."""
@@ -155,6 +159,7 @@ def test_steady_state_allocates_only_the_result_and_engines_write_in_place(engin
         assert np.array_equal(fresh["x_prev"], out["x_prev"])
 
 
+@pytest.mark.slow
 def test_engine_rejects_a_batch_above_its_maximum_and_bad_feeds(engine_dirs):
     _, _, d = engine_dirs[("uncond", "ddim", 0.7)]
     with Runtime.load(d, threads=1) as rt:
@@ -172,6 +177,7 @@ def test_engine_rejects_a_batch_above_its_maximum_and_bad_feeds(engine_dirs):
             eng.run({"x": np.zeros((2, 1, 8, 8), np.float32)})  # this stochastic step also takes noise
 
 
+@pytest.mark.slow
 def test_other_backends_on_an_engine_dir(engine_dirs):
     model, plan, d = engine_dirs[("cond", "dpmpp_2m", 0.0)]
     with Runtime.load(d, backend="torch", model=model) as rt:
@@ -207,6 +213,7 @@ def edit_manifest(d, fn):
     path.write_text(json.dumps(m))
 
 
+@pytest.mark.slow
 def test_manifest_that_does_not_match_its_plan(dir_copy):
     model, plan, d = dir_copy
 
@@ -227,6 +234,7 @@ def test_manifest_that_does_not_match_its_plan(dir_copy):
         Runtime.load(d)
 
 
+@pytest.mark.slow
 def test_engine_dir_from_another_plan_is_refused(dir_copy, models):
     model, plan, d = dir_copy
     other = make_plan(model, "ddim")
@@ -235,6 +243,7 @@ def test_engine_dir_from_another_plan_is_refused(dir_copy, models):
     Runtime.load(d, plan=plan).close()
 
 
+@pytest.mark.slow
 def test_missing_or_corrupted_engine_files(dir_copy):
     model, plan, d = dir_copy
     m = json.loads((d / MANIFEST_NAME).read_text())
@@ -248,6 +257,7 @@ def test_missing_or_corrupted_engine_files(dir_copy):
         Runtime.load(d)
 
 
+@pytest.mark.slow
 def test_recorded_versions_must_match(dir_copy):
     model, plan, d = dir_copy
     edit_manifest(d, lambda m: m["versions"].update(onnxruntime="0.0.1"))
@@ -265,6 +275,7 @@ def test_recorded_versions_must_match(dir_copy):
     (lambda d: edit_manifest(d, lambda m: m["steps"][0]["coefficients"].update(c_x=1.5)), "coefficient c_x"),
     (lambda d: edit_manifest(d, lambda m: m["steps"].pop()), "2 steps"),
 ])
+@pytest.mark.slow
 def test_bad_manifests_are_clear_errors(dir_copy, damage, match):
     model, plan, d = dir_copy
     damage(d)
@@ -279,6 +290,7 @@ def test_not_an_engine_dir(tmp_path):
         Runtime.load(tmp_path)
 
 
+@pytest.mark.slow
 def test_tensorrt_not_installed_says_what_to_install(tensorrt_absent, dir_copy):
     model, plan, d = dir_copy
     from autodiffusion_rt.runtime.manifest import SETTINGS_HASH, settings_sha256
@@ -289,6 +301,7 @@ def test_tensorrt_not_installed_says_what_to_install(tensorrt_absent, dir_copy):
         Runtime.load(d)
 
 
+@pytest.mark.slow
 def test_benchmark_smoke(tmp_path):
     """Every configuration in its own process, on the tiny model: the rows, ratios and memory are there and consistent."""
     import benchmark
@@ -333,6 +346,7 @@ def test_onnxruntime_tensorrt_provider_gets_caches_in_the_engine_dir_and_a_profi
 
 
 # ------------------------------------------------- speed and memory machinery
+@pytest.mark.slow
 def test_shared_weights_runtime_equals_unshared(engine_dirs):
     """One copy of the weights (add_initializer with shared OrtValues) must not change a single bit.
 
@@ -351,6 +365,7 @@ def test_shared_weights_runtime_equals_unshared(engine_dirs):
     assert len({id(v) for v in values}) < len(values)  # several steps read the same OrtValue
 
 
+@pytest.mark.slow
 def test_images_do_not_depend_on_the_chunk_size(engine_dirs):
     """Image i of sample(n, seed) is the same whether the runtime runs chunks of 4, 3, 2 or 1."""
     _, _, d = engine_dirs[("uncond", "ddim", 0.7)]  # stochastic: per-step noise must follow the sample
@@ -361,6 +376,7 @@ def test_images_do_not_depend_on_the_chunk_size(engine_dirs):
             assert torch.equal(rt.sample(7, seed=21, clip=False), want)
 
 
+@pytest.mark.slow
 def test_engines_record_and_check_the_cpu_instruction_set(dir_copy):
     from autodiffusion_rt.runtime.platform import cpu_isa
 
@@ -372,6 +388,7 @@ def test_engines_record_and_check_the_cpu_instruction_set(dir_copy):
         Runtime.load(d)
 
 
+@pytest.mark.slow
 def test_plan_from_t999_onnxruntime_equals_torch_at_fp32_tolerance(models, tmp_path):
     """The conditions users run: a plan starting at t = 999 with x0 clipping on.
 
@@ -423,6 +440,7 @@ def test_step_buffer_plan_feeds_every_step_what_the_sampler_reads(sampler, eta, 
 
 
 @pytest.mark.parametrize("case", [("uncond", "ddim", 0.7), ("cond", "dpmpp_2m", 0.0)])
+@pytest.mark.slow
 def test_device_resident_walk_on_cpu_ortvalues_equals_the_per_step_path(engine_dirs, case):
     """The GPU providers' walk (IOBinding with OrtValues), run with the OrtValues on the CPU: same sessions, same images."""
     from autodiffusion_rt.runtime.device import OrtValueMemory

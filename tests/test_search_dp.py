@@ -120,6 +120,7 @@ def test_skip_sensitivity_is_the_one_step_damage_of_skipping_each_layer(search_t
     assert all(c > 0 for r in table["cost"] for c in r)  # every layer of the random UNet matters somewhere
 
 
+@pytest.mark.slow
 def test_skip_sensitivity_is_cached_on_disk_by_teacher_and_arguments(search_tiny_model, tmp_path):
     """A search over several NFEs computes the table once: the second call reads the file (not rewritten), other
     arguments get their own entry, and a damaged file is recomputed to the same table."""

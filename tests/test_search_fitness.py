@@ -40,6 +40,7 @@ def reference_images(model, cand, sampler, eta):
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("dpmpp_2m", 0.0), ("ddpm", 0.0), ("ddim", 0.7), ("ipndm", 0.0)])
+@pytest.mark.slow
 def test_shared_samples_are_exactly_sample(search_tiny_model, search_tiny_extractor, search_tiny_ref_stats, sampler, eta):
     ev = evaluator(search_tiny_model, search_tiny_extractor, search_tiny_ref_stats, sampler, eta)
     cands = family(search_tiny_model)
@@ -145,6 +146,7 @@ def test_split_by_prefix_keeps_shared_first_steps_together():
 
 
 @pytest.mark.parametrize("objective", ["trajectory", "trajectory-features"])
+@pytest.mark.slow
 def test_trajectory_objective_is_the_mean_per_sample_distance_to_the_teacher(search_tiny_model, search_tiny_extractor, search_tiny_ref_stats, objective):
     """Recomputed independently: sample() images vs the teacher's DDIM-over-grid images of the same seed, in
     float64 numpy (pixels, or the extractor's features). What would catch this: comparing to another x_T, a

@@ -44,6 +44,7 @@ def _dominated(a, pts):
     return any(b is not a and b[0] <= a[0] and b[1] <= a[1] and b != a for b in pts)
 
 
+@pytest.mark.slow
 def test_fronts_are_non_dominated_and_written_with_their_plot(fronts):
     o, report, tmp = fronts
     assert report.noskip_front and report.skip_front
@@ -67,6 +68,7 @@ def test_fronts_are_non_dominated_and_written_with_their_plot(fronts):
         assert (tmp / f"fronts.nfe{n}.search-state.json").exists() and (tmp / f"fronts.nfe{n}.pareto.json").exists()
 
 
+@pytest.mark.slow
 def test_fronts_are_ranked_on_a_seed_the_search_did_not_use(fronts, search_tiny_model, search_tiny_extractor, search_tiny_ref_stats):
     """The held-out FID of a skipping plan is what sample() + fid() give for the held-out seed, which is neither
     the search's seed nor the confirmation seed. What would catch this: fronts ranked on the search's own samples."""

@@ -55,6 +55,7 @@ def core(plan: Plan):
     return plan.timesteps, plan.skip, plan.fitness, plan.macs_per_sample
 
 
+@pytest.mark.slow
 def test_same_seed_and_settings_give_the_same_plan(opts, run, tmp_path):
     r1, p1, _ = run(replace(opts, report=False))
     r2, p2, _ = run(replace(opts, report=False, out=str(tmp_path / "again.json")))
@@ -65,6 +66,7 @@ def test_same_seed_and_settings_give_the_same_plan(opts, run, tmp_path):
 
 
 @pytest.mark.parametrize("multi_objective,stop", [(False, 3), (True, 5)])
+@pytest.mark.slow
 def test_resuming_gives_the_same_result_as_an_uninterrupted_run(opts, run, objs, tmp_path, multi_objective, stop):
     # stop=3: after generation 2 of stage 1; stop=5: inside the NSGA-II stage.
     base = replace(opts, report=False, multi_objective=multi_objective)
@@ -142,7 +144,21 @@ def test_plan_respects_the_budget_and_round_trips(opts, run, tmp_path):
     saved = json.loads((tmp_path / "plan.report.json").read_text())
     assert saved["num_samples"] == 24 and saved["seed"] == opts.seed + 1
     assert all(math.isfinite(r["fid"]["search-tiny"]) for r in saved["rows"])
-    assert "DDIM uniform (quadratic)" in (tmp_path / "plan.report.md").read_text()
+    md = (tmp_path / "plan.report.md").read_text()
+    assert "DDIM uniform (quadratic)" in md
+    # Every FID says its n, seed and features, with its bootstrap spread; the plan's standing is said in words.
+    assert f"FID ± sd (search-tiny features, n=24, seed {opts.seed + 1})" in md
+    assert saved["bootstrap_rounds"] > 1 and all(r["fid_bootstrap_sd"]["search-tiny"] > 0 for r in saved["rows"])
+    assert len(saved["comparison"]) == 1 and saved["comparison"][0] in md
+    fids = sorted((r["fid"]["search-tiny"], r["method"], r["sampler"]) for r in saved["rows"])
+    (_, best, sampler), (_, second, sampler2) = fids[:2]
+    if best == "searched plan":
+        assert saved["comparison"][0].startswith(f"The searched plan is the best row by FID (search-tiny): "
+                                                 f"{fids[1][0] - fids[0][0]:.3f} below the next best, {second} ({sampler2})")
+    else:
+        assert saved["comparison"][0].startswith(f"{best} ({sampler}) beats the searched plan by")
+    assert "times the paired bootstrap sd of the difference" in saved["comparison"][0]
+    assert "n=48, seed" in md  # the held-out table names its own samples
 
 
 @pytest.mark.parametrize(
@@ -156,6 +172,7 @@ def test_plan_respects_the_budget_and_round_trips(opts, run, tmp_path):
         (("compute", "macs_per_sample"), "many", "compute.macs_per_sample"),
     ],
 )
+@pytest.mark.slow
 def test_plan_with_a_wrong_field_is_refused_naming_it(opts, run, tmp_path, path, value, field):
     _, plan, _ = run(replace(opts, report=False))
     d = plan.to_dict()
@@ -169,6 +186,7 @@ def test_plan_with_a_wrong_field_is_refused_naming_it(opts, run, tmp_path, path,
         Plan.load(bad)
 
 
+@pytest.mark.slow
 def test_pareto_set_is_written_validated_and_non_dominated(opts, run, tmp_path):
     res, plan, _ = run(replace(opts, report=False, multi_objective=True))
     plans = load_plan_set(tmp_path / "plan.pareto.json")
@@ -196,12 +214,14 @@ def test_pareto_set_is_written_validated_and_non_dominated(opts, run, tmp_path):
         ({"mutation_prob": 0.5}, "mutation_prob: 0.25 in the checkpoint"),
     ],
 )
+@pytest.mark.slow
 def test_checkpoint_from_other_settings_is_refused(opts, run, change, needle):
     run(opts, stop_after=1)
     with pytest.raises(SearchError, match=f"cannot resume.*{needle}.*drop --resume"):
         run(replace(opts, resume=True, **change))
 
 
+@pytest.mark.slow
 def test_checkpoint_from_another_model_is_refused(opts, run, search_tiny_extractor, search_tiny_ref_stats):
     from conftest import search_build_tiny_model
 
@@ -219,6 +239,7 @@ def test_resume_without_checkpoint_and_damaged_checkpoint(opts, run, tmp_path):
         run(replace(opts, resume=True))
 
 
+@pytest.mark.slow
 def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(opts, run, tmp_path, monkeypatch):
     import search.checkpoint as ck
 
@@ -289,8 +310,10 @@ def test_cli_prints_one_line_and_exits_2_on_bad_input(tmp_path, capsys):
     assert main(["--nfe", "0", "--out", str(tmp_path / "p.json"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("search.run: error:") and "--nfe 0" in err
-    assert main(["--extractor", "nope", "--out", str(tmp_path / "p.json"), "--quiet"]) == 2
-    assert "nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # a name outside the registry's choices: argparse's one line, naming them
+        main(["--extractor", "nope", "--out", str(tmp_path / "p.json"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.count("\n") == 0 and "'nope'" in err and "'mnist', 'inception'" in err
     (tmp_path / "f").write_text("")
     assert main(["--out", str(tmp_path / "f" / "p.json"), "--quiet"]) == 2
     assert "cannot write" in capsys.readouterr().err
@@ -314,3 +337,29 @@ def test_cli_defaults_and_fast_preset():
     assert options_from_args(build_parser().parse_args(["--method", "dp"])).report_samples == DP_METHOD["report_samples"] < DEFAULTS["report_samples"]
     assert options_from_args(build_parser().parse_args(["--method", "dp", "--report-samples", "900"])).report_samples == 900
     assert options_from_args(build_parser().parse_args(["--method", "dp", "--fast"])).report_samples == min(FAST["report_samples"], DP_METHOD["report_samples"])
+
+
+def test_the_report_says_whether_a_uniform_row_beats_the_plan_by_more_than_the_noise():
+    """The sentence under the table, against hand-computed paired spreads."""
+    import numpy as np
+
+    from search.report import Row, compare_plan
+    from search.space import Candidate
+
+    c = Candidate.full([999, 500])
+    boot = np.array([1.0, 1.2, 1.1, 0.9])
+    wobble = np.array([0.1, -0.1, 0.1, -0.1])
+    plan = Row("searched plan", "ddim", c, 1, fid={"m": 1.0}, boot={"m": boot})
+    near = Row("DDIM uniform (linear)", "ddim", c, 1, fid={"m": 0.95}, boot={"m": boot - 0.05 + wobble})
+    sd = np.std(0.05 - wobble, ddof=1)  # the paired difference's spread, 0.115
+    said = compare_plan([plan, near], "m")
+    assert said.startswith("DDIM uniform (linear) (ddim) beats the searched plan by 0.050 FID (m)")
+    assert f"{0.05 / sd:.1f} times the paired bootstrap sd of the difference ({sd:.3f}): within the noise" in said
+    far = Row("DPM-Solver++(2M) uniform (linear)", "dpmpp_2m", c, 1, fid={"m": 0.5}, boot={"m": boot - 0.5 + wobble})
+    said = compare_plan([plan, near, far], "m")
+    assert said.startswith("DPM-Solver++(2M) uniform (linear) (dpmpp_2m) beats the searched plan by 0.500")
+    assert said.endswith("that uniform schedule is better on these samples.")
+    worse = Row("DDIM uniform (quadratic)", "ddim", c, 1, fid={"m": 1.5}, boot={"m": boot + 0.5 + wobble})
+    assert compare_plan([plan, worse], "m").startswith(
+        "The searched plan is the best row by FID (m): 0.500 below the next best, DDIM uniform (quadratic) (ddim)")
+    assert compare_plan([near, plan], "m") is None  # no plan row first: nothing to say

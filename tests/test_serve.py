@@ -398,6 +398,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_request_lets_it_finish(engine_dirs, references):
     """``autodiffusion-rt serve`` in its own process; SIGTERM while a request waits in the batcher.
 
@@ -519,6 +520,7 @@ def test_load_test_refuses_a_remote_url():
     assert benchmark.main(["--serve", "http://192.0.2.1:8000", "--quiet"]) == 2
 
 
+@pytest.mark.slow
 def test_any_json_body_is_either_a_valid_request_or_a_4xx_naming_a_field():
     """Property over arbitrary JSON (hypothesis): the parser never raises anything but a 4xx RequestError,
     and what it accepts is within the limits. What would catch this: a TypeError on an odd type

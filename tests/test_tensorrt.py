@@ -30,7 +30,7 @@ from autodiffusion_rt.runtime import Manifest, Runtime
 from export.build import build_engines
 from conftest import core_engine_model, core_plan
 
-pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+pytestmark = [pytest.mark.usefixtures("one_thread_per_module"), pytest.mark.slow]  # slow: the whole module (minutes)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from typing import Iterable
 import numpy as np
 
 from autodiffusion_rt.errors import SamplingError, TimestepsError
+from autodiffusion_rt.registry import SPACINGS  # the one list of names: the CLI's help reads it without torch
 
 __all__ = [
     "SCHEDULE_NAMES",
@@ -32,7 +33,6 @@ __all__ = [
 ]
 
 SCHEDULE_NAMES = ("linear", "cosine")
-SPACINGS = ("linear", "quadratic", "logsnr")
 
 
 def _check_num_timesteps(num_timesteps, error=SamplingError) -> int:

@@ -175,6 +175,8 @@ def run_fid(args: argparse.Namespace) -> int:
         if args.n < 2:
             raise SamplingError(f"--n {args.n}: FID needs at least 2 samples")
         check_seed(args.seed, "--seed")
+        if args.timesteps is not None:
+            _parse_timesteps(args.timesteps)  # a malformed list fails now, not after the reference is computed
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FIDWarning)

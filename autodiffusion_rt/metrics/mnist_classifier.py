@@ -207,10 +207,10 @@ def save_classifier(model: MnistClassifier, meta: dict, path: str | os.PathLike)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=str(DEFAULT_WEIGHTS), help="where to write the weights (default: the packaged asset)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and batches (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=30, help="passes over the training digits (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave the other cores alone)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

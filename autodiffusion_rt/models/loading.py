@@ -31,6 +31,7 @@ import torch
 
 from ..diffusion import NoiseSchedule
 from ..errors import CheckpointError, ModelSpecError
+from ..registry import MODEL_SPECS, one_of
 from ..utils import weights_fingerprint
 from .model import DiffusionModel
 from .unet import ADMUNet
@@ -277,7 +278,8 @@ def _load_trained(spec: str, path: Path, fix: str) -> DiffusionModel:
 def load_model(spec: str, **overrides) -> DiffusionModel:
     """Load ``embedded:NAME``, ``ckpt:PATH``, ``adm:PATH`` (with ``preset=`` and guided-diffusion flags) or ``diffusers:DIR``."""
     if not isinstance(spec, str) or ":" not in spec:
-        raise ModelSpecError(f"unknown model spec {spec!r}: use 'embedded:mnist', 'adm:PATH/TO/CHECKPOINT.pt', 'ckpt:PATH' or 'diffusers:DIR'")
+        forms = one_of(repr(form) for form, _ in MODEL_SPECS.values())
+        raise ModelSpecError(f"unknown model spec {spec!r}: use {forms}")
     kind, _, rest = spec.partition(":")
     if kind == "embedded":
         if rest not in EMBEDDED_MODELS:
@@ -310,7 +312,8 @@ def load_model(spec: str, **overrides) -> DiffusionModel:
         from .diffusers_adapter import load_diffusers
 
         return load_diffusers(spec, Path(rest).expanduser())
-    raise ModelSpecError(f"unknown model spec {spec!r}: the kind {kind!r} is not one of 'embedded', 'adm', 'ckpt', 'diffusers'")
+    kinds = ", ".join(map(repr, MODEL_SPECS))
+    raise ModelSpecError(f"unknown model spec {spec!r}: the kind {kind!r} is not one of {kinds}")
 
 
 def load_model_for_plan(plan, model: Optional[DiffusionModel] = None) -> DiffusionModel:

@@ -55,7 +55,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound (with --min-replicas)")
     ray.add_argument("--target-ongoing", type=float, default=16.0,
                      help="autoscaling: requests in flight per replica Ray aims for (default: %(default)s)")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="the server's and uvicorn's log level (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
     return p
 
