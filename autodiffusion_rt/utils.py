@@ -118,8 +118,17 @@ def file_lock(path: str | os.PathLike, wait: bool = False, on_wait=None, remove:
 
 
 @contextlib.contextmanager
-def locked_output_dir(lock: str | os.PathLike, dirs=(), *, error: type, busy: str, fix: str, wait: bool = False,
-                      on_wait=None, discard: bool = False) -> Iterator[bool]:
+def locked_output_dir(
+    lock: str | os.PathLike,
+    dirs=(),
+    *,
+    error: type,
+    busy: str,
+    fix: str,
+    wait: bool = False,
+    on_wait=None,
+    discard: bool = False,
+) -> Iterator[bool]:
     """Make the missing ``dirs``, hold ``lock`` (:func:`file_lock`) for the block; on failure remove what was made.
 
     One writer per output (a build's engine dir, a search's ``--out``). A held ``lock`` raises ``error(busy)``
@@ -201,7 +210,9 @@ def check_writable(path: str | os.PathLike, what: str, fix: str, error=None, dir
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise error(path_error(e, path, fix, where=existing).replace("cannot write", f"cannot write {what}", 1)) from None
+        raise error(
+            path_error(e, path, fix, where=existing).replace("cannot write", f"cannot write {what}", 1)
+        ) from None
     if path.is_file() and not os.access(path, os.W_OK):
         raise error(f"cannot write {what} {path}: the file is read-only; {fix}")
     return path

@@ -72,15 +72,23 @@ class SearchState:
     @classmethod
     def from_json(cls, d: Any, source: str) -> "SearchState":
         if not isinstance(d, dict) or d.get("format") != STATE_FORMAT:
-            raise SearchError(f"{source} is not a search checkpoint (format {STATE_FORMAT!r}): pass the file the search wrote, or drop --resume")
+            raise SearchError(
+                f"{source} is not a search checkpoint (format {STATE_FORMAT!r}): pass the file the search wrote, or drop --resume"
+            )
         if d.get("version") not in READABLE_VERSIONS:
-            raise SearchError(f"{source} has checkpoint version {d.get('version')!r}; this version reads {list(READABLE_VERSIONS)}: start a new search (drop --resume)")
+            raise SearchError(
+                f"{source} has checkpoint version {d.get('version')!r}; this version reads {list(READABLE_VERSIONS)}: start a new search (drop --resume)"
+            )
         if d.get("version") == 1 and d.get("nsga2") is not None:
-            raise SearchError(f"{source}: field 'nsga2' holds a pickled NSGA-II state (checkpoint version 1), which is never "
-                              "loaded (a pickle can run code): start a new search (drop --resume)")
+            raise SearchError(
+                f"{source}: field 'nsga2' holds a pickled NSGA-II state (checkpoint version 1), which is never "
+                "loaded (a pickle can run code): start a new search (drop --resume)"
+            )
 
         def bad(where: str, what: str):
-            return SearchError(f"{source} is a damaged search checkpoint: field {where!r} {what}; drop --resume to start a new search")
+            return SearchError(
+                f"{source} is a damaged search checkpoint: field {where!r} {what}; drop --resume to start a new search"
+            )
 
         def get(key, ok, what):
             if key not in d:
@@ -103,8 +111,11 @@ class SearchState:
         stage = get("stage", lambda v: v in (1, 2) and not isinstance(v, bool), "must be 1 or 2")
         generation = get("generation", lambda v: _is_int(v) and v >= -1, "must be an integer >= -1")
         done = get("done", lambda v: isinstance(v, bool), "must be true or false")
-        memo_items = get("memo", lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 for p in v),
-                         "must be a list of [candidate, FID] pairs")
+        memo_items = get(
+            "memo",
+            lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 for p in v),
+            "must be a list of [candidate, FID] pairs",
+        )
         memo = {}
         for i, (c, f) in enumerate(memo_items):
             (cand,) = cands(f"memo[{i}]", [c])
@@ -125,23 +136,47 @@ class SearchState:
             raise bad("stage1_ranked", "is empty in stage 2")
         if generation >= 0 and not population and not (stage == 2 and d.get("nsga2") is not None):
             raise bad("population", f"is empty after generation {generation}")
-        history = get("history", lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v), "must be a list of objects")
-        counters = get("counters", lambda v: isinstance(v, dict) and all(_is_real(x) for x in v.values()), "must be an object of numbers")
-        elapsed = get("elapsed", lambda v: _is_real(v) and math.isfinite(v) and v >= 0, "must be a number of seconds >= 0")
+        history = get(
+            "history",
+            lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v),
+            "must be a list of objects",
+        )
+        counters = get(
+            "counters",
+            lambda v: isinstance(v, dict) and all(_is_real(x) for x in v.values()),
+            "must be an object of numbers",
+        )
+        elapsed = get(
+            "elapsed", lambda v: _is_real(v) and math.isfinite(v) and v >= 0, "must be a number of seconds >= 0"
+        )
         nsga2 = d.get("nsga2")
         if nsga2 is not None:
-            if not (isinstance(nsga2, dict) and isinstance(nsga2.get("pop"), list) and nsga2["pop"]
-                    and _valid_rng_state(nsga2.get("random_state")) and _is_int(nsga2.get("n_iter"))
-                    and _is_int(nsga2.get("n_eval"))):
+            if not (
+                isinstance(nsga2, dict)
+                and isinstance(nsga2.get("pop"), list)
+                and nsga2["pop"]
+                and _valid_rng_state(nsga2.get("random_state"))
+                and _is_int(nsga2.get("n_iter"))
+                and _is_int(nsga2.get("n_eval"))
+            ):
                 raise bad("nsga2", "must be an NSGA-II state (pop, n_iter, n_eval, random_state)")
             for i, ind in enumerate(nsga2["pop"]):
                 if not isinstance(ind, dict) or not {"X", "F", "G", "H", "CV", "evaluated", "data"} <= set(ind):
                     raise bad(f"nsga2.pop[{i}]", "must be an individual (X, F, G, H, CV, evaluated, data)")
                 cands(f"nsga2.pop[{i}].X", [ind["X"]])
         return cls(
-            settings=settings, rng_state=rng_state, stage=int(stage), generation=int(generation), done=done,
-            memo=memo, population=population, stage1_ranked=stage1_ranked, history=list(history),
-            counters=dict(counters), elapsed=float(elapsed), nsga2=nsga2,
+            settings=settings,
+            rng_state=rng_state,
+            stage=int(stage),
+            generation=int(generation),
+            done=done,
+            memo=memo,
+            population=population,
+            stage1_ranked=stage1_ranked,
+            history=list(history),
+            counters=dict(counters),
+            elapsed=float(elapsed),
+            nsga2=nsga2,
         )
 
     def check_candidates(self, num_timesteps: int, nfe: int, layer_ids, source: str) -> None:
@@ -162,8 +197,10 @@ class SearchState:
             elif any(set(s) - known for s in c.skip):
                 problem = f"skips unknown layer(s) {sorted(set().union(*c.skip) - known)[:3]}"
             if problem:
-                raise SearchError(f"{source} is a damaged search checkpoint: field {where!r} candidate {list(ts)} {problem}; "
-                                  "drop --resume to start a new search")
+                raise SearchError(
+                    f"{source} is a damaged search checkpoint: field {where!r} candidate {list(ts)} {problem}; "
+                    "drop --resume to start a new search"
+                )
 
 
 def _is_int(x) -> bool:
@@ -180,8 +217,13 @@ def _short(v) -> str:
 
 
 def _candidate(c) -> Candidate:
-    if not (isinstance(c, dict) and isinstance(c.get("timesteps"), list) and all(_is_int(t) for t in c["timesteps"])
-            and isinstance(c.get("skip"), list) and all(isinstance(s, list) and all(isinstance(i, str) for i in s) for s in c["skip"])):
+    if not (
+        isinstance(c, dict)
+        and isinstance(c.get("timesteps"), list)
+        and all(_is_int(t) for t in c["timesteps"])
+        and isinstance(c.get("skip"), list)
+        and all(isinstance(s, list) and all(isinstance(i, str) for i in s) for s in c["skip"])
+    ):
         raise ValueError("needs integer 'timesteps' and a list of layer-id lists 'skip'")
     return Candidate.from_json(c)
 
@@ -208,8 +250,15 @@ def save_state(state: SearchState, path: str | Path) -> Path:
         with atomic_write(path, "w") as f:
             json.dump(state.to_json(), f)
     except OSError as e:
-        raise SearchError(path_error(e, path, "the checkpoint saved before (if any) is intact: fix that (e.g. free some space) "
-                                              "and run again with --resume to continue from it", where=path.parent)) from None
+        raise SearchError(
+            path_error(
+                e,
+                path,
+                "the checkpoint saved before (if any) is intact: fix that (e.g. free some space) "
+                "and run again with --resume to continue from it",
+                where=path.parent,
+            )
+        ) from None
     return path
 
 
@@ -217,13 +266,17 @@ def load_state(path: str | Path, settings: dict) -> SearchState:
     """Read a checkpoint and refuse it unless it was made with exactly ``settings``."""
     path = Path(path)
     if not path.is_file():
-        raise SearchError(f"--resume: no search checkpoint at {path}: run the search without --resume first (or pass --checkpoint PATH)")
+        raise SearchError(
+            f"--resume: no search checkpoint at {path}: run the search without --resume first (or pass --checkpoint PATH)"
+        )
     from autodiffusion_rt.records import read_json
 
     try:
         d = read_json(path, SearchError, "the checkpoint is damaged or truncated; drop --resume to start a new search")
     except OSError as e:
-        raise SearchError(f"cannot read the checkpoint {path}: {e.strerror or e}; fix its permissions or drop --resume") from None
+        raise SearchError(
+            f"cannot read the checkpoint {path}: {e.strerror or e}; fix its permissions or drop --resume"
+        ) from None
     state = SearchState.from_json(d, str(path))
     diff = settings_diff(state.settings, settings)
     if diff:

@@ -27,6 +27,7 @@ from autodiffusion_rt.registry import DEFAULT_MODEL
 
 from .errors import SearchError
 
+
 # The defaults are sized so that the default run, its held-out selection and its report take <= 5 minutes on the
 # project's 2-core CPU when idle (embedded model, NFE 4), --fast and --method dp <= 60 s: search/README.md,
 # "Defaults and their arithmetic", counts the cost phase by phase.
@@ -118,8 +119,18 @@ DEFAULTS = {f.name: f.default for f in fields(SearchOptions) if f.default is not
 # table, what costs least per MAC saved until it uses these fractions of the budget.
 MO_SEED_FRACTIONS = (0.85, 0.7, 0.55)
 # --fast: a smoke-test preset (<= 60 s on the embedded model).
-FAST = dict(num_samples=32, population=8, generations=2, topk=3, mutants=3, crossovers=2, report_samples=128,
-            grid_points=20, holdout_samples=200, holdout_topk=1)
+FAST = dict(
+    num_samples=32,
+    population=8,
+    generations=2,
+    topk=3,
+    mutants=3,
+    crossovers=2,
+    report_samples=128,
+    grid_points=20,
+    holdout_samples=200,
+    holdout_topk=1,
+)
 # --method dp: no evolution; its report (10 rows) is the cost, so fewer samples per row (<= 60 s).
 DP_METHOD = dict(report_samples=250)
 # --paper-settings: AutoDiffusion's evolution parameters.
@@ -188,8 +199,13 @@ def prepare(options: SearchOptions, model=None, extractor=None, ref_stats=None) 
     _check_values(options)
     _check_choices(options)
     settings = EvolutionSettings(
-        population=options.population, generations=options.generations, topk=options.topk, mutants=options.mutants,
-        crossovers=options.crossovers, mutation_prob=options.mutation_prob, multi_objective=options.multi_objective,
+        population=options.population,
+        generations=options.generations,
+        topk=options.topk,
+        mutants=options.mutants,
+        crossovers=options.crossovers,
+        mutation_prob=options.mutation_prob,
+        multi_objective=options.multi_objective,
     ).check()
     # Outputs first: a search must not run for an hour and then fail to save.
     _check_writable(Path(options.out), "plan file")
@@ -256,25 +272,36 @@ def _check_values(options: SearchOptions) -> None:
     if options.budget_macs is not None and options.budget_macs <= 0:
         raise SearchError(f"--budget-macs {options.budget_macs}: must be a positive number of MACs per sample")
     if not _is_int(options.nfe, 1):
-        raise SearchError(f"--nfe {options.nfe!r} is out of range: choose 1 <= NFE <= the model's number of "
-                          "training timesteps (e.g. 4)")
+        raise SearchError(
+            f"--nfe {options.nfe!r} is out of range: choose 1 <= NFE <= the model's number of "
+            "training timesteps (e.g. 4)"
+        )
     if not _is_int(options.num_samples, 2):
-        raise SearchError(f"--num-samples {options.num_samples!r}: FID needs at least 2 samples (and more than the "
-                          "feature size for a stable one)")
+        raise SearchError(
+            f"--num-samples {options.num_samples!r}: FID needs at least 2 samples (and more than the "
+            "feature size for a stable one)"
+        )
     if options.report and options.report_samples < 2:
         raise SearchError(f"--report-samples {options.report_samples!r}: FID needs at least 2 samples")
     if not _is_int(options.holdout_samples, 0) or options.holdout_samples == 1:
-        raise SearchError(f"--holdout-samples {options.holdout_samples!r}: 0 (no held-out selection) or at least 2 "
-                          "(FID needs 2; >= 1000 recommended)")
+        raise SearchError(
+            f"--holdout-samples {options.holdout_samples!r}: 0 (no held-out selection) or at least 2 "
+            "(FID needs 2; >= 1000 recommended)"
+        )
     if options.holdout_topk < 1 or options.dp_paths < 0:
-        raise SearchError(f"--holdout-topk {options.holdout_topk} / --dp-paths {options.dp_paths}: need "
-                          "holdout-topk >= 1 and dp-paths >= 0")
+        raise SearchError(
+            f"--holdout-topk {options.holdout_topk} / --dp-paths {options.dp_paths}: need "
+            "holdout-topk >= 1 and dp-paths >= 0"
+        )
     if not _is_int(options.holdout_front, 2):
-        raise SearchError(f"--holdout-front {options.holdout_front!r}: need at least 2 front members (its two ends), "
-                          "e.g. 6")
+        raise SearchError(
+            f"--holdout-front {options.holdout_front!r}: need at least 2 front members (its two ends), e.g. 6"
+        )
     if options.holdout_seed == options.seed and options.holdout_samples:
-        raise SearchError(f"--holdout-seed {options.holdout_seed} equals --seed: held-out selection needs samples the "
-                          "search did not see")
+        raise SearchError(
+            f"--holdout-seed {options.holdout_seed} equals --seed: held-out selection needs samples the "
+            "search did not see"
+        )
     if options.workers is not None and not _is_int(options.workers, 1):
         raise SearchError(f"--workers {options.workers!r}: need a positive number of Ray workers")
 
@@ -286,15 +313,18 @@ def _check_choices(options: SearchOptions) -> None:
     from .fitness import OBJECTIVES
 
     if Path(options.out).resolve() == Path(options.checkpoint).resolve():
-        raise SearchError(f"--checkpoint {options.checkpoint} is the plan path --out: pass another path (or leave "
-                          "--checkpoint out)")
+        raise SearchError(
+            f"--checkpoint {options.checkpoint} is the plan path --out: pass another path (or leave --checkpoint out)"
+        )
     if options.sampler not in SAMPLERS:
         raise SearchError(f"--sampler {options.sampler!r} is unknown: choose one of {', '.join(SAMPLERS)}")
     if not (0.0 <= options.eta <= 1.0) or (options.sampler != "ddim" and options.eta != 0.0):
         raise SearchError(f"--eta {options.eta}: DDIM's eta lies in [0, 1], and other samplers take none (leave it 0)")
     if options.method not in ("evo", "dp"):
-        raise SearchError(f"--method {options.method!r} is unknown: choose evo (evolution seeded with DP schedules) "
-                          "or dp (the DP schedule alone)")
+        raise SearchError(
+            f"--method {options.method!r} is unknown: choose evo (evolution seeded with DP schedules) "
+            "or dp (the DP schedule alone)"
+        )
     if options.objective not in OBJECTIVES:
         raise SearchError(f"--objective {options.objective!r} is unknown: choose one of {', '.join(OBJECTIVES)}")
     if options.device != "cpu":
@@ -320,8 +350,9 @@ def _load_extractor(options: SearchOptions, extractor):
 
     if extractor is None:
         if options.extractor not in EXTRACTOR_NAMES:
-            raise SearchError(f"--extractor {options.extractor!r} is unknown: choose one of "
-                              f"{', '.join(EXTRACTOR_NAMES)}")
+            raise SearchError(
+                f"--extractor {options.extractor!r} is unknown: choose one of {', '.join(EXTRACTOR_NAMES)}"
+            )
         extractor = get_extractor(options.extractor)
     for name in options.report_extractors or []:
         if name not in EXTRACTOR_NAMES and name != getattr(extractor, "name", None):
@@ -337,8 +368,10 @@ def _load_model(options: SearchOptions, model, extractor):
         model = load_model(options.model, **options.model_options)
     steps = model.num_timesteps
     if not 1 <= options.nfe <= steps:
-        raise SearchError(f"--nfe {options.nfe!r} is out of range: choose 1 <= NFE <= {steps} (the number of "
-                          f"training timesteps of {model.name})")
+        raise SearchError(
+            f"--nfe {options.nfe!r} is out of range: choose 1 <= NFE <= {steps} (the number of "
+            f"training timesteps of {model.name})"
+        )
     extractor.check_shape(model.image_shape)  # e.g. the mnist extractor on 64x64 colour images
     return model
 
@@ -371,12 +404,15 @@ def _search_spaces(options: SearchOptions, model):
     else:
         budget = None
     steps = model.num_timesteps
-    return (SearchSpace(steps, options.nfe, layer_macs, full_step, budget_macs=None, allow_skip=False),
-            SearchSpace(steps, options.nfe, layer_macs, full_step, budget_macs=budget, allow_skip=True))
+    return (
+        SearchSpace(steps, options.nfe, layer_macs, full_step, budget_macs=None, allow_skip=False),
+        SearchSpace(steps, options.nfe, layer_macs, full_step, budget_macs=budget, allow_skip=True),
+    )
 
 
-def run_search(options: SearchOptions, model=None, extractor=None, ref_stats=None, executor=None,
-               stop_after: Optional[int] = None):
+def run_search(
+    options: SearchOptions, model=None, extractor=None, ref_stats=None, executor=None, stop_after: Optional[int] = None
+):
     """Run (or resume) a search and write its outputs. Returns (SearchResult, Plan, Report | None).
 
     ``stop_after``: stop after that many generations (tests of resuming); returns None then.
@@ -387,13 +423,25 @@ def run_search(options: SearchOptions, model=None, extractor=None, ref_stats=Non
     options = prepared.options
     out = Path(options.out)
     lock = out.with_name(f".{out.name}.lock")  # one search per --out
-    busy = (f"another search is writing --out {out} (it holds {lock}): wait for it, pass --wait-lock to wait "
-            "automatically, or pass another --out")
-    on_wait = None if options.quiet else lambda: print(f"waiting for the other search writing {out} to finish",
-                                                       file=sys.stderr)
+    busy = (
+        f"another search is writing --out {out} (it holds {lock}): wait for it, pass --wait-lock to wait "
+        "automatically, or pass another --out"
+    )
+    on_wait = (
+        None
+        if options.quiet
+        else lambda: print(f"waiting for the other search writing {out} to finish", file=sys.stderr)
+    )
     # A failed search leaves no empty folders behind (a checkpoint it wrote stays, for --resume).
-    with locked_output_dir(lock, [out.parent, Path(options.checkpoint).parent], error=SearchError, busy=busy,
-                           fix="pass --out with a path in a writable folder", wait=options.wait_lock, on_wait=on_wait):
+    with locked_output_dir(
+        lock,
+        [out.parent, Path(options.checkpoint).parent],
+        error=SearchError,
+        busy=busy,
+        fix="pass --out with a path in a writable folder",
+        wait=options.wait_lock,
+        on_wait=on_wait,
+    ):
         return _run_locked(prepared, executor, stop_after)
 
 
@@ -410,13 +458,17 @@ def _run_locked(prepared: Prepared, executor, stop_after: Optional[int]):
     summary = _search_summary(evolved, teacher, dp, held_out)
     if held_out is not None:  # the report names the held-out table's own samples beside it
         options = prepared.options
-        summary["holdout_settings"] = {"samples": options.holdout_samples, "seed": options.holdout_seed,
-                                       "extractor": prepared.extractor.name}
+        summary["holdout_settings"] = {
+            "samples": options.holdout_samples,
+            "seed": options.holdout_seed,
+            "extractor": prepared.extractor.name,
+        }
     plan = _write_plans(prepared, evolved.result, summary, held_out)
     report = None
     if prepared.options.report:
-        report = _write_report(prepared, _report_rows(prepared, evolved.result, plan, dp), summary,
-                               prepared.options.report_extractors)
+        report = _write_report(
+            prepared, _report_rows(prepared, evolved.result, plan, dp), summary, prepared.options.report_extractors
+        )
     return evolved.result, plan, report
 
 
@@ -432,15 +484,21 @@ def _start_or_resume(prepared: Prepared):
     remove_stale_temps(options.out, checkpoint, f"{stem}.pareto.json", f"{stem}.report.md", f"{stem}.report.json")
     if options.resume:
         state = load_state(checkpoint, prepared.run_settings)
-        state.check_candidates(prepared.model.num_timesteps, options.nfe, prepared.model.unet.layer_ids,
-                               str(checkpoint))
+        state.check_candidates(
+            prepared.model.num_timesteps, options.nfe, prepared.model.unet.layer_ids, str(checkpoint)
+        )
         if not options.quiet:
-            print(f"resuming {checkpoint}: stage {state.stage}, {state.generation + 1} generation(s) done",
-                  file=sys.stderr)
+            print(
+                f"resuming {checkpoint}: stage {state.stage}, {state.generation + 1} generation(s) done",
+                file=sys.stderr,
+            )
         return state
     if checkpoint.exists() and not options.quiet:
-        print(f"starting a new search; it replaces the checkpoint {checkpoint} (pass --resume to continue that one "
-              "instead)", file=sys.stderr)
+        print(
+            f"starting a new search; it replaces the checkpoint {checkpoint} (pass --resume to continue that one "
+            "instead)",
+            file=sys.stderr,
+        )
     return None
 
 
@@ -452,15 +510,24 @@ def _teacher_and_dp(prepared: Prepared):
     from .dp import compute_teacher, dp_schedules, teacher_grid
 
     grid = teacher_grid(model.num_timesteps, options.grid_points, options.grid_spacing, model.schedule)
-    teacher = compute_teacher(model, options.seed, options.num_samples, grid, batch_size=options.batch_size,
-                              cache_dir=Path(options.teacher_cache), progress=not options.quiet)
+    teacher = compute_teacher(
+        model,
+        options.seed,
+        options.num_samples,
+        grid,
+        batch_size=options.batch_size,
+        cache_dir=Path(options.teacher_cache),
+        progress=not options.quiet,
+    )
     if not (options.method == "dp" or options.dp_paths):
         return teacher, None
     dp = dp_schedules(model, teacher, options.nfe, k=max(1, options.dp_paths))
     if not options.quiet:
         source = "cached teacher" if teacher.cached else f"teacher {teacher.seconds:.0f} s"
-        print(f"DP over {len(grid)} grid points ({source}, solve {dp.solve_seconds:.2f} s): {list(dp.paths[0][1])}",
-              file=sys.stderr)
+        print(
+            f"DP over {len(grid)} grid points ({source}, solve {dp.solve_seconds:.2f} s): {list(dp.paths[0][1])}",
+            file=sys.stderr,
+        )
     return teacher, dp
 
 
@@ -479,9 +546,16 @@ def _evolve(prepared: Prepared, state, teacher, dp, executor, stop_after: Option
     dp_seeds, sensitivity = _dp_seeds(prepared, teacher, dp)
     checkpoint = Path(options.checkpoint)
     search = Search(
-        prepared.space1, prepared.space2, prepared.settings, executor, options.seed,
-        run_settings=prepared.run_settings, state=state, on_generation=lambda st: save_state(st, checkpoint),
-        quiet=options.quiet, seeds=dp_seeds,
+        prepared.space1,
+        prepared.space2,
+        prepared.settings,
+        executor,
+        options.seed,
+        run_settings=prepared.run_settings,
+        state=state,
+        on_generation=lambda st: save_state(st, checkpoint),
+        quiet=options.quiet,
+        seeds=dp_seeds,
     )
     try:
         result = search.run(stop_after=stop_after)
@@ -499,9 +573,19 @@ def _make_executor(prepared: Prepared, teacher):
 
     options = prepared.options
     evaluator = FitnessEvaluator(
-        prepared.model, options.sampler, options.eta, options.num_samples, options.seed, prepared.extractor,
-        prepared.ref_stats, batch_size=options.batch_size, cache_bytes=options.cache_mb << 20, share=options.share,
-        device=options.device, objective=options.objective, target=None if teacher is None else teacher.final,
+        prepared.model,
+        options.sampler,
+        options.eta,
+        options.num_samples,
+        options.seed,
+        prepared.extractor,
+        prepared.ref_stats,
+        batch_size=options.batch_size,
+        cache_bytes=options.cache_mb << 20,
+        share=options.share,
+        device=options.device,
+        objective=options.objective,
+        target=None if teacher is None else teacher.final,
     )
     if options.executor == "ray":
         from .executors import RayExecutor
@@ -526,8 +610,14 @@ def _dp_seeds(prepared: Prepared, teacher, dp):
         return seeds, None
     from .dp import cheapest_skips, skip_sensitivity
 
-    sensitivity = skip_sensitivity(prepared.model, teacher, options.sensitivity_points, options.sensitivity_samples,
-                                   options.batch_size, cache_dir=Path(options.teacher_cache))
+    sensitivity = skip_sensitivity(
+        prepared.model,
+        teacher,
+        options.sensitivity_points,
+        options.sensitivity_samples,
+        options.batch_size,
+        cache_dir=Path(options.teacher_cache),
+    )
     full_step = prepared.model.unet.macs()
     space2.set_skip_guide(sensitivity)  # stage 2's skip mutations and budget repairs favour the cheap layer-steps
     full_seeds = list(seeds)
@@ -536,15 +626,22 @@ def _dp_seeds(prepared: Prepared, teacher, dp):
         # NSGA-II starts with the best DP schedule at several compute levels below the budget, not only at it.
         top = min(budget, space2.full_macs) if budget is not None else space2.full_macs
         best = full_seeds[0].timesteps
-        seeds += [Candidate(best, cheapest_skips(sensitivity, best, full_step, int(fraction * top)))
-                  for fraction in MO_SEED_FRACTIONS]
+        seeds += [
+            Candidate(best, cheapest_skips(sensitivity, best, full_step, int(fraction * top)))
+            for fraction in MO_SEED_FRACTIONS
+        ]
     return seeds, sensitivity
 
 
 def _holdout_row(candidate, search_fitness, holdout_fid: float, macs: int) -> dict:
     """One row of the held-out table (the plan's provenance and the report show it)."""
-    return {"timesteps": list(candidate.timesteps), "skipped_layer_steps": candidate.num_skipped,
-            "search_fitness": search_fitness, "holdout_fid": holdout_fid, "macs_per_sample": macs}
+    return {
+        "timesteps": list(candidate.timesteps),
+        "skipped_layer_steps": candidate.num_skipped,
+        "search_fitness": search_fitness,
+        "holdout_fid": holdout_fid,
+        "macs_per_sample": macs,
+    }
 
 
 def _select_on_holdout(prepared: Prepared, evolved: Evolved) -> Optional[HeldOut]:
@@ -571,8 +668,10 @@ def _rerank_top(prepared: Prepared, evolved: Evolved) -> HeldOut:
     extra = [result.stage1_best.candidate] + [c for c in evolved.dp_seeds[:1] if space2.is_valid(c)]
     candidates = list(dict.fromkeys(ranked + extra))
     fids = holdout_fids(prepared, candidates)
-    table = [{**_holdout_row(c, memo.get(c), f, space2.macs(c)), "sampler": options.sampler}
-             for c, f in zip(candidates, fids)]
+    table = [
+        {**_holdout_row(c, memo.get(c), f, space2.macs(c)), "sampler": options.sampler}
+        for c, f in zip(candidates, fids)
+    ]
     best = min(range(len(candidates)), key=lambda i: (fids[i], space2.macs(candidates[i]), candidates[i]))
     winner = candidates[best]
     result.best = Scored(winner, memo.get(winner, math.inf), space2.macs(winner))
@@ -614,12 +713,23 @@ def holdout_fids(prepared: Prepared, candidates, sampler: Optional[str] = None) 
     options = prepared.options
     sampler = sampler or options.sampler
     evaluator = FitnessEvaluator(
-        prepared.model, sampler, options.eta if sampler == "ddim" else 0.0, options.holdout_samples,
-        options.holdout_seed, prepared.extractor, prepared.ref_stats, batch_size=options.batch_size,
-        cache_bytes=options.cache_mb << 20, device=options.device,
+        prepared.model,
+        sampler,
+        options.eta if sampler == "ddim" else 0.0,
+        options.holdout_samples,
+        options.holdout_seed,
+        prepared.extractor,
+        prepared.ref_stats,
+        batch_size=options.batch_size,
+        cache_bytes=options.cache_mb << 20,
+        device=options.device,
     )
-    bar = tqdm(total=0, desc=f"held-out FID ({options.holdout_samples} samples, seed {options.holdout_seed})",
-               disable=options.quiet, unit="step")
+    bar = tqdm(
+        total=0,
+        desc=f"held-out FID ({options.holdout_samples} samples, seed {options.holdout_seed})",
+        disable=options.quiet,
+        unit="step",
+    )
     try:
         return evaluator.evaluate(list(candidates), progress=bar)
     finally:
@@ -649,8 +759,11 @@ def _search_summary(evolved: Evolved, teacher, dp, held_out: Optional[HeldOut]) 
     if dp is not None:
         summary["dp"] = dp.summary()
     if teacher is not None:
-        summary["teacher"] = {"grid_points": len(teacher.grid), "seconds": round(teacher.seconds, 1),
-                              "cached": teacher.cached}
+        summary["teacher"] = {
+            "grid_points": len(teacher.grid),
+            "seconds": round(teacher.seconds, 1),
+            "cached": teacher.cached,
+        }
     if held_out is not None:
         summary["holdout"] = held_out.table
     if evolved.sensitivity is not None:
@@ -674,8 +787,11 @@ def _provenance(prepared: Prepared, tool: str, summary: dict, **extra) -> dict:
         "model_options": options.model_options,
         **extra,
         "summary": summary,
-        "versions": {"autodiffusion-rt": autodiffusion_rt.__version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "autodiffusion-rt": autodiffusion_rt.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
     }
 
 
@@ -683,11 +799,15 @@ def _write_plans(prepared: Prepared, result, summary: dict, held_out: Optional[H
     """Write the plan (and, with --multi-objective, the Pareto set beside it); say so on stderr. Returns the plan."""
     options = prepared.options
     provenance = _provenance(
-        prepared, "python -m search.run", summary,
+        prepared,
+        "python -m search.run",
+        summary,
         stage1_best=result.stage1_best.candidate.to_json(),
         stage1_fid=result.stage1_best.fid,
-        baselines_in_run={name: {"timesteps": list(scored.candidate.timesteps), "fid": scored.fid}
-                          for name, scored in result.baselines.items()},
+        baselines_in_run={
+            name: {"timesteps": list(scored.candidate.timesteps), "fid": scored.fid}
+            for name, scored in result.baselines.items()
+        },
     )
     held_fid, sampler = (held_out.fid, held_out.sampler) if held_out is not None else (None, options.sampler)
     plan = _make_plan(prepared, result.best, provenance, held_fid, sampler)
@@ -695,12 +815,17 @@ def _write_plans(prepared: Prepared, result, summary: dict, held_out: Optional[H
     if not options.quiet:
         fitness, held = plan.fitness, ""
         if held_out is not None:
-            held = (f", held-out FID {fitness.fid:.3f} ({fitness.extractor} features, {fitness.num_samples} samples, "
-                    f"seed {fitness.seed}; the report's rows use other samples)")
-        print(f"plan written to {options.out}: timesteps {list(plan.timesteps)}, {result.best.candidate.num_skipped} "
-              f"skipped layer-steps, {options.objective} {result.best.fid:.4g} ({prepared.extractor.name}, "
-              f"{options.num_samples} samples){held}, {plan.macs_per_sample / plan.full_macs_per_sample:.3f} of the "
-              "full model's MACs", file=sys.stderr)
+            held = (
+                f", held-out FID {fitness.fid:.3f} ({fitness.extractor} features, {fitness.num_samples} samples, "
+                f"seed {fitness.seed}; the report's rows use other samples)"
+            )
+        print(
+            f"plan written to {options.out}: timesteps {list(plan.timesteps)}, {result.best.candidate.num_skipped} "
+            f"skipped layer-steps, {options.objective} {result.best.fid:.4g} ({prepared.extractor.name}, "
+            f"{options.num_samples} samples){held}, {plan.macs_per_sample / plan.full_macs_per_sample:.3f} of the "
+            "full model's MACs",
+            file=sys.stderr,
+        )
     if options.multi_objective:
         fids = held_out.front_fids if held_out is not None else [None] * len(result.pareto)
         plans = [_make_plan(prepared, s, provenance, f) for s, f in zip(result.pareto, fids)]
@@ -709,24 +834,34 @@ def _write_plans(prepared: Prepared, result, summary: dict, held_out: Optional[H
     return plan
 
 
-def _make_plan(prepared: Prepared, scored, provenance: dict, holdout_fid: Optional[float] = None,
-               sampler: Optional[str] = None):
+def _make_plan(
+    prepared: Prepared, scored, provenance: dict, holdout_fid: Optional[float] = None, sampler: Optional[str] = None
+):
     """The plan of one scored candidate; its FID is the held-out one when given (else the search's, if an FID)."""
     from autodiffusion_rt.plan import Fitness, Plan
 
     options, extractor, ref_stats = prepared.options, prepared.extractor, prepared.ref_stats
     if holdout_fid is not None:
         # The plan's FID is the held-out one it was chosen on (fresh samples), not the search's fitness.
-        fitness = Fitness(float(holdout_fid), extractor.name, options.holdout_samples, options.holdout_seed,
-                          ref_stats.dataset)
+        fitness = Fitness(
+            float(holdout_fid), extractor.name, options.holdout_samples, options.holdout_seed, ref_stats.dataset
+        )
     elif options.objective == "fid":
         fitness = Fitness(float(scored.fid), extractor.name, options.num_samples, options.seed, ref_stats.dataset)
     else:
         fitness = None  # a trajectory distance is not an FID
     sampler = sampler or options.sampler
     eta = options.eta if sampler == "ddim" else 0.0
-    return Plan.for_model(prepared.model, scored.candidate.timesteps, sampler, eta, scored.candidate.skip,
-                          spec=options.model, fitness=fitness, provenance=provenance)
+    return Plan.for_model(
+        prepared.model,
+        scored.candidate.timesteps,
+        sampler,
+        eta,
+        scored.candidate.skip,
+        spec=options.model,
+        fitness=fitness,
+        provenance=provenance,
+    )
 
 
 def _report_rows(prepared: Prepared, result, plan, dp) -> list:
@@ -758,8 +893,18 @@ def _write_report(prepared: Prepared, rows: list, summary: dict, extractor_names
 
             refs[name] = resolve_reference(options.reference, name, progress=not options.quiet)[0]
             extractors.append(name)
-    report = make_report(prepared.model, rows, extractors, refs, options.report_samples, options.report_seed,
-                         options.eta, options.batch_size, options.quiet, device=options.device)
+    report = make_report(
+        prepared.model,
+        rows,
+        extractors,
+        refs,
+        options.report_samples,
+        options.report_seed,
+        options.eta,
+        options.batch_size,
+        options.quiet,
+        device=options.device,
+    )
     report.search = summary
     report.save_and_show(output_stem(options.out), options.quiet)
     return report
@@ -776,12 +921,22 @@ def _run_dp(prepared: Prepared, dp):
     candidate = Candidate.full(dp.paths[0][1])
     summary = {"method": "dp", "dp": dp.summary()}
     provenance = _provenance(prepared, "python -m search.run --method dp", summary)
-    plan = Plan.for_model(model, candidate.timesteps, options.sampler, options.eta, candidate.skip, spec=options.model,
-                          provenance=provenance)
+    plan = Plan.for_model(
+        model,
+        candidate.timesteps,
+        options.sampler,
+        options.eta,
+        candidate.skip,
+        spec=options.model,
+        provenance=provenance,
+    )
     plan.save(options.out)
     if not options.quiet:
-        print(f"plan written to {options.out}: DP timesteps {list(plan.timesteps)} (trajectory cost "
-              f"{dp.paths[0][0]:.4f})", file=sys.stderr)
+        print(
+            f"plan written to {options.out}: DP timesteps {list(plan.timesteps)} (trajectory cost "
+            f"{dp.paths[0][0]:.4f})",
+            file=sys.stderr,
+        )
     report = None
     if options.report:
         rows = [("DP schedule (GITS-style)", options.sampler, candidate)]
@@ -824,4 +979,3 @@ def load_plan_set(path: str | Path) -> list:
     if not isinstance(d.get("plans"), list) or not d["plans"]:
         raise PlanError(f"{path}: field 'plans' must be a non-empty list of plans")
     return [Plan.from_dict(pd, f"{path} plans[{i}]") for i, pd in enumerate(d["plans"])]
-

@@ -102,14 +102,19 @@ class Report:
         exts = list(self.references)
         sd = " ± sd" if self.bootstrap_rounds else ""
         head = ["method", "sampler", "NFE", "timesteps", "skipped layer-steps", "MMACs/sample", "vs full"] + [
-            f"FID{sd} ({e} features, n={self.num_samples}, seed {self.seed})" for e in exts]
+            f"FID{sd} ({e} features, n={self.num_samples}, seed {self.seed})" for e in exts
+        ]
         lines = [
             f"{self.model}, NFE {self.nfe}: {self.num_samples} samples per row, seed {self.seed}; "
             + "; ".join(f"{e} reference {r}" for e, r in self.references.items()),
             "",
-            (f"Every row is sampled from the same noise (seed {self.seed}), so the rows compare like for like. "
-             f"± sd: the standard deviation of the FID over {self.bootstrap_rounds} bootstrap resamples of the "
-             "row's samples (the same resamples for every row). " if self.bootstrap_rounds else "")
+            (
+                f"Every row is sampled from the same noise (seed {self.seed}), so the rows compare like for like. "
+                f"± sd: the standard deviation of the FID over {self.bootstrap_rounds} bootstrap resamples of the "
+                "row's samples (the same resamples for every row). "
+                if self.bootstrap_rounds
+                else ""
+            )
             + f"An FID of {self.num_samples} samples is biased upward by a few samples' worth: compare rows within "
             "this table, not with FIDs of another n or seed.",
             "",
@@ -172,8 +177,10 @@ def compare_plan(rows: Sequence[Row], ext: str) -> Optional[str]:
     other = min(rows[1:], key=lambda r: r.fid.get(ext, math.inf))
     gap = other.fid.get(ext, math.inf) - plan.fid[ext]
     if gap > 0:
-        text = (f"The searched plan is the best row by FID ({ext}): {gap:.3f} below the next best, "
-                f"{other.method} ({other.sampler})")
+        text = (
+            f"The searched plan is the best row by FID ({ext}): {gap:.3f} below the next best, "
+            f"{other.method} ({other.sampler})"
+        )
     else:
         text = f"{other.method} ({other.sampler}) beats the searched plan by {-gap:.3f} FID ({ext})"
     a, b = plan.boot.get(ext), other.boot.get(ext)
@@ -215,30 +222,40 @@ def _search_summary(s: dict) -> str:
     out = "; ".join(parts)
     if s.get("dp"):
         d = s["dp"]
-        out += (f"\n\nDP schedule optimizer: {d['grid_points']}-point grid, teacher {d['teacher_seconds']} s"
-                f"{' (cached)' if d.get('teacher_cached') else ''}, cost matrix {d['matrix_seconds']} s, solve {d['solve_seconds']} s; "
-                + "; ".join(f"{p['timesteps']} cost {p['cost']:.4f}" for p in d["paths"]))
+        out += (
+            f"\n\nDP schedule optimizer: {d['grid_points']}-point grid, teacher {d['teacher_seconds']} s"
+            f"{' (cached)' if d.get('teacher_cached') else ''}, cost matrix {d['matrix_seconds']} s, solve {d['solve_seconds']} s; "
+            + "; ".join(f"{p['timesteps']} cost {p['cost']:.4f}" for p in d["paths"])
+        )
     if s.get("skip_sensitivity"):
         t = s["skip_sensitivity"]
-        out += (f"\n\nSkip sensitivity (trajectory cost of one step with one layer skipped, {t['num_samples']} samples; "
-                "teacher's own step = 0): the three cheapest and the costliest layer per timestep:\n\n| t | cheapest | costliest |\n|---|---|---|\n")
+        out += (
+            f"\n\nSkip sensitivity (trajectory cost of one step with one layer skipped, {t['num_samples']} samples; "
+            "teacher's own step = 0): the three cheapest and the costliest layer per timestep:\n\n| t | cheapest | costliest |\n|---|---|---|\n"
+        )
         for ts, costs in zip(t["timesteps"], t["cost"]):
             order = sorted(range(len(costs)), key=lambda k: costs[k])
             cheap = ", ".join(f"{t['layers'][k]} {costs[k]:.3g}" for k in order[:3])
             out += f"| {ts} | {cheap} | {t['layers'][order[-1]]} {costs[order[-1]]:.3g} |\n"
     if s.get("holdout"):
         hs = s.get("holdout_settings", {})
-        held = (f"held-out FID ({hs.get('extractor', '?')} features, n={hs.get('samples', '?')}, "
-                f"seed {hs.get('seed', '?')})")
-        out += ("\n\nHeld-out selection (top-k by the search's fitness, re-ranked by FID on fresh samples; lowest "
-                "wins). "
-                "These FIDs use other samples (another n and seed) than the table above, so they differ from its "
-                "figures; within each table the rows share their samples and compare like for like:\n\n")
+        held = (
+            f"held-out FID ({hs.get('extractor', '?')} features, n={hs.get('samples', '?')}, "
+            f"seed {hs.get('seed', '?')})"
+        )
+        out += (
+            "\n\nHeld-out selection (top-k by the search's fitness, re-ranked by FID on fresh samples; lowest "
+            "wins). "
+            "These FIDs use other samples (another n and seed) than the table above, so they differ from its "
+            "figures; within each table the rows share their samples and compare like for like:\n\n"
+        )
         out += f"| timesteps | sampler | skipped layer-steps | search fitness | {held} |\n|---|---|---|---|---|\n"
         for h in s["holdout"]:
             sf = h.get("search_fitness")
-            out += (f"| {','.join(map(str, h['timesteps']))} | {h.get('sampler', '-')} | {h['skipped_layer_steps']} | "
-                    f"{'-' if sf is None else f'{sf:.4g}'} | {h['holdout_fid']:.3f} |\n")
+            out += (
+                f"| {','.join(map(str, h['timesteps']))} | {h.get('sampler', '-')} | {h['skipped_layer_steps']} | "
+                f"{'-' if sf is None else f'{sf:.4g}'} | {h['holdout_fid']:.3f} |\n"
+            )
     return out
 
 
@@ -297,12 +314,26 @@ def make_report(
     groups = []
     for key, js in by_key.items():
         # The evaluator gives exactly sample()'s images for (N, seed); its extractor is unused here.
-        ev = FitnessEvaluator(model, key[0], key[1], num_samples, seed, exts[0], references[exts[0].name],
-                              batch_size=batch_size, cache_bytes=0, device=device)
+        ev = FitnessEvaluator(
+            model,
+            key[0],
+            key[1],
+            num_samples,
+            seed,
+            exts[0],
+            references[exts[0].name],
+            batch_size=batch_size,
+            cache_bytes=0,
+            device=device,
+        )
         groups.append((js, ev, list(dict.fromkeys(rows[j][2] for j in js))))
     # The bar moves per model call over the N samples (a step of a row) and per FID: the units that take time.
-    bar = tqdm(total=sum(ev.plan_calls(cands) for _, ev, cands in groups) + len(rows) * len(exts),
-               desc=f"report NFE {nfe} ({len(rows)} rows x {num_samples} samples)", disable=quiet, unit="step")
+    bar = tqdm(
+        total=sum(ev.plan_calls(cands) for _, ev, cands in groups) + len(rows) * len(exts),
+        desc=f"report NFE {nfe} ({len(rows)} rows x {num_samples} samples)",
+        disable=quiet,
+        unit="step",
+    )
     indices = bootstrap_indices(num_samples, BOOTSTRAP_ROUNDS, seed) if num_samples >= 2 else None
     out_rows: list = [None] * len(rows)
     try:
@@ -316,14 +347,20 @@ def make_report(
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", FIDWarning)
                         try:
-                            value, boot = fid_with_bootstrap(imgs[cand].cpu(), references[ext.name], ext,
-                                                             indices if ext.feature_dim <= BOOTSTRAP_MAX_DIM else None)
+                            value, boot = fid_with_bootstrap(
+                                imgs[cand].cpu(),
+                                references[ext.name],
+                                ext,
+                                indices if ext.feature_dim <= BOOTSTRAP_MAX_DIM else None,
+                            )
                         except Error as e:
                             if j == 0:  # the plan's own row: the reference or extractor does not fit its model
                                 ref = references[ext.name].dataset
-                                raise Error(f"cannot judge the plan's images ({model.name}, {tuple(model.image_shape)}) "
-                                            f"with extractor {ext.name} against reference {ref!r}: {e}; "
-                                            "pass --reference/--extractor made for this model") from None
+                                raise Error(
+                                    f"cannot judge the plan's images ({model.name}, {tuple(model.image_shape)}) "
+                                    f"with extractor {ext.name} against reference {ref!r}: {e}; "
+                                    "pass --reference/--extractor made for this model"
+                                ) from None
                             value, boot = float("inf"), np.zeros(0)  # a baseline that diverged
                     row.fid[ext.name] = float(value)
                     if np.isfinite(boot).sum() >= max(2, len(boot) // 2):  # most resamples usable: a spread
@@ -367,18 +404,36 @@ def plan_rows(plan, model) -> list[tuple[str, str, Candidate]]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from autodiffusion_rt.cli import OneLineParser
 
-    p = OneLineParser(prog="python -m search.report", description="Report a plan against the uniform samplers (DDIM, "
-                      "DPM-Solver++(2M), iPNDM; linear, quadratic and log-SNR spacing) at its NFE: FID with its "
-                      "bootstrap spread for every row, all rows from the same noise.")
+    p = OneLineParser(
+        prog="python -m search.report",
+        description="Report a plan against the uniform samplers (DDIM, "
+        "DPM-Solver++(2M), iPNDM; linear, quadratic and log-SNR spacing) at its NFE: FID with its "
+        "bootstrap spread for every row, all rows from the same noise.",
+    )
     p.add_argument("plan", help="a plan.json written by python -m search.run")
-    p.add_argument("--extractor", action="append", default=None, choices=EXTRACTORS,
-                   help=f"{one_of(EXTRACTORS)}, repeatable (default: the plan's)")
-    p.add_argument("--reference", default=None, help="reference data or statistics (default: the search's reference, 'mnist' for the embedded model)")
+    p.add_argument(
+        "--extractor",
+        action="append",
+        default=None,
+        choices=EXTRACTORS,
+        help=f"{one_of(EXTRACTORS)}, repeatable (default: the plan's)",
+    )
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="reference data or statistics (default: the search's reference, 'mnist' for the embedded model)",
+    )
     p.add_argument("--num-samples", type=int, default=2000, help="samples per row (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=None, help="default: the search seed + 1 (noise the plan was not selected on)")
+    p.add_argument(
+        "--seed", type=int, default=None, help="default: the search seed + 1 (noise the plan was not selected on)"
+    )
     p.add_argument("--batch-size", type=int, default=256, help="model batch size (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda[:N]")
-    p.add_argument("--out", default=None, help="report stem (writes STEM.report.md/.json; default: next to the plan, named after the extractors)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="report stem (writes STEM.report.md/.json; default: next to the plan, named after the extractors)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar, no table on stdout")
     args = p.parse_args(argv)
     from autodiffusion_rt.cli import run_command
@@ -410,12 +465,25 @@ def _report_command(args) -> None:
         try:
             get_extractor(name).check_shape(tuple(model.image_shape))
         except Error as e:
-            raise Error(f"{args.plan} is a plan for {model.name} (images {tuple(model.image_shape)}), which extractor "
-                        f"{name!r} cannot judge: {e}; pass --extractor/--reference made for this model") from None
+            raise Error(
+                f"{args.plan} is a plan for {model.name} (images {tuple(model.image_shape)}), which extractor "
+                f"{name!r} cannot judge: {e}; pass --extractor/--reference made for this model"
+            ) from None
     reference = args.reference or (plan.provenance or {}).get("reference") or "mnist"
     refs = {e: resolve_reference(reference, e, progress=not args.quiet)[0] for e in extractors}
     seed = args.seed if args.seed is not None else (plan.fitness.seed + 1 if plan.fitness else 1)
-    rep = make_report(model, plan_rows(plan, model), extractors, refs, args.num_samples, seed, plan.eta, args.batch_size, args.quiet, device=args.device)
+    rep = make_report(
+        model,
+        plan_rows(plan, model),
+        extractors,
+        refs,
+        args.num_samples,
+        seed,
+        plan.eta,
+        args.batch_size,
+        args.quiet,
+        device=args.device,
+    )
     stem = Path(args.out) if args.out else Path(args.plan).parent / (Path(args.plan).stem + "." + "-".join(extractors))
     rep.save_and_show(stem, args.quiet)
 

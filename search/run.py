@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m search.run",
         description="Two-stage evolutionary search of timesteps and per-step layer skipping (AutoDiffusion), "
-                    "judged by FID and MACs.",
+        "judged by FID and MACs.",
     )
     _model_flags(p)
     _evolution_flags(p)
@@ -59,93 +59,176 @@ def _model_flags(parser) -> None:
     group = parser.add_argument_group("model and sampler")
     group.add_argument("--model", help=model_spec_help(d["model"]))
     group.add_argument("--preset", help="ADM preset for adm: specs (e.g. imagenet64-cond)")
-    group.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                       help="guided-diffusion flag for adm: specs, repeatable")
-    group.add_argument("--nfe", help=f"number of sampling steps (default {d['nfe']}); with --multi-objective a "
-                       "range (3-8) or list (3,4,6): the fronts with and without layer skipping across NFE "
-                       "(search/pareto.py)")
+    group.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="guided-diffusion flag for adm: specs, repeatable",
+    )
+    group.add_argument(
+        "--nfe",
+        help=f"number of sampling steps (default {d['nfe']}); with --multi-objective a "
+        "range (3-8) or list (3,4,6): the fronts with and without layer skipping across NFE "
+        "(search/pareto.py)",
+    )
     group.add_argument("--sampler", choices=SAMPLERS, help=f"{one_of(SAMPLERS)} (default {d['sampler']})")
     group.add_argument("--eta", type=float, help=f"DDIM eta (default {d['eta']}: deterministic)")
-    group.add_argument("--extractor", choices=EXTRACTORS, help=f"FID features: {one_of(EXTRACTORS)} (default: mnist "
-                       "for the embedded model, inception otherwise)")
-    group.add_argument("--reference", help="real data for FID: mnist, an image folder, an .npz of images, or a "
-                       "statistics .npz (default: mnist for the embedded model)")
-    group.add_argument("--objective", help="search fitness: trajectory (distance to a high-NFE teacher's images "
-                       f"from the same x_T), trajectory-features, or fid (default {d['objective']})")
+    group.add_argument(
+        "--extractor",
+        choices=EXTRACTORS,
+        help=f"FID features: {one_of(EXTRACTORS)} (default: mnist for the embedded model, inception otherwise)",
+    )
+    group.add_argument(
+        "--reference",
+        help="real data for FID: mnist, an image folder, an .npz of images, or a "
+        "statistics .npz (default: mnist for the embedded model)",
+    )
+    group.add_argument(
+        "--objective",
+        help="search fitness: trajectory (distance to a high-NFE teacher's images "
+        f"from the same x_T), trajectory-features, or fid (default {d['objective']})",
+    )
 
 
 def _evolution_flags(parser) -> None:
     """The evolution, its budget and presets."""
     d = DEFAULTS
     group = parser.add_argument_group("evolution")
-    group.add_argument("--method", choices=("evo", "dp"), help="evo: evolution whose generation 0 holds the DP "
-                       f"schedules; dp: the DP schedule alone, in seconds (default {d['method']})")
-    group.add_argument("--num-samples", type=int,
-                       help=f"samples per candidate (default {d['num_samples']}; --fast {FAST['num_samples']})")
+    group.add_argument(
+        "--method",
+        choices=("evo", "dp"),
+        help="evo: evolution whose generation 0 holds the DP "
+        f"schedules; dp: the DP schedule alone, in seconds (default {d['method']})",
+    )
+    group.add_argument(
+        "--num-samples",
+        type=int,
+        help=f"samples per candidate (default {d['num_samples']}; --fast {FAST['num_samples']})",
+    )
     group.add_argument("--population", type=int, help=f"population size (default {d['population']})")
-    group.add_argument("--generations", type=int,
-                       help=f"generations per stage after the initial population (default {d['generations']})")
+    group.add_argument(
+        "--generations",
+        type=int,
+        help=f"generations per stage after the initial population (default {d['generations']})",
+    )
     group.add_argument("--topk", type=int, help=f"elites kept each generation (default {d['topk']})")
     group.add_argument("--mutants", type=int, help=f"mutants per generation (default {d['mutants']})")
     group.add_argument("--crossovers", type=int, help=f"crossover children per generation (default {d['crossovers']})")
-    group.add_argument("--mutation-prob", type=float,
-                       help=f"per-step mutation probability (default {d['mutation_prob']})")
+    group.add_argument(
+        "--mutation-prob", type=float, help=f"per-step mutation probability (default {d['mutation_prob']})"
+    )
     budget = group.add_mutually_exclusive_group()
-    budget.add_argument("--budget-fraction", type=float, help="stage 2 MACs budget as a fraction of the full model "
-                        f"at this NFE (default {d['budget_fraction']})")
+    budget.add_argument(
+        "--budget-fraction",
+        type=float,
+        help=f"stage 2 MACs budget as a fraction of the full model at this NFE (default {d['budget_fraction']})",
+    )
     budget.add_argument("--budget-macs", type=float, help="stage 2 MACs budget per sample, absolute (all steps)")
-    group.add_argument("--multi-objective", action="store_true", default=None,
-                       help="stage 2 with pymoo's NSGA-II on (FID, MACs); also writes the Pareto set")
+    group.add_argument(
+        "--multi-objective",
+        action="store_true",
+        default=None,
+        help="stage 2 with pymoo's NSGA-II on (FID, MACs); also writes the Pareto set",
+    )
     group.add_argument("--seed", type=int, help=f"seed of the search and of the samples' noise (default {d['seed']})")
     preset = group.add_mutually_exclusive_group()
-    preset.add_argument("--fast", action="store_true",
-                        help="a small preset for smoke tests: " + ", ".join(f"{k}={v}" for k, v in FAST.items()))
-    preset.add_argument("--paper-settings", action="store_true", help="AutoDiffusion's evolution settings: "
-                        + ", ".join(f"{k}={v}" for k, v in PAPER.items()))
+    preset.add_argument(
+        "--fast",
+        action="store_true",
+        help="a small preset for smoke tests: " + ", ".join(f"{k}={v}" for k, v in FAST.items()),
+    )
+    preset.add_argument(
+        "--paper-settings",
+        action="store_true",
+        help="AutoDiffusion's evolution settings: " + ", ".join(f"{k}={v}" for k, v in PAPER.items()),
+    )
 
 
 def _dp_and_holdout_flags(parser) -> None:
     """The DP schedules' teacher and the held-out re-ranking."""
     d = DEFAULTS
     group = parser.add_argument_group("DP schedules and held-out selection")
-    group.add_argument("--grid-points", type=int, help="DP grid = the teacher's DDIM schedule "
-                       f"(default {d['grid_points']}; --fast {FAST['grid_points']})")
-    group.add_argument("--grid-spacing", choices=SPACINGS,
-                       help=f"DP grid spacing: {one_of(SPACINGS)} (default {d['grid_spacing']})")
-    group.add_argument("--dp-paths", type=int,
-                       help=f"DP schedules seeded into generation 0 (default {d['dp_paths']}; 0: none)")
-    group.add_argument("--teacher-cache",
-                       help="folder for cached teacher trajectories (default: .teacher-cache next to --out)")
-    group.add_argument("--sensitivity-points", type=int, help="timesteps of the per-layer skip sensitivity table, "
-                       f"computed when skipping is asked for (default {d['sensitivity_points']}; 0: off)")
-    group.add_argument("--holdout-samples", type=int, help="fresh samples for re-ranking the top-k by FID before "
-                       f"choosing (default {d['holdout_samples']}; 0: off)")
+    group.add_argument(
+        "--grid-points",
+        type=int,
+        help=f"DP grid = the teacher's DDIM schedule (default {d['grid_points']}; --fast {FAST['grid_points']})",
+    )
+    group.add_argument(
+        "--grid-spacing", choices=SPACINGS, help=f"DP grid spacing: {one_of(SPACINGS)} (default {d['grid_spacing']})"
+    )
+    group.add_argument(
+        "--dp-paths", type=int, help=f"DP schedules seeded into generation 0 (default {d['dp_paths']}; 0: none)"
+    )
+    group.add_argument(
+        "--teacher-cache", help="folder for cached teacher trajectories (default: .teacher-cache next to --out)"
+    )
+    group.add_argument(
+        "--sensitivity-points",
+        type=int,
+        help="timesteps of the per-layer skip sensitivity table, "
+        f"computed when skipping is asked for (default {d['sensitivity_points']}; 0: off)",
+    )
+    group.add_argument(
+        "--holdout-samples",
+        type=int,
+        help=f"fresh samples for re-ranking the top-k by FID before choosing (default {d['holdout_samples']}; 0: off)",
+    )
     group.add_argument("--holdout-seed", type=int, help="seed of the held-out samples (default: --seed + 2)")
-    group.add_argument("--holdout-topk", type=int,
-                       help=f"candidates re-ranked on held-out samples (default {d['holdout_topk']})")
-    group.add_argument("--holdout-front", type=int, help="with --multi-objective: front members re-ranked on held-out "
-                       f"samples, evenly spread from the best to the cheapest (default {d['holdout_front']})")
+    group.add_argument(
+        "--holdout-topk", type=int, help=f"candidates re-ranked on held-out samples (default {d['holdout_topk']})"
+    )
+    group.add_argument(
+        "--holdout-front",
+        type=int,
+        help="with --multi-objective: front members re-ranked on held-out "
+        f"samples, evenly spread from the best to the cheapest (default {d['holdout_front']})",
+    )
 
 
 def _output_flags(parser) -> None:
     """Where the plan, its checkpoint and its report go."""
     d = DEFAULTS
     group = parser.add_argument_group("outputs and report")
-    group.add_argument("--out", help="plan path (default: plans/KIND-NAME-nfeN[-SAMPLER].json, e.g. "
-                       f"plans/embedded-mnist-nfe{d['nfe']}.json for the default model and NFE, -nfe6.json with --nfe 6)")
+    group.add_argument(
+        "--out",
+        help="plan path (default: plans/KIND-NAME-nfeN[-SAMPLER].json, e.g. "
+        f"plans/embedded-mnist-nfe{d['nfe']}.json for the default model and NFE, -nfe6.json with --nfe 6)",
+    )
     group.add_argument("--checkpoint", help="search state path (default: next to --out, .search-state.json)")
-    group.add_argument("--resume", action="store_true", default=None,
-                       help="continue the search saved in the checkpoint (same settings)")
-    group.add_argument("--wait-lock", action="store_true", default=None,
-                       help="if another search is writing the same --out, wait for it (default: fail)")
-    group.add_argument("--no-report", dest="report", action="store_false", default=None,
-                       help="skip the comparison report")
-    group.add_argument("--report-samples", type=int, help=f"samples per report row (default {d['report_samples']}; "
-                       f"--method dp {DP_METHOD['report_samples']}; --fast {FAST['report_samples']})")
-    group.add_argument("--report-seed", type=int,
-                       help="seed of the report rows (default: --seed + 1, noise the plan was not selected on)")
-    group.add_argument("--report-extractor", dest="report_extractors", action="append", choices=EXTRACTORS,
-                       help="extractor(s) for the report, repeatable (default: --extractor)")
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="continue the search saved in the checkpoint (same settings)",
+    )
+    group.add_argument(
+        "--wait-lock",
+        action="store_true",
+        default=None,
+        help="if another search is writing the same --out, wait for it (default: fail)",
+    )
+    group.add_argument(
+        "--no-report", dest="report", action="store_false", default=None, help="skip the comparison report"
+    )
+    group.add_argument(
+        "--report-samples",
+        type=int,
+        help=f"samples per report row (default {d['report_samples']}; "
+        f"--method dp {DP_METHOD['report_samples']}; --fast {FAST['report_samples']})",
+    )
+    group.add_argument(
+        "--report-seed",
+        type=int,
+        help="seed of the report rows (default: --seed + 1, noise the plan was not selected on)",
+    )
+    group.add_argument(
+        "--report-extractor",
+        dest="report_extractors",
+        action="append",
+        choices=EXTRACTORS,
+        help="extractor(s) for the report, repeatable (default: --extractor)",
+    )
 
 
 def _running_flags(parser) -> None:
@@ -153,16 +236,27 @@ def _running_flags(parser) -> None:
     d = DEFAULTS
     group = parser.add_argument_group("running")
     group.add_argument("--batch-size", type=int, help=f"model batch size (default {d['batch_size']})")
-    group.add_argument("--cache-mb", type=int,
-                       help=f"memory for shared intermediate states (default {d['cache_mb']} MB)")
-    group.add_argument("--no-prefix-sharing", dest="share", action="store_false", default=None,
-                       help="evaluate every candidate on its own (to measure what sharing saves)")
+    group.add_argument(
+        "--cache-mb", type=int, help=f"memory for shared intermediate states (default {d['cache_mb']} MB)"
+    )
+    group.add_argument(
+        "--no-prefix-sharing",
+        dest="share",
+        action="store_false",
+        default=None,
+        help="evaluate every candidate on its own (to measure what sharing saves)",
+    )
     group.add_argument("--device", help=f"where the model runs: cpu or cuda[:N] (default {d['device']})")
     group.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    group.add_argument("--executor", choices=("local", "ray"), help="where candidates are evaluated: here, or on Ray "
-                       f"workers (pip install ray; default {d['executor']})")
-    group.add_argument("--ray-address", help="an existing Ray cluster for --executor ray (e.g. auto, ray://HOST:10001; "
-                       "default: start Ray here)")
+    group.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        help=f"where candidates are evaluated: here, or on Ray workers (pip install ray; default {d['executor']})",
+    )
+    group.add_argument(
+        "--ray-address",
+        help="an existing Ray cluster for --executor ray (e.g. auto, ray://HOST:10001; default: start Ray here)",
+    )
     group.add_argument("--workers", type=int, help="Ray workers (default: one per CPU of the cluster)")
     group.add_argument("--quiet", action="store_true", default=None, help="no progress bars or messages")
 
@@ -208,8 +302,9 @@ def _search(args) -> None:
         nfes = parse_nfe(args.nfe)
     if nfes is not None and len(nfes) > 1:
         if not args.multi_objective:
-            raise SearchError(f"--nfe {args.nfe}: several NFEs need --multi-objective (the fronts across NFE); "
-                              "or give one NFE")
+            raise SearchError(
+                f"--nfe {args.nfe}: several NFEs need --multi-objective (the fronts across NFE); or give one NFE"
+            )
         run_pareto(options_from_args(args), nfes)
     else:
         run_search(options_from_args(args))
@@ -221,8 +316,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     plain_warnings()
-    return run_command("search.run", lambda: _search(args),
-                       interrupted="interrupted; continue with --resume (the last finished generation is saved)")
+    return run_command(
+        "search.run",
+        lambda: _search(args),
+        interrupted="interrupted; continue with --resume (the last finished generation is saved)",
+    )
 
 
 if __name__ == "__main__":

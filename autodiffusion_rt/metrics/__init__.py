@@ -13,8 +13,22 @@ classifier, 1x28x28 only, fast) and ``inception`` (the TF FID Inception
 network, 2048-d, any size, slow on a CPU). The Frechet distance is pytorch-fid's.
 """
 
-from .extractors import EXTRACTOR_NAMES, FeatureExtractor, InceptionExtractor, MnistExtractor, check_images, get_extractor
-from .imagesets import EMBEDDED_DATASETS, load_image_folder, load_image_source, load_images_npz, reference_stats, resolve_reference
+from .extractors import (
+    EXTRACTOR_NAMES,
+    FeatureExtractor,
+    InceptionExtractor,
+    MnistExtractor,
+    check_images,
+    get_extractor,
+)
+from .imagesets import (
+    EMBEDDED_DATASETS,
+    load_image_folder,
+    load_image_source,
+    load_images_npz,
+    reference_stats,
+    resolve_reference,
+)
 from .stats import (
     FeatureStats,
     FIDWarning,

@@ -16,8 +16,17 @@ __all__ = ["register"]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--extractor", choices=("mnist", "inception"), default=None, help="feature network (default: mnist, or the one a statistics file was computed with)")
-    p.add_argument("--cache-dir", default=None, help="statistics cache folder (default: $AUTODIFFUSION_RT_CACHE or ~/.cache/autodiffusion-rt; files go in fid-stats/)")
+    p.add_argument(
+        "--extractor",
+        choices=("mnist", "inception"),
+        default=None,
+        help="feature network (default: mnist, or the one a statistics file was computed with)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="statistics cache folder (default: $AUTODIFFUSION_RT_CACHE or ~/.cache/autodiffusion-rt; files go in fid-stats/)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="images per feature batch (default: the extractor's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -29,9 +38,14 @@ def register(subparsers) -> None:
         help="compute (and cache) FID reference statistics",
         description="Mean and covariance of a data set's features, cached under (data set, extractor, preprocessing, weights).",
     )
-    p.add_argument("source", help="mnist | mnist:train | mnist:heldout | an image folder | an .npz of uint8 images (arr_0 NHWC, e.g. an ADM reference batch)")
+    p.add_argument(
+        "source",
+        help="mnist | mnist:train | mnist:heldout | an image folder | an .npz of uint8 images (arr_0 NHWC, e.g. an ADM reference batch)",
+    )
     p.add_argument("--out", default=None, help="also write the statistics to this .npz")
-    p.add_argument("--recompute", action="store_true", help="ignore a cached result (and an ADM batch's precomputed mu/sigma)")
+    p.add_argument(
+        "--recompute", action="store_true", help="ignore a cached result (and an ADM batch's precomputed mu/sigma)"
+    )
     _add_common(p)
     p.set_defaults(func=run_fid_stats)
 
@@ -40,13 +54,23 @@ def register(subparsers) -> None:
         help="FID of generated images against reference statistics",
         description="FID of a folder / .npz of images, or of images sampled now from --model, against --ref.",
     )
-    p.add_argument("images", nargs="?", default=None, help="an image folder or an .npz of uint8 images (omit with --model)")
-    p.add_argument("--ref", default="mnist", help="reference: mnist | mnist:train | mnist:heldout | a statistics .npz (fid-stats --out, or ADM mu/sigma) | an image folder or .npz (default: mnist)")
+    p.add_argument(
+        "images", nargs="?", default=None, help="an image folder or an .npz of uint8 images (omit with --model)"
+    )
+    p.add_argument(
+        "--ref",
+        default="mnist",
+        help="reference: mnist | mnist:train | mnist:heldout | a statistics .npz (fid-stats --out, or ADM mu/sigma) | an image folder or .npz (default: mnist)",
+    )
     p.add_argument("--model", default=None, help="sample the images now from this model spec (e.g. embedded:mnist)")
     p.add_argument("--sampler", default="ddim", help="sampler for --model (default: ddim)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=int, default=None, help="uniformly spaced timesteps for --model")
-    steps.add_argument("--timesteps", default=None, help="comma-separated, strictly descending timesteps for --model, e.g. 999,749,499,249")
+    steps.add_argument(
+        "--timesteps",
+        default=None,
+        help="comma-separated, strictly descending timesteps for --model, e.g. 999,749,499,249",
+    )
     p.add_argument("--n", type=int, default=2000, help="number of samples for --model (default: 2000)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for --model (default: 0)")
     _add_common(p)
@@ -95,7 +119,9 @@ def _check_stats_out(out):
         return None
     path = Path(out)
     if path.suffix.lower() != ".npz":
-        raise DataError(f"--out {out}: the statistics are written as an .npz (mu, sigma, key); pass a path ending in .npz")
+        raise DataError(
+            f"--out {out}: the statistics are written as an .npz (mu, sigma, key); pass a path ending in .npz"
+        )
     return check_writable(path, "the statistics file", "pass --out with a path in a writable folder", DataError)
 
 
@@ -149,7 +175,9 @@ def _sample_images(args: argparse.Namespace):
         from ..diffusion.schedules import uniform_timesteps
 
         timesteps = uniform_timesteps(model.num_timesteps, args.steps)
-    images = adr.sample(model, timesteps, sampler=args.sampler, n=args.n, seed=args.seed, labels=None, progress=not args.quiet)
+    images = adr.sample(
+        model, timesteps, sampler=args.sampler, n=args.n, seed=args.seed, labels=None, progress=not args.quiet
+    )
     what = f"{args.model}, {args.sampler}, timesteps {','.join(map(str, timesteps))}, seed {args.seed}"
     return images, what
 
@@ -161,7 +189,9 @@ def run_fid(args: argparse.Namespace) -> int:
     from .stats import FIDWarning, compute_stats, frechet_distance
 
     if (args.images is None) == (args.model is None):
-        raise DataError("give either the generated images (a folder or .npz) or --model SPEC to sample them, not both/neither")
+        raise DataError(
+            "give either the generated images (a folder or .npz) or --model SPEC to sample them, not both/neither"
+        )
     if args.model is None and (args.steps is not None or args.timesteps is not None):
         raise SamplingError("--steps/--timesteps only apply with --model")
     _check_batch_size(args)
@@ -185,19 +215,25 @@ def run_fid(args: argparse.Namespace) -> int:
             # a statistics file decides; everything else defaults to mnist
             extractor = _stats_file_extractor(args.ref) or "mnist"
         ext = get_extractor(extractor)
-        ref, ref_where = resolve_reference(args.ref, ext, cache_dir=args.cache_dir, batch_size=args.batch_size, progress=not args.quiet)
+        ref, ref_where = resolve_reference(
+            args.ref, ext, cache_dir=args.cache_dir, batch_size=args.batch_size, progress=not args.quiet
+        )
         if args.model is not None:
             images, what = _sample_images(args)
         else:
             source = load_image_source(args.images, extractor=None, progress=not args.quiet)
             if source.images is None:
-                raise DataError(f"{args.images} holds statistics, not images: pass it as --ref, and the generated images as IMAGES")
+                raise DataError(
+                    f"{args.images} holds statistics, not images: pass it as --ref, and the generated images as IMAGES"
+                )
             images, what = source.images, source.description
         gen = compute_stats(images, ext, dataset="generated", batch_size=args.batch_size, progress=not args.quiet)
         value = frechet_distance(gen, ref)
     _show_warnings(caught)
     ref_n = f"{ref.num_samples} samples" if ref.num_samples else "sample count not recorded"
-    print(f"FID {value:.4f}  ({gen.num_samples} samples, extractor {ext.name}; generated: {what}; reference: {ref.dataset}, {ref_n}, {ref_where})")
+    print(
+        f"FID {value:.4f}  ({gen.num_samples} samples, extractor {ext.name}; generated: {what}; reference: {ref.dataset}, {ref_n}, {ref_where})"
+    )
     return 0
 
 

@@ -26,7 +26,15 @@ from ..data import from_uint8
 from ..errors import DataError
 from ..utils import weights_fingerprint
 
-__all__ = ["EXTRACTOR_NAMES", "FeatureExtractor", "InceptionExtractor", "MnistExtractor", "get_extractor", "check_images", "weights_fingerprint"]
+__all__ = [
+    "EXTRACTOR_NAMES",
+    "FeatureExtractor",
+    "InceptionExtractor",
+    "MnistExtractor",
+    "get_extractor",
+    "check_images",
+    "weights_fingerprint",
+]
 
 
 def check_images(images) -> torch.Tensor | np.ndarray:
@@ -45,29 +53,41 @@ def check_images(images) -> torch.Tensor | np.ndarray:
         if a.ndim != 4 or a.shape[-1] not in (1, 3):
             raise DataError(f"uint8 image arrays must be NHWC with 1 or 3 channels (or NHW), got shape {images.shape}")
         if a.shape[0] == 0:
-            raise DataError("the image set is empty (0 images): FID needs at least 2 images, and more than the feature size for a full-rank covariance")
+            raise DataError(
+                "the image set is empty (0 images): FID needs at least 2 images, and more than the feature size for a full-rank covariance"
+            )
         return a
     if not isinstance(images, torch.Tensor):
-        raise DataError(f"images must be a torch tensor NCHW in [-1, 1] (or a uint8 numpy array NHWC), got {type(images).__name__}")
+        raise DataError(
+            f"images must be a torch tensor NCHW in [-1, 1] (or a uint8 numpy array NHWC), got {type(images).__name__}"
+        )
     if not images.is_floating_point():
         raise DataError(
             f"image tensors must be floating point NCHW in [-1, 1], got dtype {images.dtype}: "
             "convert uint8 NHWC arrays with autodiffusion_rt.data.from_uint8"
         )
     if images.ndim != 4:
-        raise DataError(f"images must be 4-D NCHW, got shape {tuple(images.shape)}: add the missing batch or channel axis (e.g. x.unsqueeze(1) for N x H x W)")
+        raise DataError(
+            f"images must be 4-D NCHW, got shape {tuple(images.shape)}: add the missing batch or channel axis (e.g. x.unsqueeze(1) for N x H x W)"
+        )
     if images.shape[1] not in (1, 3):
         hint = " (it looks like NHWC: use x.permute(0, 3, 1, 2))" if images.shape[-1] in (1, 3) else ""
         raise DataError(f"images must be NCHW with 1 or 3 channels, got shape {tuple(images.shape)}{hint}")
     if images.shape[0] == 0:
-        raise DataError("the image set is empty (0 images): FID needs at least 2 images, and more than the feature size for a full-rank covariance")
+        raise DataError(
+            "the image set is empty (0 images): FID needs at least 2 images, and more than the feature size for a full-rank covariance"
+        )
     finite = torch.isfinite(images.reshape(images.shape[0], -1)).all(dim=1)
     if not bool(finite.all()):
         bad = int((~finite).sum())
-        raise DataError(f"{bad} of {images.shape[0]} images contain NaN or inf values: the sampler diverged; such images have no FID")
+        raise DataError(
+            f"{bad} of {images.shape[0]} images contain NaN or inf values: the sampler diverged; such images have no FID"
+        )
     lo, hi = float(images.min()), float(images.max())
     if lo >= 0 and hi > 2:
-        raise DataError(f"images range over [{lo:g}, {hi:g}], which looks like [0, 255]: images must be in [-1, 1] (use x / 127.5 - 1)")
+        raise DataError(
+            f"images range over [{lo:g}, {hi:g}], which looks like [0, 255]: images must be in [-1, 1] (use x / 127.5 - 1)"
+        )
     return images
 
 
@@ -133,7 +153,11 @@ class FeatureExtractor(ABC):
         """(N, feature_dim) float64 features of N images (NCHW float in [-1, 1], or uint8 NHWC numpy)."""
         images = check_images(images)
         n = images.shape[0]
-        chw = (images.shape[3], images.shape[1], images.shape[2]) if isinstance(images, np.ndarray) else tuple(images.shape[1:])
+        chw = (
+            (images.shape[3], images.shape[1], images.shape[2])
+            if isinstance(images, np.ndarray)
+            else tuple(images.shape[1:])
+        )
         self.check_shape(chw)
         batch_size = self.default_batch_size if batch_size is None else int(batch_size)
         if batch_size < 1:

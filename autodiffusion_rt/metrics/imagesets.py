@@ -35,8 +35,14 @@ from .extractors import FeatureExtractor, get_extractor
 from .stats import STATS_FORMAT, FeatureStats, StatsKey, cached_stats, images_digest, stats_from_features
 
 __all__ = [
-    "EMBEDDED_DATASETS", "IMAGE_EXTENSIONS", "ImageSource", "load_image_folder", "load_image_source", "load_images_npz",
-    "reference_stats", "resolve_reference",
+    "EMBEDDED_DATASETS",
+    "IMAGE_EXTENSIONS",
+    "ImageSource",
+    "load_image_folder",
+    "load_image_source",
+    "load_images_npz",
+    "reference_stats",
+    "resolve_reference",
 ]
 
 EMBEDDED_DATASETS = {"mnist": "all", "mnist:all": "all", "mnist:train": "train", "mnist:heldout": "heldout"}
@@ -84,7 +90,9 @@ def load_image_folder(folder: str | Path, progress: bool = False) -> np.ndarray:
     first = out[0].shape
     for (p, _, _), a in zip(arrays, out):
         if a.shape != first:
-            raise DataError(f"images in {folder} differ in size: {arrays[0][0].name} is {first[1]}x{first[0]}, {p.name} is {a.shape[1]}x{a.shape[0]}; resize them to one size first")
+            raise DataError(
+                f"images in {folder} differ in size: {arrays[0][0].name} is {first[1]}x{first[0]}, {p.name} is {a.shape[1]}x{a.shape[0]}; resize them to one size first"
+            )
     return np.stack(out)
 
 
@@ -152,7 +160,12 @@ def load_images_npz(path: str | Path) -> np.ndarray:
     return src.images
 
 
-def load_image_source(path: str | Path, extractor: str | FeatureExtractor | None = "mnist", progress: bool = False, prefer_images: bool = False) -> ImageSource:
+def load_image_source(
+    path: str | Path,
+    extractor: str | FeatureExtractor | None = "mnist",
+    progress: bool = False,
+    prefer_images: bool = False,
+) -> ImageSource:
     """Read a folder of images or an .npz (images or statistics); see the module docstring for layouts.
 
     An ADM batch's precomputed ``mu``/``sigma`` are used when ``extractor`` is
@@ -161,12 +174,16 @@ def load_image_source(path: str | Path, extractor: str | FeatureExtractor | None
     path = Path(path)
     if not path.exists():
         names = ", ".join(EMBEDDED_DATASETS)
-        raise DataError(f"{path} does not exist: give an image folder, an .npz of images or statistics, or an embedded data set ({names})")
+        raise DataError(
+            f"{path} does not exist: give an image folder, an .npz of images or statistics, or an embedded data set ({names})"
+        )
     if path.is_dir():
         images = load_image_folder(path, progress=progress)
         return ImageSource(f"folder:{path.name}", f"{path} ({len(images)} images)", images=images)
     if path.suffix.lower() != ".npz":
-        raise DataError(f"{path} is neither a folder nor an .npz file: put images in a folder, or save them with np.savez(path, arr_0=uint8 NHWC array)")
+        raise DataError(
+            f"{path} is neither a folder nor an .npz file: put images in a folder, or save them with np.savez(path, arr_0=uint8 NHWC array)"
+        )
     from ..limits import check_npz_arrays
 
     try:
@@ -179,7 +196,11 @@ def load_image_source(path: str | Path, extractor: str | FeatureExtractor | None
             if str(z["format"]) != STATS_FORMAT:
                 raise DataError(f"{path} has format {str(z['format'])!r}, expected {STATS_FORMAT!r}")
             stats = FeatureStats.load(path)
-            return ImageSource(f"stats:{path.name}", f"{path} (statistics of {stats.dataset}, {stats.num_samples} samples)", stats=stats)
+            return ImageSource(
+                f"stats:{path.name}",
+                f"{path} (statistics of {stats.dataset}, {stats.num_samples} samples)",
+                stats=stats,
+            )
         image_key = next((k for k in _IMAGE_KEYS if k in files), None)
         if image_key is None and len(files) == 1 and not files & {"mu", "sigma"}:
             image_key = next(iter(files))
@@ -190,8 +211,12 @@ def load_image_source(path: str | Path, extractor: str | FeatureExtractor | None
         if image_key is None:
             if has_stats:
                 name = ext.name if ext is not None else "none"
-                raise DataError(f"{path} holds precomputed Inception mu/sigma (ADM format) and no images: use --extractor inception (got {name})")
-            raise DataError(f"{path} holds arrays {sorted(files)}: expected images under 'arr_0' or 'images', or statistics 'mu'/'sigma'")
+                raise DataError(
+                    f"{path} holds precomputed Inception mu/sigma (ADM format) and no images: use --extractor inception (got {name})"
+                )
+            raise DataError(
+                f"{path} holds arrays {sorted(files)}: expected images under 'arr_0' or 'images', or statistics 'mu'/'sigma'"
+            )
         check_npz_arrays(path, DataError, (image_key,))  # its size from its header, before it is read
         images = _as_uint8_images(z[image_key], f"{path}[{image_key!r}]")
         return ImageSource(f"npz:{path.stem}", f"{path} ({len(images)} images)", images=images)
@@ -213,10 +238,14 @@ def reference_stats(
     precomputed ``mu``/``sigma`` are used directly with the ``inception``
     extractor). Call it once and keep the result; :func:`fid` does no file I/O.
     """
-    return resolve_reference(dataset, extractor, cache_dir=cache_dir, batch_size=batch_size, progress=progress, recompute=recompute)[0]
+    return resolve_reference(
+        dataset, extractor, cache_dir=cache_dir, batch_size=batch_size, progress=progress, recompute=recompute
+    )[0]
 
 
-def resolve_reference(ref, extractor="mnist", cache_dir=None, batch_size=None, progress=False, recompute=False, use_precomputed=True) -> tuple[FeatureStats, str]:
+def resolve_reference(
+    ref, extractor="mnist", cache_dir=None, batch_size=None, progress=False, recompute=False, use_precomputed=True
+) -> tuple[FeatureStats, str]:
     """(stats, a one-line description of where they came from) for an embedded dataset, image path or stats file.
 
     ``use_precomputed=False`` recomputes an ADM batch's statistics from its images instead of using its mu/sigma.
@@ -234,13 +263,17 @@ def resolve_reference(ref, extractor="mnist", cache_dir=None, batch_size=None, p
         if source.stats is not None:  # a statistics file, ours or ADM's
             why = source.stats.comparable_with(ext)
             if why is not None:
-                raise DataError(f"statistics file {ref_str} was computed with another extractor setting ({why}): use --extractor {source.stats.extractor}, or recompute the statistics")
+                raise DataError(
+                    f"statistics file {ref_str} was computed with another extractor setting ({why}): use --extractor {source.stats.extractor}, or recompute the statistics"
+                )
             return source.stats, source.description
         images = source.images
         dataset_id = f"{source.label}:{images_digest(images)}"
     key = StatsKey.for_extractor(dataset_id, ext)
     stats, path, hit = cached_stats(
-        key, lambda: stats_from_features(ext.features(images, batch_size=batch_size, progress=progress), key), cache_dir=cache_dir, recompute=recompute
+        key,
+        lambda: stats_from_features(ext.features(images, batch_size=batch_size, progress=progress), key),
+        cache_dir=cache_dir,
+        recompute=recompute,
     )
     return stats, f"{ref_str} ({'cached' if hit else 'computed, cached'} at {path})"
-

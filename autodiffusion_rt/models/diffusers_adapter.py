@@ -43,28 +43,39 @@ def check_unet_config(config: Mapping, source: str) -> None:
     """Refuse a UNet config this adapter cannot run, naming what it supports."""
     cls = config.get("_class_name", "UNet2DModel")
     if cls not in SUPPORTED_CLASSES:
-        raise ModelSpecError(f"{source}: UNet class {cls!r} is not supported: the diffusers adapter supports {list(SUPPORTED_CLASSES)}")
+        raise ModelSpecError(
+            f"{source}: UNet class {cls!r} is not supported: the diffusers adapter supports {list(SUPPORTED_CLASSES)}"
+        )
 
     def check(key, supported, default):
         values = config.get(key, default)
         for v in [values] if isinstance(values, str) or values is None else values:
             if v not in supported:
-                raise ModelSpecError(f"{source}: {key} has block type {v!r}, which is not supported: use {list(supported)}")
+                raise ModelSpecError(
+                    f"{source}: {key} has block type {v!r}, which is not supported: use {list(supported)}"
+                )
 
     check("down_block_types", SUPPORTED_DOWN, ())
     check("up_block_types", SUPPORTED_UP, ())
     check("mid_block_type", SUPPORTED_MID, "UNetMidBlock2D")
-    for key, supported, default in (("downsample_type", ("conv",), "conv"), ("upsample_type", ("conv",), "conv"),
-                                     ("time_embedding_type", ("positional",), "positional"),
-                                     ("resnet_time_scale_shift", ("default", "scale_shift"), "default")):
+    for key, supported, default in (
+        ("downsample_type", ("conv",), "conv"),
+        ("upsample_type", ("conv",), "conv"),
+        ("time_embedding_type", ("positional",), "positional"),
+        ("resnet_time_scale_shift", ("default", "scale_shift"), "default"),
+    ):
         if config.get(key, default) not in supported:
             raise ModelSpecError(f"{source}: {key}={config.get(key)!r} is not supported: use {list(supported)}")
     if config.get("class_embed_type") is not None or config.get("num_class_embeds") is not None:
-        raise ModelSpecError(f"{source}: class-conditional UNet2DModel (class_embed_type/num_class_embeds) is not supported: "
-                             "the diffusers adapter runs unconditional models")
+        raise ModelSpecError(
+            f"{source}: class-conditional UNet2DModel (class_embed_type/num_class_embeds) is not supported: "
+            "the diffusers adapter runs unconditional models"
+        )
     if config.get("out_channels", 3) != config.get("in_channels", 3):
-        raise ModelSpecError(f"{source}: out_channels={config.get('out_channels')} differs from in_channels={config.get('in_channels')}: "
-                             "learned-variance diffusers models are not supported (the output must be eps or v)")
+        raise ModelSpecError(
+            f"{source}: out_channels={config.get('out_channels')} differs from in_channels={config.get('in_channels')}: "
+            "learned-variance diffusers models are not supported (the output must be eps or v)"
+        )
     size = config.get("sample_size")
     if isinstance(size, (list, tuple)) and len(set(size)) != 1:
         raise ModelSpecError(f"{source}: sample_size={size} is not square: the adapter supports square images")
@@ -76,7 +87,8 @@ def _conv_macs(conv: nn.Conv2d, out_hw: tuple[int, int]) -> int:
 
 def _conv_out_hw(conv: nn.Conv2d, hw: tuple[int, int], extra_pad: int = 0) -> tuple[int, int]:
     return tuple(
-        (hw[d] + 2 * conv.padding[d] + extra_pad - conv.dilation[d] * (conv.kernel_size[d] - 1) - 1) // conv.stride[d] + 1
+        (hw[d] + 2 * conv.padding[d] + extra_pad - conv.dilation[d] * (conv.kernel_size[d] - 1) - 1) // conv.stride[d]
+        + 1
         for d in range(2)
     )
 
@@ -88,9 +100,13 @@ class _Resnet:
 
     def __init__(self, layer_id: str, block: nn.Module):
         if block.upsample is not None or block.downsample is not None or block.time_emb_proj is None:
-            raise ModelSpecError(f"{layer_id}: resampling resnets or resnets without a time embedding are not supported")
+            raise ModelSpecError(
+                f"{layer_id}: resampling resnets or resnets without a time embedding are not supported"
+            )
         if block.time_embedding_norm not in ("default", "scale_shift"):
-            raise ModelSpecError(f"{layer_id}: time_embedding_norm={block.time_embedding_norm!r} is not supported: use 'default' or 'scale_shift'")
+            raise ModelSpecError(
+                f"{layer_id}: time_embedding_norm={block.time_embedding_norm!r} is not supported: use 'default' or 'scale_shift'"
+            )
         self.layer_id, self.block = layer_id, block
 
     @property
@@ -121,8 +137,14 @@ class _Resnet:
     def macs(self, hw) -> tuple[int, int]:
         """(MACs skipping saves, MACs of the skip path)."""
         b = self.block
-        body = _conv_macs(b.conv1, hw) + _conv_macs(b.conv2, hw) + b.time_emb_proj.in_features * b.time_emb_proj.out_features
-        return body, (_conv_macs(b.conv_shortcut, _conv_out_hw(b.conv_shortcut, hw)) if b.conv_shortcut is not None else 0)
+        body = (
+            _conv_macs(b.conv1, hw)
+            + _conv_macs(b.conv2, hw)
+            + b.time_emb_proj.in_features * b.time_emb_proj.out_features
+        )
+        return body, (
+            _conv_macs(b.conv_shortcut, _conv_out_hw(b.conv_shortcut, hw)) if b.conv_shortcut is not None else 0
+        )
 
 
 class _Attention:
@@ -170,7 +192,12 @@ class DiffusersUNet(SkippableUNet):
             attns = getattr(block, "attentions", None) or [None] * len(block.resnets)
             yield "down", f"down_blocks.{i}", block, list(zip(block.resnets, attns))
         mid = u.mid_block
-        yield "mid", "mid_block", mid, [(mid.resnets[0], None)] + [(r, a) for a, r in zip(mid.attentions, mid.resnets[1:])]
+        yield (
+            "mid",
+            "mid_block",
+            mid,
+            [(mid.resnets[0], None)] + [(r, a) for a, r in zip(mid.attentions, mid.resnets[1:])],
+        )
         for i, block in enumerate(u.up_blocks):
             attns = getattr(block, "attentions", None) or [None] * len(block.resnets)
             yield "up", f"up_blocks.{i}", block, list(zip(block.resnets, attns))
@@ -213,7 +240,9 @@ class DiffusersUNet(SkippableUNet):
                 hw = out
             for up in getattr(block, "upsamplers", None) or []:
                 if up.use_conv_transpose:
-                    raise ModelSpecError("transposed-convolution upsamplers are not supported: use upsample_type='conv'")
+                    raise ModelSpecError(
+                        "transposed-convolution upsamplers are not supported: use upsample_type='conv'"
+                    )
                 hw = (2 * hw[0], 2 * hw[1])
                 if up.use_conv:
                     fixed += _conv_macs(up.conv, hw)
@@ -228,8 +257,9 @@ class DiffusersUNet(SkippableUNet):
     def projected_blocks(self, keep: Optional[frozenset[str]] = None) -> list[_Resnet]:
         return [v for v in self._views.values() if v.kind == "res" and (keep is None or v.layer_id in keep)]
 
-    def forward_projected(self, x: torch.Tensor, projections: Mapping[str, torch.Tensor],
-                          keep: Optional[frozenset[str]] = None) -> torch.Tensor:
+    def forward_projected(
+        self, x: torch.Tensor, projections: Mapping[str, torch.Tensor], keep: Optional[frozenset[str]] = None
+    ) -> torch.Tensor:
         """UNet2DModel.forward's body (steps 0 and 2-6) with per-layer skipping and given projections."""
         u = self.unet
 
@@ -298,16 +328,19 @@ def check_unet_limits(config: Mapping, source: str) -> None:
     check_limit("layers", layers, "len(block_out_channels) x layers_per_block", source, ModelSpecError)
     for key in ("down_block_types", "up_block_types"):
         if len(config.get(key, ())) != len(channels):
-            raise ModelSpecError(f"{source}: {key} has {len(config.get(key, ()))} blocks for {len(channels)} "
-                                 "block_out_channels: give one block type per level")
+            raise ModelSpecError(
+                f"{source}: {key} has {len(config.get(key, ()))} blocks for {len(channels)} "
+                "block_out_channels: give one block type per level"
+            )
     from diffusers import UNet2DModel
 
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
     try:
         check_model_bytes(lambda: UNet2DModel.from_config(cfg), source, ModelSpecError)
     except (ValueError, TypeError, AttributeError, ZeroDivisionError, RuntimeError) as e:
-        raise ModelSpecError(f"{source}: diffusers cannot build this UNet ({type(e).__name__}: "
-                             f"{' '.join(str(e).split())[:200]})") from None
+        raise ModelSpecError(
+            f"{source}: diffusers cannot build this UNet ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        ) from None
 
 
 def locate(directory) -> tuple:
@@ -336,9 +369,19 @@ def check_scheduler_config(config: Mapping, source: str) -> dict:
     """The scheduler settings we use, validated: prediction_type, num_train_timesteps and the beta settings."""
     pred = config.get("prediction_type", "epsilon")
     if pred not in PREDICTION_TYPES:
-        raise ModelSpecError(f"{source}: prediction_type={pred!r} is not supported: use one of {list(PREDICTION_TYPES)}")
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-            "rescale_betas_zero_snr", "_class_name")
+        raise ModelSpecError(
+            f"{source}: prediction_type={pred!r} is not supported: use one of {list(PREDICTION_TYPES)}"
+        )
+    keys = (
+        "num_train_timesteps",
+        "beta_start",
+        "beta_end",
+        "beta_schedule",
+        "trained_betas",
+        "prediction_type",
+        "rescale_betas_zero_snr",
+        "_class_name",
+    )
     return {k: config[k] for k in keys if k in config and config[k] is not None}
 
 
@@ -361,7 +404,9 @@ def scheduler_noise_schedule(config: Mapping, source: str = "the scheduler confi
     except (NotImplementedError, ValueError) as e:
         raise ModelSpecError(f"diffusers scheduler config {cfg}: {e}") from None
     try:
-        return NoiseSchedule.from_betas(f"diffusers:{cfg.get('beta_schedule', 'trained_betas')}", betas.double().numpy())
+        return NoiseSchedule.from_betas(
+            f"diffusers:{cfg.get('beta_schedule', 'trained_betas')}", betas.double().numpy()
+        )
     except SamplingError as e:
         raise ModelSpecError(f"the scheduler config gives an unsupported schedule: {e}") from None
 
@@ -371,7 +416,9 @@ def load_diffusers(spec: str, directory):
     try:
         from diffusers import UNet2DModel
     except ImportError:
-        raise ModelSpecError(f"{spec}: loading a diffusers model needs the diffusers package: pip install diffusers") from None
+        raise ModelSpecError(
+            f"{spec}: loading a diffusers model needs the diffusers package: pip install diffusers"
+        ) from None
     from ..utils import weights_fingerprint
     from .model import DiffusionModel
 
@@ -384,7 +431,9 @@ def load_diffusers(spec: str, directory):
     try:
         unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
-        raise ModelSpecError(f"diffusers cannot load {unet_dir}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise ModelSpecError(
+            f"diffusers cannot load {unet_dir}: {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from None
     unet = unet.float().eval().requires_grad_(False)
     adapter = DiffusersUNet(unet, str(unet_dir)).eval()
     unet_config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
@@ -392,9 +441,15 @@ def load_diffusers(spec: str, directory):
         name=spec,
         unet=adapter,
         schedule=schedule,
-        config={"unet": {"class": "UNet2DModel", **unet_config},
-                "diffusion": {"noise_schedule": schedule.name, "diffusion_steps": schedule.num_timesteps,
-                              "learn_sigma": False, "scheduler": scheduler}},
+        config={
+            "unet": {"class": "UNet2DModel", **unet_config},
+            "diffusion": {
+                "noise_schedule": schedule.name,
+                "diffusion_steps": schedule.num_timesteps,
+                "learn_sigma": False,
+                "scheduler": scheduler,
+            },
+        },
         fingerprint=weights_fingerprint(unet.state_dict()),
         learn_sigma=False,
         metadata={"unet_dir": str(unet_dir), "scheduler_config": str(scheduler_file)},
@@ -420,14 +475,22 @@ def diffusers_scheduler_config(plan) -> dict:
     elif plan.sampler == "ddim" and plan.eta == 0:
         order = 1
     else:
-        raise PlanError(f"sampler {plan.sampler!r} (eta={plan.eta}) has no diffusers DPMSolverMultistepScheduler equivalent: "
-                        "export-diffusers supports 'ddim' with eta=0 and 'dpmpp_2m' plans")
+        raise PlanError(
+            f"sampler {plan.sampler!r} (eta={plan.eta}) has no diffusers DPMSolverMultistepScheduler equivalent: "
+            "export-diffusers supports 'ddim' with eta=0 and 'dpmpp_2m' plans"
+        )
     diffusion = plan.model_config.get("diffusion", {}) if isinstance(plan.model_config, dict) else {}
     if "scheduler" in diffusion:
         betas = {k: v for k, v in diffusion["scheduler"].items() if not k.startswith("_")}
     else:  # an ADM / embedded plan: its named schedule's betas
-        sched = NoiseSchedule.named(diffusion.get("noise_schedule", "linear"), int(diffusion.get("diffusion_steps", 1000)))
-        betas = {"num_train_timesteps": sched.num_timesteps, "trained_betas": sched.betas.tolist(), "prediction_type": "epsilon"}
+        sched = NoiseSchedule.named(
+            diffusion.get("noise_schedule", "linear"), int(diffusion.get("diffusion_steps", 1000))
+        )
+        betas = {
+            "num_train_timesteps": sched.num_timesteps,
+            "trained_betas": sched.betas.tolist(),
+            "prediction_type": "epsilon",
+        }
     return {
         **betas,
         "algorithm_type": "dpmsolver++",

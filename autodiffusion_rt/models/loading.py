@@ -64,22 +64,57 @@ _ADM_DEFAULTS: dict[str, Any] = dict(
 # The published checkpoints' flags, from guided-diffusion's README.
 ADM_PRESETS: dict[str, dict[str, Any]] = {
     "imagenet64-cond": dict(
-        attention_resolutions="32,16,8", class_cond=True, dropout=0.1, image_size=64, learn_sigma=True,
-        noise_schedule="cosine", num_channels=192, num_head_channels=64, num_res_blocks=3, resblock_updown=True,
-        use_new_attention_order=True, use_fp16=True, use_scale_shift_norm=True,
+        attention_resolutions="32,16,8",
+        class_cond=True,
+        dropout=0.1,
+        image_size=64,
+        learn_sigma=True,
+        noise_schedule="cosine",
+        num_channels=192,
+        num_head_channels=64,
+        num_res_blocks=3,
+        resblock_updown=True,
+        use_new_attention_order=True,
+        use_fp16=True,
+        use_scale_shift_norm=True,
     ),
     "imagenet128-cond": dict(
-        attention_resolutions="32,16,8", class_cond=True, image_size=128, learn_sigma=True, noise_schedule="linear",
-        num_channels=256, num_heads=4, num_res_blocks=2, resblock_updown=True, use_fp16=True, use_scale_shift_norm=True,
+        attention_resolutions="32,16,8",
+        class_cond=True,
+        image_size=128,
+        learn_sigma=True,
+        noise_schedule="linear",
+        num_channels=256,
+        num_heads=4,
+        num_res_blocks=2,
+        resblock_updown=True,
+        use_fp16=True,
+        use_scale_shift_norm=True,
     ),
     "imagenet256-cond": dict(
-        attention_resolutions="32,16,8", class_cond=True, image_size=256, learn_sigma=True, noise_schedule="linear",
-        num_channels=256, num_head_channels=64, num_res_blocks=2, resblock_updown=True, use_fp16=True,
+        attention_resolutions="32,16,8",
+        class_cond=True,
+        image_size=256,
+        learn_sigma=True,
+        noise_schedule="linear",
+        num_channels=256,
+        num_head_channels=64,
+        num_res_blocks=2,
+        resblock_updown=True,
+        use_fp16=True,
         use_scale_shift_norm=True,
     ),
     "imagenet256-uncond": dict(
-        attention_resolutions="32,16,8", class_cond=False, image_size=256, learn_sigma=True, noise_schedule="linear",
-        num_channels=256, num_head_channels=64, num_res_blocks=2, resblock_updown=True, use_fp16=True,
+        attention_resolutions="32,16,8",
+        class_cond=False,
+        image_size=256,
+        learn_sigma=True,
+        noise_schedule="linear",
+        num_channels=256,
+        num_head_channels=64,
+        num_res_blocks=2,
+        resblock_updown=True,
+        use_fp16=True,
         use_scale_shift_norm=True,
     ),
 }
@@ -102,8 +137,10 @@ def adm_config(preset: Optional[str] = None, **flags) -> tuple[dict, dict]:
         return _adm_config(preset, **flags)
     except (ValueError, TypeError, ZeroDivisionError) as e:  # a flag of the wrong kind (num_channels=abc, ...=0)
         given = ", ".join(f"{k}={v!r}" for k, v in flags.items()) or "none"
-        raise ModelSpecError(f"ADM options ({given}) do not make a model config: {type(e).__name__}: {e}; "
-                             "check the --option values (guided-diffusion's flag names and types)") from None
+        raise ModelSpecError(
+            f"ADM options ({given}) do not make a model config: {type(e).__name__}: {e}; "
+            "check the --option values (guided-diffusion's flag names and types)"
+        ) from None
 
 
 def _adm_config(preset: Optional[str] = None, **flags) -> tuple[dict, dict]:
@@ -127,7 +164,9 @@ def _adm_config(preset: Optional[str] = None, **flags) -> tuple[dict, dict]:
         model_channels=int(f["num_channels"]),
         out_channels=6 if f["learn_sigma"] else 3,
         num_res_blocks=int(f["num_res_blocks"]),
-        attention_resolutions=tuple(size // int(r) for r in _parse_ints(f["attention_resolutions"], "attention_resolutions")),
+        attention_resolutions=tuple(
+            size // int(r) for r in _parse_ints(f["attention_resolutions"], "attention_resolutions")
+        ),
         dropout=float(f["dropout"]),
         channel_mult=mult,
         num_classes=1000 if f["class_cond"] else None,
@@ -141,7 +180,9 @@ def _adm_config(preset: Optional[str] = None, **flags) -> tuple[dict, dict]:
         use_new_attention_order=bool(f["use_new_attention_order"]),
     )
     diffusion = dict(
-        noise_schedule=str(f["noise_schedule"]), diffusion_steps=int(f["diffusion_steps"]), learn_sigma=bool(f["learn_sigma"])
+        noise_schedule=str(f["noise_schedule"]),
+        diffusion_steps=int(f["diffusion_steps"]),
+        learn_sigma=bool(f["learn_sigma"]),
     )
     return unet, diffusion
 
@@ -153,8 +194,9 @@ def check_unet_config(unet_config: dict, source: str) -> dict:
     from ..records import schema, validate
 
     if not isinstance(unet_config, dict):
-        raise CheckpointError(f"{source}: the model config must be an object of ADMUNet arguments, "
-                              f"got {type(unet_config).__name__}")
+        raise CheckpointError(
+            f"{source}: the model config must be an object of ADMUNet arguments, got {type(unet_config).__name__}"
+        )
     cfg = validate(schema("ADMConfig"), unet_config, f"{source} (model config)", CheckpointError)
     widest = cfg.model_channels * max([1, *cfg.channel_mult])
     check_limit("channels", widest, "model_channels x max(channel_mult)", source, CheckpointError)
@@ -165,8 +207,10 @@ def check_unet_config(unet_config: dict, source: str) -> dict:
     try:
         check_model_bytes(lambda: ADMUNet(**kwargs), source, CheckpointError)
     except (ValueError, TypeError, ZeroDivisionError, AssertionError, RuntimeError) as e:
-        raise CheckpointError(f"{source}: the model config does not describe a buildable ADM UNet ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); check the preset/options") from None
+        raise CheckpointError(
+            f"{source}: the model config does not describe a buildable ADM UNet ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); check the preset/options"
+        ) from None
     return kwargs
 
 
@@ -176,14 +220,20 @@ def _check_state_dict(unet: ADMUNet, state_dict: dict, source: str) -> None:
     expected = unet.state_dict()
     bad = next((k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
     if bad is not None:
-        raise CheckpointError(f"{source}: entry {bad!r} of the state_dict is a {type(state_dict[bad]).__name__}, "
-                              "not a tensor: the file is not a model checkpoint")
+        raise CheckpointError(
+            f"{source}: entry {bad!r} of the state_dict is a {type(state_dict[bad]).__name__}, "
+            "not a tensor: the file is not a model checkpoint"
+        )
     for key, value in expected.items():
         if key in state_dict and state_dict[key].dtype.is_floating_point != value.dtype.is_floating_point:
-            raise CheckpointError(f"{source}: key {key!r} holds {state_dict[key].dtype} values where the model has "
-                                  f"{value.dtype}: the checkpoint is damaged or not this model's")
+            raise CheckpointError(
+                f"{source}: key {key!r} holds {state_dict[key].dtype} values where the model has "
+                f"{value.dtype}: the checkpoint is damaged or not this model's"
+            )
         if key not in state_dict:
-            raise CheckpointError(f"{source}: missing key {key!r} (expected shape {tuple(value.shape)}): the checkpoint does not fit this config; check the preset/options")
+            raise CheckpointError(
+                f"{source}: missing key {key!r} (expected shape {tuple(value.shape)}): the checkpoint does not fit this config; check the preset/options"
+            )
         if tuple(state_dict[key].shape) != tuple(value.shape):
             raise CheckpointError(
                 f"{source}: key {key!r} has shape {tuple(state_dict[key].shape)} but the config expects "
@@ -191,12 +241,16 @@ def _check_state_dict(unet: ADMUNet, state_dict: dict, source: str) -> None:
             )
     extra = [k for k in state_dict if k not in expected]
     if extra:
-        raise CheckpointError(f"{source}: unexpected key {extra[0]!r} ({len(extra)} in all): the checkpoint does not fit this config; check the preset/options")
+        raise CheckpointError(
+            f"{source}: unexpected key {extra[0]!r} ({len(extra)} in all): the checkpoint does not fit this config; check the preset/options"
+        )
 
 
 def _read_checkpoint(path: Path) -> Any:
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path} (looked for it at that path; put the file there or pass its path)")
+        raise CheckpointError(
+            f"checkpoint file not found: {path} (looked for it at that path; put the file there or pass its path)"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt files
@@ -212,8 +266,16 @@ def _read_adm_state_dict(path: Path) -> dict:
     return state_dict
 
 
-def model_from_weights(name: str, unet_config: dict, diffusion: dict, state_dict: dict, *, source: str = "<weights>",
-                       metadata: Optional[dict] = None, checked: bool = False) -> DiffusionModel:
+def model_from_weights(
+    name: str,
+    unet_config: dict,
+    diffusion: dict,
+    state_dict: dict,
+    *,
+    source: str = "<weights>",
+    metadata: Optional[dict] = None,
+    checked: bool = False,
+) -> DiffusionModel:
     """An ADM :class:`DiffusionModel` from its architecture, noise settings and weights.
 
     ``unet_config``: :class:`ADMUNet` keyword arguments; ``diffusion``: ``noise_schedule``,
@@ -271,8 +333,14 @@ def _load_trained(spec: str, path: Path, fix: str) -> DiffusionModel:
     if not (isinstance(record, dict) and record.get("format") == 1 and "state_dict" in record):
         raise CheckpointError(f"{path} is not an autodiffusion-rt checkpoint (format 1): {fix}")
     validate(schema("CheckpointRecord"), record, str(path), CheckpointError, fix)
-    return model_from_weights(spec, record["config"], record["diffusion"], record["state_dict"], source=str(path),
-                              metadata=record.get("training", {}))
+    return model_from_weights(
+        spec,
+        record["config"],
+        record["diffusion"],
+        record["state_dict"],
+        source=str(path),
+        metadata=record.get("training", {}),
+    )
 
 
 def load_model(spec: str, **overrides) -> DiffusionModel:
@@ -283,13 +351,17 @@ def load_model(spec: str, **overrides) -> DiffusionModel:
     kind, _, rest = spec.partition(":")
     if kind == "embedded":
         if rest not in EMBEDDED_MODELS:
-            raise ModelSpecError(f"unknown embedded model {rest!r} in {spec!r}: available: {['embedded:' + k for k in EMBEDDED_MODELS]}")
+            raise ModelSpecError(
+                f"unknown embedded model {rest!r} in {spec!r}: available: {['embedded:' + k for k in EMBEDDED_MODELS]}"
+            )
         if overrides:
             raise ModelSpecError(f"the embedded model takes no options, got {sorted(overrides)}")
         return _load_trained(spec, EMBEDDED_MODELS[rest], "reinstall the package")
     if kind == "ckpt":
         if not rest:
-            raise ModelSpecError(f"model spec {spec!r} has no path: use 'ckpt:PATH' for a checkpoint written by 'autodiffusion-rt train'")
+            raise ModelSpecError(
+                f"model spec {spec!r} has no path: use 'ckpt:PATH' for a checkpoint written by 'autodiffusion-rt train'"
+            )
         if overrides:
             raise ModelSpecError(f"a ckpt: model carries its own config and takes no options, got {sorted(overrides)}")
         return _load_trained(spec, Path(rest).expanduser(), "pass a file written by 'autodiffusion-rt train --out'")
@@ -302,13 +374,16 @@ def load_model(spec: str, **overrides) -> DiffusionModel:
         unet_kwargs = check_unet_config(unet_kwargs, where)  # the options before the file is read
         diffusion_schedule(diffusion, where)
         state_dict = _read_adm_state_dict(path)
-        return model_from_weights(spec, unet_kwargs, diffusion, state_dict, source=str(path),
-                                  metadata={"overrides": overrides}, checked=True)
+        return model_from_weights(
+            spec, unet_kwargs, diffusion, state_dict, source=str(path), metadata={"overrides": overrides}, checked=True
+        )
     if kind == "diffusers":
         if not rest:
             raise ModelSpecError(f"model spec {spec!r} has no path: use 'diffusers:DIR' (a save_pretrained directory)")
         if overrides:
-            raise ModelSpecError(f"a diffusers: model carries its own config and takes no options, got {sorted(overrides)}")
+            raise ModelSpecError(
+                f"a diffusers: model carries its own config and takes no options, got {sorted(overrides)}"
+            )
         from .diffusers_adapter import load_diffusers
 
         return load_diffusers(spec, Path(rest).expanduser())
@@ -328,7 +403,9 @@ def load_model_for_plan(plan, model: Optional[DiffusionModel] = None) -> Diffusi
         if spec.startswith("adm:") and isinstance(plan.model_config, dict) and "unet" in plan.model_config:
             path = Path(spec[4:]).expanduser()
             state_dict = _read_adm_state_dict(path)
-            model = model_from_weights(spec, plan.model_config["unet"], plan.model_config["diffusion"], state_dict, source=str(path))
+            model = model_from_weights(
+                spec, plan.model_config["unet"], plan.model_config["diffusion"], state_dict, source=str(path)
+            )
         else:
             model = load_model(spec)
     plan.check_model(model)

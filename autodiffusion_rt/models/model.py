@@ -68,12 +68,14 @@ class DiffusionModel:
             if isinstance(t, int):
                 alpha_bar = float(acp[t])
             else:
-                alpha_bar = torch.tensor(acp, dtype=torch.float64, device=x.device)[t.long()].view(-1, 1, 1, 1)  # a copy: acp is read-only
+                # a copy: acp is read-only
+                alpha_bar = torch.tensor(acp, dtype=torch.float64, device=x.device)[t.long()].view(-1, 1, 1, 1)
         return eps_from_output(out, x, self.learn_sigma, self.prediction_type, alpha_bar, variance)
 
 
-def eps_from_output(out: torch.Tensor, x: torch.Tensor, learn_sigma: bool, prediction_type: str, alpha_bar=None,
-                    variance: bool = False) -> torch.Tensor:
+def eps_from_output(
+    out: torch.Tensor, x: torch.Tensor, learn_sigma: bool, prediction_type: str, alpha_bar=None, variance: bool = False
+) -> torch.Tensor:
     """A network's raw output -> eps (or [eps, v] with ``variance`` on a learn_sigma model).
 
     ``alpha_bar`` (a float, or a tensor broadcasting over x) is read only for

@@ -80,7 +80,9 @@ class TrainSettings:
 
     def check(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise TrainingError(f"steps={self.steps!r}: pass a positive integer number of optimizer steps, e.g. --steps 20000")
+            raise TrainingError(
+                f"steps={self.steps!r}: pass a positive integer number of optimizer steps, e.g. --steps 20000"
+            )
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise TrainingError(f"batch_size={self.batch_size!r}: pass a positive integer, e.g. --batch-size 128")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -88,7 +90,9 @@ class TrainSettings:
         if not (0 <= self.ema_decay < 1):
             raise TrainingError(f"ema_decay={self.ema_decay!r}: pass a value in [0, 1), e.g. 0.9995")
         if self.min_snr_gamma is not None and not (math.isfinite(self.min_snr_gamma) and self.min_snr_gamma > 0):
-            raise TrainingError(f"min_snr_gamma={self.min_snr_gamma!r}: pass a positive number (5 is the paper's) or none")
+            raise TrainingError(
+                f"min_snr_gamma={self.min_snr_gamma!r}: pass a positive number (5 is the paper's) or none"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (0 <= self.seed < 2**63):
             raise TrainingError(f"seed={self.seed!r}: pass an integer in [0, 2^63)")
 
@@ -119,15 +123,21 @@ def _probe_writable(path: Path, what: str) -> None:
 
 def _read_state(path: Path) -> dict:
     if not path.is_file():
-        raise TrainingError(f"no training state to resume at {path}: drop --resume to start fresh, or pass --state PATH")
+        raise TrainingError(
+            f"no training state to resume at {path}: drop --resume to start fresh, or pass --state PATH"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise TrainingError(f"cannot read the training state {path} ({type(e).__name__}): delete it to start fresh") from None
+        raise TrainingError(
+            f"cannot read the training state {path} ({type(e).__name__}): delete it to start fresh"
+        ) from None
     fresh = "delete it (or pass another --state) to start fresh"
     if isinstance(state, dict) and "state_dict" in state and "model" not in state:
-        raise TrainingError(f"{path} is a checkpoint (what --out holds), not a training state: pass --state with the "
-                            f"OUT.state file, or {fresh}")
+        raise TrainingError(
+            f"{path} is a checkpoint (what --out holds), not a training state: pass --state with the "
+            f"OUT.state file, or {fresh}"
+        )
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise TrainingError(f"{path} is not an autodiffusion-rt training state (format {STATE_FORMAT}): {fresh}")
     from ..records import schema, validate
@@ -157,8 +167,10 @@ def _check_state_step(state: dict, path: Path, fresh: str) -> None:
             break
     for where, n in counted.items():
         if n != step:
-            raise TrainingError(f"{path}: step={step} disagrees with {where}={n} (the steps the state itself counted): "
-                                f"the state is damaged or edited; {fresh}")
+            raise TrainingError(
+                f"{path}: step={step} disagrees with {where}={n} (the steps the state itself counted): "
+                f"the state is damaged or edited; {fresh}"
+            )
 
 
 def _read_init(path: Path) -> dict:
@@ -208,15 +220,18 @@ def train_embedded(
     for option, value in (("--checkpoint-every", checkpoint_every), ("--time-limit", time_limit)):
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise TrainingError(f"{option} {value!r} must be a finite positive number of seconds")
-    if stop_at_step is not None and (isinstance(stop_at_step, bool) or not isinstance(stop_at_step, int)
-                                     or stop_at_step < 0):
+    if stop_at_step is not None and (
+        isinstance(stop_at_step, bool) or not isinstance(stop_at_step, int) or stop_at_step < 0
+    ):
         raise TrainingError(f"--stop-at-step {stop_at_step!r} must be an integer >= 0")
     out = Path(out)
     state = Path(state) if state is not None else out.with_name(out.name + ".state")
     _probe_writable(out, "output checkpoint")
     _probe_writable(state, "training state file")
     if init is not None and not Path(init).is_file():
-        raise TrainingError(f"--init {init}: no such checkpoint file; pass the path of a checkpoint from 'autodiffusion-rt train'")
+        raise TrainingError(
+            f"--init {init}: no such checkpoint file; pass the path of a checkpoint from 'autodiffusion-rt train'"
+        )
     if threads:
         torch.set_num_threads(threads)
     from ..utils import LockBusy, file_lock, remove_stale_temps
@@ -225,16 +240,29 @@ def train_embedded(
     try:
         with file_lock(lock, remove=True):
             remove_stale_temps(out, state)  # under the lock: a temp file here is a killed run's
-            return _train(out, settings, state, resume, checkpoint_every, time_limit, stop_at_step, compile, quiet,
-                          command, init)
+            return _train(
+                out, settings, state, resume, checkpoint_every, time_limit, stop_at_step, compile, quiet, command, init
+            )
     except LockBusy:
-        raise TrainingError(f"another 'autodiffusion-rt train' is writing --out {out} (it holds {lock}): wait for it "
-                            "to finish, or pass another --out") from None
+        raise TrainingError(
+            f"another 'autodiffusion-rt train' is writing --out {out} (it holds {lock}): wait for it "
+            "to finish, or pass another --out"
+        ) from None
 
 
-def _train(out: Path, settings: TrainSettings, state: Path, resume: bool, checkpoint_every: float,
-           time_limit: Optional[float], stop_at_step: Optional[int], compile: bool, quiet: bool, command: str,
-           init: Optional[Path]) -> dict:
+def _train(
+    out: Path,
+    settings: TrainSettings,
+    state: Path,
+    resume: bool,
+    checkpoint_every: float,
+    time_limit: Optional[float],
+    stop_at_step: Optional[int],
+    compile: bool,
+    quiet: bool,
+    command: str,
+    init: Optional[Path],
+) -> dict:
     from ..diffusion import NoiseSchedule
 
     images, labels = load_mnist("all")
@@ -255,9 +283,14 @@ def _train(out: Path, settings: TrainSettings, state: Path, resume: bool, checkp
             model.load_state_dict(previous["state_dict"], strict=True)
         except RuntimeError as e:
             why = str(e).strip().splitlines()[-1].strip()
-            raise TrainingError(f"--init {init} does not fit the embedded model ({why}): "
-                                "pass a checkpoint written by 'autodiffusion-rt train'") from None
-        history = [*previous.get("training", {}).get("history", []), {k: v for k, v in previous["training"].items() if k != "history"}]
+            raise TrainingError(
+                f"--init {init} does not fit the embedded model ({why}): "
+                "pass a checkpoint written by 'autodiffusion-rt train'"
+            ) from None
+        history = [
+            *previous.get("training", {}).get("history", []),
+            {k: v for k, v in previous["training"].items() if k != "history"},
+        ]
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, settings.steps))
@@ -268,7 +301,9 @@ def _train(out: Path, settings: TrainSettings, state: Path, resume: bool, checkp
         saved = _read_state(state)
         if saved["settings"] != settings.to_json():
             was = saved["settings"]
-            diff = ", ".join(f"{k}={was.get(k)!r}" for k in sorted(settings.to_json()) if was.get(k) != settings.to_json()[k])
+            diff = ", ".join(
+                f"{k}={was.get(k)!r}" for k in sorted(settings.to_json()) if was.get(k) != settings.to_json()[k]
+            )
             raise TrainingError(
                 f"{state} was made with other settings ({diff}): "
                 "resume with the same settings, or delete the state file to start fresh"
@@ -282,9 +317,16 @@ def _train(out: Path, settings: TrainSettings, state: Path, resume: bool, checkp
             torch.set_rng_state(saved["torch_rng"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             lines = str(e).strip().splitlines() or [type(e).__name__]
-            raise TrainingError(f"{state} does not fit the model it claims ({lines[-1].strip()[:200]}): the state is "
-                                "damaged; delete it (or pass another --state) to start fresh") from None
-        start, seconds_before, losses, history = saved["step"], saved["seconds"], list(saved["losses"]), saved["history"]
+            raise TrainingError(
+                f"{state} does not fit the model it claims ({lines[-1].strip()[:200]}): the state is "
+                "damaged; delete it (or pass another --state) to start fresh"
+            ) from None
+        start, seconds_before, losses, history = (
+            saved["step"],
+            saved["seconds"],
+            list(saved["losses"]),
+            saved["history"],
+        )
 
     def save_state(step: int, elapsed: float) -> None:
         payload = {
@@ -317,7 +359,11 @@ def _train(out: Path, settings: TrainSettings, state: Path, resume: bool, checkp
     step = start
     finished = True
     for step in bar:
-        if stop_requested or (stop_at_step is not None and step >= stop_at_step) or (time_limit is not None and time.time() - t0 >= time_limit):
+        if (
+            stop_requested
+            or (stop_at_step is not None and step >= stop_at_step)
+            or (time_limit is not None and time.time() - t0 >= time_limit)
+        ):
             finished = False
             break
         idx = torch.randint(len(images), (settings.batch_size,), generator=gen)
@@ -349,7 +395,13 @@ def _train(out: Path, settings: TrainSettings, state: Path, resume: bool, checkp
     elapsed = seconds_before + time.time() - t0
     save_state(step, elapsed)
     final_loss = sum(losses) / max(1, len(losses))
-    record = {"steps": settings.steps, "step": step, "finished": finished, "seconds": round(elapsed, 1), "final_loss": round(final_loss, 5)}
+    record = {
+        "steps": settings.steps,
+        "step": step,
+        "finished": finished,
+        "seconds": round(elapsed, 1),
+        "final_loss": round(final_loss, 5),
+    }
     # A stopped run also leaves a usable checkpoint: the EMA weights so far, marked with their step.
     checkpoint = {
         "format": 1,

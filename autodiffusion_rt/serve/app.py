@@ -14,7 +14,6 @@ in flight) every batcher drains its queue and the runtimes are closed.
 annotations, and ``Request`` is imported lazily inside :func:`create_app`.)
 """
 
-
 import asyncio
 import io
 import logging
@@ -46,13 +45,13 @@ class ServeSettingsError(Error):
 class ServeSettings:
     """What ``autodiffusion-rt serve`` takes beyond the engine dirs (see its --help)."""
 
-    max_batch: int = 32          # images per engine batch
-    max_wait_ms: float = 5.0     # how long the oldest queued request waits for others to merge with
-    queue_images: int = 128      # images that may wait per plan before 429
-    deadline_s: float = 30.0     # per request: 504 (and dropped if not started) past this
+    max_batch: int = 32  # images per engine batch
+    max_wait_ms: float = 5.0  # how long the oldest queued request waits for others to merge with
+    queue_images: int = 128  # images that may wait per plan before 429
+    deadline_s: float = 30.0  # per request: 504 (and dropped if not started) past this
     limits: Limits = field(default_factory=Limits)
     backend: str = "auto"
-    threads: Optional[int] = 1   # onnxruntime intra-op threads per engine
+    threads: Optional[int] = 1  # onnxruntime intra-op threads per engine
     # onnxruntime's workers spin between ops while a batch runs; off (the default), they sleep and leave the
     # cores to the event loop, the load's other processes and other replicas: measured with 2 threads on a busy
     # 2-core machine, spinning cost 28 CPU ms per image against 17 without (README "Scaling out")
@@ -82,18 +81,25 @@ class ServeSettings:
         if not 0 < self.deadline_s <= MAX_DEADLINE_S:
             raise ServeSettingsError(f"--deadline-s {self.deadline_s:g} must be in (0, {MAX_DEADLINE_S:g}] seconds")
         if not 0 <= self.max_wait_ms <= 1e3 * MAX_DEADLINE_S:
-            raise ServeSettingsError(f"--max-wait-ms {self.max_wait_ms:g} must be in [0, {1e3 * MAX_DEADLINE_S:g}] ms "
-                                     "(0: run at once)")
+            raise ServeSettingsError(
+                f"--max-wait-ms {self.max_wait_ms:g} must be in [0, {1e3 * MAX_DEADLINE_S:g}] ms (0: run at once)"
+            )
         if isinstance(self.limits.max_n, bool) or not isinstance(self.limits.max_n, int) or self.limits.max_n < 1:
             raise ServeSettingsError(f"--max-n {self.limits.max_n!r} must be a positive integer")
         check_limit("batch", self.limits.max_n, "--max-n", error=ServeSettingsError)  # one answer holds all its images
-        if (isinstance(self.limits.max_body_bytes, bool) or not isinstance(self.limits.max_body_bytes, int)
-                or not 1 <= self.limits.max_body_bytes <= MAX_BODY_BYTES):
-            raise ServeSettingsError(f"--max-body-bytes {self.limits.max_body_bytes!r} must be an integer in "
-                                     f"[1, {MAX_BODY_BYTES}]")
+        if (
+            isinstance(self.limits.max_body_bytes, bool)
+            or not isinstance(self.limits.max_body_bytes, int)
+            or not 1 <= self.limits.max_body_bytes <= MAX_BODY_BYTES
+        ):
+            raise ServeSettingsError(
+                f"--max-body-bytes {self.limits.max_body_bytes!r} must be an integer in [1, {MAX_BODY_BYTES}]"
+            )
         if self.limits.max_n > self.queue_images:
-            raise ServeSettingsError(f"max_n={self.limits.max_n} is larger than queue_images={self.queue_images}: "
-                               "such a request could never be queued; raise queue_images or lower max_n")
+            raise ServeSettingsError(
+                f"max_n={self.limits.max_n} is larger than queue_images={self.queue_images}: "
+                "such a request could never be queued; raise queue_images or lower max_n"
+            )
         return self
 
 
@@ -107,7 +113,9 @@ def engine_specs(items) -> dict[str, Path]:
         if not name or not path:
             raise EngineError(f"--engines {item!r}: give DIR or NAME=DIR")
         if name in out:
-            raise EngineError(f"--engines: the name {name!r} is given twice ({out[name]} and {path}): name them NAME=DIR")
+            raise EngineError(
+                f"--engines: the name {name!r} is given twice ({out[name]} and {path}): name them NAME=DIR"
+            )
         out[name] = Path(path)
     if not out:
         raise EngineError("no engine dir given: pass --engines DIR (built by 'autodiffusion-rt build')")
@@ -117,8 +125,14 @@ def engine_specs(items) -> dict[str, Path]:
 class ServeState:
     """The served plans: manifests read at once, runtimes loaded and warmed by :meth:`load`."""
 
-    def __init__(self, engines: dict[str, Path], settings: ServeSettings, *, runtime_loader: Optional[Callable] = None,
-                 replica: Optional[str] = None):
+    def __init__(
+        self,
+        engines: dict[str, Path],
+        settings: ServeSettings,
+        *,
+        runtime_loader: Optional[Callable] = None,
+        replica: Optional[str] = None,
+    ):
         import os
 
         from ..runtime import Manifest
@@ -163,9 +177,14 @@ class ServeState:
                 rt.sample_requests([(1, 0, None)])
                 if self._closed:  # shutting down while loading: stop here (close() releases what was loaded)
                     return
-                batcher = Batcher(name, rt, max_batch=self.settings.max_batch,
-                                  max_wait_s=self.settings.max_wait_ms / 1e3, queue_images=self.settings.queue_images,
-                                  metrics=self.metrics)
+                batcher = Batcher(
+                    name,
+                    rt,
+                    max_batch=self.settings.max_batch,
+                    max_wait_s=self.settings.max_wait_ms / 1e3,
+                    queue_images=self.settings.queue_images,
+                    metrics=self.metrics,
+                )
                 self.batchers[name] = batcher.start()
                 batcher.wait_warm()  # ready means a batch can run: the batcher's own thread has run one
                 log.info("plan %s: %s loaded and warmed in %.1f s", name, rt, time.perf_counter() - start)
@@ -268,6 +287,7 @@ def create_app(state: ServeState, *, load_on_startup: bool = True, on_load_error
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if load_on_startup:
+
             def load():
                 try:
                     state.load()
@@ -293,9 +313,15 @@ def create_app(state: ServeState, *, load_on_startup: bool = True, on_load_error
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
         field = "path" if e.status_code == 404 else "method" if e.status_code == 405 else None
-        allowed = ", ".join(f"{m} {p}" for m, p in (("POST", "/v1/samples"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")))
-        return JSONResponse({"error": {"field": field, "message": f"{e.detail}: this service has {allowed}"}},
-                            status_code=e.status_code, headers=getattr(e, "headers", None))
+        allowed = ", ".join(
+            f"{m} {p}"
+            for m, p in (("POST", "/v1/samples"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"))
+        )
+        return JSONResponse(
+            {"error": {"field": field, "message": f"{e.detail}: this service has {allowed}"}},
+            status_code=e.status_code,
+            headers=getattr(e, "headers", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, e):
@@ -310,7 +336,9 @@ def create_app(state: ServeState, *, load_on_startup: bool = True, on_load_error
         message = state.serving()
         if message is None:
             return {"status": "ready", "plans": {n: str(rt) for n, rt in state.runtimes.items()}}
-        return JSONResponse({"error": {"field": None, "message": message}}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse(
+            {"error": {"field": None, "message": message}}, status_code=503, headers={"Retry-After": "1"}
+        )
 
     @app.get("/metrics")
     async def metrics():
@@ -321,8 +349,11 @@ def create_app(state: ServeState, *, load_on_startup: bool = True, on_load_error
     async def samples(request: Request):
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
-            raise RequestError(413 if length.isdigit() else 400, "body",
-                               f"the body is {length} bytes; the limit is {limits.max_body_bytes} bytes")
+            raise RequestError(
+                413 if length.isdigit() else 400,
+                "body",
+                f"the body is {length} bytes; the limit is {limits.max_body_bytes} bytes",
+            )
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
@@ -330,10 +361,13 @@ def create_app(state: ServeState, *, load_on_startup: bool = True, on_load_error
                 raise RequestError(413, "body", f"the body is over the limit of {limits.max_body_bytes} bytes")
         req = parse_sample_request(bytes(body), state.num_classes, state.default_plan, limits)
         if not state.ready.is_set():
-            raise RequestError(503, None, "the engines are still loading: retry when /readyz answers 200", {"Retry-After": "1"})
+            raise RequestError(
+                503, None, "the engines are still loading: retry when /readyz answers 200", {"Retry-After": "1"}
+            )
         if not state.batchers[req.plan].serving:
-            raise RequestError(503, None, state.serving() or "the service cannot run batches: restart it",
-                               {"Retry-After": "1"})
+            raise RequestError(
+                503, None, state.serving() or "the service cannot run batches: restart it", {"Retry-After": "1"}
+            )
         batcher = state.batchers[req.plan]
         deadline = time.monotonic() + state.settings.deadline_s
         job = batcher.submit(req.n, req.seed, req.labels, deadline)
@@ -343,8 +377,12 @@ def create_app(state: ServeState, *, load_on_startup: bool = True, on_load_error
         except asyncio.TimeoutError:
             waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome is no one's now
             dropped = batcher.cancel(job)
-            raise RequestError(504, None, f"no answer within the deadline of {state.settings.deadline_s:g} s "
-                               f"({'dropped before it ran' if dropped else 'its batch was already running'}): retry later") from None
+            raise RequestError(
+                504,
+                None,
+                f"no answer within the deadline of {state.settings.deadline_s:g} s "
+                f"({'dropped before it ran' if dropped else 'its batch was already running'}): retry later",
+            ) from None
         data, media_type = _encode(images, labels, req.format)
         headers = {"X-Seed": str(req.seed), "X-Plan": req.plan, "X-Images": str(req.n)}
         if labels is not None:

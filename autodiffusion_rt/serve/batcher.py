@@ -100,11 +100,14 @@ class Batcher:
         job = Job(n, seed, labels, deadline)
         with self._cond:
             if self._closing:
-                raise RequestError(503, None, "the server is shutting down: retry on another instance", {"Retry-After": "1"})
+                raise RequestError(
+                    503, None, "the server is shutting down: retry on another instance", {"Retry-After": "1"}
+                )
             if self._queued_images + n > self.queue_images:
                 wait = self._queued_images / self._images_per_s if self._images_per_s > 0 else 1.0
                 raise RequestError(
-                    429, None,
+                    429,
+                    None,
                     f"the queue for plan {self.name!r} is full ({self._queued_images} of {self.queue_images} images waiting): "
                     "retry after the Retry-After seconds",
                     {"Retry-After": str(max(1, math.ceil(wait)))},
@@ -141,8 +144,15 @@ class Batcher:
         self._queued_images -= job.n
         if self.metrics is not None:
             self.metrics.dropped.labels(self.name, reason).inc()
-        _settle(job.future, exception=RequestError(504, None, f"the request's deadline passed before its batch started ({reason}): "
-                                                   "it was not run; retry later or ask for fewer images"))
+        _settle(
+            job.future,
+            exception=RequestError(
+                504,
+                None,
+                f"the request's deadline passed before its batch started ({reason}): "
+                "it was not run; retry later or ask for fewer images",
+            ),
+        )
 
     def _gauge(self) -> None:
         if self.metrics is not None:
@@ -198,8 +208,9 @@ class Batcher:
             self._loop()
         except BaseException as e:  # the loop never raises by design: anything here is a bug, and /readyz must say so
             self.error = f"{type(e).__name__}: {e}"
-            log.critical("plan %s: the batcher thread died (%s): /readyz now answers 503", self.name, self.error,
-                         exc_info=True)
+            log.critical(
+                "plan %s: the batcher thread died (%s): /readyz now answers 503", self.name, self.error, exc_info=True
+            )
             with self._cond:
                 self._closing = True
                 while self._queue:

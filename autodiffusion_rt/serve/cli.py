@@ -19,44 +19,89 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "serve",
         help="serve engine dirs over HTTP (POST /v1/samples) with dynamic batching",
-        description="A sampling service: POST /v1/samples {\"n\", \"seed\"?, \"labels\"?, \"format\": \"png\"|\"npy\", \"plan\"?}; "
+        description='A sampling service: POST /v1/samples {"n", "seed"?, "labels"?, "format": "png"|"npy", "plan"?}; '
         "GET /healthz, /readyz, /metrics. Concurrent requests for one plan are merged into engine batches; "
         "each request's images equal 'autodiffusion-rt sample --engines DIR' with the same seed. SIGTERM drains and exits.",
     )
-    p.add_argument("--engines", action="append", required=True, metavar="[NAME=]DIR",
-                   help="an engine dir from 'autodiffusion-rt build', optionally named (repeatable; the first is the default plan)")
+    p.add_argument(
+        "--engines",
+        action="append",
+        required=True,
+        metavar="[NAME=]DIR",
+        help="an engine dir from 'autodiffusion-rt build', optionally named (repeatable; the first is the default plan)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port in [1, 65535] (default: %(default)s; 0: a free one)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="images per engine batch (default: %(default)s)")
-    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
-                   help="how long a request waits for others to merge with; 0: run at once, and requests arriving "
-                   "while a batch runs merge into the next (default: %(default)s)")
-    p.add_argument("--queue-images", type=int, default=d.queue_images,
-                   help="images that may wait per plan; beyond it requests get 429 (default: %(default)s)")
-    p.add_argument("--deadline-s", type=float, default=d.deadline_s,
-                   help="per-request deadline: 504 after it, dropped if not started (default: %(default)s)")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=d.max_wait_ms,
+        help="how long a request waits for others to merge with; 0: run at once, and requests arriving "
+        "while a batch runs merge into the next (default: %(default)s)",
+    )
+    p.add_argument(
+        "--queue-images",
+        type=int,
+        default=d.queue_images,
+        help="images that may wait per plan; beyond it requests get 429 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--deadline-s",
+        type=float,
+        default=d.deadline_s,
+        help="per-request deadline: 504 after it, dropped if not started (default: %(default)s)",
+    )
     p.add_argument("--max-n", type=int, default=lim.max_n, help="most images in one request (default: %(default)s)")
-    p.add_argument("--max-body-bytes", type=int, default=lim.max_body_bytes, help="request body limit (default: %(default)s)")
-    p.add_argument("--backend", default=d.backend, help="runtime backend: auto (what each dir was built for), onnxruntime, openvino, tensorrt, torch (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None,
-                   help=f"onnxruntime, OpenVINO and torch threads (per replica with --ray); default: {d.threads}, "
-                   "or with --ray the machine's cores divided by the (most) replicas, at least 1")
-    p.add_argument("--spinning", choices=("on", "off"), default="on" if d.spinning else "off",
-                   help="onnxruntime workers spin between ops while a batch runs (on), or sleep and leave the cores "
-                   "to the server's event loop (off); matters with --threads > 1 (default: %(default)s)")
+    p.add_argument(
+        "--max-body-bytes", type=int, default=lim.max_body_bytes, help="request body limit (default: %(default)s)"
+    )
+    p.add_argument(
+        "--backend",
+        default=d.backend,
+        help="runtime backend: auto (what each dir was built for), onnxruntime, openvino, tensorrt, torch (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help=f"onnxruntime, OpenVINO and torch threads (per replica with --ray); default: {d.threads}, "
+        "or with --ray the machine's cores divided by the (most) replicas, at least 1",
+    )
+    p.add_argument(
+        "--spinning",
+        choices=("on", "off"),
+        default="on" if d.spinning else "off",
+        help="onnxruntime workers spin between ops while a batch runs (on), or sleep and leave the cores "
+        "to the server's event loop (off); matters with --threads > 1 (default: %(default)s)",
+    )
     ray = p.add_argument_group("Ray Serve (the same API, served by replicas on a Ray cluster; needs the 'ray' extra)")
-    ray.add_argument("--ray", action="store_true",
-                     help="serve as a Ray Serve application (--host/--port: Ray's HTTP proxy)")
-    ray.add_argument("--ray-address", default=None, metavar="auto|ray://HOST:PORT",
-                     help="join a running cluster (default: start a local Ray for this command)")
-    ray.add_argument("--replicas", type=int, default=1,
-                     help="replicas, each loading the engine dirs (default: %(default)s)")
+    ray.add_argument(
+        "--ray", action="store_true", help="serve as a Ray Serve application (--host/--port: Ray's HTTP proxy)"
+    )
+    ray.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="auto|ray://HOST:PORT",
+        help="join a running cluster (default: start a local Ray for this command)",
+    )
+    ray.add_argument(
+        "--replicas", type=int, default=1, help="replicas, each loading the engine dirs (default: %(default)s)"
+    )
     ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (with --max-replicas)")
     ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound (with --min-replicas)")
-    ray.add_argument("--target-ongoing", type=float, default=16.0,
-                     help="autoscaling: requests in flight per replica Ray aims for (default: %(default)s)")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
-                   help="the server's and uvicorn's log level (default: %(default)s)")
+    ray.add_argument(
+        "--target-ongoing",
+        type=float,
+        default=16.0,
+        help="autoscaling: requests in flight per replica Ray aims for (default: %(default)s)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="the server's and uvicorn's log level (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -105,16 +150,29 @@ def _serve(args, stop) -> int:
     if args.ray:
         from .ray_app import RaySettings, default_replica_threads
 
-        ray_settings = RaySettings(address=args.ray_address, replicas=args.replicas, min_replicas=args.min_replicas,
-                                   max_replicas=args.max_replicas, target_ongoing=args.target_ongoing, host=args.host,
-                                   port=args.port).check()
+        ray_settings = RaySettings(
+            address=args.ray_address,
+            replicas=args.replicas,
+            min_replicas=args.min_replicas,
+            max_replicas=args.max_replicas,
+            target_ongoing=args.target_ongoing,
+            host=args.host,
+            port=args.port,
+        ).check()
         threads = args.threads or default_replica_threads(ray_settings.most_replicas)
     else:
         threads = args.threads or ServeSettings().threads
     limits = Limits(max_n=args.max_n, max_body_bytes=args.max_body_bytes)
-    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_images=args.queue_images,
-                             deadline_s=args.deadline_s, limits=limits, backend=args.backend, threads=threads,
-                             spinning=args.spinning == "on").check()
+    settings = ServeSettings(
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        queue_images=args.queue_images,
+        deadline_s=args.deadline_s,
+        limits=limits,
+        backend=args.backend,
+        threads=threads,
+        spinning=args.spinning == "on",
+    ).check()
     missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
     if missing:
         raise BackendUnavailableError(f"serve needs {', '.join(missing)}: pip install 'autodiffusion-rt[serve]'")
@@ -143,8 +201,15 @@ def _serve(args, stop) -> int:
         server.should_exit = True
 
     app = create_app(state, on_load_error=on_load_error)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=settings.deadline_s + 5))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=settings.deadline_s + 5,
+        )
+    )
     stop.server = server
     if stop.signals:  # one came while the server was being made
         server.should_exit = True

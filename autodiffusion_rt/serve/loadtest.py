@@ -62,7 +62,9 @@ def check_loopback(url: str) -> str:
     except ValueError:
         loopback = False
     if not loopback:
-        raise LoadTestError(f"--serve {url!r}: the load test only targets loopback (127.0.0.1, ::1, localhost), not {host!r}")
+        raise LoadTestError(
+            f"--serve {url!r}: the load test only targets loopback (127.0.0.1, ::1, localhost), not {host!r}"
+        )
     return url.rstrip("/")
 
 
@@ -83,11 +85,15 @@ def _summary(results: list[tuple[float, int]], wall: float, n: int) -> dict:
         by_status[str(status)] = by_status.get(str(status), 0) + 1
     ms = lambda v: None if v is None else round(v * 1e3, 2)  # noqa: E731
     return {
-        "requests": len(results), "seconds": round(wall, 3), "status": by_status,
+        "requests": len(results),
+        "seconds": round(wall, 3),
+        "status": by_status,
         "errors": {k: v for k, v in by_status.items() if k != "200"},
         "images_per_s": round(len(ok) * n / wall, 2) if wall > 0 else None,
         "requests_per_s": round(len(ok) / wall, 2) if wall > 0 else None,
-        "p50_ms": ms(percentile(ok, 50)), "p95_ms": ms(percentile(ok, 95)), "p99_ms": ms(percentile(ok, 99)),
+        "p50_ms": ms(percentile(ok, 50)),
+        "p95_ms": ms(percentile(ok, 95)),
+        "p99_ms": ms(percentile(ok, 99)),
     }
 
 
@@ -162,7 +168,9 @@ async def _one(client: _Client, body: dict) -> tuple[float, int]:
     return time.perf_counter() - start, status
 
 
-_BUCKET_429 = re.compile(r'^adrt_request_seconds_(bucket|count)\{(?:le="([^"]+)",)?route="/v1/samples",status="429"\}\s+(\S+)$', re.M)
+_BUCKET_429 = re.compile(
+    r'^adrt_request_seconds_(bucket|count)\{(?:le="([^"]+)",)?route="/v1/samples",status="429"\}\s+(\S+)$', re.M
+)
 
 
 async def _server_429s(client: _Client) -> dict:
@@ -204,12 +212,16 @@ def _batch_means(before: dict, after: dict) -> dict:
     batches = d.get("adrt_batch_images_count", 0.0)
     if not batches:
         return {"batches": 0, "mean_batch_images": None, "mean_batch_requests": None}
-    return {"batches": int(batches), "mean_batch_images": round(d["adrt_batch_images_sum"] / batches, 2),
-            "mean_batch_requests": round(d["adrt_batch_requests_sum"] / batches, 2)}
+    return {
+        "batches": int(batches),
+        "mean_batch_images": round(d["adrt_batch_images_sum"] / batches, 2),
+        "mean_batch_requests": round(d["adrt_batch_requests_sum"] / batches, 2),
+    }
 
 
 async def _closed_loop(client: _Client, concurrency: int, requests: int, body: dict, seed0: int) -> dict:
-    await asyncio.gather(*[_one(client, {**body, "seed": seed0 + i}) for i in range(concurrency)])  # warm-up: not measured
+    # warm-up: not measured
+    await asyncio.gather(*[_one(client, {**body, "seed": seed0 + i}) for i in range(concurrency)])
     before = await _batch_totals(client, body.get("plan"))
     cpu_before = await _server_cpu_s(client)
     counter = iter(range(requests))
@@ -227,13 +239,18 @@ async def _closed_loop(client: _Client, concurrency: int, requests: int, body: d
     row = {"concurrency": concurrency, **_summary(results, wall, body["n"]), **_batch_means(before, after)}
     # CPU per image answered: the server processes' (engines, batcher, event loop, encoding) and this load generator's
     images = sum(1 for _, status in results if status == 200) * body["n"]
-    row["server_cpu_ms_per_image"] = (round((cpu_after - cpu_before) * 1e3 / images, 3)
-                                      if images and cpu_before is not None and cpu_after is not None else None)
+    row["server_cpu_ms_per_image"] = (
+        round((cpu_after - cpu_before) * 1e3 / images, 3)
+        if images and cpu_before is not None and cpu_after is not None
+        else None
+    )
     row["client_cpu_ms_per_image"] = round(client_cpu * 1e3 / images, 3) if images else None
     return row
 
 
-async def _overload(client: _Client, rate: float, seconds: float, max_requests: int, body: dict, seed0: int) -> tuple[dict, float]:
+async def _overload(
+    client: _Client, rate: float, seconds: float, max_requests: int, body: dict, seed0: int
+) -> tuple[dict, float]:
     """The overload's report and the time it stopped sending."""
     count = max(1, min(max_requests, int(rate * seconds)))
     start = time.perf_counter()
@@ -248,18 +265,26 @@ async def _overload(client: _Client, rate: float, seconds: float, max_requests: 
     results = await asyncio.gather(*tasks)
     rejected = [lat for lat, status in results if status == 429]
     ms = lambda v: None if v is None else round(v * 1e3, 2)  # noqa: E731
-    server_errors = sum(1 for _, s in results if isinstance(s, int) and s >= 500) + sum(1 for _, s in results if isinstance(s, str))
+    server_errors = sum(1 for _, s in results if isinstance(s, int) and s >= 500) + sum(
+        1 for _, s in results if isinstance(s, str)
+    )
     return {
-        "target_rate_per_s": round(rate, 2), "sent": count, "sent_over_s": round(sent_for, 3),
+        "target_rate_per_s": round(rate, 2),
+        "sent": count,
+        "sent_over_s": round(sent_for, 3),
         "status": _summary(results, sent_for, body["n"])["status"],
-        "share_429": round(len(rejected) / count, 4), "p50_429_ms": ms(percentile(rejected, 50)),
-        "p99_429_ms": ms(percentile(rejected, 99)), "max_429_ms": ms(max(rejected) if rejected else None),
+        "share_429": round(len(rejected) / count, 4),
+        "p50_429_ms": ms(percentile(rejected, 50)),
+        "p99_429_ms": ms(percentile(rejected, 99)),
+        "max_429_ms": ms(max(rejected) if rejected else None),
         "server_errors_5xx": server_errors,
         "accepted": _summary([r for r in results if r[1] == 200], sent_for, body["n"]),
     }, end
 
 
-async def _recovery(client: _Client, overload_end: float, threshold_s: float, limit_s: float, body: dict, seed0: int) -> dict:
+async def _recovery(
+    client: _Client, overload_end: float, threshold_s: float, limit_s: float, body: dict, seed0: int
+) -> dict:
     probes, in_row, i = [], 0, 0
     while time.perf_counter() - overload_end < limit_s:
         lat, status = await _one(client, {**body, "seed": seed0 + i})
@@ -269,31 +294,58 @@ async def _recovery(client: _Client, overload_end: float, threshold_s: float, li
         in_row = in_row + 1 if status == 200 and lat <= threshold_s else 0
         if in_row == 3:
             first = probes[-3]
-            return {"recovered": True, "recovery_s": round(first["after_s"] - first["latency_ms"] / 1e3, 3),
-                    "threshold_ms": round(threshold_s * 1e3, 2), "probes": probes}
+            return {
+                "recovered": True,
+                "recovery_s": round(first["after_s"] - first["latency_ms"] / 1e3, 3),
+                "threshold_ms": round(threshold_s * 1e3, 2),
+                "probes": probes,
+            }
     return {"recovered": False, "recovery_s": None, "threshold_ms": round(threshold_s * 1e3, 2), "probes": probes}
 
 
-async def _run(base: str, concurrency: Sequence[int], requests: int, n: int, fmt: str, plan: Optional[str],
-               overload_seconds: float, overload_requests: int, recovery_limit_s: float, progress) -> dict:
+async def _run(
+    base: str,
+    concurrency: Sequence[int],
+    requests: int,
+    n: int,
+    fmt: str,
+    plan: Optional[str],
+    overload_seconds: float,
+    overload_requests: int,
+    recovery_limit_s: float,
+    progress,
+) -> dict:
     body = {"n": n, "format": fmt, **({"plan": plan} if plan else {})}
     client = _Client(base)
     try:
         try:
             status, text = await client.get_text("/readyz")
         except OSError as e:
-            raise LoadTestError(f"cannot reach {base}/readyz ({type(e).__name__}: {e}): start 'autodiffusion-rt serve' first") from None
+            raise LoadTestError(
+                f"cannot reach {base}/readyz ({type(e).__name__}: {e}): start 'autodiffusion-rt serve' first"
+            ) from None
         if status != 200:
             raise LoadTestError(f"{base}/readyz answered {status}: wait until the server is ready ({text[:200]})")
-        report = {"url": base, "settings": {"n": n, "format": fmt, "plan": plan, "requests_per_level": requests,
-                                            "overload_seconds": overload_seconds}, "closed_loop": []}
+        report = {
+            "url": base,
+            "settings": {
+                "n": n,
+                "format": fmt,
+                "plan": plan,
+                "requests_per_level": requests,
+                "overload_seconds": overload_seconds,
+            },
+            "closed_loop": [],
+        }
         seed = 0
         for c in concurrency:
             row = await _closed_loop(client, c, max(requests, c), body, seed)
             seed += 10_000_000
             report["closed_loop"].append(row)
-            progress(f"closed loop c={c}: {row['images_per_s']} img/s, p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
-                     f"mean batch {row['mean_batch_requests']} requests, errors {row['errors']}")
+            progress(
+                f"closed loop c={c}: {row['images_per_s']} img/s, p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
+                f"mean batch {row['mean_batch_requests']} requests, errors {row['errors']}"
+            )
         best = max(report["closed_loop"], key=lambda r: r["requests_per_s"] or 0)
         c1 = next((r for r in report["closed_loop"] if r["concurrency"] == 1), report["closed_loop"][0])
         rate = 2 * (best["requests_per_s"] or 1.0)
@@ -303,10 +355,14 @@ async def _run(base: str, concurrency: Sequence[int], requests: int, n: int, fmt
         overload["sustainable_rate_per_s"] = best["requests_per_s"]
         # the server's own view (from accepting the request to sending the answer), beside the client's
         n429 = after["count"] - before["count"]
-        overload["server_429_within_50ms"] = round((after["within_50ms"] - before["within_50ms"]) / n429, 4) if n429 else None
+        overload["server_429_within_50ms"] = (
+            round((after["within_50ms"] - before["within_50ms"]) / n429, 4) if n429 else None
+        )
         report["overload"] = overload
-        progress(f"overload at {rate:.1f} req/s: {overload['share_429']:.1%} answered 429 (p99 {overload['p99_429_ms']} ms), "
-                 f"5xx {overload['server_errors_5xx']}")
+        progress(
+            f"overload at {rate:.1f} req/s: {overload['share_429']:.1%} answered 429 (p99 {overload['p99_429_ms']} ms), "
+            f"5xx {overload['server_errors_5xx']}"
+        )
         threshold = max(2 * (c1["p50_ms"] or 0), c1["p99_ms"] or 0) / 1e3
         report["recovery"] = await _recovery(client, end, threshold, recovery_limit_s, body, seed + 10_000_000)
         progress(f"recovery: {report['recovery']['recovery_s']} s after the overload stopped")
@@ -326,8 +382,16 @@ async def _run(base: str, concurrency: Sequence[int], requests: int, n: int, fmt
     return report
 
 
-def engine_throughput(engine_dir, batches: Sequence[int], *, threads: Optional[int] = 1, n: int = 1,
-                      min_seconds: float = 2.0, backend: str = "auto", spinning: bool = True) -> dict:
+def engine_throughput(
+    engine_dir,
+    batches: Sequence[int],
+    *,
+    threads: Optional[int] = 1,
+    n: int = 1,
+    min_seconds: float = 2.0,
+    backend: str = "auto",
+    spinning: bool = True,
+) -> dict:
     """The engines' own throughput, in this process: ``Runtime.sample_requests`` called directly with ``b``
     requests of ``n`` images (what a perfect batcher would hand them), repeated for at least ``min_seconds``
     per batch size; and the latency of one ``Runtime.sample(n)`` (what a lone request cannot beat)."""
@@ -349,25 +413,52 @@ def engine_throughput(engine_dir, batches: Sequence[int], *, threads: Optional[i
                 times.append(time.perf_counter() - t)
             cpu = time.process_time() - cpu  # every thread of this process: the engines' own workers too
             ms = statistics.median(times) * 1e3
-            rows.append({"batch": b, "requests": b, "runs": len(times), "ms": round(ms, 3),
-                         "images_per_s": round(b * n / (ms / 1e3), 2),
-                         "cpu_ms_per_image": round(cpu * 1e3 / (len(times) * b * n), 3)})
+            rows.append(
+                {
+                    "batch": b,
+                    "requests": b,
+                    "runs": len(times),
+                    "ms": round(ms, 3),
+                    "images_per_s": round(b * n / (ms / 1e3), 2),
+                    "cpu_ms_per_image": round(cpu * 1e3 / (len(times) * b * n), 3),
+                }
+            )
         single = []
         start = time.perf_counter()
         while time.perf_counter() - start < min_seconds or len(single) < 5:
             t = time.perf_counter()
             rt.sample(n, seed=len(single))
             single.append(time.perf_counter() - t)
-        return {"dir": str(engine_dir), "runtime": str(rt), "threads": threads, "spinning": spinning, "batches": rows,
-                "sample_p50_ms": round(percentile(single, 50) * 1e3, 3), "sample_runs": len(single)}
+        return {
+            "dir": str(engine_dir),
+            "runtime": str(rt),
+            "threads": threads,
+            "spinning": spinning,
+            "batches": rows,
+            "sample_p50_ms": round(percentile(single, 50) * 1e3, 3),
+            "sample_runs": len(single),
+        }
     finally:
         rt.close()
 
 
-def run(url: str, *, concurrency: Sequence[int] = (1, 2, 4, 8, 16, 32), requests: int = 96, n: int = 1, fmt: str = "png",
-        plan: Optional[str] = None, overload_seconds: float = 5.0, overload_requests: int = 2000,
-        recovery_limit_s: float = 30.0, engines=None, engine_threads: Optional[int] = 1, engine_spinning: bool = True,
-        engine_seconds: float = 2.0, progress=None) -> dict:
+def run(
+    url: str,
+    *,
+    concurrency: Sequence[int] = (1, 2, 4, 8, 16, 32),
+    requests: int = 96,
+    n: int = 1,
+    fmt: str = "png",
+    plan: Optional[str] = None,
+    overload_seconds: float = 5.0,
+    overload_requests: int = 2000,
+    recovery_limit_s: float = 30.0,
+    engines=None,
+    engine_threads: Optional[int] = 1,
+    engine_spinning: bool = True,
+    engine_seconds: float = 2.0,
+    progress=None,
+) -> dict:
     """The whole load test against ``url`` (a loopback service); a JSON-able report.
 
     ``engines``: the engine dir the service serves; its own throughput at batch sizes = the concurrency
@@ -377,13 +468,31 @@ def run(url: str, *, concurrency: Sequence[int] = (1, 2, 4, 8, 16, 32), requests
     say = progress or (lambda s: None)
     own = None
     if engines is not None:
-        own = engine_throughput(engines, list(concurrency), threads=engine_threads, n=int(n), spinning=engine_spinning,
-                                min_seconds=engine_seconds)
+        own = engine_throughput(
+            engines,
+            list(concurrency),
+            threads=engine_threads,
+            n=int(n),
+            spinning=engine_spinning,
+            min_seconds=engine_seconds,
+        )
         for row in own["batches"]:
             say(f"engines alone, batch {row['batch']}: {row['images_per_s']} img/s ({row['ms']} ms per batch)")
         say(f"engines alone, one Runtime.sample({n}): p50 {own['sample_p50_ms']} ms")
-    report = asyncio.run(_run(base, list(concurrency), int(requests), int(n), fmt, plan, float(overload_seconds),
-                              int(overload_requests), float(recovery_limit_s), say))
+    report = asyncio.run(
+        _run(
+            base,
+            list(concurrency),
+            int(requests),
+            int(n),
+            fmt,
+            plan,
+            float(overload_seconds),
+            int(overload_requests),
+            float(recovery_limit_s),
+            say,
+        )
+    )
     if own is not None:
         report["engines"] = own
         by_b = {r["batch"]: r for r in own["batches"]}
@@ -407,33 +516,47 @@ def format_report(report: dict) -> str:
     lines = [f"service {report['url']}: n={report['settings']['n']} per request, format {report['settings']['format']}"]
     own = report.get("engines")
     if own:
-        lines += ["", f"engines alone ({own['runtime']}, {own['threads']} thread(s), spinning {own.get('spinning')}, "
-                      "in the load generator's process, "
-                      "Runtime.sample_requests with one request per image): "
-                      f"one Runtime.sample p50 {own['sample_p50_ms']:.1f} ms",
-                  f"{'batch':>5} {'ms':>9} {'img/s':>8} {'CPU ms/img':>11}"]
-        lines += [f"{r['batch']:>5} {r['ms']:>9.1f} {r['images_per_s']:>8.1f} {r['cpu_ms_per_image']:>11.2f}"
-                  for r in own["batches"]]
-    lines += ["", "closed loop",
-              f"{'conc':>5} {'requests':>9} {'img/s':>8} {'/engines':>8} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} "
-              f"{'batch img':>10} {'batch req':>10} {'CPU ms/img server':>17} {'client':>7}  errors"]
+        lines += [
+            "",
+            f"engines alone ({own['runtime']}, {own['threads']} thread(s), spinning {own.get('spinning')}, "
+            "in the load generator's process, "
+            "Runtime.sample_requests with one request per image): "
+            f"one Runtime.sample p50 {own['sample_p50_ms']:.1f} ms",
+            f"{'batch':>5} {'ms':>9} {'img/s':>8} {'CPU ms/img':>11}",
+        ]
+        lines += [
+            f"{r['batch']:>5} {r['ms']:>9.1f} {r['images_per_s']:>8.1f} {r['cpu_ms_per_image']:>11.2f}"
+            for r in own["batches"]
+        ]
+    lines += [
+        "",
+        "closed loop",
+        f"{'conc':>5} {'requests':>9} {'img/s':>8} {'/engines':>8} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} "
+        f"{'batch img':>10} {'batch req':>10} {'CPU ms/img server':>17} {'client':>7}  errors",
+    ]
     for r in report["closed_loop"]:
         f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         ratio = f"{r['over_engines']:.2f}x" if r.get("over_engines") else "-"
-        lines.append(f"{r['concurrency']:>5} {r['requests']:>9} {f(r['images_per_s']):>8} {ratio:>8} "
-                     f"{f(r['p50_ms']):>9} {f(r['p95_ms']):>9} {f(r['p99_ms']):>9} "
-                     f"{f(r['mean_batch_images']):>10} {f(r['mean_batch_requests']):>10}"
-                     f" {f(r.get('server_cpu_ms_per_image')):>17} {f(r.get('client_cpu_ms_per_image')):>7}"
-                     f"  {r['errors'] or 'none'}")
+        lines.append(
+            f"{r['concurrency']:>5} {r['requests']:>9} {f(r['images_per_s']):>8} {ratio:>8} "
+            f"{f(r['p50_ms']):>9} {f(r['p95_ms']):>9} {f(r['p99_ms']):>9} "
+            f"{f(r['mean_batch_images']):>10} {f(r['mean_batch_requests']):>10}"
+            f" {f(r.get('server_cpu_ms_per_image')):>17} {f(r.get('client_cpu_ms_per_image')):>7}"
+            f"  {r['errors'] or 'none'}"
+        )
     o, rec = report["overload"], report["recovery"]
-    lines += ["", f"open loop at {o['target_rate_per_s']} req/s (2x the sustainable {o['sustainable_rate_per_s']} req/s), "
-                  f"{o['sent']} requests over {o['sent_over_s']} s: status {o['status']}",
-              f"  429: {o['share_429']:.1%}, p50 {o['p50_429_ms']} ms, p99 {o['p99_429_ms']} ms; 5xx: {o['server_errors_5xx']}; "
-              f"accepted p50 {o['accepted']['p50_ms']} ms, p99 {o['accepted']['p99_ms']} ms",
-              f"  server-side: {o['server_429_within_50ms']} of the 429s answered within 50 ms (its latency histogram)",
-              f"  recovery to normal latency (<= {rec['threshold_ms']} ms): "
-              + (f"{rec['recovery_s']} s after the overload stopped" if rec["recovered"] else "not within the probe window"),
-              "", "targets: " + json.dumps(report["targets"])]
+    lines += [
+        "",
+        f"open loop at {o['target_rate_per_s']} req/s (2x the sustainable {o['sustainable_rate_per_s']} req/s), "
+        f"{o['sent']} requests over {o['sent_over_s']} s: status {o['status']}",
+        f"  429: {o['share_429']:.1%}, p50 {o['p50_429_ms']} ms, p99 {o['p99_429_ms']} ms; 5xx: {o['server_errors_5xx']}; "
+        f"accepted p50 {o['accepted']['p50_ms']} ms, p99 {o['accepted']['p99_ms']} ms",
+        f"  server-side: {o['server_429_within_50ms']} of the 429s answered within 50 ms (its latency histogram)",
+        f"  recovery to normal latency (<= {rec['threshold_ms']} ms): "
+        + (f"{rec['recovery_s']} s after the overload stopped" if rec["recovered"] else "not within the probe window"),
+        "",
+        "targets: " + json.dumps(report["targets"]),
+    ]
     return "\n".join(lines)
 
 
@@ -454,8 +577,13 @@ def plot(report: dict, path) -> Path:
     b.plot(cs, [r["images_per_s"] for r in rows], marker="o", label="service, concurrency c")
     if report.get("engines"):
         own = report["engines"]["batches"]
-        b.plot([r["batch"] for r in own], [r["images_per_s"] for r in own], marker="s", linestyle="--",
-               label="engines alone, batch c")
+        b.plot(
+            [r["batch"] for r in own],
+            [r["images_per_s"] for r in own],
+            marker="s",
+            linestyle="--",
+            label="engines alone, batch c",
+        )
         b.legend()
     b.set(xscale="log", xlabel="concurrency", ylabel="images / s", title="throughput")
     b.set_xticks(cs, [str(c) for c in cs])
@@ -469,26 +597,49 @@ def plot(report: dict, path) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="benchmark.py --serve", description="Load-test a running autodiffusion-rt service (loopback only).")
+    ap = argparse.ArgumentParser(
+        prog="benchmark.py --serve", description="Load-test a running autodiffusion-rt service (loopback only)."
+    )
     ap.add_argument("--serve", required=True, metavar="URL", help="the service, e.g. http://127.0.0.1:8000")
-    ap.add_argument("--concurrency", type=positive_ints, default=[1, 2, 4, 8, 16, 32], help="closed-loop levels (default 1,2,4,8,16,32)")
+    ap.add_argument(
+        "--concurrency",
+        type=positive_ints,
+        default=[1, 2, 4, 8, 16, 32],
+        help="closed-loop levels (default 1,2,4,8,16,32)",
+    )
     ap.add_argument("--requests", type=int, default=96, help="measured requests per level (default 96)")
     ap.add_argument("--n", type=int, default=1, help="images per request (default 1)")
     ap.add_argument("--format", default="png", choices=("png", "npy"))
     ap.add_argument("--plan", default=None, help="plan name (default: the server's default plan)")
     ap.add_argument("--overload-seconds", type=float, default=5.0, help="length of the 2x overload (default 5)")
-    ap.add_argument("--overload-requests", type=int, default=2000, help="at most this many overload requests (default 2000)")
-    ap.add_argument("--recovery-limit", type=float, default=30.0, help="stop probing for recovery after this many s (default 30)")
-    ap.add_argument("--engines", default=None, metavar="DIR",
-                    help="the engine dir the service serves: first measure its own throughput at batch sizes = the "
-                    "concurrency levels (Runtime.sample_requests, in this process, the service idle) and compare")
-    ap.add_argument("--engine-seconds", type=float, default=2.0,
-                    help="time each batch size of the engines for at least this long (median; default 2)")
-    ap.add_argument("--engine-threads", type=int, default=1,
-                    help="threads of those engines (the server's --threads; default 1)")
-    ap.add_argument("--engine-spinning", choices=("on", "off"), default="on",
-                    help="onnxruntime's workers spin between ops (on: the engines' best on an idle machine; "
-                    "default on)")
+    ap.add_argument(
+        "--overload-requests", type=int, default=2000, help="at most this many overload requests (default 2000)"
+    )
+    ap.add_argument(
+        "--recovery-limit", type=float, default=30.0, help="stop probing for recovery after this many s (default 30)"
+    )
+    ap.add_argument(
+        "--engines",
+        default=None,
+        metavar="DIR",
+        help="the engine dir the service serves: first measure its own throughput at batch sizes = the "
+        "concurrency levels (Runtime.sample_requests, in this process, the service idle) and compare",
+    )
+    ap.add_argument(
+        "--engine-seconds",
+        type=float,
+        default=2.0,
+        help="time each batch size of the engines for at least this long (median; default 2)",
+    )
+    ap.add_argument(
+        "--engine-threads", type=int, default=1, help="threads of those engines (the server's --threads; default 1)"
+    )
+    ap.add_argument(
+        "--engine-spinning",
+        choices=("on", "off"),
+        default="on",
+        help="onnxruntime's workers spin between ops (on: the engines' best on an idle machine; default on)",
+    )
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON ('-' for stdout)")
     ap.add_argument("--plot", default=None, metavar="PNG", help="also plot latency and throughput against concurrency")
     ap.add_argument("--quiet", action="store_true")
@@ -501,15 +652,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _load_test_command(args) -> None:
     say = (lambda s: None) if args.quiet or args.json == "-" else (lambda s: print(s, file=sys.stderr, flush=True))
     if args.requests < 1 or args.n < 1 or args.overload_requests < 1:
-        raise LoadTestError(f"--requests={args.requests}, --n={args.n} and "
-                            f"--overload-requests={args.overload_requests} must be positive")
+        raise LoadTestError(
+            f"--requests={args.requests}, --n={args.n} and "
+            f"--overload-requests={args.overload_requests} must be positive"
+        )
     for option, value in (("--overload-seconds", args.overload_seconds), ("--recovery-limit", args.recovery_limit)):
         if not (math.isfinite(value) and 0 < value <= 3600):
             raise LoadTestError(f"{option} {value:g} must be a number of seconds in (0, 3600]")
-    report = run(args.serve, concurrency=args.concurrency, requests=args.requests, n=args.n, fmt=args.format,
-                 plan=args.plan, overload_seconds=args.overload_seconds, overload_requests=args.overload_requests,
-                 recovery_limit_s=args.recovery_limit, engines=args.engines, engine_threads=args.engine_threads,
-                 engine_spinning=args.engine_spinning == "on", engine_seconds=args.engine_seconds, progress=say)
+    report = run(
+        args.serve,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        n=args.n,
+        fmt=args.format,
+        plan=args.plan,
+        overload_seconds=args.overload_seconds,
+        overload_requests=args.overload_requests,
+        recovery_limit_s=args.recovery_limit,
+        engines=args.engines,
+        engine_threads=args.engine_threads,
+        engine_spinning=args.engine_spinning == "on",
+        engine_seconds=args.engine_seconds,
+        progress=say,
+    )
     if args.plot:
         plot(report, args.plot)
     print_report(report, format_report, args.json)

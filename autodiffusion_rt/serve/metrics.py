@@ -27,20 +27,39 @@ class ServeMetrics:
         ProcessCollector(registry=r)
         self.requests = Counter("adrt_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
         # by status too: 429s answered in microseconds and 200s after a batch are different distributions
-        self.latency = Histogram("adrt_request_seconds", "HTTP request latency (s) in the server, by route and status", ["route", "status"],
-                                 buckets=_LATENCY_BUCKETS, registry=r)
-        self.batch_images = Histogram("adrt_batch_images", "images per engine batch, by plan", ["plan"],
-                                      buckets=_BATCH_BUCKETS, registry=r)
-        self.batch_requests = Histogram("adrt_batch_requests", "requests merged into one engine batch, by plan", ["plan"],
-                                        buckets=_BATCH_BUCKETS, registry=r)
-        self.queue_images = Gauge("adrt_queue_images", "images waiting for an engine batch, by plan", ["plan"], registry=r)
-        self.running_images = Gauge("adrt_running_images", "images of the batch on the engines now, by plan", ["plan"],
-                                    registry=r)
+        self.latency = Histogram(
+            "adrt_request_seconds",
+            "HTTP request latency (s) in the server, by route and status",
+            ["route", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_images = Histogram(
+            "adrt_batch_images", "images per engine batch, by plan", ["plan"], buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.batch_requests = Histogram(
+            "adrt_batch_requests",
+            "requests merged into one engine batch, by plan",
+            ["plan"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_images = Gauge(
+            "adrt_queue_images", "images waiting for an engine batch, by plan", ["plan"], registry=r
+        )
+        self.running_images = Gauge(
+            "adrt_running_images", "images of the batch on the engines now, by plan", ["plan"], registry=r
+        )
         self.images = Counter("adrt_images", "images generated, by plan", ["plan"], registry=r)
-        self.dropped = Counter("adrt_dropped_requests", "requests dropped before their batch ran, by plan and reason",
-                               ["plan", "reason"], registry=r)
-        self.images_per_second = Gauge("adrt_images_per_second", f"images generated per second over the last {rate_window_s:g} s",
-                                       registry=r)
+        self.dropped = Counter(
+            "adrt_dropped_requests",
+            "requests dropped before their batch ran, by plan and reason",
+            ["plan", "reason"],
+            registry=r,
+        )
+        self.images_per_second = Gauge(
+            "adrt_images_per_second", f"images generated per second over the last {rate_window_s:g} s", registry=r
+        )
         self._window = rate_window_s
         self._done: deque = deque()  # (monotonic time, images)
         self._lock = threading.Lock()

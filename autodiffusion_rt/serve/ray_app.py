@@ -38,8 +38,17 @@ from typing import Optional
 from ..errors import Error
 from .app import ServeSettings, ServeState, create_app
 
-__all__ = ["APP_NAME", "RayErrorsAsJSON", "RaySettings", "RaySettingsError", "build_application",
-           "default_replica_threads", "proxy_middlewares", "run_ray", "start_serve"]
+__all__ = [
+    "APP_NAME",
+    "RayErrorsAsJSON",
+    "RaySettings",
+    "RaySettingsError",
+    "build_application",
+    "default_replica_threads",
+    "proxy_middlewares",
+    "run_ray",
+    "start_serve",
+]
 
 log = logging.getLogger("autodiffusion_rt.serve")
 
@@ -61,12 +70,12 @@ def default_replica_threads(replicas: int, cpus: Optional[int] = None) -> int:
 class RaySettings:
     """What ``serve --ray`` adds: the cluster, the replicas, and the HTTP proxy's address."""
 
-    address: Optional[str] = None           # None: start a local Ray; "auto" or "ray://HOST:PORT": join a cluster
-    replicas: int = 1                       # fixed number of replicas, unless autoscaling bounds are given
-    min_replicas: Optional[int] = None      # autoscaling bounds (both or neither)
+    address: Optional[str] = None  # None: start a local Ray; "auto" or "ray://HOST:PORT": join a cluster
+    replicas: int = 1  # fixed number of replicas, unless autoscaling bounds are given
+    min_replicas: Optional[int] = None  # autoscaling bounds (both or neither)
     max_replicas: Optional[int] = None
-    target_ongoing: float = 16.0            # autoscaling: requests in flight per replica that Ray aims for
-    host: str = "127.0.0.1"                 # Ray's HTTP proxy
+    target_ongoing: float = 16.0  # autoscaling: requests in flight per replica that Ray aims for
+    host: str = "127.0.0.1"  # Ray's HTTP proxy
     port: int = 8000
 
     @property
@@ -75,18 +84,22 @@ class RaySettings:
 
     def check(self) -> "RaySettings":
         if self.address is not None and self.address != "auto" and not self.address.startswith("ray://"):
-            raise RaySettingsError(f"--ray-address {self.address!r}: give auto (the cluster this machine is part of) "
-                                   "or ray://HOST:PORT (a Ray client server)")
+            raise RaySettingsError(
+                f"--ray-address {self.address!r}: give auto (the cluster this machine is part of) "
+                "or ray://HOST:PORT (a Ray client server)"
+            )
         if not isinstance(self.replicas, int) or self.replicas < 1:
             raise RaySettingsError(f"--replicas={self.replicas!r} must be a positive integer")
         if self.autoscaling:
             lo, hi = self.min_replicas, self.max_replicas
             if lo is None or hi is None or lo < 0 or hi < 1 or lo > hi:
-                raise RaySettingsError(f"--min-replicas={lo} and --max-replicas={hi}: give both, "
-                                       "with 0 <= min <= max and max >= 1")
+                raise RaySettingsError(
+                    f"--min-replicas={lo} and --max-replicas={hi}: give both, with 0 <= min <= max and max >= 1"
+                )
             if self.target_ongoing <= 0:
-                raise RaySettingsError(f"--target-ongoing={self.target_ongoing} must be > 0 "
-                                       "(requests in flight per replica)")
+                raise RaySettingsError(
+                    f"--target-ongoing={self.target_ongoing} must be > 0 (requests in flight per replica)"
+                )
         return self
 
     @property
@@ -156,8 +169,10 @@ async def _send_error(send, status: int, text: str) -> None:
     headers = {}
     if status == 500:
         status, headers = 503, {"retry-after": "1"}
-        message = ("the replica answering this request failed or died before it answered (Ray Serve replaces it): "
-                   f"retry; Ray said: {text or 'Internal Server Error'}")
+        message = (
+            "the replica answering this request failed or died before it answered (Ray Serve replaces it): "
+            f"retry; Ray said: {text or 'Internal Server Error'}"
+        )
     elif status == 408:
         message = f"no answer within the proxy's request timeout: retry later ({text})"
     elif status == 503:
@@ -212,17 +227,20 @@ def build_application(engines: dict, settings: ServeSettings, ray_settings: RayS
         graceful_shutdown_timeout_s=settings.deadline_s + 10,
         graceful_shutdown_wait_loop_s=0.5,
         # Ray only schedules what fits: each replica claims the cores its engines use
-        ray_actor_options={"num_cpus": threads,
-                           "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads),
-                                                        "MKL_NUM_THREADS": str(threads)}}},
+        ray_actor_options={
+            "num_cpus": threads,
+            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}},
+        },
         # a replica warms up before its constructor returns; a big plan on a busy node takes a while
         health_check_timeout_s=60,
     )
     if ray_settings.autoscaling:
-        options["autoscaling_config"] = {"min_replicas": ray_settings.min_replicas,
-                                         "max_replicas": ray_settings.max_replicas,
-                                         "initial_replicas": max(1, ray_settings.min_replicas),
-                                         "target_ongoing_requests": ray_settings.target_ongoing}
+        options["autoscaling_config"] = {
+            "min_replicas": ray_settings.min_replicas,
+            "max_replicas": ray_settings.max_replicas,
+            "initial_replicas": max(1, ray_settings.min_replicas),
+            "target_ongoing_requests": ray_settings.target_ongoing,
+        }
     else:
         options["num_replicas"] = ray_settings.replicas
     deployment = serve.deployment(**options)(_replica_class())
@@ -246,9 +264,14 @@ def start_serve(settings: ServeSettings, ray_settings: RaySettings) -> None:
     """Start Serve's controller and HTTP proxy on the connected Ray."""
     from ray import serve
 
-    serve.start(http_options={"host": ray_settings.host, "port": ray_settings.port,
-                              # nothing waits forever in Ray's router (e.g. while every replica is being replaced)
-                              "request_timeout_s": settings.deadline_s + 10})
+    serve.start(
+        http_options={
+            "host": ray_settings.host,
+            "port": ray_settings.port,
+            # nothing waits forever in Ray's router (e.g. while every replica is being replaced)
+            "request_timeout_s": settings.deadline_s + 10,
+        }
+    )
 
 
 def run_ray(engines: dict, settings: ServeSettings, ray_settings: RaySettings, *, log_level: str = "info") -> int:
@@ -265,7 +288,9 @@ def run_ray(engines: dict, settings: ServeSettings, ray_settings: RaySettings, *
         env = {"OMP_NUM_THREADS": str(settings.threads or 1)}
         if os.environ.get("PYTHONPATH"):  # Ray's workers (the proxy's too) import this package as the command does
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-        ray.init(address=ray_settings.address or "local", logging_level=log_level.upper(), runtime_env={"env_vars": env})
+        ray.init(
+            address=ray_settings.address or "local", logging_level=log_level.upper(), runtime_env={"env_vars": env}
+        )
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -276,10 +301,19 @@ def run_ray(engines: dict, settings: ServeSettings, ray_settings: RaySettings, *
             from ..errors import EngineError
 
             raise EngineError(f"the Ray Serve application did not start: {str(e).splitlines()[0]}") from None
-        replicas = (f"{ray_settings.min_replicas}-{ray_settings.max_replicas}" if ray_settings.autoscaling
-                    else ray_settings.replicas)
-        log.info("serving %s on http://%s:%d with %s replica(s) of %d thread(s)", ", ".join(engines), ray_settings.host,
-                 ray_settings.port, replicas, settings.threads or 1)
+        replicas = (
+            f"{ray_settings.min_replicas}-{ray_settings.max_replicas}"
+            if ray_settings.autoscaling
+            else ray_settings.replicas
+        )
+        log.info(
+            "serving %s on http://%s:%d with %s replica(s) of %d thread(s)",
+            ", ".join(engines),
+            ray_settings.host,
+            ray_settings.port,
+            replicas,
+            settings.threads or 1,
+        )
         while not stop.wait(1.0):
             pass
         log.info("shutting down: replicas finish their in-flight requests, then drain their queues")

@@ -59,21 +59,35 @@ def _is_int(v) -> bool:
 
 
 def _kind(v) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number with a fraction", str: "a string",
-            list: "a list", dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number with a fraction",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+        type(None): "null",
+    }.get(type(v), type(v).__name__)
 
 
-def parse_sample_request(body: bytes, plans: Mapping[str, Optional[int]], default_plan: str, limits: Limits) -> SampleRequest:
+def parse_sample_request(
+    body: bytes, plans: Mapping[str, Optional[int]], default_plan: str, limits: Limits
+) -> SampleRequest:
     """``body`` (JSON bytes) -> a checked request. ``plans``: served plan name -> its number of classes (None: unconditional)."""
     from ..records import loads_json, one_line
 
     try:
         data = loads_json(body, finite=True)  # bounded: depth, integer digits, finite numbers, valid Unicode
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, JSONBoundsError
-        raise RequestError(400, "body", f"the body is not valid JSON ({one_line(e)[:200]}): "
-                           "send an object like {\"n\": 4, \"format\": \"png\"}") from None
+        raise RequestError(
+            400,
+            "body",
+            f'the body is not valid JSON ({one_line(e)[:200]}): send an object like {{"n": 4, "format": "png"}}',
+        ) from None
     if not isinstance(data, dict):
-        raise RequestError(422, "body", f"the body must be a JSON object with fields {', '.join(FIELDS)}, got {_kind(data)}")
+        raise RequestError(
+            422, "body", f"the body must be a JSON object with fields {', '.join(FIELDS)}, got {_kind(data)}"
+        )
     extra = sorted(set(data) - set(FIELDS))
     if extra:
         raise RequestError(422, extra[0], f"unknown field {extra[0]!r}: the allowed fields are {', '.join(FIELDS)}")
@@ -84,7 +98,9 @@ def parse_sample_request(body: bytes, plans: Mapping[str, Optional[int]], defaul
     if not _is_int(n):
         raise RequestError(422, "n", f"n must be an integer in [1, {limits.max_n}], got {_kind(n)} ({json.dumps(n)})")
     if not 1 <= n <= limits.max_n:
-        raise RequestError(422, "n", f"n={n} is outside [1, {limits.max_n}]: ask for at most {limits.max_n} images per request")
+        raise RequestError(
+            422, "n", f"n={n} is outside [1, {limits.max_n}]: ask for at most {limits.max_n} images per request"
+        )
 
     seed = data.get("seed")
     if seed is not None:
@@ -103,7 +119,9 @@ def parse_sample_request(body: bytes, plans: Mapping[str, Optional[int]], defaul
     if plan is None:
         plan = default_plan
     if not isinstance(plan, str) or plan not in plans:
-        raise RequestError(422, "plan", f"unknown plan {json.dumps(plan)}: this server serves {', '.join(map(repr, plans))}")
+        raise RequestError(
+            422, "plan", f"unknown plan {json.dumps(plan)}: this server serves {', '.join(map(repr, plans))}"
+        )
 
     labels = data.get("labels")
     num_classes = plans[plan]
@@ -111,11 +129,17 @@ def parse_sample_request(body: bytes, plans: Mapping[str, Optional[int]], defaul
         if num_classes is None:
             raise RequestError(422, "labels", f"plan {plan!r} is unconditional: it takes no labels (drop the field)")
         if not isinstance(labels, list) or not all(_is_int(v) for v in labels):
-            raise RequestError(422, "labels", f"labels must be a list of n integers in [0, {num_classes}), got {_kind(labels)}"
-                               + ("" if not isinstance(labels, list) else " with a non-integer item"))
+            raise RequestError(
+                422,
+                "labels",
+                f"labels must be a list of n integers in [0, {num_classes}), got {_kind(labels)}"
+                + ("" if not isinstance(labels, list) else " with a non-integer item"),
+            )
         if len(labels) != n:
             raise RequestError(422, "labels", f"got {len(labels)} labels for n={n}: give one label per image")
         bad = [v for v in labels if not 0 <= v < num_classes]
         if bad:
-            raise RequestError(422, "labels", f"label {bad[0]} is out of range: plan {plan!r} has classes 0..{num_classes - 1}")
+            raise RequestError(
+                422, "labels", f"label {bad[0]} is out of range: plan {plan!r} has classes 0..{num_classes - 1}"
+            )
     return SampleRequest(n=n, seed=seed, labels=labels, format=fmt, plan=plan)
