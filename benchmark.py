@@ -418,9 +418,12 @@ def format_report(report: dict) -> str:
     """The table as text."""
     p, peaks = report["plan"], report["matmul_peak_gflops"]
     lines = [
-        f"plan: {p['sampler']} over {p['timesteps']} on {p['model']}, {p['macs_per_sample'] / 1e6:.1f} MMACs per sample in all",
-        f"machine: {report['machine']['processor']}, {report['settings']['threads']} threads, CPU {report['machine']['isa']}",
-        f"matmul peaks (this run): fp32 {peaks.get('fp32', float('nan')):.1f} GFLOP/s, bf16 {peaks.get('bf16', float('nan')):.1f} GFLOP/s",
+        f"plan: {p['sampler']} over {p['timesteps']} on {p['model']}, "
+        f"{p['macs_per_sample'] / 1e6:.1f} MMACs per sample in all",
+        f"machine: {report['machine']['processor']}, {report['settings']['threads']} threads, "
+        f"CPU {report['machine']['isa']}",
+        f"matmul peaks (this run): fp32 {peaks.get('fp32', float('nan')):.1f} GFLOP/s, "
+        f"bf16 {peaks.get('bf16', float('nan')):.1f} GFLOP/s",
         "",
         f"{'configuration':<18} {'nfe':>4} {'batch':>5} {'p50 ms':>9} {'p90':>9} {'p99':>9} {'runs':>4} {'img/s':>8} "
         f"{'vs torch':>8} {'vs DDIM':>8} {'GFLOP/s':>8} {'%fp32':>6} {'%bf16':>6} {'RSS MB':>7}",
@@ -440,7 +443,8 @@ def format_report(report: dict) -> str:
 
 
 def plot_report(report: dict, path) -> None:
-    """A PNG: median latency per configuration and batch, log scale (needs matplotlib: pip install autodiffusion-rt[plot])."""
+    """A PNG: median latency per configuration and batch, log scale
+    (needs matplotlib: pip install autodiffusion-rt[plot])."""
     from autodiffusion_rt.utils import import_pyplot
 
     plt = import_pyplot()

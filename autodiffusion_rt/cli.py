@@ -47,13 +47,15 @@ def parse_int_list(text: str, what: str) -> list[int]:
         v = v.strip()
         if not v:
             raise SamplingError(
-                f"{what} {text!r}: entry {k + 1} is empty; pass comma-separated integers without gaps (e.g. 999,600,300,100)"
+                f"{what} {text!r}: entry {k + 1} is empty; "
+                "pass comma-separated integers without gaps (e.g. 999,600,300,100)"
             )
         try:
             out.append(int(v))
         except ValueError:
             raise SamplingError(
-                f"{what} {text!r}: entry {k + 1} ({v!r}) is not an integer; pass comma-separated integers (e.g. 999,600,300,100)"
+                f"{what} {text!r}: entry {k + 1} ({v!r}) is not an integer; "
+                "pass comma-separated integers (e.g. 999,600,300,100)"
             ) from None
     return out
 
@@ -286,8 +288,8 @@ def _check_sample_flags(args) -> None:
     given = [k for k, v in fixed.items() if v is not None]
     if given:
         raise SamplingError(
-            f"{', '.join(given)} given with {source}: the {'engine dir' if args.engines else 'plan'}'s model, sampler and "
-            f"timesteps win; drop {', '.join(given)} (or drop {source} to sample without a plan)"
+            f"{', '.join(given)} given with {source}: the {'engine dir' if args.engines else 'plan'}'s model, "
+            f"sampler and timesteps win; drop {', '.join(given)} (or drop {source} to sample without a plan)"
         )
     if args.plan and args.backend is not None:
         raise SamplingError(
@@ -325,7 +327,8 @@ def cmd_sample(args) -> int:
 
     if n > MAX_SAMPLES:
         raise SamplingError(
-            f"--n {n} is above the limit of {MAX_SAMPLES:,} samples per command: run several commands with different --seed"
+            f"--n {n} is above the limit of {MAX_SAMPLES:,} samples per command: "
+            "run several commands with different --seed"
         )
     seed = check_seed(args.seed, "--seed")
     if args.eta is not None and not 0.0 <= args.eta <= 1.0:
@@ -419,8 +422,8 @@ def cmd_train(args) -> int:
     )
     if not record["finished"]:
         print(
-            f"stopped at step {record['step']} of {record['steps']} after {record['seconds']} s; the EMA weights so far "
-            f"are in {args.out}; run the same command with --resume to continue"
+            f"stopped at step {record['step']} of {record['steps']} after {record['seconds']} s; "
+            f"the EMA weights so far are in {args.out}; run the same command with --resume to continue"
         )
         return 0
     print(f"trained {record['steps']} steps in {record['seconds']} s, final loss {record['final_loss']}: {args.out}")
@@ -487,7 +490,8 @@ def cmd_info(args) -> int:
     skippable = sum(layer.macs for layer in model.layers)
     total = unet.macs()
     print(
-        f"\ntotal MACs per sample  {total / 1e6:.2f} M  (skippable layers {skippable / 1e6:.2f} M, always-run {(total - skippable) / 1e6:.2f} M)"
+        f"\ntotal MACs per sample  {total / 1e6:.2f} M  (skippable layers {skippable / 1e6:.2f} M, "
+        f"always-run {(total - skippable) / 1e6:.2f} M)"
     )
     print()
     print("versions     " + ", ".join(f"{k} {v}" for k, v in {"autodiffusion-rt": __version__, **_versions()}.items()))

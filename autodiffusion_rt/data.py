@@ -75,7 +75,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def check_uint8_images(images, what: str = "images") -> np.ndarray:
-    """uint8 NHWC with 1 or 3 channels (NHW, grayscale, gets its channel axis), or a one-line DataError naming ``what``."""
+    """uint8 NHWC with 1 or 3 channels (NHW, grayscale, gets its channel axis), or a one-line DataError
+    naming ``what``."""
     a = np.asarray(images)
     if a.dtype != np.uint8:
         raise DataError(

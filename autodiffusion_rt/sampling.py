@@ -65,7 +65,8 @@ def check_labels(model: DiffusionModel, labels, n: int) -> Optional[torch.Tensor
         raise SamplingError(f"labels must be integers in [0, {model.num_classes}), got dtype {y.dtype}")
     if y.shape != (n,):
         raise SamplingError(
-            f"got {y.shape[0] if y.ndim == 1 else tuple(y.shape)} labels for n={n}: pass one label per sample (or one for all)"
+            f"got {y.shape[0] if y.ndim == 1 else tuple(y.shape)} labels for n={n}: "
+            "pass one label per sample (or one for all)"
         )
     bad = y[(y < 0) | (y >= model.num_classes)]
     if bad.numel():

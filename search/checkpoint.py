@@ -73,11 +73,13 @@ class SearchState:
     def from_json(cls, d: Any, source: str) -> "SearchState":
         if not isinstance(d, dict) or d.get("format") != STATE_FORMAT:
             raise SearchError(
-                f"{source} is not a search checkpoint (format {STATE_FORMAT!r}): pass the file the search wrote, or drop --resume"
+                f"{source} is not a search checkpoint (format {STATE_FORMAT!r}): pass the file the search wrote, "
+                "or drop --resume"
             )
         if d.get("version") not in READABLE_VERSIONS:
             raise SearchError(
-                f"{source} has checkpoint version {d.get('version')!r}; this version reads {list(READABLE_VERSIONS)}: start a new search (drop --resume)"
+                f"{source} has checkpoint version {d.get('version')!r}; this version reads {list(READABLE_VERSIONS)}: "
+                "start a new search (drop --resume)"
             )
         if d.get("version") == 1 and d.get("nsga2") is not None:
             raise SearchError(
@@ -267,7 +269,8 @@ def load_state(path: str | Path, settings: dict) -> SearchState:
     path = Path(path)
     if not path.is_file():
         raise SearchError(
-            f"--resume: no search checkpoint at {path}: run the search without --resume first (or pass --checkpoint PATH)"
+            f"--resume: no search checkpoint at {path}: run the search without --resume first "
+            "(or pass --checkpoint PATH)"
         )
     from autodiffusion_rt.records import read_json
 

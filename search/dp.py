@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from autodiffusion_rt.diffusion import compute_coefficients, sample_loop, step_update, uniform_timesteps
-from autodiffusion_rt.sampling import initial_state, make_eps_fn
 from autodiffusion_rt.records import loads_json
+from autodiffusion_rt.sampling import initial_state, make_eps_fn
 from autodiffusion_rt.utils import atomic_write
 
 from .errors import SearchError

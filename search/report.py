@@ -151,7 +151,8 @@ class Report:
         return md, js
 
     def save_and_show(self, stem: Path, quiet: bool = False) -> Path:
-        """:meth:`save`, then (unless ``quiet``) the table on stdout and where it was written on stderr: how a search ends."""
+        """:meth:`save`, then (unless ``quiet``) the table on stdout and where it was written on stderr:
+        how a search ends."""
         md, _ = self.save(stem)
         if not quiet:
             print(self.table())
@@ -202,8 +203,10 @@ def _search_summary(s: dict) -> str:
     parts = [f"search: {s.get('wall_seconds', 0):.0f} s wall"]
     if "evaluated" in s:
         parts.append(
-            f"{s['evaluated']} candidates evaluated ({s.get('requested', 0)} requested, {s.get('memo_hits', 0)} memo hits; "
-            f"the memo saved {s.get('memo_saved_evaluations', s.get('memo_hits', 0))} evaluations counting elites re-ranked)"
+            f"{s['evaluated']} candidates evaluated ({s.get('requested', 0)} requested, "
+            f"{s.get('memo_hits', 0)} memo hits; "
+            f"the memo saved {s.get('memo_saved_evaluations', s.get('memo_hits', 0))} "
+            "evaluations counting elites re-ranked)"
         )
     if "unet_calls" in s:
         parts.append(
@@ -224,14 +227,15 @@ def _search_summary(s: dict) -> str:
         d = s["dp"]
         out += (
             f"\n\nDP schedule optimizer: {d['grid_points']}-point grid, teacher {d['teacher_seconds']} s"
-            f"{' (cached)' if d.get('teacher_cached') else ''}, cost matrix {d['matrix_seconds']} s, solve {d['solve_seconds']} s; "
-            + "; ".join(f"{p['timesteps']} cost {p['cost']:.4f}" for p in d["paths"])
+            f"{' (cached)' if d.get('teacher_cached') else ''}, cost matrix {d['matrix_seconds']} s, "
+            f"solve {d['solve_seconds']} s; " + "; ".join(f"{p['timesteps']} cost {p['cost']:.4f}" for p in d["paths"])
         )
     if s.get("skip_sensitivity"):
         t = s["skip_sensitivity"]
         out += (
             f"\n\nSkip sensitivity (trajectory cost of one step with one layer skipped, {t['num_samples']} samples; "
-            "teacher's own step = 0): the three cheapest and the costliest layer per timestep:\n\n| t | cheapest | costliest |\n|---|---|---|\n"
+            "teacher's own step = 0): the three cheapest and the costliest layer per timestep:\n\n"
+            "| t | cheapest | costliest |\n|---|---|---|\n"
         )
         for ts, costs in zip(t["timesteps"], t["cost"]):
             order = sorted(range(len(costs)), key=lambda k: costs[k])
@@ -260,7 +264,8 @@ def _search_summary(s: dict) -> str:
 
 
 def baseline_rows(num_timesteps: int, nfe: int, schedule=None) -> list[tuple[str, str, Candidate]]:
-    """Every uniform baseline at this NFE: each sampler with linear, quadratic and (given the schedule) log-SNR spacing."""
+    """Every uniform baseline at this NFE: each sampler with linear, quadratic and (given the schedule)
+    log-SNR spacing."""
     from autodiffusion_rt.diffusion import uniform_timesteps
 
     from .space import Candidate
@@ -442,13 +447,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _report_command(args) -> None:
-    from autodiffusion_rt.metrics import resolve_reference
-    from autodiffusion_rt.models import load_model_for_plan
-    from autodiffusion_rt.plan import Plan
-
     from autodiffusion_rt.diffusion import check_seed
     from autodiffusion_rt.limits import check_limit
-    from autodiffusion_rt.metrics import get_extractor
+    from autodiffusion_rt.metrics import get_extractor, resolve_reference
+    from autodiffusion_rt.models import load_model_for_plan
+    from autodiffusion_rt.plan import Plan
 
     # Options first, before the model and the reference are loaded.
     if args.num_samples < 2:

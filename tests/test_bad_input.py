@@ -47,9 +47,9 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTH
 def work(tmp_path_factory):
     """A user's work dir: a tiny ADM checkpoint, its plan, an engine dir built from it, and files they care about."""
     from conftest import core_random_model
-    from export.build import build_engines
 
     from autodiffusion_rt.plan import Plan
+    from export.build import build_engines
 
     root = tmp_path_factory.mktemp("user")
     model = core_random_model()
@@ -355,11 +355,10 @@ def test_api_a_plan_can_be_a_path(work, tiny_model):
 
 def test_api_plan_config_checked_against_the_model(work, embedded_model):
     """An edited plan config is refused by Plan.check_model, at build time and at sample time (no silent schedule)."""
-    from export.build import build_engines
-
     from autodiffusion_rt.errors import PlanError
     from autodiffusion_rt.plan import Plan
     from autodiffusion_rt.runtime import Runtime
+    from export.build import build_engines
 
     edited = Plan.load(work / "edited-plan.json")
     with pytest.raises(PlanError, match="noise_schedule"):
@@ -771,10 +770,9 @@ def test_kill_9_of_a_search_loses_no_finished_generation(tmp_path):
 
 def test_two_searches_on_one_out_do_not_both_succeed(tmp_path, search_tiny_model, search_tiny_extractor, search_tiny_ref_stats):
     """The second search on an --out in use fails naming it (one result would otherwise silently vanish)."""
+    from autodiffusion_rt.utils import file_lock
     from search.errors import SearchError
     from search.run import run_search
-
-    from autodiffusion_rt.utils import file_lock
 
     out = tmp_path / "deep" / "plan.json"
     out.parent.mkdir()

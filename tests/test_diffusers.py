@@ -11,6 +11,7 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
+from conftest import search_build_tiny_extractor  # noqa: E402
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -20,7 +21,6 @@ from autodiffusion_rt.diffusion import compute_coefficients, sample_loop, step_u
 from autodiffusion_rt.errors import Error, ModelSpecError  # noqa: E402
 from autodiffusion_rt.plan import Plan  # noqa: E402
 from autodiffusion_rt.sampling import initial_state, make_eps_fn, sample  # noqa: E402
-from conftest import search_build_tiny_extractor  # noqa: E402
 
 # google/ddpm-cifar10-32's block layout (DownBlock2D, AttnDownBlock2D, DownBlock2D, DownBlock2D / mirrored up), small channels.
 CIFAR_LAYOUT = dict(

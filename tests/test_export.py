@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import core_engine_model, core_plan
 
 from autodiffusion_rt.diffusion import compute_coefficients, step_update
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError, Error
@@ -19,7 +20,6 @@ from export import build as build_mod
 from export.build import build_engines
 from export.onnx_export import export_step_onnx
 from export.subnet import StepModule, step_modules
-from conftest import core_engine_model, core_plan
 
 TIMESTEPS = [300, 200, 100]
 
@@ -92,18 +92,21 @@ def test_step_io_follows_the_sampler():
 # ---------------------------------------------------------------- ONNX export
 def test_skipped_layers_give_fewer_nodes_and_macs(uncond, tmp_path):
     model = uncond
-    skip = [l.id for l in model.layers if l.kind == "attn"] + ["input_blocks.3.0", "output_blocks.1.0"]
+    skip = [layer.id for layer in model.layers if layer.kind == "attn"] + ["input_blocks.3.0", "output_blocks.1.0"]
     plan = plan_for(model, "ddim", skip=[[], skip, []])
     full, pruned = step_modules(model, plan)[:2]
     a = export_step_onnx(full, tmp_path / "full.onnx")
     b = export_step_onnx(pruned, tmp_path / "pruned.onnx")
     assert b.nodes < a.nodes and b.macs_per_sample < a.macs_per_sample
     assert not any(n.op_type == "Einsum" for n in onnx.load(str(b.path)).graph.node)  # attention is gone
-    size = lambda p: sum(int(np.prod(t.dims)) for t in onnx.load(str(p)).graph.initializer)
+
+    def size(p):
+        return sum(int(np.prod(t.dims)) for t in onnx.load(str(p)).graph.initializer)
+
     assert size(b.path) < size(a.path)  # the skipped layers' weights are not exported
     # The graph's MACs are the registry's minus the folded embedding MLPs (time_embed, emb_layers).
     unet = model.unet
-    te = sum(l.in_features * l.out_features for l in (unet.time_embed[0], unet.time_embed[2]))
+    te = sum(lin.in_features * lin.out_features for lin in (unet.time_embed[0], unet.time_embed[2]))
     for res, keep in ((a, None), (b, plan.keep_sets(model)[1])):
         kept = [m for m in unet.modules() if isinstance(m, ResBlock) and (keep is None or m.layer_id in keep)]
         emb = sum(m.emb_layers[1].in_features * m.emb_layers[1].out_features for m in kept)

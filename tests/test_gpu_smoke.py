@@ -13,9 +13,10 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
+from conftest import core_random_model  # noqa: E402
+
 from autodiffusion_rt.plan import Plan  # noqa: E402
 from autodiffusion_rt.runtime import Runtime  # noqa: E402
-from conftest import core_random_model  # noqa: E402
 
 
 def _optional(name):
@@ -33,8 +34,8 @@ def model_and_plan():
 
 def test_versions():
     trt, cudart = _optional("tensorrt"), None
-    from autodiffusion_rt.runtime.platform import cuda_compute_capability, import_cudart
     from autodiffusion_rt.runtime.backends.trt_backend import import_tensorrt
+    from autodiffusion_rt.runtime.platform import cuda_compute_capability, import_cudart
 
     cudart = import_cudart()
     assert import_tensorrt() is trt and cuda_compute_capability() is not None

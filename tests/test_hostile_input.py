@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from test_bad_input import ENV, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,10 +145,10 @@ def hostile(tmp_path_factory):
     """A work dir of damaged and oversized files, next to good ones (a tiny ckpt:, its plan and engines, a training
     state)."""
     from conftest import CORE_TINY_CONFIG, CORE_TINY_DIFFUSION, core_random_model
-    from export.build import build_engines
 
     from autodiffusion_rt.models.train import TrainSettings, train_embedded
     from autodiffusion_rt.plan import Plan
+    from export.build import build_engines
 
     root = tmp_path_factory.mktemp("hostile")
     model = core_random_model()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import core_plan
 
 from autodiffusion_rt import sample
 from autodiffusion_rt.runtime import Runtime
 from export.build import build_engines
 from export.subnet import step_modules
-from conftest import core_plan
 
 # Five steps: orders 1, 2, 3, 4, 4, so every history input (1, 2 and 3 steps back) is exercised.
 TIMESTEPS = [400, 300, 220, 150, 80]

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autodiffusion_rt.diffusion import NoiseSchedule, StepCoefficients, compute_coefficients, step_update
 from autodiffusion_rt import utils as utils_module
+from autodiffusion_rt.diffusion import NoiseSchedule, StepCoefficients, compute_coefficients, step_update
 from autodiffusion_rt.errors import SamplingError
 from autodiffusion_rt.models import unet as unet_module
 from kernels import dispatch

@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import CORE_TINY_CONFIG, core_random_model
 
 from autodiffusion_rt.diffusion import NoiseSchedule, compute_coefficients, step_update
 from autodiffusion_rt.plan import Plan
 from autodiffusion_rt.sampling import initial_state, sample
-from conftest import CORE_TINY_CONFIG, core_random_model
 
 
 class GuidedDiffusionReference:
@@ -120,9 +120,10 @@ def test_sample_ddpm_uses_the_learned_variance(model):
 
 
 def test_search_fitness_samples_equal_sample_with_learned_variance(model):
+    from conftest import search_build_tiny_extractor
+
     from search.fitness import FitnessEvaluator
     from search.space import Candidate
-    from conftest import search_build_tiny_extractor
 
     ev = FitnessEvaluator(model, "ddpm", 0.0, 6, 4, search_build_tiny_extractor(), None, batch_size=4)
     cand = Candidate.full(TIMESTEPS)

@@ -9,11 +9,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import core_engine_model, core_plan
 
 from autodiffusion_rt.errors import EngineError
 from autodiffusion_rt.runtime import Runtime
 from autodiffusion_rt.runtime.platform import has_native_bf16
-from conftest import core_engine_model, core_plan
 from export.build import build_engines
 
 ov = pytest.importorskip("openvino")

@@ -14,8 +14,8 @@ from autodiffusion_rt.plan import Fitness, Plan
 
 @pytest.fixture()
 def plan(tiny_model):
-    attn = next(l.id for l in tiny_model.layers if l.kind == "attn")
-    res = next(l.id for l in tiny_model.layers if l.kind == "res")
+    attn = next(layer.id for layer in tiny_model.layers if layer.kind == "attn")
+    res = next(layer.id for layer in tiny_model.layers if layer.kind == "res")
     return Plan.for_model(
         tiny_model, [999, 600, 300, 50], sampler="dpmpp_2m", skip=[[attn], [], [attn, res], []],
         fitness=Fitness(fid=12.5, extractor="mnist", num_samples=1000, seed=0, reference="mnist:all"),

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import core_plan
 
 from autodiffusion_rt import sample
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError, Error, SamplingError
@@ -15,7 +16,6 @@ from autodiffusion_rt.plan import Plan
 from autodiffusion_rt.runtime import Runtime, sample_from_engines
 from autodiffusion_rt.runtime.manifest import MANIFEST_NAME
 from export.build import build_engines
-from conftest import core_plan
 
 # Low-noise timesteps keep random-weight samples mostly inside [-1, 1], so the clamped
 # images still say something (from t=999 nearly every pixel saturates).
@@ -415,8 +415,8 @@ def test_plan_from_t999_onnxruntime_equals_torch_at_fp32_tolerance(models, tmp_p
 def test_step_buffer_plan_feeds_every_step_what_the_sampler_reads(sampler, eta, nfe):
     """Replay the plan's slots symbolically: each input must hold the value the sampler defines for it."""
     from autodiffusion_rt.diffusion import NoiseSchedule, compute_coefficients
-    from autodiffusion_rt.runtime.device import plan_step_buffers
     from autodiffusion_rt.diffusion.step_io import step_tensors
+    from autodiffusion_rt.runtime.device import plan_step_buffers
 
     ts = list(np.linspace(999, 50, nfe).round().astype(int)) if nfe > 1 else [500]
     coeffs = compute_coefficients(sampler, NoiseSchedule.named("linear"), ts, eta)

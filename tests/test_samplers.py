@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from autodiffusion_rt.diffusion import (
-    SampleNoise,
     SAMPLERS,
     NoiseSchedule,
+    SampleNoise,
     SamplerCoefficients,
     StepCoefficients,
     compute_coefficients,

@@ -49,7 +49,8 @@ def guided_diffusion_loop(sampler: str, eps_of, x, noise, acp, ts, eta: float = 
             if i + 1 == len(ts):
                 x = x0
             else:
-                lam = lambda a: 0.5 * np.log(a / (1 - a))  # log(alpha / sigma)
+                def lam(a):  # log(alpha / sigma)
+                    return 0.5 * np.log(a / (1 - a))
                 h = lam(a_prev) - lam(a_t)
                 d = x0
                 if x0_prev is not None:  # second order after the first step (the last step is x0 itself)
@@ -106,7 +107,7 @@ def _unclamped(model, **kw) -> list[torch.Tensor]:
 
 def test_keep_per_step_changes_only_the_steps_it_names(tiny_model):
     m = tiny_model
-    attn = next(l.id for l in m.layers if l.kind == "attn")
+    attn = next(layer.id for layer in m.layers if layer.kind == "attn")
     full = _unclamped(m)
     same = _unclamped(m, keep=[None, None, None, m.unet.layer_ids])
     skipped_second = _unclamped(m, keep=[None, m.unet.layer_ids - {attn}, None, None])

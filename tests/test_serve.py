@@ -28,6 +28,7 @@ pytest.importorskip("prometheus_client")
 httpx = pytest.importorskip("httpx")
 
 import uvicorn  # noqa: E402
+from conftest import CORE_TINY_CONFIG, core_random_model  # noqa: E402
 
 from autodiffusion_rt.data import to_uint8  # noqa: E402
 from autodiffusion_rt.plan import Plan  # noqa: E402
@@ -35,7 +36,6 @@ from autodiffusion_rt.runtime import Runtime  # noqa: E402
 from autodiffusion_rt.serve.app import ServeSettings, ServeState, create_app  # noqa: E402
 from autodiffusion_rt.serve.loadtest import LoadTestError, check_loopback, percentile  # noqa: E402
 from autodiffusion_rt.serve.schemas import Limits  # noqa: E402
-from conftest import CORE_TINY_CONFIG, core_random_model  # noqa: E402
 from export.build import build_engines  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

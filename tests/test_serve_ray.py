@@ -20,13 +20,19 @@ httpx = pytest.importorskip("httpx")
 
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
+from test_serve import BAD, _free_port, engine_dirs, npy, post, references, wait_ready, wait_until  # noqa: E402,F401
+from test_serve import serve as serve_one_process  # noqa: E402
 
 from autodiffusion_rt.serve.app import ServeSettings  # noqa: E402
-from autodiffusion_rt.serve.ray_app import (APP_NAME, PROXY_CALLBACK, PROXY_CALLBACK_ENV, RaySettings,  # noqa: E402
-                                            build_application, start_serve)
+from autodiffusion_rt.serve.ray_app import (  # noqa: E402
+    APP_NAME,
+    PROXY_CALLBACK,
+    PROXY_CALLBACK_ENV,
+    RaySettings,
+    build_application,
+    start_serve,
+)
 from autodiffusion_rt.serve.schemas import Limits  # noqa: E402
-from test_serve import BAD, _free_port, engine_dirs, npy, post, references, serve as serve_one_process  # noqa: E402,F401
-from test_serve import wait_ready, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 

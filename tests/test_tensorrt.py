@@ -24,11 +24,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import core_engine_model, core_plan
 
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError
 from autodiffusion_rt.runtime import Manifest, Runtime
 from export.build import build_engines
-from conftest import core_engine_model, core_plan
 
 pytestmark = [pytest.mark.usefixtures("one_thread_per_module"), pytest.mark.slow]  # slow: the whole module (minutes)
 

@@ -69,7 +69,7 @@ def test_a_skipped_attention_block_is_identity():
     # it skipped must compute exactly the same function as the network with it running.
     m = _randomised(EMBEDDED_MNIST_CONFIG)
     x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([10, 700]), torch.tensor([4, 9])
-    for layer in [l for l in m.layers if l.kind == "attn"]:
+    for layer in [a for a in m.layers if a.kind == "attn"]:
         block = m.get_submodule(layer.id)
         saved = [p.detach().clone() for p in block.proj_out.parameters()]
         with torch.no_grad():
@@ -91,7 +91,7 @@ def test_a_skipped_resblock_is_the_block_with_its_residual_branch_zeroed():
     What would catch this: a skip that drops the projection or the resampling, or skips a neighbour too."""
     m = _randomised({**EMBEDDED_MNIST_CONFIG, "resblock_updown": True})
     x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([10, 700]), torch.tensor([4, 9])
-    res_layers = [l for l in m.layers if l.kind == "res"]
+    res_layers = [layer for layer in m.layers if layer.kind == "res"]
     kinds = set()
     for layer in res_layers:
         block = m.get_submodule(layer.id)
@@ -113,8 +113,8 @@ def test_a_skipped_resblock_is_the_block_with_its_residual_branch_zeroed():
 
 def test_a_skipped_resblock_with_equal_channels_is_the_identity():
     m = _randomised(EMBEDDED_MNIST_CONFIG)
-    plain = [l for l in m.layers if l.kind == "res" and not m.get_submodule(l.id).updown
-             and m.get_submodule(l.id).channels == m.get_submodule(l.id).out_channels]
+    plain = [layer for layer in m.layers if layer.kind == "res" and not m.get_submodule(layer.id).updown
+             and m.get_submodule(layer.id).channels == m.get_submodule(layer.id).out_channels]
     assert plain
     for layer in plain:
         block = m.get_submodule(layer.id)
@@ -150,11 +150,11 @@ def test_subnetwork_macs_are_full_minus_skipped_layers_and_match_the_flop_counte
     full = m.macs()
     assert _measured_macs(m, None) == full
     rng = random.Random(0)
-    ids = [l.id for l in m.layers]
+    ids = [layer.id for layer in m.layers]
     for _ in range(4):
         skipped = set(rng.sample(ids, rng.randint(1, len(ids))))
         keep = set(ids) - skipped
-        expected = full - sum(l.macs for l in m.layers if l.id in skipped)
+        expected = full - sum(layer.macs for layer in m.layers if layer.id in skipped)
         assert m.macs(keep) == expected
         assert _measured_macs(m, keep) == expected
         assert expected < full
@@ -168,16 +168,16 @@ def test_imagenet64_preset_registry_matches_the_flop_counter_on_the_meta_device(
         with FlopCounterMode(display=False) as counter:
             m(x, t, y)
     assert counter.get_total_flops() / 2 == m.macs()
-    kinds = {l.kind for l in m.layers}
+    kinds = {layer.kind for layer in m.layers}
     assert kinds == {"res", "attn"}
-    assert len(m.layers) == len({l.id for l in m.layers})
+    assert len(m.layers) == len({layer.id for layer in m.layers})
 
 
 def test_registry_lists_every_resblock_and_attention_block_once_in_execution_order():
     m = ADMUNet(**EMBEDDED_MNIST_CONFIG)
     blocks = [mod.layer_id for mod in m.modules() if isinstance(mod, (ResBlock, AttentionBlock))]
-    assert sorted(blocks) == sorted(l.id for l in m.layers)
-    order = [l.id for l in m.layers]
+    assert sorted(blocks) == sorted(layer.id for layer in m.layers)
+    order = [layer.id for layer in m.layers]
     assert order[0].startswith("input_blocks.") and order[-1].startswith("output_blocks.")
     # ids are module paths: each resolves to the block it names
     for layer in m.layers:

@@ -25,7 +25,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache-dir",
         default=None,
-        help="statistics cache folder (default: $AUTODIFFUSION_RT_CACHE or ~/.cache/autodiffusion-rt; files go in fid-stats/)",
+        help=(
+            "statistics cache folder (default: $AUTODIFFUSION_RT_CACHE or ~/.cache/autodiffusion-rt; "
+            "files go in fid-stats/)"
+        ),
     )
     p.add_argument("--batch-size", type=int, default=None, help="images per feature batch (default: the extractor's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -36,11 +39,16 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "fid-stats",
         help="compute (and cache) FID reference statistics",
-        description="Mean and covariance of a data set's features, cached under (data set, extractor, preprocessing, weights).",
+        description=(
+            "Mean and covariance of a data set's features, cached under (data set, extractor, preprocessing, weights)."
+        ),
     )
     p.add_argument(
         "source",
-        help="mnist | mnist:train | mnist:heldout | an image folder | an .npz of uint8 images (arr_0 NHWC, e.g. an ADM reference batch)",
+        help=(
+            "mnist | mnist:train | mnist:heldout | an image folder | "
+            "an .npz of uint8 images (arr_0 NHWC, e.g. an ADM reference batch)"
+        ),
     )
     p.add_argument("--out", default=None, help="also write the statistics to this .npz")
     p.add_argument(
@@ -60,7 +68,10 @@ def register(subparsers) -> None:
     p.add_argument(
         "--ref",
         default="mnist",
-        help="reference: mnist | mnist:train | mnist:heldout | a statistics .npz (fid-stats --out, or ADM mu/sigma) | an image folder or .npz (default: mnist)",
+        help=(
+            "reference: mnist | mnist:train | mnist:heldout | a statistics .npz (fid-stats --out, or ADM mu/sigma) | "
+            "an image folder or .npz (default: mnist)"
+        ),
     )
     p.add_argument("--model", default=None, help="sample the images now from this model spec (e.g. embedded:mnist)")
     p.add_argument("--sampler", default="ddim", help="sampler for --model (default: ddim)")
@@ -145,7 +156,10 @@ def run_fid_stats(args: argparse.Namespace) -> int:
             use_precomputed=not args.recompute,
         )
     _show_warnings(caught)
-    line = f"{stats.dataset}: {stats.num_samples} samples, extractor {stats.extractor} ({stats.feature_dim}-d, {stats.preprocessing}, weights {stats.fingerprint}); {where}"
+    line = (
+        f"{stats.dataset}: {stats.num_samples} samples, extractor {stats.extractor} "
+        f"({stats.feature_dim}-d, {stats.preprocessing}, weights {stats.fingerprint}); {where}"
+    )
     if out is not None:
         try:
             path = stats.save(out)
@@ -184,8 +198,7 @@ def _sample_images(args: argparse.Namespace):
 
 def run_fid(args: argparse.Namespace) -> int:
     from .extractors import get_extractor
-    from .imagesets import load_image_source
-    from .imagesets import resolve_reference
+    from .imagesets import load_image_source, resolve_reference
     from .stats import FIDWarning, compute_stats, frechet_distance
 
     if (args.images is None) == (args.model is None):
@@ -232,7 +245,8 @@ def run_fid(args: argparse.Namespace) -> int:
     _show_warnings(caught)
     ref_n = f"{ref.num_samples} samples" if ref.num_samples else "sample count not recorded"
     print(
-        f"FID {value:.4f}  ({gen.num_samples} samples, extractor {ext.name}; generated: {what}; reference: {ref.dataset}, {ref_n}, {ref_where})"
+        f"FID {value:.4f}  ({gen.num_samples} samples, extractor {ext.name}; generated: {what}; "
+        f"reference: {ref.dataset}, {ref_n}, {ref_where})"
     )
     return 0
 

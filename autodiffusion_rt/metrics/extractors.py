@@ -54,7 +54,8 @@ def check_images(images) -> torch.Tensor | np.ndarray:
             raise DataError(f"uint8 image arrays must be NHWC with 1 or 3 channels (or NHW), got shape {images.shape}")
         if a.shape[0] == 0:
             raise DataError(
-                "the image set is empty (0 images): FID needs at least 2 images, and more than the feature size for a full-rank covariance"
+                "the image set is empty (0 images): FID needs at least 2 images, "
+                "and more than the feature size for a full-rank covariance"
             )
         return a
     if not isinstance(images, torch.Tensor):
@@ -68,25 +69,29 @@ def check_images(images) -> torch.Tensor | np.ndarray:
         )
     if images.ndim != 4:
         raise DataError(
-            f"images must be 4-D NCHW, got shape {tuple(images.shape)}: add the missing batch or channel axis (e.g. x.unsqueeze(1) for N x H x W)"
+            f"images must be 4-D NCHW, got shape {tuple(images.shape)}: "
+            "add the missing batch or channel axis (e.g. x.unsqueeze(1) for N x H x W)"
         )
     if images.shape[1] not in (1, 3):
         hint = " (it looks like NHWC: use x.permute(0, 3, 1, 2))" if images.shape[-1] in (1, 3) else ""
         raise DataError(f"images must be NCHW with 1 or 3 channels, got shape {tuple(images.shape)}{hint}")
     if images.shape[0] == 0:
         raise DataError(
-            "the image set is empty (0 images): FID needs at least 2 images, and more than the feature size for a full-rank covariance"
+            "the image set is empty (0 images): FID needs at least 2 images, "
+            "and more than the feature size for a full-rank covariance"
         )
     finite = torch.isfinite(images.reshape(images.shape[0], -1)).all(dim=1)
     if not bool(finite.all()):
         bad = int((~finite).sum())
         raise DataError(
-            f"{bad} of {images.shape[0]} images contain NaN or inf values: the sampler diverged; such images have no FID"
+            f"{bad} of {images.shape[0]} images contain NaN or inf values: the sampler diverged; "
+            "such images have no FID"
         )
     lo, hi = float(images.min()), float(images.max())
     if lo >= 0 and hi > 2:
         raise DataError(
-            f"images range over [{lo:g}, {hi:g}], which looks like [0, 255]: images must be in [-1, 1] (use x / 127.5 - 1)"
+            f"images range over [{lo:g}, {hi:g}], which looks like [0, 255]: "
+            "images must be in [-1, 1] (use x / 127.5 - 1)"
         )
     return images
 
@@ -197,7 +202,10 @@ class FeatureExtractor(ABC):
 
     def __repr__(self) -> str:
         fp = self._fingerprint or "not loaded"
-        return f"{type(self).__name__}(name={self.name!r}, feature_dim={self.feature_dim}, preprocessing={self.preprocessing!r}, fingerprint={fp!r})"
+        return (
+            f"{type(self).__name__}(name={self.name!r}, feature_dim={self.feature_dim}, "
+            f"preprocessing={self.preprocessing!r}, fingerprint={fp!r})"
+        )
 
 
 def _quantize(images: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,8 @@ def load_image_folder(folder: str | Path, progress: bool = False) -> np.ndarray:
     for (p, _, _), a in zip(arrays, out):
         if a.shape != first:
             raise DataError(
-                f"images in {folder} differ in size: {arrays[0][0].name} is {first[1]}x{first[0]}, {p.name} is {a.shape[1]}x{a.shape[0]}; resize them to one size first"
+                f"images in {folder} differ in size: {arrays[0][0].name} is {first[1]}x{first[0]}, "
+                f"{p.name} is {a.shape[1]}x{a.shape[0]}; resize them to one size first"
             )
     return np.stack(out)
 
@@ -175,14 +176,16 @@ def load_image_source(
     if not path.exists():
         names = ", ".join(EMBEDDED_DATASETS)
         raise DataError(
-            f"{path} does not exist: give an image folder, an .npz of images or statistics, or an embedded data set ({names})"
+            f"{path} does not exist: give an image folder, an .npz of images or statistics, "
+            f"or an embedded data set ({names})"
         )
     if path.is_dir():
         images = load_image_folder(path, progress=progress)
         return ImageSource(f"folder:{path.name}", f"{path} ({len(images)} images)", images=images)
     if path.suffix.lower() != ".npz":
         raise DataError(
-            f"{path} is neither a folder nor an .npz file: put images in a folder, or save them with np.savez(path, arr_0=uint8 NHWC array)"
+            f"{path} is neither a folder nor an .npz file: put images in a folder, "
+            "or save them with np.savez(path, arr_0=uint8 NHWC array)"
         )
     from ..limits import check_npz_arrays
 
@@ -212,10 +215,12 @@ def load_image_source(
             if has_stats:
                 name = ext.name if ext is not None else "none"
                 raise DataError(
-                    f"{path} holds precomputed Inception mu/sigma (ADM format) and no images: use --extractor inception (got {name})"
+                    f"{path} holds precomputed Inception mu/sigma (ADM format) and no images: "
+                    f"use --extractor inception (got {name})"
                 )
             raise DataError(
-                f"{path} holds arrays {sorted(files)}: expected images under 'arr_0' or 'images', or statistics 'mu'/'sigma'"
+                f"{path} holds arrays {sorted(files)}: expected images under 'arr_0' or 'images', "
+                "or statistics 'mu'/'sigma'"
             )
         check_npz_arrays(path, DataError, (image_key,))  # its size from its header, before it is read
         images = _as_uint8_images(z[image_key], f"{path}[{image_key!r}]")
@@ -264,7 +269,8 @@ def resolve_reference(
             why = source.stats.comparable_with(ext)
             if why is not None:
                 raise DataError(
-                    f"statistics file {ref_str} was computed with another extractor setting ({why}): use --extractor {source.stats.extractor}, or recompute the statistics"
+                    f"statistics file {ref_str} was computed with another extractor setting ({why}): "
+                    f"use --extractor {source.stats.extractor}, or recompute the statistics"
                 )
             return source.stats, source.description
         images = source.images

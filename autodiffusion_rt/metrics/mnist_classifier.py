@@ -79,7 +79,8 @@ def load_classifier(path: str | os.PathLike | None = None) -> tuple[MnistClassif
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not path.is_file():
         raise CheckpointError(
-            f"the mnist feature classifier's weights {path} are missing: train them with `{TRAIN_COMMAND}` (or reinstall autodiffusion-rt, which ships them)"
+            f"the mnist feature classifier's weights {path} are missing: "
+            f"train them with `{TRAIN_COMMAND}` (or reinstall autodiffusion-rt, which ships them)"
         )
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -96,7 +97,8 @@ def load_classifier(path: str | os.PathLike | None = None) -> tuple[MnistClassif
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as e:
         raise CheckpointError(
-            f"the weights in {path} do not fit the classifier architecture {blob['config']}: {e}; retrain with `{TRAIN_COMMAND}`"
+            f"the weights in {path} do not fit the classifier architecture {blob['config']}: {e}; "
+            f"retrain with `{TRAIN_COMMAND}`"
         ) from e
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
     return model.eval(), meta
@@ -251,7 +253,8 @@ def run(args: argparse.Namespace) -> int:
     path = save_classifier(model, meta, args.out)
     print(
         f"mnist classifier: held-out accuracy {meta['heldout_accuracy']:.4f} (1000 digits), "
-        f"train accuracy {meta['train_accuracy']:.4f}, {meta['train']['seconds']} s -> {path} ({path.stat().st_size / 1e6:.2f} MB)"
+        f"train accuracy {meta['train_accuracy']:.4f}, {meta['train']['seconds']} s -> {path} "
+        f"({path.stat().st_size / 1e6:.2f} MB)"
     )
     return 0
 

@@ -141,7 +141,8 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect: StatsKey | None = None) -> "FeatureStats":
-        """Read a file written by :meth:`save`; DataError if it is unreadable, malformed, or its key is not ``expect``."""
+        """Read a file written by :meth:`save`; DataError if it is unreadable, malformed, or its key is not
+        ``expect``."""
         from ..limits import check_npz_arrays
 
         path = Path(path)
@@ -157,16 +158,19 @@ class FeatureStats:
             ) from None
         except Exception as e:  # noqa: BLE001 - zip/npy errors of every kind mean the same: unreadable
             raise DataError(
-                f"statistics file {path} is unreadable ({type(e).__name__}: {e}): recompute it with `autodiffusion-rt fid-stats`"
+                f"statistics file {path} is unreadable ({type(e).__name__}: {e}): "
+                "recompute it with `autodiffusion-rt fid-stats`"
             ) from None
         missing = {"format", "key", "mu", "sigma", "num_samples"} - set(fields)
         if missing:
             raise DataError(
-                f"{path} is not an autodiffusion-rt statistics file (missing {sorted(missing)}): recompute it with `autodiffusion-rt fid-stats`"
+                f"{path} is not an autodiffusion-rt statistics file (missing {sorted(missing)}): "
+                "recompute it with `autodiffusion-rt fid-stats`"
             )
         if str(fields["format"]) != STATS_FORMAT:
             raise DataError(
-                f"{path} has format {str(fields['format'])!r}, expected {STATS_FORMAT!r}: recompute it with `autodiffusion-rt fid-stats`"
+                f"{path} has format {str(fields['format'])!r}, expected {STATS_FORMAT!r}: "
+                "recompute it with `autodiffusion-rt fid-stats`"
             )
         from ..records import loads_json, one_line, schema, validate
 
@@ -214,7 +218,10 @@ class FeatureStats:
         )
 
     def __repr__(self) -> str:
-        return f"FeatureStats(dataset={self.dataset!r}, extractor={self.extractor!r}, dim={self.feature_dim}, num_samples={self.num_samples})"
+        return (
+            f"FeatureStats(dataset={self.dataset!r}, extractor={self.extractor!r}, dim={self.feature_dim}, "
+            f"num_samples={self.num_samples})"
+        )
 
 
 # --- computing statistics -----------------------------------------------------------------------
@@ -226,7 +233,8 @@ def stats_from_features(features: np.ndarray, key: StatsKey) -> FeatureStats:
     n, d = features.shape
     if n < 2:
         raise DataError(
-            f"{n} image(s): a covariance needs at least 2 samples, and a full-rank one {d + 1} or more with the {key.extractor!r} extractor ({d}-d features)"
+            f"{n} image(s): a covariance needs at least 2 samples, "
+            f"and a full-rank one {d + 1} or more with the {key.extractor!r} extractor ({d}-d features)"
         )
     if n < d + 1:
         warnings.warn(
@@ -274,11 +282,13 @@ def frechet_distance(stats_a: FeatureStats, stats_b: FeatureStats) -> float:
     if why is not None:
         raise DataError(
             f"cannot compare statistics of {stats_a.dataset!r} and {stats_b.dataset!r}: {why}. "
-            f"Recompute the reference statistics with the same extractor (autodiffusion-rt fid-stats --extractor {stats_a.extractor})"
+            "Recompute the reference statistics with the same extractor "
+            f"(autodiffusion-rt fid-stats --extractor {stats_a.extractor})"
         )
     if stats_a.mu.shape != stats_b.mu.shape:
         raise DataError(
-            f"feature sizes differ: {stats_a.feature_dim} ({stats_a.dataset}) vs {stats_b.feature_dim} ({stats_b.dataset})"
+            f"feature sizes differ: {stats_a.feature_dim} ({stats_a.dataset}) "
+            f"vs {stats_b.feature_dim} ({stats_b.dataset})"
         )
     printed = io.StringIO()
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed):
@@ -288,7 +298,8 @@ def frechet_distance(stats_a: FeatureStats, stats_b: FeatureStats) -> float:
         except ValueError as e:  # "Imaginary component ...": ill-conditioned covariances
             raise DataError(
                 f"the Frechet distance of {stats_a.dataset!r} and {stats_b.dataset!r} failed numerically ({e}): "
-                f"the covariances are too ill-conditioned; use more samples (have {stats_a.num_samples} and {stats_b.num_samples}, "
+                "the covariances are too ill-conditioned; "
+                f"use more samples (have {stats_a.num_samples} and {stats_b.num_samples}, "
                 f"feature size {stats_a.feature_dim})"
             ) from None
     notes = [printed.getvalue().strip()] if printed.getvalue().strip() else []

@@ -73,7 +73,8 @@ def check_unet_config(config: Mapping, source: str) -> None:
         )
     if config.get("out_channels", 3) != config.get("in_channels", 3):
         raise ModelSpecError(
-            f"{source}: out_channels={config.get('out_channels')} differs from in_channels={config.get('in_channels')}: "
+            f"{source}: out_channels={config.get('out_channels')} differs from "
+            f"in_channels={config.get('in_channels')}: "
             "learned-variance diffusers models are not supported (the output must be eps or v)"
         )
     size = config.get("sample_size")
@@ -105,7 +106,8 @@ class _Resnet:
             )
         if block.time_embedding_norm not in ("default", "scale_shift"):
             raise ModelSpecError(
-                f"{layer_id}: time_embedding_norm={block.time_embedding_norm!r} is not supported: use 'default' or 'scale_shift'"
+                f"{layer_id}: time_embedding_norm={block.time_embedding_norm!r} is not supported: "
+                "use 'default' or 'scale_shift'"
             )
         self.layer_id, self.block = layer_id, block
 
@@ -467,8 +469,8 @@ def diffusers_scheduler_config(plan) -> dict:
     as the plan's last step goes to clean data. Stochastic samplers (DDPM, DDIM eta > 0)
     have no equivalent here: their noise draws differ from the plan's.
     """
-    from ..errors import PlanError
     from ..diffusion import NoiseSchedule
+    from ..errors import PlanError
 
     if plan.sampler == "dpmpp_2m":
         order = 2
@@ -505,7 +507,8 @@ def diffusers_scheduler_config(plan) -> dict:
 
 
 def diffusers_scheduler(plan):
-    """A diffusers ``DPMSolverMultistepScheduler`` with the plan's timesteps set (see :func:`diffusers_scheduler_config`)."""
+    """A diffusers ``DPMSolverMultistepScheduler`` with the plan's timesteps set
+    (see :func:`diffusers_scheduler_config`)."""
     from diffusers import DPMSolverMultistepScheduler
 
     s = DPMSolverMultistepScheduler.from_config(diffusers_scheduler_config(plan))

@@ -232,7 +232,8 @@ def _check_state_dict(unet: ADMUNet, state_dict: dict, source: str) -> None:
             )
         if key not in state_dict:
             raise CheckpointError(
-                f"{source}: missing key {key!r} (expected shape {tuple(value.shape)}): the checkpoint does not fit this config; check the preset/options"
+                f"{source}: missing key {key!r} (expected shape {tuple(value.shape)}): "
+                "the checkpoint does not fit this config; check the preset/options"
             )
         if tuple(state_dict[key].shape) != tuple(value.shape):
             raise CheckpointError(
@@ -242,7 +243,8 @@ def _check_state_dict(unet: ADMUNet, state_dict: dict, source: str) -> None:
     extra = [k for k in state_dict if k not in expected]
     if extra:
         raise CheckpointError(
-            f"{source}: unexpected key {extra[0]!r} ({len(extra)} in all): the checkpoint does not fit this config; check the preset/options"
+            f"{source}: unexpected key {extra[0]!r} ({len(extra)} in all): the checkpoint does not fit this config; "
+            "check the preset/options"
         )
 
 
@@ -344,7 +346,8 @@ def _load_trained(spec: str, path: Path, fix: str) -> DiffusionModel:
 
 
 def load_model(spec: str, **overrides) -> DiffusionModel:
-    """Load ``embedded:NAME``, ``ckpt:PATH``, ``adm:PATH`` (with ``preset=`` and guided-diffusion flags) or ``diffusers:DIR``."""
+    """Load ``embedded:NAME``, ``ckpt:PATH``, ``adm:PATH`` (with ``preset=`` and guided-diffusion flags)
+    or ``diffusers:DIR``."""
     if not isinstance(spec, str) or ":" not in spec:
         forms = one_of(repr(form) for form, _ in MODEL_SPECS.values())
         raise ModelSpecError(f"unknown model spec {spec!r}: use {forms}")

@@ -108,7 +108,8 @@ class Batcher:
                 raise RequestError(
                     429,
                     None,
-                    f"the queue for plan {self.name!r} is full ({self._queued_images} of {self.queue_images} images waiting): "
+                    f"the queue for plan {self.name!r} is full "
+                    f"({self._queued_images} of {self.queue_images} images waiting): "
                     "retry after the Retry-After seconds",
                     {"Retry-After": str(max(1, math.ceil(wait)))},
                 )

@@ -21,14 +21,17 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="serve engine dirs over HTTP (POST /v1/samples) with dynamic batching",
         description='A sampling service: POST /v1/samples {"n", "seed"?, "labels"?, "format": "png"|"npy", "plan"?}; '
         "GET /healthz, /readyz, /metrics. Concurrent requests for one plan are merged into engine batches; "
-        "each request's images equal 'autodiffusion-rt sample --engines DIR' with the same seed. SIGTERM drains and exits.",
+        "each request's images equal 'autodiffusion-rt sample --engines DIR' with the same seed. "
+        "SIGTERM drains and exits.",
     )
     p.add_argument(
         "--engines",
         action="append",
         required=True,
         metavar="[NAME=]DIR",
-        help="an engine dir from 'autodiffusion-rt build', optionally named (repeatable; the first is the default plan)",
+        help=(
+            "an engine dir from 'autodiffusion-rt build', optionally named (repeatable; the first is the default plan)"
+        ),
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port in [1, 65535] (default: %(default)s; 0: a free one)")
@@ -59,7 +62,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--backend",
         default=d.backend,
-        help="runtime backend: auto (what each dir was built for), onnxruntime, openvino, tensorrt, torch (default: %(default)s)",
+        help=(
+            "runtime backend: auto (what each dir was built for), onnxruntime, openvino, tensorrt, torch "
+            "(default: %(default)s)"
+        ),
     )
     p.add_argument(
         "--threads",

@@ -360,7 +360,8 @@ async def _run(
         )
         report["overload"] = overload
         progress(
-            f"overload at {rate:.1f} req/s: {overload['share_429']:.1%} answered 429 (p99 {overload['p99_429_ms']} ms), "
+            f"overload at {rate:.1f} req/s: {overload['share_429']:.1%} answered 429 "
+            f"(p99 {overload['p99_429_ms']} ms), "
             f"5xx {overload['server_errors_5xx']}"
         )
         threshold = max(2 * (c1["p50_ms"] or 0), c1["p99_ms"] or 0) / 1e3
@@ -549,7 +550,8 @@ def format_report(report: dict) -> str:
         "",
         f"open loop at {o['target_rate_per_s']} req/s (2x the sustainable {o['sustainable_rate_per_s']} req/s), "
         f"{o['sent']} requests over {o['sent_over_s']} s: status {o['status']}",
-        f"  429: {o['share_429']:.1%}, p50 {o['p50_429_ms']} ms, p99 {o['p99_429_ms']} ms; 5xx: {o['server_errors_5xx']}; "
+        f"  429: {o['share_429']:.1%}, p50 {o['p50_429_ms']} ms, p99 {o['p99_429_ms']} ms; "
+        f"5xx: {o['server_errors_5xx']}; "
         f"accepted p50 {o['accepted']['p50_ms']} ms, p99 {o['accepted']['p99_ms']} ms",
         f"  server-side: {o['server_429_within_50ms']} of the 429s answered within 50 ms (its latency histogram)",
         f"  recovery to normal latency (<= {rec['threshold_ms']} ms): "

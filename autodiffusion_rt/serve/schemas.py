@@ -73,7 +73,8 @@ def _kind(v) -> str:
 def parse_sample_request(
     body: bytes, plans: Mapping[str, Optional[int]], default_plan: str, limits: Limits
 ) -> SampleRequest:
-    """``body`` (JSON bytes) -> a checked request. ``plans``: served plan name -> its number of classes (None: unconditional)."""
+    """``body`` (JSON bytes) -> a checked request. ``plans``: served plan name -> its number of classes
+    (None: unconditional)."""
     from ..records import loads_json, one_line
 
     try:
