@@ -127,7 +127,11 @@ class Plan:
         return hashlib.sha256(text.encode()).hexdigest()
 
     def keep_sets(self, model) -> list[frozenset[str]]:
-        """The layer ids that run at each step."""
+        """The layer ids that run at each step.
+
+        The one place ``skip`` becomes ``keep``: plan.json stores what each step skips (short, and readable
+        beside the layer table); everything downstream (the UNet, the exporter, the engines) takes the kept set.
+        """
         self.check_model(model)
         return [frozenset(model.unet.layer_ids - set(s)) for s in self.skip]
 
