@@ -165,9 +165,9 @@ def _serve(args, stop) -> int:
             host=args.host,
             port=args.port,
         ).check()
-        threads = args.threads or default_replica_threads(ray_settings.most_replicas)
+        threads = default_replica_threads(ray_settings.most_replicas) if args.threads is None else args.threads
     else:
-        threads = args.threads or ServeSettings().threads
+        threads = ServeSettings().threads if args.threads is None else args.threads  # 0 is refused, not defaulted
     limits = Limits(max_n=args.max_n, max_body_bytes=args.max_body_bytes)
     settings = ServeSettings(
         max_batch=args.max_batch,
