@@ -57,15 +57,7 @@ CONFIGS = (
     "engines",
 )
 #: The configurations a run measures by default (``engines`` only with ``--engines``).
-DEFAULT_CONFIGS = (
-    "ddim-full",
-    "torch-fp32",
-    "torch-bf16",
-    "torch-compile",
-    "onnxruntime-fp32",
-    "openvino-fp32",
-    "openvino-bf16",
-)
+DEFAULT_CONFIGS = tuple(c for c in CONFIGS if c != "engines")
 ENGINE_BUILDS = {
     "onnxruntime-fp32": ("onnxruntime", "fp32"),
     "openvino-fp32": ("openvino", "fp32"),
