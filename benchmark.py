@@ -373,21 +373,10 @@ def _tiny_plan():
     import torch
 
     from autodiffusion_rt.models import ADMUNet, model_from_weights
+    from autodiffusion_rt.models.train import EMBEDDED_MNIST_CONFIG
     from autodiffusion_rt.plan import Plan
 
-    cfg = dict(
-        image_size=28,
-        in_channels=1,
-        model_channels=32,
-        out_channels=1,
-        num_res_blocks=1,
-        attention_resolutions=(2, 4),
-        channel_mult=(1, 1, 2),
-        conv_resample=False,
-        num_classes=10,
-        num_heads=4,
-        use_scale_shift_norm=True,
-    )
+    cfg = dict(EMBEDDED_MNIST_CONFIG)  # the embedded model's architecture, random weights
     torch.manual_seed(0)
     unet = ADMUNet(**cfg)
     with torch.no_grad():
