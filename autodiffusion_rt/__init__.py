@@ -12,19 +12,9 @@ __version__ = "0.1.0"
 
 __all__ = ["ADMUNet", "DiffusionModel", "Error", "load_model", "sample", "__version__"]
 
+from .utils import lazy_exports
+
 # public name -> the submodule that defines it
-_LAZY = {"ADMUNet": ".models", "DiffusionModel": ".models", "load_model": ".models", "sample": ".sampling"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(
+    __name__, {"ADMUNet": ".models", "DiffusionModel": ".models", "load_model": ".models", "sample": ".sampling"}
+)

@@ -10,8 +10,9 @@ equal; the light modules (the model loader, the schedules) read them from here.
 from __future__ import annotations
 
 __all__ = [
-    "BUILD_BACKENDS", "COMMANDS", "DEFAULT_MODEL", "EXTRACTORS", "IMAGE_OUTPUTS", "MAX_SAMPLES", "MODEL_SPECS",
-    "RUNTIME_BACKENDS", "SAMPLERS", "SPACINGS", "SPACING_HELP", "model_spec_help", "one_of",
+    "BUILD_BACKENDS", "BUILD_PRECISIONS", "COMMANDS", "DEFAULT_MODEL", "DEFAULT_OPSET", "EXTRACTORS", "IMAGE_OUTPUTS",
+    "LABEL_MODES", "MAX_SAMPLES", "MODEL_SPECS", "RUNTIME_BACKENDS", "SAMPLERS", "SPACINGS", "SPACING_HELP",
+    "model_spec_help", "one_of",
 ]
 
 #: Sampler names (autodiffusion_rt.diffusion.samplers.SAMPLERS implements them; a test checks they agree).
@@ -34,6 +35,12 @@ DEFAULT_MODEL = "embedded:mnist"
 #: (export.context.BUILD_BACKENDS); tests check both.
 RUNTIME_BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 BUILD_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+#: Engine precisions ``build`` writes (export.context reads them from here; "auto" picks one per backend and CPU).
+BUILD_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+#: How a class-conditional step's label embedding is built (export.subnet reads them from here).
+LABEL_MODES = ("auto", "table", "graph")
+#: The ONNX opset ``build`` exports with (export.onnx_export reads it from here).
+DEFAULT_OPSET = 17
 
 #: FID feature extractors (autodiffusion_rt.metrics.EXTRACTOR_NAMES).
 EXTRACTORS = ("mnist", "inception")

@@ -7,9 +7,10 @@ import functools
 import hashlib
 import importlib
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterator, Mapping
 
 
 @contextlib.contextmanager
@@ -317,3 +318,20 @@ def import_pyplot(flag: str = "--plot"):
 
         raise BackendUnavailableError(f"{flag} needs matplotlib: pip install 'autodiffusion-rt[plot]'") from None
     return plt
+
+
+def lazy_exports(package: str, table: Mapping[str, str]):
+    """PEP 562 ``(__getattr__, __dir__)`` for ``package``, whose public names (``table``: name -> submodule) are
+    imported on first use: importing one light submodule (a command's argument parser) then costs no torch."""
+
+    def __getattr__(name: str):
+        if name in table:
+            value = getattr(importlib.import_module(table[name], package), name)
+            setattr(sys.modules[package], name, value)
+            return value
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    def __dir__():
+        return sorted(set(vars(sys.modules[package])) | set(table))
+
+    return __getattr__, __dir__

@@ -11,16 +11,17 @@
 The runtime that loads an engine dir is :class:`autodiffusion_rt.runtime.Runtime`.
 """
 
-from .build import BuildReport, build_engines
-from .onnx_export import OnnxExport, export_step_onnx, graph_stats
-from .subnet import StepModule, step_modules
+from autodiffusion_rt.utils import lazy_exports
 
-__all__ = [
-    "BuildReport",
-    "OnnxExport",
-    "StepModule",
-    "build_engines",
-    "export_step_onnx",
-    "graph_stats",
-    "step_modules",
-]
+# Imported on first use, so that ``build --help`` (export.cli) does not pay for torch.
+_SOURCES = {
+    "BuildReport": ".build",
+    "build_engines": ".build",
+    "OnnxExport": ".onnx_export",
+    "export_step_onnx": ".onnx_export",
+    "graph_stats": ".onnx_export",
+    "StepModule": ".subnet",
+    "step_modules": ".subnet",
+}
+__all__ = sorted(_SOURCES)
+__getattr__, __dir__ = lazy_exports(__name__, _SOURCES)

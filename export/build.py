@@ -64,7 +64,7 @@ from .cache import (
     step_file,
     write_progress,
 )
-from .context import BUILD_BACKENDS, PRECISIONS, BuildContext, BuildSettings, export_entry, fid_gate, file_entry
+from .context import BUILD_BACKENDS, BUILD_PRECISIONS, BuildContext, BuildSettings, export_entry, fid_gate, file_entry
 from .onnx_export import DEFAULT_OPSET, FP32_COND_TOL, FP32_TOL, import_onnx, ort_session, temp_beside
 from .subnet import StepModule, half_unet, resolve_label_mode
 
@@ -268,8 +268,8 @@ def build_engines(
     if backend not in ("auto", *BUILD_BACKENDS):
         raise EngineError(f"backend={backend!r}: choose auto or one of {', '.join(BUILD_BACKENDS)}")
     backend = default_backend() if backend == "auto" else backend
-    if precision not in ("auto", *PRECISIONS):
-        raise EngineError(f"precision={precision!r}: choose auto or one of {', '.join(PRECISIONS)}")
+    if precision not in ("auto", *BUILD_PRECISIONS):
+        raise EngineError(f"precision={precision!r}: choose auto or one of {', '.join(BUILD_PRECISIONS)}")
     settings = BuildSettings(
         backend=backend,
         precision=default_precision(backend) if precision == "auto" else precision,

@@ -7,9 +7,8 @@ import argparse
 import math
 from typing import Optional, Sequence
 
-from .build import BUILD_BACKENDS, PRECISIONS
-from .onnx_export import DEFAULT_OPSET
-from .subnet import LABEL_MODES
+# The registry, not the export modules: `build --help` answers before torch is imported.
+from autodiffusion_rt.registry import BUILD_BACKENDS, BUILD_PRECISIONS, DEFAULT_OPSET, LABEL_MODES
 
 __all__ = ["cmd_build", "main", "register"]
 
@@ -32,7 +31,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--precision",
-        choices=("auto", *PRECISIONS),
+        choices=("auto", *BUILD_PRECISIONS),
         default="auto",
         help="engine precision; auto: bf16 for openvino on a CPU with native bf16, else fp32; bf16 is "
         "openvino's, int8 onnxruntime's (default: %(default)s)",

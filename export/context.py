@@ -16,16 +16,16 @@ from typing import Any, Optional
 
 from autodiffusion_rt.errors import EngineError
 from autodiffusion_rt.plan import Plan
+from autodiffusion_rt.registry import BUILD_BACKENDS, BUILD_PRECISIONS, DEFAULT_OPSET, LABEL_MODES
 from autodiffusion_rt.runtime.manifest import Manifest
 from autodiffusion_rt.utils import set_default_mode, sha256_file
 
 from .cache import file_state
-from .onnx_export import DEFAULT_OPSET, export_step_onnx
-from .subnet import LABEL_MODES
+from .onnx_export import export_step_onnx
 
 __all__ = [
     "BUILD_BACKENDS",
-    "PRECISIONS",
+    "BUILD_PRECISIONS",
     "BuildContext",
     "BuildSettings",
     "export_entry",
@@ -33,10 +33,6 @@ __all__ = [
     "file_entry",
     "reusable",
 ]
-
-BUILD_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-
 
 @dataclass
 class BuildSettings:

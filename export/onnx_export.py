@@ -33,12 +33,12 @@ import torch
 
 from autodiffusion_rt.diffusion.step_io import BATCH, TensorSpec
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError
+from autodiffusion_rt.registry import DEFAULT_OPSET
 from autodiffusion_rt.runtime.backends.ort_backend import import_onnxruntime, ort_session_options
 from autodiffusion_rt.utils import sha256_file
 
 __all__ = ["DEFAULT_OPSET", "OnnxExport", "export_step_onnx", "graph_stats", "onnx_macs", "verify_onnx"]
 
-DEFAULT_OPSET = 17
 FP32_TOL = 1e-4  # max |onnx - torch| <= tol * max(1, max |torch|) + cond_tol * term size (see verify_onnx)
 FP16_TOL = 2e-2
 FP32_COND_TOL = 1e-6  # ~16 float32 ulps of the largest term

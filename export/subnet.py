@@ -55,6 +55,7 @@ from autodiffusion_rt.diffusion.step_io import (
     step_tensors,
 )
 from autodiffusion_rt.errors import EngineError
+from autodiffusion_rt.registry import LABEL_MODES
 
 __all__ = [
     "LABEL_MODES",
@@ -67,7 +68,6 @@ __all__ = [
     "subnet_io",
 ]
 
-LABEL_MODES = ("auto", "table", "graph")
 #: Largest per-class projection table (bytes, float32) that ``label_mode="auto"`` folds.
 TABLE_MAX_BYTES = 16 << 20
 

@@ -3,8 +3,9 @@
 The graph is read from the source with ``ast``: an edge A -> B for every
 ``import`` in A that names project module B, and every
 ``importlib.import_module("B")`` with a literal name, at module level or
-inside a function (a lazy import still ties the two modules together), but
-not under ``if TYPE_CHECKING:``. ``from P import name`` is an edge to the module
+inside a function (a lazy import still ties the two modules together), and
+every submodule of a package's ``lazy_exports(__name__, TABLE)`` (PEP 562
+names imported on first use), but not under ``if TYPE_CHECKING:``. ``from P import name`` is an edge to the module
 ``P.name`` when that is a module, else to ``P``. A package's own ``__init__``
 is the node ``P``; importing ``P.m`` is an edge to ``P.m`` only (Python also
 runs ``P/__init__``, but that edge is the package's layout, not a dependency).
@@ -46,6 +47,21 @@ def _is_import_module(node: ast.AST) -> bool:
     return (isinstance(f, ast.Attribute) and f.attr == "import_module") or (isinstance(f, ast.Name) and f.id == "import_module")
 
 
+def _is_lazy_exports(node: ast.AST) -> bool:
+    """``lazy_exports(__name__, TABLE)``: autodiffusion_rt.utils' PEP 562 table of name -> submodule."""
+    return isinstance(node, ast.Call) and getattr(node.func, "id", None) == "lazy_exports" and len(node.args) == 2
+
+
+def _lazy_submodules(call: ast.Call, tree: ast.Module) -> list[str]:
+    """The relative submodules (".build") a lazy_exports table names: a dict literal, or a module-level name bound
+    to one."""
+    table = call.args[1]
+    if isinstance(table, ast.Name):
+        table = next(n.value for n in tree.body if isinstance(n, ast.Assign)
+                     and any(getattr(t, "id", None) == table.id for t in n.targets))
+    return [v.value for v in table.values]
+
+
 def _imports(tree: ast.AST):
     """Every Import/ImportFrom node and literal import_module call, skipping ``if TYPE_CHECKING:`` bodies."""
     stack = [tree]
@@ -54,7 +70,7 @@ def _imports(tree: ast.AST):
         if isinstance(node, ast.If) and _is_type_checking(node):
             stack.extend(node.orelse)
             continue
-        if isinstance(node, (ast.Import, ast.ImportFrom)) or _is_import_module(node):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) or _is_import_module(node) or _is_lazy_exports(node):
             yield node
         stack.extend(ast.iter_child_nodes(node))
 
@@ -64,8 +80,11 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
     for name, path in modules.items():
         is_pkg = path.name == "__init__.py"
         package = name if is_pkg else name.rpartition(".")[0]
-        for node in _imports(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Call):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in _imports(tree):
+            if _is_lazy_exports(node):
+                targets = [package + sub for sub in _lazy_submodules(node, tree)]
+            elif isinstance(node, ast.Call):
                 targets = [node.args[0].value]
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
@@ -117,7 +136,9 @@ def test_the_graph_sees_the_known_edges():
     graph = import_graph(module_names())
     assert "autodiffusion_rt.diffusion" in graph["autodiffusion_rt.sampling"]  # from .diffusion import name: the package
     assert "autodiffusion_rt.runtime.manifest" in graph["autodiffusion_rt.runtime.runtime"]  # from .manifest import name
-    assert "autodiffusion_rt.metrics.imagesets" in graph["autodiffusion_rt.metrics"]  # from .imagesets import name
+    assert "autodiffusion_rt.serve.schemas" in graph["autodiffusion_rt.serve"]  # from .schemas import name
+    assert "autodiffusion_rt.metrics.imagesets" in graph["autodiffusion_rt.metrics"]  # a lazy_exports table
+    assert "autodiffusion_rt.sampling" in graph["autodiffusion_rt"]  # a lazy_exports dict literal
     assert "autodiffusion_rt.runtime.manifest" in graph["export.build"]  # absolute from-import of a module
     assert "kernels" in graph["autodiffusion_rt.utils"]  # importlib.import_module("kernels") in a function
     assert "kernels.triton_kernels" in graph["kernels"]  # a function-level from-import

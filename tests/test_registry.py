@@ -103,6 +103,17 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.parametrize("command", list(registry.COMMANDS))
+def test_every_commands_help_is_built_before_torch_is_imported(command):
+    """``autodiffusion-rt COMMAND --help`` answers in well under a second: its parser imports no torch or onnx."""
+    loaded = _modules_after(
+        "from autodiffusion_rt.cli import build_parser, chosen_command\n"
+        f"build_parser(chosen_command([{command!r}])).format_help()"
+    )
+    assert registry.COMMANDS[command][0] in loaded
+    assert not {"torch", "onnx", "onnxruntime", "openvino"} & loaded, command
+
+
 def test_version_and_a_bad_choice():
     from autodiffusion_rt import __version__
 

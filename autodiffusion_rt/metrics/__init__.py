@@ -13,56 +13,32 @@ classifier, 1x28x28 only, fast) and ``inception`` (the TF FID Inception
 network, 2048-d, any size, slow on a CPU). The Frechet distance is pytorch-fid's.
 """
 
-from .extractors import (
-    EXTRACTOR_NAMES,
-    FeatureExtractor,
-    InceptionExtractor,
-    MnistExtractor,
-    check_images,
-    get_extractor,
-)
-from .imagesets import (
-    EMBEDDED_DATASETS,
-    load_image_folder,
-    load_image_source,
-    load_images_npz,
-    reference_stats,
-    resolve_reference,
-)
-from .stats import (
-    FeatureStats,
-    FIDWarning,
-    StatsKey,
-    bootstrap_indices,
-    cache_root,
-    compute_stats,
-    fid,
-    fid_with_bootstrap,
-    frechet_distance,
-    stats_from_features,
-)
+from autodiffusion_rt.utils import lazy_exports
 
-__all__ = [
-    "EMBEDDED_DATASETS",
-    "EXTRACTOR_NAMES",
-    "FIDWarning",
-    "FeatureExtractor",
-    "FeatureStats",
-    "InceptionExtractor",
-    "MnistExtractor",
-    "StatsKey",
-    "bootstrap_indices",
-    "cache_root",
-    "check_images",
-    "compute_stats",
-    "fid",
-    "fid_with_bootstrap",
-    "frechet_distance",
-    "get_extractor",
-    "load_image_folder",
-    "load_image_source",
-    "load_images_npz",
-    "reference_stats",
-    "resolve_reference",
-    "stats_from_features",
-]
+# Imported on first use, so that ``fid --help`` (metrics.cli) does not pay for torch.
+_SOURCES = {
+    "EXTRACTOR_NAMES": ".extractors",
+    "FeatureExtractor": ".extractors",
+    "InceptionExtractor": ".extractors",
+    "MnistExtractor": ".extractors",
+    "check_images": ".extractors",
+    "get_extractor": ".extractors",
+    "EMBEDDED_DATASETS": ".imagesets",
+    "load_image_folder": ".imagesets",
+    "load_image_source": ".imagesets",
+    "load_images_npz": ".imagesets",
+    "reference_stats": ".imagesets",
+    "resolve_reference": ".imagesets",
+    "FeatureStats": ".stats",
+    "FIDWarning": ".stats",
+    "StatsKey": ".stats",
+    "bootstrap_indices": ".stats",
+    "cache_root": ".stats",
+    "compute_stats": ".stats",
+    "fid": ".stats",
+    "fid_with_bootstrap": ".stats",
+    "frechet_distance": ".stats",
+    "stats_from_features": ".stats",
+}
+__all__ = sorted(_SOURCES)
+__getattr__, __dir__ = lazy_exports(__name__, _SOURCES)

@@ -12,7 +12,7 @@ import warnings
 
 from ..errors import DataError, SamplingError
 
-__all__ = ["register"]
+__all__ = ["add_train_classifier_arguments", "register"]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -87,15 +87,13 @@ def register(subparsers) -> None:
     _add_common(p)
     p.set_defaults(func=run_fid)
 
-    from .mnist_classifier import add_arguments, run
-
     p = subparsers.add_parser(
         "train-classifier",
         help="train the mnist feature classifier",
         description="Train the small MNIST classifier whose penultimate layer is the 'mnist' FID feature (seeded).",
     )
-    add_arguments(p)
-    p.set_defaults(func=run)
+    add_train_classifier_arguments(p)
+    p.set_defaults(func=_run_train_classifier)
 
 
 def _show_warnings(caught) -> None:
@@ -273,3 +271,22 @@ def _stats_file_extractor(ref: str) -> str | None:
     except Exception:  # noqa: BLE001 - resolve_reference reports unreadable files properly
         return None
     return None
+
+
+def add_train_classifier_arguments(parser: argparse.ArgumentParser) -> None:
+    """``train-classifier``'s options (here, not in mnist_classifier.py: its ``--help`` imports no torch)."""
+    parser.add_argument(
+        "--out", default=None, help="where to write the weights (default: the packaged asset)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and batches (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=30, help="passes over the training digits (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave the other cores alone)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_train_classifier(args) -> int:
+    from .mnist_classifier import run
+
+    return run(args)

@@ -16,7 +16,7 @@ singular; SiLU has no such flat region.
 
 Train (seeded; about a minute on one core)::
 
-    python -m autodiffusion_rt.metrics.mnist_classifier --out autodiffusion_rt/metrics/assets/mnist_classifier.pt
+    autodiffusion-rt train-classifier --out autodiffusion_rt/metrics/assets/mnist_classifier.pt
 
 The file holds the state dict (fp32, ~0.4 MB), the architecture config, the
 training settings and the held-out accuracy measured at the end of training.
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,9 +40,7 @@ from ..errors import CheckpointError
 FORMAT = "autodiffusion-rt/mnist-classifier/1"
 FEATURE_DIM = 64
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "assets" / "mnist_classifier.pt"
-TRAIN_COMMAND = (
-    "python -m autodiffusion_rt.metrics.mnist_classifier --out autodiffusion_rt/metrics/assets/mnist_classifier.pt"
-)
+TRAIN_COMMAND = "autodiffusion-rt train-classifier --out autodiffusion_rt/metrics/assets/mnist_classifier.pt"
 
 
 class MnistClassifier(nn.Module):
@@ -217,18 +214,6 @@ def save_classifier(model: MnistClassifier, meta: dict, path: str | os.PathLike)
     return path
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--out", default=str(DEFAULT_WEIGHTS), help="where to write the weights (default: the packaged asset)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and batches (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=30, help="passes over the training digits (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per step (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave the other cores alone)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
 def run(args: argparse.Namespace) -> int:
     from ..diffusion import check_seed
     from ..errors import DataError
@@ -241,7 +226,8 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer")
     if not args.lr > 0 or args.lr == float("inf"):
         raise DataError(f"--lr {args.lr}: must be a positive number")
-    check_writable(Path(args.out), "the classifier weights", "pass --out with a path in a writable folder", DataError)
+    out = Path(args.out) if args.out is not None else DEFAULT_WEIGHTS
+    check_writable(out, "the classifier weights", "pass --out with a path in a writable folder", DataError)
     model, meta = train(
         seed=args.seed,
         epochs=args.epochs,
@@ -250,23 +236,10 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         quiet=args.quiet,
     )
-    path = save_classifier(model, meta, args.out)
+    path = save_classifier(model, meta, out)
     print(
         f"mnist classifier: held-out accuracy {meta['heldout_accuracy']:.4f} (1000 digits), "
         f"train accuracy {meta['train_accuracy']:.4f}, {meta['train']['seconds']} s -> {path} "
         f"({path.stat().st_size / 1e6:.2f} MB)"
     )
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m autodiffusion_rt.metrics.mnist_classifier",
-        description="Train the mnist FID feature classifier.",
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

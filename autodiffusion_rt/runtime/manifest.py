@@ -55,6 +55,7 @@ from ..errors import EngineError, PlanError
 from ..limits import check_limit
 from ..plan import Plan
 from ..records import loads_json, read_json, schema, validate
+from ..registry import BUILD_PRECISIONS
 from ..utils import atomic_write, sha256_file
 from .platform import library_versions
 
@@ -74,7 +75,7 @@ MANIFEST_FORMAT = "autodiffusion-rt-engines"
 MANIFEST_VERSION = 1
 #: The backends an engine dir is built for, and the precisions its engines run at.
 ENGINE_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
-ENGINE_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+ENGINE_PRECISIONS = BUILD_PRECISIONS  # what build writes is what a manifest may say
 #: The fields that change how the engines run and are not re-derived from the plan or the engine files:
 #: covered by the manifest's own hash (``settings_sha256``), so an edit is refused, never obeyed.
 HASHED = ("backend", "precision", "batch", "opset", "label_mode", "model", "weights")

@@ -14,7 +14,6 @@ import secrets
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from ..diffusion import MAX_SEED, check_seed
 from ..errors import Error, SamplingError
 
 __all__ = ["FIELDS", "FORMATS", "Limits", "RequestError", "SampleRequest", "parse_sample_request"]
@@ -102,6 +101,8 @@ def parse_sample_request(
         raise RequestError(
             422, "n", f"n={n} is outside [1, {limits.max_n}]: ask for at most {limits.max_n} images per request"
         )
+
+    from ..diffusion.noise import MAX_SEED, check_seed  # here, not at the top: `serve --help` imports no torch
 
     seed = data.get("seed")
     if seed is not None:
