@@ -209,3 +209,10 @@ def tensorrt_absent():
     except Exception:
         return  # absent (or a stub that cannot load): the case under test
     pytest.skip("tensorrt is installed here")
+
+
+def quick_first(cases):
+    """A parametrize table whose first case stays in the quick subset (``-m "not slow"``) and whose other cases are
+    marked slow: each starts a process that imports torch; CI runs them all."""
+    cases = list(cases)
+    return [cases[0], *(pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=pytest.mark.slow) for c in cases[1:])]

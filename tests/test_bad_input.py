@@ -255,6 +255,7 @@ def cli_results(work):
     return before, results
 
 
+@pytest.mark.slow  # a table of CLI processes (11 s)
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c[0] for c in CLI_CASES])
 def test_cli_bad_input_is_one_clear_line(case, work, cli_results):
     before, results = cli_results
@@ -293,6 +294,7 @@ def alone_results(tmp_path_factory):
     return [(p.wait(timeout=300), p.communicate()[1], cwd) for p, cwd in zip(procs, cwds)]
 
 
+@pytest.mark.slow  # a batch of CLI processes
 @pytest.mark.parametrize("i", range(len(ALONE_CASES)), ids=[c[1] for c in ALONE_CASES])
 def test_cli_alone_in_its_process(i, alone_results):
     """The process itself (not the batch driver): exit status 2, one line, nothing written in the cwd."""
@@ -404,6 +406,7 @@ def test_nan_engine_is_an_error_naming_the_step_not_a_black_image(work, tmp_path
     # the CLI's `sample --engines nan-engines` is the table's case engines-output-nan (existing.png left as it was)
 
 
+@pytest.mark.slow  # a search process
 def test_crafted_search_checkpoint_cannot_run_code(tmp_path, search_tiny_model, search_tiny_extractor, search_tiny_ref_stats):
     """A version-1 checkpoint with a pickled NSGA-II field (what the old loader unpickled) is refused, code not run."""
     from search.checkpoint import load_state
@@ -516,6 +519,7 @@ def mounted(kind: str, target: Path, source: Path | None = None, size: str = "64
             subprocess.run(["umount", str(target)], capture_output=True)
 
 
+@pytest.mark.slow  # builds an engine dir
 def test_read_only_engine_dir_up_to_date_needs_no_write(work, tmp_path):
     """A read-only, up-to-date engine dir: build succeeds without rewriting the manifest, sample works;
     a read-only dir that needs a change: one clear line, exit 2. (Root ignores chmod, hence a ro bind mount.)"""
@@ -589,6 +593,7 @@ def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
 
 
+@pytest.mark.slow  # a CLI process per case
 def test_write_failing_midway_is_one_line_and_leaves_no_partial_file(work, tmp_path):
     """Where mounts are not allowed too: a 16 KiB file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so a write
     past it fails with EFBIG) makes sample --out x.npz, build and fid-stats --out fail midway: one line naming the
@@ -815,6 +820,7 @@ def test_locked_output_dir_removes_only_what_it_made(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow  # CLI processes
 def test_warnings_do_not_print_the_library_source_line(work, tmp_path):
     """`autodiffusion-rt build` over a corrupted engine rebuilds it with a warning: one 'warning: ...' line naming
     the file, not Python's 'file.py:123: UserWarning' header and the warnings.warn source line."""

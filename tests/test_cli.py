@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import quick_first
 from PIL import Image
 
 
@@ -23,6 +24,7 @@ def test_console_script_is_installed():
     assert out.returncode == 0 and "sample" in out.stdout and "info" in out.stdout
 
 
+@pytest.mark.slow  # 12 s; the quick subset samples through the CLI in test_registry
 def test_sample_writes_a_png_grid_and_an_npz(tmp_path):
     png, npz = tmp_path / "grid.png", tmp_path / "x.npz"
     out = run_cli("sample", "--timesteps", "999,500,100", "--n", "10", "--seed", "1", "--out", str(png), "--quiet")
@@ -50,7 +52,7 @@ def test_info_prints_the_layer_table_and_total_macs():
 
 @pytest.mark.parametrize(
     "args, message",
-    [
+    quick_first([
         (["sample", "--timesteps", "10,10"], "appears twice"),
         (["sample", "--timesteps", "5,900"], "descending"),
         (["sample", "--timesteps", "1500"], "range"),
@@ -60,7 +62,7 @@ def test_info_prints_the_layer_table_and_total_macs():
         (["sample", "--model", "adm:/no/such/file.pt", "--preset", "imagenet64-cond"], "/no/such/file.pt"),
         (["sample", "--labels", "12", "--steps", "2"], "out of range"),
         (["sample", "--steps", "2", "--out", "x.jpg"], ".png"),
-    ],
+    ]),
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
     if "--out" not in args:

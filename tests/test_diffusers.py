@@ -236,6 +236,7 @@ def test_export_diffusers_settings_reproduce_the_plan_in_diffusers_pipeline_loop
     assert "DPMSolverMultistepScheduler" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a search; test_search_run's stay quick
 def test_fast_search_runs_on_the_diffusers_model_and_its_plan_samples(saved, tmp_path):
     from autodiffusion_rt.metrics import compute_stats
     from search.run import build_parser, options_from_args, run_search

@@ -430,6 +430,7 @@ def test_the_table_covers_every_pattern():
     assert len(CASES) >= 70 and len({c[0] for c in CASES}) == len(CASES)
 
 
+@pytest.mark.slow  # a table of ~70 CLI processes (10 s)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_hostile_input_is_one_clear_line(case, hostile, cli_results):
     _, results = cli_results
@@ -608,6 +609,7 @@ OFFSETS = [
 ]
 
 
+@pytest.mark.slow  # 20 serve start-ups
 def test_sigterm_at_every_phase_of_serve_start_up_exits_cleanly(hostile, tmp_path):
     """Never an abort ('terminate called without an active exception', status -6/134) or a traceback: exit 0
     (nothing to drain yet, or drained), from the imports (main() takes the signals within a few tens of ms of

@@ -16,6 +16,7 @@ from autodiffusion_rt.models.loading import EMBEDDED_MODELS, weights_fingerprint
 REFERENCE = Path(__file__).parent / "data" / "guided_diffusion_reference.pt"
 
 
+@pytest.mark.slow  # a fresh process
 def test_embedded_model_loads_offline_and_is_small():
     path = EMBEDDED_MODELS["mnist"]
     assert path.stat().st_size < 5 * 1024 * 1024

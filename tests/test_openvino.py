@@ -52,6 +52,7 @@ def fp32_dirs(models, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # OpenVINO compiles (the quick subset covers the build stage with onnxruntime)
 @pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
 def test_openvino_fp32_images_equal_torch(fp32_dirs, case):
     """The tolerance the onnxruntime engines meet (tests/test_runtime.py), from t = 999 with clipping on."""
@@ -66,6 +67,7 @@ def test_openvino_fp32_images_equal_torch(fp32_dirs, case):
         assert not torch.equal(rt.sample(7, seed=12, labels=labels), raw.clamp(-1, 1))  # the seed matters
 
 
+@pytest.mark.slow  # OpenVINO compiles (the quick subset covers the build stage with onnxruntime)
 def test_steps_that_skip_the_same_layers_share_one_compiled_subnetwork(fp32_dirs):
     model, plan, d = fp32_dirs["cond", "ddim"]
     m = json.loads((d / "manifest.json").read_text())
@@ -78,6 +80,7 @@ def test_steps_that_skip_the_same_layers_share_one_compiled_subnetwork(fp32_dirs
         assert subnets[0] is subnets[2] and subnets[1] is subnets[3] and subnets[0] is not subnets[1]
 
 
+@pytest.mark.slow  # OpenVINO compiles (the quick subset covers the build stage with onnxruntime)
 def test_images_do_not_depend_on_chunking_or_batching(fp32_dirs):
     _, _, d = fp32_dirs["uncond", "ddim"]  # stochastic: the step noise is drawn per sample
     with Runtime.load(d, threads=1) as rt:
@@ -88,6 +91,7 @@ def test_images_do_not_depend_on_chunking_or_batching(fp32_dirs):
     assert (merged[0][0] - whole[:2]).abs().max() <= 1e-5 and (merged[2][0] - whole[:1]).abs().max() <= 1e-5
 
 
+@pytest.mark.slow  # OpenVINO compiles (the quick subset covers the build stage with onnxruntime)
 def test_a_corrupt_or_stale_blob_is_recompiled_never_imported(fp32_dirs, tmp_path):
     model, plan, src = fp32_dirs["uncond", "dpmpp_2m"]
     d = tmp_path / "engines"
@@ -116,6 +120,7 @@ def test_a_corrupt_or_stale_blob_is_recompiled_never_imported(fp32_dirs, tmp_pat
             assert torch.equal(rt.sample(3, seed=5), want)
 
 
+@pytest.mark.slow  # OpenVINO compiles (the quick subset covers the build stage with onnxruntime)
 def test_an_openvino_dir_refuses_other_backends(fp32_dirs):
     _, _, d = fp32_dirs["uncond", "ddim"]
     with pytest.raises(EngineError, match="holds openvino engines, not onnxruntime ones"):
@@ -124,6 +129,7 @@ def test_an_openvino_dir_refuses_other_backends(fp32_dirs):
         Runtime.load(d, backend="tensorrt")
 
 
+@pytest.mark.slow  # OpenVINO compiles (the quick subset covers the build stage with onnxruntime)
 def test_a_rebuild_reuses_every_file(fp32_dirs):
     model, plan, d = fp32_dirs["cond", "ipndm"]
     before = (d / "manifest.json").read_text()
@@ -136,6 +142,7 @@ def test_a_rebuild_reuses_every_file(fp32_dirs):
 bf16_only = pytest.mark.skipif(not has_native_bf16(), reason="this CPU has no native bf16 (avx512_bf16 / amx_bf16)")
 
 
+@pytest.mark.slow  # OpenVINO compiles (the quick subset covers the build stage with onnxruntime)
 @bf16_only
 def test_bf16_steps_stay_within_the_mantissa_bound_of_fp32(models, tmp_path, search_tiny_extractor, search_tiny_ref_stats):
     """Each bf16 step against its fp32 twin on the same inputs; and the gate keeps bf16 when the FID allows it."""
@@ -162,6 +169,7 @@ def test_bf16_steps_stay_within_the_mantissa_bound_of_fp32(models, tmp_path, sea
         assert (b16.sample(4, seed=1) - f32.sample(4, seed=1)).abs().max() > 0
 
 
+@pytest.mark.slow  # OpenVINO compiles (the quick subset covers the build stage with onnxruntime)
 @bf16_only
 def test_a_step_that_fails_the_bf16_gate_runs_fp32(models, tmp_path, search_tiny_extractor, search_tiny_ref_stats):
     """A case built to fail (the FID must fall by 99%): every step falls back to its fp32 subnetwork, bit for bit."""
@@ -178,6 +186,7 @@ def test_a_step_that_fails_the_bf16_gate_runs_fp32(models, tmp_path, search_tiny
         assert torch.equal(a.sample(5, seed=2), b.sample(5, seed=2))
 
 
+@pytest.mark.slow  # OpenVINO compiles (the quick subset covers the build stage with onnxruntime)
 def test_bf16_without_reference_images_is_built_unchecked_and_says_so(models, tmp_path, capsys):
     """The default gate reads MNIST digits (1x28x28); this 1x8x8 model has no reference: one line, and the manifest."""
     model = models["uncond"]

@@ -64,6 +64,7 @@ def test_no_readme_command_writes_into_the_package():
     assert not bad, bad
 
 
+@pytest.mark.slow  # a CLI process; test_cli's info test stays quick
 def test_info_prints_the_readme_training_command():
     out = subprocess.run([sys.executable, "-m", "autodiffusion_rt.cli", "info"], capture_output=True, text=True,
                          timeout=600)

@@ -391,6 +391,37 @@ def test_readyz_is_503_until_the_engines_are_loaded_and_warm(engine_dirs):
         assert post(srv.url, {"n": 2}).status_code == 200
 
 
+def _thread_niceness() -> dict[int, int]:
+    """{thread id: nice} of every thread of this process (/proc/self/task/TID/stat, field 19)."""
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            out[int(task.name)] = int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            continue
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread priorities from Linux's /proc")
+def test_engine_threads_run_below_the_http_side(engine_dirs):
+    """Under saturation the event loop must win the CPU (a 429 answers at once): every thread the load starts (the
+    batcher, onnxruntime's workers) runs ENGINE_NICENESS below the caller, whose own priority is unchanged."""
+    from autodiffusion_rt.serve.app import ENGINE_NICENESS
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    before = set(_thread_niceness())
+    state = ServeState({"cond": engine_dirs["cond"]}, ServeSettings(max_batch=4, threads=2, limits=Limits(max_n=4)))
+    try:
+        state.load()
+        started = {tid: nice for tid, nice in _thread_niceness().items() if tid not in before}
+        assert state.batchers["cond"]._thread.native_id in started
+        assert len(started) >= 2  # the batcher and at least one onnxruntime worker (2 threads)
+        assert set(started.values()) == {min(19, base + ENGINE_NICENESS)}, started
+        assert os.getpriority(os.PRIO_PROCESS, 0) == base
+    finally:
+        state.close()
+
+
 # ---------------------------------------------------------------- shutdown
 def _free_port() -> int:
     with socket.socket() as s:

@@ -34,7 +34,8 @@ from autodiffusion_rt.serve.ray_app import (  # noqa: E402
 )
 from autodiffusion_rt.serve.schemas import Limits  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+# slow: a real Ray (about a minute to start and serve); the quick subset keeps the single-process service.
+pytestmark = [pytest.mark.usefixtures("one_thread_per_module"), pytest.mark.slow]
 
 SETTINGS = ServeSettings(max_batch=8, max_wait_ms=5.0, queue_images=512, deadline_s=60.0, threads=1,
                          limits=Limits(max_n=8, max_body_bytes=1024))

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import quick_first
 
 from autodiffusion_rt.models.train import TrainingError, TrainSettings, train_embedded
 
@@ -129,14 +130,14 @@ def test_min_snr_weights_follow_the_paper():
 
 @pytest.mark.parametrize(
     "args, match",
-    [
+    quick_first([
         (["--steps", "0"], "steps=0"),
         (["--batch-size", "0"], "batch_size=0"),
         (["--lr", "-1"], "lr=-1"),
         (["--seed", "-1"], "seed=-1"),
         (["--init", "/nonexistent/x.pt"], "/nonexistent/x.pt"),
         (["--out", "/proc/version/x.pt"], "/proc/version/x.pt"),
-    ],
+    ]),
 )
 def test_bad_training_arguments_fail_at_once_with_one_line(args, match, tmp_path):
     cmd = [sys.executable, "-m", "autodiffusion_rt.cli", "train", "--quiet", "--out", str(tmp_path / "m.pt"), *args]

@@ -15,8 +15,10 @@ annotations, and ``Request`` is imported lazily inside :func:`create_app`.)
 """
 
 import asyncio
+import concurrent.futures
 import io
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -122,6 +124,19 @@ def engine_specs(items) -> dict[str, Path]:
     return out
 
 
+#: How much lower the engines' threads run than the HTTP side (Linux nice levels, inherited by the threads they start).
+ENGINE_NICENESS = 10
+
+
+def _lower_thread_priority() -> None:
+    """Lower the calling thread's CPU priority by ENGINE_NICENESS (a thread may always lower its own)."""
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + ENGINE_NICENESS))
+    except (AttributeError, OSError):  # not Linux/Unix, or refused: run at the same priority
+        pass
+
+
 class ServeState:
     """The served plans: manifests read at once, runtimes loaded and warmed by :meth:`load`."""
 
@@ -133,8 +148,6 @@ class ServeState:
         runtime_loader: Optional[Callable] = None,
         replica: Optional[str] = None,
     ):
-        import os
-
         from ..runtime import Manifest
 
         self.settings = settings.check()
@@ -162,7 +175,17 @@ class ServeState:
         return Runtime.load(d, backend=s.backend, threads=s.threads, spinning=s.spinning)
 
     def load(self) -> None:
-        """Load every engine dir, warm it (the largest batch and a single image), start its batcher; then ready."""
+        """Load every engine dir, warm it (the largest batch and a single image), start its batcher; then ready.
+
+        The work runs in a thread of lower CPU priority (:data:`ENGINE_NICENESS`), and so do the threads it starts
+        (the batchers, onnxruntime's and OpenVINO's workers inherit it): when the cores are saturated, the HTTP
+        side (our event loop, Ray's proxy) still answers at once, so a 429 stays fast; idle cores still go to the
+        engines.
+        """
+        with concurrent.futures.ThreadPoolExecutor(1, "engine-loader", _lower_thread_priority) as pool:
+            pool.submit(self._load_engines).result()
+
+    def _load_engines(self) -> None:
         from .batcher import Batcher
 
         try:
