@@ -212,3 +212,47 @@ def test_ray_proxy_text_errors_are_rewritten_as_our_json():
     sent.clear()
     asyncio.run(RayErrorsAsJSON(our_429)({"type": "http"}, None, collect))
     assert sent == ours
+
+
+def test_the_proxy_answers_429_itself_beyond_its_in_flight_bound():
+    """Two requests held in flight by the replica side: the third POST /v1/samples gets our JSON 429 with
+    Retry-After from the proxy without reaching the app; other routes pass; once one ends, the next gets in."""
+    import asyncio
+
+    from autodiffusion_rt.serve.ray_app import RayErrorsAsJSON
+
+    async def scenario():
+        release, reached = asyncio.Event(), []
+
+        async def replica(scope, receive, send):
+            reached.append(scope["path"])
+            if scope["path"] == "/v1/samples":
+                await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        proxy = RayErrorsAsJSON(replica, max_in_flight=2)
+
+        async def call(path="/v1/samples", method="POST"):
+            sent = []
+
+            async def collect(message):
+                sent.append(message)
+
+            await proxy({"type": "http", "method": method, "path": path}, None, collect)
+            return sent
+
+        held = [asyncio.create_task(call()) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        refused = await call()
+        metrics = await call("/metrics", "GET")
+        release.set()
+        done = await asyncio.gather(*held)
+        after = await call()
+        return refused, metrics, done, after, reached
+
+    refused, metrics, done, after, reached = asyncio.run(scenario())
+    assert refused[0]["status"] == 429 and (b"retry-after", b"1") in refused[0]["headers"]
+    assert "queue is full" in json.loads(refused[1]["body"])["error"]["message"]
+    assert reached.count("/v1/samples") == 3 and "/metrics" in reached  # the refused one never reached the app
+    assert metrics[0]["status"] == 200 and all(d[0]["status"] == 200 for d in done) and after[0]["status"] == 200

@@ -124,12 +124,27 @@ class RayErrorsAsJSON:
     retrying is the right thing to do, Ray is replacing the replica.
     """
 
-    def __init__(self, app):
+    def __init__(self, app, max_in_flight: int = 0):
         self.app = app
+        self.max_in_flight = max_in_flight  # 0: no check here (the replicas' queues still answer 429)
+        self.in_flight = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.max_in_flight and scope["method"] == "POST" and scope["path"] == "/v1/samples":
+            if self.in_flight >= self.max_in_flight:
+                # Our check in front: when the replicas hold all they admit, a 429 from here costs no RPC to a
+                # replica whose cores run the engines, so it still answers within milliseconds.
+                return await _send_error(send, 429, "")
+            self.in_flight += 1
+            try:
+                return await self._answer(scope, receive, send)
+            finally:
+                self.in_flight -= 1
+        return await self._answer(scope, receive, send)
+
+    async def _answer(self, scope, receive, send):
         held = {}
 
         async def send_json_errors(message):
@@ -175,6 +190,12 @@ async def _send_error(send, status: int, text: str) -> None:
         )
     elif status == 408:
         message = f"no answer within the proxy's request timeout: retry later ({text})"
+    elif status == 429:
+        headers = {"retry-after": "1"}
+        message = (
+            "every replica's queue is full (the proxy's bound on requests in flight): "
+            "retry after the Retry-After seconds"
+        )
     elif status == 503:
         headers = {"retry-after": "1"}
         message = f"no replica can take the request now (starting, replaced or overloaded): retry ({text})"
@@ -251,13 +272,21 @@ def build_application(engines: dict, settings: ServeSettings, ray_settings: RayS
 # environment of `ray start` on every node of a cluster. It returns the proxy's middlewares.
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "autodiffusion_rt.serve.ray_app.proxy_middlewares"
+#: The proxy's bound on /v1/samples requests in flight (set by ``serve --ray`` for the Ray it starts; unset: none).
+PROXY_IN_FLIGHT_ENV = "AUTODIFFUSION_RT_PROXY_MAX_IN_FLIGHT"
 
 
 def proxy_middlewares() -> list:
     """The middlewares of Ray's HTTP proxy (named by ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``)."""
     from starlette.middleware import Middleware
 
-    return [Middleware(RayErrorsAsJSON)]
+    return [Middleware(RayErrorsAsJSON, max_in_flight=int(os.environ.get(PROXY_IN_FLIGHT_ENV) or 0))]
+
+
+def proxy_in_flight_bound(settings: ServeSettings, ray_settings: RaySettings) -> int:
+    """Requests one proxy lets in at once: all that the most replicas admit with one-image requests (a queue full
+    and a batch running each); beyond it the proxy answers 429 itself."""
+    return ray_settings.most_replicas * (settings.queue_images + settings.max_batch)
 
 
 def start_serve(settings: ServeSettings, ray_settings: RaySettings) -> None:
@@ -283,6 +312,7 @@ def run_ray(engines: dict, settings: ServeSettings, ray_settings: RaySettings, *
     if not ray.is_initialized():
         if ray_settings.address is None:
             os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+            os.environ.setdefault(PROXY_IN_FLIGHT_ENV, str(proxy_in_flight_bound(settings, ray_settings)))
         # address=None would join a cluster someone started on this machine (`ray start`), whose processes
         # have neither our environment nor our proxy middleware: "local" always starts our own
         env = {"OMP_NUM_THREADS": str(settings.threads or 1)}
