@@ -284,9 +284,10 @@ def proxy_middlewares() -> list:
 
 
 def proxy_in_flight_bound(settings: ServeSettings, ray_settings: RaySettings) -> int:
-    """Requests one proxy lets in at once: all that the most replicas admit with one-image requests (a queue full
-    and a batch running each); beyond it the proxy answers 429 itself."""
-    return ray_settings.most_replicas * (settings.queue_images + settings.max_batch)
+    """Requests one proxy lets in at once: as many one-image requests as the most replicas' queues hold, which
+    keeps every replica's engines busy (a batch running, more queued); beyond it the proxy answers 429 itself,
+    before Ray's router sends one to a replica whose queue happens to be full while another's is not."""
+    return ray_settings.most_replicas * settings.queue_images
 
 
 def start_serve(settings: ServeSettings, ray_settings: RaySettings) -> None:
