@@ -269,6 +269,7 @@ def test_cli_bad_input_is_one_clear_line(case, work, cli_results):
     assert lines[0].split(": error: ", 1)[0] in ("autodiffusion-rt", "search.run") or ": error: " in lines[0]
 
 
+@pytest.mark.slow  # the table's processes (see above)
 def test_cli_bad_input_changed_nothing(work, cli_results):
     """After all the failed commands: every file as it was (e.g. existing.png, the plan, the engines), no new
     files or empty folders (e2/, s/), and the pickled plan's code never ran."""
@@ -476,6 +477,7 @@ def good_checkpoint(tmp_path_factory, search_tiny_model, search_tiny_extractor, 
     return (d / "plan.search-state.json").read_text()
 
 
+@pytest.mark.slow  # runs a search first
 @pytest.mark.parametrize("edit, field", [c[1:] for c in DAMAGED], ids=[c[0] for c in DAMAGED])
 def test_damaged_search_checkpoint_is_a_search_error_naming_the_field(tmp_path, edit, field, good_checkpoint, search_tiny_model,
                                                                      search_tiny_extractor, search_tiny_ref_stats):

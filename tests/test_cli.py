@@ -43,6 +43,7 @@ def test_sample_writes_a_png_grid_and_an_npz(tmp_path):
     assert np.array_equal(grid[2:30, 2:30], data["arr_0"][0, :, :, 0])
 
 
+@pytest.mark.slow  # a CLI process; the quick subset samples through the CLI in test_registry
 def test_info_prints_the_layer_table_and_total_macs():
     out = run_cli("info")
     assert out.returncode == 0, out.stderr

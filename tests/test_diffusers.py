@@ -138,6 +138,7 @@ def test_macs_match_the_flop_counter_in_total_and_per_layer(saved):
         assert full - counted(ids - {layer.id}) == layer.macs == model.unet.macs() - model.unet.macs(ids - {layer.id})
 
 
+@pytest.mark.slow  # exports; test_export covers export quickly
 def test_per_step_onnx_export_runs_in_onnxruntime_and_matches_torch(saved, tmp_path):
     import onnxruntime as ort
 
@@ -163,6 +164,7 @@ def test_per_step_onnx_export_runs_in_onnxruntime_and_matches_torch(saved, tmp_p
         assert np.abs(got - want).max() <= 1e-4
 
 
+@pytest.mark.slow  # builds engines; test_export/test_serve cover the runtime
 def test_runtime_on_built_engines_equals_sample(saved, tmp_path):
     from autodiffusion_rt.runtime import Runtime
     from export.build import build_engines

@@ -442,6 +442,7 @@ def test_hostile_input_is_one_clear_line(case, hostile, cli_results):
     assert needle in lines[0], lines[0]
 
 
+@pytest.mark.slow  # the table's processes (see above)
 def test_hostile_input_changed_nothing(hostile, cli_results):
     """After every refused command: each file as it was, nothing new (no e2/, s.npz, new.pt, resumed.pt, stats)."""
     before, _ = cli_results

@@ -47,6 +47,7 @@ def test_torch_runtime_is_sample_exactly(model):
     assert torch.equal(images, want)
 
 
+@pytest.mark.slow  # exports every step; test_export covers export quickly
 def test_exported_onnx_steps_match_torch(model, tmp_path):
     """What would catch this: a history input wired to the wrong step, a missing eps output,
     an eps output that is the raw instead of the clip-consistent eps (differs where x0 is clipped)."""

@@ -356,6 +356,7 @@ def test_cli_fid_stats_and_fid(tmp_path, capsys, digits):
         run_cli("fid", "--ref", str(out), "--quiet")
 
 
+@pytest.mark.slow  # a CLI process; test_cli_fid_with_the_embedded_model stays quick
 def test_cli_fid_samples_from_a_model_through_the_public_api(capsys, embedded_model, ext, ref):
     """``fid --model`` prints the FID of ``autodiffusion_rt.sample(model, timesteps, n=, seed=)`` against ``--ref``.
 
