@@ -80,6 +80,9 @@ class Report:
     search: dict = field(default_factory=dict)  # wall time, evaluations, savings (filled by run.py)
     bootstrap_rounds: int = 0
     comparison: list = field(default_factory=list)  # sentences: the plan against the best uniform row, per extractor
+    # --compute latency: search.latency.latency_rows (the table's key, each row's predicted ms; measured_ms where
+    # scripts/latency_check.py measured it)
+    latency: Optional[dict] = None
 
     def to_json(self) -> dict:
         return {
@@ -96,6 +99,7 @@ class Report:
             "search": self.search,
             "bootstrap_rounds": self.bootstrap_rounds,
             "comparison": self.comparison,
+            **({"latency": self.latency} if self.latency else {}),
         }
 
     def table(self) -> str:
@@ -134,6 +138,8 @@ class Report:
             lines.append("| " + " | ".join(cells) + " |")
         if self.comparison:
             lines += [""] + self.comparison
+        if self.latency:
+            lines += ["", _latency_section(self.latency)]
         if self.search:
             s = self.search
             lines += ["", _search_summary(s)]
@@ -197,6 +203,28 @@ def compare_plan(rows: Sequence[Row], ext: str) -> Optional[str]:
     else:
         verdict = "more than the noise of the samples: at this NFE that uniform schedule is better on these samples"
     return text + f", {ratio:.1f} times the paired bootstrap sd of the difference ({spread:.3f}): {verdict}."
+
+
+def _latency_section(lat: dict) -> str:
+    """Predicted (and, where measured, measured) latency per request of each row, on the table's engines."""
+    k = lat["key"]
+    rows = lat["rows"]
+    measured = any(r.get("measured_ms") is not None for r in rows)
+    out = (
+        f"Predicted latency per request ({k['backend']} {k['precision']} engines, batch {k['batch']}, "
+        f"{k['threads']} thread(s), {k['cpu']}; search/latency.py's per-layer table, full model "
+        f"{lat['full_ms']:.2f} ms at NFE 1 incl. the request overhead"
+        + ("; measured: benchmark.py on `autodiffusion-rt build` engines" if measured else "")
+        + "):\n\n| method | sampler | predicted ms |"
+        + (" measured ms | error |\n|---|---|---|---|---|\n" if measured else "\n|---|---|---|\n")
+    )
+    for r in rows:
+        out += f"| {r['method']} | {r['sampler']} | {r['predicted_ms']:.2f} |"
+        if measured:
+            m = r.get("measured_ms")
+            out += " - | - |" if m is None else f" {m:.2f} | {(r['predicted_ms'] - m) / m:+.1%} |"
+        out += "\n"
+    return out.rstrip("\n")
 
 
 def _search_summary(s: dict) -> str:
