@@ -214,3 +214,15 @@ def test_plan_latency_fields_round_trip_and_bad_ones_are_named(search_tiny_model
         with pytest.raises(PlanError, match=needle.replace(".", r"\.")):
             Plan.from_dict(d)
     assert Candidate.full([1]).nfe == 1
+
+
+def test_the_skip_verdict_compares_predicted_ms_not_macs_when_it_has_them():
+    from search.pareto import FrontPoint, dominated_levels
+
+    noskip = FrontPoint(Candidate.full([900, 500, 100]), "ddim", macs=300, holdout_fid=5.0, latency_ms=30.0)
+    # fewer MACs but more ms (an attention-heavy skip set): does not beat the no-skip point in ms
+    slow = FrontPoint(Candidate((900, 500, 100), (("a",), (), ())), "ddim", macs=200, holdout_fid=4.0, latency_ms=31.0)
+    fast = FrontPoint(Candidate((900, 500, 100), (("b",), (), ())), "ddim", macs=310, holdout_fid=4.5, latency_ms=29.0)
+    assert dominated_levels([noskip], [slow, fast], lambda p: p.holdout_fid) == [(noskip, fast)]
+    in_macs = [replace(p, latency_ms=None) for p in (noskip, slow, fast)]
+    assert dominated_levels(in_macs[:1], in_macs[1:], lambda p: p.holdout_fid) == [(in_macs[0], in_macs[1])]
