@@ -80,8 +80,7 @@ class Report:
     search: dict = field(default_factory=dict)  # wall time, evaluations, savings (filled by run.py)
     bootstrap_rounds: int = 0
     comparison: list = field(default_factory=list)  # sentences: the plan against the best uniform row, per extractor
-    # --compute latency: search.latency.latency_rows (the table's key, each row's predicted ms; measured_ms where
-    # scripts/latency_check.py measured it)
+    # --compute latency: search.latency.latency_rows (the table's key, each row's predicted ms)
     latency: Optional[dict] = None
 
     def to_json(self) -> dict:
@@ -206,24 +205,14 @@ def compare_plan(rows: Sequence[Row], ext: str) -> Optional[str]:
 
 
 def _latency_section(lat: dict) -> str:
-    """Predicted (and, where measured, measured) latency per request of each row, on the table's engines."""
+    """Predicted latency per request of each row, on the table's engines (scripts/latency_check.py measures it)."""
     k = lat["key"]
-    rows = lat["rows"]
-    measured = any(r.get("measured_ms") is not None for r in rows)
     out = (
         f"Predicted latency per request ({k['backend']} {k['precision']} engines, batch {k['batch']}, "
-        f"{k['threads']} thread(s), {k['cpu']}; search/latency.py's per-layer table, full model "
-        f"{lat['full_ms']:.2f} ms at NFE 1 incl. the request overhead"
-        + ("; measured: benchmark.py on `autodiffusion-rt build` engines" if measured else "")
-        + "):\n\n| method | sampler | predicted ms |"
-        + (" measured ms | error |\n|---|---|---|---|---|\n" if measured else "\n|---|---|---|\n")
+        f"{k['threads']} thread(s), {k['cpu']}; search/latency.py's per-layer table; measured against "
+        "benchmark.py by scripts/latency_check.py):\n\n| method | sampler | predicted ms |\n|---|---|---|\n"
     )
-    for r in rows:
-        out += f"| {r['method']} | {r['sampler']} | {r['predicted_ms']:.2f} |"
-        if measured:
-            m = r.get("measured_ms")
-            out += " - | - |" if m is None else f" {m:.2f} | {(r['predicted_ms'] - m) / m:+.1%} |"
-        out += "\n"
+    out += "".join(f"| {r['method']} | {r['sampler']} | {r['predicted_ms']:.2f} |\n" for r in lat["rows"])
     return out.rstrip("\n")
 
 
