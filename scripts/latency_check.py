@@ -6,7 +6,7 @@
 
 The plans: the chosen plan (``--plan``, a plan the search wrote with ``--compute latency``) and ``--others``
 more: the members of ``--pareto`` (a plan set, e.g. ``STEM.pareto.json``) first, then the chosen plan's
-timesteps with random skip sets of the search space (rates spread from 0, the full model, to 0.8; seeded).
+timesteps with random skip sets of the search space (each layer-step skipped at rates from 0.1 to 0.8; seeded).
 Each is built with ``autodiffusion-rt build`` (the table's backend and precision, ``--max-batch`` its batch)
 and timed with benchmark.py's own worker (``engines`` configuration, its own process: ``Runtime.load`` with
 the table's threads, ``sample(batch)`` per request, p50 over ``--latency-runs`` after ``--warmup``). The
@@ -40,9 +40,11 @@ def _others(plan, model, count: int, pareto, seed: int) -> list:
     out = [p for p in _load_set(pareto) if p.skip != plan.skip][:count]
     rng = np.random.default_rng(seed)
     ids = sorted(model.unet.layer_ids)
-    rates = np.linspace(0.0, 0.8, max(1, count - len(out)))
+    rates = np.linspace(0.1, 0.8, max(1, count - len(out)))
     for rate in rates[: count - len(out)]:
         skip = [[lid for lid in ids if rng.random() < rate] for _ in plan.timesteps]
+        # a step must keep a layer (a subnetwork of the stem and head alone does not export)
+        skip = [s if len(s) < len(ids) else s[1:] for s in skip]
         out.append(Plan.for_model(model, plan.timesteps, plan.sampler, plan.eta, skip, spec=plan.model_spec))
     return out
 
