@@ -11,11 +11,15 @@
       "timesteps": [int, ...],            # strictly descending, in [0, T)
       "skip":     [[layer id, ...], ...],  # layers skipped at each step
       "fitness":  null | {"fid", "extractor", "num_samples", "seed", "reference"},
-      "compute":  {"macs_per_sample", "full_macs_per_sample"},
+      "compute":  {"macs_per_sample", "full_macs_per_sample",
+                   "predicted_latency_ms"?, "full_predicted_latency_ms"?,   # optional: search/latency.py's
+                   "latency_key"?: {"backend", "precision", "batch", "threads", "cpu"}},  # prediction, its table's key
       "provenance": {...}                  # free-form: search settings, wall time, versions
     }
 
 Loading validates every field and names the first bad one; saving is atomic.
+A plan without the optional latency fields (made before they existed, or with
+``--compute macs``) loads, and saves byte-for-byte as before.
 Version 1 plans (before ``clip_denoised`` and ``noise`` were recorded) still
 load: they were made with x0 clipping on, and their stochastic steps now draw
 in the per-sample order (deterministic samplers give the same images).
@@ -52,6 +56,19 @@ class Fitness:
 
 
 @dataclass(frozen=True)
+class PredictedLatency:
+    """A plan's per-request latency as search/latency.py's table predicts it, the full model's, and the table's key
+    (backend, precision, batch, threads, cpu): the ms hold only on engines built for that key."""
+
+    ms: float
+    full_ms: float
+    key: dict
+
+
+LATENCY_KEY_FIELDS = {"backend": str, "precision": str, "batch": int, "threads": int, "cpu": str}
+
+
+@dataclass(frozen=True)
 class Plan:
     model_spec: str
     model_name: str
@@ -67,6 +84,7 @@ class Plan:
     provenance: dict = field(default_factory=dict)
     clip_denoised: bool = True
     noise: str = DRAW_ORDER
+    predicted_latency: Optional[PredictedLatency] = None
 
     # ------------------------------------------------------------- construction
     @classmethod
@@ -81,6 +99,7 @@ class Plan:
         fitness: Optional[Fitness] = None,
         provenance: Optional[dict] = None,
         clip_denoised: bool = True,
+        predicted_latency: Optional[PredictedLatency] = None,
     ) -> "Plan":
         """A plan for ``model`` (a DiffusionModel); MACs come from its layer registry."""
         ts = tuple(validate_timesteps(timesteps, model.num_timesteps))
@@ -106,6 +125,7 @@ class Plan:
             fitness=fitness,
             provenance=dict(provenance or {}),
             clip_denoised=bool(clip_denoised),
+            predicted_latency=predicted_latency,
         )
         plan.check_model(model)
         return plan
@@ -175,9 +195,16 @@ class Plan:
             "timesteps": list(self.timesteps),
             "skip": [list(s) for s in self.skip],
             "fitness": asdict(self.fitness) if self.fitness else None,
-            "compute": {"macs_per_sample": self.macs_per_sample, "full_macs_per_sample": self.full_macs_per_sample},
+            "compute": self._compute_dict(),
             "provenance": self.provenance,
         }
+
+    def _compute_dict(self) -> dict:
+        compute = {"macs_per_sample": self.macs_per_sample, "full_macs_per_sample": self.full_macs_per_sample}
+        if self.predicted_latency is not None:  # absent: the dict (and the plan's sha256) as before the field
+            lat = self.predicted_latency
+            compute.update(predicted_latency_ms=lat.ms, full_predicted_latency_ms=lat.full_ms, latency_key=lat.key)
+        return compute
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -250,25 +277,8 @@ class Plan:
                 f"compute.{key}",
                 f"must be a positive integer, got {compute.get(key)!r}",
             )
-        fitness = None
-        if d.get("fitness") is not None:
-            fd = v.obj(d, "fitness")
-            v.check(
-                _is_real(fd.get("fid")) and math.isfinite(fd["fid"]) and fd["fid"] >= 0,
-                "fitness.fid",
-                f"must be a finite number >= 0, got {fd.get('fid')!r}",
-            )
-            v.check(isinstance(fd.get("extractor"), str), "fitness.extractor", "must be a string")
-            v.check(
-                _is_int(fd.get("num_samples")) and fd["num_samples"] > 0,
-                "fitness.num_samples",
-                "must be a positive integer",
-            )
-            v.check(_is_int(fd.get("seed")), "fitness.seed", "must be an integer")
-            v.check(isinstance(fd.get("reference"), str), "fitness.reference", "must be a string")
-            fitness = Fitness(
-                float(fd["fid"]), fd["extractor"], int(fd["num_samples"]), int(fd["seed"]), fd["reference"]
-            )
+        predicted = _predicted_latency(v, compute)
+        fitness = _fitness(v, d) if d.get("fitness") is not None else None
         prov = d.get("provenance", {})
         v.check(isinstance(prov, dict), "provenance", "must be an object")
         return cls(
@@ -286,6 +296,7 @@ class Plan:
             provenance=prov,
             clip_denoised=clip,
             noise=noise,
+            predicted_latency=predicted,
         )
 
     @classmethod
@@ -328,6 +339,44 @@ class _Validator:
     def obj(self, d: dict, key: str) -> dict:
         self.check(isinstance(d.get(key), dict), key, f"must be an object, got {type(d.get(key)).__name__}")
         return d[key]
+
+
+def _fitness(v: "_Validator", d: dict) -> Fitness:
+    """The plan's fitness object, each field checked."""
+    fd = v.obj(d, "fitness")
+    v.check(
+        _is_real(fd.get("fid")) and math.isfinite(fd["fid"]) and fd["fid"] >= 0,
+        "fitness.fid",
+        f"must be a finite number >= 0, got {fd.get('fid')!r}",
+    )
+    v.check(isinstance(fd.get("extractor"), str), "fitness.extractor", "must be a string")
+    v.check(
+        _is_int(fd.get("num_samples")) and fd["num_samples"] > 0,
+        "fitness.num_samples",
+        "must be a positive integer",
+    )
+    v.check(_is_int(fd.get("seed")), "fitness.seed", "must be an integer")
+    v.check(isinstance(fd.get("reference"), str), "fitness.reference", "must be a string")
+    return Fitness(
+        float(fd["fid"]), fd["extractor"], int(fd["num_samples"]), int(fd["seed"]), fd["reference"]
+    )
+
+
+def _predicted_latency(v: "_Validator", compute: dict) -> Optional[PredictedLatency]:
+    """compute's optional latency fields (all three, or none), each checked."""
+    names = ("predicted_latency_ms", "full_predicted_latency_ms", "latency_key")
+    if all(compute.get(k) is None for k in names):
+        return None
+    for k in names[:2]:
+        x = compute.get(k)
+        v.check(_is_real(x) and math.isfinite(x) and x > 0, f"compute.{k}", f"must be a positive number, got {x!r}")
+    key = compute.get("latency_key")
+    v.check(isinstance(key, dict) and set(key) == set(LATENCY_KEY_FIELDS), "compute.latency_key",
+            f"must be an object with exactly {', '.join(LATENCY_KEY_FIELDS)}")
+    for k, kind in LATENCY_KEY_FIELDS.items():
+        ok = _is_int(key[k]) and key[k] > 0 if kind is int else isinstance(key[k], str) and key[k]
+        v.check(ok, f"compute.latency_key.{k}", f"must be a {'positive integer' if kind is int else 'string'}")
+    return PredictedLatency(float(compute[names[0]]), float(compute[names[1]]), dict(key))
 
 
 def _is_int(x) -> bool:

@@ -66,7 +66,7 @@ def parse_nfe(text) -> list[int]:
 @dataclass
 class FrontPoint:
     """One plan on a front: its candidate, MACs per image, held-out FID (and the search's fitness,
-    the confirmation FID)."""
+    the confirmation FID, the predicted ms per request with --compute latency)."""
 
     candidate: Candidate
     sampler: str
@@ -74,6 +74,12 @@ class FrontPoint:
     holdout_fid: float
     search_fitness: Optional[float] = None
     confirm_fid: Optional[float] = None
+    latency_ms: Optional[float] = None
+
+    @property
+    def cost(self) -> float:
+        """The compute the fronts are drawn in: predicted ms with --compute latency, else MACs."""
+        return self.macs if self.latency_ms is None else self.latency_ms
 
     @property
     def nfe(self) -> int:
@@ -91,6 +97,7 @@ class FrontPoint:
             "skip": [list(s) for s in self.candidate.skip],
             "skipped_layer_steps": self.candidate.num_skipped,
             "macs_per_sample": self.macs,
+            "predicted_latency_ms": self.latency_ms,
             "holdout_fid": self.holdout_fid,
             "search_fitness": self.search_fitness,
             "confirm_fid": self.confirm_fid,
@@ -99,12 +106,12 @@ class FrontPoint:
 
 def dominated_levels(noskip: list, skip: list, fid_of) -> list[tuple]:
     """The no-skip points a skipping plan beats:
-    [(no-skip point, the best skipping point with <= its MACs and a lower FID)]."""
+    [(no-skip point, the best skipping point with <= its compute and a lower FID)]."""
     out = []
     for q in noskip:
-        better = [p for p in skip if p.skips and p.macs <= q.macs and fid_of(p) is not None and fid_of(p) < fid_of(q)]
+        better = [p for p in skip if p.skips and p.cost <= q.cost and fid_of(p) is not None and fid_of(p) < fid_of(q)]
         if better:
-            out.append((q, min(better, key=lambda p: (fid_of(p), p.macs))))
+            out.append((q, min(better, key=lambda p: (fid_of(p), p.cost))))
     return out
 
 
@@ -129,6 +136,17 @@ class ParetoReport:
     sensitivity: Optional[dict] = None
     dp_costs: dict = field(default_factory=dict)  # NFE -> the cheapest DP schedule's trajectory cost
     seconds: float = 0.0
+    latency: Optional[dict] = None  # --compute latency: the table (search.latency.LatencyTable.to_json())
+
+    @property
+    def unit(self) -> str:
+        return "MACs" if self.latency is None else "predicted ms"
+
+    def full_step_cost(self) -> float:
+        """One full-model step in the fronts' compute."""
+        if self.latency is None:
+            return self.full_step_macs
+        return self.latency["fixed_ms"] + sum(self.latency["layer_ms"].values())
 
     # ------------------------------------------------------------------ verdict
     def levels(self, which: str = "holdout") -> list[tuple]:
@@ -215,12 +233,13 @@ class ParetoReport:
         conf = self.confirm_seed is not None
         out = [
             f"{self.model}, {self.sampler}, NFE {self.nfes[0]}-{self.nfes[-1]}: "
-            "the (MACs per image, FID) fronts with and without "
+            f"the ({self.unit} per image, FID) fronts with and without "
             f"layer skipping. Search: {self.objective} on {self.search_samples} samples of seed {self.search_seed}; "
             f"FID: {self.extractor} "
             f"features against {self.reference}, held-out {self.holdout_samples} samples of seed {self.holdout_seed}"
             + (f", confirmation {self.confirm_samples} samples of seed {self.confirm_seed}" if conf else "")
-            + ".",
+            + "."
+            + (f" {_latency_note(self.latency)}" if self.latency else ""),
             "",
             self.verdict(),
             "",
@@ -231,40 +250,43 @@ class ParetoReport:
             "timesteps",
             "skipped layer-steps",
             "MMACs/image",
+        ] + (["predicted ms"] if self.latency else []) + [
             "full steps of compute",
             "held-out FID",
         ] + (["confirm FID"] if conf else [])
         out += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         for name, pts in (("no skipping", self.noskip_front), ("with skipping", self.skip_front)):
-            for p in sorted(pts, key=lambda p: p.macs):
+            for p in sorted(pts, key=lambda p: p.cost):
                 cells = [
                     name,
                     str(p.nfe),
                     ",".join(map(str, p.candidate.timesteps)),
                     str(p.candidate.num_skipped),
                     f"{p.macs / 1e6:.1f}",
-                    f"{p.macs / self.full_step_macs:.2f}",
+                ] + ([_num(p.latency_ms)] if self.latency else []) + [
+                    f"{p.cost / self.full_step_cost():.2f}",
                     f"{p.holdout_fid:.3f}",
                 ] + ([_num(p.confirm_fid)] if conf else [])
                 out.append("| " + " | ".join(cells) + " |")
         out += [
             "",
-            "Per compute level (a no-skip front point): the best plan that skips layers with no more MACs.",
+            f"Per compute level (a no-skip front point): the best plan that skips layers with no more {self.unit}.",
             "",
-            "| level (NFE, full model) | MMACs | no-skip FID | best skipping plan | its MMACs | its FID | skip wins |"
+            f"| level (NFE, full model) | {self._cost_head()} | no-skip FID | best skipping plan "
+            f"| its {self._cost_head()} | its FID | skip wins |"
             + (" confirm: no-skip / skip |" if conf else ""),
             "|---|---|---|---|---|---|---|" + ("---|" if conf else ""),
         ]
-        for q in sorted(self.noskip_front, key=lambda p: p.macs):
-            cands = [p for p in self.skip_front if p.skips and p.macs <= q.macs]
-            p = min(cands, key=lambda p: (p.holdout_fid, p.macs)) if cands else None
-            row = [str(q.nfe), f"{q.macs / 1e6:.1f}", f"{q.holdout_fid:.3f}"]
+        for q in sorted(self.noskip_front, key=lambda p: p.cost):
+            cands = [p for p in self.skip_front if p.skips and p.cost <= q.cost]
+            p = min(cands, key=lambda p: (p.holdout_fid, p.cost)) if cands else None
+            row = [str(q.nfe), self._cost_cell(q), f"{q.holdout_fid:.3f}"]
             if p is None:
                 row += ["none fits", "-", "-", "no"]
             else:
                 row += [
                     f"NFE {p.nfe}, {p.candidate.num_skipped} skipped",
-                    f"{p.macs / 1e6:.1f}",
+                    self._cost_cell(p),
                     f"{p.holdout_fid:.3f}",
                     "yes" if p.holdout_fid < q.holdout_fid else "no",
                 ]
@@ -287,6 +309,12 @@ class ParetoReport:
                 out += ["", extra]
         return "\n".join(out).rstrip() + "\n"
 
+    def _cost_head(self) -> str:
+        return "MMACs" if self.latency is None else "predicted ms"
+
+    def _cost_cell(self, p: FrontPoint) -> str:
+        return f"{p.macs / 1e6:.1f}" if self.latency is None else f"{p.latency_ms:.2f}"
+
     def to_json(self) -> dict:
         return {
             "format": PARETO_REPORT_FORMAT,
@@ -302,8 +330,10 @@ class ParetoReport:
             if self.confirm_seed is None
             else {"seed": self.confirm_seed, "num_samples": self.confirm_samples},
             "full_step_macs": self.full_step_macs,
-            "noskip_front": [p.to_json() for p in sorted(self.noskip_front, key=lambda p: p.macs)],
-            "skip_front": [p.to_json() for p in sorted(self.skip_front, key=lambda p: p.macs)],
+            "compute": "macs" if self.latency is None else "latency",
+            "latency_table": self.latency,
+            "noskip_front": [p.to_json() for p in sorted(self.noskip_front, key=lambda p: p.cost)],
+            "skip_front": [p.to_json() for p in sorted(self.skip_front, key=lambda p: p.cost)],
             "noskip_per_nfe": [p.to_json() for p in self.noskip_per_nfe],
             "dominated_levels": {
                 which: [{"noskip": q.to_json(), "by": p.to_json()} for q, p in self.levels(which)]
@@ -326,8 +356,9 @@ class ParetoReport:
                 ("no skipping (best schedule per NFE)", self.noskip_front, "o-"),
                 ("with layer skipping", self.skip_front, "^-"),
             ):
-                pts = sorted(pts, key=lambda p: p.macs)
-                xs, ys = [p.macs / 1e9 for p in pts], [p.holdout_fid for p in pts]
+                pts = sorted(pts, key=lambda p: p.cost)
+                xs = [p.macs / 1e9 if self.latency is None else p.latency_ms for p in pts]
+                ys = [p.holdout_fid for p in pts]
                 ax.plot(xs, ys, style, drawstyle="steps-post", label=name)
                 for p, x, y in zip(pts, xs, ys):
                     ax.annotate(
@@ -338,7 +369,8 @@ class ParetoReport:
                         fontsize=7,
                     )
             ax.set_yscale("log")  # heavy skipping costs ~100x the FID of the useful region; linear would flatten it
-            ax.set_xlabel("GMACs per image")
+            unit = "GMACs per image" if self.latency is None else f"predicted ms per request ({_key(self.latency)})"
+            ax.set_xlabel(unit)
             ax.set_ylabel(f"FID ({self.extractor}, {self.holdout_samples} held-out samples)")
             ax.set_title(
                 f"{self.model} {self.sampler}: NFE {self.nfes[0]}-{self.nfes[-1]} (label: NFE/skipped layer-steps)",
@@ -369,6 +401,18 @@ def _num(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def _key(table: dict) -> str:
+    k = table["key"]
+    return f"{k['backend']} {k['precision']}, batch {k['batch']}, {k['threads']} thread(s)"
+
+
+def _latency_note(table: dict) -> str:
+    return (
+        f"Compute: predicted latency per request on {_key(table)} engines ({table['key']['cpu']}), "
+        "from search/latency.py's per-layer table."
+    )
+
+
 def default_out(options, nfes: list[int]) -> str:
     """plans/embedded-mnist-nfe3-8.json for the range 3-8 (the single-NFE default name with the range in it)."""
     single = replace(options, nfe=nfes[0], out=None).resolved().out
@@ -382,11 +426,39 @@ def default_out(options, nfes: list[int]) -> str:
 
 
 def run_pareto(options, nfes, model=None, extractor=None, ref_stats=None) -> ParetoReport:
-    """One multi-objective search per NFE, both fronts re-ranked on held-out samples, the report (module docstring)."""
-    from .pipeline import output_stem, prepare
+    """One multi-objective search per NFE, both fronts re-ranked on held-out samples, the report (module docstring).
 
+    Stages: :func:`_prepare_all` (every NFE's settings checked first), :func:`_search_one_nfe` per NFE,
+    :func:`_fronts_report` (the fronts, their confirmation, the report), :func:`_write_outputs`.
+    """
     t0 = time.perf_counter()
     nfes = sorted(set(int(n) for n in nfes))
+    out, preps = _prepare_all(options, nfes, model, extractor, ref_stats)
+    skip_points: list[FrontPoint] = []
+    noskip_per_nfe: list[FrontPoint] = []
+    summaries: dict = {}
+    for n in nfes:
+        resume = bool(options.resume) and Path(preps[n].options.checkpoint).exists()
+        points, noskip, summaries[n] = _search_one_nfe(preps[n], replace(_per_nfe(options, out, n), resume=resume))
+        skip_points += points
+        noskip_per_nfe.append(noskip)
+    report = _fronts_report(options, preps[nfes[0]], nfes, skip_points, noskip_per_nfe, summaries)
+    report.seconds = time.perf_counter() - t0
+    _write_outputs(options, preps[nfes[0]], report, out)
+    return report
+
+
+def _per_nfe(options, out: Path, n: int):
+    """NFE n's own search: multi-objective, no report of its own, its outputs at STEM.nfeN.*."""
+    from .pipeline import output_stem
+
+    return replace(options, nfe=n, multi_objective=True, report=False, out=f"{output_stem(out)}.nfe{n}.json")
+
+
+def _prepare_all(options, nfes: list, model, extractor, ref_stats) -> tuple[Path, dict]:
+    """(--out, {NFE: its prepared search}): every setting and output checked before the first search starts."""
+    from .pipeline import prepare
+
     if len(nfes) < 2:
         raise SearchError(f"--nfe {nfes}: the fronts across NFE need at least two NFEs (e.g. --nfe 3-8)")
     if not options.holdout_samples:
@@ -400,52 +472,40 @@ def run_pareto(options, nfes, model=None, extractor=None, ref_stats=None) -> Par
             "next to --out; leave --checkpoint out"
         )
     out = Path(options.out if options.out is not None else default_out(options, nfes))
-    stem = output_stem(out)
-
-    def per_nfe(n: int):
-        return replace(options, nfe=n, multi_objective=True, report=False, out=f"{stem}.nfe{n}.json")
-
-    # Every NFE's settings and outputs are checked before the first search starts.
-    first = prepare(per_nfe(nfes[0]), model, extractor, ref_stats)
+    first = prepare(_per_nfe(options, out, nfes[0]), model, extractor, ref_stats)
     model, extractor, ref_stats = first.model, first.extractor, first.ref_stats
-    preps = {n: prepare(per_nfe(n), model, extractor, ref_stats) for n in nfes}
+    preps = {n: prepare(_per_nfe(options, out, n), model, extractor, ref_stats) for n in nfes}
     resolved = first.options
     if resolved.holdout_seed == resolved.seed:
         raise SearchError(
             f"--holdout-seed {resolved.holdout_seed} equals --seed: the fronts must be re-ranked on "
             "samples the search did not see"
         )
+    return out, preps
 
-    skip_points: list[FrontPoint] = []
-    noskip_per_nfe: list[FrontPoint] = []
-    dp_costs: dict = {}
-    sensitivity = None
-    for n in nfes:
-        resume = bool(options.resume) and Path(preps[n].options.checkpoint).exists()
-        points, noskip, summary = _search_one_nfe(preps[n], replace(per_nfe(n), resume=resume))
-        skip_points += points
-        noskip_per_nfe.append(noskip)
-        if summary.get("dp"):
-            dp_costs[n] = summary["dp"]["paths"][0]["cost"]
-        if sensitivity is None and summary.get("skip_sensitivity"):
-            sensitivity = summary["skip_sensitivity"]
+
+def _fronts_report(options, first, nfes: list, skip_points: list, noskip_per_nfe: list, summaries: dict):
+    """Both fronts from every NFE's points, confirmed on a third seed (with --report), as a ParetoReport."""
+    dp_costs = {n: s["dp"]["paths"][0]["cost"] for n, s in summaries.items() if s.get("dp")}
+    sensitivity = next((s["skip_sensitivity"] for s in summaries.values() if s.get("skip_sensitivity")), None)
 
     def front(points):
         return non_dominated(
-            points, lambda p: (p.holdout_fid, p.macs), tiebreak=lambda p: (p.candidate.num_skipped, p.candidate)
+            points, lambda p: (p.holdout_fid, p.cost), tiebreak=lambda p: (p.candidate.num_skipped, p.candidate)
         )
 
     noskip_front, skip_front = front(noskip_per_nfe), front(skip_points)
+    resolved = first.options
     # A third seed, used by neither the search nor the choice: the verdict without selection bias.
     confirm_seed, confirm_samples = (resolved.report_seed, resolved.report_samples) if options.report else (None, None)
     if options.report:
         _confirm(first, noskip_front + skip_front)
-    report = ParetoReport(
-        model=model.name,
+    return ParetoReport(
+        model=first.model.name,
         sampler=options.sampler,
         nfes=nfes,
-        extractor=extractor.name,
-        reference=ref_stats.dataset,
+        extractor=first.extractor.name,
+        reference=first.ref_stats.dataset,
         search_seed=resolved.seed,
         search_samples=resolved.num_samples,
         objective=resolved.objective,
@@ -453,22 +513,28 @@ def run_pareto(options, nfes, model=None, extractor=None, ref_stats=None) -> Par
         holdout_samples=resolved.holdout_samples,
         confirm_seed=confirm_seed,
         confirm_samples=confirm_samples,
-        full_step_macs=model.unet.macs(),
+        full_step_macs=first.model.unet.macs(),
         noskip_front=noskip_front,
         skip_front=skip_front,
         noskip_per_nfe=noskip_per_nfe,
         sensitivity=sensitivity,
         dp_costs=dp_costs,
+        latency=None if first.latency is None else first.latency.to_json(),
     )
-    report.seconds = time.perf_counter() - t0
-    tool = "python -m search.run --multi-objective --nfe " + ",".join(map(str, nfes))
-    _save_front(first, skip_front, out, tool)
-    _save_front(first, noskip_front, Path(f"{stem}.noskip.json"), tool)
+
+
+def _write_outputs(options, first, report: ParetoReport, out: Path) -> None:
+    """The skip front (--out), the no-skip front (STEM.noskip.json) and the report (STEM.report.*)."""
+    from .pipeline import output_stem
+
+    stem = output_stem(out)
+    tool = "python -m search.run --multi-objective --nfe " + ",".join(map(str, report.nfes))
+    _save_front(first, report.skip_front, out, tool)
+    _save_front(first, report.noskip_front, Path(f"{stem}.noskip.json"), tool)
     md, _, png = report.save(stem)
     if not options.quiet:
         print(report.table())
         print(f"fronts written to {out} and {stem}.noskip.json; report {md}, plot {png}", file=sys.stderr)
-    return report
 
 
 def _search_one_nfe(prepared, options) -> tuple[list, "FrontPoint", dict]:
@@ -485,7 +551,11 @@ def _search_one_nfe(prepared, options) -> tuple[list, "FrontPoint", dict]:
     summary = plan.provenance["summary"]
     stem = output_stem(prepared.options.out)
     plans = load_plan_set(stem.with_name(stem.name + ".pareto.json"))
-    points = [FrontPoint(s.candidate, pl.sampler, s.macs, pl.fitness.fid, s.fid) for s, pl in zip(result.pareto, plans)]
+    # the space's cost is ns with --compute latency: MACs and predicted ms come from each plan's own record
+    points = [
+        FrontPoint(s.candidate, pl.sampler, pl.macs_per_sample, pl.fitness.fid, s.fid, latency_ms=_plan_ms(pl))
+        for s, pl in zip(result.pareto, plans)
+    ]
     full_members = [h for h in summary.get("pareto_search_front", []) if h["skipped_layer_steps"] == 0]
     known = {Candidate.full(h["timesteps"]): h["holdout_fid"] for h in full_members}
     search_fit = {Candidate.full(h["timesteps"]): h["search_fitness"] for h in full_members}
@@ -497,8 +567,20 @@ def _search_one_nfe(prepared, options) -> tuple[list, "FrontPoint", dict]:
     need = [c for c in full if c not in known]
     known.update(zip(need, holdout_fids(prepared, need) if need else []))
     best = min(full, key=lambda c: (known[c], c))
-    noskip = FrontPoint(best, options.sampler, prepared.space1.full_macs, known[best], search_fit.get(best))
+    table = prepared.latency
+    noskip = FrontPoint(
+        best,
+        options.sampler,
+        prepared.model.unet.macs() * options.nfe,
+        known[best],
+        search_fit.get(best),
+        latency_ms=None if table is None else round(table.predict_ms(best.skip), 4),
+    )
     return points, noskip, summary
+
+
+def _plan_ms(plan) -> Optional[float]:
+    return None if plan.predicted_latency is None else plan.predicted_latency.ms
 
 
 def _confirm(prepared, points: list) -> None:
@@ -533,7 +615,9 @@ def _save_front(prepared, points: list, path: Path, tool: str) -> Path:
 
     options, model = prepared.options, prepared.model
     plans = []
-    for p in sorted(points, key=lambda p: p.macs):
+    from .pipeline import predicted_latency
+
+    for p in sorted(points, key=lambda p: p.cost):
         fitness = Fitness(
             float(p.holdout_fid),
             prepared.extractor.name,
@@ -559,6 +643,7 @@ def _save_front(prepared, points: list, path: Path, tool: str) -> Path:
                 spec=options.model,
                 fitness=fitness,
                 provenance=provenance,
+                predicted_latency=predicted_latency(prepared.latency, p.candidate.skip),
             )
         )
     return save_plan_set(plans, path)

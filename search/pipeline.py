@@ -54,6 +54,13 @@ class SearchOptions:
     budget_fraction: Optional[float] = 1.0
     budget_macs: Optional[int] = None
     multi_objective: bool = False
+    # What the budget and the Pareto front count (search/latency.py): the engines' predicted milliseconds per
+    # request, from a per-layer table measured once per (backend, precision, batch, threads, CPU), or MACs.
+    compute: str = "latency"
+    latency_backend: str = "auto"  # as `autodiffusion-rt build --backend auto` resolves it
+    latency_precision: str = "auto"
+    latency_batch: int = 1  # images per request: the service's batch-1 latency
+    latency_threads: int = 1  # engine threads: `autodiffusion-rt serve`'s default
     seed: int = 0
     out: Optional[str] = None
     checkpoint: Optional[str] = None
@@ -130,6 +137,7 @@ FAST = dict(
     grid_points=20,
     holdout_samples=200,
     holdout_topk=1,
+    compute="macs",  # a smoke test: no engine build for the latency table
 )
 # --method dp: no evolution; its report (10 rows) is the cost, so fewer samples per row (<= 60 s).
 DP_METHOD = dict(report_samples=250)
@@ -163,6 +171,7 @@ class Prepared:
     space2: object
     settings: object
     run_settings: dict
+    latency: Optional[object] = None  # search.latency.LatencyTable with --compute latency
 
 
 @dataclass
@@ -220,7 +229,8 @@ def prepare(options: SearchOptions, model=None, extractor=None, ref_stats=None) 
             "comparable within this run)",
             stacklevel=2,
         )
-    space1, space2 = _search_spaces(options, model)
+    latency = _latency_table(options, model)
+    space1, space2 = _search_spaces(options, model, latency)
     run_settings = {
         "model": model.name,
         "model_fingerprint": model.fingerprint,
@@ -240,7 +250,39 @@ def prepare(options: SearchOptions, model=None, extractor=None, ref_stats=None) 
         "sensitivity_points": options.sensitivity_points,
         **settings.as_dict(),
     }
-    return Prepared(options, model, extractor, ref_stats, ref_description, space1, space2, settings, run_settings)
+    if latency is not None:  # the costs in the checkpoint are this table's
+        run_settings.update(compute="latency", latency_table=_table_digest(latency))
+    return Prepared(
+        options, model, extractor, ref_stats, ref_description, space1, space2, settings, run_settings, latency
+    )
+
+
+def _latency_table(options: SearchOptions, model):
+    """--compute latency: the cached (or newly measured) per-layer latency table; None with --compute macs or
+    --method dp (which uses no compute)."""
+    if options.compute != "latency" or options.method == "dp":
+        return None
+    from .latency import load_or_measure, resolve_key
+
+    key = resolve_key(
+        model, options.latency_backend, options.latency_precision, options.latency_batch, options.latency_threads
+    )
+    table = load_or_measure(model, key, Path(options.teacher_cache), progress=not options.quiet)
+    if not options.quiet:
+        print(
+            f"latency table ({table.describe()}): full step {table.full_step_ms:.3f} ms, fixed part "
+            f"{table.fixed_ms:.3f} ms, request overhead {table.request_ms:.3f} ms",
+            file=sys.stderr,
+        )
+    return table
+
+
+def _table_digest(table) -> str:
+    import hashlib
+    import json
+
+    parts = {"request": table.request_ms, "fixed": table.fixed_ms, "layers": table.layer_ms, "key": table.key}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _is_int(value, least: int) -> bool:
@@ -271,6 +313,18 @@ def _check_values(options: SearchOptions) -> None:
         raise SearchError(f"--budget-fraction {fraction}: must lie in (0, 1] (1 = the full model's MACs at this NFE)")
     if options.budget_macs is not None and options.budget_macs <= 0:
         raise SearchError(f"--budget-macs {options.budget_macs}: must be a positive number of MACs per sample")
+    from .latency import COMPUTE_CHOICES
+
+    if options.compute not in COMPUTE_CHOICES:
+        raise SearchError(f"--compute {options.compute!r} is unknown: choose one of {', '.join(COMPUTE_CHOICES)}")
+    if options.compute == "latency" and options.budget_macs is not None:
+        raise SearchError(
+            f"--budget-macs {options.budget_macs} counts MACs: add --compute macs, or give --budget-fraction "
+            "(a fraction of the full model's predicted latency)"
+        )
+    for name in ("latency_batch", "latency_threads"):
+        if not _is_int(getattr(options, name), 1):
+            raise SearchError(f"--{name.replace('_', '-')} {getattr(options, name)!r}: must be an integer >= 1")
     if not _is_int(options.nfe, 1):
         raise SearchError(
             f"--nfe {options.nfe!r} is out of range: choose 1 <= NFE <= the model's number of "
@@ -391,22 +445,32 @@ def _load_reference(options: SearchOptions, model, extractor, ref_stats):
     return resolve_reference(options.reference, extractor, progress=not options.quiet)
 
 
-def _search_spaces(options: SearchOptions, model):
-    """Stage 1's space (timesteps, full model) and stage 2's (timesteps and skipping, under the MACs budget)."""
+def _search_spaces(options: SearchOptions, model, latency=None):
+    """Stage 1's space (timesteps, full model) and stage 2's (timesteps and skipping, under the compute budget).
+
+    With a latency table the spaces count integer nanoseconds of the steps (the request's fixed overhead is
+    the same for every plan): --budget-fraction is then of the full model's predicted request latency.
+    """
     from .space import SearchSpace
 
     layer_macs = {layer.id: layer.macs for layer in model.unet.layers}
     full_step = model.unet.macs()
+    overhead, unit = 0, "MACs"
+    if latency is not None:
+        from .latency import NS_PER_MS
+
+        layer_macs, full_step = latency.space_costs(list(layer_macs))
+        overhead, unit = int(round(latency.request_ms * NS_PER_MS)), "ns"
     if options.budget_macs is not None:
         budget = int(options.budget_macs)
     elif options.budget_fraction is not None:
-        budget = int(math.floor(options.budget_fraction * (full_step * options.nfe)))
+        budget = int(math.floor(options.budget_fraction * (full_step * options.nfe + overhead))) - overhead
     else:
         budget = None
     steps = model.num_timesteps
     return (
         SearchSpace(steps, options.nfe, layer_macs, full_step, budget_macs=None, allow_skip=False),
-        SearchSpace(steps, options.nfe, layer_macs, full_step, budget_macs=budget, allow_skip=True),
+        SearchSpace(steps, options.nfe, layer_macs, full_step, budget_macs=budget, allow_skip=True, unit=unit),
     )
 
 
@@ -456,6 +520,7 @@ def _run_locked(prepared: Prepared, executor, stop_after: Optional[int]):
         return None
     held_out = _select_on_holdout(prepared, evolved)
     summary = _search_summary(evolved, teacher, dp, held_out)
+    _latency_columns(prepared, summary)
     if held_out is not None:  # the report names the held-out table's own samples beside it
         options = prepared.options
         summary["holdout_settings"] = {
@@ -618,19 +683,26 @@ def _dp_seeds(prepared: Prepared, teacher, dp):
         options.batch_size,
         cache_dir=Path(options.teacher_cache),
     )
-    full_step = prepared.model.unet.macs()
-    space2.set_skip_guide(sensitivity)  # stage 2's skip mutations and budget repairs favour the cheap layer-steps
+    full_step = space2.full_step_macs
+    guide = _in_space_units(sensitivity, space2)
+    space2.set_skip_guide(guide)  # stage 2's skip mutations and budget repairs favour the cheap layer-steps
     full_seeds = list(seeds)
-    seeds += [Candidate(c.timesteps, cheapest_skips(sensitivity, c.timesteps, full_step, budget)) for c in full_seeds]
+    seeds += [Candidate(c.timesteps, cheapest_skips(guide, c.timesteps, full_step, budget)) for c in full_seeds]
     if options.multi_objective and full_seeds:
         # NSGA-II starts with the best DP schedule at several compute levels below the budget, not only at it.
         top = min(budget, space2.full_macs) if budget is not None else space2.full_macs
         best = full_seeds[0].timesteps
         seeds += [
-            Candidate(best, cheapest_skips(sensitivity, best, full_step, int(fraction * top)))
+            Candidate(best, cheapest_skips(guide, best, full_step, int(fraction * top)))
             for fraction in MO_SEED_FRACTIONS
         ]
     return seeds, sensitivity
+
+
+def _in_space_units(sensitivity: dict, space) -> dict:
+    """The sensitivity table with each layer's saving in the space's units (ns with --compute latency), so the
+    guide and the seeds rank layer-steps by cost per ns saved, not per MAC."""
+    return {**sensitivity, "macs": [space.layer_macs.get(lid, 0) for lid in sensitivity["layers"]]}
 
 
 def _holdout_row(candidate, search_fitness, holdout_fid: float, macs: int) -> dict:
@@ -773,6 +845,20 @@ def _search_summary(evolved: Evolved, teacher, dp, held_out: Optional[HeldOut]) 
     return summary
 
 
+def _latency_columns(prepared: Prepared, summary: dict) -> None:
+    """--compute latency: the held-out rows' costs came from the space (ns of steps): record them as predicted ms
+    per request (with the table's overhead) under their own name, and the table itself."""
+    table = prepared.latency
+    if table is None:
+        return
+    from .latency import NS_PER_MS
+
+    for row in summary.get("holdout", []) + summary.get("pareto_search_front", []):
+        if "macs_per_sample" in row:
+            row["predicted_latency_ms"] = round(row.pop("macs_per_sample") / NS_PER_MS + table.request_ms, 4)
+    summary["latency_table"] = table.to_json()
+
+
 def _provenance(prepared: Prepared, tool: str, summary: dict, **extra) -> dict:
     """A searched plan's provenance: the tool, the run's settings, ``extra``, the summary and the versions."""
     import torch
@@ -823,7 +909,13 @@ def _write_plans(prepared: Prepared, result, summary: dict, held_out: Optional[H
             f"plan written to {options.out}: timesteps {list(plan.timesteps)}, {result.best.candidate.num_skipped} "
             f"skipped layer-steps, {options.objective} {result.best.fid:.4g} ({prepared.extractor.name}, "
             f"{options.num_samples} samples){held}, {plan.macs_per_sample / plan.full_macs_per_sample:.3f} of the "
-            "full model's MACs",
+            "full model's MACs"
+            + (
+                ""
+                if plan.predicted_latency is None
+                else f", predicted {plan.predicted_latency.ms:.2f} ms per request "
+                f"({plan.predicted_latency.ms / plan.predicted_latency.full_ms:.3f} of the full model's)"
+            ),
             file=sys.stderr,
         )
     if options.multi_objective:
@@ -861,7 +953,18 @@ def _make_plan(
         spec=options.model,
         fitness=fitness,
         provenance=provenance,
+        predicted_latency=predicted_latency(prepared.latency, scored.candidate.skip),
     )
+
+
+def predicted_latency(table, skip_sets):
+    """The plan's record of its predicted latency (None without a latency table)."""
+    if table is None:
+        return None
+    from autodiffusion_rt.plan import PredictedLatency
+
+    rec = table.record(skip_sets)
+    return PredictedLatency(rec["ms"], rec["full_ms"], rec["key"])
 
 
 def _report_rows(prepared: Prepared, result, plan, dp) -> list:
@@ -906,6 +1009,10 @@ def _write_report(prepared: Prepared, rows: list, summary: dict, extractor_names
         device=options.device,
     )
     report.search = summary
+    if prepared.latency is not None:
+        from .latency import latency_rows
+
+        report.latency = latency_rows(prepared.latency, rows)
     report.save_and_show(output_stem(options.out), options.quiet)
     return report
 

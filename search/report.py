@@ -80,6 +80,8 @@ class Report:
     search: dict = field(default_factory=dict)  # wall time, evaluations, savings (filled by run.py)
     bootstrap_rounds: int = 0
     comparison: list = field(default_factory=list)  # sentences: the plan against the best uniform row, per extractor
+    # --compute latency: search.latency.latency_rows (the table's key, each row's predicted ms)
+    latency: Optional[dict] = None
 
     def to_json(self) -> dict:
         return {
@@ -96,6 +98,7 @@ class Report:
             "search": self.search,
             "bootstrap_rounds": self.bootstrap_rounds,
             "comparison": self.comparison,
+            **({"latency": self.latency} if self.latency else {}),
         }
 
     def table(self) -> str:
@@ -134,6 +137,8 @@ class Report:
             lines.append("| " + " | ".join(cells) + " |")
         if self.comparison:
             lines += [""] + self.comparison
+        if self.latency:
+            lines += ["", _latency_section(self.latency)]
         if self.search:
             s = self.search
             lines += ["", _search_summary(s)]
@@ -197,6 +202,18 @@ def compare_plan(rows: Sequence[Row], ext: str) -> Optional[str]:
     else:
         verdict = "more than the noise of the samples: at this NFE that uniform schedule is better on these samples"
     return text + f", {ratio:.1f} times the paired bootstrap sd of the difference ({spread:.3f}): {verdict}."
+
+
+def _latency_section(lat: dict) -> str:
+    """Predicted latency per request of each row, on the table's engines (scripts/latency_check.py measures it)."""
+    k = lat["key"]
+    out = (
+        f"Predicted latency per request ({k['backend']} {k['precision']} engines, batch {k['batch']}, "
+        f"{k['threads']} thread(s), {k['cpu']}; search/latency.py's per-layer table; measured against "
+        "benchmark.py by scripts/latency_check.py):\n\n| method | sampler | predicted ms |\n|---|---|---|\n"
+    )
+    out += "".join(f"| {r['method']} | {r['sampler']} | {r['predicted_ms']:.2f} |\n" for r in lat["rows"])
+    return out.rstrip("\n")
 
 
 def _search_summary(s: dict) -> str:

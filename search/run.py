@@ -15,7 +15,7 @@ import sys
 from dataclasses import fields
 from typing import Optional, Sequence
 
-from autodiffusion_rt.registry import EXTRACTORS, SAMPLERS, SPACINGS, model_spec_help, one_of
+from autodiffusion_rt.registry import BUILD_BACKENDS, EXTRACTORS, SAMPLERS, SPACINGS, model_spec_help, one_of
 
 from .errors import SearchError
 from .pipeline import (  # noqa: F401  (re-exported: the public names of python -m search.run)
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m search.run",
         description="Two-stage evolutionary search of timesteps and per-step layer skipping (AutoDiffusion), "
-        "judged by FID and MACs.",
+        "judged by FID and compute (predicted latency or MACs).",
     )
     _model_flags(p)
     _evolution_flags(p)
@@ -122,15 +122,19 @@ def _evolution_flags(parser) -> None:
     budget.add_argument(
         "--budget-fraction",
         type=float,
-        help=f"stage 2 MACs budget as a fraction of the full model at this NFE (default {d['budget_fraction']})",
+        help="stage 2 compute budget (--compute: predicted latency or MACs) as a fraction of the full model's at "
+        f"this NFE (default {d['budget_fraction']})",
     )
-    budget.add_argument("--budget-macs", type=float, help="stage 2 MACs budget per sample, absolute (all steps)")
+    budget.add_argument(
+        "--budget-macs", type=float, help="stage 2 MACs budget per sample, absolute (all steps; with --compute macs)"
+    )
     group.add_argument(
         "--multi-objective",
         action="store_true",
         default=None,
-        help="stage 2 with pymoo's NSGA-II on (FID, MACs); also writes the Pareto set",
+        help="stage 2 with pymoo's NSGA-II on (FID, compute); also writes the Pareto set",
     )
+    _compute_flags(group)
     group.add_argument("--seed", type=int, help=f"seed of the search and of the samples' noise (default {d['seed']})")
     preset = group.add_mutually_exclusive_group()
     preset.add_argument(
@@ -142,6 +146,38 @@ def _evolution_flags(parser) -> None:
         "--paper-settings",
         action="store_true",
         help="AutoDiffusion's evolution settings: " + ", ".join(f"{k}={v}" for k, v in PAPER.items()),
+    )
+
+
+def _compute_flags(group) -> None:
+    """What the budget and the Pareto front count: the engines' predicted latency (search/latency.py) or MACs."""
+    from .latency import COMPUTE_CHOICES
+
+    d = DEFAULTS
+    group.add_argument(
+        "--compute",
+        choices=COMPUTE_CHOICES,
+        help="what the budget and the front count: latency (per request, predicted from a per-layer table measured "
+        "once on the engines `autodiffusion-rt build` makes and cached beside the teacher) or macs "
+        f"(default {d['compute']}; --fast {FAST['compute']})",
+    )
+    group.add_argument(
+        "--latency-backend",
+        choices=("auto", *BUILD_BACKENDS, "torch"),
+        help=f"engines the latency table is measured on (default {d['latency_backend']}: as build chooses)",
+    )
+    group.add_argument(
+        "--latency-precision",
+        help=f"their precision: auto, fp32, bf16 (openvino), fp16 (tensorrt) (default {d['latency_precision']}: "
+        "as build chooses)",
+    )
+    group.add_argument(
+        "--latency-batch", type=int, help=f"images per request the table is measured at (default {d['latency_batch']})"
+    )
+    group.add_argument(
+        "--latency-threads",
+        type=int,
+        help=f"engine threads the table is measured with (default {d['latency_threads']}: serve's default)",
     )
 
 

@@ -89,6 +89,8 @@ class SearchSpace:
     ``full_step_macs``: MACs per sample of one full-model step;
     ``budget_macs``: the most MACs per sample a candidate may use over all its
     steps (None: no limit); ``allow_skip``: False in stage 1 (timesteps only).
+    ``unit``: what the costs count: MACs, or ``ns`` (search/latency.py's integer nanoseconds of engine time per
+    request); the space only adds them up, so every "macs" here is then nanoseconds.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class SearchSpace:
         budget_macs: Optional[int] = None,
         allow_skip: bool = False,
         local_scale: float = 0.5,
+        unit: str = "MACs",
     ):
         if not isinstance(nfe, int) or isinstance(nfe, bool) or not 1 <= nfe <= num_timesteps:
             raise SearchError(
@@ -115,16 +118,22 @@ class SearchSpace:
         self.allow_skip = bool(allow_skip) and bool(self.layer_ids)
         self.local_scale = float(local_scale)
         self.budget_macs = None if budget_macs is None else int(budget_macs)
+        self.unit = unit
         self._guide = None  # the sensitivity table's skip weights (set_skip_guide); None: uniform draws
         self.min_macs = nfe * (self.full_step_macs - sum(self.layer_macs.values()))
         if self.budget_macs is not None and self.budget_macs < self.full_macs:
             if not self.allow_skip or self.budget_macs < self.min_macs:
                 need = self.min_macs if self.allow_skip else self.full_macs
+                fix = (
+                    f"--budget-macs to {need:,}"
+                    if unit == "MACs"
+                    else "use --compute macs (the table's request overhead counts here too)"
+                )
                 raise SearchError(
-                    f"no candidate can meet the budget of {self.budget_macs:,} MACs per sample at NFE {nfe}: even "
+                    f"no candidate can meet the budget of {self.budget_macs:,} {unit} per sample at NFE {nfe}: even "
                     f"{'skipping every skippable layer at every step' if self.allow_skip else 'the full model'} needs "
                     f"{need:,} ({need / self.full_macs:.3f} of the full model); raise --budget-fraction to at least "
-                    f"{math.ceil(need / self.full_macs * 1000) / 1000:.3f} or --budget-macs to {need:,}"
+                    f"{math.ceil(need / self.full_macs * 1000) / 1000:.3f} or {fix}"
                 )
 
     # ------------------------------------------------------------------ queries

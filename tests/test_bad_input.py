@@ -439,7 +439,7 @@ def _search_opts(tmp_path, **kw):
 
     return SearchOptions(model="tiny:search", nfe=3, num_samples=24, population=6, generations=1, topk=2, mutants=2,
                          crossovers=2, budget_fraction=0.85, report=False, batch_size=12, out=str(tmp_path / "plan.json"),
-                         quiet=True, **kw)
+                         quiet=True, **{"compute": "macs", **kw})
 
 
 # (id, edit of the checkpoint JSON, the field the error must name)
@@ -736,7 +736,7 @@ def _search_cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "search.run", "--nfe", "3", "--num-samples", "8", "--batch-size", "8", "--population", "6",
             "--generations", "3", "--topk", "2", "--mutants", "2", "--crossovers", "2", "--objective", "fid", "--dp-paths", "0",
             "--holdout-samples", "0", "--no-report", "--multi-objective", "--budget-fraction", "0.85", "--threads", "1",
-            "--quiet", "--out", str(out), *extra]
+            "--compute", "macs", "--quiet", "--out", str(out), *extra]
 
 
 def _generations_saved(ckpt: Path) -> int:

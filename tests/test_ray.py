@@ -26,7 +26,7 @@ def ray_2cpus():
 def opts(tmp_path):
     return SearchOptions(
         model="tiny:search", nfe=3, num_samples=24, population=6, generations=2, topk=2, mutants=2, crossovers=2,
-        budget_fraction=0.85, report=False, batch_size=12, out=str(tmp_path / "plan.json"), quiet=True,
+        budget_fraction=0.85, report=False, batch_size=12, out=str(tmp_path / "plan.json"), quiet=True, compute="macs",
     )
 
 

@@ -16,7 +16,7 @@ def _options(out):
     return SearchOptions(
         model="tiny:search", num_samples=16, population=6, generations=1, topk=2, mutants=2, crossovers=2,
         report_samples=20, batch_size=16, out=str(out), quiet=True, report_extractors=["search-tiny"],
-        grid_points=8, dp_paths=2, holdout_samples=24, sensitivity_points=3, sensitivity_samples=8,
+        grid_points=8, dp_paths=2, holdout_samples=24, sensitivity_points=3, sensitivity_samples=8, compute="macs",
     )
 
 

@@ -35,6 +35,7 @@ def opts(tmp_path):
         grid_points=12,
         holdout_samples=48,
         holdout_topk=3,
+        compute="macs",  # today's behaviour; --compute latency: tests/test_search_latency.py
     )
 
 

@@ -1,0 +1,156 @@
+"""Predicted vs measured latency: search/latency.py's per-layer table against benchmark.py, plan by plan.
+
+    python scripts/latency_check.py --plan plans/embedded-mnist-nfe4.json [--others 5] [--pareto SET.json]
+        [--teacher-cache plans/.teacher-cache] [--latency-runs 30] [--warmup 5] [--gate-fid-samples 2000]
+        [--json OUT.json]
+
+The plans: the chosen plan (``--plan``, a plan the search wrote with ``--compute latency``) and ``--others``
+more: the members of ``--pareto`` (a plan set, e.g. ``STEM.pareto.json``) first, then the chosen plan's
+timesteps with random skip sets of the search space (each layer-step skipped at rates from 0.1 to 0.8; seeded).
+Each is built with ``autodiffusion-rt build`` (the table's backend and precision, ``--max-batch`` its batch)
+and timed with benchmark.py's own worker (``engines`` configuration, its own process: ``Runtime.load`` with
+the table's threads, ``sample(batch)`` per request, p50 over ``--latency-runs`` after ``--warmup``). The
+prediction comes from the table cached beside the teacher for the plan's key (measured now if absent): it is
+built from per-layer measurements of the measurement plan only, never fitted on these plans.
+
+Run it on an idle machine: a loaded one moves every measured time (the table's too, if it is measured now).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmark import _in_process  # noqa: E402  (the benchmark's worker: one configuration in its own process)
+
+
+def _others(plan, model, count: int, pareto, seed: int) -> list:
+    """Up to ``count`` other plans: the plan set's members (not the chosen plan), then random skip sets."""
+    import numpy as np
+
+    from autodiffusion_rt.plan import Plan
+
+    out = [p for p in _load_set(pareto) if p.skip != plan.skip][:count]
+    rng = np.random.default_rng(seed)
+    ids = sorted(model.unet.layer_ids)
+    res = [layer.id for layer in model.unet.layers if layer.kind == "res"]
+    rates = np.linspace(0.1, 0.8, max(1, count - len(out)))
+    for rate in rates[: count - len(out)]:
+        skip = [[lid for lid in ids if rng.random() < rate] for _ in plan.timesteps]
+        # a step must keep a ResBlock: without one the time embedding is unused and its export fails (emb input)
+        skip = [s if set(res) - set(s) else [lid for lid in s if lid != res[0]] for s in skip]
+        out.append(Plan.for_model(model, plan.timesteps, plan.sampler, plan.eta, skip, spec=plan.model_spec))
+    return out
+
+
+def _load_set(path) -> list:
+    if path is None:
+        return []
+    from search.run import load_plan_set
+
+    return load_plan_set(path)
+
+
+def _build(plan_path: Path, out: Path, key: dict, gate_samples: int) -> None:
+    cmd = [
+        "autodiffusion-rt", "build", str(plan_path), "--out", str(out), "--backend", key["backend"],
+        "--precision", key["precision"], "--max-batch", str(key["batch"]), "--gate-fid-samples", str(gate_samples),
+        "--quiet",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"latency_check: building {plan_path} failed: {tail}")
+
+
+def _measure(engines: Path, key: dict, runs: int, warmup: int) -> float:
+    spec = {
+        "config": "engines", "engines": str(engines), "threads": key["threads"], "batch_sizes": [key["batch"]],
+        "repeats": runs, "latency_runs": runs, "warmup": warmup,
+    }
+    got = _in_process(spec, lambda *_: None)
+    if "error" in got:
+        raise SystemExit(f"latency_check: timing {engines} failed: {got['error']}")
+    return statistics.median(got["rows"][0]["times_ms"])
+
+
+def check(args) -> dict:
+    """Build and time every plan; the table of predicted vs measured ms (a JSON-able dict)."""
+    from autodiffusion_rt.models import load_model_for_plan
+    from autodiffusion_rt.plan import Plan
+    from search.latency import load_or_measure, resolve_key
+
+    plan = Plan.load(args.plan)
+    if plan.predicted_latency is None:
+        raise SystemExit(f"latency_check: {args.plan} records no predicted latency: search with --compute latency")
+    model = load_model_for_plan(plan)
+    k = plan.predicted_latency.key
+    key = resolve_key(model, k["backend"], k["precision"], k["batch"], k["threads"])
+    if key["cpu"] != k["cpu"]:
+        print(f"note: the plan's table was measured on {k['cpu']!r}, this is {key['cpu']!r}", file=sys.stderr)
+    cache = Path(args.teacher_cache or Path(args.plan).parent / ".teacher-cache")
+    table = load_or_measure(model, key, cache)
+    plans = [plan] + _others(plan, model, args.others, args.pareto, args.seed)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="adrt-latency-check-") as tmp:
+        for i, p in enumerate(plans):
+            path = p.save(Path(tmp) / f"plan{i}.json")
+            _build(path, Path(tmp) / f"engines{i}", key, args.gate_fid_samples)
+            measured = _measure(Path(tmp) / f"engines{i}", key, args.latency_runs, args.warmup)
+            predicted = table.predict_ms(p.skip)
+            rows.append({
+                "plan": "chosen" if i == 0 else f"other {i}", "nfe": p.nfe,
+                "skipped_layer_steps": sum(map(len, p.skip)),
+                "macs_per_sample": p.macs_per_sample, "predicted_ms": round(predicted, 3),
+                "measured_ms": round(measured, 3), "error": round((predicted - measured) / measured, 4),
+            })
+            print(_row_line(rows[-1]), file=sys.stderr)
+    return {"key": table.key, "table": table.to_json(), "latency_runs": args.latency_runs, "warmup": args.warmup,
+            "rows": rows, "max_abs_error": max(abs(r["error"]) for r in rows)}
+
+
+def _row_line(r: dict) -> str:
+    return (f"| {r['plan']} | {r['nfe']} | {r['skipped_layer_steps']} | {r['macs_per_sample'] / 1e6:.1f} | "
+            f"{r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | {r['error']:+.1%} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="scripts/latency_check.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--plan", required=True, help="the chosen plan (searched with --compute latency)")
+    p.add_argument("--others", type=int, default=5, help="other plans to check (default 5)")
+    p.add_argument("--pareto", help="a plan set whose members are the first other plans (e.g. STEM.pareto.json)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random skip sets (default 0)")
+    p.add_argument("--teacher-cache", help="where the latency table is cached (default: .teacher-cache beside --plan)")
+    p.add_argument("--latency-runs", type=int, default=30, help="timed requests per plan (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed requests first (default 5)")
+    p.add_argument("--gate-fid-samples", type=int, default=2000,
+                   help="build's low-precision FID gate samples (default 2000, build's own)")
+    p.add_argument("--json", help="write the table as JSON here")
+    args = p.parse_args(argv)
+    report = check(args)
+    k = report["key"]
+    print(f"{k['backend']} {k['precision']}, batch {k['batch']}, {k['threads']} thread(s), {k['cpu']}; "
+          f"p50 of {args.latency_runs} requests after {args.warmup} warm-up\n")
+    print("| plan | NFE | skipped layer-steps | MMACs | predicted ms | measured ms | error |")
+    print("|---|---|---|---|---|---|---|")
+    for r in report["rows"]:
+        print(_row_line(r))
+    print(f"\nlargest error {report['max_abs_error']:.1%} (target: within 15%)")
+    if args.json:
+        from autodiffusion_rt.utils import atomic_write
+
+        with atomic_write(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
