@@ -11,7 +11,7 @@ traffic. On shutdown (uvicorn has stopped accepting and finished the requests
 in flight) every batcher drains its queue and the runtimes are closed.
 
 (No ``from __future__ import annotations`` here: FastAPI reads the handlers'
-annotations, and ``Request`` is imported lazily inside :func:`create_app`.)
+annotations, and ``Request`` is imported lazily inside :func:`_add_sample_route`.)
 """
 
 import asyncio
