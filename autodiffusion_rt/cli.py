@@ -172,82 +172,90 @@ def save_image_chunks(chunks, path: Path, n: int) -> Path:
     Every chunk is checked finite first (NaN would become black pixels). The
     file appears only when complete (written to a temp file, then renamed).
     """
-    import math
+    path = check_image_output(path, n)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        suffix = path.suffix.lower()
+        if suffix == ".npz":
+            _write_npz(chunks, path, n)
+        elif suffix == ".npy":  # what the service's format=npy returns: float32 NCHW in [-1, 1]
+            _write_npy(chunks, path, n)
+        else:
+            _write_png_grid(chunks, path)
+        return path
+    except OSError as e:
+        raise _write_failed(e, path) from None
+
+
+def _npy_header(arr, n: int) -> dict:
+    """The .npy header of ``n`` images shaped like ``arr``'s (the first chunk's)."""
+    import numpy as np
+
+    return {"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False, "shape": (n, *arr.shape[1:])}
+
+
+def _write_npz(chunks, path: Path, n: int) -> None:
+    """ADM's layout: ``arr_0`` uint8 NHWC, streamed into the zip entry chunk by chunk; ``arr_1`` the labels, if any."""
+    import zipfile
 
     import numpy as np
 
     from .data import to_uint8
     from .utils import atomic_write
 
-    path = check_image_output(path, n)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix.lower() == ".npz":
-            import zipfile
+    with atomic_write(path, "wb") as f, zipfile.ZipFile(f, "w", allowZip64=True) as zf:
+        ys, done = [], 0
+        with zf.open("arr_0.npy", "w", force_zip64=True) as entry:
+            for images, y in chunks:
+                _check_images_finite(images, done)
+                arr = to_uint8(images)
+                if done == 0:
+                    np.lib.format.write_array_header_2_0(entry, _npy_header(arr, n))
+                entry.write(np.ascontiguousarray(arr).tobytes())
+                done += len(arr)
+                if y is not None:
+                    ys.append(np.asarray(y))
+        if done != n:
+            raise DataError(f"internal: {done} images for n={n}")
+        if ys:
+            with zf.open("arr_1.npy", "w", force_zip64=True) as entry:
+                np.lib.format.write_array(entry, np.concatenate(ys) if ys else np.zeros(0, np.int64))
 
-            with atomic_write(path, "wb") as f, zipfile.ZipFile(f, "w", allowZip64=True) as zf:
-                ys, done = [], 0
-                with zf.open("arr_0.npy", "w", force_zip64=True) as entry:
-                    for images, y in chunks:
-                        _check_images_finite(images, done)
-                        arr = to_uint8(images)
-                        if done == 0:
-                            np.lib.format.write_array_header_2_0(
-                                entry,
-                                {
-                                    "descr": np.lib.format.dtype_to_descr(arr.dtype),
-                                    "fortran_order": False,
-                                    "shape": (n, *arr.shape[1:]),
-                                },
-                            )
-                        entry.write(np.ascontiguousarray(arr).tobytes())
-                        done += len(arr)
-                        if y is not None:
-                            ys.append(np.asarray(y))
-                if done != n:
-                    raise DataError(f"internal: {done} images for n={n}")
-                if ys:
-                    with zf.open("arr_1.npy", "w", force_zip64=True) as entry:
-                        np.lib.format.write_array(entry, np.concatenate(ys) if ys else np.zeros(0, np.int64))
-            return path
-        if path.suffix.lower() == ".npy":  # what the service's format=npy returns: float32 NCHW in [-1, 1]
-            with atomic_write(path, "wb") as f:
-                done = 0
-                for images, _ in chunks:
-                    _check_images_finite(images, done)
-                    arr = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
-                    if done == 0:
-                        header = {
-                            "descr": np.lib.format.dtype_to_descr(arr.dtype),
-                            "fortran_order": False,
-                            "shape": (n, *arr.shape[1:]),
-                        }
-                        np.lib.format.write_array_header_1_0(f, header)
-                    f.write(arr.tobytes())
-                    done += len(arr)
-                if done != n:
-                    raise DataError(f"internal: {done} images for n={n}")
-            return path
-        from PIL import Image
 
-        parts = []
+def _write_npy(chunks, path: Path, n: int) -> None:
+    """float32 NCHW in [-1, 1], streamed chunk by chunk after one header."""
+    import numpy as np
+
+    from .utils import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        done = 0
         for images, _ in chunks:
-            _check_images_finite(images, sum(len(p) for p in parts))
-            parts.append(to_uint8(images))
-        arr = np.concatenate(parts)
-        n, h, w, c = arr.shape
-        cols = math.ceil(math.sqrt(n))
-        rows = math.ceil(n / cols)
-        grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, dtype=np.uint8)
-        for k in range(n):
-            r, q = divmod(k, cols)
-            grid[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + q * (w + 2) : 2 + q * (w + 2) + w] = arr[k]
-        img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-        with atomic_write(path, "wb") as f:
-            img.save(f, format="PNG")
-        return path
-    except OSError as e:
-        raise _write_failed(e, path) from None
+            _check_images_finite(images, done)
+            arr = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
+            if done == 0:
+                np.lib.format.write_array_header_1_0(f, _npy_header(arr, n))
+            f.write(arr.tobytes())
+            done += len(arr)
+        if done != n:
+            raise DataError(f"internal: {done} images for n={n}")
+
+
+def _write_png_grid(chunks, path: Path) -> None:
+    """All images in one PNG grid (:func:`data.image_grid`), held in memory (at most MAX_GRID)."""
+    import torch
+    from PIL import Image
+
+    from .data import image_grid
+    from .utils import atomic_write
+
+    parts = []
+    for images, _ in chunks:
+        _check_images_finite(images, sum(len(p) for p in parts))
+        parts.append(images.detach().float().cpu())
+    img = Image.fromarray(image_grid(torch.cat(parts)))
+    with atomic_write(path, "wb") as f:
+        img.save(f, format="PNG")
 
 
 def _check_images_finite(images, offset: int) -> None:
@@ -512,7 +520,17 @@ def build_parser(commands: Optional[Sequence[str]] = None) -> argparse.ArgumentP
     def add(name: str, description: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=COMMANDS[name][1], description=description)
 
-    p = add(
+    _add_sample_command(add)
+    _add_train_command(add)
+    _add_info_command(add)
+    _add_export_diffusers_command(add)
+    _add_plugin_commands(sub, commands)
+    return parser
+
+
+def _add_sample_command(add_parser: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """``sample``: the model, a plan on PyTorch, or an engine dir, written as PNG/npz/npy."""
+    p = add_parser(
         "sample",
         "Sample images with the full model over uniform or explicit timesteps (--model, --steps / "
         "--timesteps), with a searched plan on PyTorch (--plan), or with the engines 'autodiffusion-rt build' made "
@@ -542,7 +560,10 @@ def build_parser(commands: Optional[Sequence[str]] = None) -> argparse.ArgumentP
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
 
-    p = add(
+
+def _add_train_command(add_parser: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """``train``: the embedded MNIST model, resumable."""
+    p = add_parser(
         "train",
         "Train the embedded MNIST model from scratch (or from --init), resumably: the EMA weights go to "
         "--out, the training state to --state. The shipped model was trained by the command 'info' prints.",
@@ -589,7 +610,10 @@ def build_parser(commands: Optional[Sequence[str]] = None) -> argparse.ArgumentP
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = add(
+
+def _add_info_command(add_parser: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """``info``: a model's config, layer table and versions."""
+    p = add_parser(
         "info",
         "Print a model's config, its skippable layers with their MACs, the command that trained it, "
         "and the library versions.",
@@ -597,7 +621,10 @@ def build_parser(commands: Optional[Sequence[str]] = None) -> argparse.ArgumentP
     add_model_args(p)
     p.set_defaults(func=cmd_info)
 
-    p = add(
+
+def _add_export_diffusers_command(add_parser: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """``export-diffusers``: a plan's schedule as diffusers scheduler settings."""
+    p = add_parser(
         "export-diffusers",
         "Print (and with --out save) the diffusers scheduler settings that reproduce a "
         "plan's timesteps and sampler; layer skipping has no diffusers equivalent and is left out.",
@@ -610,6 +637,9 @@ def build_parser(commands: Optional[Sequence[str]] = None) -> argparse.ArgumentP
         )
     )
 
+
+def _add_plugin_commands(sub, commands: Optional[Sequence[str]]) -> None:
+    """The other packages' subcommands: registered in full if wanted, else a stub with their help line."""
     wanted = set(COMMANDS) if commands is None else set(commands)
     registered = set(sub.choices)
     for name in _PLUGINS:
@@ -627,7 +657,6 @@ def build_parser(commands: Optional[Sequence[str]] = None) -> argparse.ArgumentP
         module.register(sub)
     unlisted = set(sub.choices) - set(COMMANDS) - registered
     assert not unlisted, f"commands missing from registry.COMMANDS: {sorted(unlisted)}"
-    return parser
 
 
 def chosen_command(argv: Sequence[str]) -> list[str]:

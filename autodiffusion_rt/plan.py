@@ -248,37 +248,11 @@ class Plan:
             "sampler.noise",
             f"must be {DRAW_ORDER!r} (the draw order this autodiffusion-rt implements), got {noise!r}",
         )
-        ts = d.get("timesteps")
-        v.check(
-            isinstance(ts, list) and all(_is_int(t) for t in ts), "timesteps", f"must be a list of integers, got {ts!r}"
-        )
-        T = (
-            model["config"].get("diffusion", {}).get("diffusion_steps", 1000)
-            if isinstance(model["config"].get("diffusion"), dict)
-            else 1000
-        )
-        try:
-            validate_timesteps(ts, T)
-        except Error as e:
-            raise PlanError(f"{source}: field 'timesteps': {e}") from None
-        skip = d.get("skip")
-        v.check(
-            isinstance(skip, list) and all(isinstance(s, list) and all(isinstance(i, str) for i in s) for s in skip),
-            "skip",
-            "must be a list (one per step) of lists of layer ids",
-        )
-        v.check(len(skip) == len(ts), "skip", f"has {len(skip)} entries for {len(ts)} timesteps")
-        for i, s in enumerate(skip):
-            v.check(len(set(s)) == len(s), f"skip[{i}]", f"lists a layer twice: {s}")
-        compute = v.obj(d, "compute")
-        for key in ("macs_per_sample", "full_macs_per_sample"):
-            v.check(
-                _is_int(compute.get(key)) and compute.get(key) > 0,
-                f"compute.{key}",
-                f"must be a positive integer, got {compute.get(key)!r}",
-            )
-        predicted = _predicted_latency(v, compute)
-        fitness = _fitness(v, d) if d.get("fitness") is not None else None
+        ts = v.timesteps(d, model["config"])
+        skip = v.skip(d, len(ts))
+        compute = v.compute(d)
+        predicted = v.predicted_latency(compute)
+        fitness = v.fitness(d)
         prov = d.get("provenance", {})
         v.check(isinstance(prov, dict), "provenance", "must be an object")
         return cls(
@@ -329,6 +303,8 @@ class Plan:
 
 
 class _Validator:
+    """Checks a plan dict's fields one by one; the first bad one is a PlanError naming it."""
+
     def __init__(self, source: str):
         self.source = source
 
@@ -340,43 +316,84 @@ class _Validator:
         self.check(isinstance(d.get(key), dict), key, f"must be an object, got {type(d.get(key)).__name__}")
         return d[key]
 
+    def timesteps(self, d: dict, config: dict) -> list:
+        """The plan's timesteps: integers, valid for the model's T (its config's diffusion_steps, else 1000)."""
+        ts = d.get("timesteps")
+        self.check(
+            isinstance(ts, list) and all(_is_int(t) for t in ts), "timesteps", f"must be a list of integers, got {ts!r}"
+        )
+        T = (
+            config.get("diffusion", {}).get("diffusion_steps", 1000)
+            if isinstance(config.get("diffusion"), dict)
+            else 1000
+        )
+        try:
+            validate_timesteps(ts, T)
+        except Error as e:
+            raise PlanError(f"{self.source}: field 'timesteps': {e}") from None
+        return ts
 
-def _fitness(v: "_Validator", d: dict) -> Fitness:
-    """The plan's fitness object, each field checked."""
-    fd = v.obj(d, "fitness")
-    v.check(
-        _is_real(fd.get("fid")) and math.isfinite(fd["fid"]) and fd["fid"] >= 0,
-        "fitness.fid",
-        f"must be a finite number >= 0, got {fd.get('fid')!r}",
-    )
-    v.check(isinstance(fd.get("extractor"), str), "fitness.extractor", "must be a string")
-    v.check(
-        _is_int(fd.get("num_samples")) and fd["num_samples"] > 0,
-        "fitness.num_samples",
-        "must be a positive integer",
-    )
-    v.check(_is_int(fd.get("seed")), "fitness.seed", "must be an integer")
-    v.check(isinstance(fd.get("reference"), str), "fitness.reference", "must be a string")
-    return Fitness(
-        float(fd["fid"]), fd["extractor"], int(fd["num_samples"]), int(fd["seed"]), fd["reference"]
-    )
+    def skip(self, d: dict, num_steps: int) -> list:
+        """The layers skipped at each step: one list of distinct layer ids per timestep."""
+        skip = d.get("skip")
+        self.check(
+            isinstance(skip, list) and all(isinstance(s, list) and all(isinstance(i, str) for i in s) for s in skip),
+            "skip",
+            "must be a list (one per step) of lists of layer ids",
+        )
+        self.check(len(skip) == num_steps, "skip", f"has {len(skip)} entries for {num_steps} timesteps")
+        for i, s in enumerate(skip):
+            self.check(len(set(s)) == len(s), f"skip[{i}]", f"lists a layer twice: {s}")
+        return skip
 
+    def compute(self, d: dict) -> dict:
+        """The plan's MACs per sample, and the full model's: positive integers."""
+        compute = self.obj(d, "compute")
+        for key in ("macs_per_sample", "full_macs_per_sample"):
+            self.check(
+                _is_int(compute.get(key)) and compute.get(key) > 0,
+                f"compute.{key}",
+                f"must be a positive integer, got {compute.get(key)!r}",
+            )
+        return compute
 
-def _predicted_latency(v: "_Validator", compute: dict) -> Optional[PredictedLatency]:
-    """compute's optional latency fields (all three, or none), each checked."""
-    names = ("predicted_latency_ms", "full_predicted_latency_ms", "latency_key")
-    if all(compute.get(k) is None for k in names):
-        return None
-    for k in names[:2]:
-        x = compute.get(k)
-        v.check(_is_real(x) and math.isfinite(x) and x > 0, f"compute.{k}", f"must be a positive number, got {x!r}")
-    key = compute.get("latency_key")
-    v.check(isinstance(key, dict) and set(key) == set(LATENCY_KEY_FIELDS), "compute.latency_key",
-            f"must be an object with exactly {', '.join(LATENCY_KEY_FIELDS)}")
-    for k, kind in LATENCY_KEY_FIELDS.items():
-        ok = _is_int(key[k]) and key[k] > 0 if kind is int else isinstance(key[k], str) and key[k]
-        v.check(ok, f"compute.latency_key.{k}", f"must be a {'positive integer' if kind is int else 'string'}")
-    return PredictedLatency(float(compute[names[0]]), float(compute[names[1]]), dict(key))
+    def fitness(self, d: dict) -> Optional[Fitness]:
+        """The searched FID and how it was measured (null: not measured)."""
+        if d.get("fitness") is None:
+            return None
+        fd = self.obj(d, "fitness")
+        self.check(
+            _is_real(fd.get("fid")) and math.isfinite(fd["fid"]) and fd["fid"] >= 0,
+            "fitness.fid",
+            f"must be a finite number >= 0, got {fd.get('fid')!r}",
+        )
+        self.check(isinstance(fd.get("extractor"), str), "fitness.extractor", "must be a string")
+        self.check(
+            _is_int(fd.get("num_samples")) and fd["num_samples"] > 0,
+            "fitness.num_samples",
+            "must be a positive integer",
+        )
+        self.check(_is_int(fd.get("seed")), "fitness.seed", "must be an integer")
+        self.check(isinstance(fd.get("reference"), str), "fitness.reference", "must be a string")
+        return Fitness(float(fd["fid"]), fd["extractor"], int(fd["num_samples"]), int(fd["seed"]), fd["reference"])
+
+    def predicted_latency(self, compute: dict) -> Optional[PredictedLatency]:
+        """compute's optional latency fields (all three, or none), each checked."""
+        names = ("predicted_latency_ms", "full_predicted_latency_ms", "latency_key")
+        if all(compute.get(k) is None for k in names):
+            return None
+        for k in names[:2]:
+            x = compute.get(k)
+            self.check(
+                _is_real(x) and math.isfinite(x) and x > 0, f"compute.{k}", f"must be a positive number, got {x!r}"
+            )
+        key = compute.get("latency_key")
+        self.check(isinstance(key, dict) and set(key) == set(LATENCY_KEY_FIELDS), "compute.latency_key",
+                f"must be an object with exactly {', '.join(LATENCY_KEY_FIELDS)}")
+        for k, kind in LATENCY_KEY_FIELDS.items():
+            ok = _is_int(key[k]) and key[k] > 0 if kind is int else isinstance(key[k], str) and key[k]
+            self.check(ok, f"compute.latency_key.{k}", f"must be a {'positive integer' if kind is int else 'string'}")
+        return PredictedLatency(float(compute[names[0]]), float(compute[names[1]]), dict(key))
 
 
 def _is_int(x) -> bool:

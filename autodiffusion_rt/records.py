@@ -175,25 +175,9 @@ def _show(value) -> Optional[str]:
 # ------------------------------------------------------------------ schemas, one per format
 def _schemas():
     """The pydantic models, built on first use (pydantic and torch load only when a record is read)."""
-    global \
-        ADMConfig, \
-        DiffusionSettings, \
-        CheckpointRecord, \
-        TrainState, \
-        DiffusersUNetConfig, \
-        SchedulerConfig, \
-        ManifestModel
-    global StatsKeyRecord
     if "ADMConfig" in globals():
         return
-    from typing import Literal, Union
-
-    import torch
-    from pydantic import BaseModel, ConfigDict, Field
-
-    Positive = Field(ge=1)
-    Ints = Union[list[int], tuple[int, ...]]
-    Tensors = dict[str, torch.Tensor]
+    from pydantic import BaseModel, ConfigDict
 
     class Closed(BaseModel):  # every float finite (sizes and rates; a NaN is never what a file means there)
         model_config = ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True, allow_inf_nan=False)
@@ -201,7 +185,24 @@ def _schemas():
     class Open(BaseModel):  # third-party configs (diffusers) carry keys we do not use
         model_config = ConfigDict(extra="allow", strict=True, arbitrary_types_allowed=True, allow_inf_nan=False)
 
-    class ADMConfig(Closed):  # noqa: F811  the ADMUNet keyword arguments
+    models = {**_training_schemas(Closed), **_diffusers_schemas(Open), **_file_key_schemas(Closed)}
+    # ADMConfig last: its presence says every model is there (another thread may be asking at the same time)
+    globals().update({k: v for k, v in models.items() if k != "ADMConfig"})
+    globals()["ADMConfig"] = models["ADMConfig"]
+
+
+def _training_schemas(Closed) -> dict:
+    """The embedded model's records: its UNet config, diffusion settings, checkpoint and training state."""
+    from typing import Literal, Union
+
+    import torch
+    from pydantic import ConfigDict, Field
+
+    Positive = Field(ge=1)
+    Ints = Union[list[int], tuple[int, ...]]
+    Tensors = dict[str, torch.Tensor]
+
+    class ADMConfig(Closed):  # the ADMUNet keyword arguments
         image_size: int = Positive
         in_channels: int = Positive
         model_channels: int = Positive
@@ -222,13 +223,13 @@ def _schemas():
         resblock_updown: bool = False
         use_new_attention_order: bool = False
 
-    class DiffusionSettings(Closed):  # noqa: F811
+    class DiffusionSettings(Closed):
         noise_schedule: str
         diffusion_steps: int = Field(1000, ge=1)
         learn_sigma: bool = False
         scheduler: Optional[dict] = None
 
-    class CheckpointRecord(Closed):  # noqa: F811  what 'autodiffusion-rt train' writes
+    class CheckpointRecord(Closed):  # what 'autodiffusion-rt train' writes
         format: Literal[1]
         name: str
         config: ADMConfig
@@ -236,7 +237,7 @@ def _schemas():
         state_dict: Tensors
         training: dict = {}
 
-    class TrainState(Closed):  # noqa: F811  the resumable training state
+    class TrainState(Closed):  # the resumable training state
         format: Literal[1]
         settings: dict
         step: int = Field(ge=0)
@@ -252,7 +253,18 @@ def _schemas():
 
         model_config = ConfigDict(allow_inf_nan=True)
 
-    class DiffusersUNetConfig(Open):  # noqa: F811  the keys of a UNet2DModel config.json this project reads or sizes by
+    return {m.__name__: m for m in (ADMConfig, DiffusionSettings, CheckpointRecord, TrainState)}
+
+
+def _diffusers_schemas(Open) -> dict:
+    """The keys of diffusers' config files this project reads (others are allowed and kept)."""
+    from typing import Union
+
+    from pydantic import Field
+
+    Ints = Union[list[int], tuple[int, ...]]
+
+    class DiffusersUNetConfig(Open):  # the keys of a UNet2DModel config.json this project reads or sizes by
         sample_size: Union[int, list[int]] = 32
         in_channels: int = Field(3, ge=1)
         out_channels: int = Field(3, ge=1)
@@ -264,7 +276,7 @@ def _schemas():
         norm_num_groups: Optional[int] = Field(32, ge=1)
         attention_head_dim: Optional[int] = Field(8, ge=1)
 
-    class SchedulerConfig(Open):  # noqa: F811
+    class SchedulerConfig(Open):
         num_train_timesteps: int = Field(1000, ge=2)
         beta_start: float = Field(0.0001, gt=0, lt=1)
         beta_end: float = Field(0.02, gt=0, lt=1)
@@ -273,13 +285,20 @@ def _schemas():
         prediction_type: str = "epsilon"
         rescale_betas_zero_snr: bool = False
 
-    class StatsKeyRecord(Closed):  # noqa: F811  the key of a reference statistics file (metrics.stats)
+    return {m.__name__: m for m in (DiffusersUNetConfig, SchedulerConfig)}
+
+
+def _file_key_schemas(Closed) -> dict:
+    """The records that name what a file was made from: a statistics file's key, a manifest's model."""
+    from pydantic import Field
+
+    class StatsKeyRecord(Closed):  # the key of a reference statistics file (metrics.stats)
         dataset: str
         extractor: str
         preprocessing: str
         fingerprint: str
 
-    class ManifestModel(Closed):  # noqa: F811  a manifest's "model"
+    class ManifestModel(Closed):  # a manifest's "model"
         spec: str
         name: str
         fingerprint: str
@@ -287,6 +306,8 @@ def _schemas():
         num_classes: Optional[int] = Field(ge=1)
         learn_sigma: bool
         prediction_type: str
+
+    return {m.__name__: m for m in (StatsKeyRecord, ManifestModel)}
 
 
 def schema(name: str):

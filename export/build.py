@@ -259,12 +259,7 @@ def build_engines(
     (so it is part of the cache key) and in the manifest's ``weights``.
     """
     start = time.perf_counter()
-    if isinstance(plan, (str, os.PathLike)):
-        plan = Plan.load(plan)
-    if not isinstance(plan, Plan):
-        raise EngineError(f"expected a Plan, got {type(plan).__name__}: load it with Plan.load(path)")
-    # the manifest embeds the plan: it must load back (PlanError names the field)
-    Plan.from_dict(plan.to_dict(), "plan")
+    plan = _checked_plan(plan)
     if backend not in ("auto", *BUILD_BACKENDS):
         raise EngineError(f"backend={backend!r}: choose auto or one of {', '.join(BUILD_BACKENDS)}")
     backend = default_backend() if backend == "auto" else backend
@@ -288,7 +283,22 @@ def build_engines(
         int8_calibration_samples=int8_calibration_samples,
     )
     settings.check()
-    out_dir = Path(out_dir)
+    return _build_in_dir(_new_context(plan, Path(out_dir), settings, model, start), wait_lock)
+
+
+def _checked_plan(plan) -> Plan:
+    """``plan`` (a Plan or a plan.json path) as a Plan that loads back from its own dict (the manifest embeds it)."""
+    if isinstance(plan, (str, os.PathLike)):
+        plan = Plan.load(plan)
+    if not isinstance(plan, Plan):
+        raise EngineError(f"expected a Plan, got {type(plan).__name__}: load it with Plan.load(path)")
+    # the manifest embeds the plan: it must load back (PlanError names the field)
+    Plan.from_dict(plan.to_dict(), "plan")
+    return plan
+
+
+def _new_context(plan: Plan, out_dir: Path, settings: BuildSettings, model, start: float) -> BuildContext:
+    """The build's context: the output dir probed, the libraries imported, the model loaded, the steps laid out."""
     if out_dir.exists() and not out_dir.is_dir():
         raise EngineError(f"--out {out_dir} is a file; pass a directory")
     writable = _probe_dir(out_dir)
@@ -301,10 +311,10 @@ def build_engines(
     if settings.precision == "int8":  # the FID check's extractor must read these images: say so before any work
         from autodiffusion_rt.metrics import get_extractor
 
-        get_extractor(fid_extractor).check_shape(tuple(ctx.model.image_shape))
+        get_extractor(settings.fid_extractor).check_shape(tuple(ctx.model.image_shape))
     ctx.coeffs = plan.coefficients(ctx.model.schedule)
     ctx.keeps = plan.keep_sets(ctx.model)
-    return _build_in_dir(ctx, wait_lock)
+    return ctx
 
 
 def _build_in_dir(ctx: BuildContext, wait_lock: bool) -> BuildReport:
@@ -475,8 +485,6 @@ def _build_steps(ctx: BuildContext) -> tuple[list, list, dict]:
 
 def _build_step(ctx: BuildContext, i: int) -> tuple[dict, dict]:
     """Step i's manifest entry (its ONNX export and engine, made or reused) and what was done."""
-    from .tensorrt_build import build_tensorrt_engine
-
     s, model, t = ctx.settings, ctx.model, int(ctx.coeffs.timesteps[i])
     keep, row = ctx.keeps[i], ctx.coeffs.row(i)
     ins, outs = step_tensors(ctx.coeffs, i, model.image_shape, model.num_classes is not None)
@@ -498,55 +506,8 @@ def _build_step(ctx: BuildContext, i: int) -> tuple[dict, dict]:
     onnx_entry = ctx.reuse("onnx", key, f"exporting step {i} again")
     status["onnx"] = "reused" if onnx_entry is not None else "exported"
     if onnx_entry is None:
-        ctx.need_write(f"step {i}'s ONNX file")
-        half = _half_unet(ctx) if ctx.onnx_dtype == "float16" else None
-        module = StepModule(
-            model,
-            ctx.coeffs,
-            i,
-            keep,
-            label_mode=mode,
-            dtype=torch.float16 if ctx.onnx_dtype == "float16" else torch.float32,
-            unet=half,
-        ).eval()
-        onnx_entry = export_entry(ctx, step_file("onnx", i, key, ".onnx", ctx.named), module, key)
-    record = engine_record(
-        onnx_sha256=onnx_entry["sha256"],
-        backend=s.backend,
-        precision="fp32" if s.precision == "int8" else s.precision,
-        onnx_dtype=ctx.onnx_dtype,
-        batch=s.batch,
-        versions=ctx.versions,
-        strip_weights=s.strip_weights,
-        **({"isa": ctx.isa, "optimization": ORT_ENGINE_LEVEL} if s.backend == "onnxruntime" else {}),
-    )
-    digest = canonical_hash(record)
-    engine_entry = ctx.reuse("engine", digest, f"rebuilding step {i}'s engine")
-    status["engine"] = "reused" if engine_entry is not None else "built"
-    if engine_entry is None:
-        ctx.need_write(f"step {i}'s engine")
-        rel = step_file("engines", i, digest, ".plan" if s.backend == "tensorrt" else ".onnx", ctx.named)
-        target = ctx.out_dir / rel
-        if s.backend == "onnxruntime":
-            info = optimize_for_onnxruntime(
-                ctx.out_dir / onnx_entry["file"],
-                target,
-                term_scales=onnx_entry.get("term_scales"),
-                level=ORT_ENGINE_LEVEL,
-            )
-        else:
-            info = build_tensorrt_engine(
-                ctx.out_dir / onnx_entry["file"],
-                target,
-                precision=s.precision,
-                profile=shape_profile(ins, s.batch),
-                timing_cache=ctx.out_dir / "timing.cache",
-                workspace_bytes=s.workspace_bytes,
-                onnx_dtype=ctx.onnx_dtype,
-                trt=ctx.trt,
-                strip_weights=s.strip_weights,
-            )
-        engine_entry = file_entry(ctx.out_dir, rel, record=record, seconds=info["seconds"])
+        onnx_entry = _export_step(ctx, i, keep, mode, key)
+    engine_entry, status["engine"] = _step_engine(ctx, i, onnx_entry, ins)
     step = {
         "index": i,
         "timestep": t,
@@ -560,6 +521,67 @@ def _build_step(ctx: BuildContext, i: int) -> tuple[dict, dict]:
         "engine": engine_entry,
     }
     return step, status
+
+
+def _export_step(ctx: BuildContext, i: int, keep, label_mode: str, key: str) -> dict:
+    """Step i's module exported to ONNX and verified, under its cache key: its manifest entry."""
+    ctx.need_write(f"step {i}'s ONNX file")
+    half = _half_unet(ctx) if ctx.onnx_dtype == "float16" else None
+    module = StepModule(
+        ctx.model,
+        ctx.coeffs,
+        i,
+        keep,
+        label_mode=label_mode,
+        dtype=torch.float16 if ctx.onnx_dtype == "float16" else torch.float32,
+        unet=half,
+    ).eval()
+    return export_entry(ctx, step_file("onnx", i, key, ".onnx", ctx.named), module, key)
+
+
+def _step_engine(ctx: BuildContext, i: int, onnx_entry: dict, ins) -> tuple[dict, str]:
+    """Step i's engine entry, reused when the last build made it from the same record, else built:
+    (entry, "reused" or "built")."""
+    from .tensorrt_build import build_tensorrt_engine
+
+    s = ctx.settings
+    record = engine_record(
+        onnx_sha256=onnx_entry["sha256"],
+        backend=s.backend,
+        precision="fp32" if s.precision == "int8" else s.precision,
+        onnx_dtype=ctx.onnx_dtype,
+        batch=s.batch,
+        versions=ctx.versions,
+        strip_weights=s.strip_weights,
+        **({"isa": ctx.isa, "optimization": ORT_ENGINE_LEVEL} if s.backend == "onnxruntime" else {}),
+    )
+    digest = canonical_hash(record)
+    engine_entry = ctx.reuse("engine", digest, f"rebuilding step {i}'s engine")
+    if engine_entry is not None:
+        return engine_entry, "reused"
+    ctx.need_write(f"step {i}'s engine")
+    rel = step_file("engines", i, digest, ".plan" if s.backend == "tensorrt" else ".onnx", ctx.named)
+    target = ctx.out_dir / rel
+    if s.backend == "onnxruntime":
+        info = optimize_for_onnxruntime(
+            ctx.out_dir / onnx_entry["file"],
+            target,
+            term_scales=onnx_entry.get("term_scales"),
+            level=ORT_ENGINE_LEVEL,
+        )
+    else:
+        info = build_tensorrt_engine(
+            ctx.out_dir / onnx_entry["file"],
+            target,
+            precision=s.precision,
+            profile=shape_profile(ins, s.batch),
+            timing_cache=ctx.out_dir / "timing.cache",
+            workspace_bytes=s.workspace_bytes,
+            onnx_dtype=ctx.onnx_dtype,
+            trt=ctx.trt,
+            strip_weights=s.strip_weights,
+        )
+    return file_entry(ctx.out_dir, rel, record=record, seconds=info["seconds"]), "built"
 
 
 def _half_unet(ctx: BuildContext):

@@ -193,23 +193,9 @@ def export_step_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    names_in, names_out = list(module.input_names), list(module.output_names)
     tmp = temp_beside(path, ".onnx.tmp")
     try:
-        args = module.example_inputs(trace_batch, seed=0, num_classes=num_classes)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-            torch.onnx.export(
-                module,
-                args,
-                str(tmp),
-                input_names=names_in,
-                output_names=names_out,
-                dynamic_axes={n: {0: BATCH} for n in names_in + names_out},
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
+        _trace(module, tmp, opset, module.example_inputs(trace_batch, seed=0, num_classes=num_classes))
         if simplify:
             _simplify(tmp)
         try:
@@ -219,27 +205,7 @@ def export_step_onnx(
         if tol is None:
             tol = FP32_TOL if module.dtype == torch.float32 else FP16_TOL
         examples = {b: module.example_inputs(b, seed=b, num_classes=num_classes) for b in verify_batches}
-
-        seen_scales: list[tuple[float, ...]] = []
-
-        def reference(*inputs):
-            with torch.no_grad():
-                out = module(*inputs)
-            out = out if isinstance(out, tuple) else (out,)
-            # a step's update can be ill-conditioned (see verify_onnx); a subnetwork's output is plain
-            seen_scales.append(_term_scales(module, inputs) if hasattr(module, "row") else (0.0,) * len(out))
-            return tuple(o.numpy() for o in out), seen_scales[-1]
-
-        diff, scaled = verify_onnx(
-            tmp,
-            reference,
-            examples,
-            names_in,
-            tol,
-            names_out,
-            label=f"{module.label} ({path.name})",
-            cond_tol=FP32_COND_TOL if module.dtype == torch.float32 else FP16_COND_TOL,
-        )
+        diff, scaled, seen_scales = _verify_export(module, tmp, examples, tol, label=f"{module.label} ({path.name})")
         nodes, macs = graph_stats(tmp)
         digest = sha256_file(tmp)
         size = tmp.stat().st_size
@@ -248,7 +214,7 @@ def export_step_onnx(
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    term_scales = tuple(max(sc[k] for sc in seen_scales) for k in range(len(names_out)))
+    term_scales = tuple(max(sc[k] for sc in seen_scales) for k in range(len(module.output_names)))
     return OnnxExport(
         path=path,
         sha256=digest,
@@ -262,6 +228,50 @@ def export_step_onnx(
         inputs=tuple(module.input_specs),
         outputs=tuple(module.output_specs),
     )
+
+
+def _trace(module, tmp: Path, opset: int, args) -> None:
+    """The TorchScript exporter's graph of ``module`` on ``args``, the batch axis dynamic, written to ``tmp``."""
+    names_in, names_out = list(module.input_names), list(module.output_names)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(
+            module,
+            args,
+            str(tmp),
+            input_names=names_in,
+            output_names=names_out,
+            dynamic_axes={n: {0: BATCH} for n in names_in + names_out},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def _verify_export(module, tmp: Path, examples: dict, tol: float, label: str):
+    """:func:`verify_onnx` of the export against the module itself: (max abs diff, max scaled diff, the term
+    scales seen per call)."""
+    seen_scales: list[tuple[float, ...]] = []
+
+    def reference(*inputs):
+        with torch.no_grad():
+            out = module(*inputs)
+        out = out if isinstance(out, tuple) else (out,)
+        # a step's update can be ill-conditioned (see verify_onnx); a subnetwork's output is plain
+        seen_scales.append(_term_scales(module, inputs) if hasattr(module, "row") else (0.0,) * len(out))
+        return tuple(o.numpy() for o in out), seen_scales[-1]
+
+    diff, scaled = verify_onnx(
+        tmp,
+        reference,
+        examples,
+        list(module.input_names),
+        tol,
+        list(module.output_names),
+        label=label,
+        cond_tol=FP32_COND_TOL if module.dtype == torch.float32 else FP16_COND_TOL,
+    )
+    return diff, scaled, seen_scales
 
 
 # ------------------------------------------------------------------ stats

@@ -81,6 +81,49 @@ def _timing_cache(trt, config, path: Optional[Path]):
     return cache
 
 
+def _check_precision(trt, typed: bool, precision: str, onnx_dtype: str) -> None:
+    """The precision asked for against what the ONNX graph's types allow (strongly typed: they decide it)."""
+    if precision not in ("fp32", "fp16"):
+        raise EngineError(f"precision={precision!r}: choose fp32 or fp16")
+    if typed and precision == "fp16" and onnx_dtype != "float16":
+        raise EngineError(
+            f"TensorRT {trt.__version__} builds strongly typed networks: an fp16 engine needs a float16 ONNX graph "
+            "(the build exports one when asked for --precision fp16)"
+        )
+    if typed and precision == "fp32" and onnx_dtype != "float32":
+        raise EngineError("an fp32 TensorRT engine needs a float32 ONNX graph")
+
+
+def _set_flags(trt, config, typed: bool, precision: str, workspace_bytes: Optional[int], strip_weights: bool) -> None:
+    """The builder config's workspace limit, precision flags and weight stripping."""
+    if workspace_bytes:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if precision == "fp16" and not typed:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        # TF32 is on by default: "fp32" engines would round matmul/conv inputs to a 10-bit mantissa.
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if strip_weights:
+        # REFIT_IDENTICAL (not REFIT): the engine is refitted with the very weights it was built with, so
+        # TensorRT may keep its weight-dependent optimizations; STRIP_PLAN leaves those weights out of the plan.
+        config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+        config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
+
+
+def _add_profile(builder, network, config, profile: Mapping[str, Sequence[Sequence[int]]], onnx_path: Path) -> None:
+    """One optimization profile: (min, opt, max) shapes for every network input, no more, no fewer."""
+    opt_profile = builder.create_optimization_profile()
+    names = {network.get_input(k).name for k in range(network.num_inputs)}
+    if set(profile) != names:
+        raise EngineError(
+            f"{onnx_path.name}: the shape profile names {sorted(profile)} but the network's inputs are {sorted(names)}"
+        )
+    for name, (lo, opt, hi) in profile.items():
+        opt_profile.set_shape(name, tuple(int(d) for d in lo), tuple(int(d) for d in opt), tuple(int(d) for d in hi))
+    if config.add_optimization_profile(opt_profile) < 0:
+        raise EngineError(f"{onnx_path.name}: TensorRT rejected the optimization profile {dict(profile)}")
+
+
 def build_tensorrt_engine(
     onnx_path,
     engine_path,
@@ -106,15 +149,7 @@ def build_tensorrt_engine(
     trt = trt if trt is not None else import_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     typed = strongly_typed(trt)
-    if precision not in ("fp32", "fp16"):
-        raise EngineError(f"precision={precision!r}: choose fp32 or fp16")
-    if typed and precision == "fp16" and onnx_dtype != "float16":
-        raise EngineError(
-            f"TensorRT {trt.__version__} builds strongly typed networks: an fp16 engine needs a float16 ONNX graph "
-            "(the build exports one when asked for --precision fp16)"
-        )
-    if typed and precision == "fp32" and onnx_dtype != "float32":
-        raise EngineError("an fp32 TensorRT engine needs a float32 ONNX graph")
+    _check_precision(trt, typed, precision, onnx_dtype)
     start = time.perf_counter()
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -124,28 +159,8 @@ def build_tensorrt_engine(
     network = builder.create_network(0)
     parser = _parse(trt, network, logger, onnx_path)
     config = builder.create_builder_config()
-    if workspace_bytes:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    if precision == "fp16" and not typed:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-        # TF32 is on by default: "fp32" engines would round matmul/conv inputs to a 10-bit mantissa.
-        config.clear_flag(trt.BuilderFlag.TF32)
-    if strip_weights:
-        # REFIT_IDENTICAL (not REFIT): the engine is refitted with the very weights it was built with, so
-        # TensorRT may keep its weight-dependent optimizations; STRIP_PLAN leaves those weights out of the plan.
-        config.set_flag(trt.BuilderFlag.STRIP_PLAN)
-        config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
-    opt_profile = builder.create_optimization_profile()
-    names = {network.get_input(k).name for k in range(network.num_inputs)}
-    if set(profile) != names:
-        raise EngineError(
-            f"{onnx_path.name}: the shape profile names {sorted(profile)} but the network's inputs are {sorted(names)}"
-        )
-    for name, (lo, opt, hi) in profile.items():
-        opt_profile.set_shape(name, tuple(int(d) for d in lo), tuple(int(d) for d in opt), tuple(int(d) for d in hi))
-    if config.add_optimization_profile(opt_profile) < 0:
-        raise EngineError(f"{onnx_path.name}: TensorRT rejected the optimization profile {dict(profile)}")
+    _set_flags(trt, config, typed, precision, workspace_bytes, strip_weights)
+    _add_profile(builder, network, config, profile, onnx_path)
     cache_path = Path(timing_cache) if timing_cache is not None else None
     cache = _timing_cache(trt, config, cache_path)
     serialized = builder.build_serialized_network(network, config)

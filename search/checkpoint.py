@@ -71,101 +71,41 @@ class SearchState:
 
     @classmethod
     def from_json(cls, d: Any, source: str) -> "SearchState":
-        if not isinstance(d, dict) or d.get("format") != STATE_FORMAT:
-            raise SearchError(
-                f"{source} is not a search checkpoint (format {STATE_FORMAT!r}): pass the file the search wrote, "
-                "or drop --resume"
-            )
-        if d.get("version") not in READABLE_VERSIONS:
-            raise SearchError(
-                f"{source} has checkpoint version {d.get('version')!r}; this version reads {list(READABLE_VERSIONS)}: "
-                "start a new search (drop --resume)"
-            )
-        if d.get("version") == 1 and d.get("nsga2") is not None:
-            raise SearchError(
-                f"{source}: field 'nsga2' holds a pickled NSGA-II state (checkpoint version 1), which is never "
-                "loaded (a pickle can run code): start a new search (drop --resume)"
-            )
-
-        def bad(where: str, what: str):
-            return SearchError(
-                f"{source} is a damaged search checkpoint: field {where!r} {what}; drop --resume to start a new search"
-            )
-
-        def get(key, ok, what):
-            if key not in d:
-                raise bad(key, "is missing")
-            if not ok(d[key]):
-                raise bad(key, f"{what}, got {_short(d[key])}")
-            return d[key]
-
-        def cands(key, items):
-            out = []
-            for i, c in enumerate(items):
-                try:
-                    out.append(_candidate(c))
-                except (KeyError, TypeError, ValueError, SearchError) as e:
-                    raise bad(f"{key}[{i}]", f"is not a candidate ({e})") from None
-            return out
-
-        settings = get("settings", lambda v: isinstance(v, dict), "must be an object")
-        rng_state = get("rng_state", _valid_rng_state, "must be a numpy PCG64 generator state")
-        stage = get("stage", lambda v: v in (1, 2) and not isinstance(v, bool), "must be 1 or 2")
-        generation = get("generation", lambda v: _is_int(v) and v >= -1, "must be an integer >= -1")
-        done = get("done", lambda v: isinstance(v, bool), "must be true or false")
-        memo_items = get(
-            "memo",
-            lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 for p in v),
-            "must be a list of [candidate, FID] pairs",
+        """The state a checkpoint's JSON holds, every field checked: a SearchError names the first damaged one."""
+        _check_format(d, source)
+        r = _StateReader(d, source)
+        settings = r.get("settings", lambda v: isinstance(v, dict), "must be an object")
+        rng_state = r.get("rng_state", _valid_rng_state, "must be a numpy PCG64 generator state")
+        stage = r.get("stage", lambda v: v in (1, 2) and not isinstance(v, bool), "must be 1 or 2")
+        generation = r.get("generation", lambda v: _is_int(v) and v >= -1, "must be an integer >= -1")
+        done = r.get("done", lambda v: isinstance(v, bool), "must be true or false")
+        memo = r.memo()
+        population = r.cands("population", r.get("population", lambda v: isinstance(v, list), "must be a list"))
+        stage1_ranked = r.cands(
+            "stage1_ranked", r.get("stage1_ranked", lambda v: isinstance(v, list), "must be a list")
         )
-        memo = {}
-        for i, (c, f) in enumerate(memo_items):
-            (cand,) = cands(f"memo[{i}]", [c])
-            try:
-                fid = float(f)
-            except (TypeError, ValueError):
-                raise bad(f"memo[{i}]", f"has FID {_short(f)}, not a number") from None
-            if math.isnan(fid) or fid < 0:
-                raise bad(f"memo[{i}]", f"has FID {fid}, not a number >= 0")
-            memo[cand] = fid
-        population = cands("population", get("population", lambda v: isinstance(v, list), "must be a list"))
-        stage1_ranked = cands("stage1_ranked", get("stage1_ranked", lambda v: isinstance(v, list), "must be a list"))
         for key, items in (("population", population), ("stage1_ranked", stage1_ranked)):
             missing = [i for i, c in enumerate(items) if c not in memo]
             if missing:
-                raise bad(f"{key}[{missing[0]}]", "has no FID in the memo")
+                raise r.bad(f"{key}[{missing[0]}]", "has no FID in the memo")
         if stage == 2 and not stage1_ranked:
-            raise bad("stage1_ranked", "is empty in stage 2")
+            raise r.bad("stage1_ranked", "is empty in stage 2")
         if generation >= 0 and not population and not (stage == 2 and d.get("nsga2") is not None):
-            raise bad("population", f"is empty after generation {generation}")
-        history = get(
+            raise r.bad("population", f"is empty after generation {generation}")
+        history = r.get(
             "history",
             lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v),
             "must be a list of objects",
         )
-        counters = get(
+        counters = r.get(
             "counters",
             lambda v: isinstance(v, dict) and all(_is_real(x) for x in v.values()),
             "must be an object of numbers",
         )
-        elapsed = get(
+        elapsed = r.get(
             "elapsed", lambda v: _is_real(v) and math.isfinite(v) and v >= 0, "must be a number of seconds >= 0"
         )
-        nsga2 = d.get("nsga2")
-        if nsga2 is not None:
-            if not (
-                isinstance(nsga2, dict)
-                and isinstance(nsga2.get("pop"), list)
-                and nsga2["pop"]
-                and _valid_rng_state(nsga2.get("random_state"))
-                and _is_int(nsga2.get("n_iter"))
-                and _is_int(nsga2.get("n_eval"))
-            ):
-                raise bad("nsga2", "must be an NSGA-II state (pop, n_iter, n_eval, random_state)")
-            for i, ind in enumerate(nsga2["pop"]):
-                if not isinstance(ind, dict) or not {"X", "F", "G", "H", "CV", "evaluated", "data"} <= set(ind):
-                    raise bad(f"nsga2.pop[{i}]", "must be an individual (X, F, G, H, CV, evaluated, data)")
-                cands(f"nsga2.pop[{i}].X", [ind["X"]])
+        nsga2 = r.nsga2()
         return cls(
             settings=settings,
             rng_state=rng_state,
@@ -203,6 +143,94 @@ class SearchState:
                     f"{source} is a damaged search checkpoint: field {where!r} candidate {list(ts)} {problem}; "
                     "drop --resume to start a new search"
                 )
+
+
+def _check_format(d: Any, source: str) -> None:
+    """A search checkpoint of a version this reads (and never a pickled NSGA-II state)."""
+    if not isinstance(d, dict) or d.get("format") != STATE_FORMAT:
+        raise SearchError(
+            f"{source} is not a search checkpoint (format {STATE_FORMAT!r}): pass the file the search wrote, "
+            "or drop --resume"
+        )
+    if d.get("version") not in READABLE_VERSIONS:
+        raise SearchError(
+            f"{source} has checkpoint version {d.get('version')!r}; this version reads {list(READABLE_VERSIONS)}: "
+            "start a new search (drop --resume)"
+        )
+    if d.get("version") == 1 and d.get("nsga2") is not None:
+        raise SearchError(
+            f"{source}: field 'nsga2' holds a pickled NSGA-II state (checkpoint version 1), which is never "
+            "loaded (a pickle can run code): start a new search (drop --resume)"
+        )
+
+
+class _StateReader:
+    """Reads a checkpoint's fields; a damaged one is a SearchError naming it and saying to start a new search."""
+
+    def __init__(self, d: dict, source: str):
+        self.d, self.source = d, source
+
+    def bad(self, where: str, what: str) -> SearchError:
+        return SearchError(
+            f"{self.source} is a damaged search checkpoint: field {where!r} {what}; drop --resume to start a new search"
+        )
+
+    def get(self, key: str, ok, what: str):
+        """Field ``key``, present and passing ``ok``."""
+        if key not in self.d:
+            raise self.bad(key, "is missing")
+        if not ok(self.d[key]):
+            raise self.bad(key, f"{what}, got {_short(self.d[key])}")
+        return self.d[key]
+
+    def cands(self, key: str, items) -> list:
+        """``items`` as Candidates (``key[i]`` names a bad one)."""
+        out = []
+        for i, c in enumerate(items):
+            try:
+                out.append(_candidate(c))
+            except (KeyError, TypeError, ValueError, SearchError) as e:
+                raise self.bad(f"{key}[{i}]", f"is not a candidate ({e})") from None
+        return out
+
+    def memo(self) -> dict:
+        """Every FID measured so far: Candidate -> FID (a number >= 0)."""
+        memo_items = self.get(
+            "memo",
+            lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 for p in v),
+            "must be a list of [candidate, FID] pairs",
+        )
+        memo = {}
+        for i, (c, f) in enumerate(memo_items):
+            (cand,) = self.cands(f"memo[{i}]", [c])
+            try:
+                fid = float(f)
+            except (TypeError, ValueError):
+                raise self.bad(f"memo[{i}]", f"has FID {_short(f)}, not a number") from None
+            if math.isnan(fid) or fid < 0:
+                raise self.bad(f"memo[{i}]", f"has FID {fid}, not a number >= 0")
+            memo[cand] = fid
+        return memo
+
+    def nsga2(self) -> Optional[dict]:
+        """Where NSGA-II is (its population of individuals, counters and random state), or None."""
+        nsga2 = self.d.get("nsga2")
+        if nsga2 is None:
+            return None
+        if not (
+            isinstance(nsga2, dict)
+            and isinstance(nsga2.get("pop"), list)
+            and nsga2["pop"]
+            and _valid_rng_state(nsga2.get("random_state"))
+            and _is_int(nsga2.get("n_iter"))
+            and _is_int(nsga2.get("n_eval"))
+        ):
+            raise self.bad("nsga2", "must be an NSGA-II state (pop, n_iter, n_eval, random_state)")
+        for i, ind in enumerate(nsga2["pop"]):
+            if not isinstance(ind, dict) or not {"X", "F", "G", "H", "CV", "evaluated", "data"} <= set(ind):
+                raise self.bad(f"nsga2.pop[{i}]", "must be an individual (X, F, G, H, CV, evaluated, data)")
+            self.cands(f"nsga2.pop[{i}].X", [ind["X"]])
+        return nsga2
 
 
 def _is_int(x) -> bool:

@@ -240,9 +240,10 @@ def train_embedded(
     try:
         with file_lock(lock, remove=True):
             remove_stale_temps(out, state)  # under the lock: a temp file here is a killed run's
-            return _train(
-                out, settings, state, resume, checkpoint_every, time_limit, stop_at_step, compile, quiet, command, init
+            run = _RunOptions(
+                out, state, resume, checkpoint_every, time_limit, stop_at_step, compile, quiet, command, init
             )
+            return _train(settings, run)
     except LockBusy:
         raise TrainingError(
             f"another 'autodiffusion-rt train' is writing --out {out} (it holds {lock}): wait for it "
@@ -250,34 +251,131 @@ def train_embedded(
         ) from None
 
 
-def _train(
-    out: Path,
-    settings: TrainSettings,
-    state: Path,
-    resume: bool,
-    checkpoint_every: float,
-    time_limit: Optional[float],
-    stop_at_step: Optional[int],
-    compile: bool,
-    quiet: bool,
-    command: str,
-    init: Optional[Path],
-) -> dict:
-    from ..diffusion import NoiseSchedule
+@dataclass(frozen=True)
+class _RunOptions:
+    """How one training session runs (where it writes, when it stops); what it computes is :class:`TrainSettings`."""
 
-    images, labels = load_mnist("all")
-    schedule = NoiseSchedule.named(settings.noise_schedule, EMBEDDED_MNIST_DIFFUSION["diffusion_steps"])
-    acp = torch.tensor(schedule.alphas_cumprod, dtype=torch.float64)
-    sqrt_ab, sqrt_1mab = acp.sqrt().float(), (1 - acp).sqrt().float()
-    loss_weight = min_snr_weights(schedule.alphas_cumprod, settings.min_snr_gamma)
+    out: Path
+    state: Path
+    resume: bool
+    checkpoint_every: float
+    time_limit: Optional[float]
+    stop_at_step: Optional[int]
+    compile: bool
+    quiet: bool
+    command: str
+    init: Optional[Path]
 
+
+@dataclass
+class _Training:
+    """Everything a training state file holds: the model, its EMA, the optimizer, the LR schedule, the generator."""
+
+    model: ADMUNet
+    ema: ADMUNet
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    gen: torch.Generator
+    start: int = 0
+    seconds_before: float = 0.0
+    losses: list = field(default_factory=list)
+    history: list = field(default_factory=list)
+
+    def save(self, settings: TrainSettings, step: int, elapsed: float, path: Path) -> None:
+        """Write the resumable state atomically."""
+        payload = {
+            "format": STATE_FORMAT,
+            "settings": settings.to_json(),
+            "step": step,
+            "seconds": elapsed,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "lr_schedule": self.sched.state_dict(),
+            "generator": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "losses": self.losses[-200:],
+            "history": self.history,
+        }
+        with atomic_write(path, "wb") as f:
+            torch.save(payload, f)
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """The training data and the loss: eps prediction on uniformly drawn timesteps, min-SNR-gamma weighted."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_timesteps: int
+    sqrt_ab: torch.Tensor
+    sqrt_1mab: torch.Tensor
+    loss_weight: torch.Tensor
+
+    @classmethod
+    def for_settings(cls, settings: TrainSettings) -> "_Objective":
+        """MNIST and the settings' noise schedule."""
+        from ..diffusion import NoiseSchedule
+
+        images, labels = load_mnist("all")
+        schedule = NoiseSchedule.named(settings.noise_schedule, EMBEDDED_MNIST_DIFFUSION["diffusion_steps"])
+        acp = torch.tensor(schedule.alphas_cumprod, dtype=torch.float64)
+        loss_weight = min_snr_weights(schedule.alphas_cumprod, settings.min_snr_gamma)
+        return cls(images, labels, schedule.num_timesteps, acp.sqrt().float(), (1 - acp).sqrt().float(), loss_weight)
+
+    def batch_loss(self, forward, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the weighted loss to minimize, each sample's plain MSE) of one batch drawn with ``gen``."""
+        idx = torch.randint(len(self.images), (batch_size,), generator=gen)
+        x0, y = self.images[idx], self.labels[idx]
+        t = torch.randint(self.num_timesteps, (batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        xt = self.sqrt_ab[t].view(-1, 1, 1, 1) * x0 + self.sqrt_1mab[t].view(-1, 1, 1, 1) * noise
+        per_sample = F.mse_loss(forward(xt, t, y), noise, reduction="none").mean(dim=(1, 2, 3))
+        return (self.loss_weight[t] * per_sample).mean(), per_sample
+
+
+def _train(settings: TrainSettings, run: _RunOptions) -> dict:
+    """One session under the output's lock: set up (fresh, from --init, or resumed), step until done or stopped,
+    then save the state and the EMA checkpoint."""
+    objective = _Objective.for_settings(settings)
+    training = _new_training(settings, run.init if not run.resume else None)
+    if run.resume:
+        _restore(training, settings, run.state)
+    forward = torch.compile(training.model) if run.compile else training.model
+    # SIGINT/SIGTERM end the run between two steps, with the state saved: nothing is lost.
+    stop_requested = []
+    previous_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous_handlers[sig] = signal.signal(sig, lambda *_: stop_requested.append(True))
+    step, finished, elapsed = _run_steps(training, settings, run, objective, forward, stop_requested)
+    training.save(settings, step, elapsed, run.state)
+    final_loss = sum(training.losses) / max(1, len(training.losses))
+    record = {
+        "steps": settings.steps,
+        "step": step,
+        "finished": finished,
+        "seconds": round(elapsed, 1),
+        "final_loss": round(final_loss, 5),
+    }
+    try:
+        with atomic_write(run.out, "wb") as f:
+            torch.save(_checkpoint(training, settings, run.command, record), f)
+    finally:  # a signal during the last writes is noted, not obeyed: the run is ending and saving anyway
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    return record
+
+
+def _new_training(settings: TrainSettings, init: Optional[Path]) -> _Training:
+    """A fresh model (seeded; from ``init``'s weights if given), its EMA, optimizer, LR schedule and generator."""
     config = dict(settings.config)
     config["attention_resolutions"] = tuple(config["attention_resolutions"])
     config["channel_mult"] = tuple(config["channel_mult"])
     torch.manual_seed(settings.seed)
     model = ADMUNet(**config)
     history: list[dict] = []
-    if init is not None and not resume:
+    if init is not None:
         previous = _read_init(Path(init))
         try:
             model.load_state_dict(previous["state_dict"], strict=True)
@@ -295,135 +393,103 @@ def _train(
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, settings.steps))
     gen = torch.Generator().manual_seed(settings.seed)
-    start, seconds_before, losses = 0, 0.0, []
+    return _Training(model, ema, opt, sched, gen, history=history)
 
-    if resume:
-        saved = _read_state(state)
-        if saved["settings"] != settings.to_json():
-            was = saved["settings"]
-            diff = ", ".join(
-                f"{k}={was.get(k)!r}" for k in sorted(settings.to_json()) if was.get(k) != settings.to_json()[k]
-            )
-            raise TrainingError(
-                f"{state} was made with other settings ({diff}): "
-                "resume with the same settings, or delete the state file to start fresh"
-            )
-        try:
-            model.load_state_dict(saved["model"])
-            ema.load_state_dict(saved["ema"])
-            opt.load_state_dict(saved["optimizer"])
-            sched.load_state_dict(saved["lr_schedule"])
-            gen.set_state(saved["generator"])
-            torch.set_rng_state(saved["torch_rng"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            lines = str(e).strip().splitlines() or [type(e).__name__]
-            raise TrainingError(
-                f"{state} does not fit the model it claims ({lines[-1].strip()[:200]}): the state is "
-                "damaged; delete it (or pass another --state) to start fresh"
-            ) from None
-        start, seconds_before, losses, history = (
-            saved["step"],
-            saved["seconds"],
-            list(saved["losses"]),
-            saved["history"],
+
+def _restore(training: _Training, settings: TrainSettings, state: Path) -> None:
+    """Continue from the state file exactly where it stopped (it must have been made with the same settings)."""
+    saved = _read_state(state)
+    if saved["settings"] != settings.to_json():
+        was = saved["settings"]
+        diff = ", ".join(
+            f"{k}={was.get(k)!r}" for k in sorted(settings.to_json()) if was.get(k) != settings.to_json()[k]
         )
+        raise TrainingError(
+            f"{state} was made with other settings ({diff}): "
+            "resume with the same settings, or delete the state file to start fresh"
+        )
+    try:
+        training.model.load_state_dict(saved["model"])
+        training.ema.load_state_dict(saved["ema"])
+        training.opt.load_state_dict(saved["optimizer"])
+        training.sched.load_state_dict(saved["lr_schedule"])
+        training.gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        raise TrainingError(
+            f"{state} does not fit the model it claims ({lines[-1].strip()[:200]}): the state is "
+            "damaged; delete it (or pass another --state) to start fresh"
+        ) from None
+    training.start, training.seconds_before = saved["step"], saved["seconds"]
+    training.losses, training.history = list(saved["losses"]), saved["history"]
 
-    def save_state(step: int, elapsed: float) -> None:
-        payload = {
-            "format": STATE_FORMAT,
-            "settings": settings.to_json(),
-            "step": step,
-            "seconds": elapsed,
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": opt.state_dict(),
-            "lr_schedule": sched.state_dict(),
-            "generator": gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "losses": losses[-200:],
-            "history": history,
-        }
-        with atomic_write(state, "wb") as f:
-            torch.save(payload, f)
 
-    forward = torch.compile(model) if compile else model
-    # SIGINT/SIGTERM end the run between two steps, with the state saved: nothing is lost.
-    stop_requested = []
-    previous_handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous_handlers[sig] = signal.signal(sig, lambda *_: stop_requested.append(True))
+def _run_steps(
+    training: _Training, settings: TrainSettings, run: _RunOptions, objective: _Objective, forward, stop_requested
+) -> tuple[int, bool, float]:
+    """Optimizer steps until the last one, a signal, ``stop_at_step`` or ``time_limit``, saving the state every
+    ``checkpoint_every`` seconds: (the step reached, whether the run finished, seconds over all sessions)."""
+    model, ema = training.model, training.ema
     t0 = time.time()
     last_save = t0
-    bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, disable=quiet, desc="train")
-    step = start
+    bar = tqdm(
+        range(training.start, settings.steps),
+        initial=training.start,
+        total=settings.steps,
+        disable=run.quiet,
+        desc="train",
+    )
+    step = training.start
     finished = True
     for step in bar:
         if (
             stop_requested
-            or (stop_at_step is not None and step >= stop_at_step)
-            or (time_limit is not None and time.time() - t0 >= time_limit)
+            or (run.stop_at_step is not None and step >= run.stop_at_step)
+            or (run.time_limit is not None and time.time() - t0 >= run.time_limit)
         ):
             finished = False
             break
-        idx = torch.randint(len(images), (settings.batch_size,), generator=gen)
-        x0, y = images[idx], labels[idx]
-        t = torch.randint(schedule.num_timesteps, (settings.batch_size,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        xt = sqrt_ab[t].view(-1, 1, 1, 1) * x0 + sqrt_1mab[t].view(-1, 1, 1, 1) * noise
-        per_sample = F.mse_loss(forward(xt, t, y), noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (loss_weight[t] * per_sample).mean()
-        opt.zero_grad(set_to_none=True)
+        loss, per_sample = objective.batch_loss(forward, settings.batch_size, training.gen)
+        training.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        training.opt.step()
+        training.sched.step()
         # EMA with a warmup so the average is not dominated by the random init.
         decay = min(settings.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
-        losses.append(per_sample.mean().item())  # the unweighted MSE: comparable across weightings
-        losses = losses[-200:]
+        training.losses.append(per_sample.mean().item())  # the unweighted MSE: comparable across weightings
+        training.losses = training.losses[-200:]
         if step % 20 == 0:
-            bar.set_postfix(mse=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
-        if time.time() - last_save >= checkpoint_every:
-            save_state(step + 1, seconds_before + time.time() - t0)
+            recent = training.losses[-100:]
+            bar.set_postfix(mse=f"{sum(recent) / len(recent):.4f}")
+        if time.time() - last_save >= run.checkpoint_every:
+            training.save(settings, step + 1, training.seconds_before + time.time() - t0, run.state)
             last_save = time.time()
     else:
         step = settings.steps
-    elapsed = seconds_before + time.time() - t0
-    save_state(step, elapsed)
-    final_loss = sum(losses) / max(1, len(losses))
-    record = {
-        "steps": settings.steps,
-        "step": step,
-        "finished": finished,
-        "seconds": round(elapsed, 1),
-        "final_loss": round(final_loss, 5),
-    }
-    # A stopped run also leaves a usable checkpoint: the EMA weights so far, marked with their step.
-    checkpoint = {
+    return step, finished, training.seconds_before + time.time() - t0
+
+
+def _checkpoint(training: _Training, settings: TrainSettings, command: str, record: dict) -> dict:
+    """What --out holds: the EMA weights, marked with their step (a stopped run also leaves a usable one)."""
+    return {
         "format": 1,
         "name": "embedded:mnist",
         "config": dict(settings.config),
         "diffusion": {**EMBEDDED_MNIST_DIFFUSION, "noise_schedule": settings.noise_schedule},
-        "state_dict": ema.state_dict(),
+        "state_dict": training.ema.state_dict(),
         "training": {
             "command": command,
             **settings.to_json(),
-            "step": step,
-            "finished": finished,
-            "seconds": round(elapsed, 1),
-            "final_loss": round(final_loss, 5),
+            "step": record["step"],
+            "finished": record["finished"],
+            "seconds": record["seconds"],
+            "final_loss": record["final_loss"],
             "torch": str(torch.__version__),
-            "history": history,
+            "history": training.history,
         },
     }
-    try:
-        with atomic_write(out, "wb") as f:
-            torch.save(checkpoint, f)
-    finally:  # a signal during the last writes is noted, not obeyed: the run is ending and saving anyway
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-    return record

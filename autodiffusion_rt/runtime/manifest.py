@@ -47,7 +47,7 @@ import warnings
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from ..diffusion import SamplerCoefficients, StepCoefficients
 from ..diffusion.step_io import TensorSpec, step_tensors
@@ -237,41 +237,11 @@ class Manifest(Mapping):
         def bad(field: str, why: str):
             raise EngineError(f"{path}: field {field!r} {why}; {rebuild}")
 
-        if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
-            bad(
-                "format",
-                f"must be {MANIFEST_FORMAT!r}, got {m.get('format') if isinstance(m, dict) else type(m).__name__!r}",
-            )
-        if m.get("version") != MANIFEST_VERSION:
-            bad(
-                "version",
-                f"must be {MANIFEST_VERSION} (this autodiffusion-rt reads version {MANIFEST_VERSION}), "
-                f"got {m.get('version')!r}",
-            )
-        if m.get("complete") is not True:
-            bad("complete", "is not true: the build did not finish")
-        if m.get("backend") not in ENGINE_BACKENDS:
-            bad("backend", f"must be one of {', '.join(ENGINE_BACKENDS)}, got {m.get('backend')!r}")
-        if m.get("precision") not in ENGINE_PRECISIONS:
-            bad("precision", f"must be one of {', '.join(ENGINE_PRECISIONS)}, got {m.get('precision')!r}")
-        if m["backend"] == "openvino":
-            emb = m.get("embeddings")
-            if not (isinstance(emb, dict) and isinstance(emb.get("file"), str) and isinstance(emb.get("sha256"), str)):
-                bad("embeddings", "must name the embeddings file and its sha256 (an openvino dir)")
-        batch = m.get("batch")
-        if not (
-            isinstance(batch, dict)
-            and all(isinstance(batch.get(k), int) and batch.get(k) >= 1 for k in ("min", "opt", "max"))
-            and batch["min"] <= batch["opt"] <= batch["max"]
-        ):
-            bad("batch", f"must be {{'min', 'opt', 'max'}} with 1 <= min <= opt <= max, got {batch!r}")
-        for key in ("plan", "model", "versions"):
-            if not isinstance(m.get(key), dict):
-                bad(key, "must be an object")
+        _check_header(m, bad)
         model = validate(schema("ManifestModel"), m["model"], f"{path} (model)", EngineError, rebuild)
         if m.get(SETTINGS_HASH) != settings_sha256(m):
             bad(SETTINGS_HASH, f"does not match the manifest's settings ({', '.join(HASHED)}): edited by hand?")
-        check_limit("batch", batch["max"], "batch.max", str(path), EngineError)
+        check_limit("batch", m["batch"]["max"], "batch.max", str(path), EngineError)
         for side in model.image_shape[1:]:
             check_limit("image_size", side, "model.image_shape", str(path), EngineError)
         if min(model.image_shape) < 1:
@@ -279,24 +249,7 @@ class Manifest(Mapping):
         if not isinstance(m.get("steps"), list) or not m["steps"]:
             bad("steps", "must be a non-empty list")
         for i, step in enumerate(m["steps"]):
-            if not isinstance(step, dict):
-                bad(f"steps[{i}]", "must be an object")
-            for key in ("onnx", "engine", "coefficients"):
-                if not isinstance(step.get(key), dict):
-                    bad(f"steps[{i}].{key}", "must be an object")
-            for key in ("inputs", "outputs", "skip"):
-                if not isinstance(step.get(key), list):
-                    bad(f"steps[{i}].{key}", "must be a list")
-            static = step["engine"].get("static", {})  # openvino: blobs compiled for static batch sizes
-            if not isinstance(static, dict):
-                bad(f"steps[{i}].engine.static", "must map batch sizes to files")
-            files = [(key, step[key]) for key in ("onnx", "engine")]
-            files += [(f"engine.static.{b}", f if isinstance(f, dict) else {}) for b, f in static.items()]
-            for key, f in files:
-                if not (isinstance(f.get("file"), str) and isinstance(f.get("sha256"), str)):
-                    bad(f"steps[{i}].{key}", "must name a file and its sha256")
-                if Path(f["file"]).is_absolute() or ".." in Path(f["file"]).parts:
-                    bad(f"steps[{i}].{key}.file", f"must be a path inside the engine dir, got {f['file']!r}")
+            _check_step(step, f"steps[{i}]", bad)
         return cls(engine_dir, m)
 
     # ------------------------------------------------------------ checks
@@ -442,3 +395,60 @@ def _check_coefficients(recorded: dict, row: StepCoefficients, where: str, rebui
             raise EngineError(
                 f"{where} coefficient {name}={got!r} does not match the plan's sampler ({want!r}); {rebuild}"
             )
+
+
+def _check_header(m, bad: Callable[[str, str], None]) -> None:
+    """The manifest's header: format, version, completeness, backend, precision, batch range, the objects it holds."""
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        bad(
+            "format",
+            f"must be {MANIFEST_FORMAT!r}, got {m.get('format') if isinstance(m, dict) else type(m).__name__!r}",
+        )
+    if m.get("version") != MANIFEST_VERSION:
+        bad(
+            "version",
+            f"must be {MANIFEST_VERSION} (this autodiffusion-rt reads version {MANIFEST_VERSION}), "
+            f"got {m.get('version')!r}",
+        )
+    if m.get("complete") is not True:
+        bad("complete", "is not true: the build did not finish")
+    if m.get("backend") not in ENGINE_BACKENDS:
+        bad("backend", f"must be one of {', '.join(ENGINE_BACKENDS)}, got {m.get('backend')!r}")
+    if m.get("precision") not in ENGINE_PRECISIONS:
+        bad("precision", f"must be one of {', '.join(ENGINE_PRECISIONS)}, got {m.get('precision')!r}")
+    if m["backend"] == "openvino":
+        emb = m.get("embeddings")
+        if not (isinstance(emb, dict) and isinstance(emb.get("file"), str) and isinstance(emb.get("sha256"), str)):
+            bad("embeddings", "must name the embeddings file and its sha256 (an openvino dir)")
+    batch = m.get("batch")
+    if not (
+        isinstance(batch, dict)
+        and all(isinstance(batch.get(k), int) and batch.get(k) >= 1 for k in ("min", "opt", "max"))
+        and batch["min"] <= batch["opt"] <= batch["max"]
+    ):
+        bad("batch", f"must be {{'min', 'opt', 'max'}} with 1 <= min <= opt <= max, got {batch!r}")
+    for key in ("plan", "model", "versions"):
+        if not isinstance(m.get(key), dict):
+            bad(key, "must be an object")
+
+
+def _check_step(step, where: str, bad: Callable[[str, str], None]) -> None:
+    """One step's entry: its objects and lists, and every file it names (with its sha256) inside the dir."""
+    if not isinstance(step, dict):
+        bad(where, "must be an object")
+    for key in ("onnx", "engine", "coefficients"):
+        if not isinstance(step.get(key), dict):
+            bad(f"{where}.{key}", "must be an object")
+    for key in ("inputs", "outputs", "skip"):
+        if not isinstance(step.get(key), list):
+            bad(f"{where}.{key}", "must be a list")
+    static = step["engine"].get("static", {})  # openvino: blobs compiled for static batch sizes
+    if not isinstance(static, dict):
+        bad(f"{where}.engine.static", "must map batch sizes to files")
+    files = [(key, step[key]) for key in ("onnx", "engine")]
+    files += [(f"engine.static.{b}", f if isinstance(f, dict) else {}) for b, f in static.items()]
+    for key, f in files:
+        if not (isinstance(f.get("file"), str) and isinstance(f.get("sha256"), str)):
+            bad(f"{where}.{key}", "must name a file and its sha256")
+        if Path(f["file"]).is_absolute() or ".." in Path(f["file"]).parts:
+            bad(f"{where}.{key}.file", f"must be a path inside the engine dir, got {f['file']!r}")

@@ -196,35 +196,11 @@ class Runtime:
         plan = None if plan is None else Plan.load(plan)  # a Plan or a path
         m = Manifest.read(engine_dir)
         the_plan, coeffs = m.check_plan(plan)
-        if backend not in ("auto", *BACKENDS):
-            raise EngineError(f"unknown backend {backend!r}: choose auto, {', '.join(BACKENDS)}")
-        chosen = m["backend"] if backend == "auto" else backend
-        if cuda_graph not in (False, True, "step", "schedule"):
-            raise EngineError(
-                f"cuda_graph={cuda_graph!r}: pass False, True (or 'step': a graph per step) "
-                "or 'schedule' (one per batch size)"
-            )
-        if cuda_graph == "schedule" and device_resident is False:
-            raise EngineError(
-                "cuda_graph='schedule' replays a whole request on the device: "
-                "drop device_resident=False, or use cuda_graph='step'"
-            )
+        chosen = _chosen_backend(m, backend, cuda_graph, device_resident)
         if chosen == "torch":
             rt = cls.from_plan(the_plan, "torch", model=model)
             rt.engine_dir, rt.manifest = engine_dir, m
             return rt
-        # A tensorrt dir's portable ONNX exports also run on onnxruntime's GPU providers; nothing else crosses over.
-        if chosen != m["backend"] and not (chosen == "onnxruntime" and m["backend"] == "tensorrt"):
-            raise EngineError(
-                f"{engine_dir} holds {m['backend']} engines, not {chosen} ones: load it with backend='auto' (or "
-                f"'{m['backend']}'), or rebuild it with 'autodiffusion-rt build PLAN --backend {chosen} --out DIR'"
-            )
-        info_d = m["model"]
-        info = ModelInfo(
-            str(info_d.get("name", the_plan.model_name)),
-            tuple(int(s) for s in info_d["image_shape"]),
-            None if info_d.get("num_classes") is None else int(info_d["num_classes"]),
-        )
         loaded = _backend_module(chosen).load_engines(
             m,
             the_plan,
@@ -241,7 +217,7 @@ class Runtime:
             loaded.engines,
             the_plan,
             coeffs,
-            info,
+            _model_info(m, the_plan),
             chosen,
             int(m["batch"]["max"]),
             backend_name=loaded.backend_name,
@@ -447,6 +423,42 @@ class Runtime:
             f"Runtime({self.backend_name}, {self.num_steps} steps, "
             f"timesteps={list(self.plan.timesteps)}, max_batch={self.max_batch})"
         )
+
+
+def _chosen_backend(m: Manifest, backend: str, cuda_graph, device_resident: Optional[bool]) -> str:
+    """The backend ``backend`` names for this engine dir (``auto``: the dir's own), after refusing options and
+    backends that cannot run it."""
+    if backend not in ("auto", *BACKENDS):
+        raise EngineError(f"unknown backend {backend!r}: choose auto, {', '.join(BACKENDS)}")
+    chosen = m["backend"] if backend == "auto" else backend
+    if cuda_graph not in (False, True, "step", "schedule"):
+        raise EngineError(
+            f"cuda_graph={cuda_graph!r}: pass False, True (or 'step': a graph per step) "
+            "or 'schedule' (one per batch size)"
+        )
+    if cuda_graph == "schedule" and device_resident is False:
+        raise EngineError(
+            "cuda_graph='schedule' replays a whole request on the device: "
+            "drop device_resident=False, or use cuda_graph='step'"
+        )
+    # torch runs any dir's plan. A tensorrt dir's portable ONNX exports also run on onnxruntime's GPU providers;
+    # nothing else crosses over.
+    if chosen not in ("torch", m["backend"]) and not (chosen == "onnxruntime" and m["backend"] == "tensorrt"):
+        raise EngineError(
+            f"{m.engine_dir} holds {m['backend']} engines, not {chosen} ones: load it with backend='auto' (or "
+            f"'{m['backend']}'), or rebuild it with 'autodiffusion-rt build PLAN --backend {chosen} --out DIR'"
+        )
+    return chosen
+
+
+def _model_info(m: Manifest, plan: Plan) -> ModelInfo:
+    """What sampling needs to know about the model, from the manifest alone."""
+    info = m["model"]
+    return ModelInfo(
+        str(info.get("name", plan.model_name)),
+        tuple(int(s) for s in info["image_shape"]),
+        None if info.get("num_classes") is None else int(info["num_classes"]),
+    )
 
 
 def _backend_module(name: str):

@@ -11,7 +11,7 @@ traffic. On shutdown (uvicorn has stopped accepting and finished the requests
 in flight) every batcher drains its queue and the runtimes are closed.
 
 (No ``from __future__ import annotations`` here: FastAPI reads the handlers'
-annotations, and ``Request`` is imported lazily inside :func:`create_app`.)
+annotations, and ``Request`` is imported lazily inside :func:`_add_sample_route`.)
 """
 
 import asyncio
@@ -300,12 +300,20 @@ class _Metered:
 
 def create_app(state: ServeState, *, load_on_startup: bool = True, on_load_error: Optional[Callable] = None):
     """The FastAPI app over ``state``. ``load_on_startup``: start :meth:`ServeState.load` in a thread at startup."""
-    import contextlib
+    from fastapi import FastAPI
 
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response
-    from starlette.exceptions import HTTPException
+    lifespan = _lifespan(state, load_on_startup, on_load_error)
+    app = FastAPI(title="autodiffusion-rt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serve = state
+    _add_error_handlers(app)
+    _add_status_routes(app, state)
+    _add_sample_route(app, state)
+    return _Metered(app, state.metrics, state.replica)
+
+
+def _lifespan(state: ServeState, load_on_startup: bool, on_load_error: Optional[Callable]):
+    """Startup: load the engines in a thread (``/healthz`` answers meanwhile); shutdown: drain and close them."""
+    import contextlib
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -325,9 +333,14 @@ def create_app(state: ServeState, *, load_on_startup: bool = True, on_load_error
         yield
         await asyncio.to_thread(state.close, loader)
 
-    app = FastAPI(title="autodiffusion-rt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.serve = state
-    limits = state.settings.limits
+    return lifespan
+
+
+def _add_error_handlers(app) -> None:
+    """Every refusal as ``{"error": {"field", "message"}}``: the service's own, unknown routes, malformed requests."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(RequestError)
     async def request_error(request, e: RequestError):
@@ -350,6 +363,11 @@ def create_app(state: ServeState, *, load_on_startup: bool = True, on_load_error
     async def validation_error(request, e):
         return _error(RequestError(422, None, str(e)))
 
+
+def _add_status_routes(app, state: ServeState) -> None:
+    """``/healthz`` (alive), ``/readyz`` (503 until every plan can run a batch), ``/metrics`` (Prometheus)."""
+    from fastapi.responses import JSONResponse, PlainTextResponse
+
     @app.get("/healthz")
     async def healthz():
         return {"status": "alive"}
@@ -368,21 +386,17 @@ def create_app(state: ServeState, *, load_on_startup: bool = True, on_load_error
         body, content_type = state.metrics.render()
         return PlainTextResponse(body, media_type=content_type)
 
+
+def _add_sample_route(app, state: ServeState) -> None:
+    """``POST /v1/samples``: read the bounded body, queue the request on its plan's batcher, answer by the deadline."""
+    from fastapi import Request
+    from fastapi.responses import Response
+
+    limits = state.settings.limits
+
     @app.post("/v1/samples")
     async def samples(request: Request):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
-            raise RequestError(
-                413 if length.isdigit() else 400,
-                "body",
-                f"the body is {length} bytes; the limit is {limits.max_body_bytes} bytes",
-            )
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_body_bytes:
-                raise RequestError(413, "body", f"the body is over the limit of {limits.max_body_bytes} bytes")
-        req = parse_sample_request(bytes(body), state.num_classes, state.default_plan, limits)
+        req = parse_sample_request(await _read_body(request, limits), state.num_classes, state.default_plan, limits)
         if not state.ready.is_set():
             raise RequestError(
                 503, None, "the engines are still loading: retry when /readyz answers 200", {"Retry-After": "1"}
@@ -391,25 +405,45 @@ def create_app(state: ServeState, *, load_on_startup: bool = True, on_load_error
             raise RequestError(
                 503, None, state.serving() or "the service cannot run batches: restart it", {"Retry-After": "1"}
             )
-        batcher = state.batchers[req.plan]
-        deadline = time.monotonic() + state.settings.deadline_s
-        job = batcher.submit(req.n, req.seed, req.labels, deadline)
-        waiter = asyncio.wrap_future(job.future)
-        try:
-            images, labels = await asyncio.wait_for(asyncio.shield(waiter), state.settings.deadline_s)
-        except asyncio.TimeoutError:
-            waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome is no one's now
-            dropped = batcher.cancel(job)
-            raise RequestError(
-                504,
-                None,
-                f"no answer within the deadline of {state.settings.deadline_s:g} s "
-                f"({'dropped before it ran' if dropped else 'its batch was already running'}): retry later",
-            ) from None
+        images, labels = await _run_job(state, req)
         data, media_type = _encode(images, labels, req.format)
         headers = {"X-Seed": str(req.seed), "X-Plan": req.plan, "X-Images": str(req.n)}
         if labels is not None:
             headers["X-Labels"] = ",".join(str(int(v)) for v in labels)
         return Response(data, media_type=media_type, headers=headers)
 
-    return _Metered(app, state.metrics, state.replica)
+
+async def _read_body(request, limits: Limits) -> bytes:
+    """The request body, refused (413, or 400 for a bad Content-Length) as soon as it is known to be too long."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
+        raise RequestError(
+            413 if length.isdigit() else 400,
+            "body",
+            f"the body is {length} bytes; the limit is {limits.max_body_bytes} bytes",
+        )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limits.max_body_bytes:
+            raise RequestError(413, "body", f"the body is over the limit of {limits.max_body_bytes} bytes")
+    return bytes(body)
+
+
+async def _run_job(state: ServeState, req):
+    """``(images, labels)`` of ``req`` from its plan's batcher, or 504 past the deadline (dropped if not started)."""
+    batcher = state.batchers[req.plan]
+    deadline = time.monotonic() + state.settings.deadline_s
+    job = batcher.submit(req.n, req.seed, req.labels, deadline)
+    waiter = asyncio.wrap_future(job.future)
+    try:
+        return await asyncio.wait_for(asyncio.shield(waiter), state.settings.deadline_s)
+    except asyncio.TimeoutError:
+        waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome is no one's now
+        dropped = batcher.cancel(job)
+        raise RequestError(
+            504,
+            None,
+            f"no answer within the deadline of {state.settings.deadline_s:g} s "
+            f"({'dropped before it ran' if dropped else 'its batch was already running'}): retry later",
+        ) from None

@@ -12,10 +12,7 @@ __all__ = ["cmd_serve", "register"]
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    from .app import ServeSettings
-    from .schemas import Limits
-
-    d, lim = ServeSettings(), Limits()
+    """The ``serve`` subcommand and its options."""
     p = subparsers.add_parser(
         "serve",
         help="serve engine dirs over HTTP (POST /v1/samples) with dynamic batching",
@@ -33,6 +30,24 @@ def register(subparsers) -> argparse.ArgumentParser:
             "an engine dir from 'autodiffusion-rt build', optionally named (repeatable; the first is the default plan)"
         ),
     )
+    _add_service_args(p)
+    _add_ray_args(p)
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="the server's and uvicorn's log level (default: %(default)s)",
+    )
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def _add_service_args(p: argparse.ArgumentParser) -> None:
+    """The address, batching, limits and runtime options; their defaults are ServeSettings' and Limits'."""
+    from .app import ServeSettings
+    from .schemas import Limits
+
+    d, lim = ServeSettings(), Limits()
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port in [1, 65535] (default: %(default)s; 0: a free one)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="images per engine batch (default: %(default)s)")
@@ -81,6 +96,10 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="onnxruntime workers spin between ops while a batch runs (on), or sleep and leave the cores "
         "to the server's event loop (off); matters with --threads > 1 (default: %(default)s)",
     )
+
+
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    """The Ray Serve options, in their own help section."""
     ray = p.add_argument_group("Ray Serve (the same API, served by replicas on a Ray cluster; needs the 'ray' extra)")
     ray.add_argument(
         "--ray", action="store_true", help="serve as a Ray Serve application (--host/--port: Ray's HTTP proxy)"
@@ -102,14 +121,6 @@ def register(subparsers) -> argparse.ArgumentParser:
         default=16.0,
         help="autoscaling: requests in flight per replica Ray aims for (default: %(default)s)",
     )
-    p.add_argument(
-        "--log-level",
-        default="info",
-        choices=("critical", "error", "warning", "info", "debug"),
-        help="the server's and uvicorn's log level (default: %(default)s)",
-    )
-    p.set_defaults(func=cmd_serve)
-    return p
 
 
 def check_args(args) -> None:
@@ -144,11 +155,32 @@ def cmd_serve(args) -> int:
 
 
 def _serve(args, stop) -> int:
-    import importlib.util
+    """Check the options and the installed extras, read the engine dirs, then serve (uvicorn or Ray) until stopped."""
     import logging
 
-    from ..errors import BackendUnavailableError
-    from .app import ServeSettings, ServeState, create_app, engine_specs
+    from .app import ServeState, engine_specs
+
+    settings, ray_settings = _settings_from_args(args)
+    _check_installed(ray=args.ray)
+    import torch
+
+    torch.set_num_threads(settings.threads)
+    engines = engine_specs(args.engines)
+    state = ServeState(engines, settings)  # bad dirs fail here: one line, exit 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if stop.signals:
+        logging.getLogger("autodiffusion_rt.serve").info("stopped by signal %d before serving", stop.signals[0])
+        return 0
+    if ray_settings is not None:
+        from .ray_app import run_ray
+
+        return run_ray(engines, settings, ray_settings, log_level=args.log_level)
+    return _run_uvicorn(state, args, stop)
+
+
+def _settings_from_args(args):
+    """``(ServeSettings, RaySettings or None)`` from the options, each checked (one line naming the option)."""
+    from .app import ServeSettings
     from .schemas import Limits
 
     check_args(args)
@@ -179,25 +211,27 @@ def _serve(args, stop) -> int:
         threads=threads,
         spinning=args.spinning == "on",
     ).check()
+    return settings, ray_settings
+
+
+def _check_installed(ray: bool) -> None:
+    """The ``serve`` extra (and with --ray the ``ray`` extra) is installed, or a one-line pip command."""
+    import importlib.util
+
+    from ..errors import BackendUnavailableError
+
     missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
     if missing:
         raise BackendUnavailableError(f"serve needs {', '.join(missing)}: pip install 'autodiffusion-rt[serve]'")
-    if args.ray and (importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None):
+    if ray and (importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None):
         raise BackendUnavailableError("serve --ray needs ray[serve]: pip install 'autodiffusion-rt[ray]'")
-    import torch
 
-    torch.set_num_threads(threads)
-    engines = engine_specs(args.engines)
-    state = ServeState(engines, settings)  # bad dirs fail here: one line, exit 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if stop.signals:
-        logging.getLogger("autodiffusion_rt.serve").info("stopped by signal %d before serving", stop.signals[0])
-        return 0
-    if ray_settings is not None:
-        from .ray_app import run_ray
 
-        return run_ray(engines, settings, ray_settings, log_level=args.log_level)
+def _run_uvicorn(state, args, stop) -> int:
+    """Serve ``state`` with uvicorn until a signal; an engine dir that fails to load stops it (EngineError)."""
     import uvicorn
+
+    from .app import create_app
 
     failed = []
     server: "uvicorn.Server"
@@ -213,7 +247,7 @@ def _serve(args, stop) -> int:
             host=args.host,
             port=args.port,
             log_level=args.log_level,
-            timeout_graceful_shutdown=settings.deadline_s + 5,
+            timeout_graceful_shutdown=state.settings.deadline_s + 5,
         )
     )
     stop.server = server
