@@ -364,6 +364,14 @@ def test_error_messages_name_what_is_allowed(engine_dirs):
         msg = post(srv.url, {"n": 1, "plan": "x"}).json()["error"]["message"]
         assert "'cond'" in msg and "'uncond'" in msg
         assert "n, seed, labels, format, plan" in post(srv.url, {"n": 1, "z": 0}).json()["error"]["message"]
+        # the routes the app serves are the ones metrics.ROUTES labels and a 404 names
+        from autodiffusion_rt.serve.metrics import ROUTES
+
+        fastapi_app = srv.server.config.app.app  # inside the metering middleware
+        served = {r.path: m for r in fastapi_app.routes if hasattr(r, "methods") for m in r.methods - {"HEAD"}}
+        assert served == ROUTES
+        r = httpx.get(srv.url + "/v2/samples")
+        assert r.status_code == 404 and all(f"{m} {p}" in r.json()["error"]["message"] for p, m in ROUTES.items())
 
 
 # ---------------------------------------------------------------- readiness

@@ -349,10 +349,7 @@ def _add_error_handlers(app) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
         field = "path" if e.status_code == 404 else "method" if e.status_code == 405 else None
-        allowed = ", ".join(
-            f"{m} {p}"
-            for m, p in (("POST", "/v1/samples"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"))
-        )
+        allowed = ", ".join(f"{method} {path}" for path, method in ROUTES.items())
         return JSONResponse(
             {"error": {"field": field, "message": f"{e.detail}: this service has {allowed}"}},
             status_code=e.status_code,

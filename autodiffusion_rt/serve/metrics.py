@@ -8,8 +8,9 @@ from collections import deque
 
 __all__ = ["ROUTES", "ServeMetrics"]
 
-# Routes get their own label value; anything else is counted as "other" (bounded label cardinality).
-ROUTES = ("/v1/samples", "/healthz", "/readyz", "/metrics")
+# The service's routes and their methods: each gets its own label value, anything else is counted as "other"
+# (bounded label cardinality), and a 404/405 names them.
+ROUTES = {"/v1/samples": "POST", "/healthz": "GET", "/readyz": "GET", "/metrics": "GET"}
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
