@@ -198,6 +198,7 @@ def export_step_onnx(
         _trace(module, tmp, opset, module.example_inputs(trace_batch, seed=0, num_classes=num_classes))
         if simplify:
             _simplify(tmp)
+        _keep_declared_inputs(tmp, module.input_specs)
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as e:
@@ -246,6 +247,30 @@ def _trace(module, tmp: Path, opset: int, args) -> None:
             do_constant_folding=True,
             dynamo=False,
         )
+
+
+def _keep_declared_inputs(path: Path, specs) -> None:
+    """Put back, in the contract's order, the inputs the exporter dropped because the graph reads none of them (a
+    step that skips every ResBlock reads no embedding or label): an engine's inputs are the step contract
+    (diffusion.step_io), whatever its layers use, so every runtime feeds every step alike."""
+    onnx = import_onnx()
+    model = onnx.load(str(path))
+    present = {i.name: i for i in model.graph.input}
+    if all(s.name in present for s in specs):
+        return
+    declared = {s.name for s in specs}
+    inputs = [
+        present.get(s.name)
+        or onnx.helper.make_tensor_value_info(
+            s.name,
+            onnx.helper.np_dtype_to_tensor_dtype(np.dtype(s.dtype)),
+            [d if d == BATCH else int(d) for d in s.shape],
+        )
+        for s in specs
+    ] + [i for name, i in present.items() if name not in declared]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    onnx.save(model, str(path))
 
 
 def _verify_export(module, tmp: Path, examples: dict, tol: float, label: str):

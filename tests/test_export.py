@@ -413,3 +413,22 @@ def test_int8_steps_are_kept_or_rejected_by_the_fid_check(uncond, tmp_path, sear
         assert not torch.equal(q, ref) and (q - ref).abs().mean() < 0.5  # int8: close, not equal
     with pytest.raises(EngineError, match="int8.*onnxruntime"):
         build_engines(plan, tmp_path / "x", model=uncond, precision="int8", backend="tensorrt", progress=False)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_step_that_skips_every_resblock_keeps_the_step_contract(backend, tmp_path):
+    """Such a step reads no timestep embedding or label, and the exporter drops an input nothing reads; every step
+    must still take the contract's inputs (the runtimes feed them alike) and equal torch, from t = 999, clipping on."""
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    from autodiffusion_rt.runtime import Runtime
+
+    model = core_engine_model(1, num_classes=3)  # class-conditional: y is an input of every step
+    every_resblock = [layer.id for layer in model.unet.layers if "res" in layer.kind.lower()]
+    assert every_resblock
+    plan = core_plan(model, [999, 700, 400, 100], "ddim", 0.0, [[], every_resblock, [], every_resblock])
+    build_engines(plan, tmp_path / "e", model=model, backend=backend, precision="fp32", max_batch=4, progress=False)
+    labels = [0, 2, 1]
+    with Runtime.load(tmp_path / "e", threads=1) as rt, Runtime.from_plan(plan, model=model) as ref:
+        got, want = rt.sample(3, seed=4, labels=labels), ref.sample(3, seed=4, labels=labels)
+    assert (got - want).abs().max() <= 1e-3
