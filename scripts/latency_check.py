@@ -40,12 +40,9 @@ def _others(plan, model, count: int, pareto, seed: int) -> list:
     out = [p for p in _load_set(pareto) if p.skip != plan.skip][:count]
     rng = np.random.default_rng(seed)
     ids = sorted(model.unet.layer_ids)
-    res = [layer.id for layer in model.unet.layers if layer.kind == "res"]
     rates = np.linspace(0.1, 0.8, max(1, count - len(out)))
     for rate in rates[: count - len(out)]:
         skip = [[lid for lid in ids if rng.random() < rate] for _ in plan.timesteps]
-        # a step must keep a ResBlock: without one the time embedding is unused and its export fails (emb input)
-        skip = [s if set(res) - set(s) else [lid for lid in s if lid != res[0]] for s in skip]
         out.append(Plan.for_model(model, plan.timesteps, plan.sampler, plan.eta, skip, spec=plan.model_spec))
     return out
 
