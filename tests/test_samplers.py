@@ -390,7 +390,7 @@ def test_unipc_structure(linear):
         last = c.row(5)
         assert (last.c_x, last.c_eps) == (last.x0_from_x, last.x0_from_eps)
     assert not np.allclose(two.c_older_x0, three.c_older_x0)
-    with pytest.raises(SamplingError, match=r"reads the x0 of the 2 previous steps; pass older_x0"):
+    with pytest.raises(SamplingError, match=r"reads the x0 of the 2 previous step\(s\); pass older_x0"):
         step_update(two.row(2), x_init(), x_init(), x_init())
 
 

@@ -574,16 +574,7 @@ def step_update(
                 "pass the x0 returned by the previous step_update"
             )
         x_prev = x_prev + coeffs_row.c_prev_x0 * prev_x0
-    depth = coeffs_row.x0_history
-    if depth > 1:
-        if len(older_x0) < depth - 1:
-            raise SamplingError(
-                f"this step is multistep (UniPC) and reads the x0 of the {depth} previous steps; pass older_x0 "
-                f"(the x0 of steps i-2, i-3), got {len(older_x0)}"
-            )
-        for c, x0_old in zip(coeffs_row.prev_x0_coefficients[1:], older_x0):
-            if c != 0.0:
-                x_prev = x_prev + c * x0_old
+    x_prev = _add_history(x_prev, coeffs_row.x0_history - 1, coeffs_row.prev_x0_coefficients[1:], older_x0, "x0")
     if coeffs_row.c_noise != 0.0:
         if noise is None:
             raise SamplingError(
@@ -600,17 +591,25 @@ def step_update(
             x_prev = x_prev + scale * noise
         else:
             x_prev = x_prev + coeffs_row.c_noise * noise
-    history = coeffs_row.eps_history
-    if history:
-        if prev_eps is None or len(prev_eps) < history:
-            raise SamplingError(
-                f"this step is multistep (iPNDM) and reads the eps of the {history} previous step(s); "
-                f"pass prev_eps (most recent first), got {0 if prev_eps is None else len(prev_eps)}"
-            )
-        for c, e in zip(coeffs_row.prev_eps_coefficients, prev_eps):
-            if c != 0.0:
-                x_prev = x_prev + c * e
+    x_prev = _add_history(x_prev, coeffs_row.eps_history, coeffs_row.prev_eps_coefficients, prev_eps, "eps")
     return (x_prev, x0, eps) if return_eps else (x_prev, x0)
+
+
+def _add_history(x_prev, depth: int, weights, values, kind: str):
+    # The multistep terms: iPNDM's earlier eps (kind "eps", passed as prev_eps), UniPC's x0 of steps i-2, i-3
+    # (kind "x0", passed as older_x0). Terms with weight 0 are left out (a fixed graph when traced).
+    if depth <= 0:
+        return x_prev
+    if values is None or len(values) < depth:
+        sampler, arg, steps = ("iPNDM", "prev_eps", depth) if kind == "eps" else ("UniPC", "older_x0", depth + 1)
+        raise SamplingError(
+            f"this step is multistep ({sampler}) and reads the {kind} of the {steps} previous step(s); "
+            f"pass {arg} (most recent first), got {0 if values is None else len(values)}"
+        )
+    for c, value in zip(weights, values):
+        if c != 0.0:
+            x_prev = x_prev + c * value
+    return x_prev
 
 
 def step_from_output(
