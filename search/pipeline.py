@@ -672,9 +672,12 @@ def _rerank_top(prepared: Prepared, evolved: Evolved) -> HeldOut:
     samplers = [options.sampler]
     if options.eta == 0.0:
         samplers += [sm for sm in options.holdout_samplers if sm != options.sampler]
-    table, pairs = [], []
+    table, pairs, measured = [], [], {}
     for sampler in samplers:
-        fids = holdout_fids(prepared, candidates, sampler=sampler)
+        # Samplers that run the same steps on these schedules (UniPC-3 is UniPC-2 at NFE <= 4; every multistep
+        # sampler but iPNDM is DDIM at NFE 2) share one measurement.
+        steps = _sampler_steps(prepared.model, sampler, options.eta, candidates)
+        fids = measured.get(steps) or measured.setdefault(steps, holdout_fids(prepared, candidates, sampler=sampler))
         for c, f in zip(candidates, fids):
             fitness = memo.get(c) if sampler == options.sampler else None
             table.append({**_holdout_row(c, fitness, f, space2.macs(c)), "sampler": sampler})
@@ -682,6 +685,18 @@ def _rerank_top(prepared: Prepared, evolved: Evolved) -> HeldOut:
     fid, _, _, winner, sampler = min(pairs, key=lambda p: p[:3])
     result.best = Scored(winner, memo.get(winner, math.inf), space2.macs(winner))
     return HeldOut(table, fid, sampler)
+
+
+def _sampler_steps(model, sampler: str, eta: float, candidates) -> tuple:
+    """The per-step constants ``sampler`` runs on each candidate (hashable; equal rows: equal images)."""
+    from autodiffusion_rt.diffusion import compute_coefficients
+
+    eta = eta if sampler == "ddim" else 0.0
+    out = []
+    for c in candidates:
+        coeffs = compute_coefficients(sampler, model.schedule, c.timesteps, eta, learned_variance=model.learn_sigma)
+        out.append(tuple(coeffs.row(i) for i in range(len(coeffs))))
+    return tuple(out)
 
 
 def _rerank_front(prepared: Prepared, evolved: Evolved) -> HeldOut:
