@@ -371,7 +371,7 @@ def test_the_report_says_whether_a_uniform_row_beats_the_plan_by_more_than_the_n
     assert compare_plan([near, plan], "m") is None  # no plan row first: nothing to say
 
 
-@pytest.mark.parametrize("sampler", ["unipc", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["unipc", pytest.param("dpmpp_2m", marks=pytest.mark.slow)])
 def test_nfe_2_completes_and_writes_a_valid_plan(opts, run, sampler):
     """Two steps: the DP, the space, the samplers' warm-up (first order, then the final step to x0) and the
     report's uniform rows all hold at the shortest multistep length. What would catch this: a sampler that reads
