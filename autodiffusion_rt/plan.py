@@ -5,7 +5,7 @@
     {
       "format": "autodiffusion-rt-plan", "version": 2,
       "model":    {"spec", "name", "config", "fingerprint"},
-      "sampler":  {"kind": "ddim" | "ddpm" | "dpmpp_2m" | "ipndm", "eta": float,
+      "sampler":  {"kind": "ddim" | "ddpm" | "dpmpp_2m" | "ipndm" | "unipc" | "unipc3", "eta": float,
                    "clip_denoised": bool,       # x0 clipped to [-1, 1] at every step
                    "noise": "per-sample-v1"},   # the draw order (diffusion/noise.py)
       "timesteps": [int, ...],            # strictly descending, in [0, T)

@@ -16,11 +16,14 @@ __all__ = [
 ]
 
 #: Sampler names (autodiffusion_rt.diffusion.samplers.SAMPLERS implements them; a test checks they agree).
-SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "ipndm")
+SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "ipndm", "unipc", "unipc3")
 
 #: Uniform timestep spacings (autodiffusion_rt.diffusion.schedules.uniform_timesteps reads them from here).
-SPACINGS = ("linear", "quadratic", "logsnr")
-SPACING_HELP = "linear (trailing), quadratic (denser near t=0) or logsnr (equal steps in log-SNR)"
+SPACINGS = ("linear", "quadratic", "logsnr", "karras")
+SPACING_HELP = (
+    "linear (trailing), quadratic (denser near t=0), logsnr (equal steps in log-SNR) "
+    "or karras (EDM rho=7 in sigma, diffusers' use_karras_sigmas)"
+)
 
 #: Model spec kinds: ``KIND:ARG`` -> what ARG is (autodiffusion_rt.models.loading.load_model dispatches on them).
 MODEL_SPECS = {

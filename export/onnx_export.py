@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from autodiffusion_rt.diffusion.step_io import BATCH, TensorSpec
+from autodiffusion_rt.diffusion.step_io import BATCH, PREV_X0S, TensorSpec
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError
 from autodiffusion_rt.registry import DEFAULT_OPSET
 from autodiffusion_rt.runtime.backends.ort_backend import import_onnxruntime, ort_session_options
@@ -150,7 +150,7 @@ def _term_scales(module, inputs) -> tuple[float, ...]:
     x_prev = (
         abs(row.c_x) * ax
         + abs(row.c_eps) * ae
-        + abs(row.c_prev_x0) * mx(feeds.get("prev_x0"))
+        + sum(abs(c) * mx(feeds.get(name)) for c, name in zip(row.prev_x0_coefficients, PREV_X0S))
         + abs(row.c_noise) * mx(feeds.get("noise"))
         + sum(abs(c) * mx(feeds.get(f"prev_eps{k + 1}")) for k, c in enumerate(row.prev_eps_coefficients))
     )

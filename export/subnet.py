@@ -46,7 +46,7 @@ from autodiffusion_rt.diffusion.step_io import (
     NOISE,
     OUT,
     PREV_EPS,
-    PREV_X0,
+    PREV_X0S,
     X0,
     X_PREV,
     TensorSpec,
@@ -171,11 +171,10 @@ class StepModule(nn.Module):
             raise EngineError(f"step {self.index} takes {list(self.input_names)}, got {len(args)} tensors")
         feeds = dict(zip(self.input_names, args))
         x = feeds[X]
+        x0s = tuple(feeds[n] for n in PREV_X0S if n in feeds)
         history = tuple(feeds[n] for n in PREV_EPS if n in feeds)
-        x_prev, x0, history = step_from_output(
-            self.row, x, self.eps(x, feeds.get(Y)), feeds.get(PREV_X0), feeds.get(NOISE), history
-        )
-        values = {X_PREV: x_prev, X0: x0, EPS: history[0]}
+        x_prev, x0s, history = step_from_output(self.row, x, self.eps(x, feeds.get(Y)), x0s, feeds.get(NOISE), history)
+        values = {X_PREV: x_prev, X0: x0s[0], EPS: history[0]}
         outs = tuple(values[n] for n in self.output_names)
         return outs[0] if len(outs) == 1 else outs
 

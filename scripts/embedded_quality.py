@@ -41,15 +41,23 @@ CHECKS = {"ddim50": ("ddim", 50), "ddim10": ("ddim", 10), "ddpm1000": ("ddpm", 1
 
 
 def sample_in_chunks(
-    model, sampler: str, steps: int, n: int, seed: int, labels: torch.Tensor | None, cache_dir: Path | None, chunk: int
+    model,
+    sampler: str,
+    steps: int,
+    n: int,
+    seed: int,
+    labels: torch.Tensor | None,
+    cache_dir: Path | None,
+    chunk: int,
+    spacing: str = "linear",
 ) -> torch.Tensor:
-    """``ad.sample`` of ``n`` images (uniform linear timesteps), ``chunk`` at a time, each chunk kept in ``cache_dir``.
+    """``ad.sample`` of ``n`` images (uniform timesteps, ``spacing``), ``chunk`` at a time, each kept in ``cache_dir``.
 
     ``labels`` None: drawn from ``seed`` per sample, as ``ad.sample`` draws them.
     A cached chunk is used only when it was made by the same model, sampler,
     seed, sample range and labels.
     """
-    ts = uniform_timesteps(model.num_timesteps, steps, "linear")
+    ts = uniform_timesteps(model.num_timesteps, steps, spacing, model.schedule)
     parts = []
     for first in range(0, n, chunk):
         k = min(chunk, n - first)
@@ -58,7 +66,9 @@ def sample_in_chunks(
         path = (
             None
             if cache_dir is None
-            else cache_dir / f"{model.fingerprint[:16]}-{sampler}{steps}-seed{seed}-{first}+{k}{drawn}.pt"
+            else cache_dir
+            / f"{model.fingerprint[:16]}-{sampler}{steps}{'' if spacing == 'linear' else '-' + spacing}"
+            f"-seed{seed}-{first}+{k}{drawn}.pt"
         )
         if path is not None and path.exists():
             saved = torch.load(path, weights_only=True)

@@ -2,8 +2,15 @@
 
     python scripts/fid_table.py --n 2000 --extractors mnist
     python scripts/fid_table.py --n 2000 --extractors mnist,inception --inception-rows ddim:4,ddim:50
+    python scripts/fid_table.py --n 2000 --seed 7 --nfe 2,3,4,6,10 --json fid-seed7.json   # every baseline
 
-Each row samples ``--n`` images once (seed ``--seed``, uniform linear timesteps)
+A row is ``sampler:steps`` (uniform linear timesteps) or ``sampler:steps:spacing``
+(linear, quadratic, logsnr or karras). ``--nfe`` replaces ``--rows`` with every
+deterministic sampler (the report's: DDIM, DPM-Solver++(2M), iPNDM, UniPC-2, UniPC-3)
+at every spacing at each of those NFEs, plus ``ddim:50`` (the "best uniform" field
+of the search report, and its reference).
+
+Each row samples ``--n`` images once (seed ``--seed``, uniform timesteps)
 and scores them with every extractor against the statistics of all 5,000
 embedded MNIST digits (the Inception extractor only on ``--inception-rows``: it
 runs at a few images per second on a CPU). DDPM rows use ``--ddpm-n`` samples.
@@ -34,10 +41,22 @@ from embedded_quality import sample_in_chunks  # scripts/: the one chunked, cach
 DEFAULT_ROWS = "ddim:4,ddim:6,ddim:10,ddim:20,ddim:50,dpmpp_2m:4,dpmpp_2m:6,dpmpp_2m:10,ddpm:1000"
 
 
+def baseline_specs(nfes: str) -> str:
+    """Every (deterministic sampler, spacing) row at each NFE, as the search report's baselines, then ddim:50."""
+    from autodiffusion_rt.registry import SPACINGS
+    from search.report import SAMPLER_LABELS
+
+    specs = [f"{sm}:{nfe}:{sp}" for nfe in nfes.split(",") for _, sm in SAMPLER_LABELS for sp in SPACINGS]
+    return ",".join([*specs, "ddim:50"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="embedded:mnist")
-    p.add_argument("--rows", default=DEFAULT_ROWS, help="sampler:steps, comma-separated, plus 'real' (default: all)")
+    p.add_argument(
+        "--rows", default=DEFAULT_ROWS, help="sampler:steps[:spacing], comma-separated, plus 'real' (default: all)"
+    )
+    p.add_argument("--nfe", default=None, help="e.g. 2,3,4,6,10: every sampler at every spacing at these NFEs")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--extractors", default="mnist")
@@ -53,6 +72,8 @@ def main() -> None:
     if args.cache_dir is not None:
         args.cache_dir.mkdir(parents=True, exist_ok=True)
     inception_rows = args.inception_rows.split(",")
+    if args.nfe:
+        args.rows = baseline_specs(args.nfe)
 
     model = ad.load_model(args.model)
     extractors = [get_extractor(name) for name in args.extractors.split(",")]
@@ -106,16 +127,15 @@ def main() -> None:
         )
 
     for spec in args.rows.split(","):
-        sampler, steps = spec.split(":")
-        if not wanted(f"{sampler}-{steps}", spec):
+        sampler, steps, spacing = (spec.split(":") + ["linear"])[:3]
+        label = f"{sampler}-{steps}" + ("" if spacing == "linear" else f"-{spacing}")
+        if not wanted(label, spec):
             continue
         t0 = time.time()
         n = args.ddpm_n if sampler == "ddpm" else args.n
-        images = sample_in_chunks(model, sampler, int(steps), n, args.seed, None, args.cache_dir, args.chunk)
+        images = sample_in_chunks(model, sampler, int(steps), n, args.seed, None, args.cache_dir, args.chunk, spacing)
         seconds = time.time() - t0
-        add(
-            {**score(f"{sampler}-{steps}", spec, images, lambda e: refs[e.name]), "n": n, "sample_s": round(seconds, 1)}
-        )
+        add({**score(label, spec, images, lambda e: refs[e.name]), "n": n, "sample_s": round(seconds, 1)})
 
     names = [e.name for e in extractors]
     print("\n| row | n | " + " | ".join(f"FID ({n})" for n in names) + " | sampling s |")

@@ -17,7 +17,7 @@ candidate's images here are ``sample(model, timesteps, sampler, N, seed, eta,
 keep, batch_size=...)``, bit for bit, and FID differences between candidates
 are differences of schedule, not of noise.
 
-Prefix sharing. Sampler step i maps (x_i, prev_x0_i) to (x_{i+1}, x0_i) with
+Prefix sharing. Sampler step i maps (x_i, the earlier x0s and eps) to (x_{i+1}, x0_i, eps_i) with
 the model's eps at (x_i, t_i, keep_i), the constants ``row_i`` of
 :func:`compute_coefficients` and, on a stochastic step, the next noise draw.
 So the state after k steps is a function of x_T and the k triples (t_i,
@@ -50,7 +50,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from autodiffusion_rt.diffusion import compute_coefficients, step_from_output
+from autodiffusion_rt.diffusion import UNIPC_ORDERS, compute_coefficients, step_from_output
 from autodiffusion_rt.errors import DataError
 from autodiffusion_rt.sampling import eps_in_chunks, initial_state
 
@@ -63,16 +63,13 @@ OBJECTIVES = ("fid", "trajectory", "trajectory-features")
 @dataclass
 class _State:
     x: torch.Tensor
-    prev_x0: Optional[torch.Tensor]
+    prev_x0s: tuple  # the x0 history (DPM-Solver++(2M), UniPC), most recent first
     noise_used: int  # how many noise draws the path to here consumed
     prev_eps: tuple = ()  # iPNDM's eps history, most recent first
 
     @property
     def nbytes(self) -> int:
-        n = self.x.numel() * self.x.element_size()
-        if self.prev_x0 is not None:
-            n += self.prev_x0.numel() * self.prev_x0.element_size()
-        return n + sum(e.numel() * e.element_size() for e in self.prev_eps)
+        return sum(t.numel() * t.element_size() for t in (self.x, *self.prev_x0s, *self.prev_eps))
 
 
 @dataclass
@@ -154,8 +151,8 @@ class FitnessEvaluator:
         self._noise: list[torch.Tensor] = []
         self._cache: OrderedDict[tuple, _State] = OrderedDict()
         self._cache_used = 0
-        # DPM-Solver++(2M) carries the previous x0; the one-step samplers do not.
-        self._carry_x0 = sampler == "dpmpp_2m"
+        # DPM-Solver++(2M) carries the previous x0, UniPC up to three; the one-step samplers none.
+        self._carry_x0 = sampler in ("dpmpp_2m", *UNIPC_ORDERS)
         # iPNDM carries earlier eps values (the state key's rows already say how many each step reads).
         self._carry_eps = sampler == "ipndm"
         self._all_ids = model.unet.layer_ids
@@ -228,7 +225,7 @@ class FitnessEvaluator:
     def _samples_shared(self, candidates, on_call, use_cache: bool) -> list[torch.Tensor]:
         keys = [self._step_keys(c) for c in candidates]
         starts, _ = self._plan(keys) if use_cache else ([0] * len(keys), None)
-        root = _State(self._x_T, None, 0)
+        root = _State(self._x_T, (), 0)
         # Where each candidate starts: the root, or a cached state (fetched now: later puts may evict it).
         entry: dict[tuple, _State] = {}
         for ks, start in zip(keys, starts):
@@ -258,11 +255,10 @@ class FitnessEvaluator:
                     self.counters.unet_seconds += t1 - t0
                     for row, js in by_row.items():
                         noise = self._noise_draw(st.noise_used) if row.c_noise != 0.0 else None
-                        x_prev, x0, history = step_from_output(row, st.x, eps, st.prev_x0, noise, st.prev_eps)
+                        x_prev, x0s, history = step_from_output(row, st.x, eps, st.prev_x0s, noise, st.prev_eps)
                         history = history if self._carry_eps else ()
-                        child = _State(
-                            x_prev, x0 if self._carry_x0 else None, st.noise_used + (noise is not None), history
-                        )
+                        x0s = x0s if self._carry_x0 else ()
+                        child = _State(x_prev, x0s, st.noise_used + (noise is not None), history)
                         child_key = node + ((t, skip, row),)
                         for j in js:
                             if d == len(keys[j]) - 1:

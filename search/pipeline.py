@@ -66,7 +66,7 @@ class SearchOptions:
     checkpoint: Optional[str] = None
     resume: bool = False
     report: bool = True
-    report_samples: int = 400
+    report_samples: int = 250
     report_seed: Optional[int] = None  # default: seed + 1
     report_extractors: Optional[list] = None  # default: [extractor]
     batch_size: int = 128
@@ -81,12 +81,12 @@ class SearchOptions:
     grid_spacing: str = "quadratic"
     dp_paths: int = 4  # DP schedules seeded into generation 0
     teacher_cache: Optional[str] = None  # default: .teacher-cache next to --out
-    holdout_samples: int = 1000  # fresh samples per top-k candidate; 0: no held-out selection
+    holdout_samples: int = 400  # fresh samples per (top-k schedule, sampler) pair; 0: no held-out selection
     holdout_seed: Optional[int] = None  # default: seed + 2 (neither the search's nor the report's)
     holdout_topk: int = 2
     holdout_front: int = 6  # --multi-objective: front members re-ranked on held-out samples, spread over MACs
-    # the winner's schedule is tried with each (deterministic runs)
-    holdout_samplers: tuple = ("ddim", "dpmpp_2m", "ipndm")
+    # every re-ranked schedule is tried with each (deterministic runs): the plan is the best (schedule, sampler) pair
+    holdout_samplers: tuple = ("ddim", "dpmpp_2m", "ipndm", "unipc", "unipc3")
     # grid points of the per-layer skip sensitivity table (0: off); computed only when skipping is asked for
     sensitivity_points: int = 8
     sensitivity_samples: int = 32
@@ -133,14 +133,14 @@ FAST = dict(
     topk=3,
     mutants=3,
     crossovers=2,
-    report_samples=128,
+    report_samples=100,
     grid_points=20,
-    holdout_samples=200,
+    holdout_samples=100,
     holdout_topk=1,
     compute="macs",  # a smoke test: no engine build for the latency table
 )
 # --method dp: no evolution; its report (10 rows) is the cost, so fewer samples per row (<= 60 s).
-DP_METHOD = dict(report_samples=250)
+DP_METHOD = dict(report_samples=150)
 # --paper-settings: AutoDiffusion's evolution parameters.
 PAPER = dict(population=50, generations=10, topk=10, mutants=25, crossovers=15, mutation_prob=0.25)
 
@@ -724,11 +724,13 @@ def _select_on_holdout(prepared: Prepared, evolved: Evolved) -> Optional[HeldOut
 
 
 def _rerank_top(prepared: Prepared, evolved: Evolved) -> HeldOut:
-    """Re-rank the search's top-k (and stage 1's best and the DP schedule) by FID on fresh samples; the best wins.
+    """Re-rank every (schedule, sampler) pair of the search's top-k (and stage 1's best and the DP schedule) by FID
+    on fresh samples; the best pair wins.
 
-    The candidates were ranked on the search's samples (seed ``--seed``); they are judged here on
-    ``--holdout-samples`` samples of ``--holdout-seed``, so the chosen plan is never chosen on the samples that
-    selected it.
+    The schedules were ranked on the search's samples (seed ``--seed``) under ``--sampler``; they are judged here
+    on ``--holdout-samples`` samples of ``--holdout-seed``, so the chosen plan is never chosen on the samples that
+    selected it. Deterministic searches (eta 0) try each schedule with every ``holdout_samplers`` sampler too: a
+    schedule found under one sampler may be better under another (its search fitness is then not measured: None).
     """
     from .evolution import Scored
 
@@ -739,23 +741,34 @@ def _rerank_top(prepared: Prepared, evolved: Evolved) -> HeldOut:
     ranked = evaluated[: options.holdout_topk]
     extra = [result.stage1_best.candidate] + [c for c in evolved.dp_seeds[:1] if space2.is_valid(c)]
     candidates = list(dict.fromkeys(ranked + extra))
-    fids = holdout_fids(prepared, candidates)
-    table = [
-        {**_holdout_row(c, memo.get(c), f, space2.macs(c)), "sampler": options.sampler}
-        for c, f in zip(candidates, fids)
-    ]
-    best = min(range(len(candidates)), key=lambda i: (fids[i], space2.macs(candidates[i]), candidates[i]))
-    winner = candidates[best]
+    samplers = [options.sampler]
+    if options.eta == 0.0:
+        samplers += [sm for sm in options.holdout_samplers if sm != options.sampler]
+    table, pairs, measured = [], [], {}
+    for sampler in samplers:
+        # Samplers that run the same steps on these schedules (UniPC-3 is UniPC-2 at NFE <= 4; every multistep
+        # sampler but iPNDM is DDIM at NFE 2) share one measurement.
+        steps = _sampler_steps(prepared.model, sampler, options.eta, candidates)
+        fids = measured.get(steps) or measured.setdefault(steps, holdout_fids(prepared, candidates, sampler=sampler))
+        for c, f in zip(candidates, fids):
+            fitness = memo.get(c) if sampler == options.sampler else None
+            table.append({**_holdout_row(c, fitness, f, space2.macs(c)), "sampler": sampler})
+            pairs.append((f, space2.macs(c), samplers.index(sampler), c, sampler))
+    fid, _, _, winner, sampler = min(pairs, key=lambda p: p[:3])
     result.best = Scored(winner, memo.get(winner, math.inf), space2.macs(winner))
-    chosen = HeldOut(table, fids[best], options.sampler)
-    # The sampler is part of the plan: the winner's schedule is also tried with the other deterministic samplers.
-    others = [sm for sm in options.holdout_samplers if sm != options.sampler] if options.eta == 0.0 else []
-    for sampler in others:
-        fid = holdout_fids(prepared, [winner], sampler=sampler)[0]
-        table.append({**table[best], "sampler": sampler, "search_fitness": None, "holdout_fid": fid})
-        if fid < chosen.fid:
-            chosen.fid, chosen.sampler = fid, sampler
-    return chosen
+    return HeldOut(table, fid, sampler)
+
+
+def _sampler_steps(model, sampler: str, eta: float, candidates) -> tuple:
+    """The per-step constants ``sampler`` runs on each candidate (hashable; equal rows: equal images)."""
+    from autodiffusion_rt.diffusion import compute_coefficients
+
+    eta = eta if sampler == "ddim" else 0.0
+    out = []
+    for c in candidates:
+        coeffs = compute_coefficients(sampler, model.schedule, c.timesteps, eta, learned_variance=model.learn_sigma)
+        out.append(tuple(coeffs.row(i) for i in range(len(coeffs))))
+    return tuple(out)
 
 
 def _rerank_front(prepared: Prepared, evolved: Evolved) -> HeldOut:

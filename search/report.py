@@ -282,12 +282,12 @@ def _search_summary(s: dict) -> str:
 
 def baseline_rows(num_timesteps: int, nfe: int, schedule=None) -> list[tuple[str, str, Candidate]]:
     """Every uniform baseline at this NFE: each sampler with linear, quadratic and (given the schedule)
-    log-SNR spacing."""
+    log-SNR and Karras spacing."""
     from autodiffusion_rt.diffusion import uniform_timesteps
 
     from .space import Candidate
 
-    spacings = ["linear", "quadratic"] + (["logsnr"] if schedule is not None else [])
+    spacings = ["linear", "quadratic"] + (["logsnr", "karras"] if schedule is not None else [])
     cands = {sp: Candidate.full(uniform_timesteps(num_timesteps, nfe, sp, schedule)) for sp in spacings}
     rows = []
     for label, sampler in SAMPLER_LABELS:
@@ -295,7 +295,14 @@ def baseline_rows(num_timesteps: int, nfe: int, schedule=None) -> list[tuple[str
     return rows
 
 
-SAMPLER_LABELS = [("DDIM", "ddim"), ("DPM-Solver++(2M)", "dpmpp_2m"), ("iPNDM", "ipndm")]
+#: The deterministic samplers every baseline table has a row of, at every spacing (the "best uniform" field).
+SAMPLER_LABELS = [
+    ("DDIM", "ddim"),
+    ("DPM-Solver++(2M)", "dpmpp_2m"),
+    ("iPNDM", "ipndm"),
+    ("UniPC-2", "unipc"),
+    ("UniPC-3", "unipc3"),
+]
 
 
 def make_report(
@@ -314,41 +321,17 @@ def make_report(
 
     ``rows``: (method, sampler, candidate); ``extractors``: names or FeatureExtractor
     objects; ``references``: extractor name -> FeatureStats. ``eta`` applies to ddim rows only.
+    Stages: group the rows by sampler (:func:`_sampler_groups`), sample each group with its shared prefixes,
+    judge each row (:func:`_judge_row`), compare the plan with the best baseline.
     """
-    import warnings
-
-    import numpy as np
     from tqdm.auto import tqdm
 
-    from autodiffusion_rt.metrics import FIDWarning, bootstrap_indices, fid_with_bootstrap, get_extractor
-
-    from .fitness import FitnessEvaluator
+    from autodiffusion_rt.metrics import bootstrap_indices, get_extractor
 
     t0 = time.perf_counter()
     exts = [get_extractor(e) for e in extractors]
-    layer_macs = {layer.id: layer.macs for layer in model.unet.layers}
-    full_step = model.unet.macs()
     nfe = rows[0][2].nfe
-    # Rows of one sampler are sampled together, sharing their common prefixes (bit-exact, see search/fitness.py).
-    by_key: dict = {}
-    for j, (method, sampler, cand) in enumerate(rows):
-        by_key.setdefault((sampler, eta if sampler == "ddim" else 0.0), []).append(j)
-    groups = []
-    for key, js in by_key.items():
-        # The evaluator gives exactly sample()'s images for (N, seed); its extractor is unused here.
-        ev = FitnessEvaluator(
-            model,
-            key[0],
-            key[1],
-            num_samples,
-            seed,
-            exts[0],
-            references[exts[0].name],
-            batch_size=batch_size,
-            cache_bytes=0,
-            device=device,
-        )
-        groups.append((js, ev, list(dict.fromkeys(rows[j][2] for j in js))))
+    groups = _sampler_groups(model, rows, exts[0], references[exts[0].name], num_samples, seed, eta, batch_size, device)
     # The bar moves per model call over the N samples (a step of a row) and per FID: the units that take time.
     bar = tqdm(
         total=sum(ev.plan_calls(cands) for _, ev, cands in groups) + len(rows) * len(exts),
@@ -362,34 +345,7 @@ def make_report(
         for js, ev, cands in groups:
             imgs = dict(zip(cands, ev.samples(cands, on_call=lambda: bar.update(1))))
             for j in js:
-                method, sampler, cand = rows[j]
-                macs = sum(full_step - sum(layer_macs[i] for i in s) for s in cand.skip)
-                row = Row(method, sampler, cand, macs)
-                for ext in exts:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", FIDWarning)
-                        try:
-                            value, boot = fid_with_bootstrap(
-                                imgs[cand].cpu(),
-                                references[ext.name],
-                                ext,
-                                indices if ext.feature_dim <= BOOTSTRAP_MAX_DIM else None,
-                            )
-                        except Error as e:
-                            if j == 0:  # the plan's own row: the reference or extractor does not fit its model
-                                ref = references[ext.name].dataset
-                                raise Error(
-                                    f"cannot judge the plan's images ({model.name}, {tuple(model.image_shape)}) "
-                                    f"with extractor {ext.name} against reference {ref!r}: {e}; "
-                                    "pass --reference/--extractor made for this model"
-                                ) from None
-                            value, boot = float("inf"), np.zeros(0)  # a baseline that diverged
-                    row.fid[ext.name] = float(value)
-                    if np.isfinite(boot).sum() >= max(2, len(boot) // 2):  # most resamples usable: a spread
-                        row.boot[ext.name] = boot
-                        row.fid_sd[ext.name] = float(np.nanstd(boot, ddof=1))
-                    bar.update(1)
-                out_rows[j] = row
+                out_rows[j] = _judge_row(model, rows[j], imgs[rows[j][2]], exts, references, indices, j == 0, bar)
             del imgs
     finally:
         bar.close()
@@ -401,12 +357,74 @@ def make_report(
         seed=seed,
         eta=eta,
         references={ext.name: references[ext.name].dataset for ext in exts},
-        full_macs=full_step * nfe,
+        full_macs=model.unet.macs() * nfe,
         rows=out_rows,
         seconds=time.perf_counter() - t0,
         bootstrap_rounds=BOOTSTRAP_ROUNDS if indices is not None and any(r.fid_sd for r in out_rows) else 0,
         comparison=comparison,
     )
+
+
+def _sampler_groups(model, rows, extractor, reference, num_samples, seed, eta, batch_size, device) -> list:
+    """``[(row indices, evaluator, distinct candidates)]``: the rows of one sampler are sampled together, sharing
+    their common prefixes (bit-exact, see search/fitness.py)."""
+    from .fitness import FitnessEvaluator
+
+    by_key: dict = {}
+    for j, (_, sampler, _) in enumerate(rows):
+        by_key.setdefault((sampler, eta if sampler == "ddim" else 0.0), []).append(j)
+    groups = []
+    for (sampler, row_eta), js in by_key.items():
+        # The evaluator gives exactly sample()'s images for (N, seed); its extractor is unused here.
+        ev = FitnessEvaluator(
+            model,
+            sampler,
+            row_eta,
+            num_samples,
+            seed,
+            extractor,
+            reference,
+            batch_size=batch_size,
+            cache_bytes=0,
+            device=device,
+        )
+        groups.append((js, ev, list(dict.fromkeys(rows[j][2] for j in js))))
+    return groups
+
+
+def _judge_row(model, row_spec, images, exts, references, indices, is_plan: bool, bar) -> Row:
+    """One row's FID (and bootstrap spread) under every extractor; a baseline that diverged gets inf."""
+    import warnings
+
+    import numpy as np
+
+    from autodiffusion_rt.metrics import FIDWarning, fid_with_bootstrap
+
+    method, sampler, cand = row_spec
+    layer_macs = {layer.id: layer.macs for layer in model.unet.layers}
+    full_step = model.unet.macs()
+    row = Row(method, sampler, cand, sum(full_step - sum(layer_macs[i] for i in s) for s in cand.skip))
+    for ext in exts:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FIDWarning)
+            try:
+                value, boot = fid_with_bootstrap(
+                    images.cpu(), references[ext.name], ext, indices if ext.feature_dim <= BOOTSTRAP_MAX_DIM else None
+                )
+            except Error as e:
+                if is_plan:  # the plan's own row: the reference or extractor does not fit its model
+                    raise Error(
+                        f"cannot judge the plan's images ({model.name}, {tuple(model.image_shape)}) "
+                        f"with extractor {ext.name} against reference {references[ext.name].dataset!r}: {e}; "
+                        "pass --reference/--extractor made for this model"
+                    ) from None
+                value, boot = float("inf"), np.zeros(0)  # a baseline that diverged
+        row.fid[ext.name] = float(value)
+        if np.isfinite(boot).sum() >= max(2, len(boot) // 2):  # most resamples usable: a spread
+            row.boot[ext.name] = boot
+            row.fid_sd[ext.name] = float(np.nanstd(boot, ddof=1))
+        bar.update(1)
+    return row
 
 
 def plan_rows(plan, model) -> list[tuple[str, str, Candidate]]:
@@ -428,8 +446,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     p = OneLineParser(
         prog="python -m search.report",
-        description="Report a plan against the uniform samplers (DDIM, "
-        "DPM-Solver++(2M), iPNDM; linear, quadratic and log-SNR spacing) at its NFE: FID with its "
+        description="Report a plan against the uniform samplers ("
+        + ", ".join(label for label, _ in SAMPLER_LABELS)
+        + "; linear, quadratic, log-SNR and Karras spacing) at its NFE: FID with its "
         "bootstrap spread for every row, all rows from the same noise.",
     )
     p.add_argument("plan", help="a plan.json written by python -m search.run")

@@ -208,7 +208,8 @@ def _dp_and_holdout_flags(parser) -> None:
     group.add_argument(
         "--holdout-samples",
         type=int,
-        help=f"fresh samples for re-ranking the top-k by FID before choosing (default {d['holdout_samples']}; 0: off)",
+        help="fresh samples per (schedule, sampler) pair when re-ranking the top-k by FID before choosing "
+        f"(default {d['holdout_samples']}; 0: off)",
     )
     group.add_argument("--holdout-seed", type=int, help="seed of the held-out samples (default: --seed + 2)")
     group.add_argument(

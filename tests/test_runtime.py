@@ -410,8 +410,9 @@ def test_plan_from_t999_onnxruntime_equals_torch_at_fp32_tolerance(models, tmp_p
     assert (b.abs() < 1).float().mean() > 0.05  # not every pixel saturated
 
 
-@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 0.5), ("ddpm", 0.0), ("dpmpp_2m", 0.0), ("ipndm", 0.0)])
-@pytest.mark.parametrize("nfe", [1, 2, 5])
+@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 0.5), ("ddpm", 0.0), ("dpmpp_2m", 0.0), ("ipndm", 0.0),
+                                         ("unipc", 0.0), ("unipc3", 0.0)])
+@pytest.mark.parametrize("nfe", [1, 2, 5, 7])
 def test_step_buffer_plan_feeds_every_step_what_the_sampler_reads(sampler, eta, nfe):
     """Replay the plan's slots symbolically: each input must hold the value the sampler defines for it."""
     from autodiffusion_rt.diffusion import NoiseSchedule, compute_coefficients
@@ -428,6 +429,7 @@ def test_step_buffer_plan_feeds_every_step_what_the_sampler_reads(sampler, eta, 
         assert sorted(sb.inputs) == sorted(ins) and sorted(sb.outputs) == sorted(outs)
         assert not set(sb.inputs.values()) & set(sb.outputs.values()), f"step {i} reads and writes one slot"
         want = {"x": ("x_T",) if i == 0 else ("x_prev", i - 1), "y": ("y",), "prev_x0": ("x0", i - 1),
+                "prev_x0_2": ("x0", i - 2), "prev_x0_3": ("x0", i - 3),
                 "prev_eps1": ("eps", i - 1), "prev_eps2": ("eps", i - 2), "prev_eps3": ("eps", i - 3)}
         for name, slot in sb.inputs.items():
             if name == "noise":

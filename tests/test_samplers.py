@@ -19,6 +19,7 @@ from autodiffusion_rt.diffusion import (
     sample_dpmpp_2m,
     sample_ipndm,
     sample_loop,
+    sample_unipc,
     step_update,
     uniform_timesteps,
 )
@@ -334,6 +335,65 @@ def test_dpmpp_2m_matches_diffusers(diffusers_dpm, name, ts):
     assert (ours - xr).abs().max().item() < 1e-4
 
 
+@pytest.fixture(scope="module")
+def diffusers_unipc():
+    diffusers = pytest.importorskip("diffusers")
+    return diffusers.UniPCMultistepScheduler
+
+
+def _linear_map_eps_fn(acp):
+    """A fixed deterministic fake model: a channel-mixing linear map of x plus a t-dependent offset."""
+    mix = torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.3
+
+    def eps_fn(x, t, i):
+        a = float(acp[t])
+        mixed = torch.einsum("ij,bjhw->bihw", mix.to(x.dtype), x)
+        return math.sqrt(1 - a) * x / (a * DATA_VAR + 1 - a) + 0.1 * math.sqrt(a) * mixed + 0.05 * t / 1000
+
+    return eps_fn
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside diffusers
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("n", [4, 6, 10])
+def test_unipc_matches_diffusers_on_its_own_timesteps(diffusers_unipc, order, spacing, n):
+    """diffusers' UniPCMultistepScheduler (bh2, predict_x0, lower_order_final, corrector on) on the timesteps it
+    chooses itself, the same fake model outputs, no clipping. What would catch this: the corrector left out
+    or applied to the final step, the predictor reading the uncorrected sample, the wrong warm-up order."""
+    sched = NoiseSchedule.named("linear")
+    eps_fn = _linear_map_eps_fn(sched.alphas_cumprod)
+    ref = diffusers_unipc(
+        num_train_timesteps=1000, trained_betas=sched.betas, solver_order=order, solver_type="bh2",
+        predict_x0=True, lower_order_final=True, timestep_spacing=spacing,
+    )
+    ref.set_timesteps(n)
+    ts = [int(t) for t in ref.timesteps]
+    x = x_init(torch.float32)
+    xr = x.clone()
+    for i, t in enumerate(ref.timesteps):
+        xr = ref.step(eps_fn(xr, int(t), i), t, xr).prev_sample
+    ours = sample_unipc(eps_fn, x.double(), sched, ts, order=order, clip_denoised=False)
+    assert (ours - xr.double()).abs().max().item() < 1e-4
+
+
+def test_unipc_structure(linear):
+    """Order 2 reads x0 of steps i-1, i-2 (its corrector reaches one further back than its predictor), order 3
+    also x0 of step i-3; the warm-up starts at first order; the final step is x0; order 3 differs from 2."""
+    ts = [999, 900, 700, 400, 150, 20]
+    two, three = (compute_coefficients(s, linear, ts) for s in ("unipc", "unipc3"))
+    assert [two.row(i).x0_history for i in range(6)] == [0, 1, 2, 2, 2, 0]
+    assert [three.row(i).x0_history for i in range(6)] == [0, 1, 2, 3, 3, 0]
+    first = compute_coefficients("dpmpp_2m", linear, ts).row(0)
+    assert two.row(0) == first and three.row(0) == first  # step 0: first order, no corrector, as DPM-Solver++
+    for c in (two, three):
+        last = c.row(5)
+        assert (last.c_x, last.c_eps) == (last.x0_from_x, last.x0_from_eps)
+    assert not np.allclose(two.c_older_x0, three.c_older_x0)
+    with pytest.raises(SamplingError, match=r"reads the x0 of the 2 previous step\(s\); pass older_x0"):
+        step_update(two.row(2), x_init(), x_init(), x_init())
+
+
 # --- the loop: callbacks, noise, determinism -----------------------------------------
 
 
@@ -443,7 +503,7 @@ def test_step_update_exports_to_onnx():
 def test_sampler_errors(linear):
     with pytest.raises(SamplingError, match=r"'euler'.*ddim, ddpm, dpmpp_2m, ipndm"):
         compute_coefficients("euler", linear, [999])
-    assert SAMPLERS == ("ddim", "ddpm", "dpmpp_2m", "ipndm")
+    assert SAMPLERS == ("ddim", "ddpm", "dpmpp_2m", "ipndm", "unipc", "unipc3")
     with pytest.raises(SamplingError, match=r"eta=1.5 is outside \[0, 1\]"):
         compute_coefficients("ddim", linear, [999], eta=1.5, clip_denoised=False)
     with pytest.raises(SamplingError, match=r"eta=0.5 only applies to the ddim"):

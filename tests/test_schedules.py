@@ -180,7 +180,7 @@ def test_uniform_errors():
         uniform_timesteps(1000, 0)
     with pytest.raises(TimestepsError, match=r"n=1001 .*1 <= n <= 1000"):
         uniform_timesteps(1000, 1001)
-    with pytest.raises(TimestepsError, match=r"'cubic'.*linear, quadratic, logsnr"):
+    with pytest.raises(TimestepsError, match=r"'cubic'.*linear, quadratic, logsnr, karras"):
         uniform_timesteps(1000, 4, "cubic")
     with pytest.raises(TimestepsError, match=r"n=4.0 is not an integer"):
         uniform_timesteps(1000, 4.0)
@@ -246,3 +246,58 @@ def test_uniform_logsnr_is_nearest_to_evenly_spaced_log_snr(name, n):
 def test_uniform_logsnr_needs_the_schedule():
     with pytest.raises(TimestepsError, match="logsnr spacing needs the model's schedule"):
         uniform_timesteps(1000, 4, "logsnr")
+
+
+def _karras_reference(acp, n, rho=7.0):
+    """EDM eq. 5 in python floats, each sigma mapped to t by interpolating t linearly in log-sigma (diffusers'
+    _sigma_to_t), rounded half to even, then repaired to strictly descending (a collision moves below its
+    predecessor, a value is lifted when the remaining steps would run below 0)."""
+    log_sigma = [0.5 * (math.log(1 - a) - math.log(a)) for a in acp]
+    smax, smin = math.exp(log_sigma[-1]), math.exp(log_sigma[0])
+    out = []
+    for i in range(n):
+        frac = i / (n - 1) if n > 1 else 0.0
+        ls = rho * math.log(smax ** (1 / rho) + frac * (smin ** (1 / rho) - smax ** (1 / rho)))
+        lo = max(k for k in range(len(acp) - 1) if log_sigma[k] <= ls) if ls >= log_sigma[0] else 0
+        w = min(max((ls - log_sigma[lo]) / (log_sigma[lo + 1] - log_sigma[lo]), 0.0), 1.0)
+        t = round(lo + w)
+        if out:
+            t = min(t, out[-1] - 1)
+        out.append(max(t, n - 1 - i))
+    return out
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 6, 10, 50])
+def test_uniform_karras_equals_the_float64_edm_formula(name, n):
+    """What would catch this: rho applied to t instead of sigma, sigma_min/max swapped, interpolation in sigma
+    instead of log-sigma, floor instead of round, a missing repair (duplicates on the cosine schedule)."""
+    sched = NoiseSchedule.named(name, 1000)
+    ts = uniform_timesteps(1000, n, "karras", sched)
+    assert ts == _karras_reference(list(sched.alphas_cumprod), n)
+    assert ts[0] == 999 and len(ts) == n and ts == sorted(set(ts), reverse=True)
+    if n > 1:
+        assert ts[-1] == 0
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_uniform_karras_equals_diffusers_karras_timesteps_where_they_are_distinct(name):
+    diffusers = pytest.importorskip("diffusers")
+    sched = NoiseSchedule.named(name, 1000)
+    compared = 0
+    for n in (2, 3, 4, 5, 6, 8, 10, 20):
+        ref = diffusers.DPMSolverMultistepScheduler(
+            num_train_timesteps=1000, trained_betas=sched.betas, use_karras_sigmas=True
+        )
+        ref.set_timesteps(n)
+        want = [int(t) for t in ref.timesteps]
+        if len(set(want)) == n:  # diffusers keeps duplicates (cosine's crowded top); ours are repaired
+            assert uniform_timesteps(1000, n, "karras", sched.alphas_cumprod) == want
+            compared += 1
+    assert compared >= (6 if name == "linear" else 1)
+
+
+def test_uniform_karras_needs_the_schedule():
+    with pytest.raises(TimestepsError, match="karras spacing needs the model's schedule"):
+        uniform_timesteps(1000, 4, "karras")

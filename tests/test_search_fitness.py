@@ -39,7 +39,8 @@ def reference_images(model, cand, sampler, eta):
     return sample(model, cand.timesteps, sampler, N, SEED, eta, keep, batch_size=BATCH)
 
 
-@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("dpmpp_2m", 0.0), ("ddpm", 0.0), ("ddim", 0.7), ("ipndm", 0.0)])
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("dpmpp_2m", 0.0), ("ddpm", 0.0), ("ddim", 0.7), ("ipndm", 0.0),
+                                        ("unipc3", 0.0)])
 @pytest.mark.slow
 def test_shared_samples_are_exactly_sample(search_tiny_model, search_tiny_extractor, search_tiny_ref_stats, sampler, eta):
     ev = evaluator(search_tiny_model, search_tiny_extractor, search_tiny_ref_stats, sampler, eta)

@@ -103,7 +103,13 @@ def test_chosen_plan_is_reranked_on_fresh_samples_and_beats_uniform_ddim_there(o
     assert len(holdout) >= 2
     chosen = min(holdout, key=lambda h: h["holdout_fid"])
     assert list(plan.timesteps) == chosen["timesteps"] and plan.fitness.fid == chosen["holdout_fid"]
-    assert plan.sampler == chosen["sampler"] and {h["sampler"] for h in holdout} == {"ddim", "dpmpp_2m", "ipndm"}
+    assert plan.sampler == chosen["sampler"]
+    # every (schedule, deterministic sampler) pair is ranked; the search fitness is the search sampler's only
+    samplers = ("ddim", "dpmpp_2m", "ipndm", "unipc", "unipc3")
+    per_sampler = {sm: [(h["timesteps"], h["skipped_layer_steps"]) for h in holdout if h["sampler"] == sm]
+                   for sm in samplers}
+    assert len(holdout) == 5 * len(per_sampler["ddim"]) and all(v == per_sampler["ddim"] for v in per_sampler.values())
+    assert all((h["search_fitness"] is None) == (h["sampler"] != "ddim") for h in holdout)
     keep = [model.unet.layer_ids - set(s) for s in plan.skip]
     images = sample(model, plan.timesteps, plan.sampler, n=48, seed=seed + 2, keep=keep, batch_size=12)
     assert fid(images, ref, ext) == pytest.approx(plan.fitness.fid, rel=1e-6)
@@ -140,8 +146,8 @@ def test_plan_respects_the_budget_and_round_trips(opts, run, tmp_path):
     # The report: the plan and the three baselines, same N and seed for every row.
     methods = [r.method for r in report.rows]
     assert methods[0] == "searched plan"
-    for sampler in ("DDIM", "DPM-Solver++(2M)"):
-        assert {f"{sampler} uniform ({sp})" for sp in ("linear", "quadratic", "logsnr")} <= set(methods)
+    for sampler in ("DDIM", "DPM-Solver++(2M)", "iPNDM", "UniPC-2", "UniPC-3"):
+        assert {f"{sampler} uniform ({sp})" for sp in ("linear", "quadratic", "logsnr", "karras")} <= set(methods)
     saved = json.loads((tmp_path / "plan.report.json").read_text())
     assert saved["num_samples"] == 24 and saved["seed"] == opts.seed + 1
     assert all(math.isfinite(r["fid"]["search-tiny"]) for r in saved["rows"])
@@ -364,3 +370,15 @@ def test_the_report_says_whether_a_uniform_row_beats_the_plan_by_more_than_the_n
     assert compare_plan([plan, worse], "m").startswith(
         "The searched plan is the best row by FID (m): 0.500 below the next best, DDIM uniform (quadratic) (ddim)")
     assert compare_plan([near, plan], "m") is None  # no plan row first: nothing to say
+
+
+@pytest.mark.parametrize("sampler", ["unipc", pytest.param("dpmpp_2m", marks=pytest.mark.slow)])
+def test_nfe_2_completes_and_writes_a_valid_plan(opts, run, sampler):
+    """Two steps: the DP, the space, the samplers' warm-up (first order, then the final step to x0) and the
+    report's uniform rows all hold at the shortest multistep length. What would catch this: a sampler that reads
+    a history step 0 never wrote, a space or DP that needs 3 steps, a baseline row that is not 2 steps long."""
+    res, plan, report = run(replace(opts, nfe=2, sampler=sampler, budget_fraction=1.0))
+    loaded = Plan.load(opts.out)
+    assert loaded == plan and len(plan.timesteps) == 2 and plan.timesteps[0] > plan.timesteps[1] >= 0
+    assert math.isfinite(plan.fitness.fid)
+    assert all(r.candidate.nfe == 2 and math.isfinite(r.fid["search-tiny"]) for r in report.rows)

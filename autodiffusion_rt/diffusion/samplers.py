@@ -1,20 +1,21 @@
 """Samplers over arbitrary timestep lists, as one linear update per step.
 
-Every sampler here (DDIM with eta, DDPM ancestral, DPM-Solver++(2M), iPNDM) is,
-for a fixed schedule and timestep list, the same affine update with per-step
-scalar constants::
+Every sampler here (DDIM with eta, DDPM ancestral, DPM-Solver++(2M), iPNDM,
+UniPC) is, for a fixed schedule and timestep list, the same affine update with
+per-step scalar constants::
 
     x0     = x0_from_x * x + x0_from_eps * eps
-    x_prev = c_x * x + c_eps * eps + c_prev_x0 * prev_x0 + c_noise * noise
+    x_prev = c_x * x + c_eps * eps + c_noise * noise
+             + c_prev_x0 * x0_{i-1} + c_prev_x0_2 * x0_{i-2} + c_prev_x0_3 * x0_{i-3}
              + c_prev_eps1 * eps_{i-1} + c_prev_eps2 * eps_{i-2} + c_prev_eps3 * eps_{i-3}
 
-``eps`` is the model's noise prediction at (x, t_i), ``prev_x0`` the x0 of the
-previous step (the state DPM-Solver++(2M) carries; its coefficient is 0
-otherwise), ``eps_{i-k}`` the eps of earlier steps (the state iPNDM carries;
-with x0 clipping, the eps consistent with the clipped x0) and ``noise`` a
-standard normal draw (coefficient 0 on deterministic steps). The last step
-goes to clean data (alpha_bar = 1 "at t = -1"), so its x_prev is the final
-sample.
+``eps`` is the model's noise prediction at (x, t_i), ``x0_{i-k}`` the x0 of
+earlier steps (the state DPM-Solver++(2M) and UniPC carry; with x0 clipping,
+the clipped x0), ``eps_{i-k}`` the eps of earlier steps (the state iPNDM
+carries; with x0 clipping, the eps consistent with the clipped x0) and
+``noise`` a standard normal draw (coefficient 0 on deterministic steps); every
+coefficient is 0 where a sampler does not read that term. The last step goes
+to clean data (alpha_bar = 1 "at t = -1"), so its x_prev is the final sample.
 
 This is the contract the ONNX export and Triton kernels depend on: the
 coefficients of a whole schedule are computed once, in float64, by
@@ -60,6 +61,8 @@ __all__ = [
     "EpsFn",
     "SamplerCoefficients",
     "StepCoefficients",
+    "UNIPC_ORDERS",
+    "X0_HISTORY",
     "compute_coefficients",
     "draw_step_noise",
     "sample_ddim",
@@ -67,14 +70,19 @@ __all__ = [
     "sample_dpmpp_2m",
     "sample_ipndm",
     "sample_loop",
+    "sample_unipc",
     "split_learned_variance",
     "step_from_output",
     "step_update",
 ]
 
-SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "ipndm")
+SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "ipndm", "unipc", "unipc3")
 #: How many earlier eps values iPNDM (4th-order Adams-Bashforth) reads at most.
 EPS_HISTORY = 3
+#: How many earlier x0 values a step reads at most (UniPC-3's corrector: x0_{i-1}, x0_{i-2}, x0_{i-3}).
+X0_HISTORY = 3
+#: UniPC's solver order per sampler name.
+UNIPC_ORDERS = {"unipc": 2, "unipc3": 3}
 
 #: eps_fn(x, t, i) -> eps: the model's noise prediction for x at timestep t,
 #: which is step i of the schedule (so a caller can pick a per-step subnetwork).
@@ -98,10 +106,22 @@ class StepCoefficients(NamedTuple):
     learned_variance: bool = False
     min_log: float = 0.0
     max_log: float = 0.0
+    c_prev_x0_2: float = 0.0  # x0 of step i-2 (UniPC)
+    c_prev_x0_3: float = 0.0
 
     @property
     def prev_eps_coefficients(self) -> tuple[float, float, float]:
         return (self.c_prev_eps1, self.c_prev_eps2, self.c_prev_eps3)
+
+    @property
+    def prev_x0_coefficients(self) -> tuple[float, float, float]:
+        return (self.c_prev_x0, self.c_prev_x0_2, self.c_prev_x0_3)
+
+    @property
+    def x0_history(self) -> int:
+        """How many earlier x0 values this step reads (1 for DPM-Solver++(2M), up to 3 for UniPC)."""
+        c = self.prev_x0_coefficients
+        return max((k + 1 for k in range(X0_HISTORY) if c[k] != 0.0), default=0)
 
     @property
     def eps_history(self) -> int:
@@ -132,6 +152,7 @@ class SamplerCoefficients:
     eta: float = 0.0
     clip_denoised: bool = True
     c_prev_eps: np.ndarray | None = None  # (N, 3): weights of eps_{i-1}, eps_{i-2}, eps_{i-3}; None = zeros
+    c_older_x0: np.ndarray | None = None  # (N, 2): weights of x0_{i-2}, x0_{i-3} (UniPC); None = zeros
     min_log: np.ndarray | None = None  # learned variance only (see the module docstring)
     max_log: np.ndarray | None = None
 
@@ -146,6 +167,14 @@ class SamplerCoefficients:
             )
         hist.setflags(write=False)
         object.__setattr__(self, "c_prev_eps", hist)
+        older = np.zeros((n, X0_HISTORY - 1)) if self.c_older_x0 is None else np.array(self.c_older_x0, np.float64)
+        if older.shape != (n, X0_HISTORY - 1) or not np.all(np.isfinite(older)):
+            raise SamplingError(
+                f"{self.sampler} coefficients: c_older_x0 has shape {older.shape}; "
+                f"expected ({n}, {X0_HISTORY - 1}) finite numbers"
+            )
+        older.setflags(write=False)
+        object.__setattr__(self, "c_older_x0", older)
         for name in _COEFF_NAMES:
             arr = np.array(getattr(self, name), dtype=np.float64)
             if arr.shape != (n,) or not np.all(np.isfinite(arr)):
@@ -181,8 +210,9 @@ class SamplerCoefficients:
         """Step i's constants as python floats."""
         base = [float(getattr(self, name)[i]) for name in _COEFF_NAMES]
         hist = [float(v) for v in self.c_prev_eps[i]]
+        older = dict(zip(("c_prev_x0_2", "c_prev_x0_3"), (float(v) for v in self.c_older_x0[i])))
         if self.min_log is None:
-            return StepCoefficients(*base, self.clip_denoised, *hist)
+            return StepCoefficients(*base, self.clip_denoised, *hist, **older)
         return StepCoefficients(
             *base,
             self.clip_denoised,
@@ -190,6 +220,7 @@ class SamplerCoefficients:
             learned_variance=True,
             min_log=float(self.min_log[i]),
             max_log=float(self.max_log[i]),
+            **older,
         )
 
     @property
@@ -199,8 +230,8 @@ class SamplerCoefficients:
 
     @property
     def uses_prev_x0(self) -> bool:
-        """Does any step read the previous step's x0 (multistep state)?"""
-        return bool(np.any(self.c_prev_x0 != 0))
+        """Does any step read an earlier step's x0 (multistep state)?"""
+        return bool(np.any(self.c_prev_x0 != 0) or np.any(self.c_older_x0 != 0))
 
     @property
     def uses_eps_history(self) -> bool:
@@ -333,6 +364,75 @@ def _ipndm(a, a_prev):
     return c_x, c_eps, hist
 
 
+def _unipc_rhos(rks: list[float], hh: float, order: int, corrector: bool) -> np.ndarray:
+    # diffusers' UniPC bh2 (B(h) = e^hh - 1): R = [rks^0 .. rks^(order-1)] with rks = [r_1 .. r_{order-1}, 1],
+    # b_k = (k! phi_{k+1}(hh) scaled) / B(h); the predictor solves the leading (order-1) system (order 2: 0.5),
+    # the corrector the whole one (order 1: 0.5).
+    r = np.array([*rks, 1.0])
+    h_phi_k, factorial, b = math.expm1(hh) / hh - 1, 1, []
+    for k in range(1, order + 1):
+        b.append(h_phi_k * factorial / math.expm1(hh))
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    R, b = np.stack([r ** (k - 1) for k in range(1, order + 1)]), np.array(b)
+    if corrector:
+        return np.array([0.5]) if order == 1 else np.linalg.solve(R, b)
+    if order == 1:
+        return np.zeros(0)
+    return np.array([0.5]) if order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1])
+
+
+def _unipc_interval(lam, alpha, i: int, order: int, corrector: bool) -> np.ndarray:
+    # UniP (corrector=False) or UniC on the interval t_i -> t_{i+1}, as weights w over (x0_{i+1}, x0_i, x0_{i-1}, ...)
+    # of the part that is not sigma_{i+1}/sigma_i times the sample: -alpha h_phi_1 x0_i - alpha B(h) (sum_k rho_k D_k
+    # [+ rho_c (x0_{i+1} - x0_i)]), D_k = (x0_{i-k} - x0_i) / r_k, r_k = (lambda_{i-k} - lambda_i) / h.
+    h = lam[i + 1] - lam[i]
+    hh = -h
+    rks = [(lam[i - k] - lam[i]) / h for k in range(1, order)]
+    rhos = _unipc_rhos(rks, hh, order, corrector)
+    w = np.zeros(X0_HISTORY + 2)
+    w[1] = -alpha[i + 1] * math.expm1(hh)
+    scale = -alpha[i + 1] * math.expm1(hh)  # -alpha B(h), bh2
+    for k, rk in enumerate(rks, start=1):
+        w[1 + k] += scale * rhos[k - 1] / rk
+        w[1] -= scale * rhos[k - 1] / rk
+    if corrector:
+        w[0] += scale * rhos[-1]
+        w[1] -= scale * rhos[-1]
+    return w
+
+
+def _unipc(a, x0_from_x, x0_from_eps, order: int):
+    # UniPC (Zhao et al. 2023) with B(h) = e^h - 1 (bh2), data prediction, as diffusers' UniPCMultistepScheduler
+    # (lower_order_final=True, no disabled corrector). Step i predicts x_{i+1} from the corrected sample x_i^c;
+    # x_i^c corrects the input x_i with x0_i (UniC, every step but the first). Predictor i-1 and corrector i act on
+    # the same interval with the same sigma_i/sigma_{i-1} times x_{i-1}^c, so x_i^c - x_i depends on x0s only:
+    #   x_i^c = x_i + G_i . (x0_i, x0_{i-1}, ..), x_{i+1} = (sigma_{i+1}/sigma_i) x_i^c + P_i . (x0_i, ..),
+    # i.e. one affine step in (x_i, eps_i) and the earlier x0s: no corrected sample needs carrying.
+    # Orders: predictor q_i = min(order, n - i, i + 1) (warm-up, lower order at the end); corrector i uses q_{i-1}.
+    n = a.shape[0]
+    alpha, sigma = np.sqrt(a), np.sqrt(1 - a)
+    lam = 0.5 * (np.log(a) - np.log1p(-a))
+    c_x, c_eps, c_prev, older = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros((n, X0_HISTORY - 1))
+    for i in range(n):
+        if i == n - 1:  # order 1 to sigma = 0: x_prev = x0_i
+            c_x[i], c_eps[i] = x0_from_x[i], x0_from_eps[i]
+            continue
+        q = min(order, n - i, i + 1)
+        ratio = sigma[i + 1] / sigma[i]
+        w = _unipc_interval(lam, alpha, i, q, corrector=False)[1:]  # over (x0_i, x0_{i-1}, ...)
+        if i > 0:
+            q_before = min(order, n - i + 1, i)
+            full_c = _unipc_interval(lam, alpha, i - 1, q_before, corrector=True)
+            full_p = _unipc_interval(lam, alpha, i - 1, q_before, corrector=False)
+            w = w + ratio * (full_c - full_p)[: X0_HISTORY + 1]  # (x0_i, x0_{i-1}, ..) = (x0_{i+1}, x0_i, ..) of i-1
+        c_x[i] = ratio + w[0] * x0_from_x[i]
+        c_eps[i] = w[0] * x0_from_eps[i]
+        c_prev[i] = w[1]
+        older[i] = w[2 : X0_HISTORY + 1]
+    return c_x, c_eps, c_prev, older
+
+
 def compute_coefficients(
     sampler: str,
     alphas_cumprod,
@@ -380,6 +480,9 @@ def compute_coefficients(
         c_x, c_eps, c_prev, c_noise = _ddpm(a, a_prev, x0_from_x, x0_from_eps)
     elif sampler == "dpmpp_2m":
         c_x, c_eps, c_prev, c_noise = _dpmpp_2m(a, x0_from_x, x0_from_eps)
+    elif sampler in UNIPC_ORDERS:
+        c_x, c_eps, c_prev, older = _unipc(a, x0_from_x, x0_from_eps, UNIPC_ORDERS[sampler])
+        c_noise = np.zeros_like(a)
     else:
         c_x, c_eps, hist = _ipndm(a, a_prev)
         c_prev, c_noise = np.zeros_like(a), np.zeros_like(a)
@@ -398,6 +501,7 @@ def compute_coefficients(
         eta=eta,
         clip_denoised=bool(clip_denoised),
         c_prev_eps=hist if sampler == "ipndm" else None,
+        c_older_x0=older if sampler in UNIPC_ORDERS else None,
         min_log=min_log,
         max_log=max_log,
     )
@@ -422,8 +526,12 @@ def step_update(
     prev_eps: Sequence[torch.Tensor] | None = None,
     return_eps: bool = False,
     var_v: torch.Tensor | None = None,
+    older_x0: Sequence[torch.Tensor] = (),
 ):
     """One sampler step: returns (x_prev, x0), or (x_prev, x0, eps) with ``return_eps``.
+
+    ``prev_x0``: the x0 of step i-1; ``older_x0``: those of steps i-2, i-3
+    (UniPC's state; as many as the row reads).
 
     ``prev_eps``: the eps of earlier steps, most recent first (iPNDM's state;
     as many as the row reads). The eps returned is the one the update used:
@@ -443,6 +551,7 @@ def step_update(
         and x.is_cuda
         and not return_eps
         and coeffs_row.eps_history == 0
+        and coeffs_row.x0_history <= 1
         and not coeffs_row.learned_variance
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
@@ -465,6 +574,7 @@ def step_update(
                 "pass the x0 returned by the previous step_update"
             )
         x_prev = x_prev + coeffs_row.c_prev_x0 * prev_x0
+    x_prev = _add_history(x_prev, coeffs_row.x0_history - 1, coeffs_row.prev_x0_coefficients[1:], older_x0, "x0")
     if coeffs_row.c_noise != 0.0:
         if noise is None:
             raise SamplingError(
@@ -481,40 +591,54 @@ def step_update(
             x_prev = x_prev + scale * noise
         else:
             x_prev = x_prev + coeffs_row.c_noise * noise
-    history = coeffs_row.eps_history
-    if history:
-        if prev_eps is None or len(prev_eps) < history:
-            raise SamplingError(
-                f"this step is multistep (iPNDM) and reads the eps of the {history} previous step(s); "
-                f"pass prev_eps (most recent first), got {0 if prev_eps is None else len(prev_eps)}"
-            )
-        for c, e in zip(coeffs_row.prev_eps_coefficients, prev_eps):
-            if c != 0.0:
-                x_prev = x_prev + c * e
+    x_prev = _add_history(x_prev, coeffs_row.eps_history, coeffs_row.prev_eps_coefficients, prev_eps, "eps")
     return (x_prev, x0, eps) if return_eps else (x_prev, x0)
+
+
+def _add_history(x_prev, depth: int, weights, values, kind: str):
+    # The multistep terms: iPNDM's earlier eps (kind "eps", passed as prev_eps), UniPC's x0 of steps i-2, i-3
+    # (kind "x0", passed as older_x0). Terms with weight 0 are left out (a fixed graph when traced).
+    if depth <= 0:
+        return x_prev
+    if values is None or len(values) < depth:
+        sampler, arg, steps = ("iPNDM", "prev_eps", depth) if kind == "eps" else ("UniPC", "older_x0", depth + 1)
+        raise SamplingError(
+            f"this step is multistep ({sampler}) and reads the {kind} of the {steps} previous step(s); "
+            f"pass {arg} (most recent first), got {0 if values is None else len(values)}"
+        )
+    for c, value in zip(weights, values):
+        if c != 0.0:
+            x_prev = x_prev + c * value
+    return x_prev
 
 
 def step_from_output(
     row: StepCoefficients,
     x: torch.Tensor,
     out: torch.Tensor,
-    prev_x0: torch.Tensor | None = None,
+    x0_history: Sequence[torch.Tensor] = (),
     noise: torch.Tensor | None = None,
     history: Sequence[torch.Tensor] = (),
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """The step sequence every path runs (sample_loop, the search, the engines, the exporter's graph), written once.
 
     ``out`` is the model's eps, or [eps, v] stacked along channels on a
-    learned-variance step; ``history`` the eps of the previous steps, most
-    recent first. Returns ``(x_prev, x0, history)`` with the eps this step
-    used pushed onto the history (at most ``EPS_HISTORY`` kept): what the next
-    step reads as ``prev_x0`` and ``history``.
+    learned-variance step; ``x0_history`` the x0 of the previous steps and
+    ``history`` their eps, both most recent first. Returns ``(x_prev,
+    x0_history, history)`` with this step's x0 and the eps it used pushed on
+    (at most ``X0_HISTORY`` / ``EPS_HISTORY`` kept): what the next step reads.
+    This step's x0 is ``x0_history[0]``.
     """
+    if isinstance(x0_history, torch.Tensor):
+        raise SamplingError("x0_history is a tensor; pass a tuple of the previous steps' x0, most recent first")
     var_v = None
     if row.learned_variance:
         out, var_v = split_learned_variance(out, x.shape[1])
-    x_prev, x0, eps_used = step_update(row, x, out, prev_x0, noise, prev_eps=history, return_eps=True, var_v=var_v)
-    return x_prev, x0, (eps_used, *history[: EPS_HISTORY - 1])
+    prev_x0 = x0_history[0] if x0_history else None
+    x_prev, x0, eps_used = step_update(
+        row, x, out, prev_x0, noise, prev_eps=history, return_eps=True, var_v=var_v, older_x0=tuple(x0_history[1:])
+    )
+    return x_prev, (x0, *x0_history[: X0_HISTORY - 1]), (eps_used, *history[: EPS_HISTORY - 1])
 
 
 def draw_step_noise(
@@ -550,8 +674,8 @@ def sample_loop(
     """
     if not isinstance(coeffs, SamplerCoefficients):
         raise SamplingError(f"coeffs is a {type(coeffs).__name__}; pass the result of compute_coefficients(...)")
-    prev_x0 = None
-    history: tuple[torch.Tensor, ...] = ()  # most recent first
+    x0_history: tuple[torch.Tensor, ...] = ()  # most recent first
+    history: tuple[torch.Tensor, ...] = ()
     for i in tqdm(range(len(coeffs)), disable=not progress, desc=coeffs.sampler):
         t = coeffs.timesteps[i]
         row = coeffs.row(i)
@@ -572,10 +696,10 @@ def sample_loop(
                     f"({x.shape[0]}), got {'none' if noise is None else len(noise)}"
                 )
             z = noise.randn(x.shape[1:], dtype=x.dtype).to(x.device)  # drawn where the generators are, used where x is
-        x_prev, x0, history = step_from_output(row, x, out, prev_x0, z, history)
+        x_prev, x0_history, history = step_from_output(row, x, out, x0_history, z, history)
         if callback is not None:
-            callback({"i": i, "t": t, "x": x, "x0": x0, "x_prev": x_prev})
-        x, prev_x0 = x_prev, x0
+            callback({"i": i, "t": t, "x": x, "x0": x0_history[0], "x_prev": x_prev})
+        x = x_prev
     return x
 
 
@@ -594,6 +718,16 @@ def sample_ddpm(eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, clip_denois
 def sample_ipndm(eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, clip_denoised: bool = True, **kw) -> torch.Tensor:
     """iPNDM (Zhang & Chen 2023), 4th-order Adams-Bashforth on the probability-flow ODE, over ``timesteps``."""
     return sample_loop(eps_fn, x, compute_coefficients("ipndm", schedule, timesteps, 0.0, clip_denoised), **kw)
+
+
+def sample_unipc(
+    eps_fn: EpsFn, x: torch.Tensor, schedule, timesteps, order: int = 2, clip_denoised: bool = True, **kw
+) -> torch.Tensor:
+    """UniPC (Zhao et al. 2023; bh2, data prediction, as diffusers' UniPCMultistepScheduler), order 2 or 3."""
+    name = {order: sampler for sampler, order in UNIPC_ORDERS.items()}.get(order)
+    if name is None:
+        raise SamplingError(f"UniPC order={order!r}; choose one of {', '.join(map(str, UNIPC_ORDERS.values()))}")
+    return sample_loop(eps_fn, x, compute_coefficients(name, schedule, timesteps, 0.0, clip_denoised), **kw)
 
 
 def sample_dpmpp_2m(

@@ -250,6 +250,13 @@ def uniform_timesteps(num_timesteps: int, n: int, spacing: str = "linear", alpha
     targets evenly spaced from lambda(T-1) to lambda(0), the first n of them each
     mapped to the timestep whose lambda is nearest, then repaired to strictly
     descending like ``quadratic`` (a collision moves below its predecessor).
+
+    ``karras`` (needs ``alphas_cumprod``) is EDM's rho = 7 spacing in sigma
+    (Karras et al. 2022, eq. 5; k-diffusion's ``get_sigmas_karras``, diffusers'
+    ``use_karras_sigmas=True``): sigma = sqrt((1 - a) / a), n sigmas from
+    sigma(T-1) to sigma(0), each mapped to a timestep as diffusers' ``_sigma_to_t``
+    does (linear interpolation of t in log-sigma, then round half to even), then
+    repaired to strictly descending like ``logsnr``.
     """
     num_timesteps = _check_num_timesteps(num_timesteps, TimestepsError)
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
@@ -272,27 +279,51 @@ def uniform_timesteps(num_timesteps: int, n: int, spacing: str = "linear", alpha
                 t = min(t, out[-1] - 1)
             out.append(max(t, n - 1 - i))
         return out
-    if spacing == "logsnr":
-        if alphas_cumprod is None:
-            raise TimestepsError(
-                "logsnr spacing needs the model's schedule: pass alphas_cumprod (a NoiseSchedule or its array)"
-            )
-        acp = (
-            alphas_cumprod.alphas_cumprod
-            if isinstance(alphas_cumprod, NoiseSchedule)
-            else np.asarray(alphas_cumprod, dtype=np.float64)
-        )
-        if acp.shape != (T,):
-            raise TimestepsError(
-                f"alphas_cumprod has shape {acp.shape}; logsnr spacing needs one value per timestep ({T})"
-            )
-        lam = 0.5 * (np.log(acp) - np.log1p(-acp))  # increasing as t decreases
-        targets = np.linspace(lam[T - 1], lam[0], n + 1)[:n]
-        out = []
-        for i, target in enumerate(targets):
-            t = T - 1 if i == 0 else int(np.argmin(np.abs(lam - target)))
-            if out:
-                t = min(t, out[-1] - 1)
-            out.append(max(t, n - 1 - i))
-        return out
+    if spacing in ("logsnr", "karras"):
+        acp = _schedule_array(alphas_cumprod, T, spacing)
+        if spacing == "logsnr":
+            lam = 0.5 * (np.log(acp) - np.log1p(-acp))  # increasing as t decreases
+            targets = np.linspace(lam[T - 1], lam[0], n + 1)[:n]
+            nearest = [T - 1] + [int(np.argmin(np.abs(lam - target))) for target in targets[1:]]
+        else:
+            nearest = _karras_timesteps(acp, n)
+        return _descending_distinct(nearest)
     raise TimestepsError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+
+
+def _schedule_array(alphas_cumprod, T: int, spacing: str) -> np.ndarray:
+    if alphas_cumprod is None:
+        raise TimestepsError(
+            f"{spacing} spacing needs the model's schedule: pass alphas_cumprod (a NoiseSchedule or its array)"
+        )
+    acp = (
+        alphas_cumprod.alphas_cumprod
+        if isinstance(alphas_cumprod, NoiseSchedule)
+        else np.asarray(alphas_cumprod, dtype=np.float64)
+    )
+    if acp.shape != (T,):
+        raise TimestepsError(
+            f"alphas_cumprod has shape {acp.shape}; {spacing} spacing needs one value per timestep ({T})"
+        )
+    return acp
+
+
+def _karras_timesteps(acp: np.ndarray, n: int, rho: float = 7.0) -> list[int]:
+    # EDM eq. 5 between the schedule's own sigma_max and sigma_min, then diffusers' _sigma_to_t:
+    # t interpolated linearly in log-sigma between the two neighbouring timesteps, rounded half to even.
+    log_sigma = 0.5 * (np.log1p(-acp) - np.log(acp))  # increasing in t
+    ramp = np.linspace(0.0, 1.0, n)
+    lo, hi = np.exp(log_sigma[0] / rho), np.exp(log_sigma[-1] / rho)
+    sigmas = (hi + ramp * (lo - hi)) ** rho
+    t = np.interp(np.log(sigmas), log_sigma, np.arange(acp.shape[0], dtype=np.float64))
+    return [int(v) for v in np.round(t)]
+
+
+def _descending_distinct(nearest: list[int]) -> list[int]:
+    # A collision moves below its predecessor; a value is lifted when the remaining steps would run below 0.
+    n, out = len(nearest), []
+    for i, t in enumerate(nearest):
+        if out:
+            t = min(t, out[-1] - 1)
+        out.append(max(t, n - 1 - i))
+    return out

@@ -2,7 +2,12 @@
 
 A step of a plan maps::
 
-    x [, y] [, noise] [, prev_x0] [, prev_eps1 .. prev_eps3]  ->  x_prev [, x0] [, eps]
+    x [, y] [, noise] [, prev_x0 [, prev_x0_2 [, prev_x0_3]]] [, prev_eps1 .. prev_eps3]  ->  x_prev [, x0] [, eps]
+
+``prev_x0``, ``prev_x0_2``, ``prev_x0_3`` are the x0 of steps i-1, i-2, i-3
+(DPM-Solver++(2M) reads the first, UniPC up to all three); ``prev_eps1..3``
+the eps of steps i-1..i-3 (iPNDM). A step outputs ``x0`` / ``eps`` when a
+later step reads them.
 
 Which of them a step has follows from the sampler's coefficients alone
 (:func:`step_tensors`), so the exporter (``export/``), the engines and the engine
@@ -24,6 +29,7 @@ __all__ = [
     "OUT",
     "PREV_EPS",
     "PREV_X0",
+    "PREV_X0S",
     "TensorSpec",
     "X",
     "X0",
@@ -34,7 +40,9 @@ __all__ = [
 ]
 
 # The names every backend uses.
-X, Y, NOISE, PREV_X0 = "x", "y", "noise", "prev_x0"
+X, Y, NOISE = "x", "y", "noise"
+PREV_X0S = ("prev_x0", "prev_x0_2", "prev_x0_3")  # x0 of steps i-1, i-2, i-3 (DPM-Solver++(2M), UniPC)
+PREV_X0 = PREV_X0S[0]
 X_PREV, X0, EPS = "x_prev", "x0", "eps"
 EMB, OUT = "emb", "out"  # a shared subnetwork's embedding input and raw UNet output (export.subnet.SubnetModule)
 PREV_EPS = ("prev_eps1", "prev_eps2", "prev_eps3")  # eps of steps i-1, i-2, i-3 (iPNDM)
@@ -71,13 +79,13 @@ def step_tensors(
         inputs.append(TensorSpec(Y, "int64", (BATCH,)))
     if row.c_noise != 0.0:
         inputs.append(TensorSpec(NOISE, "float32", img))
-    if row.c_prev_x0 != 0.0:
-        inputs.append(TensorSpec(PREV_X0, "float32", img))
+    inputs += [TensorSpec(name, "float32", img) for name in PREV_X0S[: row.x0_history]]
     inputs += [TensorSpec(name, "float32", img) for name in PREV_EPS[: row.eps_history]]
     outputs = [TensorSpec(X_PREV, "float32", img)]
-    if i + 1 < len(coeffs) and coeffs.row(i + 1).c_prev_x0 != 0.0:
+    later = [coeffs.row(j) for j in range(i + 1, min(i + 1 + len(PREV_X0S), len(coeffs)))]
+    if any(r.x0_history >= j for j, r in enumerate(later, start=1)):
         outputs.append(TensorSpec(X0, "float32", img))
-    if any(coeffs.row(j).eps_history >= j - i for j in range(i + 1, min(i + 1 + len(PREV_EPS), len(coeffs)))):
+    if any(r.eps_history >= j for j, r in enumerate(later, start=1)):
         outputs.append(TensorSpec(EPS, "float32", img))
     return tuple(inputs), tuple(outputs)
 

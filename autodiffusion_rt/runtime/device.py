@@ -1,8 +1,9 @@
 """Which buffer each step reads and writes, and the device-resident walk of a request.
 
 :func:`plan_step_buffers` is the one place that decides how a schedule's
-steps share buffers: x and x0 ping-pong between two slots each, iPNDM's eps
-history rotates through a ring, labels and noise have one slot each. Which
+steps share buffers: x ping-pongs between two slots, the x0 history
+(DPM-Solver++(2M), UniPC) and the eps history (iPNDM) rotate through a ring
+each, labels and noise have one slot each. Which
 slot a step touches depends only on its index, so every backend binds step
 ``i`` once per batch size and a request only refills x_T, the labels and the
 noise. The host path (:meth:`Runtime._workspace`) and the device path below
@@ -33,7 +34,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..diffusion.step_io import EPS, NOISE, PREV_EPS, PREV_X0, X0, X_PREV, X, Y
+from ..diffusion.step_io import EPS, NOISE, PREV_EPS, PREV_X0S, X0, X_PREV, X, Y
 from ..errors import EngineError
 from .platform import cuda_check
 
@@ -45,7 +46,7 @@ __all__ = [
     "plan_step_buffers",
 ]
 
-#: A slot: (kind, index); kind is x, x0, eps (the history ring), y or noise.
+#: A slot: (kind, index); kind is x, x0 or eps (the history rings), y or noise.
 Slot = tuple
 
 
@@ -66,16 +67,17 @@ def plan_step_buffers(
 ) -> tuple[list[StepBuffers], Slot, list[Slot]]:
     """``[(input names, output names)]`` per step -> (per-step slot maps, the result slot, every slot used).
 
-    A step writes x_prev into the x slot it does not read, x0 into the x0
-    slot the next reader does not hold, and eps into a ring slot no pending
-    history entry uses: no step ever reads and writes one slot.
+    A step writes x_prev into the x slot it does not read, and x0 / eps into
+    a slot of their ring that no pending history entry uses: no step ever
+    reads and writes one slot.
     ``noise_per_step``: each stochastic step reads its own noise slot (all of
     a request's noise is on the device before a whole-schedule CUDA graph
     starts); otherwise one noise slot, refilled before each stochastic step.
     """
-    cur, x0_cur = 0, 0  # which slot holds x, and the last x0
-    history: list[Slot] = []  # eps slots of the previous steps, most recent first
-    ring = [(EPS, k) for k in range(len(PREV_EPS) + 1)]
+    cur = 0  # which slot holds x
+    # per ring (output name -> the input names that read it): the slots of the previous steps, most recent first
+    rings = {X0: PREV_X0S, EPS: PREV_EPS}
+    histories: dict[str, list[Slot]] = {kind: [] for kind in rings}
     out: list[StepBuffers] = []
     used: list[Slot] = [(X, 0), (X, 1)]
     for ins, outs in steps_io:
@@ -84,18 +86,14 @@ def plan_step_buffers(
             feeds[Y] = (Y, 0)
         if NOISE in ins:
             feeds[NOISE] = (NOISE, len(out) if noise_per_step else 0)
-        if PREV_X0 in ins:
-            feeds[PREV_X0] = (X0, x0_cur)
-        for name, slot in zip(PREV_EPS, history):
-            if name in ins:
-                feeds[name] = slot
+        for kind, names in rings.items():
+            feeds.update((name, slot) for name, slot in zip(names, histories[kind]) if name in ins)
         writes = {X_PREV: (X, 1 - cur)}
-        if X0 in outs:
-            writes[X0] = (X0, 1 - x0_cur)
-            x0_cur = 1 - x0_cur
-        if EPS in outs:
-            writes[EPS] = next(s for s in ring if s not in history)
-            history = [writes[EPS]] + history[: len(PREV_EPS) - 1]
+        for kind, names in rings.items():
+            if kind in outs:
+                history = histories[kind]
+                writes[kind] = next((kind, k) for k in range(len(names) + 1) if (kind, k) not in history)
+                histories[kind] = [writes[kind]] + history[: len(names) - 1]
         out.append(StepBuffers(feeds, writes))
         used += [s for s in (*feeds.values(), *writes.values()) if s not in used]
         cur = 1 - cur

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..diffusion import SampleNoise, SamplerCoefficients
-from ..diffusion.step_io import NOISE, X0, X_PREV, X, Y, step_tensors
+from ..diffusion.step_io import NOISE, X_PREV, X, Y, step_tensors
 from ..errors import EngineError
 from ..models.loading import load_model_for_plan
 from ..plan import Plan
@@ -322,8 +322,8 @@ class Runtime:
         """Per-batch-size buffers and every step bound to them (validated here, once).
 
         Which buffer a step reads and writes depends only on its index
-        (:func:`~autodiffusion_rt.runtime.device.plan_step_buffers`: x and x0
-        ping-pong, iPNDM's eps history rotates through a ring), so step ``i``
+        (:func:`~autodiffusion_rt.runtime.device.plan_step_buffers`: x
+        ping-pongs, the x0 and eps histories rotate through rings), so step ``i``
         is bound once to fixed arrays (an onnxruntime IO binding by address)
         and a request only refills x_T, the labels and each step's noise in place.
         """
@@ -335,7 +335,6 @@ class Runtime:
         bufs = {slot: np.empty(*slot_spec(slot, batch, self.info.image_shape)) for slot in slots}
         ws = {
             X: [bufs[(X, 0)], bufs[(X, 1)]],
-            X0: [bufs.get((X0, 0)), bufs.get((X0, 1))],
             Y: bufs.get((Y, 0)),
             NOISE: bufs.get((NOISE, 0)),
         }

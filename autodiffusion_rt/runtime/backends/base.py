@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ...diffusion import StepCoefficients, step_from_output
-from ...diffusion.step_io import EPS, NOISE, PREV_EPS, PREV_X0, X0, X_PREV, TensorSpec
+from ...diffusion.step_io import EPS, NOISE, PREV_EPS, PREV_X0S, X0, X_PREV, TensorSpec
 from ...errors import EngineError
 
 __all__ = ["Engine", "LoadedEngines", "describe_array", "fill_output", "step_specs", "update_step"]
@@ -144,16 +144,17 @@ def update_step(
 ) -> dict:
     """The sampler update of a step on the model's output, in float32 torch, for engines that do not fuse it.
 
-    Reads the step's state inputs (noise, prev_x0, the eps history) from
+    Reads the step's state inputs (noise, the x0 and eps histories) from
     ``feeds`` and writes the engine's outputs into ``out`` where given.
     """
 
     def tensor(name: str) -> Optional[torch.Tensor]:
         return torch.from_numpy(feeds[name]).to(device) if name in feeds else None
 
+    x0s = tuple(tensor(n) for n in PREV_X0S if n in feeds)
     history = tuple(tensor(n) for n in PREV_EPS if n in feeds)
-    x_prev, x0, history = step_from_output(row, x, model_out, tensor(PREV_X0), tensor(NOISE), history)
-    values = {X_PREV: x_prev, X0: x0, EPS: history[0]}  # EPS: the eps this step used, a later step's history
+    x_prev, x0s, history = step_from_output(row, x, model_out, x0s, tensor(NOISE), history)
+    values = {X_PREV: x_prev, X0: x0s[0], EPS: history[0]}  # EPS: the eps this step used, a later step's history
     return {name: fill_output(out, name, values[name].cpu().numpy()) for name in engine.output_names}
 
 
