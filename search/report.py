@@ -25,6 +25,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -205,14 +206,23 @@ def compare_plan(rows: Sequence[Row], ext: str) -> Optional[str]:
 
 
 def _latency_section(lat: dict) -> str:
-    """Predicted latency per request of each row, on the table's engines (scripts/latency_check.py measures it)."""
+    """Predicted latency per request of each row, on the table's engines (scripts/latency_check.py measures it).
+
+    Rows that skip nothing at the same NFE share one prediction: they are one line, not a column of equal figures.
+    """
     k = lat["key"]
     out = (
         f"Predicted latency per request ({k['backend']} {k['precision']} engines, batch {k['batch']}, "
         f"{k['threads']} thread(s), {k['cpu']}; search/latency.py's per-layer table; measured against "
-        "benchmark.py by scripts/latency_check.py):\n\n| method | sampler | predicted ms |\n|---|---|---|\n"
+        "benchmark.py by scripts/latency_check.py)"
     )
-    out += "".join(f"| {r['method']} | {r['sampler']} | {r['predicted_ms']:.2f} |\n" for r in lat["rows"])
+    common = Counter(f"{r['predicted_ms']:.2f}" for r in lat["rows"]).most_common(1)[0][0]
+    differ = [r for r in lat["rows"] if f"{r['predicted_ms']:.2f}" != common]
+    others = "every row" if not differ else "every other row"
+    out += f": {others}, {common} ms."
+    if differ:
+        out += "\n\n| method | sampler | predicted ms |\n|---|---|---|\n"
+        out += "".join(f"| {r['method']} | {r['sampler']} | {r['predicted_ms']:.2f} |\n" for r in differ)
     return out.rstrip("\n")
 
 

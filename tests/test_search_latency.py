@@ -226,3 +226,18 @@ def test_the_skip_verdict_compares_predicted_ms_not_macs_when_it_has_them():
     assert dominated_levels([noskip], [slow, fast], lambda p: p.holdout_fid) == [(noskip, fast)]
     in_macs = [replace(p, latency_ms=None) for p in (noskip, slow, fast)]
     assert dominated_levels(in_macs[:1], in_macs[1:], lambda p: p.holdout_fid) == [(in_macs[0], in_macs[1])]
+
+
+def test_the_report_lists_only_the_rows_whose_predicted_latency_differs():
+    """Uniform rows skip nothing: one line says their shared prediction; a plan that skips layers gets its row."""
+    from search.report import _latency_section
+
+    key = {"backend": "openvino", "precision": "bf16", "batch": 1, "threads": 1, "cpu": "cpu"}
+    rows = [{"method": m, "sampler": "ddim", "predicted_ms": 13.861} for m in ("DDIM linear", "DDIM quadratic")]
+    same = _latency_section({"key": key, "rows": [{"method": "searched plan", "sampler": "ddim", "predicted_ms": 13.86},
+                                                  *rows]})
+    assert "every row, 13.86 ms." in same and "|" not in same
+    plan = {"method": "searched plan", "sampler": "unipc", "predicted_ms": 9.5}
+    text = _latency_section({"key": key, "rows": [plan, *rows]})
+    assert "every other row, 13.86 ms." in text and "| searched plan | unipc | 9.50 |" in text
+    assert "DDIM linear" not in text
