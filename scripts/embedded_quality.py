@@ -50,14 +50,20 @@ def sample_in_chunks(
     cache_dir: Path | None,
     chunk: int,
     spacing: str = "linear",
+    plan=None,
 ) -> torch.Tensor:
     """``ad.sample`` of ``n`` images (uniform timesteps, ``spacing``), ``chunk`` at a time, each kept in ``cache_dir``.
 
     ``labels`` None: drawn from ``seed`` per sample, as ``ad.sample`` draws them.
     A cached chunk is used only when it was made by the same model, sampler,
-    seed, sample range and labels.
+    seed, sample range and labels. ``plan`` (an autodiffusion_rt Plan): its
+    timesteps, sampler, eta and skipped layers instead (same noise per seed).
     """
-    ts = uniform_timesteps(model.num_timesteps, steps, spacing, model.schedule)
+    ts = uniform_timesteps(model.num_timesteps, steps, spacing, model.schedule) if plan is None else plan.timesteps
+    keep, eta = (None, 0.0) if plan is None else (plan.keep_sets(model), plan.eta)
+    name = f"{sampler}{steps}{'' if spacing == 'linear' else '-' + spacing}"
+    if plan is not None:
+        name = f"plan{plan.sha256()[:12]}"
     parts = []
     for first in range(0, n, chunk):
         k = min(chunk, n - first)
@@ -67,8 +73,7 @@ def sample_in_chunks(
             None
             if cache_dir is None
             else cache_dir
-            / f"{model.fingerprint[:16]}-{sampler}{steps}{'' if spacing == 'linear' else '-' + spacing}"
-            f"-seed{seed}-{first}+{k}{drawn}.pt"
+            / f"{model.fingerprint[:16]}-{name}-seed{seed}-{first}+{k}{drawn}.pt"
         )
         if path is not None and path.exists():
             saved = torch.load(path, weights_only=True)
@@ -76,12 +81,13 @@ def sample_in_chunks(
                 parts.append(saved["images"])
                 continue
         images, got = ad.sample(
-            model, ts, sampler, n=k, seed=seed, labels=want, first=first, batch_size=chunk, return_labels=True
+            model, ts, sampler, n=k, seed=seed, eta=eta, keep=keep, labels=want, first=first, batch_size=chunk,
+            return_labels=True,
         )
         if path is not None:
             with atomic_write(path, "wb") as f:
                 torch.save({"images": images, "labels": got}, f)
-        print(f"  {sampler}-{steps}: samples {first}..{first + k - 1} done", flush=True)
+        print(f"  {name}: samples {first}..{first + k - 1} done", flush=True)
         parts.append(images)
     return torch.cat(parts)
 

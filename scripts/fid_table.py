@@ -35,6 +35,7 @@ import torch
 import autodiffusion_rt as ad
 from autodiffusion_rt.data import load_mnist
 from autodiffusion_rt.metrics import compute_stats, frechet_distance, get_extractor, reference_stats
+from autodiffusion_rt.plan import Plan
 from autodiffusion_rt.utils import atomic_write
 from embedded_quality import sample_in_chunks  # scripts/: the one chunked, cached sampler
 
@@ -64,6 +65,7 @@ def main() -> None:
         "--inception-rows", default="ddim:4,ddim:50", help="rows scored with inception when it is an extractor"
     )
     p.add_argument("--ddpm-n", type=int, default=1000, help="samples for ddpm rows (default: %(default)s)")
+    p.add_argument("--plans", default="", help="plan.json files, comma-separated: a row each, from the same noise")
     p.add_argument("--no-real", action="store_true", help="skip the real-vs-real row")
     p.add_argument("--json", default=None, help="also write the rows here (rows already there are kept, not redone)")
     p.add_argument("--cache-dir", type=Path, default=None, help="keep sample chunks here; a rerun resumes from them")
@@ -136,6 +138,17 @@ def main() -> None:
         images = sample_in_chunks(model, sampler, int(steps), n, args.seed, None, args.cache_dir, args.chunk, spacing)
         seconds = time.time() - t0
         add({**score(label, spec, images, lambda e: refs[e.name]), "n": n, "sample_s": round(seconds, 1)})
+
+    for path in filter(None, args.plans.split(",")):
+        plan = Plan.load(path)
+        label = f"plan {Path(path).name} ({plan.sampler} {','.join(map(str, plan.timesteps))})"
+        if not wanted(label, "plan"):
+            continue
+        t0 = time.time()
+        steps, cache = len(plan.timesteps), args.cache_dir
+        images = sample_in_chunks(model, plan.sampler, steps, args.n, args.seed, None, cache, args.chunk, plan=plan)
+        seconds = round(time.time() - t0, 1)
+        add({**score(label, "plan", images, lambda e: refs[e.name]), "n": args.n, "sample_s": seconds})
 
     names = [e.name for e in extractors]
     print("\n| row | n | " + " | ".join(f"FID ({n})" for n in names) + " | sampling s |")
