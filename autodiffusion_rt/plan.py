@@ -39,7 +39,7 @@ from typing import Any, Optional, Sequence
 from .diffusion import DRAW_ORDER, SAMPLERS, compute_coefficients, validate_timesteps
 from .errors import Error, PlanError
 from .records import read_json
-from .utils import atomic_write, path_error
+from .utils import path_error, write_json
 
 PLAN_FORMAT = "autodiffusion-rt-plan"
 PLAN_VERSION = 2
@@ -210,9 +210,7 @@ class Plan:
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(path, "w") as f:
-                json.dump(self.to_dict(), f, indent=2)
-                f.write("\n")
+            write_json(path, self.to_dict())
         except OSError as e:
             raise PlanError(path_error(e, path, "save the plan to a writable path with free space")) from None
         return path

@@ -34,6 +34,14 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+def write_json(path: str | os.PathLike, data, indent: int | None = 2) -> None:
+    """``data`` as JSON (and a final newline) at ``path``, atomically (:func:`atomic_write`)."""
+    import json
+
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(data, indent=indent) + "\n")
+
+
 def remove_stale_temps(*paths: str | os.PathLike) -> list[Path]:
     """Delete the temp files :func:`atomic_write` leaves beside each of ``paths`` when its process is killed mid-write.
 
@@ -246,8 +254,7 @@ def print_report(report: dict, table, json_path: str | os.PathLike | None = None
         return
     print(table(report))
     if json_path:
-        with atomic_write(json_path) as f:
-            f.write(json.dumps(report, indent=2) + "\n")
+        write_json(json_path, report)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

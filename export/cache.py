@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from autodiffusion_rt.records import loads_json
-from autodiffusion_rt.utils import atomic_write, sha256_file
+from autodiffusion_rt.utils import sha256_file, write_json
 
 __all__ = [
     "EXPORTER_REVISION",
@@ -215,5 +215,4 @@ def read_progress(engine_dir: Path) -> list[dict]:
 
 def write_progress(engine_dir: Path, steps: list[dict]) -> None:
     """Journal the finished steps (manifest step entries), atomically."""
-    with atomic_write(Path(engine_dir) / PROGRESS_NAME, "w") as f:
-        json.dump({"steps": steps}, f)
+    write_json(Path(engine_dir) / PROGRESS_NAME, {"steps": steps}, indent=None)

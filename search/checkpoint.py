@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from autodiffusion_rt.utils import atomic_write, path_error
+from autodiffusion_rt.utils import path_error, write_json
 
 from .errors import SearchError
 from .space import Candidate
@@ -277,8 +277,7 @@ def save_state(state: SearchState, path: str | Path) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path, "w") as f:
-            json.dump(state.to_json(), f)
+        write_json(path, state.to_json(), indent=None)
     except OSError as e:
         raise SearchError(
             path_error(

@@ -34,7 +34,7 @@ import torch
 from autodiffusion_rt.diffusion import compute_coefficients, sample_loop, step_update, uniform_timesteps
 from autodiffusion_rt.records import loads_json
 from autodiffusion_rt.sampling import initial_state, make_eps_fn
-from autodiffusion_rt.utils import atomic_write
+from autodiffusion_rt.utils import atomic_write, write_json
 
 from .errors import SearchError
 
@@ -277,8 +277,7 @@ def skip_sensitivity(
     table = _skip_sensitivity(model, teacher, points, num_samples, batch_size, clip_denoised)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path, "w") as f:
-            json.dump({"key": key, "table": table}, f)
+        write_json(path, {"key": key, "table": table}, indent=None)
     return table
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from autodiffusion_rt.utils import atomic_write
+from autodiffusion_rt.utils import write_json
 
 from .errors import SearchError
 
@@ -202,9 +202,7 @@ def load_or_measure(
     table = measure(model, key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path, "w") as f:
-            json.dump(table.to_json(), f, indent=2)
-            f.write("\n")
+        write_json(path, table.to_json())
     except OSError as e:
         warnings.warn(f"cannot cache the latency table at {path} ({e.strerror or e}): it is measured again next time",
                       stacklevel=2)

@@ -27,7 +27,6 @@ Outputs: ``--out`` (default ``plans/embedded-mnist-nfe3-8.json``) is the skip fr
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import time
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from autodiffusion_rt.utils import atomic_write
+from autodiffusion_rt.utils import atomic_write, write_json
 
 from .errors import SearchError
 from .evolution import non_dominated
@@ -390,9 +389,7 @@ class ParetoReport:
         md, js, png = Path(f"{stem}.report.md"), Path(f"{stem}.report.json"), Path(f"{stem}.report.png")
         with atomic_write(md, "w") as f:
             f.write(self.table())
-        with atomic_write(js, "w") as f:
-            json.dump(self.to_json(), f, indent=2)
-            f.write("\n")
+        write_json(js, self.to_json())
         self.plot(png)
         return md, js, png
 

@@ -1070,14 +1070,10 @@ PLAN_SET_FORMAT = "autodiffusion-rt-plan-set"
 
 def save_plan_set(plans, path: Path) -> Path:
     """The Pareto set: {"format", "version", "plans": [plan, ...]} (each a full plan), written atomically."""
-    import json
-
-    from autodiffusion_rt.utils import atomic_write
+    from autodiffusion_rt.utils import write_json
 
     path = Path(path)
-    with atomic_write(path, "w") as f:
-        json.dump({"format": PLAN_SET_FORMAT, "version": 1, "plans": [pl.to_dict() for pl in plans]}, f, indent=2)
-        f.write("\n")
+    write_json(path, {"format": PLAN_SET_FORMAT, "version": 1, "plans": [pl.to_dict() for pl in plans]})
     return path
 
 

@@ -21,7 +21,6 @@ reports an existing plan (e.g. with another extractor) without searching again.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from autodiffusion_rt.errors import Error
 from autodiffusion_rt.registry import EXTRACTORS, one_of
-from autodiffusion_rt.utils import atomic_write
+from autodiffusion_rt.utils import atomic_write, write_json
 
 if TYPE_CHECKING:  # imported where used: python -m search.report parses its arguments before torch loads
     from .space import Candidate
@@ -151,9 +150,7 @@ class Report:
         md.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(md, "w") as f:
             f.write(self.table())
-        with atomic_write(js, "w") as f:
-            json.dump(self.to_json(), f, indent=2)
-            f.write("\n")
+        write_json(js, self.to_json())
         return md, js
 
     def save_and_show(self, stem: Path, quiet: bool = False) -> Path:

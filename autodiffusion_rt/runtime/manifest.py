@@ -56,7 +56,7 @@ from ..limits import check_limit
 from ..plan import Plan
 from ..records import loads_json, read_json, schema, validate
 from ..registry import BUILD_PRECISIONS
-from ..utils import atomic_write, sha256_file
+from ..utils import sha256_file, write_json
 from .platform import library_versions
 
 __all__ = [
@@ -190,9 +190,7 @@ class Manifest(Mapping):
 
     def write(self) -> None:
         """Write ``DIR/manifest.json`` atomically (a reader sees the old manifest or the new one, never half of one)."""
-        with atomic_write(self.path, "w") as f:
-            json.dump(self.data, f, indent=2)
-            f.write("\n")
+        write_json(self.path, self.data)
 
     # ------------------------------------------------------------ reading
     @classmethod
