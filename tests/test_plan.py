@@ -108,7 +108,7 @@ def test_truncated_plan_file_is_refused_and_save_is_atomic(tmp_path, plan, monke
     with pytest.raises(PlanError, match="not valid JSON"):
         Plan.load(tmp_path / "cut.json")
     # A failure while writing leaves the old plan intact and no temporary file behind.
-    monkeypatch.setattr(json, "dump", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
     with pytest.raises(RuntimeError):
         plan.save(path)
     assert path.read_text() == good
