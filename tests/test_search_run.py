@@ -253,11 +253,14 @@ def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(opts, run, tm
     run(opts, stop_after=1)
     good = (tmp_path / "plan.search-state.json").read_text()
 
-    def broken_dump(obj, f, **kw):
-        f.write('{"partial": ')
-        raise KeyboardInterrupt  # a kill mid-write
+    from autodiffusion_rt.utils import atomic_write
 
-    monkeypatch.setattr(ck.json, "dump", broken_dump)
+    def broken_write(path, data, indent=None):
+        with atomic_write(path, "w") as f:
+            f.write('{"partial": ')
+            raise KeyboardInterrupt  # a kill mid-write
+
+    monkeypatch.setattr(ck, "write_json", broken_write)
     with pytest.raises(KeyboardInterrupt):
         run(replace(opts, resume=True), stop_after=1)
     assert (tmp_path / "plan.search-state.json").read_text() == good
