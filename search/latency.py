@@ -4,21 +4,28 @@
 model, the latency of each skippable layer and of the fixed part of a step, and caches the table as JSON beside
 the teacher (``--teacher-cache``; written atomically; reused only when every field of its key matches).
 
-The measurement (:func:`measure_table`): a *measurement plan* of L + 1 steps (the full model, then each of the
-L skippable layers skipped alone) is built with ``autodiffusion-rt build``'s own code
+The measurement (:func:`measure_table`): a *measurement plan* of L + 2 steps (the full model, each of the
+L skippable layers skipped alone, then every one of them skipped) is built with ``autodiffusion-rt build``'s own code
 (:func:`export.build.build_engines`: backend ``auto`` is OpenVINO where its CPU plugin loads, bf16 on a CPU with
 native bf16, else onnxruntime; ``torch`` runs the plan on the PyTorch model) and loaded with
-:meth:`Runtime.load <autodiffusion_rt.runtime.Runtime.load>`. Each round walks the L + 1 steps in order,
-timing every step as the runtime runs it (its engine call and its NaN check), then times one whole request
-(``Runtime.sample``); the medians over the rounds give
+:meth:`Runtime.load <autodiffusion_rt.runtime.Runtime.load>`. Each round walks the L + 2 steps in order,
+timing every step as the runtime runs it (its engine call and its NaN check), times the full step once more
+right after itself, then times one whole request (``Runtime.sample``); the medians over the rounds give
 
-* a layer's cost = the full step - the step with that layer skipped (clamped at 0);
-* the fixed part of a step = the full step - the sum of the layer costs;
+* the fixed part of a step = the step with every skippable layer skipped (measured, not derived);
+* a layer's cost = its saving (the full step - the step with that layer skipped alone, clamped at 0), scaled so
+  that the costs add up to the full step - the fixed part: skipping one layer alone saves more than its share
+  (the rest of the step runs less well), so the bare savings add up to more than the whole step;
+* the reuse saving = the full step after another subnetwork - the same step right after itself: OpenVINO
+  compiles one shared subnetwork per distinct keep set, and a step that runs the one its predecessor ran finds
+  it warm (the onnxruntime engines are one per step: no reuse);
 * the request's own overhead (x_T draws, copies, the clamp) = the whole request - the sum of its steps.
 
 A plan's predicted per-request latency (:meth:`LatencyTable.predict_ms`) is the overhead plus, per step, the
-fixed part and the costs of the layers the step keeps: built from these per-layer measurements only, never
-fitted on a plan it is checked on (``scripts/latency_check.py`` compares it with ``benchmark.py``).
+fixed part and the costs of the layers the step keeps, less the reuse saving for each step that repeats its
+predecessor's keep set on a shared-subnetwork backend: built from these measurements only, never fitted on a
+plan it is checked on (``scripts/latency_check.py`` compares it with ``benchmark.py``). The search's space adds
+the per-layer costs alone (the reuse saving depends on neighbouring steps, which the space does not see).
 """
 
 from __future__ import annotations
@@ -41,13 +48,15 @@ from autodiffusion_rt.utils import write_json
 from .errors import SearchError
 
 LATENCY_FORMAT = "autodiffusion-rt-latency-table"
-LATENCY_VERSION = 1
+LATENCY_VERSION = 2  # 2: the fixed part measured, the reuse saving
 #: The fields a table's key must match, the five the brief names first.
 KEY_FIELDS = ("backend", "precision", "batch", "threads", "cpu", "model_fingerprint", "versions")
 #: Rounds of the measurement walk (each times every step once, then one whole request), after WARMUP_ROUNDS.
 ROUNDS = 25
 WARMUP_ROUNDS = 3
 COMPUTE_CHOICES = ("latency", "macs")
+#: Backends whose steps with the same keep set run one shared compiled subnetwork (export/openvino_build.py).
+SHARED_SUBNETWORK_BACKENDS = ("openvino",)
 NS_PER_MS = 1_000_000
 
 
@@ -101,6 +110,7 @@ class LatencyTable:
     fixed_ms: float
     layer_ms: dict  # layer id -> ms a step saves by skipping it
     measured: dict = field(default_factory=dict)  # the raw medians and how they were taken (for the record)
+    reuse_ms: float = 0.0  # what a step saves when it runs the shared subnetwork its predecessor ran
 
     @property
     def full_step_ms(self) -> float:
@@ -113,11 +123,14 @@ class LatencyTable:
 
     def predict_ms(self, skip_sets: Sequence[Sequence[str]]) -> float:
         """Per-request latency of a plan whose steps skip ``skip_sets`` (one per step)."""
-        return self.request_ms + sum(self.step_ms(s) for s in skip_sets)
+        total = self.request_ms + sum(self.step_ms(s) for s in skip_sets)
+        if self.key.get("backend") in SHARED_SUBNETWORK_BACKENDS:
+            total -= self.reuse_ms * sum(set(a) == set(b) for a, b in zip(skip_sets, skip_sets[1:]))
+        return total
 
     def full_ms(self, nfe: int) -> float:
         """The full model's per-request latency at ``nfe`` steps."""
-        return self.request_ms + nfe * self.full_step_ms
+        return self.predict_ms([()] * nfe)
 
     def space_costs(self, layer_ids: Sequence[str]) -> tuple[dict, int]:
         """({layer id: ns}, a full step in ns): the search space's integer costs (exact sums, like MACs)."""
@@ -144,6 +157,7 @@ class LatencyTable:
             "request_ms": self.request_ms,
             "fixed_ms": self.fixed_ms,
             "layer_ms": dict(self.layer_ms),
+            "reuse_ms": self.reuse_ms,
             "measured": dict(self.measured),
         }
 
@@ -157,12 +171,12 @@ class LatencyTable:
         layers = d.get("layer_ms")
         if not isinstance(layers, dict) or sorted(layers) != sorted(layer_ids):
             return None
-        values = [d.get("request_ms"), d.get("fixed_ms"), *layers.values()]
+        values = [d.get("request_ms"), d.get("fixed_ms"), d.get("reuse_ms"), *layers.values()]
         if not all(_is_ms(v) for v in values):
             return None
         measured = d.get("measured") if isinstance(d.get("measured"), dict) else {}
         return cls(dict(key), float(d["request_ms"]), float(d["fixed_ms"]),
-                   {lid: float(layers[lid]) for lid in layer_ids}, measured)
+                   {lid: float(layers[lid]) for lid in layer_ids}, measured, float(d["reuse_ms"]))
 
 
 def _is_ms(v) -> bool:
@@ -210,11 +224,12 @@ def load_or_measure(
 
 
 def measurement_plan(model):
-    """The full model, then each skippable layer skipped alone: L + 1 steps (their timesteps do not matter)."""
+    """The full model, each skippable layer skipped alone, then all of them: L + 2 steps (their timesteps do not
+    matter)."""
     from autodiffusion_rt.plan import Plan
 
     ids = [layer.id for layer in model.unet.layers]
-    skips = [()] + [(lid,) for lid in ids]
+    skips = [()] + [(lid,) for lid in ids] + [tuple(ids)]
     step = max(1, (model.num_timesteps - 1) // max(1, len(skips)))
     timesteps = [model.num_timesteps - 1 - k * step for k in range(len(skips))]
     return Plan.for_model(model, timesteps, "ddim", 0.0, skips, provenance={"tool": "search.latency"})
@@ -241,20 +256,21 @@ def measure_table(model, key: dict, rounds: int = ROUNDS, progress: bool = True)
             rt = Runtime.load(d, threads=key["threads"])
         built = time.perf_counter() - start
         with rt:
-            step_ms, request_ms = time_steps(rt, key["batch"], rounds, key["threads"])
-    layer_ids = [layer.id for layer in model.unet.layers]  # the measurement plan's steps 1.. skip these, in order
+            step_ms, request_ms, repeat_ms = time_steps(rt, key["batch"], rounds, key["threads"])
+    layer_ids = [layer.id for layer in model.unet.layers]  # the measurement plan's steps 1..L skip these, in order
     return table_from_rounds(key, layer_ids, step_ms, request_ms, {
         "rounds": rounds, "build_seconds": round(built, 1), "seconds": round(time.perf_counter() - start, 1),
-    })
+    }, repeat_ms)
 
 
-def time_steps(rt, batch: int, rounds: int, threads: int) -> tuple[list, list]:
+def time_steps(rt, batch: int, rounds: int, threads: int) -> tuple[list, list, list]:
     """(ms of each step in each round as the runtime walks them, ms of a whole request ``rt.sample(batch)`` in
-    each round).
+    each round, ms of step 0 run again right after itself in each round).
 
     Each round walks every step once in the runtime's order (its engine on the runtime's own bound buffers,
-    then the NaN check it runs), then samples one whole request; ``rounds`` rounds after :data:`WARMUP_ROUNDS`
-    untimed ones. Rounds keep the steps' timings paired: a load that comes and goes moves a whole round.
+    then the NaN check it runs; step 0 twice), then samples one whole request; ``rounds`` rounds after
+    :data:`WARMUP_ROUNDS` untimed ones. Rounds keep the steps' timings paired: a load that comes and goes moves
+    a whole round.
     """
     import torch
 
@@ -268,45 +284,61 @@ def time_steps(rt, batch: int, rounds: int, threads: int) -> tuple[list, list]:
         steps = rt._workspace(batch)["steps"]  # the bound steps Runtime.sample walks
         per_step: list[list[float]] = [[] for _ in steps]
         requests: list[float] = []
+        repeats: list[float] = []
+
+        def run(st) -> float:
+            return _times(lambda: (st.run(), check_finite(st.output, st.index, 0, st.name)), 1, 0)[0]
+
         for r in range(WARMUP_ROUNDS + rounds):
-            for k, st in enumerate(steps):
-                ms = _times(lambda st=st: (st.run(), check_finite(st.output, st.index, 0, st.name)), 1, 0)[0]
-                if r >= WARMUP_ROUNDS:
-                    per_step[k].append(ms)
-            ms = _times(lambda: rt.sample(batch), 1, 0)[0]
+            walk = [run(st) for st in steps[:1]] + [run(steps[0])] + [run(st) for st in steps[1:]]
+            request = _times(lambda: rt.sample(batch), 1, 0)[0]
             if r >= WARMUP_ROUNDS:
-                requests.append(ms)
+                for k, ms in enumerate([walk[0], *walk[2:]]):
+                    per_step[k].append(ms)
+                repeats.append(walk[1])
+                requests.append(request)
     finally:
         torch.set_num_threads(before)
-    return per_step, requests
+    return per_step, requests, repeats
 
 
 def table_from_rounds(key: dict, layer_ids: Sequence[str], step_ms: Sequence[Sequence[float]],
-                      request_ms: Sequence[float], info: dict) -> LatencyTable:
-    """The additive table from the measurement walk's rounds (step 0: the full model; step 1 + k: layer k skipped
-    alone), every difference paired within its round: a layer's cost is the median over rounds of the full step
-    minus its skipped step; the request overhead the median of the request minus the sum of that round's steps."""
+                      request_ms: Sequence[float], info: dict, repeat_ms: Optional[Sequence[float]] = None
+                      ) -> LatencyTable:
+    """The table from the measurement walk's rounds (step 0: the full model; step 1 + k: layer k skipped alone;
+    the last: every layer skipped; ``repeat_ms``: step 0 right after itself), every difference paired within its
+    round: each step is the full step minus the median of its paired saving; the request overhead is the median
+    of the request minus the sum of that round's steps; the reuse saving the median of step 0 minus its repeat."""
     full = statistics.median(step_ms[0])
     steps = [full] + [full - statistics.median(a - b for a, b in zip(step_ms[0], ms)) for ms in step_ms[1:]]
     overhead = statistics.median(r - sum(walk) for r, walk in zip(request_ms, zip(*step_ms)))
+    reuse = statistics.median(a - b for a, b in zip(step_ms[0], repeat_ms)) if repeat_ms else 0.0
     return table_from_medians(key, layer_ids, steps, overhead, {
         **info, "step_ms_rounds": [[round(x, 4) for x in ms] for ms in step_ms],
         "request_ms_rounds": [round(x, 4) for x in request_ms],
-    })
+        "repeat_ms_rounds": [round(x, 4) for x in repeat_ms or ()],
+    }, reuse)
 
 
 def table_from_medians(key: dict, layer_ids: Sequence[str], step_ms: Sequence[float], overhead_ms: float,
-                       info: dict) -> LatencyTable:
-    """The additive table from the full step (``step_ms[0]``), each step with layer k skipped alone
-    (``step_ms[1 + k]``) and the request's own overhead, each in ms."""
+                       info: dict, reuse_ms: float = 0.0) -> LatencyTable:
+    """The table from the full step (``step_ms[0]``), each step with layer k skipped alone (``step_ms[1 + k]``),
+    the step with every layer skipped (``step_ms[-1]``: the fixed part), the request's own overhead and the reuse
+    saving, each in ms. The layers' savings (clamped at 0) are scaled to add up to the full step minus the fixed
+    part (see the module docstring)."""
     full = float(step_ms[0])
-    costs = {lid: max(0.0, full - float(ms)) for lid, ms in zip(layer_ids, step_ms[1:])}
-    total = sum(costs.values())
-    if total > full:  # noise made the parts exceed the whole: scale them to it, the fixed part 0
-        costs = {lid: c * full / total for lid, c in costs.items()}
-        total = full
-    measured = {**info, "full_step_ms": full, "single_skip_step_ms": dict(zip(layer_ids, map(float, step_ms[1:])))}
-    return LatencyTable(dict(key), max(0.0, float(overhead_ms)), full - total, costs, measured)
+    fixed = min(max(0.0, float(step_ms[-1])), full)
+    savings = {lid: max(0.0, full - float(ms)) for lid, ms in zip(layer_ids, step_ms[1:-1])}
+    total = sum(savings.values())
+    if total == 0.0:  # no layer measurably costs anything: the whole step is fixed
+        fixed = full
+    costs = {lid: (x * (full - fixed) / total if total else 0.0) for lid, x in savings.items()}
+    measured = {
+        **info, "full_step_ms": full, "all_skipped_step_ms": float(step_ms[-1]),
+        "single_skip_step_ms": dict(zip(layer_ids, map(float, step_ms[1:-1]))),
+    }
+    return LatencyTable(dict(key), max(0.0, float(overhead_ms)), fixed, costs, measured,
+                        min(max(0.0, float(reuse_ms)), full))
 
 
 def latency_rows(table: Optional[LatencyTable], rows) -> Optional[dict]:

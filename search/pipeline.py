@@ -271,7 +271,8 @@ def _latency_table(options: SearchOptions, model):
     if not options.quiet:
         print(
             f"latency table ({table.describe()}): full step {table.full_step_ms:.3f} ms, fixed part "
-            f"{table.fixed_ms:.3f} ms, request overhead {table.request_ms:.3f} ms",
+            f"{table.fixed_ms:.3f} ms, request overhead {table.request_ms:.3f} ms, "
+            f"reuse saving {table.reuse_ms:.3f} ms",
             file=sys.stderr,
         )
     return table
@@ -281,7 +282,8 @@ def _table_digest(table) -> str:
     import hashlib
     import json
 
-    parts = {"request": table.request_ms, "fixed": table.fixed_ms, "layers": table.layer_ms, "key": table.key}
+    parts = {"request": table.request_ms, "fixed": table.fixed_ms, "layers": table.layer_ms, "key": table.key,
+             "reuse": table.reuse_ms}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

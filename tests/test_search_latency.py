@@ -58,17 +58,32 @@ def test_prediction_is_the_sum_of_its_parts_and_monotone_in_kept_layers():
 
 
 def test_the_table_from_a_measurement_walk_is_the_additive_decomposition():
+    """Written out by hand: the fixed part is the all-skipped step; the savings (clamped at 0) are scaled to fill
+    the full step above it, so the prediction is exact at both ends (everything kept, everything skipped)."""
     ids = ["a", "b", "c"]
-    t = table_from_medians(KEY, ids, [10.0, 8.0, 9.5, 10.2], 3.0, {})
-    assert t.layer_ms == {"a": 2.0, "b": 0.5, "c": 0.0}  # a step slower without a layer (noise) costs 0, not < 0
-    assert t.fixed_ms == pytest.approx(7.5) and t.full_step_ms == pytest.approx(10.0) and t.request_ms == 3.0
-    t = table_from_medians(KEY, ids, [10.0, 2.0, 3.0, 4.0], -1.0, {})  # parts exceed the whole: scaled to it
-    assert sum(t.layer_ms.values()) == pytest.approx(10.0) and t.fixed_ms == pytest.approx(0.0)
-    assert t.request_ms == 0.0
+    t = table_from_medians(KEY, ids, [10.0, 8.0, 9.5, 10.2, 6.0], 3.0, {})
+    assert t.fixed_ms == 6.0 and t.request_ms == 3.0  # savings 2, 0.5, 0 (slower without c: noise) fill 10 - 6
+    assert t.layer_ms == {"a": pytest.approx(3.2), "b": pytest.approx(0.8), "c": 0.0}
+    assert t.predict_ms([()]) == pytest.approx(13.0) and t.predict_ms([ids]) == pytest.approx(9.0)
+    t = table_from_medians(KEY, ids, [10.0, 2.0, 3.0, 4.0, 1.0], -1.0, {})  # single savings exceed the whole
+    assert sum(t.layer_ms.values()) == pytest.approx(9.0) and t.fixed_ms == 1.0 and t.request_ms == 0.0
+    assert t.layer_ms["a"] == pytest.approx(9.0 * 8 / 21)
     # rounds: a load that slows a whole round (round 2, x3) cancels in the paired differences
-    full, a, b = [10.0, 30.0, 10.0], [9.0, 27.0, 9.0], [8.0, 24.0, 8.0]
-    t = table_from_rounds(KEY, ["a", "b"], [full, a, b], [28.0, 82.0, 28.0], {})
-    assert t.layer_ms == {"a": pytest.approx(1.0), "b": pytest.approx(2.0)} and t.request_ms == pytest.approx(1.0)
+    full, a, b, none = [10.0, 30.0, 10.0], [9.0, 27.0, 9.0], [8.0, 24.0, 8.0], [5.0, 15.0, 5.0]
+    t = table_from_rounds(KEY, ["a", "b"], [full, a, b, none], [33.0, 99.0, 33.0], {}, [9.0, 27.0, 9.0])
+    assert t.fixed_ms == pytest.approx(5.0) and t.request_ms == pytest.approx(1.0) and t.reuse_ms == pytest.approx(1.0)
+    assert t.layer_ms == {"a": pytest.approx(5.0 / 3), "b": pytest.approx(10.0 / 3)}
+
+
+def test_a_step_that_repeats_its_predecessors_keep_set_saves_the_reuse_on_shared_subnetworks_only():
+    ids = ["a", "b"]
+    shared = LatencyTable(dict(KEY), 1.0, 2.0, {"a": 1.0, "b": 0.5}, reuse_ms=0.25)  # KEY: openvino
+    assert shared.predict_ms([(), (), ("a",), ("a",), ()]) == pytest.approx(1.0 + 3 * 3.5 + 2 * 2.5 - 2 * 0.25)
+    assert shared.full_ms(4) == pytest.approx(1.0 + 4 * 3.5 - 3 * 0.25)
+    assert shared.predict_ms([("a", "b"), ("b", "a")]) == pytest.approx(1.0 + 2 * 2.0 - 0.25)  # a set, not a list
+    per_step = LatencyTable({**KEY, "backend": "onnxruntime"}, 1.0, 2.0, {"a": 1.0, "b": 0.5}, reuse_ms=0.25)
+    assert per_step.predict_ms([(), ()]) == pytest.approx(1.0 + 2 * 3.5)  # one engine per step: nothing shared
+    assert LatencyTable.from_json(shared.to_json(), dict(KEY), ids).reuse_ms == 0.25
 
 
 @pytest.mark.parametrize("field, value", [("backend", "onnxruntime"), ("precision", "fp32"), ("batch", 4),
@@ -131,8 +146,8 @@ def test_an_unwritable_cache_warns_and_still_gives_the_table(tmp_path, search_ti
 
 
 def test_a_real_measurement_on_the_torch_fallback(tmp_path, search_tiny_model):
-    """The whole measurement (plan of L + 1 steps, the runtime's walk, the medians) on the tiny model's torch
-    engines: every part finite and >= 0, cached, and the full step equals the sum of its parts."""
+    """The whole measurement (plan of L + 2 steps, the runtime's walk, the medians) on the tiny model's torch
+    engines: every part finite and >= 0, cached, and the full and all-skipped steps are what was measured."""
     key = resolve_key(search_tiny_model, "torch", "auto", 1, 1)
     assert {k: key[k] for k in ("backend", "precision", "batch", "threads")} == {
         "backend": "torch", "precision": "fp32", "batch": 1, "threads": 1}
@@ -142,6 +157,7 @@ def test_a_real_measurement_on_the_torch_fallback(tmp_path, search_tiny_model):
     assert set(t.layer_ms) == {layer.id for layer in search_tiny_model.unet.layers}
     assert all(v >= 0 and math.isfinite(v) for v in [t.request_ms, t.fixed_ms, *t.layer_ms.values()])
     assert t.full_step_ms == pytest.approx(t.measured["full_step_ms"])
+    assert t.fixed_ms == pytest.approx(min(t.measured["all_skipped_step_ms"], t.measured["full_step_ms"]))
     assert cache_path(tmp_path, key).is_file()
 
 
