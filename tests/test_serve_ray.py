@@ -256,3 +256,14 @@ def test_the_proxy_answers_429_itself_beyond_its_in_flight_bound():
     assert "queue is full" in json.loads(refused[1]["body"])["error"]["message"]
     assert reached.count("/v1/samples") == 3 and "/metrics" in reached  # the refused one never reached the app
     assert metrics[0]["status"] == 200 and all(d[0]["status"] == 200 for d in done) and after[0]["status"] == 200
+
+
+def test_the_proxy_bound_comes_from_its_variable_and_a_bad_value_is_said_not_fatal(monkeypatch, caplog):
+    from autodiffusion_rt.serve.ray_app import PROXY_IN_FLIGHT_ENV, proxy_middlewares
+
+    monkeypatch.setenv(PROXY_IN_FLIGHT_ENV, "256")
+    assert proxy_middlewares()[0].kwargs == {"max_in_flight": 256}
+    monkeypatch.setenv(PROXY_IN_FLIGHT_ENV, "-3; rm")
+    with caplog.at_level("WARNING", logger="autodiffusion_rt.serve"):
+        assert proxy_middlewares()[0].kwargs == {"max_in_flight": 0}
+    assert "'-3; rm'" in caplog.text and PROXY_IN_FLIGHT_ENV in caplog.text

@@ -280,7 +280,11 @@ def proxy_middlewares() -> list:
     """The middlewares of Ray's HTTP proxy (named by ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``)."""
     from starlette.middleware import Middleware
 
-    return [Middleware(RayErrorsAsJSON, max_in_flight=int(os.environ.get(PROXY_IN_FLIGHT_ENV) or 0))]
+    text = os.environ.get(PROXY_IN_FLIGHT_ENV) or "0"
+    bound = int(text) if text.isdigit() else 0
+    if not text.isdigit():  # the proxy must start whatever the variable holds: say so and serve without the bound
+        log.warning("%s=%r is not a count of requests: the proxy answers no 429 of its own", PROXY_IN_FLIGHT_ENV, text)
+    return [Middleware(RayErrorsAsJSON, max_in_flight=bound)]
 
 
 def proxy_in_flight_bound(settings: ServeSettings, ray_settings: RaySettings) -> int:
