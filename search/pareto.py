@@ -605,23 +605,12 @@ def _confirm(prepared, points: list) -> None:
 
 
 def _save_front(prepared, points: list, path: Path, tool: str) -> Path:
-    """A front as a plan set, by MACs; each plan's FID is its held-out one."""
-    from autodiffusion_rt.plan import Fitness, Plan
+    """A front as a plan set, by cost; each plan's FID is its held-out one."""
+    from .pipeline import make_plan, save_plan_set
 
-    from .pipeline import save_plan_set
-
-    options, model = prepared.options, prepared.model
+    options = prepared.options
     plans = []
-    from .pipeline import predicted_latency
-
     for p in sorted(points, key=lambda p: p.cost):
-        fitness = Fitness(
-            float(p.holdout_fid),
-            prepared.extractor.name,
-            options.holdout_samples,
-            options.holdout_seed,
-            prepared.ref_stats.dataset,
-        )
         provenance = {
             "tool": tool,
             "reference": options.reference,
@@ -629,18 +618,5 @@ def _save_front(prepared, points: list, path: Path, tool: str) -> Path:
             "search_fitness": p.search_fitness,
             "confirm_fid": p.confirm_fid,
         }
-        eta = options.eta if p.sampler == "ddim" else 0.0
-        plans.append(
-            Plan.for_model(
-                model,
-                p.candidate.timesteps,
-                p.sampler,
-                eta,
-                p.candidate.skip,
-                spec=options.model,
-                fitness=fitness,
-                provenance=provenance,
-                predicted_latency=predicted_latency(prepared.latency, p.candidate.skip),
-            )
-        )
+        plans.append(make_plan(prepared, p, provenance, p.holdout_fid, p.sampler))
     return save_plan_set(plans, path)

@@ -911,7 +911,7 @@ def _write_plans(prepared: Prepared, result, summary: dict, held_out: Optional[H
         },
     )
     held_fid, sampler = (held_out.fid, held_out.sampler) if held_out is not None else (None, options.sampler)
-    plan = _make_plan(prepared, result.best, provenance, held_fid, sampler)
+    plan = make_plan(prepared, result.best, provenance, held_fid, sampler)
     plan.save(options.out)
     if not options.quiet:
         fitness, held = plan.fitness, ""
@@ -935,13 +935,13 @@ def _write_plans(prepared: Prepared, result, summary: dict, held_out: Optional[H
         )
     if options.multi_objective:
         fids = held_out.front_fids if held_out is not None else [None] * len(result.pareto)
-        plans = [_make_plan(prepared, s, provenance, f) for s, f in zip(result.pareto, fids)]
+        plans = [make_plan(prepared, s, provenance, f) for s, f in zip(result.pareto, fids)]
         stem = output_stem(options.out)
         save_plan_set(plans, stem.with_name(stem.name + ".pareto.json"))
     return plan
 
 
-def _make_plan(
+def make_plan(
     prepared: Prepared, scored, provenance: dict, holdout_fid: Optional[float] = None, sampler: Optional[str] = None
 ):
     """The plan of one scored candidate; its FID is the held-out one when given (else the search's, if an FID)."""
