@@ -188,7 +188,7 @@ def test_v_prediction_samples_the_same_images_as_the_equivalent_eps_computation(
     unet = save(tmp_path, prediction_type="v_prediction")
     model = load_model(f"diffusers:{tmp_path}")
     assert model.prediction_type == "v_prediction"
-    acp = torch.tensor(DDPMScheduler(**SCHEDULER).alphas_cumprod.double())
+    acp = DDPMScheduler(**SCHEDULER).alphas_cumprod.double()
     ts = [999, 749, 499, 249]
 
     def eps_fn(x, t, i):
