@@ -392,10 +392,15 @@ def cmd_sample(args) -> int:
     chunk = n if out_path.suffix.lower() == ".png" else STREAM_CHUNK  # .npz and .npy are streamed
 
     def chunks():
-        for a in range(0, n, chunk):
-            b = min(n, a + chunk)
-            y = labels[a:b] if isinstance(labels, list) else labels
-            yield run(a, b, y)
+        from tqdm import tqdm
+
+        # a streamed file moves one bar per chunk (one chunk alone shows the sampler's per-step bar)
+        with tqdm(total=n, desc=f"sample {what}", unit="img", disable=args.quiet or chunk >= n) as bar:
+            for a in range(0, n, chunk):
+                b = min(n, a + chunk)
+                y = labels[a:b] if isinstance(labels, list) else labels
+                yield run(a, b, y)
+                bar.update(b - a)
 
     out = save_image_chunks(chunks(), out_path, n)
     print(f"wrote {n} samples ({what}) to {out}")

@@ -24,6 +24,18 @@ def test_console_script_is_installed():
     assert out.returncode == 0 and "sample" in out.stdout and "info" in out.stdout
 
 
+def test_a_streamed_sample_moves_a_bar_per_chunk_and_quiet_silences_it(tmp_path, capsys):
+    """An .npz of more than one chunk (256 images) reports each chunk as it is written; --quiet prints nothing."""
+    from autodiffusion_rt.cli import main
+
+    assert main(["sample", "--timesteps", "999", "--n", "300", "--out", str(tmp_path / "x.npz")]) == 0
+    err = capsys.readouterr().err
+    assert "256/300" in err and "300/300" in err and "img" in err, err[-500:]
+    assert main(["sample", "--timesteps", "999", "--n", "300", "--out", str(tmp_path / "y.npz"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    assert np.array_equal(np.load(tmp_path / "x.npz")["arr_0"], np.load(tmp_path / "y.npz")["arr_0"])
+
+
 @pytest.mark.slow  # 12 s; the quick subset samples through the CLI in test_registry
 def test_sample_writes_a_png_grid_and_an_npz(tmp_path):
     png, npz = tmp_path / "grid.png", tmp_path / "x.npz"
