@@ -712,6 +712,12 @@ def run_command(
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
+        if previous is not None:
+            # stopping already: a second interrupt (a signal the engine's native code noted late) must not turn the
+            # 130 into a death by SIGINT while the interpreter unwinds
+            previous = None
+            for s in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(s, signal.SIG_IGN)
         return 130
     finally:
         if previous is not None:

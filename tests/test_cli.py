@@ -24,6 +24,25 @@ def test_console_script_is_installed():
     assert out.returncode == 0 and "sample" in out.stdout and "info" in out.stdout
 
 
+def test_a_second_signal_while_stopping_keeps_the_exit_status_130():
+    """After an interrupt the command line only exits: a second SIGTERM or Ctrl-C on the way out (OpenVINO's native
+    code can note one late) must not turn 130 into a death by signal."""
+    code = (
+        "import os, signal, time\n"
+        "from autodiffusion_rt.cli import run_command\n"
+        "def stopped():\n"
+        "    raise KeyboardInterrupt\n"
+        "rc = run_command('x', stopped)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.2)\n"
+        "raise SystemExit(rc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 130, (out.returncode, out.stderr)
+    assert out.stderr.strip() == "x: interrupted"
+
+
 def test_a_streamed_sample_moves_a_bar_per_chunk_and_quiet_silences_it(tmp_path, capsys):
     """An .npz of more than one chunk (256 images) reports each chunk as it is written; --quiet prints nothing."""
     from autodiffusion_rt.cli import main
