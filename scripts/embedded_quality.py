@@ -51,13 +51,15 @@ def sample_in_chunks(
     chunk: int,
     spacing: str = "linear",
     plan=None,
+    quiet: bool = False,
 ) -> torch.Tensor:
     """``ad.sample`` of ``n`` images (uniform timesteps, ``spacing``), ``chunk`` at a time, each kept in ``cache_dir``.
 
     ``labels`` None: drawn from ``seed`` per sample, as ``ad.sample`` draws them.
     A cached chunk is used only when it was made by the same model, sampler,
     seed, sample range and labels. ``plan`` (an autodiffusion_rt Plan): its
-    timesteps, sampler, eta and skipped layers instead (same noise per seed).
+    timesteps, sampler, eta and skipped layers instead (same noise per seed). A line per chunk sampled unless
+    ``quiet``.
     """
     ts = uniform_timesteps(model.num_timesteps, steps, spacing, model.schedule) if plan is None else plan.timesteps
     keep, eta = (None, 0.0) if plan is None else (plan.keep_sets(model), plan.eta)
@@ -87,7 +89,8 @@ def sample_in_chunks(
         if path is not None:
             with atomic_write(path, "wb") as f:
                 torch.save({"images": images, "labels": got}, f)
-        print(f"  {name}: samples {first}..{first + k - 1} done", flush=True)
+        if not quiet:
+            print(f"  {name}: samples {first}..{first + k - 1} done", flush=True)
         parts.append(images)
     return torch.cat(parts)
 

@@ -51,7 +51,7 @@ def baseline_specs(nfes: str) -> str:
     return ",".join([*specs, "ddim:50"])
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="embedded:mnist")
     p.add_argument(
@@ -70,7 +70,8 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the rows here (rows already there are kept, not redone)")
     p.add_argument("--cache-dir", type=Path, default=None, help="keep sample chunks here; a rerun resumes from them")
     p.add_argument("--chunk", type=int, default=250, help="samples per chunk (default: %(default)s)")
-    args = p.parse_args()
+    p.add_argument("--quiet", action="store_true", help="no progress: no feature bars, no line per sample chunk")
+    args = p.parse_args(argv)
     if args.cache_dir is not None:
         args.cache_dir.mkdir(parents=True, exist_ok=True)
     inception_rows = args.inception_rows.split(",")
@@ -79,7 +80,8 @@ def main() -> None:
 
     model = ad.load_model(args.model)
     extractors = [get_extractor(name) for name in args.extractors.split(",")]
-    refs = {e.name: reference_stats("mnist", e) for e in extractors}  # cached on disk after the first run
+    progress = not args.quiet  # Inception runs at a few images a second here: its passes take minutes
+    refs = {e.name: reference_stats("mnist", e, progress=progress) for e in extractors}  # cached after the first run
     done = {}
     if args.json and Path(args.json).exists():
         done = {
@@ -103,7 +105,8 @@ def main() -> None:
             if e.name == "inception" and spec not in inception_rows:
                 continue
             t0 = time.time()
-            row[f"fid_{e.name}"] = round(float(frechet_distance(compute_stats(images, e), reference(e))), 3)
+            stats = compute_stats(images, e, progress=progress)
+            row[f"fid_{e.name}"] = round(float(frechet_distance(stats, reference(e))), 3)
             row[f"fid_{e.name}_s"] = round(time.time() - t0, 1)
         return row
 
@@ -135,7 +138,9 @@ def main() -> None:
             continue
         t0 = time.time()
         n = args.ddpm_n if sampler == "ddpm" else args.n
-        images = sample_in_chunks(model, sampler, int(steps), n, args.seed, None, args.cache_dir, args.chunk, spacing)
+        images = sample_in_chunks(
+            model, sampler, int(steps), n, args.seed, None, args.cache_dir, args.chunk, spacing, quiet=args.quiet
+        )
         seconds = time.time() - t0
         add({**score(label, spec, images, lambda e: refs[e.name]), "n": n, "sample_s": round(seconds, 1)})
 
@@ -146,7 +151,9 @@ def main() -> None:
             continue
         t0 = time.time()
         steps, cache = len(plan.timesteps), args.cache_dir
-        images = sample_in_chunks(model, plan.sampler, steps, args.n, args.seed, None, cache, args.chunk, plan=plan)
+        images = sample_in_chunks(
+            model, plan.sampler, steps, args.n, args.seed, None, cache, args.chunk, plan=plan, quiet=args.quiet
+        )
         seconds = round(time.time() - t0, 1)
         add({**score(label, "plan", images, lambda e: refs[e.name]), "n": args.n, "sample_s": seconds})
 

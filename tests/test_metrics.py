@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -416,3 +418,22 @@ def test_bootstrap_fid_is_the_fid_and_its_spread_shrinks_with_more_samples(digit
         assert boot.shape == (20,) and np.isfinite(boot).all()
         spreads.append(np.std(boot, ddof=1))
     assert 0 < spreads[1] < spreads[0]
+
+
+@pytest.mark.slow  # two small tables; a script, not a stage of the quick subset
+def test_fid_table_shows_each_extractor_pass_and_chunk_and_quiet_silences_them(tmp_path, capsys, monkeypatch):
+    """scripts/fid_table.py: a bar per feature pass and a line per sample chunk (an Inception pass takes minutes on
+    a CPU and printed nothing); --quiet prints the rows alone, with the same FIDs."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
+    import fid_table
+
+    args = ["--n", "80", "--chunk", "40", "--rows", "ddim:2", "--no-real", "--extractors", "mnist"]
+    fid_table.main([*args, "--json", str(tmp_path / "a.json")])
+    out, err = capsys.readouterr()
+    assert "ddim2: samples 0..39 done" in out and "ddim2: samples 40..79 done" in out
+    assert "mnist features" in err and "80/80" in err, err[-500:]
+    fid_table.main([*args, "--json", str(tmp_path / "b.json"), "--quiet"])
+    out, err = capsys.readouterr()
+    assert err == "" and "samples" not in out
+    a, b = (json.loads((tmp_path / f"{x}.json").read_text()) for x in "ab")
+    assert [r["fid_mnist"] for r in a] == [r["fid_mnist"] for r in b] and math.isfinite(a[0]["fid_mnist"])
