@@ -1,19 +1,26 @@
 """Predicted vs measured latency: search/latency.py's per-layer table against benchmark.py, plan by plan.
 
     python scripts/latency_check.py --plan plans/embedded-mnist-nfe4.json [--others 5] [--pareto SET.json]
-        [--teacher-cache plans/.teacher-cache] [--latency-runs 30] [--warmup 5] [--gate-fid-samples 2000]
-        [--json OUT.json]
+        [--passes 3] [--latency-runs 30] [--warmup 5] [--gate-fid-samples 2000] [--engines-dir DIR]
+        [--cached-table [--teacher-cache plans/.teacher-cache]] [--json OUT.json]
 
 The plans: the chosen plan (``--plan``, a plan the search wrote with ``--compute latency``) and ``--others``
 more: the members of ``--pareto`` (a plan set, e.g. ``STEM.pareto.json``) first, then the chosen plan's
 timesteps with random skip sets of the search space (each layer-step skipped at rates from 0.1 to 0.8; seeded).
-Each is built with ``autodiffusion-rt build`` (the table's backend and precision, ``--max-batch`` its batch)
-and timed with benchmark.py's own worker (``engines`` configuration, its own process: ``Runtime.load`` with
-the table's threads, ``sample(batch)`` per request, p50 over ``--latency-runs`` after ``--warmup``). The
-prediction comes from the table cached beside the teacher for the plan's key (measured now if absent): it is
-built from per-layer measurements of the measurement plan only, never fitted on these plans.
+Each is built with ``autodiffusion-rt build`` (the table's backend and precision, ``--max-batch`` its batch;
+in ``--engines-dir`` when given, where an up-to-date build is reused) and timed with benchmark.py's own worker
+(``engines`` configuration, its own process: ``Runtime.load`` with the table's threads, ``sample(batch)`` per
+request, p50 over ``--latency-runs`` after ``--warmup``), once per pass: ``--passes`` rounds over all the plans
+in turn, the measured latency being the median of a plan's passes. On this machine the p50 of one process
+moved by up to 54% between passes a minute apart (the same engines dir, every other job paused), so one
+process per plan cannot test a 15% prediction; interleaving also spreads a drift of the machine over all. The
+prediction comes from the plan's key's table measured again at the start of this run (``search.latency``'s
+``measure_table``; with ``--cached-table``, the table the search cached beside the teacher): the machine's own
+speed drifted by 37% over a day here (the chosen plan: 11.8 ms, then 16.1 ms), which a table measured hours
+before cannot know. Either way the table is built from per-layer measurements of the measurement plan only,
+never fitted on these plans.
 
-Run it on an idle machine: a loaded one moves every measured time (the table's too, if it is measured now).
+Run it on an idle machine: a loaded one moves every measured time, the table's too.
 """
 
 from __future__ import annotations
@@ -79,10 +86,11 @@ def _measure(engines: Path, key: dict, runs: int, warmup: int) -> float:
 
 
 def check(args) -> dict:
-    """Build and time every plan; the table of predicted vs measured ms (a JSON-able dict)."""
+    """Build every plan, then time them in ``args.passes`` interleaved passes; the table of predicted vs measured
+    ms (a JSON-able dict: each row's measured ms is the median of its passes, ``measured_passes_ms`` all of them)."""
     from autodiffusion_rt.models import load_model_for_plan
     from autodiffusion_rt.plan import Plan
-    from search.latency import load_or_measure, resolve_key
+    from search.latency import load_or_measure, measure_table, resolve_key
 
     plan = Plan.load(args.plan)
     if plan.predicted_latency is None:
@@ -92,30 +100,37 @@ def check(args) -> dict:
     key = resolve_key(model, k["backend"], k["precision"], k["batch"], k["threads"])
     if key["cpu"] != k["cpu"]:
         print(f"note: the plan's table was measured on {k['cpu']!r}, this is {key['cpu']!r}", file=sys.stderr)
-    cache = Path(args.teacher_cache or Path(args.plan).parent / ".teacher-cache")
-    table = load_or_measure(model, key, cache)
+    if args.cached_table:
+        table = load_or_measure(model, key, Path(args.teacher_cache or Path(args.plan).parent / ".teacher-cache"))
+    else:
+        table = measure_table(model, key)
     plans = [plan] + _others(plan, model, args.others, args.pareto, args.seed)
-    rows = []
     with tempfile.TemporaryDirectory(prefix="adrt-latency-check-") as tmp:
+        where = Path(args.engines_dir or tmp)
         for i, p in enumerate(plans):
-            path = p.save(Path(tmp) / f"plan{i}.json")
-            _build(path, Path(tmp) / f"engines{i}", key, args.gate_fid_samples)
-            measured = _measure(Path(tmp) / f"engines{i}", key, args.latency_runs, args.warmup)
-            predicted = table.predict_ms(p.skip)
-            rows.append({
-                "plan": "chosen" if i == 0 else f"other {i}", "nfe": p.nfe,
-                "skipped_layer_steps": sum(map(len, p.skip)),
-                "macs_per_sample": p.macs_per_sample, "predicted_ms": round(predicted, 3),
-                "measured_ms": round(measured, 3), "error": round((predicted - measured) / measured, 4),
-            })
-            print(_row_line(rows[-1]), file=sys.stderr)
+            _build(p.save(where / f"plan{i}.json"), where / f"engines{i}", key, args.gate_fid_samples)
+        passes = [[] for _ in plans]
+        for n in range(args.passes):
+            for i in range(len(plans)):
+                passes[i].append(_measure(where / f"engines{i}", key, args.latency_runs, args.warmup))
+            print(f"pass {n + 1}/{args.passes}: {', '.join(f'{ms[-1]:.2f}' for ms in passes)} ms", file=sys.stderr)
+    rows = []
+    for i, (p, ms) in enumerate(zip(plans, passes)):
+        predicted, measured = table.predict_ms(p.skip), statistics.median(ms)
+        rows.append({
+            "plan": "chosen" if i == 0 else f"other {i}", "nfe": p.nfe, "skipped_layer_steps": sum(map(len, p.skip)),
+            "macs_per_sample": p.macs_per_sample, "predicted_ms": round(predicted, 3),
+            "measured_ms": round(measured, 3), "measured_passes_ms": [round(x, 3) for x in ms],
+            "error": round((predicted - measured) / measured, 4),
+        })
     return {"key": table.key, "table": table.to_json(), "latency_runs": args.latency_runs, "warmup": args.warmup,
-            "rows": rows, "max_abs_error": max(abs(r["error"]) for r in rows)}
+            "passes": args.passes, "rows": rows, "max_abs_error": max(abs(r["error"]) for r in rows)}
 
 
 def _row_line(r: dict) -> str:
+    spread = f"{min(r['measured_passes_ms']):.2f}-{max(r['measured_passes_ms']):.2f}"
     return (f"| {r['plan']} | {r['nfe']} | {r['skipped_layer_steps']} | {r['macs_per_sample'] / 1e6:.1f} | "
-            f"{r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | {r['error']:+.1%} |")
+            f"{r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | {spread} | {r['error']:+.1%} |")
 
 
 def main(argv=None) -> int:
@@ -124,19 +139,30 @@ def main(argv=None) -> int:
     p.add_argument("--others", type=int, default=5, help="other plans to check (default 5)")
     p.add_argument("--pareto", help="a plan set whose members are the first other plans (e.g. STEM.pareto.json)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random skip sets (default 0)")
-    p.add_argument("--teacher-cache", help="where the latency table is cached (default: .teacher-cache beside --plan)")
+    p.add_argument("--cached-table", action="store_true", help="predict from the table the search cached (default: "
+                   "measure the table again in this run, so that a drift of the machine's speed since the search "
+                   "does not count as the predictor's error)")
+    p.add_argument("--teacher-cache", help="with --cached-table: where it is (default: .teacher-cache beside --plan)")
     p.add_argument("--latency-runs", type=int, default=30, help="timed requests per plan (default 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed requests first (default 5)")
+    p.add_argument("--passes", type=int, default=3, help="interleaved passes over all plans; the median is kept "
+                   "(default 3)")
+    p.add_argument("--engines-dir", help="build the plans here and reuse up-to-date builds (default: a temp dir)")
     p.add_argument("--gate-fid-samples", type=int, default=2000,
                    help="build's low-precision FID gate samples (default 2000, build's own)")
     p.add_argument("--json", help="write the table as JSON here")
     args = p.parse_args(argv)
+    lowest = {"--others": (args.others, 0), "--latency-runs": (args.latency_runs, 1), "--passes": (args.passes, 1)}
+    for option, (value, low) in lowest.items():
+        if value < low:
+            p.error(f"{option} {value}: give at least {low}")
     report = check(args)
     k = report["key"]
     print(f"{k['backend']} {k['precision']}, batch {k['batch']}, {k['threads']} thread(s), {k['cpu']}; "
-          f"p50 of {args.latency_runs} requests after {args.warmup} warm-up\n")
-    print("| plan | NFE | skipped layer-steps | MMACs | predicted ms | measured ms | error |")
-    print("|---|---|---|---|---|---|---|")
+          f"p50 of {args.latency_runs} requests after {args.warmup} warm-up, the median of {args.passes} "
+          "interleaved passes\n")
+    print("| plan | NFE | skipped layer-steps | MMACs | predicted ms | measured ms | passes' range | error |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in report["rows"]:
         print(_row_line(r))
     print(f"\nlargest error {report['max_abs_error']:.1%} (target: within 15%)")
