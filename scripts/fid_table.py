@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 import autodiffusion_rt as ad
 from autodiffusion_rt.data import load_mnist
-from autodiffusion_rt.metrics import compute_stats, frechet_distance, get_extractor, reference_stats
+from autodiffusion_rt.metrics import FIDWarning, compute_stats, frechet_distance, get_extractor, reference_stats
 from autodiffusion_rt.plan import Plan
 from autodiffusion_rt.utils import atomic_write
 from embedded_quality import sample_in_chunks  # scripts/: the one chunked, cached sampler
@@ -81,6 +83,11 @@ def main(argv=None) -> None:
     model = ad.load_model(args.model)
     extractors = [get_extractor(name) for name in args.extractors.split(",")]
     progress = not args.quiet  # Inception runs at a few images a second here: its passes take minutes
+    for e in extractors:  # said once here, instead of a FIDWarning per row (the README's table says it too)
+        if min(args.n, args.ddpm_n) <= e.feature_dim:
+            print(f"note: {e.name} features are {e.feature_dim}-d: rows of {min(args.n, args.ddpm_n)} or fewer samples "
+                  "have a rank-deficient covariance, so their FIDs are biased upward: compare them only with rows "
+                  "of the same n", file=sys.stderr)
     refs = {e.name: reference_stats("mnist", e, progress=progress) for e in extractors}  # cached after the first run
     done = {}
     if args.json and Path(args.json).exists():
@@ -105,7 +112,9 @@ def main(argv=None) -> None:
             if e.name == "inception" and spec not in inception_rows:
                 continue
             t0 = time.time()
-            stats = compute_stats(images, e, progress=progress)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "only .* samples for", FIDWarning)  # the note above says it
+                stats = compute_stats(images, e, progress=progress)
             row[f"fid_{e.name}"] = round(float(frechet_distance(stats, reference(e))), 3)
             row[f"fid_{e.name}_s"] = round(time.time() - t0, 1)
         return row

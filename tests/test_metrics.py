@@ -437,3 +437,8 @@ def test_fid_table_shows_each_extractor_pass_and_chunk_and_quiet_silences_them(t
     assert err == "" and "samples" not in out
     a, b = (json.loads((tmp_path / f"{x}.json").read_text()) for x in "ab")
     assert [r["fid_mnist"] for r in a] == [r["fid_mnist"] for r in b] and math.isfinite(a[0]["fid_mnist"])
+    # fewer samples than feature dimensions (the README's 2,000 against Inception's 2048): one note, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FIDWarning)
+        fid_table.main(["--n", "40", "--chunk", "40", "--rows", "ddim:2", "--no-real", "--ddpm-n", "40", "--quiet"])
+    assert "note: mnist features are 64-d: rows of 40 or fewer samples" in capsys.readouterr().err
