@@ -15,7 +15,9 @@ right after itself, then times one whole request (``Runtime.sample``); the media
 * the fixed part of a step = the step with every skippable layer skipped (measured, not derived);
 * a layer's cost = its saving (the full step - the step with that layer skipped alone, clamped at 0), scaled so
   that the costs add up to the full step - the fixed part: skipping one layer alone saves more than its share
-  (the rest of the step runs less well), so the bare savings add up to more than the whole step;
+  (the rest of the step runs less well), so the bare savings add up to more than the whole step; when no
+  single skip saves anything measurable (a tiny model's layers within the timer's noise), the full step -
+  the fixed part is spread evenly, so the prediction stays exact at both ends;
 * the reuse saving = the full step after another subnetwork - the same step right after itself: OpenVINO
   compiles one shared subnetwork per distinct keep set, and a step that runs the one its predecessor ran finds
   it warm (the onnxruntime engines are one per step: no reuse);
@@ -325,13 +327,13 @@ def table_from_medians(key: dict, layer_ids: Sequence[str], step_ms: Sequence[fl
     """The table from the full step (``step_ms[0]``), each step with layer k skipped alone (``step_ms[1 + k]``),
     the step with every layer skipped (``step_ms[-1]``: the fixed part), the request's own overhead and the reuse
     saving, each in ms. The layers' savings (clamped at 0) are scaled to add up to the full step minus the fixed
-    part (see the module docstring)."""
+    part (see the module docstring); evenly when no single skip saves anything measurable."""
     full = float(step_ms[0])
     fixed = min(max(0.0, float(step_ms[-1])), full)
     savings = {lid: max(0.0, full - float(ms)) for lid, ms in zip(layer_ids, step_ms[1:-1])}
     total = sum(savings.values())
-    if total == 0.0:  # no layer measurably costs anything: the whole step is fixed
-        fixed = full
+    if total == 0.0 and savings:  # no single skip saves measurably (layers within the timer's noise): the
+        savings, total = dict.fromkeys(savings, 1.0), float(len(savings))  # all-skipped step's saving, evenly
     costs = {lid: (x * (full - fixed) / total if total else 0.0) for lid, x in savings.items()}
     measured = {
         **info, "full_step_ms": full, "all_skipped_step_ms": float(step_ms[-1]),
