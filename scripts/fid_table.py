@@ -84,8 +84,9 @@ def main(argv=None) -> None:
     extractors = [get_extractor(name) for name in args.extractors.split(",")]
     progress = not args.quiet  # Inception runs at a few images a second here: its passes take minutes
     for e in extractors:  # said once here, instead of a FIDWarning per row (the README's table says it too)
-        if min(args.n, args.ddpm_n) <= e.feature_dim:
-            print(f"note: {e.name} features are {e.feature_dim}-d: rows of {min(args.n, args.ddpm_n)} or fewer samples "
+        small = sorted(n for n in {args.n, args.ddpm_n} if n <= e.feature_dim)
+        if small:
+            print(f"note: {e.name} features are {e.feature_dim}-d: rows of {' or '.join(map(str, small))} samples "
                   "have a rank-deficient covariance, so their FIDs are biased upward: compare them only with rows "
                   "of the same n", file=sys.stderr)
     refs = {e.name: reference_stats("mnist", e, progress=progress) for e in extractors}  # cached after the first run
