@@ -84,6 +84,10 @@ class SearchOptions:
     holdout_samples: int = 400  # fresh samples per (top-k schedule, sampler) pair; 0: no held-out selection
     holdout_seed: Optional[int] = None  # default: seed + 2 (neither the search's nor the report's)
     holdout_topk: int = 2
+    # pairs the held-out samples cannot tell from the best are measured again on this many samples; 0: off
+    holdout_confirm_samples: int = 1000
+    holdout_confirm_seed: Optional[int] = None  # default: seed + 3
+    holdout_uniform: tuple = ("linear", "quadratic")  # uniform schedules re-ranked beside the searched ones
     holdout_front: int = 6  # --multi-objective: front members re-ranked on held-out samples, spread over MACs
     # every re-ranked schedule is tried with each (deterministic runs): the plan is the best (schedule, sampler) pair
     holdout_samplers: tuple = ("ddim", "dpmpp_2m", "ipndm", "unipc", "unipc3")
@@ -115,6 +119,8 @@ class SearchOptions:
             options.report_extractors = [options.extractor]
         if options.holdout_seed is None:
             options.holdout_seed = options.seed + 2
+        if options.holdout_confirm_seed is None:
+            options.holdout_confirm_seed = options.seed + 3
         if options.teacher_cache is None:
             options.teacher_cache = str(Path(options.out).parent / ".teacher-cache")
         return options
@@ -137,6 +143,7 @@ FAST = dict(
     grid_points=20,
     holdout_samples=100,
     holdout_topk=1,
+    holdout_confirm_samples=0,
     compute="macs",  # a smoke test: no engine build for the latency table
 )
 # --method dp: no evolution; its report (10 rows) is the cost, so fewer samples per row (<= 60 s).
@@ -190,8 +197,10 @@ class HeldOut:
     """The held-out re-ranking (``--holdout-samples`` samples of ``--holdout-seed``): its rows and its choice."""
 
     table: list  # one row per candidate (and sampler) re-ranked: _holdout_row
-    fid: float  # the chosen plan's held-out FID
+    fid: float  # the chosen plan's held-out FID (its confirmation FID when the choice was confirmed)
     sampler: str  # the chosen plan's sampler
+    num_samples: int = 0  # the samples and seed of that FID
+    seed: int = 0
     front_fids: Optional[list] = None  # --multi-objective: the held-out FID of each kept front member
     search_front: Optional[list] = None  # --multi-objective: the rows of every front member re-ranked, kept or not
 
@@ -357,6 +366,16 @@ def _check_values(options: SearchOptions) -> None:
         raise SearchError(
             f"--holdout-seed {options.holdout_seed} equals --seed: held-out selection needs samples the "
             "search did not see"
+        )
+    if not _is_int(options.holdout_confirm_samples, 0) or options.holdout_confirm_samples == 1:
+        raise SearchError(
+            f"--holdout-confirm-samples {options.holdout_confirm_samples!r}: 0 (no confirmation) or at least 2 "
+            "(e.g. 1000)"
+        )
+    if options.holdout_confirm_samples and options.holdout_confirm_seed in (options.seed, options.holdout_seed):
+        raise SearchError(
+            f"--holdout-confirm-seed {options.holdout_confirm_seed} equals --seed or --holdout-seed: the "
+            "confirmation needs samples neither the search nor the held-out ranking saw (e.g. --seed + 3)"
         )
     if options.workers is not None and not _is_int(options.workers, 1):
         raise SearchError(f"--workers {options.workers!r}: need a positive number of Ray workers")
@@ -529,6 +548,9 @@ def _run_locked(prepared: Prepared, executor, stop_after: Optional[int]):
             "samples": options.holdout_samples,
             "seed": options.holdout_seed,
             "extractor": prepared.extractor.name,
+            "confirm_samples": options.holdout_confirm_samples,
+            "confirm_seed": options.holdout_confirm_seed,
+            "confirm_sd": CONFIRM_SD,
         }
     plan = _write_plans(prepared, evolved.result, summary, held_out)
     report = None
@@ -726,13 +748,20 @@ def _select_on_holdout(prepared: Prepared, evolved: Evolved) -> Optional[HeldOut
 
 
 def _rerank_top(prepared: Prepared, evolved: Evolved) -> HeldOut:
-    """Re-rank every (schedule, sampler) pair of the search's top-k (and stage 1's best and the DP schedule) by FID
-    on fresh samples; the best pair wins.
+    """Re-rank every (schedule, sampler) pair of the search's top-k, stage 1's best, the DP schedule and the uniform
+    schedules by FID on fresh samples, then confirm the close ones on more; the best pair wins.
 
     The schedules were ranked on the search's samples (seed ``--seed``) under ``--sampler``; they are judged here
     on ``--holdout-samples`` samples of ``--holdout-seed``, so the chosen plan is never chosen on the samples that
     selected it. Deterministic searches (eta 0) try each schedule with every ``holdout_samplers`` sampler too: a
     schedule found under one sampler may be better under another (its search fitness is then not measured: None).
+    The uniform schedules (``holdout_uniform`` spacings) compete too, so the plan is never a searched schedule that
+    a uniform one beats on these samples.
+
+    Confirmation: the pairs within ``CONFIRM_SD`` paired-bootstrap sd of the best (at most ``CONFIRM_MOST``) are
+    measured again on ``--holdout-confirm-samples`` samples of ``--holdout-confirm-seed``, and the lowest FID there
+    wins (its ties: the cheapest). At 10 steps the good samplers differ by ~0.04 FID, while 400 samples' paired
+    difference has an sd of ~0.045: one draw of 400 picks the worse one about 3 times in 10.
     """
     from .evolution import Scored
 
@@ -742,23 +771,128 @@ def _rerank_top(prepared: Prepared, evolved: Evolved) -> HeldOut:
     evaluated = [c for c in evolved.search.state.population if math.isfinite(memo.get(c, math.inf))]
     ranked = evaluated[: options.holdout_topk]
     extra = [result.stage1_best.candidate] + [c for c in evolved.dp_seeds[:1] if space2.is_valid(c)]
-    candidates = list(dict.fromkeys(ranked + extra))
+    candidates = list(dict.fromkeys(ranked + extra + _uniform_candidates(prepared, space2)))
     samplers = [options.sampler]
     if options.eta == 0.0:
         samplers += [sm for sm in options.holdout_samplers if sm != options.sampler]
-    table, pairs, measured = [], [], {}
+    # Samplers that run the same steps on these schedules (UniPC-3 is UniPC-2 at NFE <= 4; every multistep
+    # sampler but iPNDM is DDIM at NFE 2) are measured once: the first of them in ``samplers`` stands for all.
+    first_of: dict = {}
     for sampler in samplers:
-        # Samplers that run the same steps on these schedules (UniPC-3 is UniPC-2 at NFE <= 4; every multistep
-        # sampler but iPNDM is DDIM at NFE 2) share one measurement.
-        steps = _sampler_steps(prepared.model, sampler, options.eta, candidates)
-        fids = measured.get(steps) or measured.setdefault(steps, holdout_fids(prepared, candidates, sampler=sampler))
-        for c, f in zip(candidates, fids):
+        first_of.setdefault(_sampler_steps(prepared.model, sampler, options.eta, candidates), sampler)
+    pairs = [(sm, c) for sm in first_of.values() for c in candidates]
+    rows = _holdout_report(prepared, pairs, options.holdout_samples, options.holdout_seed, "held-out")
+    name = prepared.extractor.name
+    fids = {pair: row.fid[name] for pair, row in zip(pairs, rows)}
+    # Lowest FID, then fewest MACs, then the earlier sampler: a tie goes to the search's own sampler.
+    order = sorted(range(len(pairs)), key=lambda i: (rows[i].fid[name], space2.macs(pairs[i][1]), i))
+    contenders = _contenders(order, rows, name)
+    if len(contenders) > 1 and options.holdout_confirm_samples:
+        best, confirmed = _confirm_close_pairs(prepared, space2, [pairs[i] for i in contenders])
+        num_samples, seed = options.holdout_confirm_samples, options.holdout_confirm_seed
+    else:
+        best, confirmed = pairs[order[0]], {}
+        num_samples, seed = options.holdout_samples, options.holdout_seed
+    table = []
+    for sampler in samplers:
+        stand_in = first_of[_sampler_steps(prepared.model, sampler, options.eta, candidates)]
+        for c in candidates:
             fitness = memo.get(c) if sampler == options.sampler else None
-            table.append({**_holdout_row(c, fitness, f, space2.macs(c)), "sampler": sampler})
-            pairs.append((f, space2.macs(c), samplers.index(sampler), c, sampler))
-    fid, _, _, winner, sampler = min(pairs, key=lambda p: p[:3])
+            row = {**_holdout_row(c, fitness, fids[(stand_in, c)], space2.macs(c)), "sampler": sampler}
+            if (stand_in, c) in confirmed:
+                row["confirm_fid"] = confirmed[(stand_in, c)]
+            table.append(row)
+    sampler, winner = best
+    fid = confirmed.get(best, fids[best])
     result.best = Scored(winner, memo.get(winner, math.inf), space2.macs(winner))
-    return HeldOut(table, fid, sampler)
+    return HeldOut(table, fid, sampler, num_samples=num_samples, seed=seed)
+
+
+#: Confirmation: pairs within this many paired-bootstrap sd of the held-out best, at most this many of them.
+CONFIRM_SD = 2.0
+CONFIRM_MOST = 8
+
+
+def _contenders(order: list, rows: list, ext: str) -> list:
+    """Indices (best first) of the pairs the held-out samples cannot tell from the best: within ``CONFIRM_SD``
+    paired-bootstrap sd of its FID, at most ``CONFIRM_MOST``; without a bootstrap (large features), the best two."""
+    best = rows[order[0]]
+    if not math.isfinite(best.fid[ext]):
+        return order[:1]
+    if best.boot.get(ext) is None:
+        return [i for i in order[:2] if math.isfinite(rows[i].fid[ext])]
+    return [order[0]] + [i for i in order[1:] if _within_noise(rows[i], best, ext)][: CONFIRM_MOST - 1]
+
+
+def _confirm_close_pairs(prepared: Prepared, space, pairs: list) -> tuple:
+    """(the chosen pair, {pair: confirmation FID}): ``pairs`` measured on the confirmation samples."""
+    options, name = prepared.options, prepared.extractor.name
+    rows = _holdout_report(
+        prepared, pairs, options.holdout_confirm_samples, options.holdout_confirm_seed, "confirm"
+    )
+    cost = _request_cost(prepared, space)
+    best = pairs[_cheapest_tie(rows, [cost(c) for _, c in pairs], name)]
+    return best, {pair: row.fid[name] for pair, row in zip(pairs, rows)}
+
+
+def _cheapest_tie(rows: list, costs: list, ext: str) -> int:
+    """The index of the confirmation's choice: the cheapest of the rows within ``CONFIRM_SD`` paired sd of the
+    lowest FID (then the lower FID). A skipped layer whose engine switch costs more than it saves is not worth an
+    FID difference the samples cannot show."""
+    top = min(range(len(rows)), key=lambda k: (rows[k].fid[ext], k))
+    ties = [k for k in range(len(rows)) if k == top or _within_noise(rows[k], rows[top], ext)]
+    return min(ties, key=lambda k: (costs[k], rows[k].fid[ext], k))
+
+
+def _within_noise(row, best, ext: str) -> bool:
+    """Is ``row``'s FID within ``CONFIRM_SD`` paired-bootstrap sd of ``best``'s (False without a spread)?"""
+    from .report import paired_sd
+
+    gap, sd = row.fid[ext] - best.fid[ext], paired_sd(row, best, ext)
+    return math.isfinite(gap) and sd is not None and gap < CONFIRM_SD * sd
+
+
+def _request_cost(prepared: Prepared, space):
+    """A candidate's cost per request: the latency table's predicted ms (engine switches included), else MACs."""
+    if prepared.latency is not None:
+        return lambda c: prepared.latency.predict_ms(c.skip)
+    return space.macs
+
+
+def _uniform_candidates(prepared: Prepared, space) -> list:
+    """The uniform schedules (``holdout_uniform`` spacings) the search space holds, as full-model candidates."""
+    from autodiffusion_rt.diffusion import uniform_timesteps
+
+    from .space import Candidate
+
+    model, nfe = prepared.model, prepared.options.nfe
+    cands = [
+        Candidate.full(uniform_timesteps(model.num_timesteps, nfe, sp, model.schedule))
+        for sp in prepared.options.holdout_uniform
+    ]
+    return [c for c in cands if space.is_valid(c)]
+
+
+def _holdout_report(prepared: Prepared, pairs: list, num_samples: int, seed: int, label: str) -> list:
+    """The report's rows (FID and paired bootstrap) of (sampler, candidate) pairs on ``num_samples`` of ``seed``."""
+    from .report import make_report
+
+    options, ext = prepared.options, prepared.extractor
+    rows = [(f"{label} {i}", sampler, c) for i, (sampler, c) in enumerate(pairs)]
+    report = make_report(
+        prepared.model,
+        rows,
+        [ext],
+        {ext.name: prepared.ref_stats},
+        num_samples,
+        seed,
+        options.eta,
+        options.batch_size,
+        options.quiet,
+        device=options.device,
+        label=label,
+    )
+    return report.rows
 
 
 def _sampler_steps(model, sampler: str, eta: float, candidates) -> tuple:
@@ -788,7 +922,15 @@ def _rerank_front(prepared: Prepared, evolved: Evolved) -> HeldOut:
     kept_fids = [fids[i] for i in keep]
     best = min(range(len(keep)), key=lambda i: (kept_fids[i], result.pareto[i].macs))
     result.best = result.pareto[best]
-    return HeldOut([rows[i] for i in keep], kept_fids[best], options.sampler, front_fids=kept_fids, search_front=rows)
+    return HeldOut(
+        [rows[i] for i in keep],
+        kept_fids[best],
+        options.sampler,
+        options.holdout_samples,
+        options.holdout_seed,
+        front_fids=kept_fids,
+        search_front=rows,
+    )
 
 
 def holdout_fids(prepared: Prepared, candidates, sampler: Optional[str] = None) -> list[float]:
@@ -911,7 +1053,8 @@ def _write_plans(prepared: Prepared, result, summary: dict, held_out: Optional[H
         },
     )
     held_fid, sampler = (held_out.fid, held_out.sampler) if held_out is not None else (None, options.sampler)
-    plan = make_plan(prepared, result.best, provenance, held_fid, sampler)
+    held_at = (held_out.num_samples, held_out.seed) if held_out is not None else None
+    plan = make_plan(prepared, result.best, provenance, held_fid, sampler, held_at)
     plan.save(options.out)
     if not options.quiet:
         fitness, held = plan.fitness, ""
@@ -920,10 +1063,14 @@ def _write_plans(prepared: Prepared, result, summary: dict, held_out: Optional[H
                 f", held-out FID {fitness.fid:.3f} ({fitness.extractor} features, {fitness.num_samples} samples, "
                 f"seed {fitness.seed}; the report's rows use other samples)"
             )
+        scored = (
+            f"{options.objective} {result.best.fid:.4g} ({prepared.extractor.name}, {options.num_samples} samples)"
+            if math.isfinite(result.best.fid)
+            else "a uniform schedule the search did not score"  # held-out selection's uniform candidates
+        )
         print(
             f"plan written to {options.out}: timesteps {list(plan.timesteps)}, {result.best.candidate.num_skipped} "
-            f"skipped layer-steps, {options.objective} {result.best.fid:.4g} ({prepared.extractor.name}, "
-            f"{options.num_samples} samples){held}, {plan.macs_per_sample / plan.full_macs_per_sample:.3f} of the "
+            f"skipped layer-steps, {scored}{held}, {plan.macs_per_sample / plan.full_macs_per_sample:.3f} of the "
             "full model's MACs"
             + (
                 ""
@@ -942,17 +1089,22 @@ def _write_plans(prepared: Prepared, result, summary: dict, held_out: Optional[H
 
 
 def make_plan(
-    prepared: Prepared, scored, provenance: dict, holdout_fid: Optional[float] = None, sampler: Optional[str] = None
+    prepared: Prepared,
+    scored,
+    provenance: dict,
+    holdout_fid: Optional[float] = None,
+    sampler: Optional[str] = None,
+    holdout_at: Optional[tuple] = None,
 ):
-    """The plan of one scored candidate; its FID is the held-out one when given (else the search's, if an FID)."""
+    """The plan of one scored candidate; its FID is the held-out one when given (else the search's, if an FID),
+    measured on ``holdout_at`` = (samples, seed) (default: --holdout-samples of --holdout-seed)."""
     from autodiffusion_rt.plan import Fitness, Plan
 
     options, extractor, ref_stats = prepared.options, prepared.extractor, prepared.ref_stats
     if holdout_fid is not None:
         # The plan's FID is the held-out one it was chosen on (fresh samples), not the search's fitness.
-        fitness = Fitness(
-            float(holdout_fid), extractor.name, options.holdout_samples, options.holdout_seed, ref_stats.dataset
-        )
+        samples, seed = holdout_at or (options.holdout_samples, options.holdout_seed)
+        fitness = Fitness(float(holdout_fid), extractor.name, samples, seed, ref_stats.dataset)
     elif options.objective == "fid":
         fitness = Fitness(float(scored.fid), extractor.name, options.num_samples, options.seed, ref_stats.dataset)
     else:

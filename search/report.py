@@ -1,8 +1,8 @@
 """The report: a searched plan against the usual samplers at the same NFE.
 
-Rows: the plan; stage 1's plan (full model) when stage 2 changed it; DDIM with
-uniform timesteps, linear and quadratic spacing; DPM-Solver++(2M) with uniform
-(linear) timesteps. Every row is sampled from the same seed (the same x_T,
+Rows: the plan; stage 1's plan (full model) when stage 2 changed it; every
+deterministic sampler (``SAMPLER_LABELS``) with uniform timesteps at each spacing
+(:func:`baseline_rows`). Every row is sampled from the same seed (the same x_T,
 labels and noise draws) and the same number of samples, and judged by the
 same extractor(s) against the same reference statistics. The default report
 seed differs from the search's, so the plan is judged on noise it was not
@@ -173,25 +173,33 @@ def _fid_cell(row: Row, ext: str) -> str:
 def compare_plan(rows: Sequence[Row], ext: str) -> Optional[str]:
     """One sentence: is the searched plan (the first row) the best row by ``ext``'s FID, and by how much against
     the paired bootstrap spread of the difference to the closest other row (None without a plan row)."""
-    import numpy as np
-
     if not rows or rows[0].method != "searched plan" or ext not in rows[0].fid or len(rows) < 2:
         return None
     plan = rows[0]
-    other = min(rows[1:], key=lambda r: r.fid.get(ext, math.inf))
+    # A baseline row of the plan's own schedule with equal FIDs made the plan's images (held-out selection can
+    # choose a uniform schedule): it is the plan, not a rival.
+    same = [r for r in rows[1:] if r.candidate == plan.candidate and r.fid == plan.fid]
+    rivals = [r for r in rows[1:] if not any(r is s for s in same)]
+    if not rivals:
+        return None
+    other = min(rivals, key=lambda r: r.fid.get(ext, math.inf))
     gap = other.fid.get(ext, math.inf) - plan.fid[ext]
+    text = (
+        f"The searched plan is the row {same[0].method} ({same[0].sampler}): no searched schedule beat that "
+        "uniform schedule on the held-out samples. "
+        if same
+        else ""
+    )
     if gap > 0:
-        text = (
+        text += (
             f"The searched plan is the best row by FID ({ext}): {gap:.3f} below the next best, "
             f"{other.method} ({other.sampler})"
         )
     else:
-        text = f"{other.method} ({other.sampler}) beats the searched plan by {-gap:.3f} FID ({ext})"
-    a, b = plan.boot.get(ext), other.boot.get(ext)
-    diff = np.zeros(0) if a is None or b is None else (a - b)[np.isfinite(a - b)]
-    if len(diff) < 2 or not math.isfinite(gap):
+        text += f"{other.method} ({other.sampler}) beats the searched plan by {-gap:.3f} FID ({ext})"
+    spread = paired_sd(plan, other, ext)
+    if spread is None or not math.isfinite(gap):
         return text + " (no bootstrap spread to judge it by)."
-    spread = float(np.std(diff, ddof=1))
     ratio = abs(gap) / spread if spread > 0 else math.inf
     if ratio < 2:
         verdict = "within the noise of the samples (under 2 sd): a tie on these samples"
@@ -200,6 +208,16 @@ def compare_plan(rows: Sequence[Row], ext: str) -> Optional[str]:
     else:
         verdict = "more than the noise of the samples: at this NFE that uniform schedule is better on these samples"
     return text + f", {ratio:.1f} times the paired bootstrap sd of the difference ({spread:.3f}): {verdict}."
+
+
+def paired_sd(a: Row, b: Row, ext: str) -> Optional[float]:
+    """The standard deviation of ``a``'s FID minus ``b``'s over their paired bootstrap resamples (rows from the same
+    noise and the same resample indices); None without at least 2 usable resamples."""
+    import numpy as np
+
+    x, y = a.boot.get(ext), b.boot.get(ext)
+    diff = np.zeros(0) if x is None or y is None else (x - y)[np.isfinite(x - y)]
+    return float(np.std(diff, ddof=1)) if len(diff) >= 2 else None
 
 
 def _latency_section(lat: dict) -> str:
@@ -272,18 +290,31 @@ def _search_summary(s: dict) -> str:
             f"seed {hs.get('seed', '?')})"
         )
         out += (
-            "\n\nHeld-out selection (top-k by the search's fitness, re-ranked by FID on fresh samples; lowest "
-            "wins). "
+            "\n\nHeld-out selection (the search's top-k, stage 1's best, the DP schedule and the uniform "
+            "schedules, under every deterministic sampler, re-ranked by FID on fresh samples; lowest wins). "
             "These FIDs use other samples (another n and seed) than the table above, so they differ from its "
             "figures; within each table the rows share their samples and compare like for like:\n\n"
         )
-        out += f"| timesteps | sampler | skipped layer-steps | search fitness | {held} |\n|---|---|---|---|---|\n"
+        confirm = any("confirm_fid" in h for h in s["holdout"])
+        if confirm:
+            out += (
+                f"The pairs within {hs.get('confirm_sd', 2):g} paired-bootstrap sd of the best there were measured "
+                f"again on {hs.get('confirm_samples', '?')} samples of seed {hs.get('confirm_seed', '?')}; the "
+                "lowest confirmation FID won.\n\n"
+            )
+        head = f"| timesteps | sampler | skipped layer-steps | search fitness | {held} |"
+        if confirm:
+            head += f" confirmation FID (n={hs.get('confirm_samples', '?')}, seed {hs.get('confirm_seed', '?')}) |"
+        out += head + "\n" + "|---" * head.count(" |") + "|\n"
         for h in s["holdout"]:
             sf = h.get("search_fitness")
             out += (
                 f"| {','.join(map(str, h['timesteps']))} | {h.get('sampler', '-')} | {h['skipped_layer_steps']} | "
-                f"{'-' if sf is None else f'{sf:.4g}'} | {h['holdout_fid']:.3f} |\n"
+                f"{'-' if sf is None else f'{sf:.4g}'} | {h['holdout_fid']:.3f} |"
             )
+            if confirm:
+                out += f" {h['confirm_fid']:.3f} |" if "confirm_fid" in h else " - |"
+            out += "\n"
     return out
 
 
@@ -323,11 +354,14 @@ def make_report(
     batch_size: int = 256,
     quiet: bool = False,
     device: str = "cpu",
+    label: str = "report",
 ) -> Report:
     """Sample every row once (same seed, same N) and judge it with every extractor.
 
     ``rows``: (method, sampler, candidate); ``extractors``: names or FeatureExtractor
-    objects; ``references``: extractor name -> FeatureStats. ``eta`` applies to ddim rows only.
+    objects; ``references``: extractor name -> FeatureStats. ``eta`` applies to ddim rows only. A first row
+    named ``searched plan`` is the plan: an extractor that cannot judge its images is an error (a baseline's
+    diverged images get inf). ``label`` names the progress bar.
     Stages: group the rows by sampler (:func:`_sampler_groups`), sample each group with its shared prefixes,
     judge each row (:func:`_judge_row`), compare the plan with the best baseline.
     """
@@ -342,7 +376,7 @@ def make_report(
     # The bar moves per model call over the N samples (a step of a row) and per FID: the units that take time.
     bar = tqdm(
         total=sum(ev.plan_calls(cands) for _, ev, cands in groups) + len(rows) * len(exts),
-        desc=f"report NFE {nfe} ({len(rows)} rows x {num_samples} samples)",
+        desc=f"{label} NFE {nfe} ({len(rows)} rows x {num_samples} samples)",
         disable=quiet,
         unit="step",
     )
@@ -352,7 +386,8 @@ def make_report(
         for js, ev, cands in groups:
             imgs = dict(zip(cands, ev.samples(cands, on_call=lambda: bar.update(1))))
             for j in js:
-                out_rows[j] = _judge_row(model, rows[j], imgs[rows[j][2]], exts, references, indices, j == 0, bar)
+                is_plan = j == 0 and rows[0][0] == "searched plan"
+                out_rows[j] = _judge_row(model, rows[j], imgs[rows[j][2]], exts, references, indices, is_plan, bar)
             del imgs
     finally:
         bar.close()

@@ -216,6 +216,16 @@ def _dp_and_holdout_flags(parser) -> None:
         "--holdout-topk", type=int, help=f"candidates re-ranked on held-out samples (default {d['holdout_topk']})"
     )
     group.add_argument(
+        "--holdout-confirm-samples",
+        type=int,
+        help="samples on which the pairs the held-out samples cannot tell apart (within 2 paired-bootstrap sd "
+        f"of the best) are measured again; the lowest FID there wins (default {d['holdout_confirm_samples']}; "
+        f"--fast {FAST['holdout_confirm_samples']}; 0: off)",
+    )
+    group.add_argument(
+        "--holdout-confirm-seed", type=int, help="seed of the confirmation samples (default: --seed + 3)"
+    )
+    group.add_argument(
         "--holdout-front",
         type=int,
         help="with --multi-objective: front members re-ranked on held-out "

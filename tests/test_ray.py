@@ -27,6 +27,7 @@ def opts(tmp_path):
     return SearchOptions(
         model="tiny:search", nfe=3, num_samples=24, population=6, generations=2, topk=2, mutants=2, crossovers=2,
         budget_fraction=0.85, report=False, batch_size=12, out=str(tmp_path / "plan.json"), quiet=True, compute="macs",
+        holdout_confirm_samples=100,  # the held-out choice runs in this process either way: kept small
     )
 
 
