@@ -896,15 +896,10 @@ def _holdout_report(prepared: Prepared, pairs: list, num_samples: int, seed: int
 
 
 def _sampler_steps(model, sampler: str, eta: float, candidates) -> tuple:
-    """The per-step constants ``sampler`` runs on each candidate (hashable; equal rows: equal images)."""
-    from autodiffusion_rt.diffusion import compute_coefficients
+    """The steps ``sampler`` runs on each candidate (hashable; equal: equal images)."""
+    from .report import sampler_steps
 
-    eta = eta if sampler == "ddim" else 0.0
-    out = []
-    for c in candidates:
-        coeffs = compute_coefficients(sampler, model.schedule, c.timesteps, eta, learned_variance=model.learn_sigma)
-        out.append(tuple(coeffs.row(i) for i in range(len(coeffs))))
-    return tuple(out)
+    return tuple(sampler_steps(model, sampler, eta, c) for c in candidates)
 
 
 def _rerank_front(prepared: Prepared, evolved: Evolved) -> HeldOut:

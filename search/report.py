@@ -363,7 +363,9 @@ def make_report(
     named ``searched plan`` is the plan: an extractor that cannot judge its images is an error (a baseline's
     diverged images get inf). ``label`` names the progress bar.
     Stages: group the rows by sampler (:func:`_sampler_groups`), sample each group with its shared prefixes,
-    judge each row (:func:`_judge_row`), compare the plan with the best baseline.
+    judge each row (:func:`_judge_row`), compare the plan with the best baseline. Rows that run the same steps
+    (UniPC-3 and UniPC-2 up to 4 steps; every multistep sampler and DDIM at 2) make the same images: they are
+    sampled and judged once.
     """
     from tqdm.auto import tqdm
 
@@ -372,10 +374,15 @@ def make_report(
     t0 = time.perf_counter()
     exts = [get_extractor(e) for e in extractors]
     nfe = rows[0][2].nfe
-    groups = _sampler_groups(model, rows, exts[0], references[exts[0].name], num_samples, seed, eta, batch_size, device)
+    first: dict = {}  # the steps a row runs -> the first row that runs them
+    same = [first.setdefault((sampler_steps(model, sm, eta, c), c.skip), j) for j, (_, sm, c) in enumerate(rows)]
+    unique = [j for j in range(len(rows)) if same[j] == j]
+    groups = _sampler_groups(
+        model, rows, unique, exts[0], references[exts[0].name], num_samples, seed, eta, batch_size, device
+    )
     # The bar moves per model call over the N samples (a step of a row) and per FID: the units that take time.
     bar = tqdm(
-        total=sum(ev.plan_calls(cands) for _, ev, cands in groups) + len(rows) * len(exts),
+        total=sum(ev.plan_calls(cands) for _, ev, cands in groups) + len(unique) * len(exts),
         desc=f"{label} NFE {nfe} ({len(rows)} rows x {num_samples} samples)",
         disable=quiet,
         unit="step",
@@ -391,6 +398,11 @@ def make_report(
             del imgs
     finally:
         bar.close()
+    for j, k in enumerate(same):
+        if k != j:  # the same images as row k: its figures under this row's labels
+            method, sampler, cand = rows[j]
+            twin = out_rows[k]
+            out_rows[j] = Row(method, sampler, cand, twin.macs, dict(twin.fid), dict(twin.fid_sd), dict(twin.boot))
     comparison = [c for c in (compare_plan(out_rows, ext.name) for ext in exts) if c]
     return Report(
         model=model.name,
@@ -407,13 +419,24 @@ def make_report(
     )
 
 
-def _sampler_groups(model, rows, extractor, reference, num_samples, seed, eta, batch_size, device) -> list:
-    """``[(row indices, evaluator, distinct candidates)]``: the rows of one sampler are sampled together, sharing
-    their common prefixes (bit-exact, see search/fitness.py)."""
+def sampler_steps(model, sampler: str, eta: float, candidate) -> tuple:
+    """The per-step constants ``sampler`` runs on ``candidate``'s timesteps (hashable; equal constants and equal
+    skips: equal images). ``eta`` applies to ddim only."""
+    from autodiffusion_rt.diffusion import compute_coefficients
+
+    eta = eta if sampler == "ddim" else 0.0
+    coeffs = compute_coefficients(sampler, model.schedule, candidate.timesteps, eta, learned_variance=model.learn_sigma)
+    return tuple(coeffs.row(i) for i in range(len(coeffs)))
+
+
+def _sampler_groups(model, rows, which, extractor, reference, num_samples, seed, eta, batch_size, device) -> list:
+    """``[(row indices, evaluator, distinct candidates)]`` of the rows ``which``: the rows of one sampler are
+    sampled together, sharing their common prefixes (bit-exact, see search/fitness.py)."""
     from .fitness import FitnessEvaluator
 
     by_key: dict = {}
-    for j, (_, sampler, _) in enumerate(rows):
+    for j in which:
+        sampler = rows[j][1]
         by_key.setdefault((sampler, eta if sampler == "ddim" else 0.0), []).append(j)
     groups = []
     for (sampler, row_eta), js in by_key.items():

@@ -472,3 +472,38 @@ def test_nfe_2_completes_and_writes_a_valid_plan(opts, run, sampler):
     assert loaded == plan and len(plan.timesteps) == 2 and plan.timesteps[0] > plan.timesteps[1] >= 0
     assert math.isfinite(plan.fitness.fid)
     assert all(r.candidate.nfe == 2 and math.isfinite(r.fid["search-tiny"]) for r in report.rows)
+
+
+def test_report_rows_that_make_the_same_images_are_sampled_once(search_tiny_model, search_tiny_extractor,
+                                                                 search_tiny_ref_stats, monkeypatch):
+    """UniPC-3 takes UniPC-2's steps up to NFE 4: the report samples it once and gives both rows the figures that
+    sample() + fid() give UniPC-3 itself. What would catch this: a copy under the wrong row, or a second sampling."""
+    from autodiffusion_rt import sample
+    from autodiffusion_rt.diffusion import uniform_timesteps
+    from autodiffusion_rt.metrics import fid
+    from search import fitness
+    from search.report import make_report
+    from search.space import Candidate
+
+    model = search_tiny_model
+    sampled = []
+    real_samples = fitness.FitnessEvaluator.samples
+
+    def counting(self, candidates, on_call=None):
+        sampled.extend((self.sampler, c) for c in candidates)
+        return real_samples(self, candidates, on_call)
+
+    monkeypatch.setattr(fitness.FitnessEvaluator, "samples", counting)
+    ts = uniform_timesteps(model.num_timesteps, 3, "quadratic", model.schedule)
+    c = Candidate.full(ts)
+    rows = [("UniPC-2 uniform (quadratic)", "unipc", c), ("DDIM uniform (quadratic)", "ddim", c),
+            ("UniPC-3 uniform (quadratic)", "unipc3", c)]
+    report = make_report(model, rows, [search_tiny_extractor], {search_tiny_extractor.name: search_tiny_ref_stats},
+                         24, 5, batch_size=12, quiet=True)
+    assert sorted(sampled) == sorted([("unipc", c), ("ddim", c)])
+    unipc, ddim, unipc3 = report.rows
+    assert (unipc3.method, unipc3.sampler) == ("UniPC-3 uniform (quadratic)", "unipc3")
+    assert unipc3.fid == unipc.fid != ddim.fid and unipc3.fid_sd == unipc.fid_sd
+    images = sample(model, ts, "unipc3", n=24, seed=5, batch_size=12)
+    assert fid(images, search_tiny_ref_stats, search_tiny_extractor) == pytest.approx(
+        unipc3.fid[search_tiny_extractor.name], rel=1e-6)
