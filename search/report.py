@@ -300,7 +300,7 @@ def _search_summary(s: dict) -> str:
             out += (
                 f"The pairs within {hs.get('confirm_sd', 2):g} paired-bootstrap sd of the best there were measured "
                 f"again on {hs.get('confirm_samples', '?')} samples of seed {hs.get('confirm_seed', '?')}; the "
-                "lowest confirmation FID won.\n\n"
+                "lowest confirmation FID won, and rows within that many sd of it went to the cheaper request.\n\n"
             )
         head = f"| timesteps | sampler | skipped layer-steps | search fitness | {held} |"
         if confirm:

@@ -219,7 +219,8 @@ def _dp_and_holdout_flags(parser) -> None:
         "--holdout-confirm-samples",
         type=int,
         help="samples on which the pairs the held-out samples cannot tell apart (within 2 paired-bootstrap sd "
-        f"of the best) are measured again; the lowest FID there wins (default {d['holdout_confirm_samples']}; "
+        f"of the best) are measured again; the lowest FID there wins, its ties the cheaper request "
+        f"(default {d['holdout_confirm_samples']}; "
         f"--fast {FAST['holdout_confirm_samples']}; 0: off)",
     )
     group.add_argument(
