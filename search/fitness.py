@@ -28,7 +28,11 @@ row of any sampler goes to clean data. Two candidates therefore share the
 computation of their first k steps exactly when those k triples are equal, and
 we key states by them, not by timesteps alone. The eps of a state at (t,
 keep) is shared further, by every child that only differs in its row (e.g.
-two DDIM candidates with equal t_0 but different t_1).
+two DDIM candidates with equal t_0 but different t_1). The key holds no
+sampler: candidates of different samplers (``samples(..., samplers=)``) share
+the steps whose rows are equal. Every deterministic sampler's first step is
+DDIM's, so at NFE 4 the four distinct samplers of one schedule (UniPC-3 is
+UniPC-2 there) need 2 + 4 x 2 = 10 model calls, not 16.
 
 The work is a trie walked breadth first: at depth d, one model call per
 distinct (state, t, skip set), one update per distinct row. Each model call
@@ -50,7 +54,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from autodiffusion_rt.diffusion import UNIPC_ORDERS, compute_coefficients, step_from_output
+from autodiffusion_rt.diffusion import compute_coefficients, step_from_output
 from autodiffusion_rt.errors import DataError
 from autodiffusion_rt.sampling import eps_in_chunks, initial_state
 
@@ -93,6 +97,18 @@ class EvalCounters:
             setattr(self, k, getattr(self, k) + v)
 
 
+def _reads_history(keys: list[StepKey]) -> tuple[bool, bool]:
+    """Does a step of these keys read earlier x0s (DPM-Solver++(2M), UniPC), earlier eps (iPNDM)?"""
+    return any(row.x0_history for _, _, row in keys), any(row.eps_history for _, _, row in keys)
+
+
+def _has_history(state: _State, keys: list[StepKey]) -> bool:
+    """Can the candidate of ``keys`` continue from ``state`` (a cached state keeps only the histories its own
+    candidates read)?"""
+    x0, eps = _reads_history(keys)
+    return bool(state.prev_x0s or not x0) and bool(state.prev_eps or not eps)
+
+
 class FitnessEvaluator:
     """FID of candidates' samples against reference statistics, with common random numbers.
 
@@ -100,7 +116,9 @@ class FitnessEvaluator:
     ``ref_stats``: FeatureStats from the same extractor; ``batch_size``: the
     model's chunk size (as ``sample(batch_size=...)``); ``cache_bytes``: the
     memory for intermediate states kept between calls (0 disables it);
-    ``share=False`` computes every candidate on its own (for measuring).
+    ``share=False`` computes every candidate on its own (for measuring). ``eta``
+    applies to the ddim candidates only (:meth:`samples` may run each candidate
+    under its own sampler).
     """
 
     def __init__(
@@ -151,10 +169,6 @@ class FitnessEvaluator:
         self._noise: list[torch.Tensor] = []
         self._cache: OrderedDict[tuple, _State] = OrderedDict()
         self._cache_used = 0
-        # DPM-Solver++(2M) carries the previous x0, UniPC up to three; the one-step samplers none.
-        self._carry_x0 = sampler in ("dpmpp_2m", *UNIPC_ORDERS)
-        # iPNDM carries earlier eps values (the state key's rows already say how many each step reads).
-        self._carry_eps = sampler == "ipndm"
         self._all_ids = model.unet.layer_ids
 
     # ----------------------------------------------------------------- samples
@@ -165,11 +179,24 @@ class FitnessEvaluator:
             self._noise.append(self._sample_noise.randn(x.shape[1:], dtype=x.dtype).to(self.device))
         return self._noise[k]
 
-    def _step_keys(self, cand: Candidate) -> list[StepKey]:
+    def _step_keys(self, cand: Candidate, sampler: str) -> list[StepKey]:
+        # Keyed by the rows, not the sampler: steps of two samplers with equal rows (every sampler's first step is
+        # DDIM's) share their model call and their state.
         coeffs = compute_coefficients(
-            self.sampler, self.model.schedule, cand.timesteps, self.eta, learned_variance=self.model.learn_sigma
+            sampler,
+            self.model.schedule,
+            cand.timesteps,
+            self.eta if sampler == "ddim" else 0.0,
+            learned_variance=self.model.learn_sigma,
         )
         return [(t, s, coeffs.row(i)) for i, (t, s) in enumerate(cand.genes)]
+
+    def _keys(self, candidates: Sequence[Candidate], samplers: Optional[Sequence[str]]) -> list[list[StepKey]]:
+        if samplers is None:
+            samplers = [self.sampler] * len(candidates)
+        elif len(samplers) != len(candidates):
+            raise DataError(f"{len(samplers)} samplers for {len(candidates)} candidates: pass one per candidate")
+        return [self._step_keys(c, sm) for c, sm in zip(candidates, samplers)]
 
     def _keep(self, skip: tuple[str, ...]):
         return None if not skip else frozenset(self._all_ids - set(skip))
@@ -189,10 +216,9 @@ class FitnessEvaluator:
             self._cache.move_to_end(key)
         return state
 
-    def plan_calls(self, candidates: Sequence[Candidate]) -> int:
+    def plan_calls(self, candidates: Sequence[Candidate], samplers: Optional[Sequence[str]] = None) -> int:
         """How many model calls :meth:`samples` will run for these candidates (for progress bars)."""
-        keys = [self._step_keys(c) for c in candidates]
-        return len(self._plan(keys)[1])
+        return len(self._plan(self._keys(candidates, samplers))[1])
 
     def _plan(self, keys: list[list[StepKey]]):
         starts = []
@@ -200,30 +226,36 @@ class FitnessEvaluator:
             start = 0
             if self.share:
                 for d in range(len(ks) - 1, 0, -1):
-                    if tuple(ks[:d]) in self._cache:
+                    state = self._cache.get(tuple(ks[:d]))
+                    if state is not None and _has_history(state, ks):
                         start = d
                         break
             starts.append(start)
         calls = set()
         for ks, start in zip(keys, starts):
             for d in range(start, len(ks)):
-                calls.add((tuple(ks[:d]), ks[d][0], ks[d][1]) if self.share else (id(ks), d))
+                call = (tuple(ks[:d]), ks[d][0], ks[d][1], ks[d][2].learned_variance)
+                calls.add(call if self.share else (id(ks), d))
         return starts, calls
 
     @torch.inference_mode()
     def samples(
-        self, candidates: Sequence[Candidate], on_call: Optional[Callable[[], None]] = None
+        self,
+        candidates: Sequence[Candidate],
+        on_call: Optional[Callable[[], None]] = None,
+        samplers: Optional[Sequence[str]] = None,
     ) -> list[torch.Tensor]:
-        """Each candidate's N final samples (clamped to [-1, 1]), sharing every common prefix."""
+        """Each candidate's N final samples (clamped to [-1, 1]), sharing every common prefix. ``samplers``: one
+        per candidate; default: the evaluator's sampler for all."""
+        keys = self._keys(candidates, samplers)
         if not self.share:
             out = []
-            for c in candidates:
-                out.extend(self._samples_shared([c], on_call, use_cache=False))
+            for ks in keys:
+                out.extend(self._samples_shared([ks], on_call, use_cache=False))
             return out
-        return self._samples_shared(candidates, on_call, use_cache=True)
+        return self._samples_shared(keys, on_call, use_cache=True)
 
-    def _samples_shared(self, candidates, on_call, use_cache: bool) -> list[torch.Tensor]:
-        keys = [self._step_keys(c) for c in candidates]
+    def _samples_shared(self, keys: list[list[StepKey]], on_call, use_cache: bool) -> list[torch.Tensor]:
         starts, _ = self._plan(keys) if use_cache else ([0] * len(keys), None)
         root = _State(self._x_T, (), 0)
         # Where each candidate starts: the root, or a cached state (fetched now: later puts may evict it).
@@ -234,30 +266,32 @@ class FitnessEvaluator:
             if start:
                 self.counters.cache_hits += 1
         states: dict[tuple, _State] = {}
-        finals: list[Optional[torch.Tensor]] = [None] * len(candidates)
+        finals: list[Optional[torch.Tensor]] = [None] * len(keys)
         self.counters.naive_unet_calls += sum(len(ks) for ks in keys)
+        reads = [_reads_history(ks) for ks in keys]
         for d in range(max(len(ks) for ks in keys)):
-            # node -> (t, skip) -> row -> candidate indices
+            # node -> (t, skip, learned variance) -> row -> candidate indices
             groups: dict[tuple, dict[tuple, dict]] = {}
             for j, (ks, start) in enumerate(zip(keys, starts)):
                 if start <= d < len(ks):
                     t, skip, row = ks[d]
-                    groups.setdefault(tuple(ks[:d]), {}).setdefault((t, skip), {}).setdefault(row, []).append(j)
+                    call = (t, skip, row.learned_variance)
+                    groups.setdefault(tuple(ks[:d]), {}).setdefault(call, {}).setdefault(row, []).append(j)
             next_states: dict[tuple, _State] = {}
             for node, by_call in groups.items():
                 st = states[node] if node in states else entry[node]
-                for (t, skip), by_row in by_call.items():
+                for (t, skip, variance), by_row in by_call.items():
                     t0 = time.perf_counter()
-                    # The rows of one call share the sampler and model, so they agree on learned_variance.
-                    eps = self._eps(st.x, t, self._keep(skip), any(row.learned_variance for row in by_row))
+                    eps = self._eps(st.x, t, self._keep(skip), variance)
                     t1 = time.perf_counter()
                     self.counters.unet_calls += 1
                     self.counters.unet_seconds += t1 - t0
                     for row, js in by_row.items():
                         noise = self._noise_draw(st.noise_used) if row.c_noise != 0.0 else None
                         x_prev, x0s, history = step_from_output(row, st.x, eps, st.prev_x0s, noise, st.prev_eps)
-                        history = history if self._carry_eps else ()
-                        x0s = x0s if self._carry_x0 else ()
+                        # A state keeps the histories a later step of one of its candidates reads (memory).
+                        x0s = x0s if any(reads[j][0] for j in js) else ()
+                        history = history if any(reads[j][1] for j in js) else ()
                         child = _State(x_prev, x0s, st.noise_used + (noise is not None), history)
                         child_key = node + ((t, skip, row),)
                         for j in js:

@@ -1131,11 +1131,11 @@ def predicted_latency(table, skip_sets):
 
 def _report_rows(prepared: Prepared, result, plan, dp) -> list:
     """The report's rows: the plan, the DP schedule and stage 1's best where they differ, the baselines."""
-    from .report import baseline_rows
+    from .report import PLAN_ROW, baseline_rows
     from .space import Candidate
 
     options, model = prepared.options, prepared.model
-    rows = [("searched plan", plan.sampler, result.best.candidate)]
+    rows = [(PLAN_ROW, plan.sampler, result.best.candidate)]
     if dp is not None and Candidate.full(dp.paths[0][1]) != result.best.candidate:
         rows.append(("DP schedule (GITS-style)", options.sampler, Candidate.full(dp.paths[0][1])))
     if result.stage1_best.candidate != result.best.candidate:

@@ -40,6 +40,10 @@ REPORT_FORMAT = "autodiffusion-rt-search-report"
 #: Resamples behind each FID's ± sd; at most this feature size (a resample costs a sqrtm of that size).
 BOOTSTRAP_ROUNDS = 30
 BOOTSTRAP_MAX_DIM = 256
+# The rows sampled together hold their states at once (breadth first): at most this much of them, by estimate.
+GROUP_STATE_BYTES = 1 << 30
+#: The method of the report's first row when it is the plan (the row compared with the baselines).
+PLAN_ROW = "searched plan"
 
 
 @dataclass
@@ -173,7 +177,7 @@ def _fid_cell(row: Row, ext: str) -> str:
 def compare_plan(rows: Sequence[Row], ext: str) -> Optional[str]:
     """One sentence: is the searched plan (the first row) the best row by ``ext``'s FID, and by how much against
     the paired bootstrap spread of the difference to the closest other row (None without a plan row)."""
-    if not rows or rows[0].method != "searched plan" or ext not in rows[0].fid or len(rows) < 2:
+    if not rows or rows[0].method != PLAN_ROW or ext not in rows[0].fid or len(rows) < 2:
         return None
     plan = rows[0]
     # A baseline row of the plan's own schedule with equal FIDs made the plan's images (held-out selection can
@@ -360,12 +364,12 @@ def make_report(
 
     ``rows``: (method, sampler, candidate); ``extractors``: names or FeatureExtractor
     objects; ``references``: extractor name -> FeatureStats. ``eta`` applies to ddim rows only. A first row
-    named ``searched plan`` is the plan: an extractor that cannot judge its images is an error (a baseline's
+    named ``PLAN_ROW`` is the plan: an extractor that cannot judge its images is an error (a baseline's
     diverged images get inf). ``label`` names the progress bar.
-    Stages: group the rows by sampler (:func:`_sampler_groups`), sample each group with its shared prefixes,
-    judge each row (:func:`_judge_row`), compare the plan with the best baseline. Rows that run the same steps
-    (UniPC-3 and UniPC-2 up to 4 steps; every multistep sampler and DDIM at 2) make the same images: they are
-    sampled and judged once.
+    Stages: group the rows (:func:`_sample_groups`), sample each group with its shared prefixes (across
+    samplers too: every sampler's first step is DDIM's), judge each row (:func:`_judge_row`), compare the plan
+    with the best baseline. Rows that run the same steps (UniPC-3 and UniPC-2 up to 4 steps; every multistep
+    sampler and DDIM at 2) make the same images: they are sampled and judged once.
     """
     from tqdm.auto import tqdm
 
@@ -377,12 +381,13 @@ def make_report(
     first: dict = {}  # the steps a row runs -> the first row that runs them
     same = [first.setdefault((sampler_steps(model, sm, eta, c), c.skip), j) for j, (_, sm, c) in enumerate(rows)]
     unique = [j for j in range(len(rows)) if same[j] == j]
-    groups = _sampler_groups(
+    ev, groups = _sample_groups(
         model, rows, unique, exts[0], references[exts[0].name], num_samples, seed, eta, batch_size, device
     )
     # The bar moves per model call over the N samples (a step of a row) and per FID: the units that take time.
     bar = tqdm(
-        total=sum(ev.plan_calls(cands) for _, ev, cands in groups) + len(unique) * len(exts),
+        total=sum(ev.plan_calls([c for _, c in runs], [sm for sm, _ in runs]) for _, runs in groups)
+        + len(unique) * len(exts),
         desc=f"{label} NFE {nfe} ({len(rows)} rows x {num_samples} samples)",
         disable=quiet,
         unit="step",
@@ -390,11 +395,13 @@ def make_report(
     indices = bootstrap_indices(num_samples, BOOTSTRAP_ROUNDS, seed) if num_samples >= 2 else None
     out_rows: list = [None] * len(rows)
     try:
-        for js, ev, cands in groups:
-            imgs = dict(zip(cands, ev.samples(cands, on_call=lambda: bar.update(1))))
+        for js, runs in groups:
+            samples = ev.samples([c for _, c in runs], lambda: bar.update(1), [sm for sm, _ in runs])
+            imgs = dict(zip(runs, samples))
             for j in js:
-                is_plan = j == 0 and rows[0][0] == "searched plan"
-                out_rows[j] = _judge_row(model, rows[j], imgs[rows[j][2]], exts, references, indices, is_plan, bar)
+                is_plan = j == 0 and rows[0][0] == PLAN_ROW
+                images = imgs[(rows[j][1], rows[j][2])]
+                out_rows[j] = _judge_row(model, rows[j], images, exts, references, indices, is_plan, bar)
             del imgs
     finally:
         bar.close()
@@ -429,32 +436,27 @@ def sampler_steps(model, sampler: str, eta: float, candidate) -> tuple:
     return tuple(coeffs.row(i) for i in range(len(coeffs)))
 
 
-def _sampler_groups(model, rows, which, extractor, reference, num_samples, seed, eta, batch_size, device) -> list:
-    """``[(row indices, evaluator, distinct candidates)]`` of the rows ``which``: the rows of one sampler are
-    sampled together, sharing their common prefixes (bit-exact, see search/fitness.py)."""
+def _sample_groups(model, rows, which, extractor, reference, num_samples, seed, eta, batch_size, device) -> tuple:
+    """``(evaluator, [(row indices, distinct (sampler, candidate) runs)])`` for the rows ``which``. The rows of a
+    group are sampled together, sharing their common steps, across samplers too (bit-exact, see search/fitness.py);
+    a group holds as many rows as their states fit in ``GROUP_STATE_BYTES``, in order of schedule (so that the
+    rows of one schedule share a group).
+    """
     from .fitness import FitnessEvaluator
 
-    by_key: dict = {}
-    for j in which:
-        sampler = rows[j][1]
-        by_key.setdefault((sampler, eta if sampler == "ddim" else 0.0), []).append(j)
+    # The evaluator gives exactly sample()'s images for (N, seed); its extractor is unused here.
+    ev = FitnessEvaluator(
+        model, "ddim", eta, num_samples, seed, extractor, reference, batch_size=batch_size, cache_bytes=0, device=device
+    )
+    # A row's states: x and up to three earlier x0s or eps, in float32.
+    row_bytes = 4 * 4 * num_samples * math.prod(model.image_shape)
+    per_group = max(1, GROUP_STATE_BYTES // row_bytes)
+    order = sorted(which, key=lambda j: (rows[j][2].timesteps, rows[j][2].skip))
     groups = []
-    for (sampler, row_eta), js in by_key.items():
-        # The evaluator gives exactly sample()'s images for (N, seed); its extractor is unused here.
-        ev = FitnessEvaluator(
-            model,
-            sampler,
-            row_eta,
-            num_samples,
-            seed,
-            extractor,
-            reference,
-            batch_size=batch_size,
-            cache_bytes=0,
-            device=device,
-        )
-        groups.append((js, ev, list(dict.fromkeys(rows[j][2] for j in js))))
-    return groups
+    for k in range(0, len(order), per_group):
+        js = order[k : k + per_group]
+        groups.append((js, list(dict.fromkeys((rows[j][1], rows[j][2]) for j in js))))
+    return ev, groups
 
 
 def _judge_row(model, row_spec, images, exts, references, indices, is_plan: bool, bar) -> Row:
@@ -497,7 +499,7 @@ def plan_rows(plan, model) -> list[tuple[str, str, Candidate]]:
     from .space import Candidate
 
     cand = Candidate(plan.timesteps, plan.skip)
-    rows = [("searched plan", plan.sampler, cand)]
+    rows = [(PLAN_ROW, plan.sampler, cand)]
     s1 = (plan.provenance or {}).get("stage1_best")
     if s1:
         c1 = Candidate.from_json(s1)

@@ -174,6 +174,16 @@ def test_dpmpp_2m_structure_and_first_order_equals_ddim(schedule):
     assert not compute_coefficients("dpmpp_2m", schedule, [999, 10], clip_denoised=False).uses_prev_x0
 
 
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "ipndm", "unipc", "unipc3"])
+@pytest.mark.parametrize("ts", [[999, 765, 499, 284, 91], [804, 409], [999]])
+def test_every_multistep_first_step_is_ddims_to_the_bit(schedule, sampler, ts):
+    # The search shares a step's model call between candidates whose rows are equal (search/fitness.py): the first
+    # step of every sampler must be DDIM's row exactly, not to rounding. The samplers' own formulas are checked
+    # against float64 references and diffusers above and below.
+    ddim = compute_coefficients("ddim", schedule, ts)
+    assert compute_coefficients(sampler, schedule, ts).row(0) == ddim.row(0)
+
+
 def ipndm_reference(acp, ts, x, eps_np, clip=False):
     """iPNDM as zju-pi/diff-sampler's ipndm_sampler writes it, in EDM's variables, numpy float64:
     y = x / sqrt(a), sigma = sqrt((1 - a) / a); d = (y - denoised) / sigma; order min(4, i + 1);

@@ -89,6 +89,37 @@ def test_state_cache_reuses_earlier_prefixes_exactly(search_tiny_model, search_t
     assert torch.equal(x, reference_images(search_tiny_model, later, "ddim", 0.0))
 
 
+MIXED = ("ddim", "dpmpp_2m", "ipndm", "unipc", "unipc3")
+
+
+def test_samplers_of_one_schedule_share_their_first_step_exactly(
+    search_tiny_model, search_tiny_extractor, search_tiny_ref_stats
+):
+    # The held-out table's case: one schedule from t = 999 (clipping on) under every deterministic sampler.
+    ev = evaluator(search_tiny_model, search_tiny_extractor, search_tiny_ref_stats, cache_bytes=0)
+    cand = Candidate.full((999, 700, 400, 100))
+    shared = ev.samples([cand] * len(MIXED), samplers=MIXED)
+    for sampler, x in zip(MIXED, shared):
+        ref = reference_images(search_tiny_model, cand, sampler, 0.0)
+        assert torch.equal(x, ref), f"{sampler} differs from sample() by {(x - ref).abs().max():.3g}"
+    # Every sampler's first step is DDIM's, so step 1's model call is shared too; UniPC-3 is UniPC-2 at 4 steps.
+    assert ev.counters.unet_calls == 1 + 1 + 4 * 2
+
+
+def test_a_cached_state_without_the_history_a_sampler_reads_is_not_reused(
+    search_tiny_model, search_tiny_extractor, search_tiny_ref_stats
+):
+    # DDIM's states keep no x0 or eps history; a DPM-Solver++ or iPNDM candidate with the same first step must not
+    # continue from them (it would read an empty history).
+    ev = evaluator(search_tiny_model, search_tiny_extractor, search_tiny_ref_stats)
+    cand = Candidate.full((999, 700, 400, 100))
+    ev.samples([cand])
+    assert ev._cache, "DDIM's states were cached"
+    for sampler in ("dpmpp_2m", "ipndm"):
+        (x,) = ev.samples([cand], samplers=[sampler])
+        assert torch.equal(x, reference_images(search_tiny_model, cand, sampler, 0.0)), sampler
+
+
 def test_cache_respects_its_memory_budget(search_tiny_model, search_tiny_extractor, search_tiny_ref_stats):
     one_state = N * 1 * 8 * 8 * 4
     ev = evaluator(search_tiny_model, search_tiny_extractor, search_tiny_ref_stats, cache_bytes=2 * one_state)

@@ -489,9 +489,9 @@ def test_report_rows_that_make_the_same_images_are_sampled_once(search_tiny_mode
     sampled = []
     real_samples = fitness.FitnessEvaluator.samples
 
-    def counting(self, candidates, on_call=None):
-        sampled.extend((self.sampler, c) for c in candidates)
-        return real_samples(self, candidates, on_call)
+    def counting(self, candidates, on_call=None, samplers=None):
+        sampled.extend(zip(samplers or [self.sampler] * len(candidates), candidates))
+        return real_samples(self, candidates, on_call, samplers)
 
     monkeypatch.setattr(fitness.FitnessEvaluator, "samples", counting)
     ts = uniform_timesteps(model.num_timesteps, 3, "quadratic", model.schedule)
@@ -507,3 +507,31 @@ def test_report_rows_that_make_the_same_images_are_sampled_once(search_tiny_mode
     images = sample(model, ts, "unipc3", n=24, seed=5, batch_size=12)
     assert fid(images, search_tiny_ref_stats, search_tiny_extractor) == pytest.approx(
         unipc3.fid[search_tiny_extractor.name], rel=1e-6)
+
+
+def test_report_rows_sampled_together_across_samplers_equal_each_row_alone(search_tiny_model, search_tiny_extractor,
+                                                                          search_tiny_ref_stats, monkeypatch):
+    """The report samples the rows of every sampler together (their first steps are shared); split into one group
+    per row (a memory budget of 1 byte) it must give the same figures, and each is sample() + fid() of its row."""
+    from autodiffusion_rt import sample
+    from autodiffusion_rt.diffusion import uniform_timesteps
+    from autodiffusion_rt.metrics import fid
+    from search import report as report_module
+    from search.report import make_report
+    from search.space import Candidate
+
+    model, name = search_tiny_model, search_tiny_extractor.name
+    schedules = [uniform_timesteps(model.num_timesteps, 4, sp, model.schedule) for sp in ("linear", "quadratic")]
+    rows = [(f"{sm} {ts}", sm, Candidate.full(ts)) for ts in schedules for sm in ("ddim", "dpmpp_2m", "ipndm", "unipc")]
+
+    def report():
+        return make_report(model, rows, [search_tiny_extractor], {name: search_tiny_ref_stats}, 24, 5, batch_size=12,
+                           quiet=True)
+
+    together = report()
+    monkeypatch.setattr(report_module, "GROUP_STATE_BYTES", 1)
+    alone = report()
+    assert [r.fid[name] for r in together.rows] == [r.fid[name] for r in alone.rows]
+    for (_, sampler, cand), row in zip(rows, together.rows):
+        images = sample(model, cand.timesteps, sampler, n=24, seed=5, batch_size=12)
+        assert fid(images, search_tiny_ref_stats, search_tiny_extractor) == pytest.approx(row.fid[name], rel=1e-6)

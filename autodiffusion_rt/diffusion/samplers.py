@@ -486,6 +486,12 @@ def compute_coefficients(
     else:
         c_x, c_eps, hist = _ipndm(a, a_prev)
         c_prev, c_noise = np.zeros_like(a), np.zeros_like(a)
+    if sampler not in ("ddim", "ddpm"):
+        # A multistep sampler's first step is first order, which is deterministic DDIM: take DDIM's own constants,
+        # equal to the bit, so that the search shares that step's model call between samplers (search/fitness.py).
+        ddim_x, ddim_eps, _, _ = _ddim(a[:1], a_prev[:1], x0_from_x[:1], x0_from_eps[:1], 0.0)
+        c_x, c_eps = np.array(c_x, dtype=np.float64), np.array(c_eps, dtype=np.float64)
+        c_x[0], c_eps[0] = ddim_x[0], ddim_eps[0]
     min_log = max_log = None
     if learned_variance and sampler == "ddpm":
         min_log, max_log = _ddpm_learned_range(a, a_prev)
