@@ -41,7 +41,7 @@ REPORT_FORMAT = "autodiffusion-rt-search-report"
 BOOTSTRAP_ROUNDS = 30
 BOOTSTRAP_MAX_DIM = 256
 # The rows sampled together hold their states at once (breadth first): at most this much of them, by estimate.
-GROUP_STATE_BYTES = 1 << 30
+GROUP_STATE_BYTES = 4 << 30
 #: The method of the report's first row when it is the plan (the row compared with the baselines).
 PLAN_ROW = "searched plan"
 
