@@ -213,6 +213,6 @@ def tensorrt_absent():
 
 def quick_first(cases):
     """A parametrize table whose first case stays in the quick subset (``-m "not slow"``) and whose other cases are
-    marked slow: each starts a process that imports torch; CI runs them all."""
+    marked slow (each starts a process that imports torch, or builds engines again); CI runs them all."""
     cases = list(cases)
     return [cases[0], *(pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=pytest.mark.slow) for c in cases[1:])]

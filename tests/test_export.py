@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import core_engine_model, core_plan
+from conftest import core_engine_model, core_plan, quick_first
 
 from autodiffusion_rt.diffusion import compute_coefficients, step_update
 from autodiffusion_rt.errors import BackendUnavailableError, EngineError, Error
@@ -270,7 +270,7 @@ def test_changed_versions_or_batch_profile_rebuild_engines_not_exports(built, un
     assert steps_status(report) == [("reused", "built")] * 3
 
 
-@pytest.mark.parametrize("change", ["prediction_type", "num_heads"])
+@pytest.mark.parametrize("change", quick_first(["prediction_type", "num_heads"]))
 def test_what_the_network_predicts_is_part_of_the_cache_key(built, uncond, tmp_path, change):
     """The same weights read as v-prediction (or with other attention heads) compute another step: every
     step is exported again, and the engines give what the changed model gives, not the cached ones.
@@ -415,7 +415,7 @@ def test_int8_steps_are_kept_or_rejected_by_the_fid_check(uncond, tmp_path, sear
         build_engines(plan, tmp_path / "x", model=uncond, precision="int8", backend="tensorrt", progress=False)
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("backend", quick_first(["onnxruntime", "openvino"]))  # OpenVINO compiles: slow
 def test_a_step_that_skips_every_resblock_keeps_the_step_contract(backend, tmp_path):
     """Such a step reads no timestep embedding or label, and the exporter drops an input nothing reads; every step
     must still take the contract's inputs (the runtimes feed them alike) and equal torch, from t = 999, clipping on."""

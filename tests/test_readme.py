@@ -64,17 +64,6 @@ def test_no_readme_command_writes_into_the_package():
     assert not bad, bad
 
 
-@pytest.mark.slow  # a CLI process; test_cli's info test stays quick
-def test_info_prints_the_readme_training_command():
-    out = subprocess.run([sys.executable, "-m", "autodiffusion_rt.cli", "info"], capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr
-    command = next(line.split("trained by", 1)[1].strip() for line in out.stdout.splitlines()
-                   if line.startswith("trained by"))
-    long_blocks = [code for tag, _, code in readme_blocks(README.read_text()) if tag == "long"]
-    assert any(command in code.splitlines() for code in long_blocks), command
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,6 +98,7 @@ def test_the_run_blocks_run_as_written(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     blocks = [(lang, code) for tag, lang, code in readme_blocks(README.read_text()) if tag == "run"]
+    trained_by = []  # what `autodiffusion-rt info` (a run block) says trained the embedded model
     for k, (lang, code) in enumerate(blocks):
         if lang == "python":
             argv = [sys.executable, "-W", "error::UserWarning", "-c", code]
@@ -120,5 +110,11 @@ def test_the_run_blocks_run_as_written(tmp_path):
         assert out.returncode == 0, f"{where} exited {out.returncode}: {out.stderr[-2000:]}"
         assert "Traceback" not in out.stderr, f"{where}: {out.stderr[-2000:]}"
         assert not re.search(r"autodiffusion_rt/\S+\.py:\d+: \w*Warning", out.stderr), f"{where}: {out.stderr[-2000:]}"
+        trained_by += [line.split("trained by", 1)[1].strip() for line in out.stdout.splitlines()
+                       if line.startswith("trained by")]
     for name in ("fast.png", "grid.png", "threes.png", "x.npy", "digits.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+    # `info` prints the training command, and it is the README's own (a long block)
+    long_blocks = [code for tag, _, code in readme_blocks(README.read_text()) if tag == "long"]
+    assert len(trained_by) == 1, "one run block runs `autodiffusion-rt info`, which prints 'trained by ...'"
+    assert any(trained_by[0] in code.splitlines() for code in long_blocks), trained_by[0]

@@ -5,6 +5,7 @@ import math
 from dataclasses import replace
 
 import pytest
+from conftest import quick_first
 
 from autodiffusion_rt.errors import PlanError
 from autodiffusion_rt.plan import Plan
@@ -84,7 +85,7 @@ def test_resuming_gives_the_same_result_as_an_uninterrupted_run(opts, run, objs,
     assert resumed.evaluated == full.evaluated
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", quick_first([0, 1]))
 def test_chosen_plan_is_reranked_on_fresh_samples_and_beats_uniform_ddim_there(opts, run, objs, tmp_path, seed):
     """The plan is chosen by FID on the held-out seed (not the search's), among the pairs it lists, or among the
     close ones on the confirmation seed; that FID is what sample() + fid() give for the same N and seed; and on a
@@ -152,6 +153,7 @@ def test_dp_schedules_seed_generation_0(opts, run, objs, tmp_path):
     assert plan.provenance["summary"]["dp"]["paths"][0]["timesteps"] == list(dp.paths[0][1])
 
 
+@pytest.mark.slow  # a whole search; the quick subset keeps the held-out and NFE-2 ones
 def test_plan_respects_the_budget_and_round_trips(opts, run, tmp_path):
     res, plan, report = run(opts)
     assert plan.macs_per_sample <= 0.85 * plan.full_macs_per_sample
