@@ -102,10 +102,10 @@ def _reads_history(keys: list[StepKey]) -> tuple[bool, bool]:
     return any(row.x0_history for _, _, row in keys), any(row.eps_history for _, _, row in keys)
 
 
-def _has_history(state: _State, keys: list[StepKey]) -> bool:
-    """Can the candidate of ``keys`` continue from ``state`` (a cached state keeps only the histories its own
-    candidates read)?"""
-    x0, eps = _reads_history(keys)
+def _has_history(state: _State, reads: tuple[bool, bool]) -> bool:
+    """Can a candidate that ``reads`` (:func:`_reads_history`) continue from ``state`` (a cached state keeps only
+    the histories its own candidates read)?"""
+    x0, eps = reads
     return bool(state.prev_x0s or not x0) and bool(state.prev_eps or not eps)
 
 
@@ -225,9 +225,10 @@ class FitnessEvaluator:
         for ks in keys:
             start = 0
             if self.share:
+                reads = _reads_history(ks)
                 for d in range(len(ks) - 1, 0, -1):
                     state = self._cache.get(tuple(ks[:d]))
-                    if state is not None and _has_history(state, ks):
+                    if state is not None and _has_history(state, reads):
                         start = d
                         break
             starts.append(start)
