@@ -177,8 +177,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the random skip sets (default 0)")
     p.add_argument("--cached-table", action="store_true", help="predict from the table the search cached (default: "
                    "measure the table at the start and the end of this run, so that a drift of the machine's speed "
-                   "since the search "
-                   "does not count as the predictor's error)")
+                   "since the search does not count as the predictor's error)")
     p.add_argument("--teacher-cache", help="with --cached-table: where it is (default: .teacher-cache beside --plan)")
     p.add_argument("--latency-runs", type=int, default=30, help="timed requests per plan (default 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed requests first (default 5)")
