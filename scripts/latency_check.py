@@ -23,7 +23,7 @@ built from per-layer measurements of the measurement plan only, never fitted on 
 Each pass also times every plan in this process (the same engines, ``Runtime.load``, request and timer as the
 worker): the *in this process* column, a second measurement of the same engines in the same minutes. Where the
 two measured columns disagree by more than the prediction misses, the machine moved under the check, not the
-predictor: here they differed by up to 21% for one plan (2026-12-07, 22:40, idle).
+predictor: here they differed by up to 21% for one plan (2026-12-07, 22:07, idle).
 
 Run it on an idle machine: a loaded one moves every measured time, the table's too.
 """
