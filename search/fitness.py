@@ -218,17 +218,19 @@ class FitnessEvaluator:
 
     def plan_calls(self, candidates: Sequence[Candidate], samplers: Optional[Sequence[str]] = None) -> int:
         """How many model calls :meth:`samples` will run for these candidates (for progress bars)."""
-        return len(self._plan(self._keys(candidates, samplers))[1])
+        keys = self._keys(candidates, samplers)
+        return len(self._plan(keys, [_reads_history(ks) for ks in keys])[1])
 
-    def _plan(self, keys: list[list[StepKey]]):
+    def _plan(self, keys: list[list[StepKey]], reads: list[tuple[bool, bool]]):
+        """(each candidate's first step to run: after its longest cached prefix whose state keeps the histories
+        it ``reads``; the set of model calls the walk will make)."""
         starts = []
-        for ks in keys:
+        for ks, needs in zip(keys, reads):
             start = 0
             if self.share:
-                reads = _reads_history(ks)
                 for d in range(len(ks) - 1, 0, -1):
                     state = self._cache.get(tuple(ks[:d]))
-                    if state is not None and _has_history(state, reads):
+                    if state is not None and _has_history(state, needs):
                         start = d
                         break
             starts.append(start)
@@ -257,7 +259,8 @@ class FitnessEvaluator:
         return self._samples_shared(keys, on_call, use_cache=True)
 
     def _samples_shared(self, keys: list[list[StepKey]], on_call, use_cache: bool) -> list[torch.Tensor]:
-        starts, _ = self._plan(keys) if use_cache else ([0] * len(keys), None)
+        reads = [_reads_history(ks) for ks in keys]
+        starts = self._plan(keys, reads)[0] if use_cache else [0] * len(keys)
         root = _State(self._x_T, (), 0)
         # Where each candidate starts: the root, or a cached state (fetched now: later puts may evict it).
         entry: dict[tuple, _State] = {}
@@ -269,7 +272,6 @@ class FitnessEvaluator:
         states: dict[tuple, _State] = {}
         finals: list[Optional[torch.Tensor]] = [None] * len(keys)
         self.counters.naive_unet_calls += sum(len(ks) for ks in keys)
-        reads = [_reads_history(ks) for ks in keys]
         for d in range(max(len(ks) for ks in keys)):
             # node -> (t, skip, learned variance) -> row -> candidate indices
             groups: dict[tuple, dict[tuple, dict]] = {}
