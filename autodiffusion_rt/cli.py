@@ -697,13 +697,17 @@ def run_command(
 
     from .utils import os_error_line
 
+    interrupt = _Interrupt()
     previous = None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         if pending:
             raise KeyboardInterrupt
-        return int(command() or 0)
+        try:
+            return int(command() or 0)
+        finally:
+            interrupt.running = False  # the command is over: a signal deferred until now is dropped
     except Error as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
@@ -720,8 +724,46 @@ def run_command(
                 signal.signal(s, signal.SIG_IGN)
         return 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        interrupt.running = False
+        for s, handler in (previous or {}).items():
+            signal.signal(s, handler)
+
+
+class _Interrupt:
+    """SIGTERM's and Ctrl-C's handler while a command runs: KeyboardInterrupt, but not inside an import or a
+    function marked with :func:`autodiffusion_rt.utils.defer_interrupts`.
+
+    Raised there, it unwinds through native code that does not expect it. In a build's imports the process
+    aborted ('terminate called ... KeyboardInterrupt', -6), CPython marked the interrupt unhandled and the 130
+    became a death by SIGINT (-2), a library swallowed it, or a half-imported onnxruntime read as not
+    installed; pydantic-core turned it into a SchemaError traceback. So there the signal is sent to the main
+    thread again 50 ms later.
+    """
+
+    def __init__(self):
+        self.running = True
+
+    def __call__(self, signum, frame) -> None:
+        import signal
+        import threading
+
+        from .utils import INTERRUPT_DEFERRING_CODE
+
+        if not self.running:
+            return
+        while frame is not None and frame.f_code is not run_command.__code__:
+            if frame.f_code.co_filename.startswith("<frozen importlib") or frame.f_code in INTERRUPT_DEFERRING_CODE:
+
+                def again():
+                    if self.running:
+                        signal.pthread_kill(threading.main_thread().ident, signum)
+
+                retry = threading.Timer(0.05, again)
+                retry.daemon = True
+                retry.start()
+                return
+            frame = frame.f_back
+        raise KeyboardInterrupt
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -24,6 +24,7 @@ from typing import Any, Optional, TypeVar
 
 from .errors import Error
 from .limits import LIMITS, limit
+from .utils import defer_interrupts
 
 __all__ = ["JSONBoundsError", "loads_json", "read_json", "validate"]
 
@@ -173,6 +174,7 @@ def _show(value) -> Optional[str]:
 
 
 # ------------------------------------------------------------------ schemas, one per format
+@defer_interrupts
 def _schemas():
     """The pydantic models, built on first use (pydantic and torch load only when a record is read)."""
     if "ADMConfig" in globals():

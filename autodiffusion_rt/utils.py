@@ -297,6 +297,18 @@ def weights_fingerprint(state_dict) -> str:
     return h.hexdigest()
 
 
+# The functions during which a command's SIGTERM or Ctrl-C waits (cli.run_command's handler looks for their frames).
+INTERRUPT_DEFERRING_CODE: set = set()
+
+
+def defer_interrupts(func):
+    """Decorator: SIGTERM or Ctrl-C during ``func``, in a command :func:`autodiffusion_rt.cli.run_command` runs,
+    waits until it returns. For native code that calls back into Python and mangles a KeyboardInterrupt raised
+    there (pydantic-core turns it into a SchemaError)."""
+    INTERRUPT_DEFERRING_CODE.add(func.__code__)
+    return func
+
+
 def plain_warnings() -> None:
     """Command-line warnings as one line ("warning: ..."), without the library's source line."""
     import warnings
