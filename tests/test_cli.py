@@ -24,6 +24,10 @@ def test_console_script_is_installed():
     assert out.returncode == 0 and "sample" in out.stdout and "info" in out.stdout
 
 
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
 def test_a_second_signal_while_stopping_keeps_the_exit_status_130():
     """After an interrupt the command line only exits: a second SIGTERM or Ctrl-C on the way out (OpenVINO's native
     code can note one late) must not turn 130 into a death by signal."""
@@ -38,13 +42,9 @@ def test_a_second_signal_while_stopping_keeps_the_exit_status_130():
         "time.sleep(0.2)\n"
         "raise SystemExit(rc)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = _run_python(code)
     assert out.returncode == 130, (out.returncode, out.stderr)
     assert out.stderr.strip() == "x: interrupted"
-
-
-def _run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
 def test_a_sigterm_while_torch_imports_stops_the_command_after_the_import():
@@ -52,21 +52,25 @@ def test_a_sigterm_while_torch_imports_stops_the_command_after_the_import():
     first 2.2 s died by SIGINT, were swallowed or became a wrong 'needs the onnxruntime package' error. The
     signal, sent here as torch._C starts to import, is taken once the import is over: torch is whole, the
     command stops at its next line, 130."""
-    code = (
-        "import os, signal, sys, time\n"
-        "from autodiffusion_rt.cli import run_command\n"
-        "def term(event, args):\n"
-        "    if event == 'import' and args[0] == 'torch._C' and not sent:\n"
-        "        sent.append(1)\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "sent = []\n"
-        "sys.addaudithook(term)\n"
-        "def command():\n"
-        "    import torch\n"
-        "    print('imported', torch.ones(2).sum().item(), flush=True)\n"
-        "    time.sleep(30)\n"
-        "raise SystemExit(run_command('x', command))\n"
-    )
+    code = """
+import os, signal, sys, time
+from autodiffusion_rt.cli import run_command
+
+def term(event, args):
+    if event == "import" and args[0] == "torch._C" and not sent:
+        sent.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+sent = []
+sys.addaudithook(term)
+
+def command():
+    import torch
+    print("imported", torch.ones(2).sum().item(), flush=True)
+    time.sleep(30)
+
+raise SystemExit(run_command("x", command))
+"""
     out = _run_python(code)
     assert out.returncode == 130 and out.stderr.strip() == "x: interrupted", (out.returncode, out.stderr[-2000:])
     assert out.stdout.split() == ["imported", "2.0"]
@@ -75,26 +79,28 @@ def test_a_sigterm_while_torch_imports_stops_the_command_after_the_import():
 def test_an_interrupt_inside_a_deferring_function_waits_for_its_return_and_none_outlives_the_command():
     """Ctrl-C inside a function marked defer_interrupts (pydantic-core turned one into a SchemaError) is taken
     when it returns; one still waiting when the command ends is dropped, never delivered after run_command."""
-    code = (
-        "import os, signal, time\n"
-        "from autodiffusion_rt.cli import run_command\n"
-        "from autodiffusion_rt.utils import defer_interrupts\n"
-        "@defer_interrupts\n"
-        "def build():\n"
-        "    os.kill(os.getpid(), signal.SIGINT)\n"
-        "    time.sleep(0.33)\n"
-        "    print('built', flush=True)\n"
-        "def command(then):\n"
-        "    build()\n"
-        "    print(then, flush=True)\n"
-        "    time.sleep(then == 'waits' and 30)\n"
-        "rc = run_command('x', lambda: command('waits'))\n"
-        "print('rc', rc, flush=True)\n"
-        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-        "rc = run_command('x', lambda: command('returns'))\n"
-        "time.sleep(0.3)\n"
-        "print('rc', rc, flush=True)\n"
-    )
+    code = """
+import os, signal, time
+from autodiffusion_rt.cli import run_command
+from autodiffusion_rt.utils import defer_interrupts
+
+@defer_interrupts
+def build():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.33)
+    print("built", flush=True)
+
+def command(then):
+    build()
+    print(then, flush=True)
+    time.sleep(30 if then == "waits" else 0)
+
+print("rc", run_command("x", lambda: command("waits")), flush=True)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+rc = run_command("x", lambda: command("returns"))
+time.sleep(0.3)
+print("rc", rc, flush=True)
+"""
     out = _run_python(code)
     assert out.returncode == 0 and out.stderr.strip() == "x: interrupted", (out.returncode, out.stderr[-2000:])
     assert out.stdout.split() == ["built", "waits", "rc", "130", "built", "returns", "rc", "0"], out.stdout
