@@ -724,7 +724,6 @@ def run_command(
                 signal.signal(s, signal.SIG_IGN)
         return 130
     finally:
-        interrupt.running = False
         for s, handler in (previous or {}).items():
             signal.signal(s, handler)
 
@@ -744,7 +743,6 @@ class _Interrupt:
         self.running = True
 
     def __call__(self, signum, frame) -> None:
-        import signal
         import threading
 
         from .utils import INTERRUPT_DEFERRING_CODE
@@ -753,17 +751,19 @@ class _Interrupt:
             return
         while frame is not None and frame.f_code is not run_command.__code__:
             if frame.f_code.co_filename.startswith("<frozen importlib") or frame.f_code in INTERRUPT_DEFERRING_CODE:
-
-                def again():
-                    if self.running:
-                        signal.pthread_kill(threading.main_thread().ident, signum)
-
-                retry = threading.Timer(0.05, again)
+                retry = threading.Timer(0.05, self._send_again, (signum,))
                 retry.daemon = True
                 retry.start()
                 return
             frame = frame.f_back
         raise KeyboardInterrupt
+
+    def _send_again(self, signum: int) -> None:
+        import signal
+        import threading
+
+        if self.running:
+            signal.pthread_kill(threading.main_thread().ident, signum)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
