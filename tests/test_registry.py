@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -98,9 +99,9 @@ def test_arguments_are_parsed_before_torch_is_imported(code):
     assert not {"torch", "numpy", "onnx"} & loaded, sorted({"torch", "numpy", "onnx"} & loaded)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "autodiffusion_rt.cli", *args], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=None if env is None else {**os.environ, **env})
 
 
 @pytest.mark.parametrize("command", list(registry.COMMANDS))
@@ -126,11 +127,15 @@ def test_version_and_a_bad_choice():
 
 def test_sample_npy_is_the_float_images_and_logsnr_spacing_runs(tmp_path):
     """--out x.npy holds what sample() returns (float32 NCHW in [-1, 1]); --spacing logsnr uses the model's schedule."""
+    import torch
+
     import autodiffusion_rt as adr
     from autodiffusion_rt.diffusion import uniform_timesteps
 
+    # the CLI on this process's torch threads: a float32 sum split over 1 or 2 threads differs by 1.3e-5 on some
+    # CPUs (an AVX-only EPYC here), more than the tolerance
     out = _cli("sample", "--steps", "3", "--spacing", "logsnr", "--n", "3", "--seed", "5",
-               "--out", str(tmp_path / "x.npy"), "--quiet")
+               "--out", str(tmp_path / "x.npy"), "--quiet", env={"OMP_NUM_THREADS": str(torch.get_num_threads())})
     assert out.returncode == 0, out.stderr
     got = np.load(tmp_path / "x.npy")
     model = adr.load_model("embedded:mnist")
