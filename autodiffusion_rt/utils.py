@@ -12,8 +12,22 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator, Mapping
 
+# The functions during which a command's SIGTERM or Ctrl-C waits (cli.run_command's handler looks for their frames).
+INTERRUPT_DEFERRING_CODE: set = set()
+
+
+def defer_interrupts(func):
+    """Decorator: SIGTERM or Ctrl-C during ``func``, in a command :func:`autodiffusion_rt.cli.run_command` runs,
+    waits until it returns. For native code that calls back into Python and mangles a KeyboardInterrupt raised
+    there (pydantic-core turns it into a SchemaError), and for a temp file's creation and its rename or removal,
+    which an interrupt between them would leave behind. A generator's frame counts only while it runs: a
+    context manager's ``with`` body is not deferred."""
+    INTERRUPT_DEFERRING_CODE.add(func.__code__)
+    return func
+
 
 @contextlib.contextmanager
+@defer_interrupts
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """Open a temporary file beside ``path``; rename it over ``path`` only on success.
 
@@ -215,9 +229,7 @@ def check_writable(path: str | os.PathLike, what: str, fix: str, error=None, dir
     if not existing.is_dir():
         raise error(f"cannot write {what} {path}: {existing} is a file, not a directory; {fix}")
     try:
-        fd, tmp = tempfile.mkstemp(dir=existing, prefix=".probe-", suffix=".tmp")
-        os.close(fd)
-        os.unlink(tmp)
+        _probe_write(existing)
     except OSError as e:
         raise error(
             path_error(e, path, fix, where=existing).replace("cannot write", f"cannot write {what}", 1)
@@ -225,6 +237,13 @@ def check_writable(path: str | os.PathLike, what: str, fix: str, error=None, dir
     if path.is_file() and not os.access(path, os.W_OK):
         raise error(f"cannot write {what} {path}: the file is read-only; {fix}")
     return path
+
+
+@defer_interrupts
+def _probe_write(directory: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".probe-", suffix=".tmp")
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def positive_ints(text: str) -> list[int]:
@@ -295,18 +314,6 @@ def weights_fingerprint(state_dict) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-# The functions during which a command's SIGTERM or Ctrl-C waits (cli.run_command's handler looks for their frames).
-INTERRUPT_DEFERRING_CODE: set = set()
-
-
-def defer_interrupts(func):
-    """Decorator: SIGTERM or Ctrl-C during ``func``, in a command :func:`autodiffusion_rt.cli.run_command` runs,
-    waits until it returns. For native code that calls back into Python and mangles a KeyboardInterrupt raised
-    there (pydantic-core turns it into a SchemaError)."""
-    INTERRUPT_DEFERRING_CODE.add(func.__code__)
-    return func
 
 
 def plain_warnings() -> None:

@@ -110,6 +110,34 @@ print("rc", rc, flush=True)
     assert out.stdout.split() == ["waits", "built", "rc", "130", "returns", "built", "rc", "0"], out.stdout
 
 
+def test_an_interrupt_between_the_writable_probes_creation_and_removal_leaves_no_probe_file(tmp_path):
+    """check_writable probes a folder with a temp file. A SIGTERM sent as the probe is about to be removed used to
+    be taken there and leave the file (the hostile build test left a .probe-*.tmp on an AVX-only CPU). Now it
+    waits for the removal: 130 and no file."""
+    code = f"""
+import os, signal, sys, time
+from autodiffusion_rt.cli import run_command
+from autodiffusion_rt.utils import check_writable
+
+def term(event, args):
+    if event == "os.remove" and ".probe-" in str(args[0]) and not sent:
+        sent.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+sent = []
+sys.addaudithook(term)
+
+def command():
+    check_writable({str(tmp_path / "out.json")!r}, "the output", "pass another --out")
+    time.sleep(30)
+
+raise SystemExit(run_command("x", command))
+"""
+    out = _run_python(code)
+    assert out.returncode == 130 and out.stderr.strip() == "x: interrupted", (out.returncode, out.stderr[-2000:])
+    assert not list(tmp_path.iterdir()), sorted(tmp_path.iterdir())
+
+
 def test_a_streamed_sample_moves_a_bar_per_chunk_and_quiet_silences_it(tmp_path, capsys):
     """An .npz of more than one chunk (256 images) reports each chunk as it is written; --quiet prints nothing."""
     from autodiffusion_rt.cli import main

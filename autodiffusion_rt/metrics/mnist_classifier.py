@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CheckpointError
+from ..utils import atomic_write
 
 FORMAT = "autodiffusion-rt/mnist-classifier/1"
 FEATURE_DIM = 64
@@ -202,15 +202,8 @@ def save_classifier(model: MnistClassifier, meta: dict, path: str | os.PathLike)
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = dict(meta)
     blob["state_dict"] = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; this is a package asset
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:
+        torch.save(blob, f)
     return path
 
 

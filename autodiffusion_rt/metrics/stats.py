@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..utils import atomic_write
 from .extractors import FeatureExtractor, get_extractor
 
 __all__ = [
@@ -120,23 +120,15 @@ class FeatureStats:
         """Write to ``path`` (.npz) atomically: a temporary file in the same folder, then rename."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    format=np.array(STATS_FORMAT),
-                    key=np.array(json.dumps(self.key.as_dict(), sort_keys=True)),
-                    mu=self.mu,
-                    sigma=self.sigma,
-                    num_samples=np.array(self.num_samples, dtype=np.int64),
-                )
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path, "wb") as f:
+            np.savez(
+                f,
+                format=np.array(STATS_FORMAT),
+                key=np.array(json.dumps(self.key.as_dict(), sort_keys=True)),
+                mu=self.mu,
+                sigma=self.sigma,
+                num_samples=np.array(self.num_samples, dtype=np.int64),
+            )
         return path
 
     @classmethod
